@@ -1,0 +1,218 @@
+"""Static model configuration, built from a Hugging Face ``config.json``.
+
+`ModelConfig` is a frozen, hashable dataclass, so it can be a static argument of `jax.jit`.
+Every field that changes the computed function is read explicitly; a field we do not implement
+(or a value of it we do not implement) raises `UnsupportedConfigError` naming the field, so a
+checkpoint never loads as a silently different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+
+class UnsupportedConfigError(ValueError):
+    """A config field or value that jaxcircuits does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (HF ``rope_theta`` + ``rope_scaling``/``rope_parameters``).
+
+    kind: 'default', 'linear' or 'llama3'.
+    """
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    def inv_freq(self, head_dim: int) -> np.ndarray:
+        """Inverse frequencies [head_dim // 2], float64, exactly as HF computes them."""
+        inv = 1.0 / (self.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+        inv = inv.astype(np.float32).astype(np.float64)
+        if self.kind == "default":
+            return inv
+        if self.kind == "linear":
+            return inv / self.factor
+        # llama3 (Llama 3.1): low frequencies divided by factor, high kept, smooth in between.
+        low_wavelen = self.original_max_positions / self.low_freq_factor
+        high_wavelen = self.original_max_positions / self.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+        smooth = (self.original_max_positions / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer (GPT-2 or Llama family).
+
+    family: 'gpt2' (LayerNorm, learned positions, GELU MLP) or 'llama' (RMSNorm, RoPE, SwiGLU).
+    n_kv_heads < n_heads is grouped-query attention: query head q reads KV head
+    q // (n_heads // n_kv_heads), as in HF.
+    """
+
+    family: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    vocab_size: int
+    max_positions: int
+    norm_eps: float
+    activation: str  # 'gelu_new' | 'gelu' | 'relu' | 'silu'
+    tied_embeddings: bool
+    attn_bias: bool = False   # q/k/v biases (and o bias for gpt2)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    rope: Optional[RopeConfig] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+
+    @property
+    def n_groups(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def __post_init__(self):
+        if self.family not in ("gpt2", "llama"):
+            raise UnsupportedConfigError(f"family must be 'gpt2' or 'llama', got {self.family!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise UnsupportedConfigError(
+                f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a parsed HF config dict (``model_type`` 'gpt2' or 'llama')."""
+        model_type = hf.get("model_type")
+        if model_type == "gpt2":
+            return _from_gpt2(dict(hf))
+        if model_type == "llama":
+            return _from_llama(dict(hf))
+        raise UnsupportedConfigError(
+            f"model_type {model_type!r} is not supported (supported: 'gpt2', 'llama')")
+
+    @classmethod
+    def from_json(cls, path: str) -> "ModelConfig":
+        """Build from a ``config.json`` file (or a directory holding one)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        with open(path) as f:
+            return cls.from_hf(json.load(f))
+
+
+# Keys that carry no information about the computed function (training, generation, metadata).
+_BENIGN = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
+    "model_type", "_name_or_path", "_model_name_or_path", "task_specific_params", "id2label",
+    "label2id", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id",
+    "return_dict", "output_hidden_states", "output_attentions", "tie_word_embeddings",
+    "attention_dropout", "embd_pdrop", "attn_pdrop", "resid_pdrop", "summary_activation",
+    "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj",
+    "pretraining_tp", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
+    "tokenizer_class", "prefix", "quantization_config", "_attn_implementation_autoset",
+    "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k", "top_p",
+    "repetition_penalty", "n_ctx", "use_return_dict", "torchscript", "layer_types",
+}
+
+
+def _check_known(hf: dict, known: set) -> None:
+    unknown = sorted(k for k in hf if k not in known and k not in _BENIGN)
+    if unknown:
+        raise UnsupportedConfigError(
+            f"config field(s) {unknown} are not understood by jaxcircuits; refusing to guess their meaning")
+
+
+def _require(hf: dict, field: str, ok, why: str) -> None:
+    if field in hf and hf[field] is not None and not ok(hf[field]):
+        raise UnsupportedConfigError(f"config field {field!r}={hf[field]!r} is not supported: {why}")
+
+
+def _token_id(v):
+    return v[0] if isinstance(v, (list, tuple)) and v else v
+
+
+def _from_gpt2(hf: dict) -> ModelConfig:
+    _check_known(hf, {
+        "n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "layer_norm_epsilon",
+        "activation_function", "n_inner", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+        "reorder_and_upcast_attn", "add_cross_attention"})
+    _require(hf, "scale_attn_weights", lambda v: v is True, "only scaled attention is implemented")
+    _require(hf, "scale_attn_by_inverse_layer_idx", lambda v: v is False, "not implemented")
+    _require(hf, "add_cross_attention", lambda v: v is False, "decoder-only models only")
+    act = hf.get("activation_function", "gelu_new")
+    _require(hf, "activation_function", lambda v: v in ("gelu_new", "gelu", "relu"), "use gelu_new/gelu/relu")
+    d = hf.get("n_embd", 768)
+    return ModelConfig(
+        family="gpt2", n_layers=hf.get("n_layer", 12), d_model=d, n_heads=hf.get("n_head", 12),
+        n_kv_heads=hf.get("n_head", 12), d_head=d // hf.get("n_head", 12),
+        d_mlp=hf.get("n_inner") or 4 * d, vocab_size=hf.get("vocab_size", 50257),
+        max_positions=hf.get("n_positions", 1024), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation=act, tied_embeddings=hf.get("tie_word_embeddings", True),
+        attn_bias=True, o_bias=True, mlp_bias=True,
+        bos_token_id=_token_id(hf.get("bos_token_id")), eos_token_id=_token_id(hf.get("eos_token_id")),
+        pad_token_id=_token_id(hf.get("pad_token_id")))
+
+
+def _rope_from_hf(hf: dict) -> RopeConfig:
+    # transformers < 5 writes rope_theta + rope_scaling; >= 5 writes rope_parameters.
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise UnsupportedConfigError(
+            f"config field 'rope_scaling' type {kind!r} is not supported (supported: default, linear, llama3)")
+    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedConfigError("config field 'partial_rotary_factor' != 1 is not supported")
+    keys = {"default": set(), "linear": {"factor"},
+            "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}[kind]
+    extra = sorted(set(params) - keys)
+    if extra:
+        raise UnsupportedConfigError(f"rope_scaling field(s) {extra} are not supported for type {kind!r}")
+    missing = sorted(keys - set(params))
+    if missing:
+        raise UnsupportedConfigError(f"rope_scaling type {kind!r} needs field(s) {missing}")
+    return RopeConfig(
+        theta=float(theta), kind=kind, factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_positions=int(params.get("original_max_position_embeddings", 8192)))
+
+
+def _from_llama(hf: dict) -> ModelConfig:
+    _check_known(hf, {
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act", "attention_bias", "mlp_bias",
+        "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters"})
+    _require(hf, "hidden_act", lambda v: v == "silu", "Llama MLP must use silu")
+    n_heads = hf["num_attention_heads"]
+    d = hf["hidden_size"]
+    bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        family="llama", n_layers=hf["num_hidden_layers"], d_model=d, n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_head=hf.get("head_dim") or d // n_heads,
+        d_mlp=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+        max_positions=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation="silu", tied_embeddings=hf.get("tie_word_embeddings", False),
+        attn_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)), rope=_rope_from_hf(hf),
+        bos_token_id=_token_id(hf.get("bos_token_id")), eos_token_id=_token_id(hf.get("eos_token_id")),
+        pad_token_id=_token_id(hf.get("pad_token_id")))

@@ -1,0 +1,108 @@
+"""The parameter pytree: one layout for GPT-2 and Llama, per-layer weights stacked on axis 0.
+
+    params = {
+      'embed':   {'tokens': [V, D], 'positions': [P, D] (gpt2 only)},
+      'layers':  {                                 # every leaf has a leading [L] axis
+        'norm1': {'scale': [L, D], 'bias': [L, D] (gpt2)},
+        'q':     {'w': [L, D, H, Dh],  'b': [L, H, Dh]   (if attn_bias)},
+        'k':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
+        'v':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
+        'o':     {'w': [L, H, Dh, D],  'b': [L, D]       (if o_bias)},
+        'norm2': {'scale': [L, D], 'bias': [L, D] (gpt2)},
+        'gate':  {'w': [L, D, F]} (llama only),
+        'up':    {'w': [L, D, F],  'b': [L, F]  (if mlp_bias)},
+        'down':  {'w': [L, F, D],  'b': [L, D]  (if mlp_bias)},
+      },
+      'final_norm': {'scale': [D], 'bias': [D] (gpt2)},
+      'unembed': {'w': [D, V]} (absent when embeddings are tied: logits use embed.tokens.T),
+    }
+
+H query heads, K KV heads, Dh head dim; head h of `q.w` is HF's output rows
+[h*Dh, (h+1)*Dh) of q_proj (so heads sit where HF has them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcircuits.models.config import ModelConfig
+
+Params = Dict[str, Any]
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The expected shape of every leaf, as a pytree of tuples in the layout above."""
+    L, D, H, K, Dh, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head,
+                            cfg.d_mlp, cfg.vocab_size)
+    gpt2 = cfg.family == "gpt2"
+
+    def norm(*lead):
+        return {"scale": (*lead, D), **({"bias": (*lead, D)} if gpt2 else {})}
+
+    def proj(w, b, has_bias):
+        return {"w": w, **({"b": b} if has_bias else {})}
+
+    layers = {
+        "norm1": norm(L),
+        "q": proj((L, D, H, Dh), (L, H, Dh), cfg.attn_bias),
+        "k": proj((L, D, K, Dh), (L, K, Dh), cfg.attn_bias),
+        "v": proj((L, D, K, Dh), (L, K, Dh), cfg.attn_bias),
+        "o": proj((L, H, Dh, D), (L, D), cfg.o_bias),
+        "norm2": norm(L),
+        "up": proj((L, D, F), (L, F), cfg.mlp_bias),
+        "down": proj((L, F, D), (L, D), cfg.mlp_bias),
+    }
+    if not gpt2:
+        layers["gate"] = proj((L, D, F), (L, F), cfg.mlp_bias)
+    shapes = {
+        "embed": {"tokens": (V, D), **({"positions": (cfg.max_positions, D)} if gpt2 else {})},
+        "layers": layers,
+        "final_norm": norm(),
+    }
+    if not cfg.tied_embeddings:
+        shapes["unembed"] = {"w": (D, V)}
+    return shapes
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple)
+
+
+def check_params(params: Params, cfg: ModelConfig) -> None:
+    """Raise ValueError naming every missing, extra or mis-shaped leaf."""
+    expected = dict(jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    name = jax.tree_util.keystr
+    errors = [f"missing parameter {name(p)} {s}" for p, s in expected.items() if p not in got]
+    errors += [f"unexpected parameter {name(p)}" for p in got if p not in expected]
+    errors += [f"parameter {name(p)} has shape {tuple(got[p].shape)}, expected {s}"
+               for p, s in expected.items() if p in got and tuple(got[p].shape) != s]
+    if errors:
+        raise ValueError("params do not match the config:\n  " + "\n  ".join(errors))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+    """Random params (normal * scale; norm scales near 1) in the layout above, for tests/benchmarks."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        x = scale * jax.random.normal(k, shape, jnp.float32)
+        if jax.tree_util.keystr(path).endswith("['scale']"):
+            x = 1.0 + x
+        leaves.append(x.astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def cast_params(params: Params, dtype) -> Params:
+    """Cast every floating leaf to `dtype`."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def num_params(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
