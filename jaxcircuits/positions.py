@@ -1,0 +1,144 @@
+"""Position maps between a source and a target run, position selectors, and replacement sources.
+
+Runs are left-padded batches: slot t of row b holds a real token where attn_mask[b, t] == 1.
+A position map is int32 [B, T_tgt]: for each target slot, the source slot whose activation
+replaces it, or -1 (unmapped: never patched).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Sequence, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcircuits.interventions import Source
+
+Selector = Union[str, Sequence[int]]
+
+
+def _real_slots(mask_row: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.asarray(mask_row))
+
+
+def _pairwise(tgt_mask, src_mask, pair_fn) -> np.ndarray:
+    tgt_mask, src_mask = np.asarray(tgt_mask), np.asarray(src_mask)
+    if tgt_mask.shape[0] != src_mask.shape[0]:
+        raise ValueError(f"source batch {src_mask.shape[0]} != target batch {tgt_mask.shape[0]}")
+    out = np.full(tgt_mask.shape, -1, np.int32)
+    for b in range(tgt_mask.shape[0]):
+        t, s = _real_slots(tgt_mask[b]), _real_slots(src_mask[b])
+        for ti, si in pair_fn(t, s, b):
+            out[b, t[ti]] = s[si]
+    return out
+
+
+def right_aligned(tgt_mask, src_mask) -> np.ndarray:
+    """Last real token to last real token, and so on back to the shorter prompt's start."""
+    return _pairwise(tgt_mask, src_mask, lambda t, s, b: [
+        (len(t) - 1 - i, len(s) - 1 - i) for i in range(min(len(t), len(s)))])
+
+
+def left_aligned(tgt_mask, src_mask) -> np.ndarray:
+    """Real token i to real token i, i < min(lengths): what the original even-heads code did."""
+    return _pairwise(tgt_mask, src_mask, lambda t, s, b: [(i, i) for i in range(min(len(t), len(s)))])
+
+
+def token_matched(tgt_tokens, tgt_mask, src_tokens, src_mask) -> np.ndarray:
+    """Target tokens mapped to identical source tokens in the longest matching blocks (difflib)."""
+    tgt_tokens, src_tokens = np.asarray(tgt_tokens), np.asarray(src_tokens)
+
+    def pairs(t, s, b):
+        sm = difflib.SequenceMatcher(a=tgt_tokens[b, t].tolist(), b=src_tokens[b, s].tolist(),
+                                     autojunk=False)
+        return [(blk.a + i, blk.b + i) for blk in sm.get_matching_blocks() for i in range(blk.size)]
+
+    return _pairwise(tgt_mask, src_mask, pairs)
+
+
+def select(selector: Selector, tgt_mask) -> np.ndarray:
+    """Position weights float32 [B, T] of the target's real tokens.
+
+    selector: 'all'; 'last'; 'last:k' (the final k real tokens); or a list of real-token indices
+    (negative counts from the end, as in Python).
+    """
+    tgt_mask = np.asarray(tgt_mask)
+    w = np.zeros(tgt_mask.shape, np.float32)
+    for b in range(tgt_mask.shape[0]):
+        t = _real_slots(tgt_mask[b])
+        if isinstance(selector, str):
+            if selector == "all":
+                idx = np.arange(len(t))
+            elif selector == "last" or selector.startswith("last:"):
+                k = 1 if selector == "last" else int(selector.split(":", 1)[1])
+                idx = np.arange(max(len(t) - k, 0), len(t))
+            else:
+                raise ValueError(f"position selector {selector!r}: use 'all', 'last', 'last:k' or indices")
+        else:
+            idx = np.asarray(selector, np.int64)
+            if np.any(idx >= len(t)) or np.any(idx < -len(t)):
+                raise ValueError(f"positions {list(selector)} out of range for a prompt of {len(t)} tokens")
+            idx = idx % len(t)
+        w[b, t[idx]] = 1.0
+    return w
+
+
+def weights(selector: Selector, pos_map) -> np.ndarray:
+    """Selector weights restricted to mapped positions: float32 [B, T_tgt]."""
+    pos_map = np.asarray(pos_map)
+    return select(selector, pos_map >= 0) * (pos_map >= 0)
+
+
+def align(source: Source, pos_map) -> Source:
+    """Gather a source cache ([L, B, S, ...] sites; pattern [L, B, H, Sq, Sk]) to target slots.
+
+    Unmapped target slots get zeros (their position weight must be 0). Pattern rows and columns
+    are both mapped; key columns with no source are zero.
+    """
+    pos_map = jnp.asarray(pos_map)
+    idx = jnp.maximum(pos_map, 0)
+    valid = pos_map >= 0
+    out = {}
+    for name, a in source.items():
+        if name == "pattern":
+            rows = jnp.take_along_axis(a, idx[None, :, None, :, None], axis=3)
+            g = jnp.take_along_axis(rows, idx[None, :, None, None, :], axis=4)
+            out[name] = g * (valid[None, :, None, :, None] & valid[None, :, None, None, :])
+        elif name in ("resid_pre", "attn_out", "mlp_out", "head_out"):
+            ix = idx.reshape(1, *idx.shape, *([1] * (a.ndim - 3)))
+            v = valid.reshape(1, *valid.shape, *([1] * (a.ndim - 3)))
+            out[name] = jnp.take_along_axis(a, ix, axis=2) * v
+        else:
+            raise ValueError(f"cannot align cache entry {name!r}")
+    return out
+
+
+def check_source(source: Source, n_layers: int) -> None:
+    """Raise ValueError if a concrete source has NaN/inf values or the wrong number of layers."""
+    for name, a in source.items():
+        if a.shape[0] != n_layers:
+            raise ValueError(f"source {name!r} has {a.shape[0]} layers, model has {n_layers}")
+        if not bool(jnp.all(jnp.isfinite(a))):
+            raise ValueError(f"source {name!r} contains NaN or inf values")
+
+
+def zeros_like_source(source: Source) -> Source:
+    """Zero-ablation replacement with the shapes of `source`."""
+    return {k: jnp.zeros_like(v) for k, v in source.items()}
+
+
+def mean_source(source: Source, tgt_mask=None) -> Source:
+    """Mean-ablation replacement: each site averaged over batch and real positions, broadcast back.
+
+    tgt_mask [B, T] (1 = real) weights the average; defaults to all positions.
+    """
+    out = {}
+    for k, a in source.items():
+        if k == "pattern":
+            raise ValueError("mean ablation of attention patterns is not defined; patch from a run")
+        w = jnp.ones(a.shape[1:3]) if tgt_mask is None else jnp.asarray(tgt_mask, a.dtype)
+        w = w.reshape(1, *w.shape, *([1] * (a.ndim - 3)))
+        mean = (a * w).sum((1, 2), keepdims=True) / w.sum((1, 2), keepdims=True)
+        out[k] = jnp.broadcast_to(mean, a.shape)
+    return out

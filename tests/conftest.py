@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random HF models (the reference) and the same weights in jaxcircuits."""
+
+import os
+
+# Four virtual CPU devices for the sharding tests; must be set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+VOCAB = 101
+
+
+def hf_config(name):
+    """HF configs of the tiny variants: GPT-2, and Llama in MHA, GQA and MQA forms."""
+    from transformers import GPT2Config, LlamaConfig
+    if name == "gpt2":
+        return GPT2Config(n_embd=48, n_layer=3, n_head=4, n_positions=64, vocab_size=VOCAB,
+                          bos_token_id=0, eos_token_id=0)
+    common = dict(hidden_size=64, num_hidden_layers=3, intermediate_size=96, vocab_size=VOCAB,
+                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    if name == "llama_mha":      # untied, plain RoPE, no biases
+        return LlamaConfig(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, **common)
+    if name == "llama_gqa":      # tied, Llama-3.1 rope scaling, attention biases
+        return LlamaConfig(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                           attention_bias=True, rope_theta=500000.0,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                           **common)
+    if name == "llama_mqa":      # one KV head, linear rope scaling, MLP biases
+        return LlamaConfig(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                           mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0}, **common)
+    raise KeyError(name)
+
+
+VARIANTS = ("gpt2", "llama_mha", "llama_gqa", "llama_mqa")
+
+
+def make_hf_model(name, seed=0, std=0.15):
+    """A tiny HF model with weights large enough that logits are O(1)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(name), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or "ln_" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if n.endswith("weight") else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, std)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(name) -> (hf_model, cfg, params): HF reference and our load of its saved checkpoint."""
+    from jaxcircuits.weights.hf import load_hf_dir
+    built = {}
+
+    def get(name):
+        if name not in built:
+            model = make_hf_model(name)
+            path = tmp_path_factory.mktemp(name)
+            model.save_pretrained(path)
+            cfg, params = load_hf_dir(str(path))
+            built[name] = (model, cfg, jax.tree.map(jax.numpy.asarray, params))
+        return built[name]
+
+    return get
+
+
+def random_tokens(seed, batch, length, vocab=VOCAB):
+    return np.random.RandomState(seed).randint(3, vocab, (batch, length)).astype(np.int32)
+
+
+def left_padded_mask(batch, length, pads):
+    """attn_mask [B, T] with pads[b] padding slots on the left of row b."""
+    m = np.ones((batch, length), np.int32)
+    for b, p in enumerate(pads):
+        m[b, :p] = 0
+    return m

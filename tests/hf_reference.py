@@ -1,0 +1,112 @@
+"""Reference quantities taken from HF models with PyTorch hooks (test-only)."""
+
+import contextlib
+
+import numpy as np
+import torch
+
+
+def blocks_of(model):
+    """(decoder layers, attention-module attribute, o_proj attribute, final norm) of an HF model."""
+    if model.config.model_type == "gpt2":
+        return model.transformer.h, "attn", "c_proj", model.transformer.ln_f
+    return model.model.layers, "self_attn", "o_proj", model.model.norm
+
+
+def run(model, tokens, attn_mask=None, **kw):
+    """HF logits [B, T, V] (numpy) with explicit left-padding-aware position ids."""
+    tokens = np.asarray(tokens)
+    attn_mask = np.ones_like(tokens) if attn_mask is None else np.asarray(attn_mask)
+    pos = np.maximum(attn_mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        out = model(torch.tensor(tokens), attention_mask=torch.tensor(attn_mask),
+                    position_ids=torch.tensor(pos), **kw)
+    return out
+
+
+def sites(model, tokens, attn_mask=None):
+    """Every named site from hooks: resid_pre, head_out, attn_out, pattern, mlp_out ([L, ...]) and
+    final_norm, as numpy arrays in jaxcircuits' shapes."""
+    layers, attn_name, o_name, norm = blocks_of(model)
+    cfg = model.config
+    n_heads = cfg.num_attention_heads
+    got = {k: [] for k in ("resid_pre", "head_out", "attn_out", "mlp_out")}
+    handles = []
+
+    def pre_layer(mod, args, kwargs):
+        got["resid_pre"].append((args[0] if args else kwargs["hidden_states"]).numpy().copy())
+
+    def pre_o(mod, args):
+        z = args[0]
+        got["head_out"].append(z.reshape(*z.shape[:2], n_heads, -1).numpy().copy())
+
+    for layer in layers:
+        attn = getattr(layer, attn_name)
+        handles.append(layer.register_forward_pre_hook(pre_layer, with_kwargs=True))
+        handles.append(getattr(attn, o_name).register_forward_pre_hook(pre_o))
+        handles.append(attn.register_forward_hook(lambda m, a, o: got["attn_out"].append(o[0].numpy().copy())))
+        handles.append(layer.mlp.register_forward_hook(lambda m, a, o: got["mlp_out"].append(o.numpy().copy())))
+    final = []
+    handles.append(norm.register_forward_hook(lambda m, a, o: final.append(o.numpy().copy())))
+    try:
+        out = run(model, tokens, attn_mask, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    res = {k: np.stack(v) for k, v in got.items()}
+    res["pattern"] = np.stack([a.numpy() for a in out.attentions])
+    res["final_norm"] = final[0]
+    res["logits"] = out.logits.numpy()
+    return res
+
+
+@contextlib.contextmanager
+def patch_heads(model, layer_heads, source_z, positions):
+    """Replace per-head o_proj inputs: layer_heads {layer: [heads]}, source_z [L, B, T, H, Dh],
+    positions: target slots patched (list)."""
+    layers, attn_name, o_name, _ = blocks_of(model)
+    handles = []
+    for l, heads in layer_heads.items():
+        def pre(mod, args, l=l, heads=heads):
+            z = args[0].clone()
+            B, T, _ = z.shape
+            z = z.reshape(B, T, model.config.num_attention_heads, -1)
+            src = torch.tensor(source_z[l])
+            for t in positions:
+                for h in heads:
+                    z[:, t, h] = src[:, t, h]
+            return (z.reshape(B, T, -1),)
+        handles.append(getattr(getattr(layers[l], attn_name), o_name).register_forward_pre_hook(pre))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def patch_attn_output(model, layer, blocks, n_blocks, source_out, positions, decode_source=None):
+    """Replace residual blocks of one attention module's output (after o_proj), as the original
+    even-heads hook did. source_out [B, T_src, D] aligned to `positions` (target slot t takes
+    source slot t); during decoding (T == 1) take `decode_source` [B, D] if given."""
+    layers, attn_name, _, _ = blocks_of(model)
+
+    def hook(mod, args, out):
+        o = out[0].clone()
+        B, T, D = o.shape
+        w = D // n_blocks
+        src = torch.tensor(source_out)
+        for b in blocks:
+            sl = slice(b * w, (b + 1) * w)
+            if T == 1 and decode_source is not None:
+                o[:, 0, sl] = torch.tensor(decode_source)[:, sl]
+            elif T > 1:
+                for t in positions:
+                    o[:, t, sl] = src[:, t, sl]
+        return (o, *out[1:])
+
+    h = getattr(layers[layer], attn_name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
