@@ -1,0 +1,125 @@
+"""PNG charts of a subset sweep's analysis (`jaxcircuits.analysis` outputs or `summarize` parts).
+
+Figures are drawn with matplotlib's object API on the Agg canvas: no pyplot state, no window.
+Every function writes a PNG to `path` and returns the path as a string.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from jaxcircuits.analysis import inclusion_frequency
+
+
+def _figure(width: float = 6.4, height: float = 4.0):
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, path) -> str:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _quantile(dist: dict, level: float) -> np.ndarray:
+    """Column of dist['quantiles'] [K, Q] at quantile `level` (must be one of dist['q'])."""
+    hit = np.flatnonzero(np.isclose(np.asarray(dist["q"], dtype=float), level))
+    if not len(hit):
+        raise ValueError(f"quantile {level} not in {dist['q']}")
+    return np.asarray(dist["quantiles"], dtype=float)[:, hit[0]]
+
+
+def _unit_axis(ax, n: int, unit_names: Optional[Sequence[str]]):
+    ax.set_xticks(np.arange(n))
+    ax.set_xticklabels(unit_names if unit_names is not None else [str(i) for i in range(n)],
+                       rotation=90 if n > 12 else 0, fontsize=8 if n > 24 else 10)
+    ax.set_xlabel("unit")
+
+
+def plot_success_rate(rates: dict, path, spread: Optional[dict] = None, threshold: Optional[dict] = None,
+                      title: str = "Success rate by subset size") -> str:
+    """Success rate vs k with Wilson 95% intervals (from `rate_by_size`).
+
+    spread: optional `metric_by_size` of a per-subset score in [0, 1] (e.g.
+    `success_fraction(metric)`, the fraction of prompts each subset succeeds on), drawn as
+    10-90% and 25-75% bands with its median; threshold: optional `threshold` output, marking k*
+    and the 10%->90% transition.
+    """
+    k = np.asarray(rates["k"], dtype=float)
+    rate = np.asarray(rates["rate"], dtype=float)
+    fig, ax = _figure()
+    if spread is not None:
+        sk = np.asarray(spread["k"], dtype=float)
+        ax.fill_between(sk, _quantile(spread, 0.1), _quantile(spread, 0.9), color="tab:blue", alpha=0.12,
+                        label="per-subset prompt success, 10-90%")
+        ax.fill_between(sk, _quantile(spread, 0.25), _quantile(spread, 0.75), color="tab:blue", alpha=0.25,
+                        label="per-subset prompt success, 25-75%")
+        ax.plot(sk, _quantile(spread, 0.5), color="tab:blue", ls=":", label="per-subset median")
+    err = np.stack([rate - np.asarray(rates["lo"], dtype=float), np.asarray(rates["hi"], dtype=float) - rate])
+    ax.errorbar(k, rate, yerr=np.maximum(err, 0), fmt="o-", color="black", capsize=3,
+                label="success rate (Wilson 95%)")
+    if threshold is not None and threshold.get("k10") is not None and threshold.get("k90") is not None:
+        ax.axvspan(threshold["k10"], threshold["k90"], color="tab:orange", alpha=0.15,
+                   label=f"10%-90% transition (width {threshold['sharpness']:.2f})")
+    if threshold is not None and threshold.get("k_star") is not None:
+        ax.axvline(threshold["k_star"], color="tab:red", ls="--", label=f"k* = {threshold['k_star']}")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="subset size k", ylabel="fraction of subsets succeeding", ylim=(-0.03, 1.03), title=title)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_metric_by_size(dist: dict, path, metric_name: str = "metric",
+                        title: str = "Metric distribution by subset size") -> str:
+    """Box per k from `metric_by_size`: box 25-75%, whiskers 10-90%, dots min/max, line median,
+    triangle mean (dist must hold quantiles 0, 0.1, 0.25, 0.5, 0.75, 0.9, 1)."""
+    k = np.asarray(dist["k"])
+    cols = {q: _quantile(dist, q) for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)}
+    stats = [{"label": str(int(kk)), "med": cols[0.5][j], "q1": cols[0.25][j], "q3": cols[0.75][j],
+              "whislo": cols[0.1][j], "whishi": cols[0.9][j], "mean": float(dist["mean"][j]),
+              "fliers": np.array([cols[0.0][j], cols[1.0][j]])} for j, kk in enumerate(k)]
+    fig, ax = _figure(max(6.4, 0.35 * len(k)), 4.0)
+    ax.bxp(stats, showmeans=True, flierprops={"marker": ".", "markersize": 4})
+    ax.set(xlabel="subset size k", ylabel=f"{metric_name} (mean over prompts)", title=title)
+    ax.text(0.01, 0.98, "box 25-75%, whiskers 10-90%, dots min/max, triangle mean", transform=ax.transAxes,
+            fontsize=7, va="top", color="dimgrey")
+    return _save(fig, path)
+
+
+def plot_unit_importance(shapley, banzhaf, path, unit_names: Optional[Sequence[str]] = None,
+                         shapley_se=None, banzhaf_se=None, value_name: str = "success",
+                         title: str = "Unit importance") -> str:
+    """Shapley and Banzhaf values [n] side by side per unit, with optional standard-error bars."""
+    shapley, banzhaf = np.asarray(shapley, dtype=float), np.asarray(banzhaf, dtype=float)
+    n = len(shapley)
+    x = np.arange(n)
+    fig, ax = _figure(max(6.4, 0.3 * n), 4.0)
+    ax.bar(x - 0.2, shapley, 0.4, yerr=shapley_se, capsize=2, label="Shapley", color="tab:blue")
+    ax.bar(x + 0.2, banzhaf, 0.4, yerr=banzhaf_se, capsize=2, label="Banzhaf", color="tab:orange")
+    ax.axhline(0, color="black", lw=0.8)
+    _unit_axis(ax, n, unit_names)
+    ax.set(ylabel=f"importance (v = {value_name})", title=title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_minimal_inclusion(sets, path, unit_names: Optional[Sequence[str]] = None,
+                           title: str = "Units in minimal sufficient sets") -> str:
+    """Fraction of the minimal sufficient sets (bool [M, n], `minimal_sufficient`) holding each unit."""
+    sets = np.asarray(sets, dtype=bool)
+    freq = inclusion_frequency(sets)
+    fig, ax = _figure(max(6.4, 0.3 * len(freq)), 4.0)
+    ax.bar(np.arange(len(freq)), freq, color="tab:green")
+    _unit_axis(ax, len(freq), unit_names)
+    ax.set(ylabel="fraction of minimal sets containing the unit", ylim=(0, 1.05),
+           title=f"{title} ({len(sets)} sets)")
+    return _save(fig, path)
