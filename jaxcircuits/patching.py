@@ -21,7 +21,8 @@ from flax import struct
 
 from jaxcircuits.interventions import SITES, SOURCE_OF, Intervention, Mask
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.transformer import check_tokens, final_norm, forward, run_layers, slice_layers
+from jaxcircuits.models.transformer import (check_tokens, final_norm, forward, layer_from_z, layer_kv,
+                                            run_layers, slice_layers)
 
 Array = jax.Array
 
@@ -30,13 +31,15 @@ Array = jax.Array
 class TargetRun:
     """The unpatched target run's cached state.
 
-    tokens, attn_mask, pos_ids: [B, T]; resid_pre: [L, B, T, D]; kv: (k, v) each [L, B, T, K, Dh].
+    tokens, attn_mask, pos_ids: [B, T]; resid_pre: [L, B, T, D]; head_out: [L, B, T, H, Dh];
+    kv: (k, v) each [L, B, T, K, Dh].
     """
 
     tokens: Array
     attn_mask: Array
     pos_ids: Array
     resid_pre: Array
+    head_out: Array
     kv: tuple
 
 
@@ -47,39 +50,51 @@ def target_run(params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None) -
     attn_mask = jnp.ones(tokens.shape, jnp.int32) if attn_mask is None else jnp.asarray(attn_mask)
     if pos_ids is None:
         pos_ids = jnp.maximum(jnp.cumsum(attn_mask, -1) - 1, 0).astype(jnp.int32)
-    _, cache = forward(params, cfg, tokens, attn_mask, pos_ids, collect=("resid_pre", "kv"),
-                       return_logits=False)
-    return TargetRun(tokens, attn_mask, jnp.asarray(pos_ids), cache["resid_pre"], cache["kv"])
+    _, cache = forward(params, cfg, tokens, attn_mask, pos_ids, return_logits=False,
+                       collect=("resid_pre", "head_out", "kv"))
+    return TargetRun(tokens, attn_mask, jnp.asarray(pos_ids), cache["resid_pre"], cache["head_out"],
+                     cache["kv"])
+
+
+# Sites read before a layer's head outputs z: a mask touching them at the first layer needs the
+# whole layer recomputed; otherwise the patched run starts from the target's cached z there.
+_BEFORE_Z = ("resid_pre", "pattern")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Static shape of the patched computation: first layer touched, final positions recomputed."""
+    """Static shape of the patched computation.
+
+    start_layer: first layer any mask touches; suffix_len: final positions recomputed (T = all);
+    from_z: the first layer is touched only at or after its head outputs z.
+    """
 
     start_layer: int
     suffix_len: int
+    from_z: bool = False
 
 
-def make_plan(layers_touched, pos_w) -> Plan:
-    """Plan from the layers any mask may touch (ints) and the position weights [B, T] (host)."""
-    layers_touched = sorted(set(int(l) for l in layers_touched))
-    if not layers_touched:
+def make_plan(touched: dict, pos_w) -> Plan:
+    """Plan from {site: layers any mask may touch there} and the position weights [B, T] (host)."""
+    layers = sorted({int(l) for ls in touched.values() for l in ls})
+    if not layers:
         raise ValueError("the masks touch no layer")
     cols = np.flatnonzero(np.asarray(pos_w).any(0))
     if not len(cols):
         raise ValueError("the position weights select no position")
-    return Plan(start_layer=layers_touched[0], suffix_len=int(np.asarray(pos_w).shape[1] - cols[0]))
+    from_z = not any(layers[0] in touched.get(s, ()) for s in _BEFORE_Z)
+    return Plan(layers[0], int(np.asarray(pos_w).shape[1] - cols[0]), from_z)
 
 
-def layers_touched(mask: Mask) -> list:
-    """Layers where a concrete mask (leaves [L, ...] or [N, L, ...]) has any nonzero weight."""
-    out = set()
+def layers_touched(mask: Mask) -> dict:
+    """{site: sorted layers} where a concrete mask (leaves [L, ...] or [N, L, ...]) is nonzero."""
+    out = {}
     for s in mask.sites():
         a = np.abs(np.asarray(getattr(mask, s)))
         layer_axis = a.ndim - (2 if s in ("head_out", "attn_block", "pattern") else 1)
         per_layer = a.sum(axis=tuple(i for i in range(a.ndim) if i != layer_axis))
-        out |= set(np.flatnonzero(per_layer > 0).tolist())
-    return sorted(out)
+        out[s] = np.flatnonzero(per_layer > 0).tolist()
+    return out
 
 
 def check_mask(mask: Mask, cfg: ModelConfig, batched: bool) -> None:
@@ -105,35 +120,70 @@ def check_mask(mask: Mask, cfg: ModelConfig, batched: bool) -> None:
                 raise ValueError(f"mask site {s!r} has values outside [0, 1] or NaN")
 
 
+def _narrow(iv: Intervention, start: int, stop: Optional[int], first_pos: int) -> Intervention:
+    """An intervention's layers [start, stop) and positions [first_pos, T)."""
+    tail = lambda a, axis: a[(slice(None),) * axis + (slice(first_pos, None),)]
+    src = {k: tail(v, 3 if k == "pattern" else 2) for k, v in slice_layers(iv.source, start, stop).items()}
+    return Intervention(slice_layers(iv.mask, start, stop), src, tail(iv.pos_w, 1))
+
+
+def _one_layer(tree, l: int):
+    """Layer l of stacked params, or of an intervention's mask and source (pos_w kept)."""
+    if isinstance(tree, Intervention):
+        return Intervention(_one_layer(tree.mask, l), _one_layer(tree.source, l), tree.pos_w)
+    return jax.tree.map(lambda a: a[l], tree)
+
+
 def patched_hidden(params, cfg: ModelConfig, target: TargetRun, mask: Mask, source, pos_w: Array,
                    plan: Plan, n_out: int) -> Array:
     """Final-normed hidden states [B, n_out, D] of the last n_out positions under one mask.
 
-    mask leaves [L, ...] over all layers (those before plan.start_layer must be zero), source
-    aligned to the target ([L, B, T, ...]), pos_w [B, T] zero before the last plan.suffix_len.
+    mask leaves [L, ...] over all layers (zero before plan.start_layer), source aligned to the
+    target ([L, B, T, ...]), pos_w [B, T] zero before the last plan.suffix_len positions.
+    Computes only what the mask can change: layers from start_layer (from its cached z when
+    plan.from_z), the final plan.suffix_len positions (earlier keys/values from the target),
+    and in the last layer queries only for the n_out positions the metric reads.
     """
+    L, T = cfg.n_layers, target.tokens.shape[1]
     L0, R = plan.start_layer, plan.suffix_len
-    T = target.tokens.shape[1]
     if n_out > R:
         raise ValueError(f"metric reads {n_out} final positions but only {R} are recomputed")
-    tail = lambda a, axis: jax.lax.slice_in_dim(a, T - R, T, axis=axis)
-    src = {k: tail(v, 3 if k == "pattern" else 2) for k, v in slice_layers(source, L0).items()}
-    iv = Intervention(mask=slice_layers(mask, L0), source=src, pos_w=tail(pos_w, 1))
-    kv = None if R == T else slice_layers(target.kv, L0)
-    x, _ = run_layers(slice_layers(params["layers"], L0), cfg, tail(target.resid_pre[L0], 1),
-                      tail(target.pos_ids, 1), target.attn_mask, kv=kv, write_index=T - R,
-                      intervention=iv)
+    layers, first = params["layers"], T - R
+    iv = _narrow(Intervention(mask, source, pos_w), 0, None, first)
+    pos = target.pos_ids[:, first:]
+    x = target.resid_pre[L0][:, first:]
+    start = L0
+    if plan.from_z:
+        x = layer_from_z(_one_layer(layers, L0), cfg, x, target.head_out[L0][:, first:],
+                         _one_layer(iv, L0))
+        start = L0 + 1
+    split = L - 1 if R > n_out else L      # the last layer runs on its own only if it can shrink
+    if start < split:
+        kv = None if R == T else slice_layers(target.kv, start, split)
+        x, _ = run_layers(slice_layers(layers, start, split), cfg, x, pos, target.attn_mask, kv=kv,
+                          write_index=first, intervention=_narrow(iv, start, split, 0))
+    if start <= L - 1 and split == L - 1:
+        # Last layer: keys/values for every recomputed position, queries for the n_out read.
+        k, v = layer_kv(_one_layer(layers, L - 1), cfg, x, pos, _one_layer(iv, L - 1))
+        if R < T:
+            k = jax.lax.dynamic_update_slice_in_dim(target.kv[0][L - 1], k.astype(target.kv[0].dtype), first, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(target.kv[1][L - 1], v.astype(target.kv[1].dtype), first, 1)
+        x, _ = run_layers(slice_layers(layers, L - 1), cfg, x[:, R - n_out:], pos[:, R - n_out:],
+                          target.attn_mask, kv=(k[None], v[None]), write_index=T - n_out,
+                          intervention=_narrow(iv, L - 1, None, R - n_out))
     return final_norm(params, cfg, x[:, -n_out:])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan"))
-def masks_metric(params, cfg: ModelConfig, target: TargetRun, masks: Mask, source, pos_w,
-                 metric, plan: Plan) -> Array:
+def masks_metric_fn(params, cfg: ModelConfig, target: TargetRun, masks: Mask, source, pos_w,
+                    metric, plan: Plan) -> Array:
     """Metric [N, B] for a batch of masks (leaves [N, L, ...]), vmapped over the mask axis."""
     def one(m):
         return metric(params, patched_hidden(params, cfg, target, m, source, pos_w, plan,
                                              metric.n_positions))
     return jax.vmap(one)(masks)
+
+
+masks_metric = jax.jit(masks_metric_fn, static_argnames=("cfg", "plan"))
 
 
 def needed_source(masks: Mask, source) -> dict:

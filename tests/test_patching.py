@@ -142,8 +142,9 @@ def _random_head_masks(cfg, n, layers, seed=0):
 
 def _looped(params, cfg, tgt, masks, cache, pos_w, metric):
     out = []
-    for i in range(masks.head_out.shape[0]):
-        iv = Intervention(Mask(head_out=masks.head_out[i]), cache, jnp.asarray(pos_w, jnp.float32))
+    n = getattr(masks, masks.sites()[0]).shape[0]
+    for i in range(n):
+        iv = Intervention(jax.tree.map(lambda a: a[i], masks), cache, jnp.asarray(pos_w, jnp.float32))
         _, c = forward(params, cfg, jnp.asarray(tgt), intervention=iv, collect=("final_norm",),
                        return_logits=False)
         out.append(np.asarray(metric(params, c["final_norm"][:, -metric.n_positions:])))
@@ -157,14 +158,31 @@ def test_vmapped_prefix_shared_suffix_path_equals_looped_full_forward(tiny, name
     pos_w = P.select(where, np.ones(tgt.shape))
     metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7, 8], [9, -1]]))
     target = target_run(params, cfg, tgt)
-    plan = make_plan([1, 2], pos_w)
-    assert plan == Plan(1, {"last": 1, "all": 8, "last:3": 3}[where])
+    plan = make_plan({"head_out": [1, 2]}, pos_w)
+    assert plan == Plan(1, {"last": 1, "all": 8, "last:3": 3}[where], from_z=True)
     got = run_masks(params, cfg, target, masks, cache, pos_w, metric, chunk_size=7, shard=False)
     want = _looped(params, cfg, tgt, masks, cache, pos_w, metric)
     chex.assert_shape(got, (7, 2))
     np.testing.assert_allclose(got, want, atol=2e-5)
     full = run_masks(params, cfg, target, masks, cache, pos_w, metric, plan=Plan(0, 8), shard=False)
     np.testing.assert_allclose(full, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("where", ["last", "all", "last:3"])
+@pytest.mark.parametrize("first", [0, 1, 2])
+def test_every_site_fast_path_equals_looped_full_forward(tiny, where, first):
+    """Blend weights in (0, 1) at every site of layers >= first (the last layer included)."""
+    _, cfg, params, tgt, _, cache = _setup(tiny, "llama_gqa")
+    rng = np.random.RandomState(first)
+    L, H, n = cfg.n_layers, cfg.n_heads, 4
+    live = (np.arange(L) >= first).astype(np.float32)
+    u = lambda *shape: jnp.asarray(rng.rand(n, *shape).astype(np.float32) * live.reshape(1, L, *([1] * (len(shape) - 1))))
+    masks = Mask(resid_pre=u(L), head_out=u(L, H), attn_block=u(L, 4), attn_out=u(L), pattern=u(L, H),
+                 mlp_out=u(L))
+    pos_w = P.select(where, np.ones(tgt.shape))
+    metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
+    got = run_masks(params, cfg, target_run(params, cfg, tgt), masks, cache, pos_w, metric, shard=False)
+    np.testing.assert_allclose(got, _looped(params, cfg, tgt, masks, cache, pos_w, metric), atol=2e-5)
 
 
 def test_chunked_and_sharded_equal_one_batch(tiny):
@@ -229,7 +247,7 @@ def test_bad_masks_and_sources(tiny):
     with pytest.raises(ValueError, match="has 2 layers"):
         P.check_source({"head_out": cache["head_out"][:2]}, L)
     with pytest.raises(ValueError, match="select no position"):
-        make_plan([1], np.zeros(tgt.shape))
+        make_plan({"head_out": [1]}, np.zeros(tgt.shape))
 
 
 def test_mask_batch_compiles_once(tiny):

@@ -68,13 +68,19 @@ def _rotate(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1).astype(x.dtype)
 
 
-def _attention(cfg, p, h, rope, allowed, kv, write_index, iv):
-    """Self-attention of one layer. Returns (attn_out [B,T,D], sites dict, new (k, v))."""
+def _qkv(cfg, p, h, rope):
+    """Projections of normed h [B, T, D]: q [B, T, H, Dh], k, v [B, T, K, Dh] (RoPE applied)."""
     q = _dense(p["q"], h, "btd,dhe->bthe")
     k = _dense(p["k"], h, "btd,dke->btke")
     v = _dense(p["v"], h, "btd,dke->btke")
     if rope is not None:
         q, k = _rotate(q, *rope), _rotate(k, *rope)
+    return q, k, v
+
+
+def _attention(cfg, p, h, rope, allowed, kv, write_index, iv):
+    """Self-attention up to the per-head outputs: (z [B, T, H, Dh], pattern, new (k, v))."""
+    q, k, v = _qkv(cfg, p, h, rope)
     if kv is not None:
         k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=1)
@@ -87,11 +93,7 @@ def _attention(cfg, p, h, rope, allowed, kv, write_index, iv):
     pattern = apply_site(pattern, "pattern", *iv)
     pg = pattern.astype(v.dtype).reshape(B, cfg.n_kv_heads, cfg.n_groups, T, -1)
     z = jnp.einsum("bkgts,bske->btkge", pg, v).reshape(B, T, cfg.n_heads, cfg.d_head)
-    z = apply_site(z, "head_out", *iv)
-    out = _dense(p["o"], z, "bthe,hed->btd")
-    out = apply_site(out, "attn_block", *iv)
-    out = apply_site(out, "attn_out", *iv)
-    return out, {"head_out": z, "pattern": pattern, "attn_out": out}, (k, v)
+    return apply_site(z, "head_out", *iv), pattern, (k, v)
 
 
 def _mlp(cfg, p, h):
@@ -103,19 +105,49 @@ def _mlp(cfg, p, h):
     return _dense(p["down"], up, "btf,fd->btd")
 
 
+def _after_z(cfg, p, x, z, iv):
+    """The rest of a block from (patched) head outputs z: o_proj, residual add, MLP."""
+    out = _dense(p["o"], z, "bthe,hed->btd")
+    out = apply_site(out, "attn_block", *iv)
+    out = apply_site(out, "attn_out", *iv)
+    x = x + out
+    mlp = apply_site(_mlp(cfg, p, _norm(p["norm2"], x, cfg)), "mlp_out", *iv)
+    return x + mlp, {"attn_out": out, "mlp_out": mlp}
+
+
+def _iv_tuple(intervention: Optional[Intervention]):
+    if intervention is None:
+        return None, None, None
+    return intervention.mask, intervention.source, intervention.pos_w
+
+
 def _layer(cfg, collect, rope, allowed, write_index, pos_w, x, per_layer):
     """One block: x [B, T, D] -> x. `per_layer` = (params_l, kv_l, mask_l, source_l)."""
     p, kv, mask_l, source_l = per_layer
     iv = (mask_l, source_l, pos_w)
     x = apply_site(x, "resid_pre", *iv)
-    sites = {"resid_pre": x}
-    attn, attn_sites, new_kv = _attention(cfg, p, _norm(p["norm1"], x, cfg), rope, allowed, kv,
-                                          write_index, iv)
-    sites.update(attn_sites, kv=new_kv)
-    x = x + attn
-    mlp = apply_site(_mlp(cfg, p, _norm(p["norm2"], x, cfg)), "mlp_out", *iv)
-    sites["mlp_out"] = mlp
-    return x + mlp, {s: sites[s] for s in collect}
+    z, pattern, new_kv = _attention(cfg, p, _norm(p["norm1"], x, cfg), rope, allowed, kv,
+                                    write_index, iv)
+    out, tail_sites = _after_z(cfg, p, x, z, iv)
+    sites = {"resid_pre": x, "head_out": z, "pattern": pattern, "kv": new_kv, **tail_sites}
+    return out, {s: sites[s] for s in collect}
+
+
+def layer_from_z(p: dict, cfg: ModelConfig, x: Array, z: Array,
+                 intervention: Optional[Intervention] = None) -> Array:
+    """Finish one layer (params_l unstacked) from its input x [B, T, D] and the run's own head
+    outputs z [B, T, H, Dh]; the intervention (one layer's leaves) patches z and later sites."""
+    iv = _iv_tuple(intervention)
+    return _after_z(cfg, p, x, apply_site(z, "head_out", *iv), iv)[0]
+
+
+def layer_kv(p: dict, cfg: ModelConfig, x: Array, pos_ids: Array,
+             intervention: Optional[Intervention] = None) -> Tuple[Array, Array]:
+    """Keys and values [B, T, K, Dh] of one layer (params_l unstacked) for input x [B, T, D]."""
+    x = apply_site(x, "resid_pre", *_iv_tuple(intervention))
+    rope = rope_tables(cfg, pos_ids) if cfg.family == "llama" else None
+    _, k, v = _qkv(cfg, p, _norm(p["norm1"], x, cfg), rope)
+    return k, v
 
 
 def slice_layers(tree, start: int, stop: Optional[int] = None):
@@ -142,9 +174,7 @@ def run_layers(layers: dict, cfg: ModelConfig, x: Array, pos_ids: Array, key_val
     q_slot = write_index + jnp.arange(T)
     allowed = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :].astype(bool)
     rope = rope_tables(cfg, pos_ids) if cfg.family == "llama" else None
-    mask_l = source_l = pos_w = None
-    if intervention is not None:
-        mask_l, source_l, pos_w = intervention.mask, intervention.source, intervention.pos_w
+    mask_l, source_l, pos_w = _iv_tuple(intervention)
     body = functools.partial(_layer, cfg, tuple(collect), rope, allowed, write_index, pos_w)
     return jax.lax.scan(body, x, (layers, kv, mask_l, source_l))
 
