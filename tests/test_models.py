@@ -145,3 +145,10 @@ def test_rope_inv_freq_matches_hf():
     np.testing.assert_allclose(cfg.rope.inv_freq(cfg.d_head), want.numpy(), rtol=1e-6)
     plain = ModelConfig.from_hf({**hf.to_dict(), "rope_scaling": None, "rope_parameters": {"rope_theta": 500000.0}})
     assert not np.allclose(plain.rope.inv_freq(cfg.d_head), want.numpy())  # the scaling matters
+
+
+def test_quantized_hf_config_is_refused():
+    hf = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "intermediate_size": 8, "vocab_size": 10, "quantization_config": {"quant_method": "gptq"}}
+    with pytest.raises(UnsupportedConfigError, match="quantization_config"):
+        ModelConfig.from_hf(hf)

@@ -127,7 +127,7 @@ _BENIGN = {
     "attention_dropout", "embd_pdrop", "attn_pdrop", "resid_pdrop", "summary_activation",
     "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj",
     "pretraining_tp", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
-    "tokenizer_class", "prefix", "quantization_config", "_attn_implementation_autoset",
+    "tokenizer_class", "prefix", "_attn_implementation_autoset",
     "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_k", "top_p",
     "repetition_penalty", "n_ctx", "use_return_dict", "torchscript", "layer_types",
 }

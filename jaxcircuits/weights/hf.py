@@ -1,0 +1,239 @@
+"""Load a local Hugging Face checkpoint directory (``config.json`` + safetensors) into the params layout.
+
+Tensors are read one at a time and written straight into preallocated stacked numpy arrays
+(`empty_params`), so peak host memory stays near one copy of the model plus its largest tensor.
+A *plan* maps each checkpoint tensor name to its expected shape and to the leaves it fills; the
+GGUF loader reuses the Llama plan under llama.cpp names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import operator
+import os
+import re
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.params import Params, check_params, param_shapes
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+# (leaf path in params, layer index or None, checkpoint array -> leaf slice)
+Write = Tuple[Tuple[str, ...], Optional[int], Callable[[np.ndarray], np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor: its expected shape (checkpoint layout) and the leaves it fills."""
+
+    shape: Tuple[int, ...]
+    writes: Tuple[Write, ...]
+
+
+Plan = Dict[str, TensorSpec]
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _linear(a: np.ndarray) -> np.ndarray:
+    """torch Linear weight [out, in] -> [in, out]."""
+    return a.T
+
+
+def _reshape(*shape: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda a: a.reshape(shape)
+
+
+def _heads_in(n: int, dh: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Linear weight [n*dh, D] -> [D, n, dh] (head h = output rows h*dh:(h+1)*dh)."""
+    return lambda a: a.T.reshape(a.shape[1], n, dh)
+
+
+def _heads_out(n: int, dh: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Linear weight [D, n*dh] -> [n, dh, D]."""
+    return lambda a: a.T.reshape(n, dh, a.shape[0])
+
+
+def _cols(lo: int, hi: int, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Apply `fn` to the slice [..., lo:hi] of the last axis."""
+    return lambda a: fn(a[..., lo:hi])
+
+
+def llama_plan(cfg: ModelConfig, prefix: str = "model.") -> Plan:
+    """HF Llama tensor names (``prefix`` = 'model.' for *ForCausalLM, '' for a bare model) -> specs."""
+    D, H, K, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
+    plan = {
+        f"{prefix}embed_tokens.weight": TensorSpec((V, D), ((("embed", "tokens"), None, _same),)),
+        f"{prefix}norm.weight": TensorSpec((D,), ((("final_norm", "scale"), None, _same),)),
+    }
+    if not cfg.tied_embeddings:
+        plan["lm_head.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
+    for i in range(cfg.n_layers):
+        p = f"{prefix}layers.{i}."
+
+        def add(name, shape, leaf, fn):
+            plan[p + name] = TensorSpec(shape, ((("layers", *leaf), i, fn),))
+
+        add("input_layernorm.weight", (D,), ("norm1", "scale"), _same)
+        add("post_attention_layernorm.weight", (D,), ("norm2", "scale"), _same)
+        for proj, n in (("q", H), ("k", K), ("v", K)):
+            add(f"self_attn.{proj}_proj.weight", (n * Dh, D), (proj, "w"), _heads_in(n, Dh))
+            if cfg.attn_bias:
+                add(f"self_attn.{proj}_proj.bias", (n * Dh,), (proj, "b"), _reshape(n, Dh))
+        add("self_attn.o_proj.weight", (D, H * Dh), ("o", "w"), _heads_out(H, Dh))
+        if cfg.o_bias:
+            add("self_attn.o_proj.bias", (D,), ("o", "b"), _same)
+        for proj, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))):
+            add(f"mlp.{proj}_proj.weight", shape, (proj, "w"), _linear)
+            if cfg.mlp_bias:
+                add(f"mlp.{proj}_proj.bias", shape[:1], (proj, "b"), _same)
+    return plan
+
+
+def gpt2_plan(cfg: ModelConfig, prefix: str = "transformer.") -> Plan:
+    """HF GPT-2 tensor names (``prefix`` = 'transformer.' for GPT2LMHeadModel, '' for GPT2Model) -> specs.
+
+    Conv1D weights are [in, out] (already x @ W); c_attn is [D, 3D] with q|k|v on the out axis.
+    """
+    D, H, Dh, F, V, P = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size, cfg.max_positions
+    plan = {
+        f"{prefix}wte.weight": TensorSpec((V, D), ((("embed", "tokens"), None, _same),)),
+        f"{prefix}wpe.weight": TensorSpec((P, D), ((("embed", "positions"), None, _same),)),
+        f"{prefix}ln_f.weight": TensorSpec((D,), ((("final_norm", "scale"), None, _same),)),
+        f"{prefix}ln_f.bias": TensorSpec((D,), ((("final_norm", "bias"), None, _same),)),
+    }
+    if not cfg.tied_embeddings:
+        plan["lm_head.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
+    qkv = tuple(zip(("q", "k", "v"), range(0, 3 * D, D)))
+    for i in range(cfg.n_layers):
+        p = f"{prefix}h.{i}."
+
+        def add(name, shape, *writes):
+            plan[p + name] = TensorSpec(shape, tuple((("layers", *leaf), i, fn) for leaf, fn in writes))
+
+        for ln, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            add(f"{ln}.weight", (D,), ((norm, "scale"), _same))
+            add(f"{ln}.bias", (D,), ((norm, "bias"), _same))
+        add("attn.c_attn.weight", (D, 3 * D),
+            *(((n, "w"), _cols(lo, lo + D, _reshape(D, H, Dh))) for n, lo in qkv))
+        add("attn.c_attn.bias", (3 * D,), *(((n, "b"), _cols(lo, lo + D, _reshape(H, Dh))) for n, lo in qkv))
+        add("attn.c_proj.weight", (D, D), (("o", "w"), _reshape(H, Dh, D)))
+        add("attn.c_proj.bias", (D,), (("o", "b"), _same))
+        add("mlp.c_fc.weight", (D, F), (("up", "w"), _same))
+        add("mlp.c_fc.bias", (F,), (("up", "b"), _same))
+        add("mlp.c_proj.weight", (F, D), (("down", "w"), _same))
+        add("mlp.c_proj.bias", (D,), (("down", "b"), _same))
+    return plan
+
+
+def empty_params(cfg: ModelConfig, dtype) -> Params:
+    """Uninitialised numpy arrays of `dtype` in the layout of `param_shapes(cfg)`."""
+    dt = np.dtype(dtype)
+    return jax.tree.map(lambda s: np.empty(s, dt), param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def fill(params: Params, spec: TensorSpec, array: np.ndarray) -> None:
+    """Write checkpoint `array` (shape `spec.shape`) into its leaves of `params`, casting in place."""
+    for path, layer, fn in spec.writes:
+        leaf = functools.reduce(operator.getitem, path, params)
+        (leaf if layer is None else leaf[layer])[...] = fn(array)
+
+
+def check_tensors(plan: Plan, found: Mapping[str, Tuple[int, ...]], where: str) -> None:
+    """Raise ValueError naming every missing, unexpected or mis-shaped tensor of `found` vs `plan`."""
+    errors = [f"missing tensor {n!r} {s.shape}" for n, s in plan.items() if n not in found]
+    errors += [f"unexpected tensor {n!r} {shape}" for n, shape in found.items() if n not in plan]
+    errors += [f"tensor {n!r} has shape {found[n]}, expected {s.shape}"
+               for n, s in plan.items() if n in found and tuple(found[n]) != s.shape]
+    if errors:
+        raise ValueError(f"{where} does not match its config:\n  " + "\n  ".join(errors))
+
+
+def weight_files(path: str) -> List[str]:
+    """The safetensors files of HF checkpoint directory `path` (single file, or the shards of its index)."""
+    single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map'")
+        shards = sorted(set(weight_map.values()))
+        files = [os.path.join(path, s) for s in shards]
+        for fn in files:
+            if not os.path.isfile(fn):
+                raise FileNotFoundError(f"{fn} (listed in {index}) does not exist")
+        return files
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (only safetensors checkpoints are supported)")
+
+
+def _open(fn: str):
+    """safe_open (numpy); a corrupt or truncated file raises ValueError naming it."""
+    try:
+        return safe_open(fn, framework="numpy")
+    except SafetensorError as e:
+        raise ValueError(f"{fn} is not a valid safetensors file (corrupt or truncated?): {e}") from e
+
+
+def _header(fn: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype) of every tensor in file `fn`."""
+    with _open(fn) as f:
+        return {n: (tuple(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype()) for n in f.keys()}
+
+
+def _read(fn: str, name: str) -> np.ndarray:
+    """One tensor as a numpy array. The file is mapped only while reading it, so pages of tensors
+    already converted do not stay in this process's RSS."""
+    with _open(fn) as f:
+        return f.get_tensor(name)
+
+
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+    """Non-parameter buffers (GPT-2 causal-mask buffers) and a tied lm_head copy."""
+    return (cfg.tied_embeddings and name == "lm_head.weight") or (
+        cfg.family == "gpt2" and re.search(r"(^|\.)h\.\d+\.attn\.(masked_)?bias$", name) is not None)
+
+
+def _plan_for(cfg: ModelConfig, names) -> Plan:
+    if cfg.family == "llama":
+        return llama_plan(cfg, "model." if any(n.startswith("model.") for n in names) else "")
+    return gpt2_plan(cfg, "transformer." if any(n.startswith("transformer.") for n in names) else "")
+
+
+def load_hf_dir(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
+    """Load HF checkpoint directory `path` -> (config, numpy params of `dtype` in the params layout)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = ModelConfig.from_json(os.path.join(path, "config.json"))
+    where, found, stype = {}, {}, {}
+    for fn in weight_files(path):
+        for name, (shape, kind) in _header(fn).items():
+            if name in where:
+                raise ValueError(f"tensor {name!r} is in both {where[name]} and {fn}")
+            where[name], found[name], stype[name] = fn, shape, kind
+    found = {n: s for n, s in found.items() if not _ignored(n, cfg)}
+    plan = _plan_for(cfg, found)
+    check_tensors(plan, found, f"checkpoint {path}")
+    for name in plan:
+        if stype[name] not in _FLOAT_DTYPES:
+            raise ValueError(f"tensor {name!r} in {where[name]} has dtype {stype[name]}, expected a float")
+    params = empty_params(cfg, dtype)
+    for name, spec in plan.items():
+        fill(params, spec, _read(where[name], name))
+    check_params(params, cfg)
+    return cfg, params
