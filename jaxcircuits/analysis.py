@@ -447,12 +447,12 @@ def banzhaf_sampled(value_fn: Callable[[np.ndarray], np.ndarray], n: int, n_samp
 
 # ----------------------------------------------------------------------------- summary
 
-def _plain(x):
+def jsonable(x):
     """numpy -> JSON-serialisable Python (lists, ints, floats; NaN -> None)."""
     if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
+        return [jsonable(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
     if isinstance(x, (bool, np.bool_)):
         return bool(x)
     if isinstance(x, (int, np.integer)):
@@ -501,7 +501,7 @@ def summarize(subsets, success, metric=None, importance_of: str = "success",
         v = success.astype(np.float64) if importance_of == "success" else metric
         out["importance"] = {"value": importance_of, "shapley": shapley(bits, v), "banzhaf": banzhaf(bits, v)}
         out["interactions"] = {"index": "shapley", **interactions(bits, v, top=top)}
-    return _plain(out)
+    return jsonable(out)
 
 
 def _fmt(x, digits: int = 3) -> str:

@@ -74,6 +74,14 @@ def generate(params, cfg: ModelConfig, tokens, attn_mask=None, max_new_tokens: i
                      decode_source, jnp.int32(eos))
 
 
-def source_at_position(source: dict, position: int = 0) -> dict:
-    """One-position replacement [L, B, 1, ...] taken from a source cache's slot `position`."""
-    return {k: v[:, :, position:position + 1] for k, v in source.items() if k != "pattern"}
+def source_at_position(source: dict, position=0) -> dict:
+    """One-position replacement [L, B, 1, ...] from a source cache's slot `position` (an int, or
+    int [B] per row, e.g. each left-padded row's first real token)."""
+    out = {}
+    for k, v in source.items():
+        if k == "pattern":
+            continue
+        idx = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (v.shape[1],))
+        idx = idx.reshape(1, -1, 1, *([1] * (v.ndim - 3)))
+        out[k] = jnp.take_along_axis(v, idx, axis=2)
+    return out

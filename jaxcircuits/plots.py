@@ -123,3 +123,58 @@ def plot_minimal_inclusion(sets, path, unit_names: Optional[Sequence[str]] = Non
     ax.set(ylabel="fraction of minimal sets containing the unit", ylim=(0, 1.05),
            title=f"{title} ({len(sets)} sets)")
     return _save(fig, path)
+
+
+def plot_layer_curve(values, path, baselines: Optional[dict] = None, metric_name: str = "metric",
+                     title: str = "Patching each layer whole") -> str:
+    """Metric per layer [L] as a line, with optional horizontal baselines {label: value}."""
+    values = np.asarray(values, dtype=float)
+    fig, ax = _figure()
+    ax.plot(np.arange(len(values)), values, marker="o", label="patched target")
+    for i, (label, v) in enumerate((baselines or {}).items()):
+        ax.axhline(v, linestyle="--", color=f"C{i + 1}", label=f"unpatched {label}")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(metric_name)
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_head_map(values, path, title: str = "Per-head effect", value_name: str = "value") -> str:
+    """Heatmap of a per-head map [L, H] (layer rows, head columns), diverging colours centred on 0,
+    each cell annotated with its value."""
+    values = np.asarray(values, dtype=float)
+    n_layers, n_heads = values.shape
+    lim = max(float(np.nanmax(np.abs(values))), 1e-12)
+    fig, ax = _figure(max(4.0, 0.6 * n_heads + 2.2), max(3.0, 0.3 * n_layers + 1.4))
+    im = ax.imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    for (l, h), v in np.ndenumerate(values):
+        ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                color="white" if abs(v) > 0.6 * lim else "black")
+    ax.set_xticks(np.arange(n_heads))
+    ax.set_yticks(np.arange(n_layers))
+    ax.tick_params(labelsize=7)
+    ax.set(xlabel="head", ylabel="layer", title=title)
+    fig.colorbar(im, ax=ax, label=value_name)
+    return _save(fig, path)
+
+
+def plot_scatter(x, y, path, xlabel: str = "x", ylabel: str = "y", title: str = "",
+                 labels: Optional[Sequence[str]] = None, diagonal: bool = True) -> str:
+    """Scatter of y [N] against x [N]; the non-empty `labels` [N] are written next to their points,
+    `diagonal` draws y = x."""
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    fig, ax = _figure(5.2, 5.0)
+    ax.scatter(x, y, s=14, alpha=0.7)
+    if diagonal:
+        lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="y = x")
+        ax.legend(fontsize=8, loc="best")
+    for xi, yi, name in zip(x, y, labels or ()):
+        if name:
+            ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.axvline(0.0, color="grey", lw=0.5)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return _save(fig, path)

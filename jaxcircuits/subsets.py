@@ -178,7 +178,7 @@ def to_bitmask(bits, dtype=np.int64):
         raise ValueError(f"{n} units do not fit a {np.dtype(dtype).name} bitmask")
     packed = np.packbits(bits, axis=-1, bitorder="little")          # unit i = bit i
     packed = np.pad(packed, [(0, 0)] * (bits.ndim - 1) + [(0, 8 - packed.shape[-1])])
-    return packed.view("<u8")[..., 0].astype(dtype)
+    return np.ascontiguousarray(packed).view("<u8")[..., 0].astype(dtype)   # any input layout
 
 
 def from_bitmask(masks, n: int) -> np.ndarray:

@@ -152,12 +152,13 @@ class _Progress:
     def __init__(self, total: int, done: int, every_s: float):
         self.total, self.start_done, self.every_s = total, done, every_s
         self.t0 = self.last = time.time()
+        self.logged = None
 
     def update(self, done: int, force: bool = False) -> None:
         now = time.time()
-        if not force and now - self.last < self.every_s:
+        if done == self.logged or (not force and now - self.last < self.every_s):
             return
-        self.last = now
+        self.last, self.logged = now, done
         rate = (done - self.start_done) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         logging.info("sweep: %d/%d subsets (%.1f%%), %.1f subsets/s, ETA %s", done, self.total,

@@ -174,3 +174,10 @@ def test_pool_constructors_labels_and_checks():
         blocks.scatter(np.ones(4, bool), (1, 4))                           # layer 1 out of range
     with pytest.raises(ValueError):
         S.Pool("head_out", ((0, 1), (0, 1)))
+
+
+def test_to_bitmask_accepts_non_contiguous_rows():
+    bits = np.random.RandomState(0).rand(64, 9) > 0.5
+    view = bits[bits[:, 1]][:, [0, 2, 4, 6, 8]]            # fancy indexing: Fortran-ordered
+    assert not view.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(S.to_bitmask(view), S.to_bitmask(np.ascontiguousarray(view)))

@@ -1,0 +1,1 @@
+"""End-to-end studies behind the experiment binaries (each writes a report directory)."""

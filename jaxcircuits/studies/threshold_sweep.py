@@ -1,0 +1,153 @@
+"""A generic subset sweep: task prompts -> source/target runs -> family sweep -> analysis report."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+import jaxcircuits as jc
+from jaxcircuits import positions as P
+from jaxcircuits import subsets as S
+from jaxcircuits.metrics import LogitDiff, pad_ids
+from jaxcircuits.models.transformer import run_with_cache
+from jaxcircuits.patching import target_run
+from jaxcircuits.report import Report, add_sweep_analysis, table
+from jaxcircuits.tasks import decimals as D
+from jaxcircuits.tasks import ioi
+
+SITES = ("head_out", "attn_block", "attn_out", "mlp_out", "resid_pre", "pattern")
+FAMILIES = ("all", "sizes", "sampled", "even", "odd", "strided", "contiguous", "explicit")
+ALIGNS = {"token": None, "right": P.right_aligned, "left": P.left_aligned}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    model: str
+    task: str                       # 'decimals' | 'ioi' | 'prompts'
+    source_format: str
+    target_format: str
+    prompts: Tuple[str, str]        # (source file, target file) for task 'prompts'
+    answers: Tuple[str, str]        # (good, bad) answer strings for task 'prompts'
+    n_prompts: int
+    site: str
+    layers: Tuple[int, ...]
+    pool: str                       # 'all' | 'even' | 'odd' | comma list of unit indices
+    family: str
+    sizes: Tuple[int, ...]
+    samples_per_size: int
+    stride: int
+    explicit: Tuple[Tuple[int, ...], ...]
+    positions: str
+    align: str
+    success: str                    # 'positive' | 'above:X' | 'below:X'
+    aggregate: str                  # 'mean' | 'fraction'
+    n_blocks: Optional[int]
+    chunk_size: int
+    seed: int
+    out: str
+    resume: bool
+    dtype: str = "float32"
+
+
+def parse_success(spec: str) -> Tuple[str, float]:
+    """'positive' -> ('positive', 0); 'above:0.5' -> ('above', 0.5); 'below:-1' -> ('below', -1)."""
+    kind, _, value = spec.partition(":")
+    if kind == "positive" and not value:
+        return kind, 0.0
+    if kind in ("above", "below") and value:
+        return kind, float(value)
+    raise ValueError(f"--success must be 'positive', 'above:X' or 'below:X', got {spec!r}")
+
+
+def make_pool(site: str, layers, units_per_layer: Optional[int], select: str) -> S.Pool:
+    """Units of `site` in `layers`: per layer all units, the even or odd ones, or listed indices."""
+    if site in ("attn_out", "mlp_out", "resid_pre"):
+        return S.Pool(site, tuple((l,) for l in layers))
+    idx = np.arange(units_per_layer)
+    if select == "even":
+        idx = idx[0::2]
+    elif select == "odd":
+        idx = idx[1::2]
+    elif select != "all":
+        idx = np.array([int(i) for i in select.split(",")])
+        if idx.min() < 0 or idx.max() >= units_per_layer:
+            raise ValueError(f"--pool indices {select} out of range [0, {units_per_layer})")
+    return S.Pool(site, tuple((l, int(j)) for l in layers for j in idx))
+
+
+def make_family(opts: Options, n: int) -> S.Family:
+    """The --family flag over n pool units (structured families are explicit lists of subsets)."""
+    f = opts.family
+    if f == "all":
+        return S.all_subsets(n)
+    if f == "sizes":
+        return S.of_sizes(n, opts.sizes)
+    if f == "sampled":
+        return S.sampled_per_size(n, opts.sizes, opts.samples_per_size, opts.seed)
+    if f == "even":
+        return S.even(n)
+    if f == "odd":
+        return S.odd(n)
+    if f == "strided":
+        return S.explicit(n, [S.strided(n, opts.stride, o).masks[0] for o in range(opts.stride)])
+    if f == "contiguous":
+        return S.explicit(n, [m for k in opts.sizes for m in S.contiguous(n, k).masks])
+    return S.explicit(n, [list(s) for s in opts.explicit])
+
+
+def task_batches(model, opts: Options):
+    """(source ids, source mask, target ids, target mask, metric, description)."""
+    tok = model.tokenizer
+    if opts.task == "decimals":
+        pairs = [D.STUDY_PAIR] + D.generate_pairs(max(opts.n_prompts - 1, 0), opts.seed)
+        src, tgt = (D.build_batch(pairs, f, tok) for f in (opts.source_format, opts.target_format))
+        return src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric, f"{len(pairs)} decimal pairs, {opts.source_format} -> {opts.target_format}"
+    if opts.task == "ioi":
+        clean = ioi.generate_ioi(opts.n_prompts, opts.seed, tok)
+        src, tgt = ioi.ioi_batch(clean, tok), ioi.ioi_batch(ioi.corrupt(clean, opts.seed + 1, tok), tok)
+        return src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric, f"{len(clean)} IOI prompts, clean -> corrupted"
+    texts = []
+    for path in opts.prompts:
+        with open(path) as f:
+            texts.append([l.rstrip("\n").replace("\\n", "\n") for l in f if l.strip()])
+    if len(texts[0]) != len(texts[1]):
+        raise ValueError(f"{opts.prompts[0]} has {len(texts[0])} prompts, {opts.prompts[1]} has {len(texts[1])}")
+    s_ids, s_mask = tok.batch(texts[0])
+    t_ids, t_mask = tok.batch(texts[1])
+    good = [tok.answer_token_ids(opts.answers[0], prompt=t)[:1] for t in texts[1]]
+    bad = [tok.answer_token_ids(opts.answers[1], prompt=t)[:1] for t in texts[1]]
+    metric = LogitDiff(good=jnp.asarray(pad_ids(good)), bad=jnp.asarray(pad_ids(bad)))
+    return s_ids, s_mask, t_ids, t_mask, metric, f"{len(texts[0])} prompts from files"
+
+
+def run(opts: Options) -> str:
+    report = Report(opts.out, f"Threshold sweep: {opts.site} of layers {list(opts.layers)}")
+    model = jc.load(opts.model, jnp.bfloat16 if opts.dtype == "bfloat16" else jnp.float32)
+    cfg = model.cfg
+    bad = [l for l in opts.layers if l >= cfg.n_layers]
+    if bad:
+        raise ValueError(f"--layers {bad} out of range: {opts.model} has {cfg.n_layers} layers")
+    per_layer = {"head_out": cfg.n_heads, "pattern": cfg.n_heads, "attn_block": opts.n_blocks or cfg.n_heads}.get(opts.site)
+    pool = make_pool(opts.site, opts.layers, per_layer, opts.pool)
+    family = make_family(opts, pool.n)
+    s_ids, s_mask, t_ids, t_mask, metric, desc = task_batches(model, opts)
+    _, cache = run_with_cache(model.params, cfg, s_ids, jnp.asarray(s_mask),
+                              sites=(("attn_out",) if opts.site == "attn_block" else (opts.site,)))
+    align = ALIGNS[opts.align]
+    pos_map = P.token_matched(t_ids, t_mask, s_ids, s_mask) if align is None else align(t_mask, s_mask)
+    selector = opts.positions if opts.positions in ("all", "last") or opts.positions.startswith("last:") \
+        else [int(i) for i in opts.positions.split(",")]
+    pos_w = P.weights(selector, pos_map)
+    res = jc.run_sweep(model.params, cfg, target_run(model.params, cfg, t_ids, t_mask), P.align(cache, pos_map), pos_w,
+                       metric, pool, family, os.path.join(opts.out, "sweep"), chunk_size=opts.chunk_size,
+                       n_blocks=opts.n_blocks, resume=opts.resume, describe={"model": opts.model, "task": desc})
+    kind, threshold = parse_success(opts.success)
+    report.add("Setup", table(["model", "task", "site", "units", "family", "members", "positions", "align", "success"],
+                              [[opts.model, desc, opts.site, pool.n, opts.family, family.size(), opts.positions,
+                                opts.align, f"{opts.success} ({opts.aggregate} over prompts)"]]))
+    add_sweep_analysis(report, "Sweep", res.subsets(pool.n), res.metric, pool.labels(), kind, threshold, opts.aggregate)
+    return report.write()

@@ -1,0 +1,25 @@
+import pathlib
+
+from setuptools import find_packages, setup
+
+here = pathlib.Path(__file__).parent
+requirements = [l.strip() for l in (here / "requirements.txt").read_text().splitlines()
+                if l.strip() and not l.startswith("#")]
+
+setup(
+    name="jaxcircuits",
+    version="0.1.0",
+    description="Mechanistic-interpretability sweeps over attention-head subsets in JAX",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jaxcircuits", "jaxcircuits.*", "experiments", "benchmarks"]),
+    install_requires=requirements,
+    extras_require={
+        # The reference implementation in tests: HF transformers on CPU torch (install the local
+        # CPU wheel first: `pip install torch==2.13.0`), plus accelerate for HF's GGUF loader.
+        "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8"],
+        # Peer tools for benchmarks/ (see benchmarks/requirements-bench.txt).
+        "bench": ["torch==2.13.0", "psutil"],
+    },
+)
