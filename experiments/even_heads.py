@@ -43,6 +43,9 @@ flags.DEFINE_integer("n_blocks", None, "Residual blocks of the original protocol
 flags.DEFINE_integer("max_new_tokens", 20, "Greedy tokens per generation.", lower_bound=1)
 flags.DEFINE_integer("confirm", 4, "Boundary subsets confirmed by generation per sweep.", lower_bound=0)
 flags.DEFINE_integer("chunk_size", 64, "Masks per compiled chunk.", lower_bound=1)
+flags.DEFINE_integer("samples_per_size", 200, "Layers with more than 16 heads/blocks (e.g. Llama-3.1-8B): "
+                     "all subsets of the even and of the odd units, and this many sampled subsets per size "
+                     "over all units.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the generated pairs.")
 flags.DEFINE_string("out", "reports/even_heads", "Report directory.")
 flags.DEFINE_bool("resume", True, "Continue sweeps already on disk in --out.")
@@ -74,7 +77,8 @@ def main(argv):
         n_pairs=FLAGS.n_pairs if FLAGS.n_pairs is not None else (3 if quick else 15),
         sweep_layers=tuple(sweep_layers), top_layers=FLAGS.top_layers or (1 if quick else 2),
         n_blocks=FLAGS.n_blocks, max_new_tokens=FLAGS.max_new_tokens, confirm=FLAGS.confirm,
-        chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, out=FLAGS.out, resume=FLAGS.resume)
+        chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, out=FLAGS.out, resume=FLAGS.resume,
+        samples_per_size=FLAGS.samples_per_size)
     path = lib.run(opts)
     logging.info("report: %s", os.path.abspath(path))
     print(os.path.abspath(path))

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
 from flax import struct
 
 Array = jax.Array

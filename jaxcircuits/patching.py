@@ -10,7 +10,6 @@ only the final `Plan.suffix_len` positions, and reads earlier keys/values from t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable, Optional
 
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits.interventions import SITES, SOURCE_OF, Intervention, Mask
+from jaxcircuits.interventions import SOURCE_OF, Intervention, Mask
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.transformer import (check_tokens, final_norm, forward, layer_from_z, layer_kv,
                                             run_layers, slice_layers)

@@ -143,15 +143,16 @@ def plot_layer_curve(values, path, baselines: Optional[dict] = None, metric_name
 
 def plot_head_map(values, path, title: str = "Per-head effect", value_name: str = "value") -> str:
     """Heatmap of a per-head map [L, H] (layer rows, head columns), diverging colours centred on 0,
-    each cell annotated with its value."""
+    cells annotated with their values (to 2 decimals; blank where that rounds to 0)."""
     values = np.asarray(values, dtype=float)
     n_layers, n_heads = values.shape
     lim = max(float(np.nanmax(np.abs(values))), 1e-12)
     fig, ax = _figure(max(4.0, 0.6 * n_heads + 2.2), max(3.0, 0.3 * n_layers + 1.4))
     im = ax.imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     for (l, h), v in np.ndenumerate(values):
-        ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                color="white" if abs(v) > 0.6 * lim else "black")
+        if abs(v) >= 0.005:
+            ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(v) > 0.6 * lim else "black")
     ax.set_xticks(np.arange(n_heads))
     ax.set_yticks(np.arange(n_layers))
     ax.tick_params(labelsize=7)

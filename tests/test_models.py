@@ -1,7 +1,6 @@
 """The JAX ports against HF transformers: logits, cached sites, generation, bad input."""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

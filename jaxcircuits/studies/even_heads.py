@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -20,7 +19,7 @@ from jaxcircuits.interventions import Intervention, Mask
 from jaxcircuits.models.transformer import forward, run_with_cache
 from jaxcircuits.patching import run_masks, target_run
 from jaxcircuits.report import Report, add_sweep_analysis, table
-from jaxcircuits.subsets import Pool, all_subsets
+from jaxcircuits.subsets import Pool, all_subsets, sampled_per_size
 from jaxcircuits.sweep import blend_crossing, run_sweep
 from jaxcircuits.tasks import decimals as D
 
@@ -43,6 +42,7 @@ class Options:
     seed: int
     out: str
     resume: bool
+    samples_per_size: int = 200
 
 
 def _last_hidden(model, ids, mask, n):
@@ -128,6 +128,13 @@ def _pool(model, protocol, layer, opts):
     return Pool.blocks(layer, opts.n_blocks or model.cfg.n_heads)
 
 
+EXHAUSTIVE_MAX_UNITS = 16
+
+
+def _rates_text(rates) -> str:
+    return " ".join(f"{int(k)}:{r:.2f}" for k, r in zip(rates["k"], rates["rate"]))
+
+
 def _restricted_rates(subsets, success, units):
     """Success rate by size among subsets using only `units`."""
     others = np.setdiff1d(np.arange(subsets.shape[1]), units)
@@ -160,20 +167,38 @@ def _sweep_protocol(model, protocol, pairs, layer, src, tgt, cache, gen, opts, r
     target = target_run(model.params, cfg, tgt.ids, tgt.mask)
     pool = _pool(model, protocol, layer, opts)
     n = pool.n
-    if n > 20:
-        raise ValueError(f"{n} units: exhaustive 2^{n} sweep too large; sweep even/odd pools separately")
-    res = run_sweep(model.params, cfg, target, aligned, pos_w, tgt.metric, pool, all_subsets(n),
-                    os.path.join(opts.out, "sweeps", f"{protocol}_L{layer}"), chunk_size=opts.chunk_size,
-                    n_blocks=opts.n_blocks, resume=opts.resume, describe={"model": opts.model, "protocol": protocol})
-    subsets = res.subsets(n)
-    name = f"{protocol} protocol, layer {layer}"
-    summary = add_sweep_analysis(report, name, subsets, res.metric, pool.labels())
-    success = analysis.success_from(res.metric, "positive")
     even, odd = np.arange(0, n, 2), np.arange(1, n, 2)
+    name = f"{protocol} protocol, layer {layer}"
+
+    def sweep(tag, sub_pool, family):
+        return run_sweep(model.params, cfg, target, aligned, pos_w, tgt.metric, sub_pool, family,
+                         os.path.join(opts.out, "sweeps", f"{protocol}_L{layer}_{tag}"), chunk_size=opts.chunk_size,
+                         n_blocks=opts.n_blocks, resume=opts.resume,
+                         describe={"model": opts.model, "protocol": protocol})
+
     fam_rows = []
-    for fam, units in (("all units", np.arange(n)), ("even units only", even), ("odd units only", odd)):
-        r = _restricted_rates(subsets, success, units)
-        fam_rows.append([fam, len(units), " ".join(f"{int(k)}:{rate:.2f}" for k, rate in zip(r["k"], r["rate"]))])
+    if n <= EXHAUSTIVE_MAX_UNITS:
+        # One exhaustive sweep holds every even-only and odd-only subset too.
+        res = sweep("all", pool, all_subsets(n))
+        subsets, metric = res.subsets(n), res.metric
+        success = analysis.success_from(metric, "positive")
+        for fam, units in (("all units", np.arange(n)), ("even units only", even), ("odd units only", odd)):
+            r = _restricted_rates(subsets, success, units)
+            fam_rows.append([fam, len(units), "exhaustive", _rates_text(r)])
+    else:
+        # e.g. Llama-3.1-8B's 32 heads: all 2^16 subsets of the even and of the odd units,
+        # and a stratified sample over all units.
+        for fam, units in (("even units only", even), ("odd units only", odd)):
+            sub = Pool(pool.site, tuple(pool.units[i] for i in units))
+            r = sweep(fam.split()[0], sub, all_subsets(len(units)))
+            rates = analysis.rate_by_size(r.subsets(len(units)), analysis.success_from(r.metric, "positive"))
+            fam_rows.append([fam, len(units), "exhaustive", _rates_text(rates)])
+        res = sweep("sampled", pool, sampled_per_size(n, range(n + 1), opts.samples_per_size, opts.seed))
+        subsets, metric = res.subsets(n), res.metric
+        success = analysis.success_from(metric, "positive")
+        fam_rows.insert(0, ["all units", n, f"{opts.samples_per_size} per size",
+                            _rates_text(analysis.rate_by_size(subsets, success))])
+    summary = add_sweep_analysis(report, name, subsets, metric, pool.labels())
     # Blend weight of the whole layer (the original's "60% pattern replacement").
     whole = Mask(attn_out=jnp.zeros(cfg.n_layers).at[layer].set(1.0))
     cross = blend_crossing(model.params, cfg, target, whole, aligned, pos_w, tgt.metric, tol=1e-2)
@@ -186,7 +211,7 @@ def _sweep_protocol(model, protocol, pairs, layer, src, tgt, cache, gen, opts, r
     gen_rows = _generation_check(model, protocol, pairs, layer, pool, named, opts, gen[protocol])
     report.add(f"{name}: even vs odd, blend, generation",
                "Success rate by subset size within each family (k:rate):",
-               table(["family", "units", "rate by k"], fam_rows),
+               table(["family", "units", "subsets", "rate by k"], fam_rows),
                "Whole-layer blend weight where the mean metric crosses 0: " + (
                    "none in [0, 1]." if cross["crossing"] is None else f"{cross['low']:.3f}..{cross['high']:.3f}."),
                "Greedy generation under named and boundary subsets (strict classifier verdict counts over pairs):",
