@@ -114,3 +114,12 @@ def run_binary(module, *flags):
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own load of the embedded SmolLM2 GGUF (the real-weight reference), loaded once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(SMOLLM2_GGUF), gguf_file=os.path.basename(SMOLLM2_GGUF),
+                                                dtype=torch.float32).eval()

@@ -209,6 +209,7 @@ def test_grad_through_mask_matches_finite_differences(tiny):
     metric = LogitDiff(good=jnp.array([[5]]), bad=jnp.array([[7]]))
     plan = Plan(0, tgt.shape[1])
 
+    @jax.jit
     def f(m):
         return metric(params, patched_hidden(params, cfg, target, Mask(head_out=m), cache, pos_w, plan, 1))[0]
 

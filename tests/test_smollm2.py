@@ -1,7 +1,5 @@
 """Real weights: SmolLM2-135M-Instruct through jaxcircuits vs transformers loading the same GGUF."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -16,12 +14,8 @@ ATOL, RTOL = 2.5e-4, 0
 
 
 @pytest.fixture(scope="module")
-def both():
-    from transformers import AutoModelForCausalLM
-    model = jc.load()
-    directory, name = os.path.split(model.source.path)
-    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    return model, hf
+def both(hf_smollm2):
+    return jc.load(), hf_smollm2
 
 
 def _prompts(model):
@@ -47,7 +41,7 @@ def test_batched_left_padded_logits_match(both):
     got = np.asarray(jc.forward(model.params, model.cfg, ids, mask)[0])
     for b, row in enumerate(ids):
         real = mask[b].astype(bool)
-        want = hf(torch.tensor([row[real]])).logits[0].detach().numpy()
+        want = hf(torch.tensor(row[real][None])).logits[0].detach().numpy()
         np.testing.assert_allclose(got[b][real], want, atol=ATOL, rtol=RTOL)
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,
+from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,
                           LlamaForCausalLM)
 
 from jaxcircuits.models.config import ModelConfig, UnsupportedConfigError
@@ -224,12 +224,10 @@ def test_hf_unsupported_model_type(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """(ours: cfg, params, source) and transformers' GGUF state dict for the embedded SmolLM2, loaded once."""
+def smollm2(hf_smollm2):
+    """(ours: cfg, params, source) and transformers' GGUF state dict for the embedded SmolLM2."""
     cfg, params, source = load_params("smollm2-135m-instruct", cache=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(source.path), gguf_file=os.path.basename(source.path), dtype=torch.float32)
-    return cfg, params, source, model.config, {k: v.numpy() for k, v in model.state_dict().items()}
+    return cfg, params, source, hf_smollm2.config, {k: v.numpy() for k, v in hf_smollm2.state_dict().items()}
 
 
 def test_smollm2_gguf_matches_transformers(smollm2):
