@@ -5,8 +5,8 @@ or a ``.gguf`` file whose metadata embeds the tokenizer. Every tokenizer is load
 ``TokenizersBackend`` (``PreTrainedTokenizerFast``), i.e. ``tokenizer.json`` as serialized, not through
 ``AutoTokenizer``, which resolves the model config and so imports torch.
 
-HF's GGUF reader imports torch too, so a GGUF tokenizer is converted once in a child interpreter and
-saved (``save_pretrained``) under ``$JAXCIRCUITS_CACHE`` (default ``~/.cache/jaxcircuits``)
+A GGUF tokenizer is converted once, by HF's converter in a child interpreter (with a torch-free
+metadata reader, see `_CONVERT_GGUF`), and saved (``save_pretrained``) under ``$JAXCIRCUITS_CACHE`` (default ``~/.cache/jaxcircuits``)
 ``/tokenizers/<stem>-<key>``, key = hash of the file's path, size and mtime and the transformers
 version; later loads read that directory (~0.2 s instead of ~5 s).
 """
@@ -25,8 +25,28 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+# Runs in a child interpreter. transformers converts a GGUF vocabulary with its own converter, but
+# reads the metadata through a module that imports torch (for tensors). jaxcircuits never needs
+# torch, so the child first registers a metadata reader with the same contract built on `gguf`.
 _CONVERT_GGUF = """
-import os, sys
+import os, sys, types
+import gguf
+
+
+def read_gguf_metadata(path, string_arrays=()):
+    reader = gguf.GGUFReader(path)
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        strings = field.types[0] == gguf.GGUFValueType.ARRAY and field.types[-1] == gguf.GGUFValueType.STRING
+        meta[key] = len(field.data) if strings and key not in string_arrays else field.contents()
+    return meta, tuple(t.name for t in reader.tensors)
+
+
+reader = types.ModuleType("transformers.integrations.gguf.reader")
+reader.read_gguf_metadata = read_gguf_metadata
+sys.modules[reader.__name__] = reader
 from transformers import PreTrainedTokenizerFast
 src, out = sys.argv[1:]
 tok = PreTrainedTokenizerFast.from_pretrained(
@@ -141,7 +161,7 @@ def _gguf_cache_key(path: Path) -> str:
 
 
 def _convert_gguf(path: Path, out: Path) -> None:
-    """Save the GGUF's tokenizer as an HF directory, in a child interpreter (HF's reader imports torch)."""
+    """Save the GGUF's tokenizer as an HF directory, in a child interpreter (see `_CONVERT_GGUF`)."""
     proc = subprocess.run(  # cwd: an empty dir, so no local module shadows one the child imports
         [sys.executable, "-c", _CONVERT_GGUF, str(path.resolve()), str(out.resolve())],
         capture_output=True,

@@ -306,3 +306,16 @@ def test_never_imports_torch():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_gguf_conversion_needs_no_torch(tmp_path):
+    """The conversion child (HF's converter + our metadata reader) never imports torch, so a
+    runtime install without torch can read the embedded model's tokenizer."""
+    code = tokenize._CONVERT_GGUF + "\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    proc = subprocess.run([sys.executable, "-c", code, str(F.smollm2_gguf()), str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    converted = tokenize.load_tokenizer(tmp_path)
+    reference = F.ours("smollm2")
+    text = "Which is bigger: 9.8 or 9.11?\nAnswer:"
+    assert converted.encode(text) == reference.encode(text)
