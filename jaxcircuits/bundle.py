@@ -12,7 +12,7 @@ import numpy as np
 from jaxcircuits.generate import generate
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.tokenize import Tokenizer, load_tokenizer
-from jaxcircuits.weights.registry import Source, load_params
+from jaxcircuits.weights.registry import ModelSource, load_params
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -25,7 +25,7 @@ class Model:
     cfg: ModelConfig
     params: dict
     tokenizer: Optional[Tokenizer]
-    source: Source
+    source: ModelSource
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw) -> list:
         """Greedy completions (text after each prompt, stopped at EOS) of raw prompt strings."""

@@ -31,7 +31,7 @@ _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclasses.dataclass(frozen=True)
-class Source:
+class ModelSource:
     """What a name resolved to.
 
     format: 'gguf' (path is the .gguf file, which also holds the tokenizer) or 'hf' (path is the
@@ -45,16 +45,16 @@ class Source:
     tokenizer_files: Tuple[str, ...]
 
 
-def _gguf_source(name: str, path: str) -> Source:
-    return Source(name, "gguf", path, (path,), (path,))
+def _gguf_source(name: str, path: str) -> ModelSource:
+    return ModelSource(name, "gguf", path, (path,), (path,))
 
 
-def _hf_source(name: str, path: str) -> Source:
+def _hf_source(name: str, path: str) -> ModelSource:
     tok = tuple(os.path.join(path, f) for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(path, f)))
-    return Source(name, "hf", path, tuple(weight_files(path)), tok)
+    return ModelSource(name, "hf", path, tuple(weight_files(path)), tok)
 
 
-def _embedded(name: str) -> Source:
+def _embedded(name: str) -> ModelSource:
     package, file, install = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -71,7 +71,7 @@ def hub_cache_dir() -> str:
     return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
 
 
-def _hub(model_id: str) -> Source:
+def _hub(model_id: str) -> ModelSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
     cache = hub_cache_dir()
@@ -85,7 +85,7 @@ def _hub(model_id: str) -> Source:
     return _hf_source(model_id, path)
 
 
-def resolve(name_or_path: str) -> Source:
+def resolve(name_or_path: str) -> ModelSource:
     """Map a model name, local path or cached HF id to its files (see module docstring for the order)."""
     name = os.fspath(name_or_path)
     if name.lower() in EMBEDDED:
@@ -103,7 +103,7 @@ def resolve(name_or_path: str) -> Source:
 
 
 def load_params(name_or_path: str, dtype=jnp.float32,
-                cache: bool = True) -> Tuple[ModelConfig, Params, Source]:
+                cache: bool = True) -> Tuple[ModelConfig, Params, ModelSource]:
     """Resolve `name_or_path` and load it -> (config, numpy params of `dtype`, source).
 
     cache: memoise the converted params on disk (see `jaxcircuits.weights.cache`).
