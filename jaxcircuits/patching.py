@@ -201,6 +201,15 @@ def mask_axis_sharding(n_devices: Optional[int] = None):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("masks"))
 
 
+def chunking(n: int, chunk_size: int, shard: bool):
+    """(chunk size, sharding or None) for n items: at most n per chunk, and with shard=True and
+    several devices a multiple of the device count, split over them by `mask_axis_sharding`."""
+    chunk_size = max(1, min(chunk_size, n))
+    if not shard or jax.device_count() == 1:
+        return chunk_size, None
+    return math.ceil(chunk_size / jax.device_count()) * jax.device_count(), mask_axis_sharding()
+
+
 def run_masks(params, cfg: ModelConfig, target: TargetRun, masks: Mask, source, pos_w, metric, *,
               plan: Optional[Plan] = None, chunk_size: int = 256, shard: bool = True,
               on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
@@ -216,12 +225,8 @@ def run_masks(params, cfg: ModelConfig, target: TargetRun, masks: Mask, source, 
     pos_w = jnp.asarray(pos_w, jnp.float32)
     if plan is None:
         plan = make_plan(layers_touched(masks), pos_w)
-    leaves = [getattr(masks, s) for s in masks.sites()]
-    n = leaves[0].shape[0]
-    sharding = mask_axis_sharding() if shard and jax.device_count() > 1 else None
-    if sharding is not None:
-        chunk_size = math.ceil(chunk_size / jax.device_count()) * jax.device_count()
-    chunk_size = min(chunk_size, n) if sharding is None else chunk_size
+    n = getattr(masks, masks.sites()[0]).shape[0]
+    chunk_size, sharding = chunking(n, chunk_size, shard)
     out = []
     for start in range(0, n, chunk_size):
         def take(a):

@@ -37,8 +37,8 @@ from absl import logging
 
 from jaxcircuits.interventions import Mask
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import (Plan, TargetRun, make_plan, mask_axis_sharding, masks_metric_fn,
-                                  needed_source, run_masks)
+from jaxcircuits.patching import (Plan, TargetRun, chunking, make_plan, masks_metric_fn, needed_source,
+                                  run_masks)
 from jaxcircuits.subsets import Family, Pool, to_bitmask, unrank, unrank_np
 
 Array = jax.Array
@@ -186,11 +186,8 @@ def run_sweep(params, cfg: ModelConfig, target: TargetRun, source, pos_w, metric
     source = needed_source(Mask(**{pool.site: jnp.zeros(shape)}), source)
     pos_w = jnp.asarray(pos_w, jnp.float32)
     plan = pool_plan(pool, pos_w)
-    sharding = mask_axis_sharding() if shard and jax.device_count() > 1 else None
     n = family.size()
-    chunk_size = max(1, min(chunk_size, n))
-    if sharding is not None:
-        chunk_size = math.ceil(chunk_size / jax.device_count()) * jax.device_count()
+    chunk_size, sharding = chunking(n, chunk_size, shard)
     spec = sweep_spec(cfg, target, source, pos_w, metric, pool, family, chunk_size, shape, describe)
     _prepare_dir(out_dir, spec, resume)
     n_chunks = math.ceil(n / chunk_size)
