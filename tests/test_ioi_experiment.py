@@ -75,3 +75,21 @@ def test_attribution_matches_finite_differences(tiny_dir):
     fd = (4 * (f[1] - f[0]) - (f[2] - f[0])) / (2 * eps)             # second-order one-sided difference
     np.testing.assert_allclose(grad[l, h], fd, rtol=2e-2, atol=1e-4)
     assert np.abs(grad).max() > 1e-4
+
+
+def test_ioi_on_a_local_gpt2_dir(tmp_path):
+    """GPT-2 family end to end: a tiny random GPT2LMHeadModel with OpenAI's real BPE tokenizer."""
+    import shutil
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from tests import fixtures_tokenizers as F
+    model_dir = tmp_path / "gpt2"
+    shutil.copytree(F.gpt2_dir(), model_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(model_dir)
+    out = tmp_path / "ioi"
+    r = _run(f"--model={model_dir}", "--n_prompts=2", "--top_heads=2", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert np.asarray(res["head_map"]).shape == (2, 4)
+    assert res["Patch sweep: threshold and redundancy"]["n_subsets"] == 4
