@@ -33,8 +33,10 @@ flags.DEFINE_enum("protocol", "heads", ["heads", "original", "both"], "Which pro
 flags.DEFINE_enum("preset", "quick", ["quick", "full"],
                   "quick: study pair + 3 generated pairs, 1 layer swept (CPU, minutes); "
                   "full: 15 generated pairs, 2 layers.")
-flags.DEFINE_string("source_format", "simple", "Prompt format of the good (source) run.")
-flags.DEFINE_string("target_format", "qa", "Prompt format of the bad (target) run.")
+flags.DEFINE_string("source_format", "simple", "Prompt format of the good (source) run; 'auto' = the scanned "
+                    "format with the highest mean first-token logit difference.")
+flags.DEFINE_string("target_format", "qa", "Prompt format of the bad (target) run; 'auto' = the scanned format "
+                    "with the lowest.")
 flags.DEFINE_list("scan_formats", ["simple", "qa", "chat", "chat_raw"], "Formats of the format scan.")
 flags.DEFINE_integer("n_pairs", None, "Generated trap pairs besides 9.8/9.11 (default by preset).", lower_bound=0)
 flags.DEFINE_list("sweep_layers", [], "Layers to sweep (default: the best of the layer scan).")
@@ -54,8 +56,11 @@ flags.DEFINE_bool("resume", True, "Continue sweeps already on disk in --out.")
 def _check_flags():
     from jaxcircuits.formats import get_format
     for name in [FLAGS.source_format, FLAGS.target_format, *FLAGS.scan_formats]:
-        get_format(name)                       # raises listing the known formats
-    if FLAGS.source_format == FLAGS.target_format:
+        if name != "auto":
+            get_format(name)                   # raises listing the known formats
+    if "auto" in (FLAGS.source_format, FLAGS.target_format) and len(FLAGS.scan_formats) < 2:
+        raise app.UsageError("'auto' formats need at least two --scan_formats")
+    if FLAGS.source_format == FLAGS.target_format != "auto":
         raise app.UsageError("--source_format and --target_format must differ")
     try:
         layers = [int(l) for l in FLAGS.sweep_layers]

@@ -10,11 +10,13 @@ from tests.conftest import run_binary as _run
 def test_even_heads_both_protocols_end_to_end(tiny_dir, tmp_path):
     out = tmp_path / "eh"
     r = _run("experiments.even_heads", f"--model={tiny_dir}", "--protocol=both", "--n_pairs=1",
+             "--source_format=auto", "--target_format=auto",
              "--confirm=2", "--max_new_tokens=3", "--sweep_layers=1", f"--out={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert report.startswith("# Even heads") and "python -m experiments.even_heads" in report
-    for heading in ("Format scan", "heads protocol, layer 1", "original protocol, layer 1", "Protocols side by side"):
+    for heading in ("Format scan", "Formats chosen", "heads protocol, layer 1", "original protocol, layer 1",
+                    "Protocols side by side"):
         assert f"## {heading}" in report, heading
     res = json.loads((out / "results.json").read_text())
     assert res["heads protocol, layer 1"]["n_subsets"] == 16          # all subsets of 4 heads
@@ -42,6 +44,7 @@ def test_threshold_sweep_end_to_end_and_resumes(tiny_dir, tmp_path):
     ("experiments.threshold_sweep", ["--source_format=nope"], "nope"),
     ("experiments.even_heads", ["--target_format=simple"], "must differ"),
     ("experiments.even_heads", ["--protocol=new"], "protocol"),
+    ("experiments.even_heads", ["--source_format=auto", "--scan_formats=qa"], "at least two --scan_formats"),
 ])
 def test_bad_flags_stop_before_loading_a_model(module, flags, message):
     r = _run(module, "--model=/does/not/exist", *flags)

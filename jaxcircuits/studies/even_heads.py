@@ -235,6 +235,19 @@ def _generation_inputs(model, pairs, cache_src, opts):
     return out
 
 
+def _choose_formats(opts: Options, scan: dict, report: Report) -> Options:
+    """Resolve 'auto' formats: source = best mean first-token logit difference, target = worst."""
+    ranked = sorted(scan, key=lambda f: float(np.mean(scan[f]["first_token_logit_diff"])))
+    source = ranked[-1] if opts.source_format == "auto" else opts.source_format
+    target = next(f for f in ranked if f != source) if opts.target_format == "auto" else opts.target_format
+    if source == target:
+        raise ValueError(f"source and target format are both {source!r}")
+    if (source, target) != (opts.source_format, opts.target_format):
+        report.add("Formats chosen", f"'auto' picked source `{source}` (highest mean first-token difference) and "
+                   f"target `{target}` (lowest) from the format scan.")
+    return dataclasses.replace(opts, source_format=source, target_format=target)
+
+
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, "Even heads: format-dependent decimal comparison")
@@ -251,7 +264,9 @@ def run(opts: Options) -> str:
                               [[opts.model, cfg.n_layers, f"{cfg.n_heads} / {cfg.n_kv_heads}", cfg.d_model, len(pairs),
                                 f"{opts.source_format} -> {opts.target_format}"]]))
     logging.info("format scan over %s", opts.scan_formats)
-    _format_section(report, format_scan(model, pairs, opts.scan_formats, opts.max_new_tokens), pairs)
+    scan = format_scan(model, pairs, opts.scan_formats, opts.max_new_tokens)
+    _format_section(report, scan, pairs)
+    opts = _choose_formats(opts, scan, report)
 
     src = D.build_batch(pairs, opts.source_format, model.tokenizer)
     tgt = D.build_batch(pairs, opts.target_format, model.tokenizer)
