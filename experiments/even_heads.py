@@ -31,7 +31,7 @@ flags.DEFINE_string("model", "smollm2-135m-instruct",
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 flags.DEFINE_enum("protocol", "heads", ["heads", "original", "both"], "Which protocol(s) to run.")
 flags.DEFINE_enum("preset", "quick", ["quick", "full"],
-                  "quick: study pair + 3 generated pairs, 1 layer swept (CPU, minutes); "
+                  "quick: study pair + 2 generated pairs, 1 layer swept (CPU, minutes); "
                   "full: 15 generated pairs, 2 layers.")
 flags.DEFINE_string("source_format", "simple", "Prompt format of the good (source) run; 'auto' = the scanned "
                     "format with the highest mean first-token logit difference.")
@@ -79,7 +79,7 @@ def main(argv):
     opts = lib.Options(
         model=FLAGS.model, dtype=FLAGS.dtype, protocols=("heads", "original") if FLAGS.protocol == "both" else (FLAGS.protocol,),
         source_format=FLAGS.source_format, target_format=FLAGS.target_format, scan_formats=tuple(FLAGS.scan_formats),
-        n_pairs=FLAGS.n_pairs if FLAGS.n_pairs is not None else (3 if quick else 15),
+        n_pairs=FLAGS.n_pairs if FLAGS.n_pairs is not None else (2 if quick else 15),
         sweep_layers=tuple(sweep_layers), top_layers=FLAGS.top_layers or (1 if quick else 2),
         n_blocks=FLAGS.n_blocks, max_new_tokens=FLAGS.max_new_tokens, confirm=FLAGS.confirm,
         chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, out=FLAGS.out, resume=FLAGS.resume,
