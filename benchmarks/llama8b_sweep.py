@@ -5,9 +5,9 @@ layer 10 of a Llama-3.1-8B-shaped model (random weights), for one prompt.
     python -m benchmarks.llama8b_sweep --positions=last --dtype=float32 --chunk_size=128
     python -m benchmarks.llama8b_sweep --max_chunks=2           # time 2 chunks, extrapolate (CPU)
 
-Each chunk is one call of the sweep's compiled function (`sweep.family_metric`: masks unranked on
-device, patched forward from the cached target run, logit difference at the last position) with
-the mask axis sharded over all local devices; `sweep.run_sweep` adds only the npz write of each
+Each chunk is `sweep.chunk_metric`, the step `sweep.run_sweep` repeats (one compiled call: masks
+unranked on device, patched forward from the cached target run, logit difference at the last
+position), with the mask axis sharded over all local devices; run_sweep adds only an npz write per
 chunk. The first chunk (compile + run) is timed apart from the steady-state chunks. With
 --max_chunks the sweep time is extrapolated from the steady-state rate and says so.
 """
@@ -34,7 +34,7 @@ from jaxcircuits.models.params import init_params, num_params
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.patching import chunking, target_run
 from jaxcircuits.subsets import Pool, of_size
-from jaxcircuits.sweep import family_metric, pool_plan, site_shape
+from jaxcircuits.sweep import chunk_metric, pool_plan, site_shape
 
 # Llama-3.1-8B's config.json, less the fields that do not change the computation.
 LLAMA_3_1_8B = dict(
@@ -89,13 +89,8 @@ def main(argv):
     setup_s = time.perf_counter() - t
 
     def run_chunk(i):
-        ranks = np.minimum(np.arange(i * chunk, (i + 1) * chunk), n - 1).astype(np.int32)
-        ranks = jax.device_put(ranks, sharding) if sharding is not None else ranks
-        out = np.asarray(family_metric(params, cfg, target, ranks, source, pos_w, metric, plan,
-                                       family, pool, shape))
-        if not np.isfinite(out).all():
-            raise FloatingPointError(f"non-finite metric in chunk {i}")
-        return out
+        return chunk_metric(params, cfg, target, source, pos_w, metric, plan, family, pool, shape,
+                            i * chunk, chunk, sharding)
 
     t = time.perf_counter()
     run_chunk(0)

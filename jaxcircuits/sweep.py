@@ -74,6 +74,26 @@ def family_metric(params, cfg: ModelConfig, target: TargetRun, ranks: Array, sou
     return masks_metric_fn(params, cfg, target, mask, source, pos_w, metric, plan)
 
 
+def chunk_metric(params, cfg: ModelConfig, target: TargetRun, source, pos_w, metric, plan: Plan,
+                 family: Family, pool: Pool, shape: tuple, lo: int, chunk_size: int,
+                 sharding=None) -> np.ndarray:
+    """Metric [c, B] (host) for the family members of ranks lo..lo+c-1, c = min(chunk_size, N - lo).
+
+    The call always has chunk_size ranks (padded with rank 0, trimmed), so every chunk of a sweep
+    reuses one compilation; `sharding` (from `chunking`) splits them over devices. Raises on NaN/inf.
+    """
+    hi = min(lo + chunk_size, family.size())
+    ranks = np.zeros(chunk_size, np.int32)
+    ranks[:hi - lo] = np.arange(lo, hi)
+    if sharding is not None:
+        ranks = jax.device_put(ranks, sharding)
+    vals = np.asarray(family_metric(params, cfg, target, ranks, source, pos_w, metric, plan,
+                                    family, pool, shape))[:hi - lo]
+    if not np.isfinite(vals).all():
+        raise FloatingPointError(f"non-finite metric values for ranks {lo}..{hi - 1}")
+    return vals
+
+
 @dataclasses.dataclass
 class SweepResult:
     """ranks int64 [N], bitmask uint64 [N], metric float32 [N, P] (P prompts), in rank order."""
@@ -199,13 +219,8 @@ def run_sweep(params, cfg: ModelConfig, target: TargetRun, source, pos_w, metric
     done = progress.start_done
     for i in todo:
         lo, hi = i * chunk_size, min((i + 1) * chunk_size, n)
-        ranks = np.zeros(chunk_size, np.int32)          # padded with rank 0, trimmed below
-        ranks[:hi - lo] = np.arange(lo, hi)
-        dev_ranks = jax.device_put(ranks, sharding) if sharding is not None else ranks
-        vals = np.asarray(family_metric(params, cfg, target, dev_ranks, source, pos_w, metric, plan,
-                                        family, pool, shape))[:hi - lo]
-        if not np.isfinite(vals).all():
-            raise FloatingPointError(f"non-finite metric values in chunk {i} (ranks {lo}..{hi - 1})")
+        vals = chunk_metric(params, cfg, target, source, pos_w, metric, plan, family, pool, shape,
+                            lo, chunk_size, sharding)
         bits = to_bitmask(unrank_np(family, np.arange(lo, hi)), np.uint64)
         _atomic_save(path(i), ranks=np.arange(lo, hi, dtype=np.int64), bitmask=bits,
                      metric=vals.astype(np.float32))

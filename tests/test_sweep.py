@@ -128,3 +128,17 @@ def test_blend_crossing_agrees_with_a_fine_grid():
     cross = np.flatnonzero(np.sign(vals[:-1]) != np.sign(vals[1:]))
     assert res["high"] - res["low"] <= 1e-3
     assert any(res["low"] - 5e-4 <= grid[c] <= res["high"] + 5e-4 for c in cross)
+
+
+def test_non_finite_metric_stops_the_sweep_naming_the_ranks(tiny, tmp_path):
+    _, cfg, params = tiny("llama_gqa")
+    bad = dict(params, final_norm={"scale": params["final_norm"]["scale"].at[0].set(jnp.nan)})
+    rng = np.random.RandomState(2)
+    tgt, src = rng.randint(3, 100, (2, 5)), rng.randint(3, 100, (2, 5))
+    _, cache = run_with_cache(params, cfg, src, sites=("head_out",))
+    metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
+    with pytest.raises(FloatingPointError, match=r"non-finite metric values for ranks 0\.\.3"):
+        run_sweep(bad, cfg, target_run(bad, cfg, tgt), cache, P.select("last", np.ones(tgt.shape)), metric,
+                  Pool.heads(1, cfg.n_heads), of_size(cfg.n_heads, 1), str(tmp_path / "s"), chunk_size=4,
+                  shard=False)
+    assert not os.listdir(tmp_path / "s" / "chunks")          # nothing non-finite was written
