@@ -29,7 +29,7 @@ LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, 
                 head_dim=64, intermediate_size=8192, vocab_size=128256)
 
 
-def _status_mib(field: str) -> float:
+def status_mib(field: str) -> float:
     """A memory field of /proc/self/status ('VmRSS', or 'VmHWM' = peak RSS of this process image)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
@@ -43,11 +43,11 @@ def child(source: str, dtype: str, cache: bool) -> dict:
 
     from jaxcircuits.weights import load_params
 
-    after_imports = _status_mib("VmRSS")
+    after_imports = status_mib("VmRSS")
     t = time.perf_counter()
     _, params, _ = load_params(source, dtype=getattr(jnp, dtype), cache=cache)
     wall = time.perf_counter() - t
-    return {"wall_s": wall, "peak_rss_mib": _status_mib("VmHWM"),
+    return {"wall_s": wall, "peak_rss_mib": status_mib("VmHWM"),
             "rss_after_imports_mib": after_imports,
             "params_mib": sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20}
 

@@ -55,6 +55,9 @@ from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params
 from jaxcircuits.models.transformer import forward, run_with_cache
 from jaxcircuits.patching import run_masks, target_run
+from jaxcircuits.subsets import Pool
+
+from benchmarks.load_memory import status_mib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD, BAD = 11, 13       # the two fixed tokens of the logit difference
@@ -137,10 +140,10 @@ def prompts(cfg: ModelConfig, seed: int):
 
 def head_masks(cfg: ModelConfig, layer: int, subsets: Sequence[Sequence[int]]) -> np.ndarray:
     """head_out masks [N, L, H]: ones at (layer, head) for each subset's heads."""
-    m = np.zeros((len(subsets), cfg.n_layers, cfg.n_heads), np.float32)
+    selected = np.zeros((len(subsets), cfg.n_heads), bool)
     for i, s in enumerate(subsets):
-        m[i, layer, list(s)] = 1.0
-    return m
+        selected[i, list(s)] = True
+    return np.asarray(Pool.heads(layer, cfg.n_heads).scatter(selected, (cfg.n_layers, cfg.n_heads)))
 
 
 def jaxcircuits_sweep(params, cfg, tgt, src, masks: np.ndarray, where: str, chunk_size: int):
@@ -309,13 +312,6 @@ def run_shape(name: str, matmul_samples: List[float]) -> dict:
 
 
 # --------------------------------------------------------------------------- scaling series
-def _status_mib(field: str) -> float:
-    """A memory field of /proc/self/status in MiB: VmRSS (now) or VmHWM (peak RSS of this process
-    image; unlike getrusage's ru_maxrss it does not inherit the parent's peak across fork + exec)."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
-
-
 def scaling_point(spec: dict) -> dict:
     """One point, in this (fresh) process: random k-head masks at the shape's layer."""
     shape = SHAPES[spec["shape"]]
@@ -325,7 +321,7 @@ def scaling_point(spec: dict) -> dict:
     rng = np.random.default_rng(FLAGS.seed)
     subsets = [rng.choice(cfg.n_heads, shape.k, replace=False) for _ in range(spec["n"])]
     masks = head_masks(cfg, shape.layer, subsets)
-    rss_setup = _status_mib("VmRSS")
+    rss_setup = status_mib("VmRSS")
     first_s, compile_s = first_call(
         jaxcircuits_sweep(params, cfg, tgt, src, masks[:spec["chunk"]], spec["where"], spec["chunk"]))
     sweep = jaxcircuits_sweep(params, cfg, tgt, src, masks, spec["where"], spec["chunk"])
@@ -335,7 +331,7 @@ def scaling_point(spec: dict) -> dict:
     return {**spec, "wall_s": wall, "subsets_per_s": spec["n"] / wall, "first_chunk_s": first_s,
             "compile_s": compile_s,
             "rss_after_setup_mib": rss_setup,
-            "peak_rss_mib": _status_mib("VmHWM")}
+            "peak_rss_mib": status_mib("VmHWM")}
 
 
 def _run_point(spec: dict) -> dict:
