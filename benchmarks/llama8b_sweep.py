@@ -32,9 +32,9 @@ from jaxcircuits.metrics import LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params, num_params
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import chunking, target_run
+from jaxcircuits.patching import PatchingProblem, chunking, target_run
 from jaxcircuits.subsets import Pool, of_size
-from jaxcircuits.sweep import chunk_metric, pool_plan, site_shape
+from jaxcircuits.sweep import Sweep, chunk_metric
 
 # Llama-3.1-8B's config.json, less the fields that do not change the computation.
 LLAMA_3_1_8B = dict(
@@ -76,8 +76,7 @@ def main(argv):
     metric = LogitDiff(good=jnp.array([[11]]), bad=jnp.array([[13]]))
     pool = Pool("head_out", tuple((FLAGS.layer, h) for h in range(0, cfg.n_heads, 2)))
     family = of_size(pool.n, FLAGS.k)
-    shape = site_shape(cfg, pool)
-    plan = pool_plan(pool, pos_w)
+    sweep = Sweep.make(cfg, pool, family, pos_w)
     n = family.size()
     chunk, sharding = chunking(n, FLAGS.chunk_size, shard=True)
     n_chunks = math.ceil(n / chunk)
@@ -85,12 +84,11 @@ def main(argv):
     t = time.perf_counter()
     target = jax.block_until_ready(target_run(params, cfg, tgt))
     _, cache = run_with_cache(params, cfg, src, sites=("head_out",))
-    source = {"head_out": jax.block_until_ready(cache["head_out"])}
+    problem = PatchingProblem.make(target, {"head_out": jax.block_until_ready(cache["head_out"])}, pos_w, metric)
     setup_s = time.perf_counter() - t
 
     def run_chunk(i):
-        return chunk_metric(params, cfg, target, source, pos_w, metric, plan, family, pool, shape,
-                            i * chunk, chunk, sharding)
+        return chunk_metric(params, cfg, problem, sweep, i * chunk, chunk, sharding)
 
     t = time.perf_counter()
     run_chunk(0)

@@ -49,12 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcircuits import positions as P
-from jaxcircuits.interventions import Mask
 from jaxcircuits.metrics import LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params
 from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.patching import run_masks, target_run
+from jaxcircuits.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.sites import Mask
 from jaxcircuits.subsets import Pool
 
 from benchmarks.load_memory import status_mib
@@ -156,8 +156,8 @@ def jaxcircuits_sweep(params, cfg, tgt, src, masks: np.ndarray, where: str, chun
     def sweep():
         target = target_run(params, cfg, tgt)
         _, cache = run_with_cache(params, cfg, src, sites=("head_out",))
-        return run_masks(params, cfg, target, mask, {"head_out": cache["head_out"]}, pos_w, metric,
-                         chunk_size=chunk_size, shard=False)
+        problem = PatchingProblem.make(target, {"head_out": cache["head_out"]}, pos_w, metric)
+        return run_masks(params, cfg, problem, mask, chunk_size=chunk_size, shard=False)
     return sweep
 
 
@@ -208,7 +208,7 @@ def subset_flops(cfg: ModelConfig, layer: int, batch: int, seq: int, recomputed:
     final norm and 2 unembedding columns. Norms and elementwise ops are not counted.
     """
     D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
-    mlp = 2 * D * F * (3 if cfg.family == "llama" else 2)
+    mlp = 2 * D * F * (3 if cfg.gated_mlp else 2)
     o, q, kv, attn = 2 * H * Dh * D, 2 * D * H * Dh, 2 * D * 2 * K * Dh, 4 * H * seq * Dh
 
     def block(n_query, n_kv):     # one layer: n_kv positions projected to K/V, n_query full rows

@@ -25,10 +25,12 @@ import os
 
 from absl import app, flags, logging
 
+from jaxcircuits.bundle import DTYPES
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct",
                     "Embedded model name, local HF checkpoint dir, .gguf file, or cached HF id.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Parameter dtype.")
 flags.DEFINE_enum("protocol", "heads", ["heads", "original", "both"], "Which protocol(s) to run.")
 flags.DEFINE_enum("preset", "quick", ["quick", "full"],
                   "quick: study pair + 2 generated pairs, 1 layer swept (CPU, minutes); "

@@ -24,10 +24,12 @@ import os
 
 from absl import app, flags, logging
 
+from jaxcircuits.bundle import DTYPES
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct",
                     "Embedded model name, local HF checkpoint dir, .gguf file, or cached HF id.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Parameter dtype.")
 flags.DEFINE_integer("n_prompts", 8, "Clean IOI prompts (each with its corrupted twin).")
 flags.DEFINE_integer("seed", 0, "Seed of the prompts (the corruption uses seed + 1).")
 flags.DEFINE_integer("top_heads", 6, "Candidate heads of each sign; the sweeps cover all 2^top_heads subsets "

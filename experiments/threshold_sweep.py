@@ -12,11 +12,13 @@ import os
 
 from absl import app, flags
 
+from jaxcircuits import sites
+from jaxcircuits.bundle import DTYPES
 from jaxcircuits.studies import threshold_sweep as lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct", "Embedded model, HF checkpoint dir, .gguf file or cached HF id.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Parameter dtype.")
 flags.DEFINE_enum("task", "decimals", ["decimals", "ioi", "prompts"],
                   "decimals: 9.8/9.11 + generated pairs in two formats; ioi: clean -> corrupted IOI prompts; "
                   "prompts: --source_prompts/--target_prompts files with --answers.")
@@ -26,7 +28,7 @@ flags.DEFINE_string("source_prompts", None, "prompts: file, one source prompt pe
 flags.DEFINE_string("target_prompts", None, "prompts: file, one target prompt per line.")
 flags.DEFINE_list("answers", [], "prompts: good,bad answer strings; metric = logit(good) - logit(bad) (first token).")
 flags.DEFINE_integer("n_prompts", 4, "decimals/ioi: number of prompts.", lower_bound=1)
-flags.DEFINE_enum("site", "head_out", list(lib.SITES), "Intervention site of the pool.")
+flags.DEFINE_enum("site", "head_out", list(sites.NAMES), "Intervention site of the pool (see jaxcircuits.sites).")
 flags.DEFINE_list("layers", ["17"], "Layers whose units form the pool.")
 flags.DEFINE_string("pool", "all", "Units per layer: all, even, odd, or comma-separated unit indices "
                     "(heads or blocks; ignored for whole-layer sites).")

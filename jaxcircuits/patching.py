@@ -1,27 +1,29 @@
 """The patched forward for many masks: shared prefix, KV-cached suffix, vmap, chunks, devices.
 
-The target run is computed once (`TargetRun`). A mask can change nothing before the first layer
-it touches (`Plan.start_layer`) nor, under causal attention, any position before the first one it
-touches: each patched run starts from the cached residual stream at `start_layer`, recomputes
-only the final `Plan.suffix_len` positions, and reads earlier keys/values from the target's cache.
-`suffix_len == T` is the full-position path.
+A `PatchingProblem` holds what every patched run of one experiment shares: the target run
+(computed once, `TargetRun`), the source aligned to it, the position weights and the metric.
+A mask can change nothing before the first layer it touches (`Plan.start_layer`) nor, under causal
+attention, any position before the first one it touches: each patched run starts from the cached
+residual stream at `start_layer`, recomputes only the final `Plan.suffix_len` positions, and reads
+earlier keys/values from the target's cache. `suffix_len == T` is the full-position path.
+These fast paths live here; the model's block (`models.transformer.block`) stays the plain math.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits.interventions import SOURCE_OF, Intervention, Mask
+from jaxcircuits import sites
+from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.transformer import (check_tokens, final_norm, forward, layer_from_z, layer_kv,
-                                            run_layers, slice_layers)
+from jaxcircuits.sites import Intervention, LayerHooks, Mask, Source
 
 Array = jax.Array
 
@@ -44,20 +46,60 @@ class TargetRun:
 
 def target_run(params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None) -> TargetRun:
     """Run the target once, keeping what every patched run shares."""
-    check_tokens(tokens, cfg)
+    M.check_tokens(tokens, cfg)
     tokens = jnp.asarray(tokens)
     attn_mask = jnp.ones(tokens.shape, jnp.int32) if attn_mask is None else jnp.asarray(attn_mask)
     if pos_ids is None:
-        pos_ids = jnp.maximum(jnp.cumsum(attn_mask, -1) - 1, 0).astype(jnp.int32)
-    _, cache = forward(params, cfg, tokens, attn_mask, pos_ids, return_logits=False,
-                       collect=("resid_pre", "head_out", "kv"))
+        pos_ids = M.default_positions(attn_mask)
+    _, cache = M.forward(params, cfg, tokens, attn_mask, pos_ids, return_logits=False,
+                         collect=("resid_pre", "head_out", "kv"))
     return TargetRun(tokens, attn_mask, jnp.asarray(pos_ids), cache["resid_pre"], cache["head_out"],
                      cache["kv"])
 
 
-# Sites read before a layer's head outputs z: a mask touching them at the first layer needs the
-# whole layer recomputed; otherwise the patched run starts from the target's cached z there.
-_BEFORE_Z = ("resid_pre", "pattern")
+@struct.dataclass
+class PatchingProblem:
+    """One patching experiment: which run is patched, from what, where, and what is measured.
+
+    target: the `TargetRun` [B, T]; source: replacement activations aligned to the target
+    (`positions.align`; entries [L, B, T, ...]); pos_w: float32 [B, T] position weights
+    (1 = patch); metric: a metric (`jaxcircuits.metrics`) of the final hidden states -> [B].
+    Build it with `PatchingProblem.make`, which checks the pieces against each other.
+    """
+
+    target: TargetRun
+    source: Source
+    pos_w: Array
+    metric: Any
+
+    @classmethod
+    def make(cls, target: TargetRun, source: Source, pos_w, metric) -> "PatchingProblem":
+        """Check shapes (source entries [L, B, T, ...], pos_w [B, T], metric batch B) and build."""
+        L, (B, T) = target.resid_pre.shape[0], target.tokens.shape
+        pos_w = jnp.asarray(pos_w, jnp.float32)
+        if pos_w.shape != (B, T):
+            raise ValueError(f"pos_w has shape {tuple(pos_w.shape)}, expected the target's (batch, seq) {(B, T)}")
+        for name, a in source.items():
+            entry = sites.source_entry(name)
+            want = {0: L, 1: B, **{ax + 1: T for ax in entry.pos_axes}}
+            bad = {ax: n for ax, n in want.items() if ax >= a.ndim or a.shape[ax] != n}
+            if bad:
+                raise ValueError(f"source {name!r} has shape {tuple(a.shape)}; expected {L} layers, batch {B} "
+                                 f"and {T} positions on axes {sorted(want)} (aligned to the target)")
+            if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
+                raise ValueError(f"source {name!r} contains NaN or inf values")
+        for leaf in jax.tree.leaves(metric):
+            if getattr(leaf, "ndim", 0) and leaf.shape[0] != B:
+                raise ValueError(f"metric {type(metric).__name__} has batch {leaf.shape[0]}, the target has {B}")
+        return cls(target, dict(source), pos_w, metric)
+
+    def for_sites(self, names: Sequence[str]) -> "PatchingProblem":
+        """The problem with only the source entries the sites `names` read (ValueError if missing)."""
+        need = {sites.get(n).cache for n in names}
+        missing = need - set(self.source)
+        if missing:
+            raise ValueError(f"source lacks {sorted(missing)} needed by mask sites {tuple(names)}")
+        return self.replace(source={k: self.source[k] for k in sorted(need)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +107,7 @@ class Plan:
     """Static shape of the patched computation.
 
     start_layer: first layer any mask touches; suffix_len: final positions recomputed (T = all);
-    from_z: the first layer is touched only at or after its head outputs z.
+    from_z: the first layer is touched only at or after its head outputs z (no `before_z` site).
     """
 
     start_layer: int
@@ -78,11 +120,16 @@ def make_plan(touched: dict, pos_w) -> Plan:
     layers = sorted({int(l) for ls in touched.values() for l in ls})
     if not layers:
         raise ValueError("the masks touch no layer")
+    from_z = not any(layers[0] in touched[s] for s in touched if sites.get(s).before_z)
+    return Plan(layers[0], _suffix_len(pos_w), from_z)
+
+
+def _suffix_len(pos_w) -> int:
+    """Final positions from the first one any row of pos_w [B, T] (host) selects to the end."""
     cols = np.flatnonzero(np.asarray(pos_w).any(0))
     if not len(cols):
         raise ValueError("the position weights select no position")
-    from_z = not any(layers[0] in touched.get(s, ()) for s in _BEFORE_Z)
-    return Plan(layers[0], int(np.asarray(pos_w).shape[1] - cols[0]), from_z)
+    return int(np.asarray(pos_w).shape[1] - cols[0])
 
 
 def layers_touched(mask: Mask) -> dict:
@@ -90,7 +137,7 @@ def layers_touched(mask: Mask) -> dict:
     out = {}
     for s in mask.sites():
         a = np.abs(np.asarray(getattr(mask, s)))
-        layer_axis = a.ndim - (2 if s in ("head_out", "attn_block", "pattern") else 1)
+        layer_axis = a.ndim - 1 - len(sites.get(s).units)
         per_layer = a.sum(axis=tuple(i for i in range(a.ndim) if i != layer_axis))
         out[s] = np.flatnonzero(per_layer > 0).tolist()
     return out
@@ -99,20 +146,11 @@ def layers_touched(mask: Mask) -> dict:
 def check_mask(mask: Mask, cfg: ModelConfig, batched: bool) -> None:
     """Raise ValueError for mask leaves of the wrong shape or values outside [0, 1]."""
     lead = 1 if batched else 0
-    want = {"resid_pre": (cfg.n_layers,), "attn_out": (cfg.n_layers,), "mlp_out": (cfg.n_layers,),
-            "head_out": (cfg.n_layers, cfg.n_heads), "pattern": (cfg.n_layers, cfg.n_heads)}
     if not mask.sites():
         raise ValueError("the mask touches no site")
     for s in mask.sites():
         a = getattr(mask, s)
-        shape = tuple(a.shape[lead:])
-        if s == "attn_block":
-            ok = len(shape) == 2 and shape[0] == cfg.n_layers and shape[1] > 0 and cfg.d_model % shape[1] == 0
-            exp = f"({cfg.n_layers}, n_blocks) with n_blocks dividing d_model={cfg.d_model}"
-        else:
-            ok, exp = shape == want[s], want[s]
-        if not ok:
-            raise ValueError(f"mask site {s!r} has shape {shape}{' after the batch axis' if batched else ''}, expected {exp}")
+        sites.get(s).check_shape(a.shape[lead:], cfg, " after the batch axis" if batched else "")
         if not isinstance(a, jax.core.Tracer):
             v = np.asarray(a)
             if np.isnan(v).any() or v.min() < 0 or v.max() > 1:
@@ -120,10 +158,17 @@ def check_mask(mask: Mask, cfg: ModelConfig, batched: bool) -> None:
 
 
 def _narrow(iv: Intervention, start: int, stop: Optional[int], first_pos: int) -> Intervention:
-    """An intervention's layers [start, stop) and positions [first_pos, T)."""
-    tail = lambda a, axis: a[(slice(None),) * axis + (slice(first_pos, None),)]
-    src = {k: tail(v, 3 if k == "pattern" else 2) for k, v in slice_layers(iv.source, start, stop).items()}
-    return Intervention(slice_layers(iv.mask, start, stop), src, tail(iv.pos_w, 1))
+    """An intervention's layers [start, stop) and (query) positions [first_pos, T)."""
+    def tail(name, a):
+        axis = sites.source_entry(name).pos_axes[0] + 1          # + the layer axis
+        return a[(slice(None),) * axis + (slice(first_pos, None),)]
+    src = {k: tail(k, v) for k, v in _layers(iv.source, start, stop).items()} if iv.source else iv.source
+    return Intervention(_layers(iv.mask, start, stop), src, iv.pos_w[:, first_pos:])
+
+
+def _layers(tree, start: int, stop: Optional[int] = None):
+    """Every leaf sliced to layers [start, stop) along axis 0 (None-safe)."""
+    return jax.tree.map(lambda a: a[start:stop], tree)
 
 
 def _one_layer(tree, l: int):
@@ -133,65 +178,72 @@ def _one_layer(tree, l: int):
     return jax.tree.map(lambda a: a[l], tree)
 
 
-def patched_hidden(params, cfg: ModelConfig, target: TargetRun, mask: Mask, source, pos_w: Array,
-                   plan: Plan, n_out: int) -> Array:
-    """Final-normed hidden states [B, n_out, D] of the last n_out positions under one mask.
+def patched_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask, plan: Plan) -> Array:
+    """Final-normed hidden states [B, n, D] of the last n = metric.n_positions positions under one mask.
 
-    mask leaves [L, ...] over all layers (zero before plan.start_layer), source aligned to the
-    target ([L, B, T, ...]), pos_w [B, T] zero before the last plan.suffix_len positions.
-    Computes only what the mask can change: layers from start_layer (from its cached z when
-    plan.from_z), the final plan.suffix_len positions (earlier keys/values from the target),
-    and in the last layer queries only for the n_out positions the metric reads.
+    mask leaves [L, ...] over all layers (zero before plan.start_layer); problem.pos_w zero before
+    the last plan.suffix_len positions. Computes only what the mask can change: layers from
+    start_layer (from the target's cached z when plan.from_z), the final plan.suffix_len positions
+    (earlier keys/values from the target), and in the last layer queries only for the n positions
+    the metric reads.
     """
+    target, n_out = problem.target, problem.metric.n_positions
     L, T = cfg.n_layers, target.tokens.shape[1]
     L0, R = plan.start_layer, plan.suffix_len
     if n_out > R:
         raise ValueError(f"metric reads {n_out} final positions but only {R} are recomputed")
     layers, first = params["layers"], T - R
-    iv = _narrow(Intervention(mask, source, pos_w), 0, None, first)
+    iv = _narrow(Intervention(mask, problem.source, problem.pos_w), 0, None, first)
     pos = target.pos_ids[:, first:]
     x = target.resid_pre[L0][:, first:]
     start = L0
     if plan.from_z:
-        x = layer_from_z(_one_layer(layers, L0), cfg, x, target.head_out[L0][:, first:],
-                         _one_layer(iv, L0))
+        z = target.head_out[L0][:, first:]
+        x = M.block(cfg, _one_layer(layers, L0), x, lambda h: z, LayerHooks(_one_layer(iv, L0), ()))
         start = L0 + 1
     split = L - 1 if R > n_out else L      # the last layer runs on its own only if it can shrink
     if start < split:
-        kv = None if R == T else slice_layers(target.kv, start, split)
-        x, _ = run_layers(slice_layers(layers, start, split), cfg, x, pos, target.attn_mask, kv=kv,
-                          write_index=first, intervention=_narrow(iv, start, split, 0))
+        kv = None if R == T else M.KVCache(target.kv[0][start:split], target.kv[1][start:split], first)
+        x, _ = M.run_layers(_layers(layers, start, split), cfg, x, pos, target.attn_mask, kv=kv,
+                            intervention=_narrow(iv, start, split, 0))
     if start <= L - 1 and split == L - 1:
         # Last layer: keys/values for every recomputed position, queries for the n_out read.
-        k, v = layer_kv(_one_layer(layers, L - 1), cfg, x, pos, _one_layer(iv, L - 1))
+        p, hooks = _one_layer(layers, L - 1), LayerHooks(_one_layer(iv, L - 1), ())
+        _, k, v = M.qkv(cfg, p, M.norm(cfg, p["norm1"], hooks("resid_pre", x)), M.rope_tables(cfg, pos), hooks)
         if R < T:
             k = jax.lax.dynamic_update_slice_in_dim(target.kv[0][L - 1], k.astype(target.kv[0].dtype), first, 1)
             v = jax.lax.dynamic_update_slice_in_dim(target.kv[1][L - 1], v.astype(target.kv[1].dtype), first, 1)
-        x, _ = run_layers(slice_layers(layers, L - 1), cfg, x[:, R - n_out:], pos[:, R - n_out:],
-                          target.attn_mask, kv=(k[None], v[None]), write_index=T - n_out,
-                          intervention=_narrow(iv, L - 1, None, R - n_out))
-    return final_norm(params, cfg, x[:, -n_out:])
+        x, _ = M.run_layers(_layers(layers, L - 1), cfg, x[:, R - n_out:], pos[:, R - n_out:],
+                            target.attn_mask, kv=M.KVCache(k[None], v[None], T - n_out),
+                            intervention=_narrow(iv, L - 1, None, R - n_out))
+    return M.final_norm(params, cfg, x[:, -n_out:])
 
 
-def masks_metric_fn(params, cfg: ModelConfig, target: TargetRun, masks: Mask, source, pos_w,
-                    metric, plan: Plan) -> Array:
+def _plan_for(problem: PatchingProblem, mask: Mask) -> Plan:
+    """The cheapest plan for a concrete mask; for a traced one, every layer and the positions
+    pos_w selects (all positions when pos_w is traced too)."""
+    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(mask)):
+        return make_plan(layers_touched(mask), problem.pos_w)
+    if isinstance(problem.pos_w, jax.core.Tracer):
+        return Plan(0, problem.target.tokens.shape[1])
+    return Plan(0, _suffix_len(problem.pos_w))
+
+
+def patched_metric(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask,
+                   plan: Optional[Plan] = None) -> Array:
+    """The metric [B] of the target run patched by one `mask` (leaves [L, ...]); differentiable in
+    the mask (`jax.grad` of its mean at mask 0 is attribution patching). `plan` defaults to the
+    cheapest one valid for the mask (see `_plan_for`)."""
+    plan = plan or _plan_for(problem, mask)
+    return problem.metric(params, patched_hidden(params, cfg, problem, mask, plan))
+
+
+def masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, plan: Plan) -> Array:
     """Metric [N, B] for a batch of masks (leaves [N, L, ...]), vmapped over the mask axis."""
-    def one(m):
-        return metric(params, patched_hidden(params, cfg, target, m, source, pos_w, plan,
-                                             metric.n_positions))
-    return jax.vmap(one)(masks)
+    return jax.vmap(lambda m: patched_metric(params, cfg, problem, m, plan))(masks)
 
 
 masks_metric = jax.jit(masks_metric_fn, static_argnames=("cfg", "plan"))
-
-
-def needed_source(masks: Mask, source) -> dict:
-    """The source entries the mask's sites read (raises naming a missing one)."""
-    need = {SOURCE_OF[s] for s in masks.sites()}
-    missing = need - set(source)
-    if missing:
-        raise ValueError(f"source lacks {sorted(missing)} needed by mask sites {masks.sites()}")
-    return {k: source[k] for k in need}
 
 
 def mask_axis_sharding(n_devices: Optional[int] = None):
@@ -210,7 +262,7 @@ def chunking(n: int, chunk_size: int, shard: bool):
     return math.ceil(chunk_size / jax.device_count()) * jax.device_count(), mask_axis_sharding()
 
 
-def run_masks(params, cfg: ModelConfig, target: TargetRun, masks: Mask, source, pos_w, metric, *,
+def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *,
               plan: Optional[Plan] = None, chunk_size: int = 256, shard: bool = True,
               on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
     """Metric [N, B] for N masks, run in chunks of `chunk_size` (one compilation for all chunks).
@@ -221,10 +273,9 @@ def run_masks(params, cfg: ModelConfig, target: TargetRun, masks: Mask, source, 
     layers the masks touch and the positions pos_w selects. on_chunk(start, values) sees each chunk.
     """
     check_mask(masks, cfg, batched=True)
-    source = needed_source(masks, source)
-    pos_w = jnp.asarray(pos_w, jnp.float32)
+    problem = problem.for_sites(masks.sites())
     if plan is None:
-        plan = make_plan(layers_touched(masks), pos_w)
+        plan = make_plan(layers_touched(masks), problem.pos_w)
     n = getattr(masks, masks.sites()[0]).shape[0]
     chunk_size, sharding = chunking(n, chunk_size, shard)
     out = []
@@ -236,7 +287,7 @@ def run_masks(params, cfg: ModelConfig, target: TargetRun, masks: Mask, source, 
         chunk = jax.tree.map(take, masks)
         if sharding is not None:
             chunk = jax.device_put(chunk, sharding)
-        vals = np.asarray(masks_metric(params, cfg, target, chunk, source, pos_w, metric, plan))
+        vals = np.asarray(masks_metric(params, cfg, problem, chunk, plan))
         vals = vals[:min(chunk_size, n - start)]
         if on_chunk is not None:
             on_chunk(start, vals)

@@ -1,4 +1,4 @@
-"""Position maps between a source and a target run, position selectors, and replacement sources.
+"""Position maps between a source and a target run, position selectors, and aligning a source.
 
 Runs are left-padded batches: slot t of row b holds a real token where attn_mask[b, t] == 1.
 A position map is int32 [B, T_tgt]: for each target slot, the source slot whose activation
@@ -13,7 +13,8 @@ from typing import Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits.interventions import Source
+from jaxcircuits import sites
+from jaxcircuits.sites import Source
 
 Selector = Union[str, Sequence[int]]
 
@@ -91,54 +92,22 @@ def weights(selector: Selector, pos_map) -> np.ndarray:
 
 
 def align(source: Source, pos_map) -> Source:
-    """Gather a source cache ([L, B, S, ...] sites; pattern [L, B, H, Sq, Sk]) to target slots.
+    """Gather a source cache (entries [L, B, S, ...]; see `sites` for each entry's position axes)
+    to target slots: every position axis is mapped (pattern: query rows and key columns).
 
-    Unmapped target slots get zeros (their position weight must be 0). Pattern rows and columns
-    are both mapped; key columns with no source are zero.
+    Unmapped target slots get zeros (their position weight must be 0).
     """
     pos_map = jnp.asarray(pos_map)
     idx = jnp.maximum(pos_map, 0)
     valid = pos_map >= 0
     out = {}
     for name, a in source.items():
-        if name == "pattern":
-            rows = jnp.take_along_axis(a, idx[None, :, None, :, None], axis=3)
-            g = jnp.take_along_axis(rows, idx[None, :, None, None, :], axis=4)
-            out[name] = g * (valid[None, :, None, :, None] & valid[None, :, None, None, :])
-        elif name in ("resid_pre", "attn_out", "mlp_out", "head_out"):
-            ix = idx.reshape(1, *idx.shape, *([1] * (a.ndim - 3)))
-            v = valid.reshape(1, *valid.shape, *([1] * (a.ndim - 3)))
-            out[name] = jnp.take_along_axis(a, ix, axis=2) * v
-        else:
-            raise ValueError(f"cannot align cache entry {name!r}")
-    return out
-
-
-def check_source(source: Source, n_layers: int) -> None:
-    """Raise ValueError if a concrete source has NaN/inf values or the wrong number of layers."""
-    for name, a in source.items():
-        if a.shape[0] != n_layers:
-            raise ValueError(f"source {name!r} has {a.shape[0]} layers, model has {n_layers}")
-        if not bool(jnp.all(jnp.isfinite(a))):
-            raise ValueError(f"source {name!r} contains NaN or inf values")
-
-
-def zeros_like_source(source: Source) -> Source:
-    """Zero-ablation replacement with the shapes of `source`."""
-    return {k: jnp.zeros_like(v) for k, v in source.items()}
-
-
-def mean_source(source: Source, tgt_mask=None) -> Source:
-    """Mean-ablation replacement: each site averaged over batch and real positions, broadcast back.
-
-    tgt_mask [B, T] (1 = real) weights the average; defaults to all positions.
-    """
-    out = {}
-    for k, a in source.items():
-        if k == "pattern":
-            raise ValueError("mean ablation of attention patterns is not defined; patch from a run")
-        w = jnp.ones(a.shape[1:3]) if tgt_mask is None else jnp.asarray(tgt_mask, a.dtype)
-        w = w.reshape(1, *w.shape, *([1] * (a.ndim - 3)))
-        mean = (a * w).sum((1, 2), keepdims=True) / w.sum((1, 2), keepdims=True)
-        out[k] = jnp.broadcast_to(mean, a.shape)
+        v = True
+        for ax in sites.source_entry(name).pos_axes:
+            axis = ax + 1                                    # + the layer axis
+            shape = [1] * a.ndim
+            shape[1], shape[axis] = idx.shape
+            a = jnp.take_along_axis(a, idx.reshape(shape), axis=axis)
+            v = v & valid.reshape(shape)
+        out[name] = a * v
     return out

@@ -17,7 +17,7 @@ Limits: n <= 64. `unrank_np` works on uint64 (any family). `unrank` works in the
 of `ranks`: with jax's default int32 a family may have at most 2^31 members (so 'all' needs
 n <= 31); enable x64 (int64 ranks) for up to 2^63, or use `sampled_per_size`.
 
-A `Pool` maps units to coordinates of an intervention site (see `jaxcircuits.interventions`):
+A `Pool` maps units to coordinates of an intervention site (see `jaxcircuits.sites`):
 `Pool.scatter` turns selected units [.., n] into mask weights [.., *site_shape].
 """
 
@@ -26,11 +26,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxcircuits import sites
 
 MAX_UNITS = 64
 KINDS = ("all", "size_k", "explicit")
@@ -279,15 +281,16 @@ def rank_of(family: Family, subset) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Pool:
-    """The units of a sweep: unit i is the site coordinate `units[i]` (e.g. (layer, head)).
-
-    site: an intervention site name ('head_out' [L, H], 'attn_block' [L, NB], ...).
+    """The units of a sweep: unit i is the coordinate `units[i]` of a mask leaf of `site`
+    (e.g. (layer, head)); n_blocks: the block count of an 'attn_block' pool (default n_heads).
     """
 
     site: str
     units: Tuple[Tuple[int, ...], ...]
+    n_blocks: Optional[int] = None
 
     def __post_init__(self):
+        sites.get(self.site)
         units = tuple(tuple(int(c) for c in u) for u in self.units)
         if not units or len({len(u) for u in units}) != 1:
             raise ValueError("a pool needs at least one unit, all with coordinates of one length")
@@ -312,14 +315,15 @@ class Pool:
     @classmethod
     def blocks(cls, layer: int, n_blocks: int) -> "Pool":
         """The residual blocks of one layer's attention output at 'attn_block': unit b = (layer, b)."""
-        return cls("attn_block", tuple((layer, b) for b in range(n_blocks)))
+        return cls("attn_block", tuple((layer, b) for b in range(n_blocks)), n_blocks)
+
+    def site_shape(self, cfg) -> Tuple[int, ...]:
+        """The mask shape [L, *units] of the pool's site on model `cfg`."""
+        return sites.get(self.site).shape(cfg, self.n_blocks)
 
     def labels(self) -> Tuple[str, ...]:
-        """Short unit names for reports: 'L3H5' (head_out), 'L3B1' (attn_block), else the tuple."""
-        tag = {"head_out": "H", "attn_block": "B"}.get(self.site)
-        if tag is None or len(self.units[0]) != 2:
-            return tuple(str(u) for u in self.units)
-        return tuple(f"L{l}{tag}{j}" for l, j in self.units)
+        """Short unit names for reports: 'L3H5' (head_out), 'L3B1' (attn_block), ... (`sites.unit_label`)."""
+        return tuple(sites.unit_label(self.site, u) for u in self.units)
 
     def scatter(self, selected, site_shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
         """bool [.., n] -> `dtype` [.., *site_shape]: 1 at each selected unit's coordinate, else 0.

@@ -35,60 +35,61 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcircuits.interventions import Mask
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import (Plan, TargetRun, chunking, make_plan, masks_metric_fn, needed_source,
-                                  run_masks)
-from jaxcircuits.subsets import Family, Pool, to_bitmask, unrank, unrank_np
+from jaxcircuits.patching import PatchingProblem, Plan, chunking, make_plan, masks_metric_fn, run_masks
+from jaxcircuits.sites import Mask
+from jaxcircuits.subsets import Family, Pool, from_bitmask, to_bitmask, unrank, unrank_np
 
 Array = jax.Array
 
 
-def site_shape(cfg: ModelConfig, pool: Pool, n_blocks: Optional[int] = None) -> tuple:
-    """Shape of the pool's mask site per run: [L] or [L, H] or [L, n_blocks]."""
-    if pool.site in ("head_out", "pattern"):
-        return (cfg.n_layers, cfg.n_heads)
-    if pool.site == "attn_block":
-        nb = n_blocks or cfg.n_heads
-        if cfg.d_model % nb:
-            raise ValueError(f"n_blocks={nb} does not divide d_model={cfg.d_model}")
-        return (cfg.n_layers, nb)
-    if pool.site in ("resid_pre", "attn_out", "mlp_out"):
-        return (cfg.n_layers,)
-    raise ValueError(f"unknown site {pool.site!r}")
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """The static part of a sweep (hashable: a jit static argument): members of `family` are
+    subsets of `pool`'s units, scattered into masks of `shape` ([L, *units] of the pool's site),
+    run with `plan`."""
+
+    family: Family
+    pool: Pool
+    shape: tuple
+    plan: Plan
+
+    @classmethod
+    def make(cls, cfg: ModelConfig, pool: Pool, family: Family, pos_w) -> "Sweep":
+        """Check the family against the pool and the pool against `cfg`; plan for every layer any
+        unit of the pool lies in and the positions pos_w [B, T] selects."""
+        if family.n != pool.n:
+            raise ValueError(f"family has {family.n} units, pool has {pool.n}")
+        shape = pool.site_shape(cfg)
+        pool.scatter(np.zeros((pool.n,), bool), shape)       # validates unit coordinates
+        return cls(family, pool, shape, make_plan({pool.site: [u[0] for u in pool.units]}, pos_w))
 
 
-def pool_plan(pool: Pool, pos_w) -> Plan:
-    """The static plan of a sweep: every layer any unit of the pool lies in may be touched."""
-    return make_plan({pool.site: [u[0] for u in pool.units]}, pos_w)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "family", "pool", "shape"))
-def family_metric(params, cfg: ModelConfig, target: TargetRun, ranks: Array, source, pos_w, metric,
-                  plan: Plan, family: Family, pool: Pool, shape: tuple, weight=1.0) -> Array:
+@functools.partial(jax.jit, static_argnames=("cfg", "sweep"))
+def family_metric(params, cfg: ModelConfig, problem: PatchingProblem, ranks: Array, sweep: Sweep,
+                  weight=1.0) -> Array:
     """Metric [c, B] for the family members `ranks` [c]; masks are built here, on device.
 
-    Each member's mask is `weight` at its units' coordinates of `pool.site`, 0 elsewhere.
+    Each member's mask is `weight` at its units' coordinates of `sweep.pool.site`, 0 elsewhere.
     """
-    mask = Mask(**{pool.site: pool.scatter(unrank(family, ranks), shape) * weight})
-    return masks_metric_fn(params, cfg, target, mask, source, pos_w, metric, plan)
+    pool = sweep.pool
+    mask = Mask(**{pool.site: pool.scatter(unrank(sweep.family, ranks), sweep.shape) * weight})
+    return masks_metric_fn(params, cfg, problem, mask, sweep.plan)
 
 
-def chunk_metric(params, cfg: ModelConfig, target: TargetRun, source, pos_w, metric, plan: Plan,
-                 family: Family, pool: Pool, shape: tuple, lo: int, chunk_size: int,
+def chunk_metric(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep, lo: int, chunk_size: int,
                  sharding=None) -> np.ndarray:
     """Metric [c, B] (host) for the family members of ranks lo..lo+c-1, c = min(chunk_size, N - lo).
 
     The call always has chunk_size ranks (padded with rank 0, trimmed), so every chunk of a sweep
     reuses one compilation; `sharding` (from `chunking`) splits them over devices. Raises on NaN/inf.
     """
-    hi = min(lo + chunk_size, family.size())
+    hi = min(lo + chunk_size, sweep.family.size())
     ranks = np.zeros(chunk_size, np.int32)
     ranks[:hi - lo] = np.arange(lo, hi)
     if sharding is not None:
         ranks = jax.device_put(ranks, sharding)
-    vals = np.asarray(family_metric(params, cfg, target, ranks, source, pos_w, metric, plan,
-                                    family, pool, shape))[:hi - lo]
+    vals = np.asarray(family_metric(params, cfg, problem, ranks, sweep))[:hi - lo]
     if not np.isfinite(vals).all():
         raise FloatingPointError(f"non-finite metric values for ranks {lo}..{hi - 1}")
     return vals
@@ -104,7 +105,7 @@ class SweepResult:
 
     def subsets(self, n: int) -> np.ndarray:
         """bool [N, n]: the members as unit-indicator rows."""
-        return ((self.bitmask[:, None] >> np.arange(n, dtype=np.uint64)) & np.uint64(1)).astype(bool)
+        return from_bitmask(self.bitmask, n)
 
 
 def _digest(*arrays) -> str:
@@ -116,9 +117,10 @@ def _digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def sweep_spec(cfg: ModelConfig, target: TargetRun, source, pos_w, metric, pool: Pool,
-               family: Family, chunk_size: int, shape: tuple, describe: Optional[dict]) -> dict:
+def sweep_spec(cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep, chunk_size: int,
+               describe: Optional[dict]) -> dict:
     """What a sweep computes, as JSON: resuming requires an equal spec."""
+    family, pool, target = sweep.family, sweep.pool, problem.target
     family_desc = dataclasses.asdict(family)
     if len(family.masks) > 64:
         family_desc["masks"] = f"{len(family.masks)} members, digest {_digest(np.array(family.masks, np.uint64))}"
@@ -126,12 +128,12 @@ def sweep_spec(cfg: ModelConfig, target: TargetRun, source, pos_w, metric, pool:
         "describe": describe or {},
         "model": dataclasses.asdict(cfg),
         "pool": {"site": pool.site, "units": [list(u) for u in pool.units]},
-        "family": family_desc, "size": family.size(), "chunk_size": chunk_size, "site_shape": list(shape),
+        "family": family_desc, "size": family.size(), "chunk_size": chunk_size, "site_shape": list(sweep.shape),
         "fingerprint": {
             "target": _digest(target.tokens, target.attn_mask, target.pos_ids),
-            "source": _digest(*[source[k] for k in sorted(source)]),
-            "positions": _digest(pos_w),
-            "metric": f"{type(metric).__name__}:{_digest(*jax.tree.leaves(metric))}",
+            "source": _digest(*[problem.source[k] for k in sorted(problem.source)]),
+            "positions": _digest(problem.pos_w),
+            "metric": f"{type(problem.metric).__name__}:{_digest(*jax.tree.leaves(problem.metric))}",
         },
     }
 
@@ -186,29 +188,24 @@ class _Progress:
                      "?" if math.isinf(eta) else time.strftime("%H:%M:%S", time.gmtime(eta)))
 
 
-def run_sweep(params, cfg: ModelConfig, target: TargetRun, source, pos_w, metric, pool: Pool,
-              family: Family, out_dir: str, *, chunk_size: int = 256, n_blocks: Optional[int] = None,
-              shard: bool = True, resume: bool = True, describe: Optional[dict] = None,
+def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, family: Family, out_dir: str, *,
+              chunk_size: int = 256, shard: bool = True, resume: bool = True, describe: Optional[dict] = None,
               log_every_s: float = 10.0,
               on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> SweepResult:
-    """Evaluate `metric` for every member of `family` over `pool`, streaming chunks to `out_dir`.
+    """Evaluate `problem`'s metric for every member of `family` over `pool`, streaming chunks to `out_dir`.
 
-    source: aligned replacement activations (see `positions.align`); pos_w [B, T] position
-    weights. With shard=True and several devices, each chunk's ranks are split over them
-    (chunk_size rounded up to a multiple of the device count). resume=True continues a sweep
-    with an equal spec in out_dir. on_chunk(index, metric_values) runs after each chunk is saved.
-    Returns the full `SweepResult` (also written to out_dir/results.npz).
+    The six positional arguments are the sweep; the keyword-only ones are independent run options
+    with defaults (hence more than eight parameters). With shard=True and several devices, each
+    chunk's ranks are split over them (chunk_size rounded up to a multiple of the device count).
+    resume=True continues a sweep with an equal spec in out_dir; describe is free JSON stored in the
+    spec; progress is logged every log_every_s seconds; on_chunk(index, metric_values) runs after
+    each chunk is saved. Returns the full `SweepResult` (also written to out_dir/results.npz).
     """
-    if family.n != pool.n:
-        raise ValueError(f"family has {family.n} units, pool has {pool.n}")
-    shape = site_shape(cfg, pool, n_blocks)
-    pool.scatter(np.zeros((pool.n,), bool), shape)       # validates unit coordinates
-    source = needed_source(Mask(**{pool.site: jnp.zeros(shape)}), source)
-    pos_w = jnp.asarray(pos_w, jnp.float32)
-    plan = pool_plan(pool, pos_w)
+    sweep = Sweep.make(cfg, pool, family, problem.pos_w)
+    problem = problem.for_sites((pool.site,))
     n = family.size()
     chunk_size, sharding = chunking(n, chunk_size, shard)
-    spec = sweep_spec(cfg, target, source, pos_w, metric, pool, family, chunk_size, shape, describe)
+    spec = sweep_spec(cfg, problem, sweep, chunk_size, describe)
     _prepare_dir(out_dir, spec, resume)
     n_chunks = math.ceil(n / chunk_size)
     path = lambda i: os.path.join(out_dir, "chunks", f"chunk_{i:08d}.npz")
@@ -219,8 +216,7 @@ def run_sweep(params, cfg: ModelConfig, target: TargetRun, source, pos_w, metric
     done = progress.start_done
     for i in todo:
         lo, hi = i * chunk_size, min((i + 1) * chunk_size, n)
-        vals = chunk_metric(params, cfg, target, source, pos_w, metric, plan, family, pool, shape,
-                            lo, chunk_size, sharding)
+        vals = chunk_metric(params, cfg, problem, sweep, lo, chunk_size, sharding)
         bits = to_bitmask(unrank_np(family, np.arange(lo, hi)), np.uint64)
         _atomic_save(path(i), ranks=np.arange(lo, hi, dtype=np.int64), bitmask=bits,
                      metric=vals.astype(np.float32))
@@ -253,27 +249,27 @@ def load_results(out_dir: str) -> SweepResult:
 
 # ---- blend-weight sweeps -------------------------------------------------------------------------
 
-def blend_curve(params, cfg: ModelConfig, target: TargetRun, base: Mask, source, pos_w, metric,
-                weights, **kw) -> np.ndarray:
+def blend_curve(params, cfg: ModelConfig, problem: PatchingProblem, base: Mask, weights, **kw) -> np.ndarray:
     """Metric [G, B] with the mask `base` (leaves [L, ...], weights in [0, 1]) scaled by each of
-    `weights` [G]: the blend weight itself as the swept variable."""
+    `weights` [G]: the blend weight itself as the swept variable. kw go to `run_masks`."""
     w = jnp.asarray(weights, jnp.float32)
     masks = jax.tree.map(lambda a: w.reshape(-1, *([1] * a.ndim)) * a[None], base)
-    return run_masks(params, cfg, target, masks, source, pos_w, metric, **kw)
+    return run_masks(params, cfg, problem, masks, **kw)
 
 
-def blend_crossing(params, cfg: ModelConfig, target: TargetRun, base: Mask, source, pos_w, metric, *,
+def blend_crossing(params, cfg: ModelConfig, problem: PatchingProblem, base: Mask, *,
                    level: float = 0.0, tol: float = 1e-3, points: int = 8,
                    aggregate: Callable[[np.ndarray], np.ndarray] = lambda v: v.mean(-1), **kw) -> dict:
     """Locate the blend weight where aggregate(metric) crosses `level`, to within `tol`.
 
     Evaluates `points` weights per round in one batched call (a k-section search), starting from
-    [0, 1]. Returns {'low', 'high', 'crossing' (midpoint) or None if no sign change in [0, 1],
+    [0, 1]; kw go to `run_masks` (the search's own options are keyword-only with defaults, hence
+    more than eight parameters). Returns {'low', 'high', 'crossing' (midpoint) or None if no sign change in [0, 1],
     'evaluated': [(weight, value)]}.
     """
     lo, hi = 0.0, 1.0
     evaluated = []
-    f = lambda ws: aggregate(blend_curve(params, cfg, target, base, source, pos_w, metric, ws, **kw)) - level
+    f = lambda ws: aggregate(blend_curve(params, cfg, problem, base, ws, **kw)) - level
     ends = f(np.array([lo, hi]))
     evaluated += list(zip([lo, hi], (ends + level).tolist()))
     if np.sign(ends[0]) == np.sign(ends[1]):

@@ -110,3 +110,63 @@ def patch_attn_output(model, layer, blocks, n_blocks, source_out, positions, dec
         yield
     finally:
         h.remove()
+
+
+@contextlib.contextmanager
+def qkv_neuron_hooks(model, site, fn):
+    """Route HF's value of `site` ('head_q', 'head_k' (after RoPE), 'head_v', 'mlp_neuron') in every
+    layer through fn(layer, x) -> x, x in jaxcircuits' layout: [B, T, n, Dh] per head, [B, T, F] per
+    neuron. Llama: queries/keys from `apply_rotary_pos_emb` (wrapped; the layer from a pre-hook on
+    self_attn), values from v_proj, neurons into down_proj. GPT-2: q/k/v column blocks of c_attn's
+    output, neurons into mlp.c_proj."""
+    from unittest import mock
+
+    layers, attn_name, _, _ = blocks_of(model)
+    gpt2 = model.config.model_type == "gpt2"
+    handles, current, patches = [], [None], []
+
+    def heads(x, dh):                                  # [B, T, n*Dh] <-> [B, T, n, Dh]
+        return x.reshape(*x.shape[:2], -1, dh)
+
+    for l, layer in enumerate(layers):
+        attn = getattr(layer, attn_name)
+        if site == "mlp_neuron":
+            down = layer.mlp.c_proj if gpt2 else layer.mlp.down_proj
+            handles.append(down.register_forward_pre_hook(lambda m, a, l=l: (fn(l, a[0].clone()),)))
+        elif gpt2:
+            D = model.config.n_embd
+            lo = {"head_q": 0, "head_k": D, "head_v": 2 * D}[site]
+
+            def c_attn_hook(m, a, out, l=l, lo=lo, D=D):
+                out = out.clone()
+                dh = D // model.config.n_head
+                out[..., lo:lo + D] = fn(l, heads(out[..., lo:lo + D], dh)).reshape(*out.shape[:2], D)
+                return out
+            handles.append(attn.c_attn.register_forward_hook(c_attn_hook))
+        elif site == "head_v":
+            def v_hook(m, a, out, l=l):
+                return fn(l, heads(out.clone(), attn.head_dim)).reshape(out.shape)
+            handles.append(attn.v_proj.register_forward_hook(v_hook))
+        else:
+            handles.append(attn.register_forward_pre_hook(lambda m, a, l=l: current.__setitem__(0, l)))
+    if site in ("head_q", "head_k") and not gpt2:
+        from transformers.models.llama import modeling_llama
+        orig = modeling_llama.apply_rotary_pos_emb
+
+        def rotary(q, k, *args, **kw):
+            q, k = orig(q, k, *args, **kw)              # [B, n, T, Dh]
+            if site == "head_q":
+                q = fn(current[0], q.transpose(1, 2).clone()).transpose(1, 2)
+            else:
+                k = fn(current[0], k.transpose(1, 2).clone()).transpose(1, 2)
+            return q, k
+        patches.append(mock.patch.object(modeling_llama, "apply_rotary_pos_emb", rotary))
+    try:
+        for p in patches:
+            p.start()
+        yield
+    finally:
+        for p in patches:
+            p.stop()
+        for h in handles:
+            h.remove()

@@ -15,7 +15,7 @@ from jaxcircuits.metrics import LogitDiff  # noqa: E402
 from jaxcircuits.models.config import ModelConfig  # noqa: E402
 from jaxcircuits.models.params import init_params  # noqa: E402
 from jaxcircuits.models.transformer import run_with_cache  # noqa: E402
-from jaxcircuits.patching import target_run  # noqa: E402
+from jaxcircuits.patching import PatchingProblem, target_run  # noqa: E402
 from jaxcircuits.subsets import Pool, of_size  # noqa: E402
 from jaxcircuits.sweep import run_sweep  # noqa: E402
 
@@ -25,14 +25,14 @@ CFG = ModelConfig.from_hf({"model_type": "llama", "hidden_size": 32, "num_hidden
 
 
 def problem():
-    """(params, cfg, target, source, pos_w, metric, pool, family) of the worker's sweep."""
+    """(params, cfg, patching problem, pool, family) of the worker's sweep."""
     params = init_params(CFG, jax.random.PRNGKey(0), scale=0.3)
     rng = np.random.RandomState(0)
     tgt, src = rng.randint(0, 50, (2, 6)), rng.randint(0, 50, (2, 6))
     _, cache = run_with_cache(params, CFG, src, sites=("head_out",))
     metric = LogitDiff(good=jnp.array([[3], [4]]), bad=jnp.array([[5], [6]]))
-    return (params, CFG, target_run(params, CFG, tgt), cache, P.select("all", np.ones(tgt.shape)),
-            metric, Pool.heads(1, 8), of_size(8, 4))
+    return (params, CFG, PatchingProblem.make(target_run(params, CFG, tgt), cache, P.select("all", np.ones(tgt.shape)),
+                                              metric), Pool.heads(1, 8), of_size(8, 4))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,17 @@ def test_threshold_sweep_end_to_end_and_resumes(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "ts" / "results.json").read_text())["Sweep"] == res["Sweep"]
 
 
+@pytest.mark.parametrize("site,pool,n_units", [("head_v", "all", 2), ("mlp_neuron", "0,5,47", 3)])
+def test_threshold_sweep_on_new_sites(tiny_dir, tmp_path, site, pool, n_units):
+    """KV-head values (GQA: 2 KV heads) and chosen MLP neurons as sweep units from the binary."""
+    out = tmp_path / site
+    r = _run("experiments.threshold_sweep", f"--model={tiny_dir}", "--task=decimals", "--n_prompts=2",
+             f"--site={site}", f"--pool={pool}", "--layers=1", "--family=all", "--positions=last", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["Sweep"]["n_subsets"] == 2 ** n_units
+
+
 @pytest.mark.parametrize("module,flags,message", [
     ("experiments.threshold_sweep", ["--family=sizes"], "needs --sizes"),
     ("experiments.threshold_sweep", ["--layers=a"], "--layers must be integers"),

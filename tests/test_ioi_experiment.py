@@ -63,15 +63,14 @@ def test_attribution_matches_finite_differences(tiny_dir):
     cb, xb = ioi_batch(clean, model.tokenizer), ioi_batch(corrupt(clean, 1, model.tokenizer), model.tokenizer)
     _, cache = jc.run_with_cache(model.params, model.cfg, cb.ids, jnp.asarray(cb.mask), sites=("head_out",))
     pos_map = P.right_aligned(xb.mask, cb.mask)
-    source, pos_w = P.align(cache, pos_map), P.weights("all", pos_map)
     target = jc.target_run(model.params, model.cfg, xb.ids, xb.mask)
-    grad = head_attribution(model, target, source, pos_w, cb.metric)
+    problem = jc.PatchingProblem.make(target, P.align(cache, pos_map), P.weights("all", pos_map), cb.metric)
+    grad = head_attribution(model, problem)
     l, h = np.unravel_index(np.argmax(np.abs(grad)), grad.shape)
     eps = 1e-2
     masks = np.zeros((3, *grad.shape), np.float32)
     masks[1, l, h], masks[2, l, h] = eps, 2 * eps
-    f = jc.run_masks(model.params, model.cfg, target, jc.Mask(head_out=masks), source, pos_w, cb.metric,
-                     shard=False).mean(-1)
+    f = jc.run_masks(model.params, model.cfg, problem, jc.Mask(head_out=masks), shard=False).mean(-1)
     fd = (4 * (f[1] - f[0]) - (f[2] - f[0])) / (2 * eps)             # second-order one-sided difference
     np.testing.assert_allclose(grad[l, h], fd, rtol=2e-2, atol=1e-4)
     assert np.abs(grad).max() > 1e-4

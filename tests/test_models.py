@@ -1,5 +1,7 @@
 """The JAX ports against HF transformers: logits, cached sites, generation, bad input."""
 
+import dataclasses
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import torch
 from absl.testing import parameterized
 
 from jaxcircuits.generate import generate
-from jaxcircuits.models.config import ModelConfig, UnsupportedConfigError
+from jaxcircuits.models.config import ModelConfig, RopeConfig, UnsupportedConfigError
 from jaxcircuits.models.params import cast_params
 from jaxcircuits.models.transformer import forward, forward_fn, run_with_cache
 from tests import hf_reference as ref
@@ -151,3 +153,30 @@ def test_quantized_hf_config_is_refused():
           "intermediate_size": 8, "vocab_size": 10, "quantization_config": {"quant_method": "gptq"}}
     with pytest.raises(UnsupportedConfigError, match="quantization_config"):
         ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("field,value", [("norm", "batchnorm"), ("activation", "swish"),
+                                         ("position_embedding", "alibi"), ("checkpoint", "bert")])
+def test_unknown_model_feature_names_the_field(tiny, field, value):
+    """Features are rows of tables (`models.layers`); an unknown one is refused, naming the field."""
+    _, cfg, _ = tiny("gpt2")
+    with pytest.raises(UnsupportedConfigError, match=f"{field}='{value}' is not supported"):
+        dataclasses.replace(cfg, **{field: value})
+
+
+def test_features_not_family_choose_the_forward(tiny):
+    """A GPT-2 config switched to rotary positions: RoPE follows the feature, not a family name
+    (learned position embeddings are then absent from the params layout)."""
+    _, cfg, params = tiny("gpt2")
+    assert (cfg.norm, cfg.activation, cfg.gated_mlp, cfg.position_embedding) == ("layernorm", "gelu_new", False, "learned")
+    rotary = dataclasses.replace(cfg, position_embedding="rotary", rope=RopeConfig())
+    no_positions = {**params, "embed": {"tokens": params["embed"]["tokens"],
+                                        "positions": jnp.zeros_like(params["embed"]["positions"])}}
+    rope_params = {**params, "embed": {"tokens": params["embed"]["tokens"]}}
+    toks = np.array([[5, 6, 7, 8]])
+    plain = np.asarray(forward(no_positions, cfg, toks)[0])
+    rope = np.asarray(forward(rope_params, rotary, toks)[0])
+    np.testing.assert_allclose(rope[0, 0], plain[0, 0], atol=1e-5)     # position 0: no rotation
+    assert np.abs(rope[0, -1] - plain[0, -1]).max() > 1e-3
+    with pytest.raises(UnsupportedConfigError, match="rope parameters are required"):
+        dataclasses.replace(cfg, position_embedding="rotary")

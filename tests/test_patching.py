@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from jaxcircuits import positions as P
-from jaxcircuits.generate import generate, source_at_position
-from jaxcircuits.interventions import Intervention, Mask
+from jaxcircuits import sites
+from jaxcircuits.generate import decode_intervention, generate, source_at_position
 from jaxcircuits.metrics import LogitDiff
 from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.patching import (Plan, make_plan, masks_metric, patched_hidden, run_masks,
+from jaxcircuits.patching import (PatchingProblem, Plan, make_plan, masks_metric, patched_metric, run_masks,
                                   target_run)
+from jaxcircuits.sites import Intervention, Mask
 from tests import hf_reference as ref
 from tests.conftest import random_tokens
 
-SITES = ("resid_pre", "head_out", "attn_out", "pattern", "mlp_out")
+SITES = sites.CACHE_SITES[:-len(sites.EXTRA_CACHE)]       # every entry a mask site reads
 
 
 def _setup(tiny, name, batch=2, length=8, seed=0):
@@ -35,6 +36,10 @@ def _head_mask(cfg, layer_heads):
     return Mask(head_out=jnp.asarray(m))
 
 
+def _problem(params, cfg, tgt, cache, pos_w, metric):
+    return PatchingProblem.make(target_run(params, cfg, tgt), cache, pos_w, metric)
+
+
 def _logits(params, cfg, tokens, mask, source, pos_w):
     iv = Intervention(mask=mask, source=source, pos_w=jnp.asarray(pos_w, jnp.float32))
     return np.asarray(forward(params, cfg, jnp.asarray(tokens), intervention=iv)[0])
@@ -43,8 +48,7 @@ def _logits(params, cfg, tokens, mask, source, pos_w):
 def test_zero_mask_is_bitwise_identity(tiny):
     _, cfg, params, tgt, _, cache = _setup(tiny, "llama_gqa")
     L, H = cfg.n_layers, cfg.n_heads
-    zero = Mask(resid_pre=jnp.zeros(L), head_out=jnp.zeros((L, H)), attn_block=jnp.zeros((L, 4)),
-                attn_out=jnp.zeros(L), pattern=jnp.zeros((L, H)), mlp_out=jnp.zeros(L))
+    zero = Mask(**{s.name: jnp.zeros(s.shape(cfg, 4)) for s in sites.SITES})
     got = _logits(params, cfg, tgt, zero, cache, np.ones(tgt.shape))
     want = np.asarray(forward(params, cfg, jnp.asarray(tgt))[0])
     np.testing.assert_array_equal(got, want)
@@ -116,8 +120,8 @@ def test_decode_phase_patching_matches_hf_hook(tiny):
     m[1, [1, 3]] = 1.0
     mask = Mask(attn_block=jnp.asarray(m))
     prefill = Intervention(mask, P.align(cache, pos_map), jnp.asarray(P.weights("all", pos_map)))
-    got = np.asarray(generate(params, cfg, tgt, max_new_tokens=6, prefill=prefill, decode_mask=mask,
-                              decode_source=source_at_position(cache, 0), eos_id=-1))
+    got = np.asarray(generate(params, cfg, tgt, max_new_tokens=6, prefill=prefill,
+                              decode=decode_intervention(mask, source_at_position(cache, 0)), eos_id=-1))
     src_out = np.asarray(cache["attn_out"][1])
     with ref.patch_attn_output(model, 1, [1, 3], 4, src_out, range(5), decode_source=src_out[:, 0]):
         with torch.no_grad():
@@ -157,15 +161,25 @@ def test_vmapped_prefix_shared_suffix_path_equals_looped_full_forward(tiny, name
     masks = _random_head_masks(cfg, 7, layers=(1, 2))
     pos_w = P.select(where, np.ones(tgt.shape))
     metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7, 8], [9, -1]]))
-    target = target_run(params, cfg, tgt)
+    problem = _problem(params, cfg, tgt, cache, pos_w, metric)
     plan = make_plan({"head_out": [1, 2]}, pos_w)
     assert plan == Plan(1, {"last": 1, "all": 8, "last:3": 3}[where], from_z=True)
-    got = run_masks(params, cfg, target, masks, cache, pos_w, metric, chunk_size=7, shard=False)
+    got = run_masks(params, cfg, problem, masks, chunk_size=7, shard=False)
     want = _looped(params, cfg, tgt, masks, cache, pos_w, metric)
     chex.assert_shape(got, (7, 2))
     np.testing.assert_allclose(got, want, atol=2e-5)
-    full = run_masks(params, cfg, target, masks, cache, pos_w, metric, plan=Plan(0, 8), shard=False)
+    full = run_masks(params, cfg, problem, masks, plan=Plan(0, 8), shard=False)
     np.testing.assert_allclose(full, want, atol=2e-5)
+
+
+def _random_site_masks(cfg, names, n, first, seed):
+    """Blend weights in (0, 1) at `names` in layers >= first: leaves [n, L, *units]."""
+    rng = np.random.RandomState(seed)
+    live = (np.arange(cfg.n_layers) >= first).astype(np.float32)
+    def leaf(name):
+        shape = sites.get(name).shape(cfg, 4)
+        return jnp.asarray(rng.rand(n, *shape).astype(np.float32) * live.reshape(1, -1, *([1] * (len(shape) - 1))))
+    return Mask(**{name: leaf(name) for name in names})
 
 
 @pytest.mark.parametrize("where", ["last", "all", "last:3"])
@@ -173,16 +187,26 @@ def test_vmapped_prefix_shared_suffix_path_equals_looped_full_forward(tiny, name
 def test_every_site_fast_path_equals_looped_full_forward(tiny, where, first):
     """Blend weights in (0, 1) at every site of layers >= first (the last layer included)."""
     _, cfg, params, tgt, _, cache = _setup(tiny, "llama_gqa")
-    rng = np.random.RandomState(first)
-    L, H, n = cfg.n_layers, cfg.n_heads, 4
-    live = (np.arange(L) >= first).astype(np.float32)
-    u = lambda *shape: jnp.asarray(rng.rand(n, *shape).astype(np.float32) * live.reshape(1, L, *([1] * (len(shape) - 1))))
-    masks = Mask(resid_pre=u(L), head_out=u(L, H), attn_block=u(L, 4), attn_out=u(L), pattern=u(L, H),
-                 mlp_out=u(L))
+    masks = _random_site_masks(cfg, sites.NAMES, 4, first, seed=first)
     pos_w = P.select(where, np.ones(tgt.shape))
     metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
-    got = run_masks(params, cfg, target_run(params, cfg, tgt), masks, cache, pos_w, metric, shard=False)
+    got = run_masks(params, cfg, _problem(params, cfg, tgt, cache, pos_w, metric), masks, shard=False)
     np.testing.assert_allclose(got, _looped(params, cfg, tgt, masks, cache, pos_w, metric), atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("site", ["head_q", "head_k", "head_v", "mlp_neuron"])
+@pytest.mark.parametrize("where", ["last:3", "all"])
+def test_new_site_vmapped_equals_looped(tiny, name, site, where):
+    """Each q/k/v/neuron site alone, vmapped over masks on the fast paths, against the looped forward."""
+    _, cfg, params, tgt, _, cache = _setup(tiny, name)
+    masks = _random_site_masks(cfg, (site,), 5, first=1, seed=3)
+    pos_w = P.select(where, np.ones(tgt.shape))
+    metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
+    got = run_masks(params, cfg, _problem(params, cfg, tgt, cache, pos_w, metric), masks, chunk_size=3, shard=False)
+    want = _looped(params, cfg, tgt, masks, cache, pos_w, metric)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(want - want[:1]).max() > 1e-4          # the masks make a difference
 
 
 def test_chunked_and_sharded_equal_one_batch(tiny):
@@ -191,27 +215,25 @@ def test_chunked_and_sharded_equal_one_batch(tiny):
     masks = _random_head_masks(cfg, 10, layers=(1,), seed=3)
     pos_w = P.select("last", np.ones(tgt.shape))
     metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
-    target = target_run(params, cfg, tgt)
-    one = run_masks(params, cfg, target, masks, cache, pos_w, metric, chunk_size=10, shard=False)
+    problem = _problem(params, cfg, tgt, cache, pos_w, metric)
+    one = run_masks(params, cfg, problem, masks, chunk_size=10, shard=False)
     seen = []
-    chunked = run_masks(params, cfg, target, masks, cache, pos_w, metric, chunk_size=3, shard=False,
+    chunked = run_masks(params, cfg, problem, masks, chunk_size=3, shard=False,
                         on_chunk=lambda s, v: seen.append((s, len(v))))
     assert seen == [(0, 3), (3, 3), (6, 3), (9, 1)]
-    sharded = run_masks(params, cfg, target, masks, cache, pos_w, metric, chunk_size=4, shard=True)
+    sharded = run_masks(params, cfg, problem, masks, chunk_size=4, shard=True)
     np.testing.assert_allclose(chunked, one, atol=1e-6)
     np.testing.assert_allclose(sharded, one, atol=1e-6)
 
 
 def test_grad_through_mask_matches_finite_differences(tiny):
     _, cfg, params, tgt, _, cache = _setup(tiny, "llama_gqa", batch=1)
-    target = target_run(params, cfg, tgt)
     pos_w = jnp.asarray(P.select("all", np.ones(tgt.shape)))
-    metric = LogitDiff(good=jnp.array([[5]]), bad=jnp.array([[7]]))
-    plan = Plan(0, tgt.shape[1])
+    problem = _problem(params, cfg, tgt, cache, pos_w, LogitDiff(good=jnp.array([[5]]), bad=jnp.array([[7]])))
 
     @jax.jit
     def f(m):
-        return metric(params, patched_hidden(params, cfg, target, Mask(head_out=m), cache, pos_w, plan, 1))[0]
+        return patched_metric(params, cfg, problem, Mask(head_out=m))[0]
 
     m0 = jnp.full((cfg.n_layers, cfg.n_heads), 0.3)
     g = np.asarray(jax.grad(f)(m0))
@@ -227,11 +249,10 @@ def test_grad_through_mask_matches_finite_differences(tiny):
 
 def test_bad_masks_and_sources(tiny):
     _, cfg, params, tgt, _, cache = _setup(tiny, "llama_gqa")
-    target = target_run(params, cfg, tgt)
     pos_w = P.select("last", np.ones(tgt.shape))
     metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
     L, H = cfg.n_layers, cfg.n_heads
-    run = lambda m, src=cache: run_masks(params, cfg, target, m, src, pos_w, metric, shard=False)
+    run = lambda m, src=cache: run_masks(params, cfg, _problem(params, cfg, tgt, src, pos_w, metric), m, shard=False)
     with pytest.raises(ValueError, match=r"'head_out' has shape \(3, 7\)"):
         run(Mask(head_out=jnp.zeros((2, L, H - 1))))
     with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
@@ -242,21 +263,28 @@ def test_bad_masks_and_sources(tiny):
         run(Mask(mlp_out=jnp.ones((2, L))), {"head_out": cache["head_out"]})
     with pytest.raises(ValueError, match="touches no site"):
         run(Mask())
+    with pytest.raises(ValueError, match=r"'head_k' has shape \(3, 8\) after the batch axis, expected \(3, 2\)"):
+        run(Mask(head_k=jnp.zeros((2, L, H))))
     bad = dict(cache, head_out=cache["head_out"].at[1, 0, 0, 0, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="NaN"):
-        P.check_source(bad, L)
-    with pytest.raises(ValueError, match="has 2 layers"):
-        P.check_source({"head_out": cache["head_out"][:2]}, L)
+        _problem(params, cfg, tgt, bad, pos_w, metric)
+    with pytest.raises(ValueError, match="expected 3 layers"):
+        _problem(params, cfg, tgt, {"head_out": cache["head_out"][:2]}, pos_w, metric)
+    with pytest.raises(ValueError, match="expected 3 layers, batch 2"):
+        _problem(params, cfg, tgt, {"head_out": cache["head_out"][:, :1]}, pos_w, metric)
+    with pytest.raises(ValueError, match="pos_w has shape"):
+        _problem(params, cfg, tgt, cache, pos_w[:1], metric)
+    with pytest.raises(ValueError, match="metric LogitDiff has batch 1"):
+        _problem(params, cfg, tgt, cache, pos_w, LogitDiff(good=jnp.array([[5]]), bad=jnp.array([[7]])))
     with pytest.raises(ValueError, match="select no position"):
         make_plan({"head_out": [1]}, np.zeros(tgt.shape))
 
 
 def test_mask_batch_compiles_once(tiny):
     _, cfg, params, tgt, _, cache = _setup(tiny, "gpt2")
-    target = target_run(params, cfg, tgt)
     pos_w = P.select("last", np.ones(tgt.shape))
-    metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
+    problem = _problem(params, cfg, tgt, cache, pos_w, LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]])))
     masks = _random_head_masks(cfg, 9, layers=(2,))
     before = masks_metric._cache_size()
-    run_masks(params, cfg, target, masks, cache, pos_w, metric, chunk_size=4, shard=False)
+    run_masks(params, cfg, problem, masks, chunk_size=4, shard=False)
     assert masks_metric._cache_size() == before + 1

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcircuits import ablation as A
 from jaxcircuits import positions as P
 from jaxcircuits.metrics import (AnswerProb, LogitDiff, answer_log_prob, first_distinguishing, pad_ids)
 from jaxcircuits.models.transformer import forward, run_with_cache
@@ -51,14 +52,14 @@ def test_align_gathers_mapped_slots_and_zeros_the_rest():
 
 def test_zero_and_mean_sources():
     a = jnp.asarray(np.random.RandomState(0).randn(2, 3, 4, 5), jnp.float32)     # [L, B, T, D]
-    np.testing.assert_array_equal(P.zeros_like_source({"mlp_out": a})["mlp_out"], np.zeros(a.shape))
+    np.testing.assert_array_equal(A.zeros_like_source({"mlp_out": a})["mlp_out"], np.zeros(a.shape))
     mask = left_padded_mask(3, 4, [0, 1, 2])
-    got = P.mean_source({"mlp_out": a}, mask)["mlp_out"]
+    got = A.mean_source({"mlp_out": a}, mask)["mlp_out"]
     want = np.asarray(a)[:, mask.astype(bool)].mean(1)                              # mean over real tokens
     np.testing.assert_allclose(got[:, 1, 2], want, rtol=1e-6)
     assert got.shape == a.shape
-    with pytest.raises(ValueError, match="mean ablation of attention patterns"):
-        P.mean_source({"pattern": a})
+    with pytest.raises(ValueError, match="mean ablation of 'pattern'"):
+        A.mean_source({"pattern": a})
 
 
 def test_metrics_against_full_logits(tiny):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from jaxcircuits import positions as P
-from jaxcircuits.interventions import Intervention, Mask
-from jaxcircuits.models.transformer import forward, run_with_cache
 from jaxcircuits.metrics import LogitDiff
-from jaxcircuits.patching import target_run
+from jaxcircuits.models.transformer import forward, run_with_cache
+from jaxcircuits.patching import PatchingProblem, target_run
+from jaxcircuits.sites import Intervention, Mask
 from jaxcircuits.subsets import Pool, all_subsets, of_size, sampled_per_size, unrank_np
 from jaxcircuits.sweep import blend_crossing, blend_curve, load_results, run_sweep
 from tests import sweep_worker
@@ -30,22 +30,23 @@ def _plain(params, cfg, tokens, mask, source, pos_w, metric):
     return np.asarray(metric(params, c["final_norm"][:, -1:]))
 
 
-@pytest.mark.parametrize("site,where", [("head_out", "all"), ("attn_block", "last"), ("mlp_out", "last")])
+@pytest.mark.parametrize("site,where", [("head_out", "all"), ("attn_block", "last"), ("mlp_out", "last"),
+                                        ("head_k", "last"), ("mlp_neuron", "all")])
 def test_sweep_equals_subsets_one_by_one(tiny, tmp_path, site, where):
     _, cfg, params = tiny("llama_gqa")
     rng = np.random.RandomState(1)
     tgt, src = rng.randint(3, 100, (2, 7)), rng.randint(3, 100, (2, 7))
-    _, cache = run_with_cache(params, cfg, src, sites=("head_out", "attn_out", "mlp_out"))
+    _, cache = run_with_cache(params, cfg, src, sites=("head_out", "attn_out", "mlp_out", "head_k", "mlp_neuron"))
     pos_w = P.select(where, np.ones(tgt.shape))
     metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
     pool = {"head_out": Pool.heads(1, cfg.n_heads), "attn_block": Pool.blocks(2, 4),
-            "mlp_out": Pool("mlp_out", ((0,), (1,), (2,)))}[site]
-    family = of_size(pool.n, 2) if site != "mlp_out" else all_subsets(3)
-    res = run_sweep(params, cfg, target_run(params, cfg, tgt), cache, pos_w, metric, pool, family,
-                    str(tmp_path / "s"), chunk_size=5, n_blocks=4, shard=False)
+            "mlp_out": Pool("mlp_out", ((0,), (1,), (2,))), "head_k": Pool("head_k", ((1, 0), (1, 1), (2, 1))),
+            "mlp_neuron": Pool("mlp_neuron", ((0, 3), (1, 50), (2, 95), (2, 7)))}[site]
+    family = of_size(pool.n, 2) if site not in ("mlp_out", "head_k") else all_subsets(3)
+    problem = PatchingProblem.make(target_run(params, cfg, tgt), cache, pos_w, metric)
+    res = run_sweep(params, cfg, problem, pool, family, str(tmp_path / "s"), chunk_size=5, shard=False)
     assert len(res.ranks) == family.size()
-    shape = {"head_out": (cfg.n_layers, cfg.n_heads), "attn_block": (cfg.n_layers, 4),
-             "mlp_out": (cfg.n_layers,)}[site]
+    shape = pool.site_shape(cfg)
     for r, bits in enumerate(unrank_np(family, np.arange(family.size()))):
         mask = Mask(**{site: jnp.asarray(pool.scatter(bits, shape))})
         want = _plain(params, cfg, tgt, mask, cache, pos_w, metric)
@@ -92,39 +93,36 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
 
 
 def test_resume_refuses_a_different_sweep(tmp_path):
-    params, cfg, target, cache, pos_w, metric, pool, family = sweep_worker.problem()
+    params, cfg, problem, pool, family = sweep_worker.problem()
     out = str(tmp_path / "s")
-    run_sweep(params, cfg, target, cache, pos_w, metric, pool, family, out, chunk_size=16, shard=False)
+    run_sweep(params, cfg, problem, pool, family, out, chunk_size=16, shard=False)
     with pytest.raises(ValueError, match="different sweep.*family"):
-        run_sweep(params, cfg, target, cache, pos_w, metric, pool, of_size(8, 3), out, chunk_size=16, shard=False)
+        run_sweep(params, cfg, problem, pool, of_size(8, 3), out, chunk_size=16, shard=False)
     with pytest.raises(FileExistsError, match="already holds a sweep"):
-        run_sweep(params, cfg, target, cache, pos_w, metric, pool, family, out, chunk_size=16,
-                  shard=False, resume=False)
+        run_sweep(params, cfg, problem, pool, family, out, chunk_size=16, shard=False, resume=False)
     with pytest.raises(ValueError, match="family has 6 units, pool has 8"):
-        run_sweep(params, cfg, target, cache, pos_w, metric, pool, of_size(6, 2), str(tmp_path / "t"))
+        run_sweep(params, cfg, problem, pool, of_size(6, 2), str(tmp_path / "t"))
     with pytest.raises(ValueError, match="do not fit site shape"):
-        run_sweep(params, cfg, target, cache, pos_w, metric, Pool.heads(5, 8), family, str(tmp_path / "u"))
+        run_sweep(params, cfg, problem, Pool.heads(5, 8), family, str(tmp_path / "u"))
 
 
 def test_sampled_family_sweep(tmp_path):
-    params, cfg, target, cache, pos_w, metric, pool, _ = sweep_worker.problem()
+    params, cfg, problem, pool, _ = sweep_worker.problem()
     fam = sampled_per_size(8, [2, 5], 6, seed=0)
-    res = run_sweep(params, cfg, target, cache, pos_w, metric, pool, fam, str(tmp_path / "s"),
-                    chunk_size=5, shard=False)
+    res = run_sweep(params, cfg, problem, pool, fam, str(tmp_path / "s"), chunk_size=5, shard=False)
     assert sorted(res.subsets(8).sum(1).tolist()) == [2] * 6 + [5] * 6
 
 
 def test_blend_crossing_agrees_with_a_fine_grid():
-    params, cfg, target, cache, pos_w, _, pool, _ = sweep_worker.problem()
+    params, cfg, problem, pool, _ = sweep_worker.problem()
     base = Mask(head_out=jnp.zeros((2, 8)).at[1].set(1.0))
     # A metric whose aggregate crosses zero inside (0, 1): shift by the midpoint value.
-    probe = LogitDiff(good=jnp.array([[3], [4]]), bad=jnp.array([[5], [6]]))
-    ends = blend_curve(params, cfg, target, base, cache, pos_w, probe, [0.0, 1.0], shard=False).mean(-1)
+    ends = blend_curve(params, cfg, problem, base, [0.0, 1.0], shard=False).mean(-1)
     assert abs(ends[1] - ends[0]) > 1e-3
     level = float(ends.mean())
-    res = blend_crossing(params, cfg, target, base, cache, pos_w, probe, level=level, tol=1e-3, shard=False)
+    res = blend_crossing(params, cfg, problem, base, level=level, tol=1e-3, shard=False)
     grid = np.linspace(0, 1, 2001)
-    vals = blend_curve(params, cfg, target, base, cache, pos_w, probe, grid, chunk_size=512, shard=False).mean(-1) - level
+    vals = blend_curve(params, cfg, problem, base, grid, chunk_size=512, shard=False).mean(-1) - level
     cross = np.flatnonzero(np.sign(vals[:-1]) != np.sign(vals[1:]))
     assert res["high"] - res["low"] <= 1e-3
     assert any(res["low"] - 5e-4 <= grid[c] <= res["high"] + 5e-4 for c in cross)
@@ -138,7 +136,7 @@ def test_non_finite_metric_stops_the_sweep_naming_the_ranks(tiny, tmp_path):
     _, cache = run_with_cache(params, cfg, src, sites=("head_out",))
     metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
     with pytest.raises(FloatingPointError, match=r"non-finite metric values for ranks 0\.\.3"):
-        run_sweep(bad, cfg, target_run(bad, cfg, tgt), cache, P.select("last", np.ones(tgt.shape)), metric,
-                  Pool.heads(1, cfg.n_heads), of_size(cfg.n_heads, 1), str(tmp_path / "s"), chunk_size=4,
-                  shard=False)
+        problem = PatchingProblem.make(target_run(bad, cfg, tgt), cache, P.select("last", np.ones(tgt.shape)), metric)
+        run_sweep(bad, cfg, problem, Pool.heads(1, cfg.n_heads), of_size(cfg.n_heads, 1), str(tmp_path / "s"),
+                  chunk_size=4, shard=False)
     assert not os.listdir(tmp_path / "s" / "chunks")          # nothing non-finite was written

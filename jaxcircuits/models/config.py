@@ -16,6 +16,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from jaxcircuits.models.layers import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS
+
 
 class UnsupportedConfigError(ValueError):
     """A config field or value that jaxcircuits does not implement."""
@@ -57,14 +59,18 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a decoder-only transformer (GPT-2 or Llama family).
+    """Architecture of a decoder-only transformer, as a set of features read once from a config.
 
-    family: 'gpt2' (LayerNorm, learned positions, GELU MLP) or 'llama' (RMSNorm, RoPE, SwiGLU).
+    norm: a key of `layers.NORMS` ('layernorm' with bias, 'rmsnorm'); activation: a key of
+    `layers.ACTIVATIONS`; gated_mlp: down(act(gate(h)) * up(h)) (SwiGLU) instead of down(act(up(h)));
+    position_embedding: 'learned' (a [max_positions, D] table added to the token embeddings) or
+    'rotary' (RoPE on queries and keys, parameters in `rope`); checkpoint: the HF ``model_type``
+    whose tensor names the loaders read ('gpt2' | 'llama'); the forward never reads it.
     n_kv_heads < n_heads is grouped-query attention: query head q reads KV head
     q // (n_heads // n_kv_heads), as in HF.
     """
 
-    family: str
+    checkpoint: str
     n_layers: int
     d_model: int
     n_heads: int
@@ -74,9 +80,12 @@ class ModelConfig:
     vocab_size: int
     max_positions: int
     norm_eps: float
-    activation: str  # 'gelu_new' | 'gelu' | 'relu' | 'silu'
+    norm: str
+    activation: str
+    gated_mlp: bool
+    position_embedding: str
     tied_embeddings: bool
-    attn_bias: bool = False   # q/k/v biases (and o bias for gpt2)
+    attn_bias: bool = False   # q/k/v biases
     o_bias: bool = False
     mlp_bias: bool = False
     rope: Optional[RopeConfig] = None
@@ -90,8 +99,13 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     def __post_init__(self):
-        if self.family not in ("gpt2", "llama"):
-            raise UnsupportedConfigError(f"family must be 'gpt2' or 'llama', got {self.family!r}")
+        for field, table in (("norm", NORMS), ("activation", ACTIVATIONS),
+                             ("position_embedding", POSITION_EMBEDDINGS), ("checkpoint", CHECKPOINTS)):
+            if getattr(self, field) not in table:
+                raise UnsupportedConfigError(
+                    f"{field}={getattr(self, field)!r} is not supported (supported: {', '.join(table)})")
+        if (self.position_embedding == "rotary") != (self.rope is not None):
+            raise UnsupportedConfigError("rope parameters are required exactly when position_embedding='rotary'")
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedConfigError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
@@ -100,12 +114,10 @@ class ModelConfig:
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
         """Build from a parsed HF config dict (``model_type`` 'gpt2' or 'llama')."""
         model_type = hf.get("model_type")
-        if model_type == "gpt2":
-            return _from_gpt2(dict(hf))
-        if model_type == "llama":
-            return _from_llama(dict(hf))
-        raise UnsupportedConfigError(
-            f"model_type {model_type!r} is not supported (supported: 'gpt2', 'llama')")
+        if model_type not in CHECKPOINTS:
+            raise UnsupportedConfigError(
+                f"model_type {model_type!r} is not supported (supported: {', '.join(CHECKPOINTS)})")
+        return CHECKPOINTS[model_type](dict(hf))
 
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":
@@ -161,12 +173,12 @@ def _from_gpt2(hf: dict) -> ModelConfig:
     _require(hf, "activation_function", lambda v: v in ("gelu_new", "gelu", "relu"), "use gelu_new/gelu/relu")
     d = hf.get("n_embd", 768)
     return ModelConfig(
-        family="gpt2", n_layers=hf.get("n_layer", 12), d_model=d, n_heads=hf.get("n_head", 12),
+        checkpoint="gpt2", n_layers=hf.get("n_layer", 12), d_model=d, n_heads=hf.get("n_head", 12),
         n_kv_heads=hf.get("n_head", 12), d_head=d // hf.get("n_head", 12),
         d_mlp=hf.get("n_inner") or 4 * d, vocab_size=hf.get("vocab_size", 50257),
         max_positions=hf.get("n_positions", 1024), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        activation=act, tied_embeddings=hf.get("tie_word_embeddings", True),
-        attn_bias=True, o_bias=True, mlp_bias=True,
+        norm="layernorm", activation=act, gated_mlp=False, position_embedding="learned",
+        tied_embeddings=hf.get("tie_word_embeddings", True), attn_bias=True, o_bias=True, mlp_bias=True,
         bos_token_id=_token_id(hf.get("bos_token_id")), eos_token_id=_token_id(hf.get("eos_token_id")),
         pad_token_id=_token_id(hf.get("pad_token_id")))
 
@@ -208,11 +220,16 @@ def _from_llama(hf: dict) -> ModelConfig:
     d = hf["hidden_size"]
     bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
-        family="llama", n_layers=hf["num_hidden_layers"], d_model=d, n_heads=n_heads,
+        checkpoint="llama", n_layers=hf["num_hidden_layers"], d_model=d, n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_head=hf.get("head_dim") or d // n_heads,
         d_mlp=hf["intermediate_size"], vocab_size=hf["vocab_size"],
         max_positions=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-        activation="silu", tied_embeddings=hf.get("tie_word_embeddings", False),
+        norm="rmsnorm", activation="silu", gated_mlp=True, position_embedding="rotary",
+        tied_embeddings=hf.get("tie_word_embeddings", False),
         attn_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)), rope=_rope_from_hf(hf),
         bos_token_id=_token_id(hf.get("bos_token_id")), eos_token_id=_token_id(hf.get("eos_token_id")),
         pad_token_id=_token_id(hf.get("pad_token_id")))
+
+
+# HF model_type -> reader of its config.json (the loaders map its tensor names).
+CHECKPOINTS = {"gpt2": _from_gpt2, "llama": _from_llama}

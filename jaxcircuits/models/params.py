@@ -1,19 +1,19 @@
 """The parameter pytree: one layout for GPT-2 and Llama, per-layer weights stacked on axis 0.
 
     params = {
-      'embed':   {'tokens': [V, D], 'positions': [P, D] (gpt2 only)},
+      'embed':   {'tokens': [V, D], 'positions': [P, D] (learned position embeddings)},
       'layers':  {                                 # every leaf has a leading [L] axis
-        'norm1': {'scale': [L, D], 'bias': [L, D] (gpt2)},
+        'norm1': {'scale': [L, D], 'bias': [L, D] (layernorm)},
         'q':     {'w': [L, D, H, Dh],  'b': [L, H, Dh]   (if attn_bias)},
         'k':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
         'v':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
         'o':     {'w': [L, H, Dh, D],  'b': [L, D]       (if o_bias)},
-        'norm2': {'scale': [L, D], 'bias': [L, D] (gpt2)},
-        'gate':  {'w': [L, D, F]} (llama only),
+        'norm2': {'scale': [L, D], 'bias': [L, D] (layernorm)},
+        'gate':  {'w': [L, D, F]} (gated MLPs),
         'up':    {'w': [L, D, F],  'b': [L, F]  (if mlp_bias)},
         'down':  {'w': [L, F, D],  'b': [L, D]  (if mlp_bias)},
       },
-      'final_norm': {'scale': [D], 'bias': [D] (gpt2)},
+      'final_norm': {'scale': [D], 'bias': [D] (layernorm)},
       'unembed': {'w': [D, V]} (absent when embeddings are tied: logits use embed.tokens.T),
     }
 
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.layers import NORMS
 
 Params = Dict[str, Any]
 
@@ -38,10 +39,10 @@ def param_shapes(cfg: ModelConfig) -> Params:
     """The expected shape of every leaf, as a pytree of tuples in the layout above."""
     L, D, H, K, Dh, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head,
                             cfg.d_mlp, cfg.vocab_size)
-    gpt2 = cfg.family == "gpt2"
+    norm_leaves = NORMS[cfg.norm].leaves
 
     def norm(*lead):
-        return {"scale": (*lead, D), **({"bias": (*lead, D)} if gpt2 else {})}
+        return {leaf: (*lead, D) for leaf in norm_leaves}
 
     def proj(w, b, has_bias):
         return {"w": w, **({"b": b} if has_bias else {})}
@@ -56,10 +57,11 @@ def param_shapes(cfg: ModelConfig) -> Params:
         "up": proj((L, D, F), (L, F), cfg.mlp_bias),
         "down": proj((L, F, D), (L, D), cfg.mlp_bias),
     }
-    if not gpt2:
+    if cfg.gated_mlp:
         layers["gate"] = proj((L, D, F), (L, F), cfg.mlp_bias)
     shapes = {
-        "embed": {"tokens": (V, D), **({"positions": (cfg.max_positions, D)} if gpt2 else {})},
+        "embed": {"tokens": (V, D), **({"positions": (cfg.max_positions, D)}
+                                      if cfg.position_embedding == "learned" else {})},
         "layers": layers,
         "final_norm": norm(),
     }

@@ -1,194 +1,177 @@
 """The forward pass of GPT-2 and Llama-family models as pure functions over a params pytree.
 
-One layer function, parameterised by `ModelConfig`, runs under one `jax.lax.scan` over the stacked
-layer params. The same code serves the plain run, the cached run (`collect`), the patched run
-(`intervention`), the KV-cached suffix run (`kv`, used by generation and by the last-position
-fast path) and the vmapped sweep.
+One block function, parameterised by `ModelConfig`'s features, runs under one `jax.lax.scan` over
+the stacked layer params. The same code serves the plain run, the cached run (`collect`), the
+patched run (`intervention`), the KV-cached suffix run (`kv`, used by generation and by the
+patched fast paths in `jaxcircuits.patching`) and the vmapped sweep. Each intervention site
+(`jaxcircuits.sites`) is one `hooks(name, x)` call at its place.
 
 Shapes: B batch, T query positions of this call, S key slots, D model width, H query heads,
-K KV heads, Dh head dim, V vocab, L layers of this call.
+K KV heads, Dh head dim, F MLP width, V vocab, L layers of this call.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from jaxcircuits.interventions import CACHE_SITES, Intervention, apply_site
 from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.layers import ACTIVATIONS, NORMS
+from jaxcircuits.sites import CACHE_SITES, Intervention, LayerHooks
 
 Array = jax.Array
 Params = dict
 
 
-def _norm(p: dict, x: Array, cfg: ModelConfig) -> Array:
-    """LayerNorm (gpt2) or RMSNorm (llama), computed in float32, as HF does."""
-    h = x.astype(jnp.float32)
-    if cfg.family == "gpt2":
-        mu = h.mean(-1, keepdims=True)
-        var = ((h - mu) ** 2).mean(-1, keepdims=True)
-        h = (h - mu) * jax.lax.rsqrt(var + cfg.norm_eps)
-        return (h * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
-    h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps)
-    return p["scale"] * h.astype(x.dtype)
+@struct.dataclass
+class KVCache:
+    """Keys and values k, v [L, B, S, K, Dh] of S slots; a call writes its T positions' keys and
+    values at slots write_index..write_index+T-1 and its queries attend to every slot up to theirs."""
+
+    k: Array
+    v: Array
+    write_index: int | Array = 0
 
 
-def _activation(cfg: ModelConfig, x: Array) -> Array:
-    if cfg.activation == "gelu_new":
-        return jax.nn.gelu(x, approximate=True)
-    if cfg.activation == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    if cfg.activation == "relu":
-        return jax.nn.relu(x)
-    return jax.nn.silu(x)
+def norm(cfg: ModelConfig, p: dict, x: Array) -> Array:
+    """The config's norm (`layers.NORMS`) of x [..., D] with leaves `p`."""
+    return NORMS[cfg.norm].fn(p, x, cfg.norm_eps)
 
 
-def _dense(p: dict, x: Array, spec: str) -> Array:
+def dense(p: dict, x: Array, spec: str) -> Array:
+    """einsum(spec, x, p['w']) + p['b'] (when present)."""
     y = jnp.einsum(spec, x, p["w"])
     return y + p["b"] if "b" in p else y
 
 
-def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Tuple[Array, Array]:
-    """cos, sin [B, T, Dh/2] (float32) for integer positions `pos_ids` [B, T]."""
+def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Optional[Tuple[Array, Array]]:
+    """cos, sin [B, T, Dh/2] (float32) for integer positions `pos_ids` [B, T]; None without RoPE."""
+    if cfg.position_embedding != "rotary":
+        return None
     inv = jnp.asarray(cfg.rope.inv_freq(cfg.d_head), jnp.float32)
     ang = pos_ids.astype(jnp.float32)[..., None] * inv
     return jnp.cos(ang), jnp.sin(ang)
 
 
-def _rotate(x: Array, cos: Array, sin: Array) -> Array:
-    """HF's rotate-half RoPE on x [B, T, n, Dh] with cos/sin [B, T, Dh/2]."""
+def rotate(x: Array, rope: Optional[Tuple[Array, Array]]) -> Array:
+    """HF's rotate-half RoPE on x [B, T, n, Dh] with cos/sin [B, T, Dh/2] (identity for None)."""
+    if rope is None:
+        return x
+    cos, sin = rope
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1).astype(x.dtype)
 
 
-def _qkv(cfg, p, h, rope):
-    """Projections of normed h [B, T, D]: q [B, T, H, Dh], k, v [B, T, K, Dh] (RoPE applied)."""
-    q = _dense(p["q"], h, "btd,dhe->bthe")
-    k = _dense(p["k"], h, "btd,dke->btke")
-    v = _dense(p["v"], h, "btd,dke->btke")
-    if rope is not None:
-        q, k = _rotate(q, *rope), _rotate(k, *rope)
+def qkv(cfg: ModelConfig, p: dict, h: Array, rope, hooks: LayerHooks) -> Tuple[Array, Array, Array]:
+    """Per-head q [B, T, H, Dh] and k, v [B, T, K, Dh] of normed h [B, T, D], RoPE applied."""
+    q = hooks("head_q", rotate(dense(p["q"], h, "btd,dhe->bthe"), rope))
+    k = hooks("head_k", rotate(dense(p["k"], h, "btd,dke->btke"), rope))
+    v = hooks("head_v", dense(p["v"], h, "btd,dke->btke"))
     return q, k, v
 
 
-def _attention(cfg, p, h, rope, allowed, kv, write_index, iv):
-    """Self-attention up to the per-head outputs: (z [B, T, H, Dh], pattern, new (k, v))."""
-    q, k, v = _qkv(cfg, p, h, rope)
-    if kv is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), write_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), write_index, axis=1)
+def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, allowed: Array, hooks: LayerHooks) -> Array:
+    """Softmax attention of q [B, T, H, Dh] over k, v [B, S, K, Dh] (GQA: query head h reads KV
+    head h // n_groups) where allowed [B, T, S]: z [B, T, H, Dh]."""
     B, T = q.shape[:2]
     qg = q.reshape(B, T, cfg.n_kv_heads, cfg.n_groups, cfg.d_head)
     scores = jnp.einsum("btkge,bske->bkgts", qg, k).astype(jnp.float32) / math.sqrt(cfg.d_head)
     scores = scores.reshape(B, cfg.n_heads, T, -1)
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-    pattern = jax.nn.softmax(scores, axis=-1)
-    pattern = apply_site(pattern, "pattern", *iv)
+    pattern = hooks("pattern", jax.nn.softmax(scores, axis=-1))
     pg = pattern.astype(v.dtype).reshape(B, cfg.n_kv_heads, cfg.n_groups, T, -1)
-    z = jnp.einsum("bkgts,bske->btkge", pg, v).reshape(B, T, cfg.n_heads, cfg.d_head)
-    return apply_site(z, "head_out", *iv), pattern, (k, v)
+    return jnp.einsum("bkgts,bske->btkge", pg, v).reshape(B, T, cfg.n_heads, cfg.d_head)
 
 
-def _mlp(cfg, p, h):
-    up = _dense(p["up"], h, "btd,df->btf")
-    if cfg.family == "llama":
-        up = _activation(cfg, _dense(p["gate"], h, "btd,df->btf")) * up
-    else:
-        up = _activation(cfg, up)
-    return _dense(p["down"], up, "btf,fd->btd")
+def self_attention(cfg: ModelConfig, p: dict, h: Array, rope, allowed: Array, kv: Optional[KVCache],
+                   hooks: LayerHooks) -> Array:
+    """Head outputs z [B, T, H, Dh] of normed h; with `kv` (one layer's), this call's keys and
+    values are written into it first. Records 'kv' (the layer's keys and values)."""
+    q, k, v = qkv(cfg, p, h, rope, hooks)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(kv.k, k.astype(kv.k.dtype), kv.write_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(kv.v, v.astype(kv.v.dtype), kv.write_index, axis=1)
+    hooks.record("kv", (k, v))
+    return attend(cfg, q, k, v, allowed, hooks)
 
 
-def _after_z(cfg, p, x, z, iv):
-    """The rest of a block from (patched) head outputs z: o_proj, residual add, MLP."""
-    out = _dense(p["o"], z, "bthe,hed->btd")
-    out = apply_site(out, "attn_block", *iv)
-    out = apply_site(out, "attn_out", *iv)
-    x = x + out
-    mlp = apply_site(_mlp(cfg, p, _norm(p["norm2"], x, cfg)), "mlp_out", *iv)
-    return x + mlp, {"attn_out": out, "mlp_out": mlp}
+def attn_output(cfg: ModelConfig, p: dict, z: Array, hooks: LayerHooks) -> Array:
+    """o_proj of head outputs z [B, T, H, Dh]: [B, T, D]."""
+    out = hooks("attn_block", dense(p["o"], z, "bthe,hed->btd"))
+    return hooks("attn_out", out)
 
 
-def _iv_tuple(intervention: Optional[Intervention]):
-    if intervention is None:
-        return None, None, None
-    return intervention.mask, intervention.source, intervention.pos_w
+def mlp(cfg: ModelConfig, p: dict, h: Array, hooks: LayerHooks) -> Array:
+    """MLP of normed h [B, T, D]: down(act(gate(h)) * up(h)) when gated, else down(act(up(h)))."""
+    act = ACTIVATIONS[cfg.activation]
+    up = dense(p["up"], h, "btd,df->btf")
+    hidden = act(dense(p["gate"], h, "btd,df->btf")) * up if cfg.gated_mlp else act(up)
+    return hooks("mlp_out", dense(p["down"], hooks("mlp_neuron", hidden), "btf,fd->btd"))
 
 
-def _layer(cfg, collect, rope, allowed, write_index, pos_w, x, per_layer):
-    """One block: x [B, T, D] -> x. `per_layer` = (params_l, kv_l, mask_l, source_l)."""
+def block(cfg: ModelConfig, p: dict, x: Array, heads: Callable[[Array], Array], hooks: LayerHooks) -> Array:
+    """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)). `heads` maps normed h to the
+    head outputs z [B, T, H, Dh] (`self_attention`, or a cached z on a patched fast path)."""
+    x = hooks("resid_pre", x)
+    z = hooks("head_out", heads(norm(cfg, p["norm1"], x)))
+    x = x + attn_output(cfg, p, z, hooks)
+    return x + mlp(cfg, p, norm(cfg, p["norm2"], x), hooks)
+
+
+def attention_mask(key_valid: Array, n_queries: int, write_index: int | Array = 0) -> Array:
+    """allowed [B, T, S]: causal over slots (query t sits at slot write_index + t) and real keys."""
+    S = key_valid.shape[1]
+    q_slot = write_index + jnp.arange(n_queries)
+    return (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :].astype(bool)
+
+
+def _scan_body(cfg, collect, rope, allowed, pos_w, write_index, x, per_layer):
+    """One layer of `run_layers`' scan: per_layer = (params_l, (k_l, v_l) or None, mask_l, source_l)."""
     p, kv, mask_l, source_l = per_layer
-    iv = (mask_l, source_l, pos_w)
-    x = apply_site(x, "resid_pre", *iv)
-    z, pattern, new_kv = _attention(cfg, p, _norm(p["norm1"], x, cfg), rope, allowed, kv,
-                                    write_index, iv)
-    out, tail_sites = _after_z(cfg, p, x, z, iv)
-    sites = {"resid_pre": x, "head_out": z, "pattern": pattern, "kv": new_kv, **tail_sites}
-    return out, {s: sites[s] for s in collect}
-
-
-def layer_from_z(p: dict, cfg: ModelConfig, x: Array, z: Array,
-                 intervention: Optional[Intervention] = None) -> Array:
-    """Finish one layer (params_l unstacked) from its input x [B, T, D] and the run's own head
-    outputs z [B, T, H, Dh]; the intervention (one layer's leaves) patches z and later sites."""
-    iv = _iv_tuple(intervention)
-    return _after_z(cfg, p, x, apply_site(z, "head_out", *iv), iv)[0]
-
-
-def layer_kv(p: dict, cfg: ModelConfig, x: Array, pos_ids: Array,
-             intervention: Optional[Intervention] = None) -> Tuple[Array, Array]:
-    """Keys and values [B, T, K, Dh] of one layer (params_l unstacked) for input x [B, T, D]."""
-    x = apply_site(x, "resid_pre", *_iv_tuple(intervention))
-    rope = rope_tables(cfg, pos_ids) if cfg.family == "llama" else None
-    _, k, v = _qkv(cfg, p, _norm(p["norm1"], x, cfg), rope)
-    return k, v
-
-
-def slice_layers(tree, start: int, stop: Optional[int] = None):
-    """Every leaf sliced to layers [start, stop) along axis 0 (None-safe)."""
-    return jax.tree.map(lambda a: a[start:stop], tree)
+    hooks = LayerHooks(None if mask_l is None else Intervention(mask_l, source_l, pos_w), collect)
+    kv = None if kv is None else KVCache(*kv, write_index)
+    heads = functools.partial(self_attention, cfg, p, rope=rope, allowed=allowed, kv=kv, hooks=hooks)
+    return block(cfg, p, x, heads, hooks), hooks.cache
 
 
 def run_layers(layers: dict, cfg: ModelConfig, x: Array, pos_ids: Array, key_valid: Array, *,
-               kv: Optional[Tuple[Array, Array]] = None, write_index: int | Array = 0,
-               intervention: Optional[Intervention] = None,
+               kv: Optional[KVCache] = None, intervention: Optional[Intervention] = None,
                collect: Sequence[str] = ()) -> Tuple[Array, Dict[str, Array]]:
     """Run the stacked `layers` (any contiguous range of the model) over x [B, T, D].
 
     pos_ids [B, T]: positions (for RoPE). key_valid [B, S]: key slots that hold real tokens.
-    kv: optional (k, v) caches, each [L, B, S, K, Dh]; this call's T keys are written at slots
-        write_index..write_index+T-1 and queries attend to every slot up to their own. Without kv,
-        S = T and slot t holds position t of x.
+    kv: optional caches of S slots (see `KVCache`); without kv, S = T and slot t holds position t.
     intervention: mask and source leaves with a leading axis of this call's L layers; pos_w [B, T].
-    collect: per-layer sites to return, stacked [L, ...] (names in `CACHE_SITES`).
+    collect: per-layer sites to return, stacked [L, ...] (names in `sites.CACHE_SITES`).
     Returns (x, {site: stacked activations}).
     """
-    B, T = x.shape[:2]
-    S = T if kv is None else kv[0].shape[2]
-    q_slot = write_index + jnp.arange(T)
-    allowed = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :].astype(bool)
-    rope = rope_tables(cfg, pos_ids) if cfg.family == "llama" else None
-    mask_l, source_l, pos_w = _iv_tuple(intervention)
-    body = functools.partial(_layer, cfg, tuple(collect), rope, allowed, write_index, pos_w)
-    return jax.lax.scan(body, x, (layers, kv, mask_l, source_l))
+    write_index = 0 if kv is None else kv.write_index
+    allowed = attention_mask(key_valid, x.shape[1], write_index)
+    mask_l, source_l, pos_w = (None, None, None) if intervention is None else (
+        intervention.mask, intervention.source, intervention.pos_w)
+    body = functools.partial(_scan_body, cfg, tuple(collect), rope_tables(cfg, pos_ids), allowed, pos_w,
+                             write_index)
+    return jax.lax.scan(body, x, (layers, None if kv is None else (kv.k, kv.v), mask_l, source_l))
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: Array, pos_ids: Array) -> Array:
-    """Token (+ learned position, gpt2) embeddings: tokens [B, T] -> [B, T, D]."""
+    """Token (+ learned position) embeddings: tokens [B, T] -> [B, T, D]."""
     x = params["embed"]["tokens"][tokens]
-    if cfg.family == "gpt2":
+    if cfg.position_embedding == "learned":
         x = x + params["embed"]["positions"][pos_ids]
     return x
 
 
 def final_norm(params: Params, cfg: ModelConfig, x: Array) -> Array:
-    return _norm(params["final_norm"], x, cfg)
+    return norm(cfg, params["final_norm"], x)
 
 
 def unembed_matrix(params: Params) -> Array:
@@ -223,8 +206,8 @@ def check_tokens(tokens, cfg: ModelConfig) -> None:
 
 
 def forward_fn(params: Params, cfg: ModelConfig, tokens: Array, attn_mask: Optional[Array] = None,
-            pos_ids: Optional[Array] = None, intervention: Optional[Intervention] = None,
-            collect: Tuple[str, ...] = (), return_logits: bool = True):
+               pos_ids: Optional[Array] = None, intervention: Optional[Intervention] = None,
+               collect: Tuple[str, ...] = (), return_logits: bool = True):
     """Full forward: tokens [B, T] -> (logits [B, T, V] float32 or None, cache).
 
     attn_mask [B, T] (1 = real token; left padding): defaults to all ones; pos_ids default to

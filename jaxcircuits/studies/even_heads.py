@@ -10,15 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-import jaxcircuits as jc
 from jaxcircuits import analysis
 from jaxcircuits import positions as P
 from jaxcircuits.formats import encode_prompt
-from jaxcircuits.generate import generate, source_at_position
-from jaxcircuits.interventions import Intervention, Mask
-from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.patching import run_masks, target_run
+from jaxcircuits.generate import decode_intervention, source_at_position
+from jaxcircuits.models.transformer import run_with_cache
+from jaxcircuits.patching import PatchingProblem, run_masks, target_run
 from jaxcircuits.report import Report, add_sweep_analysis, table
+from jaxcircuits.sites import Intervention, Mask
+from jaxcircuits.studies.common import load_model, unpatched_metric
 from jaxcircuits.subsets import Pool, all_subsets, sampled_per_size
 from jaxcircuits.sweep import blend_crossing, run_sweep
 from jaxcircuits.tasks import decimals as D
@@ -45,29 +45,16 @@ class Options:
     samples_per_size: int = 200
 
 
-def _last_hidden(model, ids, mask, n):
-    _, c = forward(model.params, model.cfg, jnp.asarray(ids), jnp.asarray(mask), collect=("final_norm",),
-                   return_logits=False)
-    return c["final_norm"][:, -n:]
-
-
-def _complete(model, ids, mask, max_new, **kw):
-    out = np.asarray(generate(model.params, model.cfg, ids, mask, max_new, **kw))
-    eos = model.tokenizer.eos_token_id
-    return [model.tokenizer.decode(r[:np.flatnonzero(r == eos)[0]] if (r == eos).any() else r) for r in out]
-
-
 def format_scan(model, pairs, formats, max_new) -> dict:
     """Per format: first-token logit difference, teacher-forced log-odds, generation verdicts."""
     out = {}
     for fmt in formats:
         b = D.build_batch(pairs, fmt, model.tokenizer)
-        first = np.asarray(b.metric(model.params, _last_hidden(model, b.ids, b.mask, 1)))
+        first = unpatched_metric(model, b.ids, b.mask, b.metric)
         tf = D.build_teacher_forced(pairs, fmt, model.tokenizer)
-        lp = [np.asarray(m(model.params, _last_hidden(model, tf.ids[i], tf.mask[i], m.n_positions)))
-              for i, m in enumerate((tf.good, tf.bad))]
+        lp = [unpatched_metric(model, tf.ids[i], tf.mask[i], m) for i, m in enumerate((tf.good, tf.bad))]
         ids, mask = model.tokenizer.pad([encode_prompt(fmt, p.question, model.tokenizer) for p in pairs], "left")
-        texts = _complete(model, ids, mask, max_new)
+        texts = model.complete_ids(ids, mask, max_new)
         out[fmt] = {"first_token_logit_diff": first, "teacher_forced_log_odds": lp[0] - lp[1],
                     "generation": texts, "strict": [D.classify_generation(t, p) for t, p in zip(texts, pairs)],
                     "loose": [D.classify_generation_loose(t, p) for t, p in zip(texts, pairs)]}
@@ -97,12 +84,11 @@ def _format_section(report, scan, pairs):
     report.results["format_cases"] = cases
 
 
-def _layer_scan(model, target, aligned, pos_w, metric, opts, report):
+def _layer_scan(model, problem, opts, report):
     cfg = model.cfg
     m = np.zeros((cfg.n_layers, cfg.n_layers, cfg.n_heads), np.float32)
     m[np.arange(cfg.n_layers), np.arange(cfg.n_layers)] = 1.0
-    vals = run_masks(model.params, cfg, target, Mask(head_out=m), aligned, pos_w, metric,
-                     chunk_size=opts.chunk_size).mean(-1)
+    vals = run_masks(model.params, cfg, problem, Mask(head_out=m), chunk_size=opts.chunk_size).mean(-1)
     from jaxcircuits import plots
     fig = plots.plot_layer_curve(vals, report.path("layer_scan.png"), baselines=report.results["baselines"])
     report.add("Layer scan (heads protocol)",
@@ -113,13 +99,13 @@ def _layer_scan(model, target, aligned, pos_w, metric, opts, report):
     return [int(l) for l in np.argsort(-vals)[:opts.top_layers]]
 
 
-def _protocol_setup(model, protocol, src, tgt, cache, opts):
-    """(site, pool for a layer, aligned source, pos_w) of a protocol."""
+def _protocol_problem(protocol, src, tgt, cache, target) -> PatchingProblem:
+    """The protocol's patching problem: token-matched positions (heads) or left-aligned (original)."""
     if protocol == "heads":
         pos_map = P.token_matched(tgt.ids, tgt.mask, src.ids, src.mask)
     else:
         pos_map = P.left_aligned(tgt.mask, src.mask)
-    return P.align(cache, pos_map), P.weights("all", pos_map)
+    return PatchingProblem.make(target, P.align(cache, pos_map), P.weights("all", pos_map), tgt.metric)
 
 
 def _pool(model, protocol, layer, opts):
@@ -144,8 +130,7 @@ def _restricted_rates(subsets, success, units):
 
 def _generation_check(model, protocol, pairs, layer, pool, named, opts, gen):
     """Greedy text under each named subset's mask with the protocol's phases; verdict counts."""
-    cfg = model.cfg
-    shape = (cfg.n_layers, cfg.n_heads) if protocol == "heads" else (cfg.n_layers, opts.n_blocks or cfg.n_heads)
+    shape = pool.site_shape(model.cfg)
     rows = []
     for name, units in named:
         bits = np.zeros(pool.n, bool)
@@ -153,28 +138,26 @@ def _generation_check(model, protocol, pairs, layer, pool, named, opts, gen):
         mask = Mask(**{pool.site: pool.scatter(bits, shape)})
         kw = {"prefill": Intervention(mask, gen["aligned"], jnp.asarray(gen["pos_w"]))}
         if protocol == "original":
-            kw.update(decode_mask=mask, decode_source=gen["decode_source"])
-        texts = _complete(model, gen["ids"], gen["mask"], opts.max_new_tokens, **kw)
+            kw["decode"] = decode_intervention(mask, gen["decode_source"])
+        texts = model.complete_ids(gen["ids"], gen["mask"], opts.max_new_tokens, **kw)
         verdicts = [D.classify_generation(t, p) for t, p in zip(texts, pairs)]
         rows.append([name, len(units), verdicts.count("correct"), verdicts.count("wrong"),
                      verdicts.count("unclear"), repr(texts[0][:50])])
     return rows
 
 
-def _sweep_protocol(model, protocol, pairs, layer, src, tgt, cache, gen, opts, report):
+def _sweep_protocol(model, protocol, layer, problem, pairs, gen, opts, report):
+    """Sweeps, blend crossing and generation checks of one protocol at one layer."""
     cfg = model.cfg
-    aligned, pos_w = _protocol_setup(model, protocol, src, tgt, cache, opts)
-    target = target_run(model.params, cfg, tgt.ids, tgt.mask)
     pool = _pool(model, protocol, layer, opts)
     n = pool.n
     even, odd = np.arange(0, n, 2), np.arange(1, n, 2)
     name = f"{protocol} protocol, layer {layer}"
 
     def sweep(tag, sub_pool, family):
-        return run_sweep(model.params, cfg, target, aligned, pos_w, tgt.metric, sub_pool, family,
+        return run_sweep(model.params, cfg, problem, sub_pool, family,
                          os.path.join(opts.out, "sweeps", f"{protocol}_L{layer}_{tag}"), chunk_size=opts.chunk_size,
-                         n_blocks=opts.n_blocks, resume=opts.resume,
-                         describe={"model": opts.model, "protocol": protocol})
+                         resume=opts.resume, describe={"model": opts.model, "protocol": protocol})
 
     fam_rows = []
     if n <= EXHAUSTIVE_MAX_UNITS:
@@ -189,7 +172,7 @@ def _sweep_protocol(model, protocol, pairs, layer, src, tgt, cache, gen, opts, r
         # e.g. Llama-3.1-8B's 32 heads: all 2^16 subsets of the even and of the odd units,
         # and a stratified sample over all units.
         for fam, units in (("even units only", even), ("odd units only", odd)):
-            sub = Pool(pool.site, tuple(pool.units[i] for i in units))
+            sub = Pool(pool.site, tuple(pool.units[i] for i in units), pool.n_blocks)
             r = sweep(fam.split()[0], sub, all_subsets(len(units)))
             rates = analysis.rate_by_size(r.subsets(len(units)), analysis.success_from(r.metric, "positive"))
             fam_rows.append([fam, len(units), "exhaustive", _rates_text(rates)])
@@ -201,7 +184,7 @@ def _sweep_protocol(model, protocol, pairs, layer, src, tgt, cache, gen, opts, r
     summary = add_sweep_analysis(report, name, subsets, metric, pool.labels())
     # Blend weight of the whole layer (the original's "60% pattern replacement").
     whole = Mask(attn_out=jnp.zeros(cfg.n_layers).at[layer].set(1.0))
-    cross = blend_crossing(model.params, cfg, target, whole, aligned, pos_w, tgt.metric, tol=1e-2)
+    cross = blend_crossing(model.params, cfg, problem, whole, tol=1e-2)
     named = [("all", range(n)), ("even", even), ("odd", odd), ("first half", range(n // 2))]
     minimal = analysis.minimal_sufficient(subsets, success)
     maximal = analysis.maximal_insufficient(subsets, success)
@@ -220,7 +203,7 @@ def _sweep_protocol(model, protocol, pairs, layer, src, tgt, cache, gen, opts, r
             "rate_all": float(success.mean())}
 
 
-def _generation_inputs(model, pairs, cache_src, opts):
+def _generation_inputs(model, pairs, opts):
     """Per protocol: prompt-only target ids/mask, aligned source, position weights, decode source."""
     tok = model.tokenizer
     src_ids, src_mask = tok.pad([encode_prompt(opts.source_format, p.question, tok) for p in pairs], "left")
@@ -251,14 +234,11 @@ def _choose_formats(opts: Options, scan: dict, report: Report) -> Options:
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, "Even heads: format-dependent decimal comparison")
-    dtype = jnp.bfloat16 if opts.dtype == "bfloat16" else jnp.float32
-    model = jc.load(opts.model, dtype)
+    model = load_model(opts.model, opts.dtype)
     cfg = model.cfg
     bad = [l for l in opts.sweep_layers if l >= cfg.n_layers]
     if bad:
         raise ValueError(f"--sweep_layers {bad} out of range: {opts.model} has {cfg.n_layers} layers")
-    if model.tokenizer is None:
-        raise ValueError(f"{opts.model} has no tokenizer")
     pairs = [D.STUDY_PAIR] + D.generate_pairs(opts.n_pairs, opts.seed)
     report.add("Setup", table(["model", "layers", "heads / KV heads", "d_model", "pairs", "source -> target"],
                               [[opts.model, cfg.n_layers, f"{cfg.n_heads} / {cfg.n_kv_heads}", cfg.d_model, len(pairs),
@@ -271,21 +251,21 @@ def run(opts: Options) -> str:
     src = D.build_batch(pairs, opts.source_format, model.tokenizer)
     tgt = D.build_batch(pairs, opts.target_format, model.tokenizer)
     _, cache = run_with_cache(model.params, cfg, src.ids, jnp.asarray(src.mask), sites=("head_out", "attn_out"))
-    base = {"source": float(np.mean(src.metric(model.params, _last_hidden(model, src.ids, src.mask, 1)))),
-            "target": float(np.mean(tgt.metric(model.params, _last_hidden(model, tgt.ids, tgt.mask, 1))))}
+    base = {"source": float(np.mean(unpatched_metric(model, src.ids, src.mask, src.metric))),
+            "target": float(np.mean(unpatched_metric(model, tgt.ids, tgt.mask, tgt.metric)))}
     report.results["baselines"] = base
     report.add("Baselines", f"Mean first-token logit difference: source ({opts.source_format}) {base['source']:.3f}, "
                f"target ({opts.target_format}) {base['target']:.3f}. A patch 'succeeds' on a pair when the "
                "patched target's difference is > 0; a subset succeeds when the mean over pairs is > 0.")
-    aligned, pos_w = _protocol_setup(model, "heads", src, tgt, cache, opts)
-    layers = list(opts.sweep_layers) or _layer_scan(model, target_run(model.params, cfg, tgt.ids, tgt.mask),
-                                                     aligned, pos_w, tgt.metric, opts, report)
-    gen = _generation_inputs(model, pairs, cache, opts)
+    target = target_run(model.params, cfg, tgt.ids, tgt.mask)
+    problems = {p: _protocol_problem(p, src, tgt, cache, target) for p in ("heads", "original")}
+    layers = list(opts.sweep_layers) or _layer_scan(model, problems["heads"], opts, report)
+    gen = _generation_inputs(model, pairs, opts)
     compare = []
     for layer in layers:
         for protocol in opts.protocols:
             logging.info("sweep: %s protocol, layer %d", protocol, layer)
-            r = _sweep_protocol(model, protocol, pairs, layer, src, tgt, cache, gen, opts, report)
+            r = _sweep_protocol(model, protocol, layer, problems[protocol], pairs, gen, opts, report)
             th = r["summary"]["threshold"]
             compare.append([protocol, layer, r["summary"]["n_units"], f"{r['rate_all']:.2f}",
                             th["k_star"], th["sharpness"], r["summary"]["monotonicity"]["monotone"],

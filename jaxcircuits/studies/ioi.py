@@ -4,6 +4,7 @@ the top heads (see experiments/ioi.py for the steps)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -16,8 +17,11 @@ from absl import logging
 import jaxcircuits as jc
 from jaxcircuits import plots
 from jaxcircuits import positions as P
-from jaxcircuits.patching import Plan, TargetRun, patched_hidden
+from jaxcircuits.ablation import mean_source
+from jaxcircuits.patching import PatchingProblem, patched_metric
 from jaxcircuits.report import Report, add_sweep_analysis, table
+from jaxcircuits.sites import unit_label
+from jaxcircuits.studies.common import load_model, unpatched_metric
 from jaxcircuits.subsets import Pool, all_subsets
 from jaxcircuits.tasks.ioi import corrupt, generate_ioi, ioi_batch
 
@@ -34,42 +38,28 @@ class Options:
     resume: bool
 
 
-def unpatched_metric(model, ids, mask, metric) -> np.ndarray:
-    """The metric [B] of a plain run of ids, mask [B, T]."""
-    _, c = jc.forward(model.params, model.cfg, jnp.asarray(ids), jnp.asarray(mask), collect=("final_norm",),
-                      return_logits=False)
-    return np.asarray(metric(model.params, c["final_norm"][:, -metric.n_positions:]))
-
-
-def head_patch_map(model, target: TargetRun, source, pos_w, metric, chunk_size: int) -> np.ndarray:
-    """Mean metric [L, H] with each head's `head_out` alone patched from `source`, one batched call."""
+def head_patch_map(model, problem: PatchingProblem, chunk_size: int) -> np.ndarray:
+    """Mean metric [L, H] with each head's `head_out` alone patched, one batched call."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     masks = jc.Mask(head_out=np.eye(L * H, dtype=np.float32).reshape(L * H, L, H))
     n_chunks = -(-L * H // chunk_size)
-    vals = jc.run_masks(model.params, model.cfg, target, masks, source, pos_w, metric,
+    vals = jc.run_masks(model.params, model.cfg, problem, masks,
                         chunk_size=-(-L * H // n_chunks))           # balanced chunks: little padding
     return vals.mean(-1).reshape(L, H)
 
 
-def head_attribution(model, target: TargetRun, source, pos_w, metric) -> np.ndarray:
+def head_attribution(model, problem: PatchingProblem) -> np.ndarray:
     """Attribution patching: d(mean metric) / d(head_out mask) at mask 0, [L, H].
 
     The first-order estimate of each head's patching effect (patched - unpatched mean metric).
     """
     cfg = model.cfg
-    plan = Plan(0, target.tokens.shape[1], False)
-
-    def mean_metric(m, params, target, source, pos_w, metric):
-        h = patched_hidden(params, cfg, target, jc.Mask(head_out=m), source, pos_w, plan, metric.n_positions)
-        return metric(params, h).mean()
-
+    mean_metric = lambda m, params, problem: patched_metric(params, cfg, problem, jc.Mask(head_out=m)).mean()
     grad = jax.jit(jax.grad(mean_metric))
-    return np.asarray(grad(jnp.zeros((cfg.n_layers, cfg.n_heads), jnp.float32), model.params, target, source,
-                           jnp.asarray(pos_w, jnp.float32), metric))
+    return np.asarray(grad(jnp.zeros((cfg.n_layers, cfg.n_heads), jnp.float32), model.params, problem))
 
 
-def _name(lh) -> str:
-    return f"L{lh[0]}H{lh[1]}"
+_name = functools.partial(unit_label, "head_out")        # (layer, head) -> 'L3H5'
 
 
 def _ranked(values: np.ndarray, k: int, descending: bool = True) -> list:
@@ -150,10 +140,10 @@ def _map_sections(report, exact, attrib, raw, opts, seconds):
     return top
 
 
-def _patch_sweep(model, corrupted, source, pos_w, metric, pool, base, opts, report):
+def _patch_sweep(model, problem, pool, base, opts, report):
     """All subsets of the pool patched clean -> corrupted: additivity and sweep analysis sections."""
     n, gap = pool.n, base["clean"] - base["corrupted"]
-    res = jc.run_sweep(model.params, model.cfg, corrupted, source, pos_w, metric, pool, all_subsets(n),
+    res = jc.run_sweep(model.params, model.cfg, problem, pool, all_subsets(n),
                        os.path.join(opts.out, "sweeps", "patch_top"), chunk_size=opts.chunk_size,
                        resume=opts.resume, describe={"model": opts.model, "study": "ioi patch_top"})
     add = _additivity(res.metric, n)
@@ -174,9 +164,9 @@ def _ablation_sweep(model, clean, cache, metric, pool, base, opts, report):
     """All subsets of the pool mean-ablated on the clean run (`cache`: its head_out): per-head
     effects, single vs joint effects and sweep analysis sections."""
     n = pool.n
-    pos_w = P.select("all", clean.attn_mask)
-    res = jc.run_sweep(model.params, model.cfg, clean, P.mean_source(cache, clean.attn_mask), pos_w, metric, pool,
-                       all_subsets(n), os.path.join(opts.out, "sweeps", "ablate_top"), chunk_size=opts.chunk_size,
+    problem = PatchingProblem.make(clean, mean_source(cache, clean.attn_mask), P.select("all", clean.attn_mask),
+                                   metric)
+    res = jc.run_sweep(model.params, model.cfg, problem, pool, all_subsets(n), os.path.join(opts.out, "sweeps", "ablate_top"), chunk_size=opts.chunk_size,
                        resume=opts.resume, describe={"model": opts.model, "study": "ioi ablate_top"})
     add = _additivity(res.metric, n)
     verdict = _verdict(add["ratio"], "the heads cover for one another when only one is removed (redundancy / backup)",
@@ -200,10 +190,8 @@ def _ablation_sweep(model, clean, cache, metric, pool, base, opts, report):
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, "IOI: per-head patching, attribution patching and backup heads")
-    model = jc.load(opts.model, jnp.bfloat16 if opts.dtype == "bfloat16" else jnp.float32)
+    model = load_model(opts.model, opts.dtype)
     cfg, tok = model.cfg, model.tokenizer
-    if tok is None:
-        raise ValueError(f"{opts.model} has no tokenizer")
     if opts.top_heads > cfg.n_layers * cfg.n_heads:
         raise ValueError(f"--top_heads={opts.top_heads} exceeds the model's {cfg.n_layers * cfg.n_heads} heads")
     clean_p = generate_ioi(opts.n_prompts, opts.seed, tok)
@@ -211,9 +199,7 @@ def run(opts: Options) -> str:
     cb, xb = ioi_batch(clean_p, tok), ioi_batch(corrupt_p, tok)
     metric = cb.metric
     pos_map = P.right_aligned(xb.mask, cb.mask)              # equal token lengths: the identity
-    pos_w = P.weights("all", pos_map)
     _, cache = jc.run_with_cache(model.params, cfg, cb.ids, jnp.asarray(cb.mask), sites=("head_out",))
-    source = P.align(cache, pos_map)
     clean_m = unpatched_metric(model, cb.ids, cb.mask, metric)
     base = {"clean": float(clean_m.mean()), "corrupted": float(unpatched_metric(model, xb.ids, xb.mask, metric).mean()),
             "clean_right": float((clean_m > 0).mean())}
@@ -228,18 +214,19 @@ def run(opts: Options) -> str:
                                  for c, x, m in zip(clean_p, corrupt_p, clean_m)]
     _baselines_section(report, base, gap)
 
-    corrupted = jc.target_run(model.params, cfg, xb.ids, xb.mask)
+    problem = PatchingProblem.make(jc.target_run(model.params, cfg, xb.ids, xb.mask), P.align(cache, pos_map),
+                                   P.weights("all", pos_map), metric)
     logging.info("per-head patching map over %d heads", cfg.n_layers * cfg.n_heads)
     t0 = time.time()
-    raw = head_patch_map(model, corrupted, source, pos_w, metric, opts.chunk_size)
+    raw = head_patch_map(model, problem, opts.chunk_size)
     t1 = time.time()
-    attrib = head_attribution(model, corrupted, source, pos_w, metric)
+    attrib = head_attribution(model, problem)
     seconds = {"exact": t1 - t0, "attribution": time.time() - t1}
     top = _map_sections(report, (raw - base["corrupted"]) / gap, attrib / gap, raw, opts, seconds)
 
     pool = Pool("head_out", units=tuple(top))
     logging.info("patch sweep over %s", pool.labels())
-    _patch_sweep(model, corrupted, source, pos_w, metric, pool, base, opts, report)
+    _patch_sweep(model, problem, pool, base, opts, report)
     logging.info("ablation sweep over %s", pool.labels())
     _ablation_sweep(model, jc.target_run(model.params, cfg, cb.ids, cb.mask), cache, metric, pool, base, opts,
                     report)

@@ -11,15 +11,16 @@ import numpy as np
 
 import jaxcircuits as jc
 from jaxcircuits import positions as P
+from jaxcircuits import sites
 from jaxcircuits import subsets as S
 from jaxcircuits.metrics import LogitDiff, pad_ids
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import target_run
+from jaxcircuits.patching import PatchingProblem, target_run
 from jaxcircuits.report import Report, add_sweep_analysis, table
+from jaxcircuits.studies.common import TaskBatches, load_model
 from jaxcircuits.tasks import decimals as D
 from jaxcircuits.tasks import ioi
 
-SITES = ("head_out", "attn_block", "attn_out", "mlp_out", "resid_pre", "pattern")
 FAMILIES = ("all", "sizes", "sampled", "even", "odd", "strided", "contiguous", "explicit")
 ALIGNS = {"token": None, "right": P.right_aligned, "left": P.left_aligned}
 
@@ -63,10 +64,15 @@ def parse_success(spec: str) -> Tuple[str, float]:
     raise ValueError(f"--success must be 'positive', 'above:X' or 'below:X', got {spec!r}")
 
 
-def make_pool(site: str, layers, units_per_layer: Optional[int], select: str) -> S.Pool:
-    """Units of `site` in `layers`: per layer all units, the even or odd ones, or listed indices."""
-    if site in ("attn_out", "mlp_out", "resid_pre"):
+def make_pool(site: str, layers, cfg, select: str, n_blocks: Optional[int] = None) -> S.Pool:
+    """Units of `site` in `layers`: per layer all units, the even or odd ones, or listed indices
+    (sites with one unit per layer take every layer's unit)."""
+    shape = sites.get(site).shape(cfg, n_blocks)
+    if len(shape) == 1:
         return S.Pool(site, tuple((l,) for l in layers))
+    if len(shape) != 2:
+        raise ValueError(f"site {site!r} has mask shape {shape}: pools take sites with one unit axis")
+    units_per_layer = shape[1]
     idx = np.arange(units_per_layer)
     if select == "even":
         idx = idx[0::2]
@@ -76,7 +82,7 @@ def make_pool(site: str, layers, units_per_layer: Optional[int], select: str) ->
         idx = np.array([int(i) for i in select.split(",")])
         if idx.min() < 0 or idx.max() >= units_per_layer:
             raise ValueError(f"--pool indices {select} out of range [0, {units_per_layer})")
-    return S.Pool(site, tuple((l, int(j)) for l in layers for j in idx))
+    return S.Pool(site, tuple((l, int(j)) for l in layers for j in idx), n_blocks if sites.get(site).blocked else None)
 
 
 def make_family(opts: Options, n: int) -> S.Family:
@@ -99,17 +105,18 @@ def make_family(opts: Options, n: int) -> S.Family:
     return S.explicit(n, [list(s) for s in opts.explicit])
 
 
-def task_batches(model, opts: Options):
-    """(source ids, source mask, target ids, target mask, metric, description)."""
+def task_batches(model, opts: Options) -> TaskBatches:
+    """The --task's source and target batches and metric."""
     tok = model.tokenizer
     if opts.task == "decimals":
         pairs = [D.STUDY_PAIR] + D.generate_pairs(max(opts.n_prompts - 1, 0), opts.seed)
         src, tgt = (D.build_batch(pairs, f, tok) for f in (opts.source_format, opts.target_format))
-        return src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric, f"{len(pairs)} decimal pairs, {opts.source_format} -> {opts.target_format}"
+        return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric,
+                           f"{len(pairs)} decimal pairs, {opts.source_format} -> {opts.target_format}")
     if opts.task == "ioi":
         clean = ioi.generate_ioi(opts.n_prompts, opts.seed, tok)
         src, tgt = ioi.ioi_batch(clean, tok), ioi.ioi_batch(ioi.corrupt(clean, opts.seed + 1, tok), tok)
-        return src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric, f"{len(clean)} IOI prompts, clean -> corrupted"
+        return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric, f"{len(clean)} IOI prompts, clean -> corrupted")
     texts = []
     for path in opts.prompts:
         with open(path) as f:
@@ -121,33 +128,34 @@ def task_batches(model, opts: Options):
     good = [tok.answer_token_ids(opts.answers[0], prompt=t)[:1] for t in texts[1]]
     bad = [tok.answer_token_ids(opts.answers[1], prompt=t)[:1] for t in texts[1]]
     metric = LogitDiff(good=jnp.asarray(pad_ids(good)), bad=jnp.asarray(pad_ids(bad)))
-    return s_ids, s_mask, t_ids, t_mask, metric, f"{len(texts[0])} prompts from files"
+    return TaskBatches(s_ids, s_mask, t_ids, t_mask, metric, f"{len(texts[0])} prompts from files")
 
 
 def run(opts: Options) -> str:
     report = Report(opts.out, f"Threshold sweep: {opts.site} of layers {list(opts.layers)}")
-    model = jc.load(opts.model, jnp.bfloat16 if opts.dtype == "bfloat16" else jnp.float32)
+    model = load_model(opts.model, opts.dtype)
     cfg = model.cfg
     bad = [l for l in opts.layers if l >= cfg.n_layers]
     if bad:
         raise ValueError(f"--layers {bad} out of range: {opts.model} has {cfg.n_layers} layers")
-    per_layer = {"head_out": cfg.n_heads, "pattern": cfg.n_heads, "attn_block": opts.n_blocks or cfg.n_heads}.get(opts.site)
-    pool = make_pool(opts.site, opts.layers, per_layer, opts.pool)
+    pool = make_pool(opts.site, opts.layers, cfg, opts.pool, opts.n_blocks)
     family = make_family(opts, pool.n)
-    s_ids, s_mask, t_ids, t_mask, metric, desc = task_batches(model, opts)
-    _, cache = run_with_cache(model.params, cfg, s_ids, jnp.asarray(s_mask),
-                              sites=(("attn_out",) if opts.site == "attn_block" else (opts.site,)))
+    task = task_batches(model, opts)
+    _, cache = run_with_cache(model.params, cfg, task.source_ids, jnp.asarray(task.source_mask),
+                              sites=(sites.get(opts.site).cache,))
     align = ALIGNS[opts.align]
-    pos_map = P.token_matched(t_ids, t_mask, s_ids, s_mask) if align is None else align(t_mask, s_mask)
+    pos_map = P.token_matched(task.target_ids, task.target_mask, task.source_ids, task.source_mask) \
+        if align is None else align(task.target_mask, task.source_mask)
     selector = opts.positions if opts.positions in ("all", "last") or opts.positions.startswith("last:") \
         else [int(i) for i in opts.positions.split(",")]
-    pos_w = P.weights(selector, pos_map)
-    res = jc.run_sweep(model.params, cfg, target_run(model.params, cfg, t_ids, t_mask), P.align(cache, pos_map), pos_w,
-                       metric, pool, family, os.path.join(opts.out, "sweep"), chunk_size=opts.chunk_size,
-                       n_blocks=opts.n_blocks, resume=opts.resume, describe={"model": opts.model, "task": desc})
+    problem = PatchingProblem.make(target_run(model.params, cfg, task.target_ids, task.target_mask),
+                                   P.align(cache, pos_map), P.weights(selector, pos_map), task.metric)
+    res = jc.run_sweep(model.params, cfg, problem, pool, family, os.path.join(opts.out, "sweep"),
+                       chunk_size=opts.chunk_size, resume=opts.resume,
+                       describe={"model": opts.model, "task": task.description})
     kind, threshold = parse_success(opts.success)
     report.add("Setup", table(["model", "task", "site", "units", "family", "members", "positions", "align", "success"],
-                              [[opts.model, desc, opts.site, pool.n, opts.family, family.size(), opts.positions,
-                                opts.align, f"{opts.success} ({opts.aggregate} over prompts)"]]))
+                              [[opts.model, task.description, opts.site, pool.n, opts.family, family.size(),
+                                opts.positions, opts.align, f"{opts.success} ({opts.aggregate} over prompts)"]]))
     add_sweep_analysis(report, "Sweep", res.subsets(pool.n), res.metric, pool.labels(), kind, threshold, opts.aggregate)
     return report.write()

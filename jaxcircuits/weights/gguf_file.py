@@ -3,7 +3,7 @@
 The config comes from GGUF metadata through `ModelConfig.from_hf` (so the same validation applies);
 metadata keys that could change the computed function and that we do not read raise
 `UnsupportedConfigError`. Tensors are dequantised one at a time, renamed to HF Llama names, and
-written with the HF Llama plan. llama.cpp's converter permutes the rows of each Q and K head
+written with the HF Llama tensor map. llama.cpp's converter permutes the rows of each Q and K head
 (HF rotate-half order -> interleaved pairs); we undo it, as transformers' GGUF loader does.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxcircuits.models.config import ModelConfig, RopeConfig, UnsupportedConfigError
 from jaxcircuits.models.params import Params, check_params
-from jaxcircuits.weights.hf import Plan, check_tensors, empty_params, fill, llama_plan
+from jaxcircuits.weights.hf import TensorMap, check_tensors, empty_params, fill, llama_tensors
 
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
@@ -182,13 +182,13 @@ def load_gguf(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
     path = os.fspath(path)
     reader = _open(path)
     cfg = ModelConfig.from_hf(hf_config(reader))
-    plan: Plan = {gguf_name(n): s for n, s in llama_plan(cfg).items()}
+    expected: TensorMap = {gguf_name(n): s for n, s in llama_tensors(cfg).items()}
     tensors = {t.name: t for t in reader.tensors if t.name != _ROPE_FREQS}
     # GGUF lists dims fastest-first; numpy (and HF) order is the reverse.
     shapes = {n: tuple(int(x) for x in t.shape[::-1]) for n, t in tensors.items()}
-    check_tensors(plan, shapes, f"GGUF file {path}")
+    check_tensors(expected, shapes, f"GGUF file {path}")
     params = empty_params(cfg, dtype)
-    for name, spec in plan.items():
+    for name, spec in expected.items():
         w = _dequantize(tensors[name])
         if re.search(r"\.attn_[qk]\.", name):
             w = unpermute_heads(w, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)

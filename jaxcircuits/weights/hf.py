@@ -2,8 +2,8 @@
 
 Tensors are read one at a time and written straight into preallocated stacked numpy arrays
 (`empty_params`), so peak host memory stays near one copy of the model plus its largest tensor.
-A *plan* maps each checkpoint tensor name to its expected shape and to the leaves it fills; the
-GGUF loader reuses the Llama plan under llama.cpp names.
+A *tensor map* maps each checkpoint tensor name to its expected shape and to the leaves it fills; the
+GGUF loader reuses the Llama tensor map under llama.cpp names.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class TensorSpec:
     writes: Tuple[Write, ...]
 
 
-Plan = Dict[str, TensorSpec]
+TensorMap = Dict[str, TensorSpec]
 
 
 def _same(a: np.ndarray) -> np.ndarray:
@@ -71,20 +71,20 @@ def _cols(lo: int, hi: int, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[
     return lambda a: fn(a[..., lo:hi])
 
 
-def llama_plan(cfg: ModelConfig, prefix: str = "model.") -> Plan:
+def llama_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
     """HF Llama tensor names (``prefix`` = 'model.' for *ForCausalLM, '' for a bare model) -> specs."""
     D, H, K, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
-    plan = {
+    tensors = {
         f"{prefix}embed_tokens.weight": TensorSpec((V, D), ((("embed", "tokens"), None, _same),)),
         f"{prefix}norm.weight": TensorSpec((D,), ((("final_norm", "scale"), None, _same),)),
     }
     if not cfg.tied_embeddings:
-        plan["lm_head.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
+        tensors["lm_head.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
     for i in range(cfg.n_layers):
         p = f"{prefix}layers.{i}."
 
         def add(name, shape, leaf, fn):
-            plan[p + name] = TensorSpec(shape, ((("layers", *leaf), i, fn),))
+            tensors[p + name] = TensorSpec(shape, ((("layers", *leaf), i, fn),))
 
         add("input_layernorm.weight", (D,), ("norm1", "scale"), _same)
         add("post_attention_layernorm.weight", (D,), ("norm2", "scale"), _same)
@@ -99,29 +99,29 @@ def llama_plan(cfg: ModelConfig, prefix: str = "model.") -> Plan:
             add(f"mlp.{proj}_proj.weight", shape, (proj, "w"), _linear)
             if cfg.mlp_bias:
                 add(f"mlp.{proj}_proj.bias", shape[:1], (proj, "b"), _same)
-    return plan
+    return tensors
 
 
-def gpt2_plan(cfg: ModelConfig, prefix: str = "transformer.") -> Plan:
+def gpt2_tensors(cfg: ModelConfig, prefix: str = "transformer.") -> TensorMap:
     """HF GPT-2 tensor names (``prefix`` = 'transformer.' for GPT2LMHeadModel, '' for GPT2Model) -> specs.
 
     Conv1D weights are [in, out] (already x @ W); c_attn is [D, 3D] with q|k|v on the out axis.
     """
     D, H, Dh, F, V, P = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size, cfg.max_positions
-    plan = {
+    tensors = {
         f"{prefix}wte.weight": TensorSpec((V, D), ((("embed", "tokens"), None, _same),)),
         f"{prefix}wpe.weight": TensorSpec((P, D), ((("embed", "positions"), None, _same),)),
         f"{prefix}ln_f.weight": TensorSpec((D,), ((("final_norm", "scale"), None, _same),)),
         f"{prefix}ln_f.bias": TensorSpec((D,), ((("final_norm", "bias"), None, _same),)),
     }
     if not cfg.tied_embeddings:
-        plan["lm_head.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
+        tensors["lm_head.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
     qkv = tuple(zip(("q", "k", "v"), range(0, 3 * D, D)))
     for i in range(cfg.n_layers):
         p = f"{prefix}h.{i}."
 
         def add(name, shape, *writes):
-            plan[p + name] = TensorSpec(shape, tuple((("layers", *leaf), i, fn) for leaf, fn in writes))
+            tensors[p + name] = TensorSpec(shape, tuple((("layers", *leaf), i, fn) for leaf, fn in writes))
 
         for ln, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
             add(f"{ln}.weight", (D,), ((norm, "scale"), _same))
@@ -135,7 +135,11 @@ def gpt2_plan(cfg: ModelConfig, prefix: str = "transformer.") -> Plan:
         add("mlp.c_fc.bias", (F,), (("up", "b"), _same))
         add("mlp.c_proj.weight", (F, D), (("down", "w"), _same))
         add("mlp.c_proj.bias", (D,), (("down", "b"), _same))
-    return plan
+    return tensors
+
+
+# checkpoint type -> (tensor map, name prefix of its *ForCausalLM checkpoints)
+TENSOR_MAPS = {"llama": (llama_tensors, "model."), "gpt2": (gpt2_tensors, "transformer.")}
 
 
 def empty_params(cfg: ModelConfig, dtype) -> Params:
@@ -151,12 +155,12 @@ def fill(params: Params, spec: TensorSpec, array: np.ndarray) -> None:
         (leaf if layer is None else leaf[layer])[...] = fn(array)
 
 
-def check_tensors(plan: Plan, found: Mapping[str, Tuple[int, ...]], where: str) -> None:
-    """Raise ValueError naming every missing, unexpected or mis-shaped tensor of `found` vs `plan`."""
-    errors = [f"missing tensor {n!r} {s.shape}" for n, s in plan.items() if n not in found]
-    errors += [f"unexpected tensor {n!r} {shape}" for n, shape in found.items() if n not in plan]
+def check_tensors(tensors: TensorMap, found: Mapping[str, Tuple[int, ...]], where: str) -> None:
+    """Raise ValueError naming every missing, unexpected or mis-shaped tensor of `found` vs `tensors`."""
+    errors = [f"missing tensor {n!r} {s.shape}" for n, s in tensors.items() if n not in found]
+    errors += [f"unexpected tensor {n!r} {shape}" for n, shape in found.items() if n not in tensors]
     errors += [f"tensor {n!r} has shape {found[n]}, expected {s.shape}"
-               for n, s in plan.items() if n in found and tuple(found[n]) != s.shape]
+               for n, s in tensors.items() if n in found and tuple(found[n]) != s.shape]
     if errors:
         raise ValueError(f"{where} does not match its config:\n  " + "\n  ".join(errors))
 
@@ -205,13 +209,13 @@ def _read(fn: str, name: str) -> np.ndarray:
 def _ignored(name: str, cfg: ModelConfig) -> bool:
     """Non-parameter buffers (GPT-2 causal-mask buffers) and a tied lm_head copy."""
     return (cfg.tied_embeddings and name == "lm_head.weight") or (
-        cfg.family == "gpt2" and re.search(r"(^|\.)h\.\d+\.attn\.(masked_)?bias$", name) is not None)
+        cfg.checkpoint == "gpt2" and re.search(r"(^|\.)h\.\d+\.attn\.(masked_)?bias$", name) is not None)
 
 
-def _plan_for(cfg: ModelConfig, names) -> Plan:
-    if cfg.family == "llama":
-        return llama_plan(cfg, "model." if any(n.startswith("model.") for n in names) else "")
-    return gpt2_plan(cfg, "transformer." if any(n.startswith("transformer.") for n in names) else "")
+def _tensors_for(cfg: ModelConfig, names) -> TensorMap:
+    """The tensor map of cfg's checkpoint type, with the name prefix `names` use ('' for a bare model)."""
+    fn, prefix = TENSOR_MAPS[cfg.checkpoint]
+    return fn(cfg, prefix if any(n.startswith(prefix) for n in names) else "")
 
 
 def load_hf_dir(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
@@ -227,13 +231,13 @@ def load_hf_dir(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
                 raise ValueError(f"tensor {name!r} is in both {where[name]} and {fn}")
             where[name], found[name], stype[name] = fn, shape, kind
     found = {n: s for n, s in found.items() if not _ignored(n, cfg)}
-    plan = _plan_for(cfg, found)
-    check_tensors(plan, found, f"checkpoint {path}")
-    for name in plan:
+    tensors = _tensors_for(cfg, found)
+    check_tensors(tensors, found, f"checkpoint {path}")
+    for name in tensors:
         if stype[name] not in _FLOAT_DTYPES:
             raise ValueError(f"tensor {name!r} in {where[name]} has dtype {stype[name]}, expected a float")
     params = empty_params(cfg, dtype)
-    for name, spec in plan.items():
+    for name, spec in tensors.items():
         fill(params, spec, _read(where[name], name))
     check_params(params, cfg)
     return cfg, params

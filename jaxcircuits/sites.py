@@ -1,0 +1,229 @@
+"""The intervention-site registry: the one place that says what a site is.
+
+A `Mask` mirrors the registry; every leaf is optional and holds blend weights m in [0, 1]
+with shape `site.shape(cfg)` = [L, *units]. At a site with the run's own activation x and
+replacement s the model computes
+
+    x + m * w_pos * (s - x)
+
+where w_pos [B, T] selects positions (1 = patch this position). A batch of masks is a `Mask` whose
+leaves have a leading axis, so `jax.vmap` runs many interventions in one call and `jax.grad`
+with respect to a mask is attribution patching. An all-zero mask leaves the run bit-for-bit
+unchanged.
+
+`SITES` lists every site once (L layers, H query heads, K KV heads, NB residual blocks, D model
+width, Dh head dim, F MLP width; activations per layer, B batch, T positions, S key slots):
+
+  resid_pre   [L]       the residual stream entering layer l, [B, T, D]
+  head_q      [L, H]    per-head queries after RoPE, [B, T, H, Dh]
+  head_k      [L, K]    per-KV-head keys after RoPE, [B, T, K, Dh] (GQA: a KV head serves
+                        n_heads / n_kv_heads query heads)
+  head_v      [L, K]    per-KV-head values, [B, T, K, Dh]
+  pattern     [L, H]    attention probabilities of a head, [B, H, T, S]; positions select queries
+  head_out    [L, H]    per-head attention output z (the o_proj input), [B, T, H, Dh]: true heads
+  attn_block  [L, NB]   NB equal blocks of D/NB dims of the o_proj OUTPUT, [B, T, D]: residual
+                        coordinates, not heads (what the original "even heads" code patched);
+                        its replacement is the source's `attn_out`
+  attn_out    [L]       the whole attention output (after o_proj), [B, T, D]
+  mlp_neuron  [L, F]    the MLP hidden activation after the nonlinearity (the down-projection
+                        input; act(gate) * up for gated MLPs), [B, T, F]
+  mlp_out     [L]       the MLP output, [B, T, D]
+
+A run can cache every site whose `cache` is itself, plus `EXTRA_CACHE`: 'kv' ((k, v), each
+[L, B, S, K, Dh]) and 'final_norm' ([B, T, D], the final norm output). Cached activations are
+stacked [L, B, ...] and, under a patched run, hold the patched values.
+
+Replacements (`Source`) are cache dicts aligned to the target's positions
+(`positions.align`). To add a site: one `Site` row here and one `hooks(name, x)` call at its
+place in `models/transformer.py`; masks, validation, plans, sweeps, alignment, ablation
+sources, generation and the binaries read the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+Source = Dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One intervention site.
+
+    name:      the `Mask` field and (when `cache == name`) the cache entry.
+    units:     `ModelConfig` attributes giving the per-layer unit axes of the mask ('n_blocks':
+               a free block count that must divide d_model, default n_heads).
+    cache:     the cache entry whose aligned values replace this site's activation.
+    before_z:  read before a layer's head outputs z (a patched run touching it at its first layer
+               must recompute that layer from its input rather than from the target's z).
+    pos_axes:  axes of the per-layer activation [B, ...] that index positions: the query axis
+               first (the one position weights select), then a key axis if any.
+    unit_axis: axis of the per-layer activation where the mask's unit axes start.
+    tag:       letter of unit labels ('L3H5'); None labels units by their coordinates.
+    """
+
+    name: str
+    units: Tuple[str, ...]
+    cache: str
+    before_z: bool
+    pos_axes: Tuple[int, ...] = (1,)
+    unit_axis: int = 2
+    tag: Optional[str] = None
+
+    @property
+    def blocked(self) -> bool:
+        """Units are equal blocks of the activation's last axis (reshaped before blending)."""
+        return self.units == ("n_blocks",)
+
+    def shape(self, cfg, n_blocks: Optional[int] = None) -> Tuple[int, ...]:
+        """The mask shape [L, *units] of one intervention on model `cfg`."""
+        dims = []
+        for a in self.units:
+            if a == "n_blocks":
+                nb = n_blocks or cfg.n_heads
+                if nb <= 0 or cfg.d_model % nb:
+                    raise ValueError(f"n_blocks={nb} does not divide d_model={cfg.d_model}")
+                dims.append(nb)
+            else:
+                dims.append(getattr(cfg, a))
+        return (cfg.n_layers, *dims)
+
+    def check_shape(self, shape: Sequence[int], cfg, where: str = "") -> None:
+        """Raise ValueError unless `shape` is a valid mask shape [L, *units] for `cfg` (`where`
+        qualifies the shape in the message)."""
+        shape = tuple(int(s) for s in shape)
+        if self.blocked:
+            ok = len(shape) == 2 and shape[0] == cfg.n_layers and shape[1] > 0 and cfg.d_model % shape[1] == 0
+            want = f"({cfg.n_layers}, n_blocks) with n_blocks dividing d_model={cfg.d_model}"
+        else:
+            want = self.shape(cfg)
+            ok = shape == want
+        if not ok:
+            raise ValueError(f"mask site {self.name!r} has shape {shape}{where}, expected {want}")
+
+    def weights(self, m: Array, pos_w: Array, ndim: int) -> Array:
+        """Per-element weight m * w_pos, broadcastable against the per-layer activation of rank
+        `ndim` (after the block view): m [*units] of one layer, pos_w [B, T]."""
+        p = self.pos_axes[0]
+        w_pos = pos_w.reshape(pos_w.shape[0], *([1] * (p - 1)), pos_w.shape[1], *([1] * (ndim - p - 1)))
+        w_unit = m.reshape(*([1] * self.unit_axis), *m.shape, *([1] * (ndim - self.unit_axis - m.ndim)))
+        return w_pos * w_unit
+
+
+SITES: Tuple[Site, ...] = (
+    Site("resid_pre", (), "resid_pre", before_z=True),
+    Site("head_q", ("n_heads",), "head_q", before_z=True, tag="Q"),
+    Site("head_k", ("n_kv_heads",), "head_k", before_z=True, tag="K"),
+    Site("head_v", ("n_kv_heads",), "head_v", before_z=True, tag="V"),
+    Site("pattern", ("n_heads",), "pattern", before_z=True, pos_axes=(2, 3), unit_axis=1),
+    Site("head_out", ("n_heads",), "head_out", before_z=False, tag="H"),
+    Site("attn_block", ("n_blocks",), "attn_out", before_z=False, tag="B"),
+    Site("attn_out", (), "attn_out", before_z=False),
+    Site("mlp_neuron", ("d_mlp",), "mlp_neuron", before_z=False, tag="N"),
+    Site("mlp_out", (), "mlp_out", before_z=False),
+)
+BY_NAME: Dict[str, Site] = {s.name: s for s in SITES}
+NAMES: Tuple[str, ...] = tuple(BY_NAME)
+# Cache entries that are not mask sites.
+EXTRA_CACHE = ("kv", "final_norm")
+CACHE_SITES: Tuple[str, ...] = tuple(s.name for s in SITES if s.cache == s.name) + EXTRA_CACHE
+
+
+def get(name: str) -> Site:
+    """The registry row of site `name` (ValueError naming the known sites otherwise)."""
+    if name not in BY_NAME:
+        raise ValueError(f"unknown site {name!r}; known: {NAMES}")
+    return BY_NAME[name]
+
+
+def source_entry(name: str) -> Site:
+    """The registry row describing cache entry `name` (a site that caches itself)."""
+    site = BY_NAME.get(name)
+    if site is None or site.cache != name:
+        raise ValueError(f"{name!r} is not a cache entry with positions; known: {CACHE_SITES[:-len(EXTRA_CACHE)]}")
+    return site
+
+
+def unit_label(site: str, unit: Sequence[int]) -> str:
+    """'L3H5' for unit (3, 5) of a site with a tag; else the coordinates, e.g. '(3,)'."""
+    tag = get(site).tag
+    unit = tuple(int(c) for c in unit)
+    if tag is None or len(unit) != 2:
+        return str(unit)
+    return f"L{unit[0]}{tag}{unit[1]}"
+
+
+def _mask_sites(self) -> Tuple[str, ...]:
+    """Names of the sites this mask touches (leaves that are not None), in registry order."""
+    return tuple(n for n in NAMES if getattr(self, n) is not None)
+
+
+# A flax struct with one optional field per site, in registry order.
+Mask = struct.dataclass(type("Mask", (), {
+    "__annotations__": {n: Optional[Array] for n in NAMES}, **{n: None for n in NAMES},
+    "sites": _mask_sites, "__module__": __name__,
+    "__doc__": "Blend weights per site (fields: `sites.NAMES`); `None` leaves a site untouched. "
+               "Leaves [L, *units] (`Site.shape`), or [N, L, *units] for a batch."}))
+
+
+@struct.dataclass
+class Intervention:
+    """What one patched run applies.
+
+    mask:   a `Mask` (leaves with a leading [L] axis, sliced per layer by the layer scan)
+    source: replacement activations for the mask's sites, `Source` aligned to the target
+    pos_w:  [B, T] float position weights of the target run (1 = intervene at this position)
+    """
+
+    mask: Mask
+    source: Source
+    pos_w: Array
+
+
+def blend(x: Array, s: Array, w: Array) -> Array:
+    """x + w * (s - x), with w broadcast against x. w == 0 returns x exactly."""
+    return x + w.astype(x.dtype) * (s.astype(x.dtype) - x)
+
+
+def apply(name: str, x: Array, mask_l, source_l: Optional[Source], pos_w: Optional[Array]) -> Array:
+    """Blend one layer's activation `x` at site `name` toward its replacement, if the mask has it.
+
+    mask_l: the `Mask` of this layer (leaves [*units]) or None; source_l: this layer's source.
+    """
+    m = None if mask_l is None else getattr(mask_l, name)
+    if m is None:
+        return x
+    site = BY_NAME[name]
+    s = source_l[site.cache]
+    if not site.blocked:
+        return blend(x, s, site.weights(m, pos_w, x.ndim))
+    shape = x.shape
+    blocks = lambda a: a.reshape(*shape[:-1], m.shape[-1], shape[-1] // m.shape[-1])
+    return blend(blocks(x), blocks(s), site.weights(m, pos_w, x.ndim + 1)).reshape(shape)
+
+
+class LayerHooks:
+    """The sites of one layer of one traced run: `hooks(name, x)` patches x (per `apply`) and
+    records it when `name` is collected. Created inside the layer scan's body, once per trace."""
+
+    def __init__(self, intervention: Optional[Intervention], collect: Sequence[str]):
+        self.iv = (None, None, None) if intervention is None else (
+            intervention.mask, intervention.source, intervention.pos_w)
+        self.collect = collect
+        self.cache: Dict[str, Array] = {}
+
+    def __call__(self, name: str, x: Array) -> Array:
+        x = apply(name, x, *self.iv)
+        self.record(name, x)
+        return x
+
+    def record(self, name: str, value) -> None:
+        """Keep `value` as this layer's cache entry `name` if it is collected."""
+        if name in self.collect:
+            self.cache[name] = value

@@ -1,0 +1,53 @@
+"""Code-shape rules of the "one home" design, checked on the library's source."""
+
+import ast
+import pathlib
+
+from jaxcircuits import sites
+
+LIB = pathlib.Path(__file__).resolve().parent.parent / "jaxcircuits"
+
+
+def _modules():
+    return [(p, ast.parse(p.read_text())) for p in sorted(LIB.rglob("*.py"))]
+
+
+def test_sites_are_listed_only_in_the_registry():
+    """No module but sites.py holds a tuple/list/set/dict of three or more site names."""
+    names = set(sites.NAMES)
+    offenders = []
+    for path, tree in _modules():
+        if path.name == "sites.py":
+            continue
+        for node in ast.walk(tree):
+            elts = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)) and elts:
+                listed = {e.value for e in elts if isinstance(e, ast.Constant) and e.value in names}
+                if len(listed) >= 3:
+                    offenders.append(f"{path.relative_to(LIB)}:{node.lineno} {sorted(listed)}")
+    assert not offenders, offenders
+
+
+def test_no_function_takes_more_than_eight_parameters_unexplained():
+    """A function with more than 8 parameters says why in its docstring ('more than eight')."""
+    offenders = []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]
+            params = [p for p in params if p.arg not in ("self", "cls")]
+            if len(params) > 8 and "more than eight" not in (ast.get_docstring(node) or ""):
+                offenders.append(f"{path.relative_to(LIB)}:{node.lineno} {node.name} ({len(params)})")
+    assert not offenders, offenders
+
+
+def test_no_model_family_switch():
+    """Model behaviour follows config features: no `cfg.family`, and `cfg.checkpoint` (the HF tensor
+    naming) is read only by the loaders."""
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("family", "checkpoint") and \
+                    isinstance(node.value, ast.Name) and node.value.id == "cfg":
+                assert node.attr == "checkpoint" and path.parent.name == "weights", f"{path}:{node.lineno}"
