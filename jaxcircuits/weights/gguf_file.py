@@ -177,6 +177,11 @@ def _open(path: str) -> gguf.GGUFReader:
         raise ValueError(f"{path} is not a valid GGUF file (corrupt or truncated?): {e!r}") from e
 
 
+def gguf_config(path: str) -> ModelConfig:
+    """The config of GGUF file `path`, from its metadata only."""
+    return ModelConfig.from_hf(hf_config(_open(os.fspath(path))))
+
+
 def load_gguf(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
     """Load llama-architecture GGUF file `path` -> (config, numpy params of `dtype`), dequantised."""
     path = os.fspath(path)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import Params
 from jaxcircuits.weights.cache import cached_load
-from jaxcircuits.weights.gguf_file import load_gguf
+from jaxcircuits.weights.gguf_file import gguf_config, load_gguf
 from jaxcircuits.weights.hf import load_hf_dir, weight_files
 
 # name -> (python package holding the file, file name, install command)
@@ -100,6 +100,14 @@ def resolve(name_or_path: str) -> ModelSource:
         return _hub(name)
     raise FileNotFoundError(
         f"{name!r} is neither an embedded model ({sorted(EMBEDDED)}), a local path, nor an HF id 'org/name'")
+
+
+def load_config(name_or_path: str) -> Tuple[ModelConfig, ModelSource]:
+    """Resolve `name_or_path` and read only its config (no weights): for checking options early."""
+    source = resolve(name_or_path)
+    if source.format == "gguf":
+        return gguf_config(source.path), source
+    return ModelConfig.from_json(source.path), source
 
 
 def load_params(name_or_path: str, dtype=jnp.float32,

@@ -1,0 +1,171 @@
+"""Files the project writes and later reads: atomic, checksummed, one writer per directory.
+
+- `write_atomic(path, write)`: `write(tmp)` fills a temporary file beside `path` (its name holds
+  `TMP_MARK`), then its SHA-256 goes to the sidecar `path + ".sha256"` and the file is renamed into
+  place, so `path` appears complete or not at all (a kill -9 or a full disk leaves only a
+  temporary file, which readers never match and `remove_temps` deletes).
+- `verify(path)` / `read_verified(path, read)`: the bytes must match the sidecar; otherwise, or
+  when `read` fails on them, `DamagedFileError` names the file (callers rebuild or recompute it).
+- `DirLock(directory)`: an exclusive `fcntl.flock` on `directory/.lock`; a second process gets
+  `LockedError` naming the holder's pid and host; the kernel drops the lock when its holder dies,
+  so a stale lock from a killed process is taken over without a word. (flock is per machine: on
+  storage shared by several hosts, let one process write.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import uuid
+from typing import Callable, List, TypeVar
+
+T = TypeVar("T")
+TMP_MARK = ".tmp-"
+SIDECAR = ".sha256"
+
+
+class DamagedFileError(ValueError):
+    """A file whose bytes do not match its checksum, or that cannot be parsed."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path} is damaged ({why})")
+        self.path = path
+
+
+class LockedError(RuntimeError):
+    """A directory already has a live writer."""
+
+
+def sha256_of(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, or of a directory tree (relative paths and bytes, sorted;
+    temporary files and sidecars excluded)."""
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                if TMP_MARK in name or name.endswith(SIDECAR):
+                    continue
+                full = os.path.join(root, name)
+                h.update(os.path.relpath(full, path).encode() + b"\0")
+                h.update(sha256_of(full).encode())
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_sidecar(path: str) -> str:
+    """Record the checksum of file or directory `path` in its sidecar (atomically); returns it."""
+    digest = sha256_of(path)
+    tmp = _tmp_name(path + SIDECAR)
+    with open(tmp, "w") as f:
+        f.write(digest + "\n")
+    os.replace(tmp, path + SIDECAR)
+    return digest
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> str:
+    """Write `path` through `write(tmp_path)`, checksum it and rename it into place; returns the
+    checksum. On any failure the temporary file is removed and `path` is untouched."""
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_of(tmp)
+        side_tmp = _tmp_name(path + SIDECAR)
+        with open(side_tmp, "w") as f:
+            f.write(digest + "\n")
+        os.replace(side_tmp, path + SIDECAR)
+        os.replace(tmp, path)
+        return digest
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj) -> str:
+    """`write_atomic` of `obj` as indented, key-sorted JSON."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+    return write_atomic(path, write)
+
+
+def verify(path: str) -> None:
+    """Raise DamagedFileError unless `path` (file or directory) matches its sidecar checksum."""
+    side = path + SIDECAR
+    if not os.path.exists(side):
+        raise DamagedFileError(path, "no checksum file")
+    with open(side) as f:
+        want = f.read().strip()
+    got = sha256_of(path)
+    if got != want:
+        raise DamagedFileError(path, f"checksum {got[:12]}... != recorded {want[:12]}...")
+
+
+def read_verified(path: str, read: Callable[[str], T]) -> T:
+    """`read(path)` after `verify(path)`; a failure of `read` is a DamagedFileError too."""
+    verify(path)
+    try:
+        return read(path)
+    except Exception as e:                               # noqa: BLE001 - any parse error means damage
+        raise DamagedFileError(path, f"{type(e).__name__}: {e}") from e
+
+
+def discard(path: str) -> None:
+    """Remove `path` and its sidecar, if present."""
+    for p in (path, path + SIDECAR):
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+
+
+def remove_temps(directory: str) -> List[str]:
+    """Delete temporary files left in `directory` by killed writers (call it holding the
+    directory's lock); returns their names."""
+    if not os.path.isdir(directory):
+        return []
+    stale = sorted(n for n in os.listdir(directory) if TMP_MARK in n)
+    for n in stale:
+        discard(os.path.join(directory, n))
+    return stale
+
+
+class DirLock:
+    """`with DirLock(directory):` one writer per directory (see the module doc)."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, ".lock")
+        self.fd = None
+
+    def __enter__(self) -> "DirLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{os.path.dirname(self.path)} is in use by another process ({holder}); "
+                              "wait for it to finish or choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
