@@ -7,8 +7,9 @@ layer 10 of a Llama-3.1-8B-shaped model (random weights), for one prompt.
 
 Each chunk is `sweep.chunk_metric`, the step `sweep.run_sweep` repeats (one compiled call: masks
 unranked on device, patched forward from the cached target run, logit difference at the last
-position), with the mask axis sharded over all local devices; run_sweep adds only an npz write per
-chunk. The first chunk (compile + run) is timed apart from the steady-state chunks. With
+position), with the mask axis sharded over all local devices; run_sweep adds per chunk only an npz
+write with its fsync and SHA-256, and once per sweep a SHA-256 of the params for the spec's
+fingerprint. The first chunk (compile + run) is timed apart from the steady-state chunks. With
 --max_chunks the sweep time is extrapolated from the steady-state rate and says so.
 """
 

@@ -25,12 +25,12 @@ import os
 
 from absl import app, flags, logging
 
-from jaxcircuits.bundle import DTYPES
+from jaxcircuits.models.params import PARAM_DTYPES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct",
                     "Embedded model name, local HF checkpoint dir, .gguf file, or cached HF id.")
-flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Parameter dtype.")
+flags.DEFINE_enum("dtype", "float32", list(PARAM_DTYPES), "Parameter dtype.")
 flags.DEFINE_enum("protocol", "heads", ["heads", "original", "both"], "Which protocol(s) to run.")
 flags.DEFINE_enum("preset", "quick", ["quick", "full"],
                   "quick: study pair + 2 generated pairs, 1 layer swept (CPU, minutes); "
@@ -77,6 +77,7 @@ def main(argv):
     del argv
     sweep_layers = _check_flags()
     from jaxcircuits.studies import even_heads as lib
+    from jaxcircuits.studies.common import checked, run_reporting_usage
     quick = FLAGS.preset == "quick"
     opts = lib.Options(
         model=FLAGS.model, dtype=FLAGS.dtype, protocols=("heads", "original") if FLAGS.protocol == "both" else (FLAGS.protocol,),
@@ -86,7 +87,7 @@ def main(argv):
         n_blocks=FLAGS.n_blocks, max_new_tokens=FLAGS.max_new_tokens, confirm=FLAGS.confirm,
         chunk_size=FLAGS.chunk_size, seed=FLAGS.seed, out=FLAGS.out, resume=FLAGS.resume,
         samples_per_size=FLAGS.samples_per_size)
-    path = lib.run(opts)
+    path = run_reporting_usage(lib.run, checked(opts, lib.check_options))
     logging.info("report: %s", os.path.abspath(path))
     print(os.path.abspath(path))
 

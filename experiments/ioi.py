@@ -24,12 +24,12 @@ import os
 
 from absl import app, flags, logging
 
-from jaxcircuits.bundle import DTYPES
+from jaxcircuits.models.params import PARAM_DTYPES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct",
                     "Embedded model name, local HF checkpoint dir, .gguf file, or cached HF id.")
-flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Parameter dtype.")
+flags.DEFINE_enum("dtype", "float32", list(PARAM_DTYPES), "Parameter dtype.")
 flags.DEFINE_integer("n_prompts", 8, "Clean IOI prompts (each with its corrupted twin).")
 flags.DEFINE_integer("seed", 0, "Seed of the prompts (the corruption uses seed + 1).")
 flags.DEFINE_integer("top_heads", 6, "Candidate heads of each sign; the sweeps cover all 2^top_heads subsets "
@@ -55,9 +55,10 @@ def main(argv):
     del argv
     _check_flags()
     from jaxcircuits.studies import ioi as lib
+    from jaxcircuits.studies.common import checked, run_reporting_usage
     opts = lib.Options(model=FLAGS.model, dtype=FLAGS.dtype, n_prompts=FLAGS.n_prompts, seed=FLAGS.seed,
                        top_heads=FLAGS.top_heads, chunk_size=FLAGS.chunk_size, out=FLAGS.out, resume=FLAGS.resume)
-    path = lib.run(opts)
+    path = run_reporting_usage(lib.run, checked(opts, lib.check_options))
     logging.info("report: %s", os.path.abspath(path))
     print(os.path.abspath(path))
 

@@ -13,12 +13,13 @@ import os
 from absl import app, flags
 
 from jaxcircuits import sites
-from jaxcircuits.bundle import DTYPES
+from jaxcircuits.models.params import PARAM_DTYPES
 from jaxcircuits.studies import threshold_sweep as lib
+from jaxcircuits.studies.common import checked, run_reporting_usage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct", "Embedded model, HF checkpoint dir, .gguf file or cached HF id.")
-flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Parameter dtype.")
+flags.DEFINE_enum("dtype", "float32", list(PARAM_DTYPES), "Parameter dtype.")
 flags.DEFINE_enum("task", "decimals", ["decimals", "ioi", "prompts"],
                   "decimals: 9.8/9.11 + generated pairs in two formats; ioi: clean -> corrupted IOI prompts; "
                   "prompts: --source_prompts/--target_prompts files with --answers.")
@@ -52,7 +53,8 @@ flags.DEFINE_bool("resume", True, "Continue a sweep already in --out.")
 
 
 def options() -> lib.Options:
-    """Validate every flag (before any model is loaded) into `lib.Options`."""
+    """Validate every flag that needs no model into `lib.Options` (`lib.check_options` then checks
+    them against the model's config, before any weights are loaded)."""
     def ints(name, values):
         try:
             return tuple(int(v) for v in values)
@@ -73,9 +75,8 @@ def options() -> lib.Options:
             raise app.UsageError(f"prompt file {path} not found")
     if FLAGS.pool not in ("all", "even", "odd"):
         ints("pool", FLAGS.pool.split(","))
-    if not (FLAGS.positions in ("all", "last") or FLAGS.positions.startswith("last:")):
-        ints("positions", FLAGS.positions.split(","))
     try:
+        lib.parse_positions(FLAGS.positions)
         lib.parse_success(FLAGS.success)
         if FLAGS.task == "decimals":
             from jaxcircuits.formats import get_format
@@ -93,7 +94,8 @@ def options() -> lib.Options:
 
 def main(argv):
     del argv
-    print(os.path.abspath(lib.run(options())))
+    opts = checked(options(), lib.check_options)
+    print(os.path.abspath(run_reporting_usage(lib.run, opts)))
 
 
 if __name__ == "__main__":

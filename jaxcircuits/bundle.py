@@ -15,8 +15,6 @@ from jaxcircuits.tokenize import Tokenizer, load_tokenizer
 from jaxcircuits.weights.registry import ModelSource, load_params
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# Parameter dtypes by name (binaries' --dtype flags).
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -52,13 +50,10 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32, cache: bool = Tru
     """Load a model: the embedded default 'smollm2-135m-instruct', a local HF checkpoint directory,
     a .gguf file, or an HF model id already in the local HF hub cache (never downloaded).
 
-    dtype: float32 (parity) or bfloat16 (speed on accelerators), or its name (`DTYPES`). cache:
-    keep converted params in the on-disk cache so the next load is fast.
+    dtype: float32 (parity) or bfloat16 (speed on accelerators), or its name (`models.params.PARAM_DTYPES`); any other
+    raises ValueError before anything is read. cache: keep converted params in the on-disk cache so
+    the next load is fast.
     """
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
-        dtype = DTYPES[dtype]
     cfg, params, source = load_params(name_or_path, dtype, cache)
     tokenizer = load_tokenizer(source.tokenizer_files[0] if source.format == "gguf" else source.path) \
         if source.tokenizer_files else None

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxcircuits import sites
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.transformer import (KVCache, check_tokens, default_positions, embed, final_norm,
+from jaxcircuits.models.transformer import (KVCache, check_inputs, default_positions, embed, final_norm,
                                             logits_of, run_layers)
 from jaxcircuits.sites import Intervention, Mask
 
@@ -53,19 +53,24 @@ def _generate(params, cfg, tokens, attn_mask, max_new_tokens, prefill, decode, e
 def generate(params, cfg: ModelConfig, tokens, attn_mask=None, max_new_tokens: int = 20, *,
              prefill: Optional[Intervention] = None, decode: Optional[Intervention] = None,
              eos_id: Optional[int] = None) -> Array:
-    """Greedy continuation tokens int32 [B, max_new_tokens] of left-padded prompts [B, T].
+    """Greedy continuation tokens int32 [B, max_new_tokens] of left-padded prompts [B, T] (checked by
+    `check_inputs`, the interventions by `sites.check_intervention`; ValueError naming the argument).
 
     prefill: intervention on the prompt pass (mask leaves [L, ...], pos_w [B, T]).
     decode: intervention on each generated token (source leaves [L, B, 1, ...], pos_w [B, 1];
     see `decode_intervention`). After `eos_id` every token is `eos_id`.
     """
-    check_tokens(tokens, cfg)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    attn_mask = jnp.ones(tokens.shape, jnp.int32) if attn_mask is None else jnp.asarray(attn_mask, jnp.int32)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}, expected >= 1")
+    tokens, attn_mask, _ = check_inputs(cfg, tokens, attn_mask, n_new=max_new_tokens - 1)
+    B, T = tokens.shape
+    if prefill is not None:
+        prefill = sites.check_intervention(prefill, cfg, B, T, "prefill")
     if decode is not None:
         keyed = [s for s in decode.mask.sites() if len(sites.get(s).pos_axes) > 1]
         if keyed:
             raise ValueError(f"site(s) {keyed} index key positions and cannot be patched during decoding")
+        decode = sites.check_intervention(decode, cfg, B, 1, "decode")
     eos = cfg.eos_token_id if eos_id is None else eos_id
     eos = -1 if eos is None else eos
     return _generate(params, cfg, tokens, attn_mask, max_new_tokens, prefill, decode, jnp.int32(eos))

@@ -8,6 +8,7 @@ they need, except where a normaliser over the whole vocabulary is required.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -18,6 +19,21 @@ from flax import struct
 from jaxcircuits.models.transformer import logits_of
 
 Array = jax.Array
+
+
+def check_token_ids(metric, vocab_size: int) -> None:
+    """Raise ValueError unless every integer field of `metric` (token ids, -1 = padding) lies in
+    [-1, vocab_size): an id past the vocabulary would be clamped silently by the gather."""
+    if not dataclasses.is_dataclass(metric):
+        return
+    for f in dataclasses.fields(metric):
+        a = getattr(metric, f.name)
+        if isinstance(a, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(a), jnp.integer):
+            continue
+        a = np.asarray(a)
+        if a.size and (a.min() < -1 or a.max() >= vocab_size):
+            raise ValueError(f"metric {type(metric).__name__}.{f.name} holds token ids in [{a.min()}, {a.max()}]; "
+                             f"expected [0, {vocab_size}) or -1 for padding")
 
 
 def pad_ids(rows: Sequence[Sequence[int]]) -> np.ndarray:

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from jaxcircuits import sites
 from jaxcircuits.models import transformer as M
+from jaxcircuits.metrics import check_token_ids
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.sites import Intervention, LayerHooks, Mask, Source
 
@@ -45,16 +45,11 @@ class TargetRun:
 
 
 def target_run(params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None) -> TargetRun:
-    """Run the target once, keeping what every patched run shares."""
-    M.check_tokens(tokens, cfg)
-    tokens = jnp.asarray(tokens)
-    attn_mask = jnp.ones(tokens.shape, jnp.int32) if attn_mask is None else jnp.asarray(attn_mask)
-    if pos_ids is None:
-        pos_ids = M.default_positions(attn_mask)
+    """Run the target once, keeping what every patched run shares (inputs: `M.check_inputs`)."""
+    tokens, attn_mask, pos_ids = M.check_inputs(cfg, tokens, attn_mask, pos_ids)
     _, cache = M.forward(params, cfg, tokens, attn_mask, pos_ids, return_logits=False,
                          collect=("resid_pre", "head_out", "kv"))
-    return TargetRun(tokens, attn_mask, jnp.asarray(pos_ids), cache["resid_pre"], cache["head_out"],
-                     cache["kv"])
+    return TargetRun(tokens, attn_mask, pos_ids, cache["resid_pre"], cache["head_out"], cache["kv"])
 
 
 @struct.dataclass
@@ -74,32 +69,26 @@ class PatchingProblem:
 
     @classmethod
     def make(cls, target: TargetRun, source: Source, pos_w, metric) -> "PatchingProblem":
-        """Check shapes (source entries [L, B, T, ...], pos_w [B, T], metric batch B) and build."""
+        """Check shapes (source entries [L, B, ...] with the target's T positions: `sites.check_source`;
+        pos_w [B, T], finite: `sites.check_pos_w`; metric batch B) and build. Source values are checked
+        where the masks run can read them (`for_footprint`): NaN elsewhere is harmless."""
         L, (B, T) = target.resid_pre.shape[0], target.tokens.shape
-        pos_w = jnp.asarray(pos_w, jnp.float32)
-        if pos_w.shape != (B, T):
-            raise ValueError(f"pos_w has shape {tuple(pos_w.shape)}, expected the target's (batch, seq) {(B, T)}")
-        for name, a in source.items():
-            entry = sites.source_entry(name)
-            want = {0: L, 1: B, **{ax + 1: T for ax in entry.pos_axes}}
-            bad = {ax: n for ax, n in want.items() if ax >= a.ndim or a.shape[ax] != n}
-            if bad:
-                raise ValueError(f"source {name!r} has shape {tuple(a.shape)}; expected {L} layers, batch {B} "
-                                 f"and {T} positions on axes {sorted(want)} (aligned to the target)")
-            if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
-                raise ValueError(f"source {name!r} contains NaN or inf values")
+        pos_w = sites.check_pos_w(pos_w, B, T)
+        sites.check_source(source, L, B, T)
         for leaf in jax.tree.leaves(metric):
             if getattr(leaf, "ndim", 0) and leaf.shape[0] != B:
-                raise ValueError(f"metric {type(metric).__name__} has batch {leaf.shape[0]}, the target has {B}")
+                raise ValueError(f"metric {type(metric).__name__} has batch {leaf.shape[0]} (a field of shape "
+                                 f"{tuple(leaf.shape)}), expected the target's batch {B} on axis 0")
         return cls(target, dict(source), pos_w, metric)
 
-    def for_sites(self, names: Sequence[str]) -> "PatchingProblem":
-        """The problem with only the source entries the sites `names` read (ValueError if missing)."""
-        need = {sites.get(n).cache for n in names}
-        missing = need - set(self.source)
-        if missing:
-            raise ValueError(f"source lacks {sorted(missing)} needed by mask sites {tuple(names)}")
-        return self.replace(source={k: self.source[k] for k in sorted(need)})
+    def for_footprint(self, cfg: ModelConfig, footprint: Mask) -> "PatchingProblem":
+        """The problem with only the source entries the sites of `footprint` read, checked against
+        `cfg` and zero outside the footprint (leaves [L, *units], nonzero where the masks run may
+        patch), NaN or inf inside it a ValueError (`sites.select_source`). Call it once per batch,
+        outside jit: `run_masks`, `patched_metric` and `run_sweep` do. Also checks the metric's token
+        ids against the vocabulary (`metrics.check_token_ids`)."""
+        check_token_ids(self.metric, cfg.vocab_size)
+        return self.replace(source=sites.select_source(cfg, self.source, footprint, self.pos_w))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,20 +130,6 @@ def layers_touched(mask: Mask) -> dict:
         per_layer = a.sum(axis=tuple(i for i in range(a.ndim) if i != layer_axis))
         out[s] = np.flatnonzero(per_layer > 0).tolist()
     return out
-
-
-def check_mask(mask: Mask, cfg: ModelConfig, batched: bool) -> None:
-    """Raise ValueError for mask leaves of the wrong shape or values outside [0, 1]."""
-    lead = 1 if batched else 0
-    if not mask.sites():
-        raise ValueError("the mask touches no site")
-    for s in mask.sites():
-        a = getattr(mask, s)
-        sites.get(s).check_shape(a.shape[lead:], cfg, " after the batch axis" if batched else "")
-        if not isinstance(a, jax.core.Tracer):
-            v = np.asarray(a)
-            if np.isnan(v).any() or v.min() < 0 or v.max() > 1:
-                raise ValueError(f"mask site {s!r} has values outside [0, 1] or NaN")
 
 
 def _narrow(iv: Intervention, start: int, stop: Optional[int], first_pos: int) -> Intervention:
@@ -232,15 +207,20 @@ def _plan_for(problem: PatchingProblem, mask: Mask) -> Plan:
 def patched_metric(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask,
                    plan: Optional[Plan] = None) -> Array:
     """The metric [B] of the target run patched by one `mask` (leaves [L, ...]); differentiable in
-    the mask (`jax.grad` of its mean at mask 0 is attribution patching). `plan` defaults to the
-    cheapest one valid for the mask (see `_plan_for`)."""
+    the mask (`jax.grad` of its mean at mask 0 is attribution patching). The mask and, where
+    concrete, the source inside its footprint are checked (`PatchingProblem.for_footprint`; a traced
+    mask's footprint is every unit of its sites). `plan` defaults to the cheapest one valid for the
+    mask (see `_plan_for`)."""
+    sites.check_mask(mask, cfg)
+    problem = problem.for_footprint(cfg, sites.footprint(mask))
     plan = plan or _plan_for(problem, mask)
     return problem.metric(params, patched_hidden(params, cfg, problem, mask, plan))
 
 
 def masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, plan: Plan) -> Array:
-    """Metric [N, B] for a batch of masks (leaves [N, L, ...]), vmapped over the mask axis."""
-    return jax.vmap(lambda m: patched_metric(params, cfg, problem, m, plan))(masks)
+    """Metric [N, B] for a batch of masks (leaves [N, L, ...]), vmapped over the mask axis; the
+    problem is already cut to the masks' footprint (`run_masks`)."""
+    return jax.vmap(lambda m: problem.metric(params, patched_hidden(params, cfg, problem, m, plan)))(masks)
 
 
 masks_metric = jax.jit(masks_metric_fn, static_argnames=("cfg", "plan"))
@@ -271,11 +251,13 @@ def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *
     masks and trimmed. With shard=True and several devices, each chunk's mask axis is split over
     them (chunk_size is rounded up to a multiple of the device count). `plan` defaults to the
     layers the masks touch and the positions pos_w selects. on_chunk(start, values) sees each chunk.
+    The masks (`sites.check_mask`) and the source inside the batch's footprint
+    (`PatchingProblem.for_footprint`) are checked once, before the first chunk.
     """
-    check_mask(masks, cfg, batched=True)
-    problem = problem.for_sites(masks.sites())
-    if plan is None:
-        plan = make_plan(layers_touched(masks), problem.pos_w)
+    sites.check_mask(masks, cfg, batched=True)
+    touched = sites.footprint(masks, batched=True)
+    plan = plan or make_plan(layers_touched(touched), problem.pos_w)
+    problem = problem.for_footprint(cfg, touched)
     n = getattr(masks, masks.sites()[0]).shape[0]
     chunk_size, sharding = chunking(n, chunk_size, shard)
     out = []

@@ -33,19 +33,23 @@ A run can cache every site whose `cache` is itself, plus `EXTRA_CACHE`: 'kv' ((k
 [L, B, S, K, Dh]) and 'final_norm' ([B, T, D], the final norm output). Cached activations are
 stacked [L, B, ...] and, under a patched run, hold the patched values.
 
-Replacements (`Source`) are cache dicts aligned to the target's positions
-(`positions.align`). To add a site: one `Site` row here and one `hooks(name, x)` call at its
-place in `models/transformer.py`; masks, validation, plans, sweeps, alignment, ablation
-sources, generation and the binaries read the row.
+Replacements (`Source`) are cache dicts aligned to the target's positions (`positions.align`).
+The public runs check what they read outside jit, where values are concrete (`check_mask`,
+`check_pos_w`, `check_source`), and `select_source` zeroes a source outside the footprint its
+masks can patch: NaN or inf there is harmless, inside it a ValueError. To add a site: one `Site`
+row here and one `hooks(name, x)` call at its place in `models/transformer.py`; masks,
+validation, plans, sweeps, alignment, ablation sources, generation and the binaries read the row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 Array = jax.Array
@@ -62,9 +66,9 @@ class Site:
     cache:     the cache entry whose aligned values replace this site's activation.
     before_z:  read before a layer's head outputs z (a patched run touching it at its first layer
                must recompute that layer from its input rather than from the target's z).
-    pos_axes:  axes of the per-layer activation [B, ...] that index positions: the query axis
-               first (the one position weights select), then a key axis if any.
-    unit_axis: axis of the per-layer activation where the mask's unit axes start.
+    dims:      the axes of the per-layer activation after the batch axis [B, *dims]: 'T' query
+               positions, 'S' key positions, else `ModelConfig` attributes; its unit axes are named
+               as in `units` (blocked sites: the last axis is split into blocks).
     tag:       letter of unit labels ('L3H5'); None labels units by their coordinates.
     """
 
@@ -72,9 +76,22 @@ class Site:
     units: Tuple[str, ...]
     cache: str
     before_z: bool
-    pos_axes: Tuple[int, ...] = (1,)
-    unit_axis: int = 2
+    dims: Tuple[str, ...]
     tag: Optional[str] = None
+
+    @property
+    def pos_axes(self) -> Tuple[int, ...]:
+        """Axes of the per-layer activation [B, ...] that index positions: the query axis first (the
+        one position weights select), then a key axis if any."""
+        return tuple(1 + i for i, d in enumerate(self.dims) if d in ("T", "S"))
+
+    @property
+    def unit_axis(self) -> int:
+        """Axis of the per-layer activation [B, ...] (blocked: of its `view`) where the mask's unit
+        axes start."""
+        if self.blocked:
+            return len(self.dims)
+        return 1 + self.dims.index(self.units[0]) if self.units else 1
 
     @property
     def blocked(self) -> bool:
@@ -115,18 +132,31 @@ class Site:
         w_unit = m.reshape(*([1] * self.unit_axis), *m.shape, *([1] * (ndim - self.unit_axis - m.ndim)))
         return w_pos * w_unit
 
+    def view(self, shape: Sequence[int], m: Array) -> Tuple[int, ...]:
+        """A per-layer activation shape [B, ...] as the units of mask leaf `m` [..., *units] see
+        it: blocked sites split the last axis into m.shape[-1] blocks."""
+        shape = tuple(shape)
+        return (*shape[:-1], m.shape[-1], shape[-1] // m.shape[-1]) if self.blocked else shape
+
+    def touched(self, units: Array, pos: Array, shape: Sequence[int]) -> Array:
+        """bool `shape` (this site's cache entry [L, B, ...]): the elements a mask blends where it is
+        nonzero at `units` (bool [L, *units]) and the position weights are nonzero at `pos` (bool [B, T])."""
+        view = self.view(shape[1:], units)
+        w = jax.vmap(lambda u: self.weights(u, pos, len(view)))(units)
+        return jnp.broadcast_to(w, (shape[0], *view)).reshape(shape)
+
 
 SITES: Tuple[Site, ...] = (
-    Site("resid_pre", (), "resid_pre", before_z=True),
-    Site("head_q", ("n_heads",), "head_q", before_z=True, tag="Q"),
-    Site("head_k", ("n_kv_heads",), "head_k", before_z=True, tag="K"),
-    Site("head_v", ("n_kv_heads",), "head_v", before_z=True, tag="V"),
-    Site("pattern", ("n_heads",), "pattern", before_z=True, pos_axes=(2, 3), unit_axis=1),
-    Site("head_out", ("n_heads",), "head_out", before_z=False, tag="H"),
-    Site("attn_block", ("n_blocks",), "attn_out", before_z=False, tag="B"),
-    Site("attn_out", (), "attn_out", before_z=False),
-    Site("mlp_neuron", ("d_mlp",), "mlp_neuron", before_z=False, tag="N"),
-    Site("mlp_out", (), "mlp_out", before_z=False),
+    Site("resid_pre", (), "resid_pre", before_z=True, dims=("T", "d_model")),
+    Site("head_q", ("n_heads",), "head_q", before_z=True, dims=("T", "n_heads", "d_head"), tag="Q"),
+    Site("head_k", ("n_kv_heads",), "head_k", before_z=True, dims=("T", "n_kv_heads", "d_head"), tag="K"),
+    Site("head_v", ("n_kv_heads",), "head_v", before_z=True, dims=("T", "n_kv_heads", "d_head"), tag="V"),
+    Site("pattern", ("n_heads",), "pattern", before_z=True, dims=("n_heads", "T", "S")),
+    Site("head_out", ("n_heads",), "head_out", before_z=False, dims=("T", "n_heads", "d_head"), tag="H"),
+    Site("attn_block", ("n_blocks",), "attn_out", before_z=False, dims=("T", "d_model"), tag="B"),
+    Site("attn_out", (), "attn_out", before_z=False, dims=("T", "d_model")),
+    Site("mlp_neuron", ("d_mlp",), "mlp_neuron", before_z=False, dims=("T", "d_mlp"), tag="N"),
+    Site("mlp_out", (), "mlp_out", before_z=False, dims=("T", "d_model")),
 )
 BY_NAME: Dict[str, Site] = {s.name: s for s in SITES}
 NAMES: Tuple[str, ...] = tuple(BY_NAME)
@@ -200,12 +230,9 @@ def apply(name: str, x: Array, mask_l, source_l: Optional[Source], pos_w: Option
     if m is None:
         return x
     site = BY_NAME[name]
-    s = source_l[site.cache]
-    if not site.blocked:
-        return blend(x, s, site.weights(m, pos_w, x.ndim))
-    shape = x.shape
-    blocks = lambda a: a.reshape(*shape[:-1], m.shape[-1], shape[-1] // m.shape[-1])
-    return blend(blocks(x), blocks(s), site.weights(m, pos_w, x.ndim + 1)).reshape(shape)
+    view = site.view(x.shape, m)
+    s = source_l[site.cache].reshape(view)
+    return blend(x.reshape(view), s, site.weights(m, pos_w, len(view))).reshape(x.shape)
 
 
 class LayerHooks:
@@ -227,3 +254,116 @@ class LayerHooks:
         """Keep `value` as this layer's cache entry `name` if it is collected."""
         if name in self.collect:
             self.cache[name] = value
+
+
+# ---- checking what a run reads: outside jit, values only where concrete (tracers: shapes only) ----
+
+def _concrete(*trees) -> bool:
+    """No leaf of `trees` is a tracer (its values can be checked on the host)."""
+    return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(trees))
+
+
+def check_mask(mask: Mask, cfg, batched: bool = False) -> None:
+    """Raise ValueError unless every leaf has shape [L, *units] (`Site.check_shape`; [N, L, *units]
+    when `batched`) and values in [0, 1]."""
+    if not mask.sites():
+        raise ValueError("the mask touches no site")
+    for s in mask.sites():
+        a = getattr(mask, s)
+        get(s).check_shape(jnp.shape(a)[int(batched):], cfg, " after the batch axis" if batched else "")
+        v = np.asarray(a, np.float64) if _concrete(a) else None
+        if v is not None and v.size and not (v.min() >= 0 and v.max() <= 1):          # NaN fails both
+            raise ValueError(f"mask site {s!r} has values outside [0, 1] or NaN: min {v.min()}, max {v.max()}")
+
+
+def check_pos_w(pos_w, batch: int, n_pos: int) -> Array:
+    """pos_w as float32 [batch, n_pos]; ValueError for another shape or NaN/inf."""
+    pos_w = jnp.asarray(pos_w, jnp.float32)
+    if pos_w.shape != (batch, n_pos):
+        raise ValueError(f"pos_w has shape {tuple(pos_w.shape)}, expected the target's (batch, seq) {(batch, n_pos)}")
+    if _concrete(pos_w) and not np.isfinite(np.asarray(pos_w)).all():
+        raise ValueError(f"pos_w (shape {tuple(pos_w.shape)}) contains NaN or inf")
+    return pos_w
+
+
+def check_source(source: Source, n_layers: int, batch: int, n_pos: int, cfg=None) -> None:
+    """Raise ValueError unless every entry has its site's shape [L, B, *dims] (`Site.dims`) for a run
+    of `batch` rows and `n_pos` positions; the model's sizes are checked only given `cfg`."""
+    for name, a in source.items():
+        axes = ("L", "B", *source_entry(name).dims)
+        want = [n_layers, batch, *(n_pos if d in ("T", "S") else getattr(cfg, d, None) for d in axes[2:])]
+        shape = tuple(jnp.shape(a))
+        if len(shape) != len(want) or any(w is not None and w != n for n, w in zip(shape, want)):
+            expected = ", ".join(d if w is None else str(w) for w, d in zip(want, axes))
+            raise ValueError(f"source {name!r} has shape {shape}, expected ({expected}) = "
+                             f"[{', '.join(axes)}] aligned to the target")
+
+
+def source_for(source: Source, names: Sequence[str]) -> Source:
+    """The entries of `source` that the sites `names` read (ValueError naming the missing ones)."""
+    need = sorted({get(n).cache for n in names})
+    missing = [k for k in need if k not in source]
+    if missing:
+        raise ValueError(f"source lacks {missing} needed by mask sites {tuple(names)}")
+    return {k: source[k] for k in need}
+
+
+def footprint(mask: Mask, batched: bool = False) -> Mask:
+    """bool leaves [L, *units]: the units where a mask (any mask of a batch [N, L, *units]) is
+    nonzero; every unit where a leaf is traced."""
+    def units(a):
+        if not _concrete(a):
+            return np.ones(jnp.shape(a)[int(batched):], bool)
+        nonzero = np.asarray(a) != 0
+        return nonzero.any(0) if batched else nonzero
+    return jax.tree.map(units, mask)
+
+
+@jax.jit
+def _select(source: Source, units: Dict[str, Array], pos: Array):
+    """Per entry: the source zeroed outside the footprint (the elements the sites of `units`, bool
+    [L, *units], blend at positions `pos`, bool [B, T]) and the flat index of its first non-finite
+    value inside the footprint (-1: none)."""
+    out, bad = {}, {}
+    for name, a in source.items():
+        inside = functools.reduce(jnp.logical_or, [BY_NAME[s].touched(u, pos, a.shape)
+                                                   for s, u in units.items() if BY_NAME[s].cache == name])
+        nonfinite = (inside & ~jnp.isfinite(a)).ravel()
+        bad[name] = jnp.where(nonfinite.any(), jnp.argmax(nonfinite), -1)
+        out[name] = jnp.where(inside, a, jnp.zeros((), a.dtype))
+    return out, bad
+
+
+def select_source(cfg, source: Source, footprint: Mask, pos_w: Array) -> Source:
+    """What a patched run reads of `source`: the entries the sites of `footprint` (leaves [L, *units],
+    nonzero: may be patched) read, checked (`check_source` for pos_w's [B, T]), and zero outside the
+    footprint (its units at the positions where pos_w is nonzero). NaN or inf outside the footprint
+    is thus harmless (selected away, never multiplied by a zero weight); inside it, it is a
+    ValueError naming the entry and index. Runs once per call, on device; a traced source, pos_w or
+    footprint is checked for shape only and returned as is.
+    """
+    src = source_for(source, footprint.sites())
+    check_source(src, cfg.n_layers, *jnp.shape(pos_w), cfg)
+    if not _concrete(src, pos_w, footprint):
+        return src
+    with jax.ensure_compile_time_eval():            # concrete values inside a caller's trace: run now
+        units = {s: jnp.asarray(getattr(footprint, s)) != 0 for s in footprint.sites()}
+        out, bad = _select(src, units, jnp.asarray(pos_w) != 0)
+        for name, i in jax.device_get(bad).items():
+            if i >= 0:
+                a = src[name]
+                idx = tuple(int(c) for c in np.unravel_index(i, a.shape))
+                raise ValueError(f"source {name!r} (shape {tuple(a.shape)}) holds {float(a[idx])} at {idx} "
+                                 f"= [L, B, {', '.join(source_entry(name).dims)}], where the mask and pos_w patch it")
+    return out
+
+
+def check_intervention(iv: Intervention, cfg, batch: int, n_pos: int, name: str = "intervention") -> Intervention:
+    """`iv` checked for a run of `batch` rows and `n_pos` positions (`check_mask`, `check_pos_w`), with
+    its source cut and selected to the mask's footprint (`select_source`); errors start with `name`."""
+    try:
+        check_mask(iv.mask, cfg)
+        pos_w = check_pos_w(iv.pos_w, batch, n_pos)
+        return Intervention(iv.mask, select_source(cfg, iv.source, footprint(iv.mask), pos_w), pos_w)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None

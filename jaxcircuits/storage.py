@@ -31,9 +31,9 @@ SIDECAR = ".sha256"
 class DamagedFileError(ValueError):
     """A file whose bytes do not match its checksum, or that cannot be parsed."""
 
-    def __init__(self, path: str, why: str):
-        super().__init__(f"{path} is damaged ({why})")
-        self.path = path
+    def __init__(self, path: str, why: str, advice: str = ""):
+        super().__init__(f"{path} is damaged ({why})" + (f"; {advice}" if advice else ""))
+        self.path, self.why = path, why
 
 
 class LockedError(RuntimeError):
@@ -102,25 +102,26 @@ def write_json(path: str, obj) -> str:
     return write_atomic(path, write)
 
 
-def verify(path: str) -> None:
-    """Raise DamagedFileError unless `path` (file or directory) matches its sidecar checksum."""
+def verify(path: str, advice: str = "") -> None:
+    """Raise DamagedFileError (with `advice` for the user) unless `path` (file or directory)
+    matches its sidecar checksum."""
     side = path + SIDECAR
     if not os.path.exists(side):
-        raise DamagedFileError(path, "no checksum file")
+        raise DamagedFileError(path, "no checksum file", advice)
     with open(side) as f:
         want = f.read().strip()
     got = sha256_of(path)
     if got != want:
-        raise DamagedFileError(path, f"checksum {got[:12]}... != recorded {want[:12]}...")
+        raise DamagedFileError(path, f"checksum {got[:12]}... != recorded {want[:12]}...", advice)
 
 
-def read_verified(path: str, read: Callable[[str], T]) -> T:
-    """`read(path)` after `verify(path)`; a failure of `read` is a DamagedFileError too."""
-    verify(path)
+def read_verified(path: str, read: Callable[[str], T], advice: str = "") -> T:
+    """`read(path)` after `verify(path, advice)`; a failure of `read` is a DamagedFileError too."""
+    verify(path, advice)
     try:
         return read(path)
     except Exception as e:                               # noqa: BLE001 - any parse error means damage
-        raise DamagedFileError(path, f"{type(e).__name__}: {e}") from e
+        raise DamagedFileError(path, f"{type(e).__name__}: {e}", advice) from e
 
 
 def discard(path: str) -> None:

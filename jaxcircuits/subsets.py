@@ -35,6 +35,7 @@ import numpy as np
 from jaxcircuits import sites
 
 MAX_UNITS = 64
+MAX_RANK = 2 ** 31 - 1            # the largest rank of jax's default int32 (see "Limits" above)
 KINDS = ("all", "size_k", "explicit")
 
 

@@ -7,12 +7,19 @@ one padded) go through one compiled function; with several devices each chunk's 
 sharded over them.
 
 On-disk format (one directory per sweep), chosen because numpy writes it with no extra
-dependency and a rename makes each file appear atomically:
-  spec.json                 what the sweep computes (resuming checks it matches) and its fingerprint
-  chunks/chunk_<i>.npz      ranks int64 [c], bitmask uint64 [c], metric float32 [c, P]
+dependency. Every file is written by `storage.write_atomic` (a temporary name, then a rename, so it
+appears complete or not at all) with its SHA-256 in a sidecar `<file>.sha256`, verified on read:
+  spec.json                 what the sweep computes and its fingerprint (digests of the model's
+                            params, target, source, positions, metric); resuming needs an equal spec
+  chunks/chunk_<i>.npz      i in 8 digits: ranks int64 [c] (i*c0 .. i*c0+c-1 for chunk size c0),
+                            their members' bitmask uint64 [c], metric float32 [c, P]
   results.npz               the same three arrays for all N members in rank order, written last
-A chunk file exists only once complete (written to a temporary name, then renamed), so after a
-kill -9 a rerun skips the chunks on disk and recomputes only the missing ones.
+  .lock                     `storage.DirLock`: one writer per directory (it names the writer's pid)
+A rerun (after a kill -9, a full disk, damage) deletes temporary files, keeps each chunk whose
+checksum and contents (ranks, their bitmasks, a finite metric of the right shape) check out,
+warns naming any other one and recomputes it with the missing ones, then rewrites results.npz.
+With several processes (hosts) only process 0 locks and writes; the others compute the same
+chunks and read the ones process 0 kept.
 
 Determinism: rerunning the same command gives bit-identical results; other chunk sizes or device
 counts give the same values up to float32 rounding (XLA chooses GEMM blockings by batch shape).
@@ -20,9 +27,9 @@ counts give the same values up to float32 rounding (XLA chooses GEMM blockings b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import math
@@ -34,11 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
+from jaxcircuits import storage
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.patching import PatchingProblem, Plan, chunking, make_plan, masks_metric_fn, run_masks
 from jaxcircuits.sites import Mask
-from jaxcircuits.subsets import Family, Pool, from_bitmask, to_bitmask, unrank, unrank_np
+from jaxcircuits.subsets import MAX_RANK, Family, Pool, from_bitmask, to_bitmask, unrank, unrank_np
 
 Array = jax.Array
 
@@ -60,6 +69,9 @@ class Sweep:
         unit of the pool lies in and the positions pos_w [B, T] selects."""
         if family.n != pool.n:
             raise ValueError(f"family has {family.n} units, pool has {pool.n}")
+        if family.size() > MAX_RANK:
+            raise ValueError(f"the family has {family.size()} members; a sweep addresses at most {MAX_RANK} "
+                             "(int32 ranks): sample it (`subsets.sampled_per_size`) or use fewer units")
         shape = pool.site_shape(cfg)
         pool.scatter(np.zeros((pool.n,), bool), shape)       # validates unit coordinates
         return cls(family, pool, shape, make_plan({pool.site: [u[0] for u in pool.units]}, pos_w))
@@ -113,13 +125,14 @@ def _digest(*arrays) -> str:
     for a in arrays:
         a = np.ascontiguousarray(np.asarray(a))
         h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()[:16]
 
 
-def sweep_spec(cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep, chunk_size: int,
+def sweep_spec(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep, chunk_size: int,
                describe: Optional[dict]) -> dict:
-    """What a sweep computes, as JSON: resuming requires an equal spec."""
+    """What a sweep computes, as JSON: resuming requires an equal spec. The fingerprint digests the
+    bytes, shapes and dtypes of every params leaf and of the problem's arrays (one hashing pass)."""
     family, pool, target = sweep.family, sweep.pool, problem.target
     family_desc = dataclasses.asdict(family)
     if len(family.masks) > 64:
@@ -130,6 +143,7 @@ def sweep_spec(cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep, chunk_s
         "pool": {"site": pool.site, "units": [list(u) for u in pool.units]},
         "family": family_desc, "size": family.size(), "chunk_size": chunk_size, "site_shape": list(sweep.shape),
         "fingerprint": {
+            "params": _digest(*jax.tree.leaves(params)),
             "target": _digest(target.tokens, target.attn_mask, target.pos_ids),
             "source": _digest(*[problem.source[k] for k in sorted(problem.source)]),
             "positions": _digest(problem.pos_w),
@@ -138,34 +152,81 @@ def sweep_spec(cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep, chunk_s
     }
 
 
-def _atomic_save(path: str, **arrays) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _differing(a: dict, b: dict, prefix: str = "") -> list:
+    """Dotted keys where the JSON objects a and b differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differing(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix + k)
+    return out
 
 
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 def _prepare_dir(out_dir: str, spec: dict, resume: bool) -> None:
-    os.makedirs(os.path.join(out_dir, "chunks"), exist_ok=True)
-    spec_path = os.path.join(out_dir, "spec.json")
-    if os.path.exists(spec_path):
-        with open(spec_path) as f:
-            old = json.load(f)
-        if not resume:
-            raise FileExistsError(f"{out_dir} already holds a sweep; pass resume=True to continue it "
-                                  "or choose another directory")
-        if old != json.loads(json.dumps(spec)):
-            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != json.loads(json.dumps(spec)).get(k))
-            raise ValueError(f"{out_dir} holds a different sweep (differs in {diff}); "
-                             "use another directory to run this one")
-    else:
-        _atomic_json(spec_path, spec)
+    """Delete temporary files; check out_dir's spec.json against `spec`, or write it into a
+    directory that holds no sweep. Call it holding the directory's lock."""
+    chunks, spec_path = os.path.join(out_dir, "chunks"), os.path.join(out_dir, "spec.json")
+    os.makedirs(chunks, exist_ok=True)
+    for d in (out_dir, chunks):
+        if stale := storage.remove_temps(d):
+            logging.info("sweep: deleted %d temporary files of interrupted writes in %s", len(stale), d)
+    spec = json.loads(json.dumps(spec))
+    if not os.path.exists(spec_path):
+        if os.listdir(chunks) or os.path.exists(os.path.join(out_dir, "results.npz")):
+            raise storage.DamagedFileError(spec_path, f"missing, yet {out_dir} holds sweep files; "
+                                           "delete the directory or choose another")
+        storage.write_json(spec_path, spec)
+        return
+    old = storage.read_verified(spec_path, _read_json, advice=f"it no longer tells which sweep {out_dir} holds: "
+                                "delete the directory or choose another")
+    if not resume:
+        raise FileExistsError(f"{out_dir} already holds a sweep; pass resume=True to continue it "
+                              "or choose another directory")
+    if old != spec:
+        raise ValueError(f"{out_dir} holds a different sweep (differs in {_differing(old, spec)}); "
+                         "use another directory to run this one")
+
+
+def _members(family: Family, lo: int, hi: int) -> tuple:
+    """(ranks int64 [c], bitmask uint64 [c]) of the family members of ranks lo..hi-1."""
+    ranks = np.arange(lo, hi, dtype=np.int64)
+    return ranks, to_bitmask(unrank_np(family, ranks), np.uint64)
+
+
+def _read(path: str) -> SweepResult:
+    """The ranks, bitmask and metric arrays of the npz file `path`."""
+    with open(path, "rb") as f, np.load(f) as z:
+        return SweepResult(z["ranks"], z["bitmask"], z["metric"])
+
+
+def _write(path: str, res: SweepResult) -> None:
+    """`res` to the npz file `path`, atomic and checksummed."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, ranks=res.ranks, bitmask=res.bitmask, metric=res.metric)
+    storage.write_atomic(path, write)
+
+
+def _read_chunk(path: str, family: Family, lo: int, hi: int, batch: int) -> SweepResult:
+    """The chunk file `path`, which must match its checksum and hold the members of ranks lo..hi-1
+    with a finite float32 metric [hi - lo, batch]; DamagedFileError naming it and why otherwise."""
+    def read(p):
+        got, (ranks, bits) = _read(p), _members(family, lo, hi)
+        if got.ranks.dtype != np.int64 or not np.array_equal(got.ranks, ranks):
+            raise ValueError(f"its ranks are not {lo}..{hi - 1}")
+        if got.bitmask.dtype != np.uint64 or not np.array_equal(got.bitmask, bits):
+            raise ValueError("its bitmasks are not its ranks' members")
+        if got.metric.dtype != np.float32 or got.metric.shape != (hi - lo, batch) or not np.isfinite(got.metric).all():
+            raise ValueError(f"its metric is not finite float32 [{hi - lo}, {batch}]")
+        return got
+    return storage.read_verified(path, read)
 
 
 class _Progress:
@@ -200,51 +261,59 @@ def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, fa
     resume=True continues a sweep with an equal spec in out_dir; describe is free JSON stored in the
     spec; progress is logged every log_every_s seconds; on_chunk(index, metric_values) runs after
     each chunk is saved. Returns the full `SweepResult` (also written to out_dir/results.npz).
+    The whole run holds `storage.DirLock(out_dir)` (LockedError if another process holds it).
+    Chunks on disk that are damaged or hold other members are reported and recomputed.
     """
     sweep = Sweep.make(cfg, pool, family, problem.pos_w)
-    problem = problem.for_sites((pool.site,))
-    n = family.size()
+    problem = problem.for_footprint(cfg, Mask(**{pool.site: pool.scatter(np.ones(pool.n, bool), sweep.shape)}))
+    n, batch = family.size(), problem.target.tokens.shape[0]
     chunk_size, sharding = chunking(n, chunk_size, shard)
-    spec = sweep_spec(cfg, problem, sweep, chunk_size, describe)
-    _prepare_dir(out_dir, spec, resume)
     n_chunks = math.ceil(n / chunk_size)
+    bounds = lambda i: (i * chunk_size, min((i + 1) * chunk_size, n))
     path = lambda i: os.path.join(out_dir, "chunks", f"chunk_{i:08d}.npz")
-    todo = [i for i in range(n_chunks) if not os.path.exists(path(i))]
-    if len(todo) < n_chunks:
-        logging.info("sweep: resuming %s, %d of %d chunks already done", out_dir, n_chunks - len(todo), n_chunks)
-    progress = _Progress(n, (n_chunks - len(todo)) * chunk_size, log_every_s)
-    done = progress.start_done
-    for i in todo:
-        lo, hi = i * chunk_size, min((i + 1) * chunk_size, n)
-        vals = chunk_metric(params, cfg, problem, sweep, lo, chunk_size, sharding)
-        bits = to_bitmask(unrank_np(family, np.arange(lo, hi)), np.uint64)
-        _atomic_save(path(i), ranks=np.arange(lo, hi, dtype=np.int64), bitmask=bits,
-                     metric=vals.astype(np.float32))
-        done += hi - lo
-        progress.update(done)
-        if on_chunk is not None:
-            on_chunk(i, vals)
-    progress.update(n, force=True)
-    return _consolidate(out_dir, n_chunks)
-
-
-def _consolidate(out_dir: str, n_chunks: int) -> SweepResult:
-    files = sorted(glob.glob(os.path.join(out_dir, "chunks", "chunk_*.npz")))
-    if len(files) != n_chunks:
-        raise RuntimeError(f"{out_dir}: expected {n_chunks} chunk files, found {len(files)}")
-    parts = [np.load(f) for f in files]
-    res = SweepResult(*(np.concatenate([p[k] for p in parts]) for k in ("ranks", "bitmask", "metric")))
-    _atomic_save(os.path.join(out_dir, "results.npz"), ranks=res.ranks, bitmask=res.bitmask, metric=res.metric)
+    writer = jax.process_index() == 0
+    with storage.DirLock(out_dir) if writer else contextlib.nullcontext():
+        parts = {}
+        if writer:
+            _prepare_dir(out_dir, sweep_spec(params, cfg, problem, sweep, chunk_size, describe), resume)
+            for i in [i for i in range(n_chunks) if os.path.exists(path(i))]:
+                try:
+                    parts[i] = _read_chunk(path(i), family, *bounds(i), batch)
+                except storage.DamagedFileError as e:
+                    logging.warning("sweep: %s; recomputing it", e)
+                    storage.discard(path(i))
+        todo = np.array([i not in parts for i in range(n_chunks)])
+        todo = np.asarray(multihost_utils.broadcast_one_to_all(todo), bool)     # process 0's choice
+        parts.update({i: _read_chunk(path(i), family, *bounds(i), batch)       # processes other than 0
+                      for i in np.flatnonzero(~todo).tolist() if i not in parts})
+        if parts:
+            logging.info("sweep: resuming %s, %d of %d chunks already done", out_dir, len(parts), n_chunks)
+        done = sum(len(p.ranks) for p in parts.values())
+        progress = _Progress(n, done, log_every_s)
+        for i in np.flatnonzero(todo).tolist():
+            lo, hi = bounds(i)
+            vals = chunk_metric(params, cfg, problem, sweep, lo, chunk_size, sharding)
+            parts[i] = SweepResult(*_members(family, lo, hi), vals.astype(np.float32))
+            if writer:
+                _write(path(i), parts[i])
+            done += hi - lo
+            progress.update(done)
+            if on_chunk is not None:
+                on_chunk(i, vals)
+        progress.update(n, force=True)
+        res = SweepResult(*(np.concatenate([getattr(parts[i], k) for i in range(n_chunks)])
+                            for k in ("ranks", "bitmask", "metric")))
+        if writer:
+            _write(os.path.join(out_dir, "results.npz"), res)
     return res
 
 
 def load_results(out_dir: str) -> SweepResult:
-    """Read a finished sweep's results.npz."""
+    """Read a finished sweep's results.npz (DamagedFileError if it does not match its checksum)."""
     path = os.path.join(out_dir, "results.npz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: the sweep has not finished (rerun it to resume)")
-    with np.load(path) as z:
-        return SweepResult(z["ranks"], z["bitmask"], z["metric"])
+    return storage.read_verified(path, _read, advice="rerun the sweep to rebuild it from its chunks")
 
 
 # ---- blend-weight sweeps -------------------------------------------------------------------------

@@ -8,13 +8,18 @@ or a ``.gguf`` file whose metadata embeds the tokenizer. Every tokenizer is load
 A GGUF tokenizer is converted once, by HF's converter in a child interpreter (with a torch-free
 metadata reader, see `_CONVERT_GGUF`), and saved (``save_pretrained``) under ``$JAXCIRCUITS_CACHE`` (default ``~/.cache/jaxcircuits``)
 ``/tokenizers/<stem>-<key>``, key = hash of the file's path, size and mtime and the transformers
-version; later loads read that directory (~0.2 s instead of ~5 s).
+version; later loads read that directory (~0.2 s instead of ~5 s). Its checksum is kept in
+``<stem>-<key>.sha256`` (`storage.write_sidecar`) and verified on every load: a damaged directory
+is converted again, with a logged warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +29,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from jaxcircuits import storage
+
+_log = logging.getLogger(__name__)
 
 # Runs in a child interpreter. transformers converts a GGUF vocabulary with its own converter, but
 # reads the metadata through a module that imports torch (for tensors). jaxcircuits never needs
@@ -108,24 +117,30 @@ class Tokenizer:
         )
 
     def pad(self, seqs: Sequence[Sequence[int]], pad_side: str = "left") -> tuple[np.ndarray, np.ndarray]:
-        """Pad id lists to one length: (ids int32 [B, T], attention_mask int32 [B, T])."""
-        if pad_side not in ("left", "right"):
-            raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
+        """Left-pad id lists to one length: (ids int32 [B, T], attention_mask int32 [B, T]), every
+        sequence ending at the last column, the layout the whole library reads (so `pad_side` may only
+        be 'left'). Raises ValueError naming the index of an empty sequence."""
+        if pad_side != "left":
+            raise ValueError(f"pad_side={pad_side!r} is not supported: jaxcircuits runs on left-padded "
+                             "batches (every prompt ends at the last column); use 'left'")
+        empty = [i for i, s in enumerate(seqs) if len(s) == 0]
+        if empty:
+            raise ValueError(f"prompt(s) at index {empty} have no tokens (empty text?); "
+                             "every prompt needs at least one token")
         length = max((len(s) for s in seqs), default=0)
         if self.pad_token_id is None and any(len(s) < length for s in seqs):
             raise ValueError(f"tokenizer {self.source} has neither a pad nor an eos token to pad with")
         ids = np.full((len(seqs), length), self.pad_token_id or 0, np.int32)
         mask = np.zeros((len(seqs), length), np.int32)
         for row, seq in enumerate(seqs):
-            cols = slice(length - len(seq), length) if pad_side == "left" else slice(0, len(seq))
-            ids[row, cols] = seq
-            mask[row, cols] = 1
+            ids[row, length - len(seq):] = seq
+            mask[row, length - len(seq):] = 1
         return ids, mask
 
     def batch(
         self, texts: Sequence[str], add_special_tokens: bool = True, pad_side: str = "left"
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Encode and pad `texts` (left by default, so every prompt ends at the last column)."""
+        """Encode and left-pad `texts` (`pad`: every prompt ends at the last column, none may be empty)."""
         return self.pad([self.encode(t, add_special_tokens) for t in texts], pad_side)
 
     def answer_token_ids(self, answer: str, prompt: str = "") -> list[int]:
@@ -175,25 +190,37 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
 
 def _gguf_tokenizer_dir(path: Path, cache_dir: str | os.PathLike | None) -> Path:
-    """The cached HF directory of a GGUF's tokenizer, converted and renamed into place if missing."""
+    """The cached HF directory of a GGUF's tokenizer, verified against its checksum.
+
+    A hit needs no lock (a read-only cache works). Otherwise ``<dir>.lock`` serialises converters of
+    the same file (the others wait, then use its result); under it, a damaged directory is deleted,
+    with a warning, and the tokenizer converted into a temporary directory renamed into place.
+    """
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes)")
     root = _cache_root(cache_dir)
     dest = root / _gguf_cache_key(path)
-    if (dest / "tokenizer.json").is_file():
+    with contextlib.suppress(storage.DamagedFileError, OSError):  # a writer may be finishing it
+        storage.verify(str(dest))
         return dest
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=root))
-    try:
-        _convert_gguf(path, tmp)
+    with open(f"{dest}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if dest.exists():
+            try:
+                storage.verify(str(dest))
+                return dest
+            except storage.DamagedFileError as e:
+                _log.warning("%s; converting the tokenizer of %s again", e, path)
+        storage.discard(str(dest))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=root))
         try:
+            _convert_gguf(path, tmp)
             os.rename(tmp, dest)
-        except OSError:  # another process renamed its copy into place first
-            if not (dest / "tokenizer.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            storage.write_sidecar(str(dest))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

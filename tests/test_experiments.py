@@ -64,6 +64,37 @@ def test_bad_flags_stop_before_loading_a_model(module, flags, message):
     assert "/does/not/exist" not in r.stderr + r.stdout
 
 
+TS = ("experiments.threshold_sweep", "--task=decimals", "--n_prompts=1", "--layers=1")
+
+
+@pytest.mark.parametrize("cmd,message", [
+    (TS + ("--layers=99",), "--layers=99: layer(s) [99] out of range [0, 2)"),
+    (TS + ("--pool=0,99",), "--pool=0,99: indices out of range [0, 4) of --site=head_out"),
+    (TS + ("--family=sizes", "--sizes=99"), "--sizes=99: size(s) [99] out of range [0, 4] for a pool of 4 units"),
+    (TS + ("--site=attn_block", "--n_blocks=7"), "--n_blocks: n_blocks=7 does not divide d_model=32"),
+    (TS + ("--n_blocks=4",), "--n_blocks=4 applies only to --site=attn_block"),
+    (TS + ("--site=mlp_neuron",), "--family=all over 48 units has 281474976710656 members"),
+    (TS + ("--site=mlp_neuron", "--layers=0,1"), "the pool has 96 units"),
+    (TS + ("--positions=last:abc",), "--positions=last:abc: k in last:k must be an integer >= 1"),
+    (TS + ("--success=above:abc",), "--success=above:abc: X in above:X must be a number"),
+    (TS + ("--positions=99",), "--positions=99: positions [99] out of range"),
+    (("experiments.even_heads", "--protocol=original", "--n_blocks=7"), "--n_blocks: n_blocks=7 does not divide d_model=32"),
+    (("experiments.even_heads", "--protocol=heads", "--n_blocks=4"), "--n_blocks=4 applies only to the original protocol"),
+    (("experiments.even_heads", "--sweep_layers=5"), "--sweep_layers=5: layer(s) [5] out of range [0, 2)"),
+    (("experiments.ioi", "--top_heads=9"), "--top_heads=9 exceeds the model's 8 heads"),
+])
+def test_flags_checked_against_the_model_in_one_line(tiny_dir, tmp_path, cmd, message):
+    """Flags that do not fit the model's config stop before any weights load or anything compiles
+    (the report directory is never created), as one usage line without a traceback; positions,
+    which need the prompts, stop before anything compiles."""
+    out = tmp_path / "out"
+    r = _run(cmd[0], f"--model={tiny_dir}", *cmd[1:], f"--out={out}")
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not out.exists() or "positions" in message
+
+
 def test_even_heads_large_layers_sweep_even_odd_exhaustively_and_sample_all(tiny_dir, tmp_path, monkeypatch):
     """The >16-unit path (Llama-3.1-8B's 32 heads), exercised on 4 heads by lowering the limit."""
     from jaxcircuits.studies import even_heads as lib

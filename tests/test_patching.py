@@ -47,7 +47,6 @@ def _logits(params, cfg, tokens, mask, source, pos_w):
 
 def test_zero_mask_is_bitwise_identity(tiny):
     _, cfg, params, tgt, _, cache = _setup(tiny, "llama_gqa")
-    L, H = cfg.n_layers, cfg.n_heads
     zero = Mask(**{s.name: jnp.zeros(s.shape(cfg, 4)) for s in sites.SITES})
     got = _logits(params, cfg, tgt, zero, cache, np.ones(tgt.shape))
     want = np.asarray(forward(params, cfg, jnp.asarray(tgt))[0])
@@ -265,13 +264,15 @@ def test_bad_masks_and_sources(tiny):
         run(Mask())
     with pytest.raises(ValueError, match=r"'head_k' has shape \(3, 8\) after the batch axis, expected \(3, 2\)"):
         run(Mask(head_k=jnp.zeros((2, L, H))))
-    bad = dict(cache, head_out=cache["head_out"].at[1, 0, 0, 0, 0].set(jnp.nan))
-    with pytest.raises(ValueError, match="NaN"):
-        _problem(params, cfg, tgt, bad, pos_w, metric)
-    with pytest.raises(ValueError, match="expected 3 layers"):
+    bad = dict(cache, head_out=cache["head_out"].at[1, 0, 7, 0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"source 'head_out' \(shape \(3, 2, 8, 8, 8\)\) holds nan at \(1, 0, 7, 0, 0\)"):
+        run(Mask(head_out=jnp.ones((2, L, H))), bad)
+    with pytest.raises(ValueError, match=r"'head_out' has shape \(2, 2, 8, 8, 8\), expected \(3, 2, 8, n_heads, d_head\)"):
         _problem(params, cfg, tgt, {"head_out": cache["head_out"][:2]}, pos_w, metric)
-    with pytest.raises(ValueError, match="expected 3 layers, batch 2"):
+    with pytest.raises(ValueError, match=r"has shape \(3, 1, 8, 8, 8\), expected \(3, 2, 8, n_heads"):
         _problem(params, cfg, tgt, {"head_out": cache["head_out"][:, :1]}, pos_w, metric)
+    with pytest.raises(ValueError, match=r"'head_out' has shape \(3, 2, 8, 8, 4\), expected \(3, 2, 8, 8, 8\)"):
+        run(Mask(head_out=jnp.ones((2, L, H))), {"head_out": cache["head_out"][..., :4]})
     with pytest.raises(ValueError, match="pos_w has shape"):
         _problem(params, cfg, tgt, cache, pos_w[:1], metric)
     with pytest.raises(ValueError, match="metric LogitDiff has batch 1"):

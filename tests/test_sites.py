@@ -109,3 +109,21 @@ def test_new_sites_in_position_maps_and_generation(tiny):
     got = np.asarray(jc.generate(params, cfg, tgt, max_new_tokens=4, decode=iv, eos_id=-1))
     plain = np.asarray(jc.generate(params, cfg, tgt, max_new_tokens=4, eos_id=-1))
     assert got.shape == (1, 4) and not np.array_equal(got[:, 1:], plain[:, 1:])
+
+
+@pytest.mark.parametrize("site", sites.NAMES)
+def test_select_source_keeps_exactly_what_the_blend_reads(tiny, site):
+    """`select_source` keeps a source element iff `apply` gives it a nonzero weight (x = 0, s = 1
+    makes the blend the weight itself), for random units and positions."""
+    _, cfg, _ = tiny("llama_gqa")
+    rng = np.random.RandomState(sites.NAMES.index(site))
+    B, T, row = 2, 5, sites.get(site)
+    m = (rng.rand(*row.shape(cfg, 4)) < 0.5).astype(np.float32)
+    pos_w = (rng.rand(B, T) < 0.5).astype(np.float32)
+    m.flat[0], pos_w[0, -1] = 1, 1
+    entry = (cfg.n_layers, B, *(T if d in ("T", "S") else getattr(cfg, d) for d in sites.get(row.cache).dims))
+    kept = sites.select_source(cfg, {row.cache: np.ones(entry, np.float32)}, jc.Mask(**{site: m}), pos_w)
+    weights = [sites.apply(site, jnp.zeros(entry[1:]), jc.Mask(**{site: jnp.asarray(m[l])}),
+                           {row.cache: jnp.ones(entry[1:])}, jnp.asarray(pos_w)) for l in range(cfg.n_layers)]
+    np.testing.assert_array_equal(np.asarray(kept[row.cache]) != 0, np.stack(weights) != 0)
+    assert 0 < (np.stack(weights) != 0).mean() < 1

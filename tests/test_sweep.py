@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -19,8 +18,6 @@ from jaxcircuits.sites import Intervention, Mask
 from jaxcircuits.subsets import Pool, all_subsets, of_size, sampled_per_size, unrank_np
 from jaxcircuits.sweep import blend_crossing, blend_curve, load_results, run_sweep
 from tests import sweep_worker
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _plain(params, cfg, tokens, mask, source, pos_w, metric):
@@ -70,22 +67,19 @@ def test_deterministic_across_chunk_sizes_and_device_counts(tmp_path):
     np.testing.assert_array_equal(again.metric, runs[0].metric)
 
 
-def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
+def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path, tmp_path_factory):
     out, ref = str(tmp_path / "killed"), str(tmp_path / "ref")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "tests.sweep_worker"]
-    proc = subprocess.Popen(cmd + [out, "0.3"], cwd=ROOT, env=env)
-    chunks = os.path.join(out, "chunks")
+    env, cmd, root = sweep_worker.env(tmp_path_factory.getbasetemp()), sweep_worker.CMD, sweep_worker.ROOT
+    proc = subprocess.Popen(cmd + [out, "0.3"], cwd=root, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.isdir(chunks) and len(os.listdir(chunks)) >= 3):
+    while time.time() < deadline and sweep_worker.chunks_done(out) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    n_before = len([f for f in os.listdir(chunks) if f.endswith(".npz") and "tmp" not in f])
-    assert 3 <= n_before < 18, n_before
+    assert 3 <= sweep_worker.chunks_done(out) < 18, sweep_worker.chunks_done(out)
     assert not os.path.exists(os.path.join(out, "results.npz"))
-    subprocess.run(cmd + [out], cwd=ROOT, env=env, check=True, timeout=300)
-    subprocess.run(cmd + [ref], cwd=ROOT, env=env, check=True, timeout=300)
+    subprocess.run(cmd + [out], cwd=root, env=env, check=True, timeout=300)
+    subprocess.run(cmd + [ref], cwd=root, env=env, check=True, timeout=300)
     got, want = load_results(out), load_results(ref)
     np.testing.assert_array_equal(got.ranks, np.arange(70))
     np.testing.assert_array_equal(got.bitmask, want.bitmask)

@@ -1,5 +1,6 @@
 """jaxcircuits.tokenize against HF transformers on real tokenizers (SmolLM2 GGUF, GPT-2, Llama 3.2)."""
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -152,24 +153,22 @@ def test_no_bos_added_by_smollm2_and_gpt2():
 def test_batch_matches_hf_padding(name):
     ours, hf = F.ours(name), F.hf(name)
     texts = [STUDY, " 9.8", "naïve café — 你好"]
-    for side in ("left", "right"):
-        ids, mask = ours.batch(texts, pad_side=side)
-        ref = hf(texts, padding=True, padding_side=side, return_tensors="np")
-        assert ids.dtype == mask.dtype == np.int32
-        np.testing.assert_array_equal(ids, ref["input_ids"])
-        np.testing.assert_array_equal(mask, ref["attention_mask"])
+    ids, mask = ours.batch(texts)
+    ref = hf(texts, padding=True, padding_side="left", return_tensors="np")
+    assert ids.dtype == mask.dtype == np.int32
+    np.testing.assert_array_equal(ids, ref["input_ids"])
+    np.testing.assert_array_equal(mask, ref["attention_mask"])
 
 
 def test_left_padding_layout_with_eos_fallback():
     gpt2 = F.ours("gpt2")
-    ids, mask = gpt2.batch(["Hello world", " 9.8", ""])
-    assert ids.tolist() == [[50256, 15496, 995], [860, 13, 23], [50256] * 3]
-    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 0]]
-    ids, mask = gpt2.batch(["Hello world", " 9.8"], pad_side="right")
-    assert ids.tolist() == [[15496, 995, 50256], [860, 13, 23]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    ids, mask = gpt2.batch(["Hello world", " 9.8", "!"])
+    assert ids.tolist() == [[50256, 15496, 995], [860, 13, 23], [50256, 50256, 0]]
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
     assert gpt2.batch([])[0].shape == (0, 0)
-    with pytest.raises(ValueError, match="pad_side"):
-        gpt2.batch(["x"], pad_side="middle")
+    for side in ("right", "middle"):    # the library reads every prompt's last token at the last column
+        with pytest.raises(ValueError, match=f"pad_side='{side}' is not supported.*left-padded"):
+            gpt2.batch(["x"], pad_side=side)
 
 
 @pytest.mark.parametrize(
@@ -233,7 +232,8 @@ def test_gguf_without_tokenizer(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="could not read a tokenizer"):
         load_tokenizer(path, cache_dir=tmp_path / "cache")
-    assert list((tmp_path / "cache" / "tokenizers").iterdir()) == []  # the temp dir is gone
+    left = [p.name for p in (tmp_path / "cache" / "tokenizers").iterdir()]
+    assert left == [tokenize._gguf_cache_key(path) + ".lock"]  # the temp dir is gone
 
 
 def _fail_convert(path, out):
@@ -242,9 +242,10 @@ def _fail_convert(path, out):
 
 def test_gguf_cache_hit(monkeypatch):
     first = F.ours("smollm2")  # converted into the session cache
-    entries = list((F.cache_dir() / "tokenizers").iterdir())
-    assert [e.name for e in entries] == [tokenize._gguf_cache_key(F.smollm2_gguf())]
-    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in entries[0].iterdir()}
+    key = tokenize._gguf_cache_key(F.smollm2_gguf())
+    names = sorted(e.name for e in (F.cache_dir() / "tokenizers").iterdir())
+    assert names == [key, key + ".lock", key + ".sha256"]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (F.cache_dir() / "tokenizers" / key).iterdir()}
     monkeypatch.setattr(tokenize, "_convert_gguf", _fail_convert)
     monkeypatch.setenv("JAXCIRCUITS_CACHE", str(F.cache_dir()))
     start = time.perf_counter()
@@ -255,19 +256,22 @@ def test_gguf_cache_hit(monkeypatch):
     assert again.apply_chat_template(CHATS[0]) == first.apply_chat_template(CHATS[0])
 
 
-def test_gguf_cache_race_keeps_the_winner(tmp_path, monkeypatch):
-    """Another process renaming its copy into place first: ours is dropped, theirs is used."""
-    winner = F.cache_dir() / "tokenizers" / tokenize._gguf_cache_key(F.smollm2_gguf())
-    dest = tmp_path / "tokenizers" / tokenize._gguf_cache_key(F.smollm2_gguf())
+def test_gguf_cache_concurrent_misses_convert_once(tmp_path, monkeypatch):
+    """Two loads missing at once: the second waits on the entry's lock, then uses the first's result."""
+    reference = F.ours("smollm2")  # converted into the session cache
+    converted = F.cache_dir() / "tokenizers" / tokenize._gguf_cache_key(F.smollm2_gguf())
+    calls = []
 
-    def convert_and_lose(path, out):
-        shutil.copytree(winner, out, dirs_exist_ok=True)
-        shutil.copytree(winner, dest)
+    def slow_convert(path, out):
+        calls.append(path)
+        time.sleep(0.5)  # both loads miss before the first one has written
+        shutil.copytree(converted, out, dirs_exist_ok=True)
 
-    monkeypatch.setattr(tokenize, "_convert_gguf", convert_and_lose)
-    tok = load_tokenizer(F.smollm2_gguf(), cache_dir=tmp_path)
-    assert tok.encode(STUDY) == F.ours("smollm2").encode(STUDY)
-    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == [dest.name]
+    monkeypatch.setattr(tokenize, "_convert_gguf", slow_convert)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        toks = list(pool.map(lambda _: load_tokenizer(F.smollm2_gguf(), cache_dir=tmp_path), range(2)))
+    assert len(calls) == 1
+    assert toks[0].encode(STUDY) == toks[1].encode(STUDY) == reference.encode(STUDY)
 
 
 def test_cache_root(tmp_path, monkeypatch):

@@ -359,7 +359,7 @@ class CountingLoader:
 
 
 def _entries(root):
-    return sorted(n for n in os.listdir(root / "params") if not n.endswith(".lock"))
+    return sorted(n for n in os.listdir(root / "params") if not n.endswith((".lock", ".sha256")))
 
 
 def test_cache_hit_dtype_and_mtime(tmp_path, monkeypatch):

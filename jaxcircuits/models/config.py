@@ -20,14 +20,27 @@ from jaxcircuits.models.layers import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS
 
 
 class UnsupportedConfigError(ValueError):
-    """A config field or value that jaxcircuits does not implement."""
+    """A config that does not describe a model jaxcircuits implements: a field or value it does not
+    implement, or a required field that is missing or not of its type."""
+
+
+def load_json(path: str) -> dict:
+    """The JSON object in file `path`; ValueError naming the file when it is not valid JSON or not an object."""
+    with open(path) as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(obj).__name__}")
+    return obj
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters (HF ``rope_theta`` + ``rope_scaling``/``rope_parameters``).
 
-    kind: 'default', 'linear' or 'llama3'.
+    kind: 'default', 'linear' or 'llama3' (the keys of `_ROPE_FIELDS`).
     """
 
     theta: float = 10000.0
@@ -111,13 +124,19 @@ class ModelConfig:
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
-        """Build from a parsed HF config dict (``model_type`` 'gpt2' or 'llama')."""
-        model_type = hf.get("model_type")
-        if model_type not in CHECKPOINTS:
-            raise UnsupportedConfigError(
-                f"model_type {model_type!r} is not supported (supported: {', '.join(CHECKPOINTS)})")
-        return CHECKPOINTS[model_type](dict(hf))
+    def from_hf(cls, hf: Mapping[str, Any], source: Optional[str] = None) -> "ModelConfig":
+        """Build from a parsed HF config dict (``model_type`` 'gpt2' or 'llama'); `source` (the file it
+        came from) prefixes every `UnsupportedConfigError`."""
+        try:
+            model_type = hf.get("model_type")
+            if model_type not in CHECKPOINTS:
+                raise UnsupportedConfigError(
+                    f"model_type {model_type!r} is not supported (supported: {', '.join(CHECKPOINTS)})")
+            return CHECKPOINTS[model_type](dict(hf))
+        except UnsupportedConfigError as e:
+            if source is None:
+                raise
+            raise UnsupportedConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":
@@ -126,8 +145,7 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            return cls.from_hf(json.load(f))
+        return cls.from_hf(load_json(path), path)
 
 
 # Keys that carry no information about the computed function (training, generation, metadata).
@@ -157,8 +175,41 @@ def _require(hf: dict, field: str, ok, why: str) -> None:
         raise UnsupportedConfigError(f"config field {field!r}={hf[field]!r} is not supported: {why}")
 
 
-def _token_id(v):
-    return v[0] if isinstance(v, (list, tuple)) and v else v
+_REQUIRED = object()
+# value type -> (test of a JSON value, what the error says is expected)
+_TYPES = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _get(hf: Mapping[str, Any], field: str, kind: type, default: Any = _REQUIRED, within: str = ""):
+    """hf[field] as `kind` (int, float or bool; `_TYPES`), or `default` when absent or null.
+    Raises UnsupportedConfigError naming the field (``within.field`` for a nested dict)."""
+    name = f"{within}.{field}" if within else field
+    value = hf.get(field)
+    if value is None:
+        if default is _REQUIRED:
+            raise UnsupportedConfigError(f"required config field {name!r} is missing")
+        return default
+    ok, expected = _TYPES[kind]
+    if not ok(value):
+        raise UnsupportedConfigError(f"config field {name!r}={value!r} is invalid: expected {expected}")
+    return kind(value)
+
+
+def _token_id(hf: Mapping[str, Any], field: str) -> Optional[int]:
+    """A special-token id (the first of a list), or None; raises naming the field if it is not an id."""
+    v = hf.get(field)
+    v = v[0] if isinstance(v, (list, tuple)) and v else v
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        raise UnsupportedConfigError(f"config field {field!r}={hf[field]!r} is invalid: expected a token id")
+    return v
+
+
+def _token_ids(hf: Mapping[str, Any]) -> dict:
+    return {f"{t}_token_id": _token_id(hf, f"{t}_token_id") for t in ("bos", "eos", "pad")}
 
 
 def _from_gpt2(hf: dict) -> ModelConfig:
@@ -171,43 +222,49 @@ def _from_gpt2(hf: dict) -> ModelConfig:
     _require(hf, "add_cross_attention", lambda v: v is False, "decoder-only models only")
     act = hf.get("activation_function", "gelu_new")
     _require(hf, "activation_function", lambda v: v in ("gelu_new", "gelu", "relu"), "use gelu_new/gelu/relu")
-    d = hf.get("n_embd", 768)
+    d, n_heads = _get(hf, "n_embd", int, 768), _get(hf, "n_head", int, 12)
+    if d % n_heads:
+        raise UnsupportedConfigError(f"n_embd={d} is not a multiple of n_head={n_heads}")
     return ModelConfig(
-        checkpoint="gpt2", n_layers=hf.get("n_layer", 12), d_model=d, n_heads=hf.get("n_head", 12),
-        n_kv_heads=hf.get("n_head", 12), d_head=d // hf.get("n_head", 12),
-        d_mlp=hf.get("n_inner") or 4 * d, vocab_size=hf.get("vocab_size", 50257),
-        max_positions=hf.get("n_positions", 1024), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        checkpoint="gpt2", n_layers=_get(hf, "n_layer", int, 12), d_model=d, n_heads=n_heads,
+        n_kv_heads=n_heads, d_head=d // n_heads, d_mlp=_get(hf, "n_inner", int, 4 * d),
+        vocab_size=_get(hf, "vocab_size", int, 50257), max_positions=_get(hf, "n_positions", int, 1024),
+        norm_eps=_get(hf, "layer_norm_epsilon", float, 1e-5),
         norm="layernorm", activation=act, gated_mlp=False, position_embedding="learned",
-        tied_embeddings=hf.get("tie_word_embeddings", True), attn_bias=True, o_bias=True, mlp_bias=True,
-        bos_token_id=_token_id(hf.get("bos_token_id")), eos_token_id=_token_id(hf.get("eos_token_id")),
-        pad_token_id=_token_id(hf.get("pad_token_id")))
+        tied_embeddings=_get(hf, "tie_word_embeddings", bool, True), attn_bias=True, o_bias=True,
+        mlp_bias=True, **_token_ids(hf))
+
+
+# rope type -> the fields it reads besides rope_theta (each a float, or an int when named here)
+_ROPE_FIELDS = {"default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+_ROPE_INTS = {"original_max_position_embeddings"}
 
 
 def _rope_from_hf(hf: dict) -> RopeConfig:
-    # transformers < 5 writes rope_theta + rope_scaling; >= 5 writes rope_parameters.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    params = {**scaling, **params}
-    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    """As transformers >= 5: the ``rope_scaling`` dict (< 5 writes rope_theta + rope_scaling) when it is
+    set, else ``rope_parameters`` (>= 5); theta from that dict, else the top-level ``rope_theta``."""
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(field) or {}
+    if not isinstance(params, dict):
+        raise UnsupportedConfigError(f"config field {field!r}={params!r} is invalid: expected an object")
+    params = dict(params)
+    theta = _get(params, "rope_theta", float, _get(hf, "rope_theta", float, 10000.0), field)
+    params.pop("rope_theta", None)
     kind = params.pop("rope_type", params.pop("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
+    if not isinstance(kind, str) or kind not in _ROPE_FIELDS:
         raise UnsupportedConfigError(
-            f"config field 'rope_scaling' type {kind!r} is not supported (supported: default, linear, llama3)")
+            f"config field {field!r} type {kind!r} is not supported (supported: {', '.join(_ROPE_FIELDS)})")
     if params.pop("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedConfigError("config field 'partial_rotary_factor' != 1 is not supported")
-    keys = {"default": set(), "linear": {"factor"},
-            "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}[kind]
-    extra = sorted(set(params) - keys)
+    extra = sorted(set(params) - set(_ROPE_FIELDS[kind]))
     if extra:
-        raise UnsupportedConfigError(f"rope_scaling field(s) {extra} are not supported for type {kind!r}")
-    missing = sorted(keys - set(params))
-    if missing:
-        raise UnsupportedConfigError(f"rope_scaling type {kind!r} needs field(s) {missing}")
+        raise UnsupportedConfigError(f"{field} field(s) {extra} are not supported for type {kind!r}")
+    values = {k: _get(params, k, int if k in _ROPE_INTS else float, within=field) for k in _ROPE_FIELDS[kind]}
     return RopeConfig(
-        theta=float(theta), kind=kind, factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_positions=int(params.get("original_max_position_embeddings", 8192)))
+        theta=theta, kind=kind, factor=values.get("factor", 1.0),
+        low_freq_factor=values.get("low_freq_factor", 1.0), high_freq_factor=values.get("high_freq_factor", 4.0),
+        original_max_positions=values.get("original_max_position_embeddings", 8192))
 
 
 def _from_llama(hf: dict) -> ModelConfig:
@@ -216,19 +273,17 @@ def _from_llama(hf: dict) -> ModelConfig:
         "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act", "attention_bias", "mlp_bias",
         "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters"})
     _require(hf, "hidden_act", lambda v: v == "silu", "Llama MLP must use silu")
-    n_heads = hf["num_attention_heads"]
-    d = hf["hidden_size"]
-    bias = bool(hf.get("attention_bias", False))
+    n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
+    bias = _get(hf, "attention_bias", bool, False)
     return ModelConfig(
-        checkpoint="llama", n_layers=hf["num_hidden_layers"], d_model=d, n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_head=hf.get("head_dim") or d // n_heads,
-        d_mlp=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-        max_positions=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        checkpoint="llama", n_layers=_get(hf, "num_hidden_layers", int), d_model=d, n_heads=n_heads,
+        n_kv_heads=_get(hf, "num_key_value_heads", int, n_heads), d_head=_get(hf, "head_dim", int, d // n_heads),
+        d_mlp=_get(hf, "intermediate_size", int), vocab_size=_get(hf, "vocab_size", int),
+        max_positions=_get(hf, "max_position_embeddings", int, 2048), norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
         norm="rmsnorm", activation="silu", gated_mlp=True, position_embedding="rotary",
-        tied_embeddings=hf.get("tie_word_embeddings", False),
-        attn_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)), rope=_rope_from_hf(hf),
-        bos_token_id=_token_id(hf.get("bos_token_id")), eos_token_id=_token_id(hf.get("eos_token_id")),
-        pad_token_id=_token_id(hf.get("pad_token_id")))
+        tied_embeddings=_get(hf, "tie_word_embeddings", bool, False),
+        attn_bias=bias, o_bias=bias, mlp_bias=_get(hf, "mlp_bias", bool, False), rope=_rope_from_hf(hf),
+        **_token_ids(hf))
 
 
 # HF model_type -> reader of its config.json (the loaders map its tensor names).

@@ -33,6 +33,21 @@ from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.layers import NORMS
 
 Params = Dict[str, Any]
+# Parameter dtypes by name: the ones the forward, the sweeps and the parity tests are built for.
+PARAM_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+
+
+def param_dtype(dtype) -> np.dtype:
+    """`dtype` (a `PARAM_DTYPES` name, or a dtype such as jnp.bfloat16) as a numpy dtype; ValueError
+    for any other, so an int8 or float16 load is refused before any work."""
+    try:
+        dt = PARAM_DTYPES[dtype] if isinstance(dtype, str) else np.dtype(dtype)
+    except (KeyError, TypeError):
+        dt = None
+    if dt not in PARAM_DTYPES.values():
+        raise ValueError(f"dtype {getattr(dt, 'name', dtype)!r} is not supported for params "
+                         f"(supported: {', '.join(PARAM_DTYPES)})")
+    return dt
 
 
 def param_shapes(cfg: ModelConfig) -> Params:

@@ -23,7 +23,7 @@ from flax import struct
 
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.layers import ACTIVATIONS, NORMS
-from jaxcircuits.sites import CACHE_SITES, Intervention, LayerHooks
+from jaxcircuits.sites import CACHE_SITES, Intervention, LayerHooks, check_intervention
 
 Array = jax.Array
 Params = dict
@@ -194,15 +194,49 @@ def default_positions(attn_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attn_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def check_tokens(tokens, cfg: ModelConfig) -> None:
-    """Raise ValueError for token ids outside [0, vocab) (host arrays only; tracers pass)."""
-    if isinstance(tokens, jax.core.Tracer):
-        return
-    t = np.asarray(tokens)
-    if t.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {t.shape}")
-    if t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got min {t.min()}, max {t.max()}")
+def check_inputs(cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None, n_new: int = 0) -> Tuple[Array, Array, Array]:
+    """(tokens, attn_mask, pos_ids) as int32 [B, T] with the defaults filled in (all ones;
+    `default_positions`), or ValueError: tokens must be integer ids in [0, vocab) with B, T >= 1;
+    attn_mask 0/1, left-padded (no 0 after a 1) with a real token in every row; with learned
+    position embeddings, positions (plus `n_new` more for generation) in [0, max_positions), as HF
+    requires (rotary models take any position, as in HF). Values are checked where concrete.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected [batch, seq] with batch, seq >= 1")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens (shape {tokens.shape}) has dtype {tokens.dtype}, expected integer ids")
+    attn_mask = jnp.ones(tokens.shape, jnp.int32) if attn_mask is None else jnp.asarray(attn_mask)
+    if attn_mask.shape != tokens.shape:
+        raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, expected the tokens' {tuple(tokens.shape)}")
+    if pos_ids is not None and jnp.shape(pos_ids) != tokens.shape:
+        raise ValueError(f"pos_ids has shape {tuple(jnp.shape(pos_ids))}, expected the tokens' {tuple(tokens.shape)}")
+    if not isinstance(tokens, jax.core.Tracer):
+        t = np.asarray(tokens)
+        if t.min() < 0 or t.max() >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); tokens (shape {t.shape}) has min "
+                             f"{t.min()}, max {t.max()}")
+    if not isinstance(attn_mask, jax.core.Tracer):
+        m = np.asarray(attn_mask)
+        if not np.isin(m, (0, 1)).all():
+            raise ValueError(f"attn_mask (shape {m.shape}) must hold 0 (padding) and 1 (real token) only")
+        empty, right = ~m.any(-1), (np.diff(m.astype(np.int32), axis=-1) < 0).any(-1)
+        if empty.any():
+            raise ValueError(f"attn_mask (shape {m.shape}) row {int(np.argmax(empty))} is all padding: "
+                             "every row needs a real token")
+        if right.any():
+            raise ValueError(f"attn_mask (shape {m.shape}) row {int(np.argmax(right))} has a 0 after a 1: "
+                             "batches must be left-padded")
+    attn_mask = attn_mask.astype(jnp.int32)
+    pos_ids = default_positions(attn_mask) if pos_ids is None else jnp.asarray(pos_ids, jnp.int32)
+    if cfg.position_embedding == "learned" and not isinstance(pos_ids, jax.core.Tracer):
+        p = np.asarray(pos_ids)
+        lo, hi = int(p.min()), int(p.max()) + n_new
+        if lo < 0 or hi >= cfg.max_positions:
+            more = f" (with {n_new} generated after the prompt)" if n_new else ""
+            raise ValueError(f"positions span [{lo}, {hi}]{more} for tokens of shape {tuple(p.shape)}; learned "
+                             f"position embeddings need [0, max_positions={cfg.max_positions}) (HF raises too)")
+    return tokens.astype(jnp.int32), attn_mask, pos_ids
 
 
 def forward_fn(params: Params, cfg: ModelConfig, tokens: Array, attn_mask: Optional[Array] = None,
@@ -231,12 +265,22 @@ def forward_fn(params: Params, cfg: ModelConfig, tokens: Array, attn_mask: Optio
     return (logits_of(params, h) if return_logits else None), cache
 
 
-forward = jax.jit(forward_fn, static_argnames=("cfg", "collect", "return_logits"))
-forward.__doc__ = "`forward_fn` compiled once per (cfg, shapes, collect, return_logits)."
+_forward = jax.jit(forward_fn, static_argnames=("cfg", "collect", "return_logits"))
+
+
+def forward(params: Params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None,
+            intervention: Optional[Intervention] = None, collect: Sequence[str] = (), return_logits: bool = True):
+    """`forward_fn`, compiled once per (cfg, shapes, collect, return_logits), after checking its
+    inputs on the host (`check_inputs`; `sites.check_intervention`, which also selects the source
+    to the mask's footprint). Inside a trace only shapes are checked."""
+    tokens, attn_mask, pos_ids = check_inputs(cfg, tokens, attn_mask, pos_ids)
+    if intervention is not None:
+        intervention = check_intervention(intervention, cfg, *tokens.shape)
+    return _forward(params, cfg, tokens, attn_mask, pos_ids, intervention, collect=tuple(collect),
+                    return_logits=return_logits)
 
 
 def run_with_cache(params: Params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None,
                    sites: Sequence[str] = CACHE_SITES):
-    """Plain run returning (logits [B, T, V], cache of `sites`). Checks token ids first."""
-    check_tokens(tokens, cfg)
-    return forward(params, cfg, jnp.asarray(tokens), attn_mask, pos_ids, collect=tuple(sites))
+    """Plain run returning (logits [B, T, V], cache of `sites`), inputs checked (`forward`)."""
+    return forward(params, cfg, tokens, attn_mask, pos_ids, collect=tuple(sites))

@@ -18,7 +18,8 @@ from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.patching import PatchingProblem, run_masks, target_run
 from jaxcircuits.report import Report, add_sweep_analysis, table
 from jaxcircuits.sites import Intervention, Mask
-from jaxcircuits.studies.common import load_model, unpatched_metric
+from jaxcircuits import sites
+from jaxcircuits.studies.common import OptionError, check_layers, load_model, unpatched_metric
 from jaxcircuits.subsets import Pool, all_subsets, sampled_per_size
 from jaxcircuits.sweep import blend_crossing, run_sweep
 from jaxcircuits.tasks import decimals as D
@@ -231,14 +232,27 @@ def _choose_formats(opts: Options, scan: dict, report: Report) -> Options:
     return dataclasses.replace(opts, source_format=source, target_format=target)
 
 
+def check_options(opts: Options, cfg) -> None:
+    """The options against the model's config (OptionError naming the flag)."""
+    check_layers("sweep_layers", opts.sweep_layers, cfg)
+    if opts.n_blocks is not None:
+        if "original" not in opts.protocols:
+            raise OptionError(f"--n_blocks={opts.n_blocks} applies only to the original protocol "
+                              "(--protocol=original or both)")
+        try:
+            sites.get("attn_block").shape(cfg, opts.n_blocks)
+        except ValueError as e:
+            raise OptionError(f"--n_blocks: {e}") from None
+    if not 1 <= opts.top_layers <= cfg.n_layers:
+        raise OptionError(f"--top_layers={opts.top_layers} out of range [1, {cfg.n_layers}]")
+
+
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, "Even heads: format-dependent decimal comparison")
     model = load_model(opts.model, opts.dtype)
     cfg = model.cfg
-    bad = [l for l in opts.sweep_layers if l >= cfg.n_layers]
-    if bad:
-        raise ValueError(f"--sweep_layers {bad} out of range: {opts.model} has {cfg.n_layers} layers")
+    check_options(opts, cfg)
     pairs = [D.STUDY_PAIR] + D.generate_pairs(opts.n_pairs, opts.seed)
     report.add("Setup", table(["model", "layers", "heads / KV heads", "d_model", "pairs", "source -> target"],
                               [[opts.model, cfg.n_layers, f"{cfg.n_heads} / {cfg.n_kv_heads}", cfg.d_model, len(pairs),

@@ -21,7 +21,7 @@ from jaxcircuits.ablation import mean_source
 from jaxcircuits.patching import PatchingProblem, patched_metric
 from jaxcircuits.report import Report, add_sweep_analysis, table
 from jaxcircuits.sites import unit_label
-from jaxcircuits.studies.common import load_model, unpatched_metric
+from jaxcircuits.studies.common import OptionError, load_model, unpatched_metric
 from jaxcircuits.subsets import Pool, all_subsets
 from jaxcircuits.tasks.ioi import corrupt, generate_ioi, ioi_batch
 
@@ -54,6 +54,8 @@ def head_attribution(model, problem: PatchingProblem) -> np.ndarray:
     The first-order estimate of each head's patching effect (patched - unpatched mean metric).
     """
     cfg = model.cfg
+    # The source is checked (and cut to what heads read) here, where it is concrete, not under jit.
+    problem = problem.for_footprint(cfg, jc.Mask(head_out=np.ones((cfg.n_layers, cfg.n_heads), bool)))
     mean_metric = lambda m, params, problem: patched_metric(params, cfg, problem, jc.Mask(head_out=m)).mean()
     grad = jax.jit(jax.grad(mean_metric))
     return np.asarray(grad(jnp.zeros((cfg.n_layers, cfg.n_heads), jnp.float32), model.params, problem))
@@ -187,13 +189,18 @@ def _ablation_sweep(model, clean, cache, metric, pool, base, opts, report):
                        "below", 0.5 * base["clean"])
 
 
+def check_options(opts: Options, cfg) -> None:
+    """The options against the model's config (OptionError naming the flag)."""
+    if opts.top_heads > cfg.n_layers * cfg.n_heads:
+        raise OptionError(f"--top_heads={opts.top_heads} exceeds the model's {cfg.n_layers * cfg.n_heads} heads")
+
+
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, "IOI: per-head patching, attribution patching and backup heads")
     model = load_model(opts.model, opts.dtype)
     cfg, tok = model.cfg, model.tokenizer
-    if opts.top_heads > cfg.n_layers * cfg.n_heads:
-        raise ValueError(f"--top_heads={opts.top_heads} exceeds the model's {cfg.n_layers * cfg.n_heads} heads")
+    check_options(opts, cfg)
     clean_p = generate_ioi(opts.n_prompts, opts.seed, tok)
     corrupt_p = corrupt(clean_p, opts.seed + 1, tok)
     cb, xb = ioi_batch(clean_p, tok), ioi_batch(corrupt_p, tok)

@@ -17,7 +17,7 @@ from jaxcircuits.metrics import LogitDiff, pad_ids
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.patching import PatchingProblem, target_run
 from jaxcircuits.report import Report, add_sweep_analysis, table
-from jaxcircuits.studies.common import TaskBatches, load_model
+from jaxcircuits.studies.common import OptionError, TaskBatches, check_layers, load_model
 from jaxcircuits.tasks import decimals as D
 from jaxcircuits.tasks import ioi
 
@@ -60,14 +60,36 @@ def parse_success(spec: str) -> Tuple[str, float]:
     if kind == "positive" and not value:
         return kind, 0.0
     if kind in ("above", "below") and value:
-        return kind, float(value)
-    raise ValueError(f"--success must be 'positive', 'above:X' or 'below:X', got {spec!r}")
+        try:
+            return kind, float(value)
+        except ValueError:
+            raise OptionError(f"--success={spec}: X in {kind}:X must be a number") from None
+    raise OptionError(f"--success must be 'positive', 'above:X' or 'below:X', got {spec!r}")
+
+
+def parse_positions(spec: str) -> P.Selector:
+    """--positions: 'all', 'last', 'last:k' (k >= 1) or comma-separated token indices -> a selector."""
+    if spec in ("all", "last"):
+        return spec
+    if spec.startswith("last:"):
+        if not spec[5:].isdigit() or int(spec[5:]) < 1:
+            raise OptionError(f"--positions={spec}: k in last:k must be an integer >= 1")
+        return spec
+    try:
+        return [int(i) for i in spec.split(",")]
+    except ValueError:
+        raise OptionError(f"--positions={spec}: use all, last, last:k or comma-separated token indices") from None
 
 
 def make_pool(site: str, layers, cfg, select: str, n_blocks: Optional[int] = None) -> S.Pool:
     """Units of `site` in `layers`: per layer all units, the even or odd ones, or listed indices
     (sites with one unit per layer take every layer's unit)."""
-    shape = sites.get(site).shape(cfg, n_blocks)
+    if n_blocks is not None and not sites.get(site).blocked:
+        raise OptionError(f"--n_blocks={n_blocks} applies only to --site=attn_block (got --site={site})")
+    try:
+        shape = sites.get(site).shape(cfg, n_blocks)
+    except ValueError as e:
+        raise OptionError(f"--n_blocks: {e}") from None
     if len(shape) == 1:
         return S.Pool(site, tuple((l,) for l in layers))
     if len(shape) != 2:
@@ -81,12 +103,30 @@ def make_pool(site: str, layers, cfg, select: str, n_blocks: Optional[int] = Non
     elif select != "all":
         idx = np.array([int(i) for i in select.split(",")])
         if idx.min() < 0 or idx.max() >= units_per_layer:
-            raise ValueError(f"--pool indices {select} out of range [0, {units_per_layer})")
+            raise OptionError(f"--pool={select}: indices out of range [0, {units_per_layer}) of --site={site}")
     return S.Pool(site, tuple((l, int(j)) for l in layers for j in idx), n_blocks if sites.get(site).blocked else None)
 
 
 def make_family(opts: Options, n: int) -> S.Family:
     """The --family flag over n pool units (structured families are explicit lists of subsets)."""
+    if n > S.MAX_UNITS:
+        raise OptionError(f"the pool has {n} units (--site={opts.site}, --pool={opts.pool}); families take at "
+                          f"most {S.MAX_UNITS}: list units with --pool=i,j,k")
+    bad = [k for k in opts.sizes if not 0 <= k <= n] if opts.family in ("sizes", "sampled", "contiguous") else []
+    if bad:
+        raise OptionError(f"--sizes={','.join(map(str, opts.sizes))}: size(s) {bad} out of range [0, {n}] "
+                          f"for a pool of {n} units")
+    try:
+        family = _family(opts, n)
+    except ValueError as e:
+        raise OptionError(f"--family={opts.family}: {e}") from None
+    if family.size() > S.MAX_RANK:
+        raise OptionError(f"--family={opts.family} over {n} units has {family.size()} members, more than a "
+                          f"sweep's {S.MAX_RANK}: use --family=sizes or sampled, or fewer units (--pool)")
+    return family
+
+
+def _family(opts: Options, n: int) -> S.Family:
     f = opts.family
     if f == "all":
         return S.all_subsets(n)
@@ -131,13 +171,20 @@ def task_batches(model, opts: Options) -> TaskBatches:
     return TaskBatches(s_ids, s_mask, t_ids, t_mask, metric, f"{len(texts[0])} prompts from files")
 
 
+def check_options(opts: Options, cfg) -> None:
+    """Every option against the model's config (OptionError naming the flag); positions are checked
+    against the prompts once they exist."""
+    check_layers("layers", opts.layers, cfg)
+    make_family(opts, make_pool(opts.site, opts.layers, cfg, opts.pool, opts.n_blocks).n)
+    parse_positions(opts.positions)
+    parse_success(opts.success)
+
+
 def run(opts: Options) -> str:
     report = Report(opts.out, f"Threshold sweep: {opts.site} of layers {list(opts.layers)}")
     model = load_model(opts.model, opts.dtype)
     cfg = model.cfg
-    bad = [l for l in opts.layers if l >= cfg.n_layers]
-    if bad:
-        raise ValueError(f"--layers {bad} out of range: {opts.model} has {cfg.n_layers} layers")
+    check_options(opts, cfg)
     pool = make_pool(opts.site, opts.layers, cfg, opts.pool, opts.n_blocks)
     family = make_family(opts, pool.n)
     task = task_batches(model, opts)
@@ -146,10 +193,12 @@ def run(opts: Options) -> str:
     align = ALIGNS[opts.align]
     pos_map = P.token_matched(task.target_ids, task.target_mask, task.source_ids, task.source_mask) \
         if align is None else align(task.target_mask, task.source_mask)
-    selector = opts.positions if opts.positions in ("all", "last") or opts.positions.startswith("last:") \
-        else [int(i) for i in opts.positions.split(",")]
+    try:
+        pos_w = P.weights(parse_positions(opts.positions), pos_map)
+    except ValueError as e:
+        raise OptionError(f"--positions={opts.positions}: {e}") from None
     problem = PatchingProblem.make(target_run(model.params, cfg, task.target_ids, task.target_mask),
-                                   P.align(cache, pos_map), P.weights(selector, pos_map), task.metric)
+                                   P.align(cache, pos_map), pos_w, task.metric)
     res = jc.run_sweep(model.params, cfg, problem, pool, family, os.path.join(opts.out, "sweep"),
                        chunk_size=opts.chunk_size, resume=opts.resume,
                        describe={"model": opts.model, "task": task.description})

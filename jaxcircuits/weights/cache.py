@@ -5,12 +5,16 @@ An entry is ``$JAXCIRCUITS_CACHE/params/<key>/`` (default ``~/.cache/jaxcircuits
 mtime of each file it consists of, the dtype, `FORMAT_VERSION` and the `ModelConfig` field names,
 so an edited source, a new dtype or a changed config schema never hits a stale entry.
 Orbax writes to a temporary directory and renames it when the write is complete, so an
-interrupted write never appears under the key; an entry that fails to restore or to validate
-(structure, shapes, dtype) is deleted and rebuilt.
+interrupted write never appears under the key; then the entry's checksum goes to ``<key>.sha256``
+(`storage.write_sidecar`). A hit is verified against it first, so an entry whose bytes changed
+after the write (even by a same-size edit) is never served: an entry that does not match its
+checksum, fails to restore or fails to validate (structure, shapes, dtype) is deleted and rebuilt,
+with a logged warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -18,16 +22,17 @@ import json
 import logging
 import os
 import shutil
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcircuits import storage
 from jaxcircuits.models.config import ModelConfig, RopeConfig
 from jaxcircuits.models.params import Params, check_params
 
-FORMAT_VERSION = 1  # bump whenever a loader's output for the same file changes
+FORMAT_VERSION = 2  # bump whenever a loader's output for the same file changes (2: tied config + own lm_head)
 _CHUNK_BYTES = 64 * 2**20
 Loader = Callable[[str, object], Tuple[ModelConfig, Params]]
 _log = logging.getLogger(__name__)
@@ -81,27 +86,20 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
 
 
-def _restore(entry: str, dtype) -> Optional[Tuple[ModelConfig, Params]]:
-    """The entry's (config, numpy params), or None (after deleting it) if it is absent or invalid."""
-    if not os.path.isdir(entry):
-        return None
-    try:
-        if not ocp.utils.is_checkpoint_finalized(entry):
-            raise ValueError("checkpoint was not finalized")
-        with _checkpointer() as ckpt:
-            got = ckpt.restore(entry, args=ocp.args.Composite(
-                config=ocp.args.JsonRestore(), params=ocp.args.PyTreeRestore()))
-        cfg, params = config_from_json(got["config"]), got["params"]
-        check_params(params, cfg)
-        bad = [str(x.dtype) for x in jax.tree.leaves(params)
-               if not isinstance(x, np.ndarray) or x.dtype != np.dtype(dtype)]
-        if bad:
-            raise ValueError(f"cached leaves have dtype(s) {sorted(set(bad))}, expected {np.dtype(dtype)}")
-        return cfg, params
-    except Exception as e:  # any corruption, whatever orbax/tensorstore raise: rebuild
-        _log.warning("discarding invalid params cache entry %s: %r", entry, e)
-        shutil.rmtree(entry, ignore_errors=True)
-        return None
+def _restore(entry: str, dtype) -> Tuple[ModelConfig, Params]:
+    """The entry's (config, numpy params); raises if it is absent, does not match its checksum, or
+    fails to restore or to validate."""
+    storage.verify(entry)
+    with _checkpointer() as ckpt:
+        got = ckpt.restore(entry, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), params=ocp.args.PyTreeRestore()))
+    cfg, params = config_from_json(got["config"]), got["params"]
+    check_params(params, cfg)
+    bad = [str(x.dtype) for x in jax.tree.leaves(params)
+           if not isinstance(x, np.ndarray) or x.dtype != np.dtype(dtype)]
+    if bad:
+        raise ValueError(f"cached leaves have dtype(s) {sorted(set(bad))}, expected {np.dtype(dtype)}")
+    return cfg, params
 
 
 def _save(entry: str, cfg: ModelConfig, params: Params) -> None:
@@ -122,22 +120,27 @@ def cached_load(source: str, dtype, loader: Loader) -> Tuple[ModelConfig, Params
     """`loader(source, dtype)`, memoised on disk under `cache_key(source, dtype)`.
 
     Returns (config, numpy params). On a miss, ``<entry>.lock`` serialises converters of the same
-    entry across processes (the others wait, then read its result). A cache write failure is
-    logged and the loaded params returned.
+    entry across processes (the others wait, then read its result); under it, a damaged entry is
+    deleted, with a warning, and rebuilt. A cache write failure is logged and the loaded params returned.
     """
     entry = os.path.join(cache_dir(), "params", cache_key(source, dtype))
-    hit = _restore(entry, dtype)
-    if hit is not None:
-        return hit
+    if os.path.isdir(entry):
+        with contextlib.suppress(Exception):  # a writer may be finishing it: decided under the lock
+            return _restore(entry, dtype)
     os.makedirs(os.path.dirname(entry), exist_ok=True)
     with open(entry + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        hit = _restore(entry, dtype)
-        if hit is not None:
-            return hit
+        if os.path.exists(entry) or os.path.exists(entry + storage.SIDECAR):
+            try:
+                return _restore(entry, dtype)
+            except Exception as e:  # any damage, whatever orbax/tensorstore raise: rebuild
+                _log.warning("params cache entry %s is damaged or invalid (%s); rebuilding it", entry, e)
+                with contextlib.suppress(OSError):  # what cannot be deleted fails the write below, logged
+                    storage.discard(entry)
         cfg, params = loader(source, dtype)
         try:
             _save(entry, cfg, params)
+            storage.write_sidecar(entry)
         except Exception as e:  # the cache is an optimisation: never fail a load because of it
             _log.warning("could not write params cache entry %s: %r", entry, e)
     return cfg, params

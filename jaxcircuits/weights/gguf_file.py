@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcircuits.models.config import ModelConfig, RopeConfig, UnsupportedConfigError
-from jaxcircuits.models.params import Params, check_params
+from jaxcircuits.models.params import Params, check_params, param_dtype
 from jaxcircuits.weights.hf import TensorMap, check_tensors, empty_params, fill, llama_tensors
 
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -179,14 +179,16 @@ def _open(path: str) -> gguf.GGUFReader:
 
 def gguf_config(path: str) -> ModelConfig:
     """The config of GGUF file `path`, from its metadata only."""
-    return ModelConfig.from_hf(hf_config(_open(os.fspath(path))))
+    path = os.fspath(path)
+    return ModelConfig.from_hf(hf_config(_open(path)), f"GGUF file {path}")
 
 
 def load_gguf(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
     """Load llama-architecture GGUF file `path` -> (config, numpy params of `dtype`), dequantised."""
+    dtype = param_dtype(dtype)
     path = os.fspath(path)
     reader = _open(path)
-    cfg = ModelConfig.from_hf(hf_config(reader))
+    cfg = ModelConfig.from_hf(hf_config(reader), f"GGUF file {path}")
     expected: TensorMap = {gguf_name(n): s for n, s in llama_tensors(cfg).items()}
     tensors = {t.name: t for t in reader.tensors if t.name != _ROPE_FREQS}
     # GGUF lists dims fastest-first; numpy (and HF) order is the reverse.
@@ -197,6 +199,6 @@ def load_gguf(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
         w = _dequantize(tensors[name])
         if re.search(r"\.attn_[qk]\.", name):
             w = unpermute_heads(w, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
-        fill(params, spec, w)
+        fill(params, spec, w, f"tensor {name!r} in {path}")
     check_params(params, cfg)
     return cfg, params

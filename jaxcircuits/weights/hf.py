@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import operator
 import os
 import re
@@ -21,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.params import Params, check_params, param_shapes
+from jaxcircuits.models.config import ModelConfig, load_json
+from jaxcircuits.models.params import Params, check_params, param_dtype, param_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -143,16 +142,32 @@ TENSOR_MAPS = {"llama": (llama_tensors, "model."), "gpt2": (gpt2_tensors, "trans
 
 
 def empty_params(cfg: ModelConfig, dtype) -> Params:
-    """Uninitialised numpy arrays of `dtype` in the layout of `param_shapes(cfg)`."""
-    dt = np.dtype(dtype)
+    """Uninitialised numpy arrays of `dtype` (see `param_dtype`) in the layout of `param_shapes(cfg)`."""
+    dt = param_dtype(dtype)
     return jax.tree.map(lambda s: np.empty(s, dt), param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
-def fill(params: Params, spec: TensorSpec, array: np.ndarray) -> None:
-    """Write checkpoint `array` (shape `spec.shape`) into its leaves of `params`, casting in place."""
+def _count_nonfinite(a: np.ndarray, chunk: int = 1 << 24) -> int:
+    """Number of NaN/inf values of contiguous `a`, counted `chunk` values at a time (small temporaries)."""
+    flat = a.reshape(-1)
+    return sum(int(np.count_nonzero(~np.isfinite(flat[i:i + chunk]))) for i in range(0, flat.size, chunk))
+
+
+def fill(params: Params, spec: TensorSpec, array: np.ndarray, where: str) -> None:
+    """Write checkpoint `array` (shape `spec.shape`) into its leaves of `params`, casting in place.
+
+    Raises ValueError naming `where` (the tensor and its file) if any written value is NaN or
+    infinite: damaged bytes in the file, never weights to compute with.
+    """
+    bad = 0
     for path, layer, fn in spec.writes:
         leaf = functools.reduce(operator.getitem, path, params)
-        (leaf if layer is None else leaf[layer])[...] = fn(array)
+        dest = leaf if layer is None else leaf[layer]
+        dest[...] = fn(array)
+        bad += _count_nonfinite(dest)
+    if bad:
+        raise ValueError(f"{where} has {bad} NaN or infinite value(s) of {array.size} (as {dest.dtype}): "
+                         "the file is damaged; download or convert it again")
 
 
 def check_tensors(tensors: TensorMap, found: Mapping[str, Tuple[int, ...]], where: str) -> None:
@@ -169,8 +184,7 @@ def weight_files(path: str) -> List[str]:
     """The safetensors files of HF checkpoint directory `path` (single file, or the shards of its index)."""
     single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = load_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no 'weight_map'")
         shards = sorted(set(weight_map.values()))
@@ -206,6 +220,16 @@ def _read(fn: str, name: str) -> np.ndarray:
         return f.get_tensor(name)
 
 
+def _own_head(cfg: ModelConfig, where: Mapping[str, str]) -> bool:
+    """Whether tied `cfg`'s checkpoint (tensor name -> file) has an ``lm_head.weight`` that differs
+    from its token embeddings: transformers then keeps that head (it does not tie), and so do we."""
+    if not (cfg.tied_embeddings and "lm_head.weight" in where):
+        return False
+    embed = next(n for n, s in _tensors_for(cfg, where).items() if s.writes[0][0] == ("embed", "tokens"))
+    return embed in where and not np.array_equal(_read(where["lm_head.weight"], "lm_head.weight"),
+                                                  _read(where[embed], embed))
+
+
 def _ignored(name: str, cfg: ModelConfig) -> bool:
     """Non-parameter buffers (GPT-2 causal-mask buffers) and a tied lm_head copy."""
     return (cfg.tied_embeddings and name == "lm_head.weight") or (
@@ -219,7 +243,12 @@ def _tensors_for(cfg: ModelConfig, names) -> TensorMap:
 
 
 def load_hf_dir(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
-    """Load HF checkpoint directory `path` -> (config, numpy params of `dtype` in the params layout)."""
+    """Load HF checkpoint directory `path` -> (config, numpy params of `dtype` in the params layout).
+
+    A config with ``tie_word_embeddings`` whose checkpoint has its own, different ``lm_head.weight``
+    loads untied (`tied_embeddings=False`), as transformers loads it.
+    """
+    dtype = param_dtype(dtype)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -230,6 +259,8 @@ def load_hf_dir(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
             if name in where:
                 raise ValueError(f"tensor {name!r} is in both {where[name]} and {fn}")
             where[name], found[name], stype[name] = fn, shape, kind
+    if _own_head(cfg, where):
+        cfg = dataclasses.replace(cfg, tied_embeddings=False)
     found = {n: s for n, s in found.items() if not _ignored(n, cfg)}
     tensors = _tensors_for(cfg, found)
     check_tensors(tensors, found, f"checkpoint {path}")
@@ -238,6 +269,6 @@ def load_hf_dir(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
             raise ValueError(f"tensor {name!r} in {where[name]} has dtype {stype[name]}, expected a float")
     params = empty_params(cfg, dtype)
     for name, spec in tensors.items():
-        fill(params, spec, _read(where[name], name))
+        fill(params, spec, _read(where[name], name), f"tensor {name!r} in {where[name]}")
     check_params(params, cfg)
     return cfg, params

@@ -15,7 +15,7 @@ from typing import Tuple
 import jax.numpy as jnp
 
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.params import Params
+from jaxcircuits.models.params import Params, param_dtype
 from jaxcircuits.weights.cache import cached_load
 from jaxcircuits.weights.gguf_file import gguf_config, load_gguf
 from jaxcircuits.weights.hf import load_hf_dir, weight_files
@@ -114,8 +114,10 @@ def load_params(name_or_path: str, dtype=jnp.float32,
                 cache: bool = True) -> Tuple[ModelConfig, Params, ModelSource]:
     """Resolve `name_or_path` and load it -> (config, numpy params of `dtype`, source).
 
-    cache: memoise the converted params on disk (see `jaxcircuits.weights.cache`).
+    dtype: float32 or bfloat16, or its name (`PARAM_DTYPES`); any other raises ValueError before
+    anything is read. cache: memoise the converted params on disk (see `jaxcircuits.weights.cache`).
     """
+    dtype = param_dtype(dtype)
     source = resolve(name_or_path)
     loader = load_gguf if source.format == "gguf" else load_hf_dir
     cfg, params = cached_load(source.path, dtype, loader) if cache else loader(source.path, dtype)
