@@ -63,6 +63,9 @@ def generate(params, cfg: ModelConfig, tokens, attn_mask=None, max_new_tokens: i
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}, expected >= 1")
     tokens, attn_mask, _ = check_inputs(cfg, tokens, attn_mask, n_new=max_new_tokens - 1)
+    if "inv_scale" in params["final_norm"]:
+        raise ValueError("params carry frozen norm scales (dla.freeze_norms), which fix the reference run's "
+                         "positions: generation needs the plain params")
     B, T = tokens.shape
     if prefill is not None:
         prefill = sites.check_intervention(prefill, cfg, B, T, "prefill")

@@ -30,7 +30,8 @@ width, Dh head dim, F MLP width; activations per layer, B batch, T positions, S 
   mlp_out     [L]       the MLP output, [B, T, D]
 
 A run can cache every site whose `cache` is itself, plus `EXTRA_CACHE`: 'kv' ((k, v), each
-[L, B, S, K, Dh]) and 'final_norm' ([B, T, D], the final norm output). Cached activations are
+[L, B, S, K, Dh]), 'resid_final' ([B, T, D], the residual stream after the last layer) and
+'final_norm' ([B, T, D], the final norm output). Cached activations are
 stacked [L, B, ...] and, under a patched run, hold the patched values.
 
 Replacements (`Source`) are cache dicts aligned to the target's positions (`positions.align`).
@@ -161,7 +162,7 @@ SITES: Tuple[Site, ...] = (
 BY_NAME: Dict[str, Site] = {s.name: s for s in SITES}
 NAMES: Tuple[str, ...] = tuple(BY_NAME)
 # Cache entries that are not mask sites.
-EXTRA_CACHE = ("kv", "final_norm")
+EXTRA_CACHE = ("kv", "resid_final", "final_norm")
 CACHE_SITES: Tuple[str, ...] = tuple(s.name for s in SITES if s.cache == s.name) + EXTRA_CACHE
 
 

@@ -56,7 +56,7 @@ def test_bad_flags_stop_before_loading_a_model(flags, message):
 def test_attribution_matches_finite_differences(tiny_dir):
     import jaxcircuits as jc
     from jaxcircuits import positions as P
-    from jaxcircuits.studies.ioi import head_attribution
+    from jaxcircuits.attribution import attribution_patching
     from jaxcircuits.tasks.ioi import corrupt, generate_ioi, ioi_batch
     model = jc.load(tiny_dir, cache=False)
     clean = generate_ioi(2, 0, model.tokenizer)
@@ -65,7 +65,7 @@ def test_attribution_matches_finite_differences(tiny_dir):
     pos_map = P.right_aligned(xb.mask, cb.mask)
     target = jc.target_run(model.params, model.cfg, xb.ids, xb.mask)
     problem = jc.PatchingProblem.make(target, P.align(cache, pos_map), P.weights("all", pos_map), cb.metric)
-    grad = head_attribution(model, problem)
+    grad = attribution_patching(model.params, model.cfg, problem, "head_out")
     l, h = np.unravel_index(np.argmax(np.abs(grad)), grad.shape)
     eps = 1e-2
     masks = np.zeros((3, *grad.shape), np.float32)

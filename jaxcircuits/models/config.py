@@ -212,6 +212,12 @@ def _token_ids(hf: Mapping[str, Any]) -> dict:
     return {f"{t}_token_id": _token_id(hf, f"{t}_token_id") for t in ("bos", "eos", "pad")}
 
 
+# GPT-2 checkpoints with their layer norms fine-tuned away are published with this epsilon or more
+# (1e12, scales 1e6: LayerNorm then computes (x - mean) * scale / sqrt(eps) + bias); they load with
+# norm='ln_free', that linear map.
+LN_FREE_EPS = 1e10
+
+
 def _from_gpt2(hf: dict) -> ModelConfig:
     _check_known(hf, {
         "n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "layer_norm_epsilon",
@@ -230,7 +236,8 @@ def _from_gpt2(hf: dict) -> ModelConfig:
         n_kv_heads=n_heads, d_head=d // n_heads, d_mlp=_get(hf, "n_inner", int, 4 * d),
         vocab_size=_get(hf, "vocab_size", int, 50257), max_positions=_get(hf, "n_positions", int, 1024),
         norm_eps=_get(hf, "layer_norm_epsilon", float, 1e-5),
-        norm="layernorm", activation=act, gated_mlp=False, position_embedding="learned",
+        norm="ln_free" if _get(hf, "layer_norm_epsilon", float, 1e-5) >= LN_FREE_EPS else "layernorm",
+        activation=act, gated_mlp=False, position_embedding="learned",
         tied_embeddings=_get(hf, "tie_word_embeddings", bool, True), attn_bias=True, o_bias=True,
         mlp_bias=True, **_token_ids(hf))
 

@@ -1,7 +1,8 @@
 """The tables a `ModelConfig` chooses from: norms and activations (HF's ``ACT2FN`` idea).
 
 A config names a row of each table; `ModelConfig` rejects a name that is not a key here, so adding
-a norm or an activation is one row.
+a norm or an activation is one row. Every norm reads a frozen 1/scale from its params when it has
+one (`inv_scale`, see `dla.freeze_norms`): the frozen-LN model, linear between nonlinearities.
 """
 
 from __future__ import annotations
@@ -15,33 +16,70 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def layer_norm(p: dict, x: Array, eps: float) -> Array:
-    """LayerNorm with scale and bias, computed in float32 and cast back (as HF GPT-2)."""
+def _inv_scale(p: dict, h: Array, computed) -> Array:
+    """A norm's 1 / scale [..., T', 1] for h [..., T', D] (float32): `computed(h)`, or the frozen
+    `p['inv_scale']` [B, T, 1] of a reference run (`dla.freeze_norms`), whose last T' positions
+    line up with h (full runs and the patched suffix runs alike)."""
+    if "inv_scale" not in p:
+        return computed(h)
+    inv = p["inv_scale"]
+    return inv[:, inv.shape[1] - h.shape[-2]:].astype(jnp.float32)
+
+
+def _centred(x: Array) -> Array:
     h = x.astype(jnp.float32)
-    mu = h.mean(-1, keepdims=True)
-    var = ((h - mu) ** 2).mean(-1, keepdims=True)
-    h = (h - mu) * jax.lax.rsqrt(var + eps)
+    return h - h.mean(-1, keepdims=True)
+
+
+def mean_square_inv(h: Array, eps: float) -> Array:
+    """1 / sqrt(mean(h^2) + eps) [..., 1]: LayerNorm's of centred h, RMSNorm's of h."""
+    return jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + eps)
+
+
+def ln_free_inv(h: Array, eps: float) -> Array:
+    """1 / sqrt(eps) [..., 1]: the LN-free norm's constant scale."""
+    return jnp.full((*h.shape[:-1], 1), eps ** -0.5, jnp.float32)
+
+
+def layer_norm(p: dict, x: Array, eps: float, inv=mean_square_inv) -> Array:
+    """LayerNorm with scale and bias, computed in float32 and cast back (as HF GPT-2)."""
+    h = _centred(x)
+    h = h * _inv_scale(p, h, lambda h: inv(h, eps))
     return (h * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
 def rms_norm(p: dict, x: Array, eps: float) -> Array:
     """RMSNorm: normalised in float32, cast back, then scaled (as HF Llama)."""
     h = x.astype(jnp.float32)
-    h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + eps)
+    h = h * _inv_scale(p, h, lambda h: mean_square_inv(h, eps))
     return p["scale"] * h.astype(x.dtype)
 
 
 class NormKind(NamedTuple):
-    """fn(params, x, eps) and the names of its parameter leaves (each [D])."""
+    """fn(params, x, eps); the names of its parameter leaves (each [D]); inv(h, eps): its 1/scale
+    of a float32 input h [..., D] (centred first when `centred`), which freezing fixes."""
 
     fn: Callable[[dict, Array, float], Array]
     leaves: Tuple[str, ...]
+    inv: Callable[[Array, float], Array]
+    centred: bool
 
 
 NORMS = {
-    "layernorm": NormKind(layer_norm, ("scale", "bias")),
-    "rmsnorm": NormKind(rms_norm, ("scale",)),
+    "layernorm": NormKind(layer_norm, ("scale", "bias"), mean_square_inv, True),
+    "rmsnorm": NormKind(rms_norm, ("scale",), mean_square_inv, False),
+    # LN-free checkpoints (GPT-2 with its norms fine-tuned away, published as eps 1e12, scale 1e6):
+    # (x - mean) / sqrt(eps), then the affine part: linear in x.
+    "ln_free": NormKind(functools.partial(layer_norm, inv=ln_free_inv), ("scale", "bias"), ln_free_inv, True),
 }
+
+
+def norm_input_scale(kind: str, x: Array, eps: float) -> Array:
+    """1 / scale [..., 1] (float32) that norm `kind` applies to x [..., D]: what freezing fixes."""
+    k = NORMS[kind]
+    h = _centred(x) if k.centred else x.astype(jnp.float32)
+    return k.inv(h, eps)
+
 
 ACTIVATIONS = {
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),

@@ -239,6 +239,15 @@ def check_inputs(cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None, n_new: 
     return tokens.astype(jnp.int32), attn_mask, pos_ids
 
 
+def check_frozen_norms(params: Params, shape: Tuple[int, int]) -> None:
+    """ValueError unless frozen norm scales (`dla.freeze_norms`), if any, fit a run of `shape`
+    (B, T): the reference run's batch B and at least T positions (runs read its last T)."""
+    inv = params["final_norm"].get("inv_scale")
+    if inv is not None and (inv.shape[0] != shape[0] or inv.shape[1] < shape[1]):
+        raise ValueError(f"params carry frozen norm scales of a reference run of shape {tuple(inv.shape[:2])}; "
+                         f"a run of shape {tuple(shape)} needs the same batch and at most its positions")
+
+
 def forward_fn(params: Params, cfg: ModelConfig, tokens: Array, attn_mask: Optional[Array] = None,
                pos_ids: Optional[Array] = None, intervention: Optional[Intervention] = None,
                collect: Tuple[str, ...] = (), return_logits: bool = True):
@@ -246,7 +255,7 @@ def forward_fn(params: Params, cfg: ModelConfig, tokens: Array, attn_mask: Optio
 
     attn_mask [B, T] (1 = real token; left padding): defaults to all ones; pos_ids default to
     `default_positions(attn_mask)`. cache holds the `collect`ed sites (per-layer ones stacked
-    [L, B, ...]; 'final_norm' [B, T, D]).
+    [L, B, ...]; 'resid_final' and 'final_norm' [B, T, D]).
     """
     unknown = set(collect) - set(CACHE_SITES)
     if unknown:
@@ -256,12 +265,11 @@ def forward_fn(params: Params, cfg: ModelConfig, tokens: Array, attn_mask: Optio
     if pos_ids is None:
         pos_ids = default_positions(attn_mask)
     x = embed(params, cfg, tokens, pos_ids)
-    layer_sites = tuple(s for s in collect if s != "final_norm")
+    after = ("resid_final", "final_norm")
     x, cache = run_layers(params["layers"], cfg, x, pos_ids, attn_mask, intervention=intervention,
-                          collect=layer_sites)
+                          collect=tuple(s for s in collect if s not in after))
     h = final_norm(params, cfg, x)
-    if "final_norm" in collect:
-        cache["final_norm"] = h
+    cache.update({k: v for k, v in zip(after, (x, h)) if k in collect})
     return (logits_of(params, h) if return_logits else None), cache
 
 
@@ -274,6 +282,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=No
     inputs on the host (`check_inputs`; `sites.check_intervention`, which also selects the source
     to the mask's footprint). Inside a trace only shapes are checked."""
     tokens, attn_mask, pos_ids = check_inputs(cfg, tokens, attn_mask, pos_ids)
+    check_frozen_norms(params, tokens.shape)
     if intervention is not None:
         intervention = check_intervention(intervention, cfg, *tokens.shape)
     return _forward(params, cfg, tokens, attn_mask, pos_ids, intervention, collect=tuple(collect),

@@ -8,7 +8,6 @@ import functools
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
@@ -18,7 +17,8 @@ import jaxcircuits as jc
 from jaxcircuits import plots
 from jaxcircuits import positions as P
 from jaxcircuits.ablation import mean_source
-from jaxcircuits.patching import PatchingProblem, patched_metric
+from jaxcircuits.attribution import attribution_patching
+from jaxcircuits.patching import PatchingProblem
 from jaxcircuits.report import Report, add_sweep_analysis, table
 from jaxcircuits.sites import unit_label
 from jaxcircuits.studies.common import OptionError, load_model, unpatched_metric
@@ -46,19 +46,6 @@ def head_patch_map(model, problem: PatchingProblem, chunk_size: int) -> np.ndarr
     vals = jc.run_masks(model.params, model.cfg, problem, masks,
                         chunk_size=-(-L * H // n_chunks))           # balanced chunks: little padding
     return vals.mean(-1).reshape(L, H)
-
-
-def head_attribution(model, problem: PatchingProblem) -> np.ndarray:
-    """Attribution patching: d(mean metric) / d(head_out mask) at mask 0, [L, H].
-
-    The first-order estimate of each head's patching effect (patched - unpatched mean metric).
-    """
-    cfg = model.cfg
-    # The source is checked (and cut to what heads read) here, where it is concrete, not under jit.
-    problem = problem.for_footprint(cfg, jc.Mask(head_out=np.ones((cfg.n_layers, cfg.n_heads), bool)))
-    mean_metric = lambda m, params, problem: patched_metric(params, cfg, problem, jc.Mask(head_out=m)).mean()
-    grad = jax.jit(jax.grad(mean_metric))
-    return np.asarray(grad(jnp.zeros((cfg.n_layers, cfg.n_heads), jnp.float32), model.params, problem))
 
 
 _name = functools.partial(unit_label, "head_out")        # (layer, head) -> 'L3H5'
@@ -227,7 +214,7 @@ def run(opts: Options) -> str:
     t0 = time.time()
     raw = head_patch_map(model, problem, opts.chunk_size)
     t1 = time.time()
-    attrib = head_attribution(model, problem)
+    attrib = attribution_patching(model.params, cfg, problem, "head_out")
     seconds = {"exact": t1 - t0, "attribution": time.time() - t1}
     top = _map_sections(report, (raw - base["corrupted"]) / gap, attrib / gap, raw, opts, seconds)
 

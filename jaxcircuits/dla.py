@@ -1,0 +1,174 @@
+"""Direct logit attribution (DLA): the final residual stream as a sum of components, read through
+the final norm onto a direction (an answer token, a logit difference, any vector).
+
+At chosen positions the residual after the last layer is exactly
+
+    final = embed + sum_{l,h} z[l,h] @ W_O[l,h] + sum_l b_O[l] + sum_l mlp_out[l]
+
+(`decompose`; GQA needs nothing special: z and W_O are per query head). A component c's direct
+effect on the logit along d is d . scale * N(c) / s, where N centres c for LayerNorm-family norms
+(a linear map), scale is the final norm's weight and 1/s its input scale; the final norm's bias
+adds d . bias. What 1/s is decides the mode, chosen by the params and the config:
+
+  run       1/s of the run itself (`layers.norm_input_scale` of `final`): standard practice, exact
+            for that run (the contributions sum to the logit difference it computes).
+  frozen    params from `freeze_norms`: every norm's 1/s fixed from a reference run, so the whole
+            network is linear in the residual stream between its nonlinearities (attention
+            softmax, MLP activation) and runs as such in every forward, patched run and sweep;
+            the frozen forward equals the plain one on the reference run.
+  ln_free   a config with norm 'ln_free' (GPT-2 checkpoints with their norms fine-tuned away):
+            1/s is a constant, so DLA is exact for every run.
+
+`logit_lens` reads the accumulated residual after each layer through the real final norm.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxcircuits.models import transformer as M
+from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.layers import NORMS, norm_input_scale
+
+Array = jax.Array
+
+
+@struct.dataclass
+class Components:
+    """The final residual at P chosen positions, split into its parts (B prompts, D model width).
+
+    embed [B, P, D] (token + learned position embeddings); heads [L, H, B, P, D] (each head's
+    output in model space); attn_bias [L, D] (o_proj biases, zeros without); mlp [L, B, P, D]
+    (MLP outputs, biases included); final [B, P, D] (the residual after the last layer, their sum);
+    positions: the slots read (negative counts from the end).
+    """
+
+    embed: Array
+    heads: Array
+    attn_bias: Array
+    mlp: Array
+    final: Array
+    positions: Tuple[int, ...] = struct.field(pytree_node=False)
+
+    def total(self) -> Array:
+        """The sum of the components [B, P, D] (equals `final` up to float rounding)."""
+        return self.embed + self.heads.sum((0, 1)) + self.attn_bias.sum(0) + self.mlp.sum(0)
+
+    def accumulated(self) -> Array:
+        """The residual before layer 0 and after each layer [L + 1, B, P, D] (the last is `final`)."""
+        per_layer = self.heads.sum(1) + self.attn_bias[:, None, None] + self.mlp
+        return jnp.concatenate([self.embed[None], self.embed[None] + jnp.cumsum(per_layer, 0)])
+
+
+def decompose_fn(params, cfg: ModelConfig, tokens: Array, attn_mask: Array, positions: Tuple[int, ...]) -> Components:
+    """`Components` of a plain run of tokens, attn_mask [B, T] at slots `positions` (traceable)."""
+    _, c = M.forward_fn(params, cfg, tokens, attn_mask, collect=("resid_pre", "head_out", "mlp_out", "resid_final"),
+                        return_logits=False)
+    pos = jnp.asarray(positions)
+    o = params["layers"]["o"]
+    return Components(
+        embed=c["resid_pre"][0][:, pos], mlp=c["mlp_out"][:, :, pos], final=c["resid_final"][:, pos],
+        heads=jnp.einsum("lbphe,lhed->lhbpd", c["head_out"][:, :, pos], o["w"]),
+        attn_bias=o["b"] if "b" in o else jnp.zeros((cfg.n_layers, cfg.d_model), o["w"].dtype),
+        positions=tuple(positions))
+
+
+def final_norm_map(params, cfg: ModelConfig, comps: Components):
+    """(read, bias): read(c [..., B, P, D]) = scale * N(c) / s, the final norm's linear part in the
+    mode the params and config give (module doc); bias [D] its constant part (zeros for RMSNorm)."""
+    p, kind = params["final_norm"], NORMS[cfg.norm]
+    if "inv_scale" in p:                                                  # frozen
+        inv = p["inv_scale"][:, jnp.asarray(comps.positions)].astype(jnp.float32)
+    else:                                                                 # run / ln_free
+        inv = norm_input_scale(cfg.norm, comps.final, cfg.norm_eps)
+    centre = (lambda c: c - c.mean(-1, keepdims=True)) if kind.centred else (lambda c: c)
+    read = lambda c: centre(c.astype(jnp.float32)) * inv * p["scale"].astype(jnp.float32)
+    bias = p["bias"].astype(jnp.float32) if "bias" in p else jnp.zeros((cfg.d_model,), jnp.float32)
+    return read, bias
+
+
+def attribute(params, cfg: ModelConfig, comps: Components, direction: Array) -> Dict[str, Array]:
+    """Direct effects along `direction` ([D], or [B, D] per prompt) of every component at once:
+    embed [B, P], heads [L, H, B, P], attn_bias [L, B, P], mlp [L, B, P], norm_bias [B, P] and their
+    sum 'total' [B, P] (in 'run' mode: the run's own d . final_norm(final))."""
+    read, bias = final_norm_map(params, cfg, comps)
+    d = jnp.broadcast_to(jnp.asarray(direction, jnp.float32), (comps.final.shape[0], cfg.d_model))
+    along = lambda c: jnp.einsum("...bpd,bd->...bp", read(c), d)
+    B, P = comps.final.shape[:2]
+    out = {"embed": along(comps.embed), "heads": along(comps.heads),
+           "attn_bias": along(jnp.broadcast_to(comps.attn_bias[:, None, None], (cfg.n_layers, B, P, cfg.d_model))),
+           "mlp": along(comps.mlp), "norm_bias": jnp.broadcast_to((d @ bias)[:, None], (B, P))}
+    out["total"] = (out["embed"] + out["heads"].sum((0, 1)) + out["attn_bias"].sum(0) + out["mlp"].sum(0)
+                    + out["norm_bias"])
+    return out
+
+
+def answer_direction(params, good: Array, bad: Optional[Array] = None) -> Array:
+    """[B, D]: the mean unembedding column of each prompt's `good` token ids [B, G] (-1 = padding),
+    minus that of its `bad` ids: the direction of a logit difference (exact for single tokens)."""
+    w = M.unembed_matrix(params).astype(jnp.float32)                     # [D, V]
+
+    def mean_col(ids):
+        ids = jnp.asarray(ids)
+        valid = (ids >= 0).astype(jnp.float32)
+        cols = jnp.take(w, jnp.maximum(ids, 0), axis=1)                   # [D, B, G]
+        return jnp.einsum("dbg,bg->bd", cols, valid) / valid.sum(-1, keepdims=True)
+    return mean_col(good) - (0.0 if bad is None else mean_col(bad))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "positions"))
+def _dla(params, cfg, tokens, attn_mask, direction, positions):
+    comps = decompose_fn(params, cfg, tokens, attn_mask, positions)
+    return attribute(params, cfg, comps, direction)
+
+
+def direct_logit_attribution(params, cfg: ModelConfig, tokens, attn_mask=None, direction=None,
+                             positions: Sequence[int] = (-1,)) -> Dict[str, Array]:
+    """`attribute` of a plain run in one compiled call: every head of every layer, every prompt.
+
+    tokens, attn_mask [B, T] (checked, `transformer.check_inputs`); direction [D] or [B, D] (e.g.
+    `answer_direction`); positions: slots read (default the last). Returns `attribute`'s dict.
+    """
+    tokens, attn_mask, _ = M.check_inputs(cfg, tokens, attn_mask)
+    M.check_frozen_norms(params, tokens.shape)
+    return _dla(params, cfg, tokens, attn_mask, jnp.asarray(direction, jnp.float32), tuple(positions))
+
+
+_decompose = jax.jit(decompose_fn, static_argnames=("cfg", "positions"))
+
+
+def decompose(params, cfg: ModelConfig, tokens, attn_mask=None, positions: Sequence[int] = (-1,)) -> Components:
+    """`decompose_fn` of tokens, attn_mask [B, T] (checked as `forward`'s), compiled."""
+    tokens, attn_mask, _ = M.check_inputs(cfg, tokens, attn_mask)
+    M.check_frozen_norms(params, tokens.shape)
+    return _decompose(params, cfg, tokens, attn_mask, tuple(positions))
+
+
+def logit_lens(params, cfg: ModelConfig, comps: Components) -> Array:
+    """float32 logits [L + 1, B, P, V] of the accumulated residual before layer 0 and after each
+    layer (`Components.accumulated`), each through the run's own final norm."""
+    p = {k: v for k, v in params["final_norm"].items() if k != "inv_scale"}
+    return M.logits_of(params, M.norm(cfg, p, comps.accumulated()))
+
+
+def freeze_norms(params, cfg: ModelConfig, tokens, attn_mask=None) -> dict:
+    """The frozen-LN model of a reference run: params whose norms (norm1, norm2 per layer, final)
+    carry `inv_scale` [L, B, T, 1] / [B, T, 1], their input scales on tokens, attn_mask [B, T].
+
+    Every norm then applies that fixed scale (`layers._inv_scale`), so the network is linear in
+    the residual stream between nonlinearities. Use the result for runs over the reference's
+    tokens (or the last positions of them: the patched suffix paths), with its batch.
+    """
+    tokens, attn_mask, _ = M.check_inputs(cfg, tokens, attn_mask)
+    _, c = M.forward(params, cfg, tokens, attn_mask, collect=("resid_pre", "attn_out", "resid_final"),
+                     return_logits=False)
+    inv = lambda x: norm_input_scale(cfg.norm, x, cfg.norm_eps)
+    layers = dict(params["layers"])
+    layers["norm1"] = {**layers["norm1"], "inv_scale": inv(c["resid_pre"])}
+    layers["norm2"] = {**layers["norm2"], "inv_scale": inv(c["resid_pre"] + c["attn_out"])}
+    return {**params, "layers": layers, "final_norm": {**params["final_norm"], "inv_scale": inv(c["resid_final"])}}
