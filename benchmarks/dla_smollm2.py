@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks.timing import first_and_median
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("n_prompts", 16, "IOI prompts in the batch.", lower_bound=1)
 flags.DEFINE_integer("reps", 5, "Timed calls after the first.", lower_bound=1)
@@ -35,22 +37,14 @@ def main(argv):
     direction = dla.answer_direction(model.params, batch.metric.good, batch.metric.bad)
     run = lambda: jax.block_until_ready(dla.direct_logit_attribution(model.params, model.cfg, batch.ids, batch.mask,
                                                                      direction))
-    jax.clear_caches()
-    t = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(FLAGS.reps):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
+    out, first, median = first_and_median(run, FLAGS.reps)
     logits = np.asarray(jc.forward(model.params, model.cfg, batch.ids, batch.mask)[0])[:, -1]
     rows = np.arange(FLAGS.n_prompts)
     want = logits[rows, np.asarray(batch.metric.good)[:, 0]] - logits[rows, np.asarray(batch.metric.bad)[:, 0]]
     print(json.dumps({
         "benchmark": "dla_smollm2", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "prompts": FLAGS.n_prompts,
         "tokens": int(batch.ids.shape[1]), "heads": int(out["heads"].shape[0] * out["heads"].shape[1]),
-        "first_call_s": round(first, 3), "median_call_s": round(float(np.median(times)), 4),
+        "first_call_s": round(first, 3), "median_call_s": round(median, 4),
         "max_abs_total_minus_logit_diff": float(np.abs(np.asarray(out["total"][:, 0]) - want).max()),
         "device": jax.devices()[0].device_kind, "cpus": platform.processor() or platform.machine(),
         "jax": jax.__version__}))

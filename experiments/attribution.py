@@ -15,6 +15,7 @@ import os
 
 from absl import app, flags, logging
 
+from jaxcircuits import logs
 from jaxcircuits.models.params import PARAM_DTYPES
 
 FLAGS = flags.FLAGS
@@ -34,10 +35,12 @@ flags.DEFINE_integer("ig_steps", 8, "Integrated-gradients steps (midpoint rule).
 flags.DEFINE_integer("top", 5, "Heads per method compared for agreement.", lower_bound=1)
 flags.DEFINE_integer("chunk_size", 64, "Masks per compiled chunk of the exact map.", lower_bound=1)
 flags.DEFINE_string("out", "reports/attribution", "Report directory.")
+logs.define_flags()
 
 
 def main(argv):
     del argv
+    logs.apply_flags()
     if FLAGS.task == "prompts" and not (FLAGS.source_prompts and FLAGS.target_prompts and len(FLAGS.answers) == 2):
         raise app.UsageError("--task=prompts needs --source_prompts, --target_prompts and --answers=good,bad")
     from jaxcircuits.studies import attribution as lib

@@ -24,6 +24,7 @@ import os
 
 from absl import app, flags, logging
 
+from jaxcircuits import logs
 from jaxcircuits.models.params import PARAM_DTYPES
 
 FLAGS = flags.FLAGS
@@ -37,6 +38,7 @@ flags.DEFINE_integer("top_heads", 6, "Candidate heads of each sign; the sweeps c
 flags.DEFINE_integer("chunk_size", 64, "Masks per compiled chunk.")
 flags.DEFINE_string("out", "reports/ioi", "Report directory.")
 flags.DEFINE_bool("resume", True, "Continue sweeps already on disk in --out.")
+logs.define_flags()
 
 MAX_TOP_HEADS = 12
 
@@ -53,6 +55,7 @@ def _check_flags():
 
 def main(argv):
     del argv
+    logs.apply_flags()
     _check_flags()
     from jaxcircuits.studies import ioi as lib
     from jaxcircuits.studies.common import checked, run_reporting_usage

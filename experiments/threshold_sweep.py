@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from jaxcircuits import sites
+from jaxcircuits import logs, sites
 from jaxcircuits.models.params import PARAM_DTYPES
 from jaxcircuits.studies import threshold_sweep as lib
 from jaxcircuits.studies.common import checked, run_reporting_usage
@@ -36,20 +36,26 @@ flags.DEFINE_string("pool", "all", "Units per layer: all, even, odd, or comma-se
 flags.DEFINE_enum("family", "all", list(lib.FAMILIES),
                   "all: 2^n subsets; sizes: all subsets of each --sizes; sampled: --samples_per_size per size; "
                   "even/odd: the single even/odd subset; strided: every offset of --stride; "
-                  "contiguous: all windows of each --sizes; explicit: --subsets.")
+                  "contiguous: all windows of each --sizes; explicit: --subsets; kv_groups: one subset per KV "
+                  "group (the query heads sharing a key/value head, per layer); group_positions: one per position "
+                  "within the KV groups (query-head sites).")
 flags.DEFINE_list("sizes", [], "Subset sizes for sizes/sampled/contiguous.")
 flags.DEFINE_integer("samples_per_size", 100, "sampled: members per size.", lower_bound=1)
 flags.DEFINE_integer("stride", 2, "strided: stride.", lower_bound=1)
 flags.DEFINE_string("subsets", "", "explicit: subsets as unit indices, e.g. '0 2 4;1 3'.")
 flags.DEFINE_string("positions", "all", "Target positions: all, last, last:k, or comma-separated token indices.")
 flags.DEFINE_enum("align", "token", list(lib.ALIGNS), "Source->target position map.")
-flags.DEFINE_string("success", "positive", "Success criterion: positive, above:X or below:X.")
-flags.DEFINE_enum("aggregate", "mean", ["mean", "fraction"], "Over prompts: mean metric, or fraction of prompts.")
+flags.DEFINE_string("success", "recovery>=0.5", "Success of a subset: recovery>=X (normalised recovery (patched - "
+                    "target) / (source - target) of the mean metric), metric>X (mean metric), fraction>=X (of "
+                    "prompts with metric > 0); or positive, above:X, below:X with --aggregate.")
+flags.DEFINE_enum("aggregate", "mean", ["mean", "fraction"], "For --success=positive|above:X|below:X, over prompts: "
+                  "mean metric, or at least half the prompts.")
 flags.DEFINE_integer("n_blocks", None, "attn_block: blocks per layer (default n_heads).", lower_bound=1)
 flags.DEFINE_integer("chunk_size", 128, "Subsets per compiled chunk.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of prompts and sampled families.")
 flags.DEFINE_string("out", "reports/threshold_sweep", "Report directory.")
 flags.DEFINE_bool("resume", True, "Continue a sweep already in --out.")
+logs.define_flags()
 
 
 def options() -> lib.Options:
@@ -77,7 +83,7 @@ def options() -> lib.Options:
         ints("pool", FLAGS.pool.split(","))
     try:
         lib.parse_positions(FLAGS.positions)
-        lib.parse_success(FLAGS.success)
+        lib.parse_success(FLAGS.success, FLAGS.aggregate)
         if FLAGS.task == "decimals":
             from jaxcircuits.formats import get_format
             get_format(FLAGS.source_format), get_format(FLAGS.target_format)
@@ -94,6 +100,7 @@ def options() -> lib.Options:
 
 def main(argv):
     del argv
+    logs.apply_flags()
     opts = checked(options(), lib.check_options)
     print(os.path.abspath(run_reporting_usage(lib.run, opts)))
 

@@ -5,29 +5,45 @@ Inputs, throughout:
            integer bitmasks [N] (unit i = bit i; n is then the highest set bit + 1, so pass bool
            rows when the last unit may be absent).
   metric   float [N] or [N, P] (P prompts; per-subset quantities average over prompts).
-  success  bool [N], usually from `success_from`.
+  source, target
+           float [P]: the unpatched source and target runs' metric per prompt (the baselines
+           of the normalised `recovery`).
+  success  bool [N], from a `Criterion` (recovery>=X, metric>X, fraction>=X) or `success_from`.
   values   the value function v(S) of a subset for unit importance: success (0/1) or a metric.
 
-Exact vs estimated: a size layer present in full (all C(n, k) subsets) gives an exact rate;
-otherwise rates carry Wilson 95% intervals. Exact Shapley/Banzhaf values and interactions need
-all 2^n subsets (n <= 24); `shapley_sampled`/`banzhaf_sampled` estimate them, with standard
-errors, from a callable value function (or `table_fn` over an incomplete table).
+Two axes of uncertainty. The subset axis: a size layer present in full (all C(n, k) subsets)
+gives an exact rate; otherwise rates carry Wilson 95% intervals. The prompt axis: the P prompts
+are a sample, so rates, k* and the transition width are re-evaluated on prompts resampled with
+replacement (`bootstrap`, seeded percentile intervals). Exact Shapley/Banzhaf values and
+interactions need all 2^n subsets (n <= 24); `shapley_sampled`/`banzhaf_sampled` estimate them,
+with standard errors, from a callable value function (or `table_fn` over an incomplete table).
+Analyses that a sweep cannot support (no subset succeeds, every subset does, too few units or
+sizes) are "not defined", with the reason, rather than fitted (`summarize`'s 'undefined').
+`findings` rules (`FINDING_RULES`) turn the numbers into plain statements.
 All results are numpy arrays/Python scalars; `summarize` makes a JSON-serialisable dict.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
+import re
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import scipy.stats
 
 from jaxcircuits.subsets import from_bitmask, to_bitmask
 
 DENSE_MAX_UNITS = 24          # tables indexed by bitmask (2^n entries) up to this n
 Z95 = 1.959963984540054
+MIN_UNITS = 3                 # a threshold or a linear fit over fewer units is not defined
+RESAMPLES = 1000              # bootstrap resamples of the prompts
+SHARP_WIDTH = 1.0             # a 10%->90% transition this narrow (one size step) is "sharp"
+FIT_ACCURACY = 0.95           # a linear threshold fit this accurate is named among the findings
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -51,14 +67,14 @@ def _per_subset(x) -> np.ndarray:
     return x.mean(-1) if x.ndim == 2 else x
 
 
+OPS = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal}
+KINDS = {"positive": ">", "above": ">=", "below": "<="}       # `success_from`'s kinds as OPS
+
+
 def _criterion(metric: np.ndarray, kind: str, threshold: float) -> np.ndarray:
-    if kind == "positive":
-        return metric > threshold
-    if kind == "above":
-        return metric >= threshold
-    if kind == "below":
-        return metric <= threshold
-    raise ValueError(f"kind must be 'positive', 'above' or 'below', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'positive', 'above' or 'below', got {kind!r}")
+    return OPS[KINDS[kind]](metric, threshold)
 
 
 def success_fraction(metric, kind: str = "positive", threshold: float = 0.0) -> np.ndarray:
@@ -83,6 +99,95 @@ def success_from(metric, kind: str = "positive", threshold: float = 0.0, aggrega
     if aggregate == "fraction":
         return success_fraction(metric, kind, threshold) >= level
     raise ValueError(f"aggregate must be 'mean' or 'fraction', got {aggregate!r}")
+
+
+def recovery(metric, source, target) -> np.ndarray:
+    """Normalised recovery of the mean over prompts (Wang et al. 2022):
+    (mean patched - mean target) / (mean source - mean target).
+
+    metric [..., P] (e.g. [N, P]: N subsets; [N, R, P]: R resamples of the prompts), source and
+    target [..., P] broadcasting against it. Returns [...]: 0 = the unpatched target, 1 = the
+    source; NaN (not defined) where the two baselines' means are equal.
+    """
+    t = np.mean(target, -1)
+    gap = np.mean(source, -1) - t
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(gap != 0, (np.mean(metric, -1) - t) / gap, np.nan)
+
+
+# name -> (what the criterion compares, value(criterion, metric [..., P], source, target) -> [...])
+QUANTITIES = {
+    "recovery": ("normalised recovery (patched - target) / (source - target) of the mean metric over prompts",
+                 lambda c, m, s, t: recovery(m, s, t)),
+    "metric": ("mean metric over prompts", lambda c, m, s, t: np.mean(m, -1)),
+    "fraction": ("fraction of prompts whose metric is {prompt_op} {prompt_threshold:g}",
+                 lambda c, m, s, t: OPS[c.prompt_op](m, c.prompt_threshold).mean(-1)),
+}
+_SPEC = re.compile(r"\s*(\w+)\s*(>=|<=|>|<)\s*(\S+)\s*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """When a subset succeeds: `quantity` (a `QUANTITIES` key) `op` (an `OPS` key) `threshold`.
+
+    'recovery' needs the source and target baselines; 'fraction' counts the prompts whose metric
+    is `prompt_op` `prompt_threshold` (default: > 0, the prompt is answered right).
+    Written and parsed as 'recovery>=0.5', 'metric>0', 'fraction>=0.8'.
+    """
+
+    quantity: str
+    op: str
+    threshold: float
+    prompt_op: str = ">"
+    prompt_threshold: float = 0.0
+
+    def __post_init__(self):
+        if self.quantity not in QUANTITIES or self.op not in OPS or self.prompt_op not in OPS:
+            raise ValueError(f"a criterion compares one of {sorted(QUANTITIES)} with one of {sorted(OPS)}, "
+                             f"got {self.quantity!r} {self.op!r}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Criterion":
+        """'recovery>=0.5' -> Criterion('recovery', '>=', 0.5); ValueError naming the forms otherwise."""
+        m = _SPEC.fullmatch(spec)
+        try:
+            return cls(m.group(1), m.group(2), float(m.group(3)))
+        except (AttributeError, ValueError):
+            raise ValueError(f"a success criterion is recovery>=X, metric>X or fraction>=X "
+                             f"(any of {', '.join(OPS)}), got {spec!r}") from None
+
+    @classmethod
+    def legacy(cls, kind: str, threshold: float, aggregate: str = "mean", level: float = 0.5) -> "Criterion":
+        """The criterion `success_from(metric, kind, threshold, aggregate, level)` applies."""
+        if kind not in KINDS or aggregate not in ("mean", "fraction"):
+            raise ValueError(f"kind must be one of {sorted(KINDS)} and aggregate 'mean' or 'fraction', "
+                             f"got {kind!r}, {aggregate!r}")
+        if aggregate == "mean":
+            return cls("metric", KINDS[kind], threshold)
+        return cls("fraction", ">=", level, KINDS[kind], threshold)
+
+    @property
+    def needs_baselines(self) -> bool:
+        return self.quantity == "recovery"
+
+    def __str__(self) -> str:
+        return f"{self.quantity}{self.op}{self.threshold:g}"
+
+    def describe(self) -> str:
+        """'recovery>=0.5: the normalised recovery ... >= 0.5'."""
+        what = QUANTITIES[self.quantity][0].format(prompt_op=self.prompt_op, prompt_threshold=self.prompt_threshold)
+        return f"{self}: the {what} {self.op} {self.threshold:g}"
+
+    def value(self, metric, source=None, target=None) -> np.ndarray:
+        """The compared quantity: metric [..., P] (source, target [..., P]) -> [...]."""
+        if self.needs_baselines and (source is None or target is None):
+            raise ValueError(f"the criterion {self} needs the source and target baselines")
+        m = np.asarray(metric, dtype=np.float64)
+        return QUANTITIES[self.quantity][1](self, m[:, None] if m.ndim == 1 else m, source, target)
+
+    def success(self, metric, source=None, target=None) -> np.ndarray:
+        """bool [...]: the value meets the criterion (a value that is not defined fails)."""
+        return OPS[self.op](self.value(metric, source, target), self.threshold)
 
 
 def _masks(bits: np.ndarray) -> np.ndarray:
@@ -152,31 +257,43 @@ def rate_by_size(subsets, success) -> dict:
             "lo": np.where(full, rate, lo), "hi": np.where(full, rate, hi), "exhaustive": full}
 
 
-def _crossing(k: np.ndarray, rate: np.ndarray, level: float) -> Optional[float]:
-    """First k where the piecewise-linear rate curve reaches `level` (None if it never does)."""
-    above = np.flatnonzero(rate >= level)
-    if not len(above):
-        return None
-    j = int(above[0])
-    if j == 0:
-        return float(k[0])
-    t = (level - rate[j - 1]) / (rate[j] - rate[j - 1])
-    return float(k[j - 1] + t * (k[j] - k[j - 1]))
+THRESHOLD_STATS = ("k_star", "k50", "k10", "k90", "sharpness")
+
+
+def _crossing(k: np.ndarray, rate: np.ndarray, level: float) -> np.ndarray:
+    """First k where each column of the piecewise-linear rate curves [K, R] reaches `level`: [R]
+    (inf where a curve never does)."""
+    above = rate >= level
+    j = above.argmax(0)
+    prev, cols = np.maximum(j - 1, 0), np.arange(rate.shape[1])
+    r0, r1 = rate[prev, cols], rate[j, cols]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(j > 0, k[prev] + (level - r0) / (r1 - r0) * (k[j] - k[prev]), k[j])
+    return np.where(above.any(0), x, np.inf)
+
+
+def threshold_stats(k, rate, low: float = 0.1, high: float = 0.9) -> np.ndarray:
+    """`THRESHOLD_STATS` [5, R] of rising rate curves: k [K] sizes, rate [K, R]; inf = not reached.
+
+    k_star: smallest k with rate >= 0.5; k50/k10/k90: first interpolated k where the curve
+    reaches 0.5/`low`/`high`; sharpness = k90 - k10, the width of the transition in units of k.
+    """
+    k = np.asarray(k, dtype=np.float64)
+    rate = np.asarray(rate, dtype=np.float64)
+    above = rate >= 0.5
+    k10, k90 = _crossing(k, rate, low), _crossing(k, rate, high)
+    return np.stack([np.where(above.any(0), k[above.argmax(0)], np.inf), _crossing(k, rate, 0.5), k10, k90,
+                     np.where(np.isinf(k90), np.inf, k90 - k10)])
 
 
 def threshold(rates: dict, low: float = 0.1, high: float = 0.9) -> dict:
-    """Where a rising rate curve (from `rate_by_size`) switches on.
-
-    k_star: smallest k with rate >= 0.5 (None if none); k50/k10/k90: first interpolated k where
-    the curve reaches 0.5/`low`/`high`; sharpness = k90 - k10, the width of the transition in
-    units of k (None if the curve never reaches `high`). For a falling curve pass 1 - rate.
+    """Where a rising rate curve (from `rate_by_size`) switches on: `threshold_stats` as a dict,
+    None where not reached (k_star an int). For a falling curve pass 1 - rate.
     """
-    k = np.asarray(rates["k"], dtype=np.float64)
-    rate = np.asarray(rates["rate"], dtype=np.float64)
-    above = np.flatnonzero(rate >= 0.5)
-    k10, k90 = _crossing(k, rate, low), _crossing(k, rate, high)
-    return {"k_star": int(k[above[0]]) if len(above) else None, "k50": _crossing(k, rate, 0.5),
-            "k10": k10, "k90": k90, "sharpness": None if k10 is None or k90 is None else k90 - k10}
+    stats = threshold_stats(rates["k"], np.asarray(rates["rate"], dtype=np.float64)[:, None], low, high)[:, 0]
+    out = {name: None if np.isinf(v) else float(v) for name, v in zip(THRESHOLD_STATS, stats)}
+    out["k_star"] = None if out["k_star"] is None else int(out["k_star"])
+    return out
 
 
 def metric_by_size(subsets, metric, q: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)) -> dict:
@@ -191,6 +308,96 @@ def metric_by_size(subsets, metric, q: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 0
     return {"k": ks, "count": np.array([len(g) for g in groups]),
             "mean": np.array([g.mean() for g in groups]), "std": np.array([g.std() for g in groups]),
             "q": np.asarray(q, dtype=np.float64), "quantiles": np.array([np.quantile(g, q) for g in groups])}
+
+
+# ----------------------------------------------------------------------------- uncertainty over prompts
+
+def bootstrap(statistic: Callable[[np.ndarray], np.ndarray], n_prompts: int, n_resamples: int = RESAMPLES,
+              seed: int = 0, level: float = 0.95, batch: Optional[int] = None) -> Optional[dict]:
+    """Percentile intervals of statistics over the prompts resampled with replacement.
+
+    statistic: int prompt indices [R, P] (R resamples of the P prompts) -> float [S, R] (S
+    statistics; inf allowed, e.g. a threshold not reached). scipy.stats.bootstrap draws the
+    resamples from numpy's Generator seeded with `seed` (`batch` resamples per call). Returns
+    {'lo', 'hi': [S] (NaN where a statistic is NaN in some resample), 'n_prompts', 'n_resamples',
+    'level', 'seed'}; None when n_prompts < 2 (one prompt has no spread to resample).
+    """
+    if n_prompts < 2:
+        return None
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", over="ignore"):
+        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+        res = scipy.stats.bootstrap((np.arange(n_prompts),), lambda idx, axis=-1: statistic(idx.reshape(-1, n_prompts)),
+                                    vectorized=True, n_resamples=n_resamples, batch=batch, method="percentile",
+                                    confidence_level=level, rng=np.random.default_rng(seed))
+    return {"lo": np.asarray(res.confidence_interval.low), "hi": np.asarray(res.confidence_interval.high),
+            "n_prompts": n_prompts, "n_resamples": n_resamples, "level": level, "seed": seed}
+
+
+def _take(x, idx):
+    """Baselines [P] at resampled prompt indices [R, P] (None stays None)."""
+    return None if x is None else np.asarray(x, dtype=np.float64)[idx]
+
+
+def prompt_intervals(subsets, metric, criterion: Criterion, source=None, target=None,
+                     n_resamples: int = RESAMPLES, seed: int = 0) -> Optional[dict]:
+    """Success rate by size and `THRESHOLD_STATS` re-evaluated on resampled prompts.
+
+    metric [N, P]; success per resample is `criterion` on the resampled prompts (and baselines
+    source, target [P]). Returns {'rate_lo', 'rate_hi': [K] (sizes as in `rate_by_size`),
+    'threshold': {stat: [lo, hi]} (inf: not reached in the upper tail), 'n_prompts',
+    'n_resamples', 'level', 'seed'}, or None with fewer than 2 prompts.
+    """
+    bits = as_bool(subsets)
+    metric = np.asarray(metric, dtype=np.float64)
+    ks, idx = _sizes(bits)
+    share = (idx[None] == np.arange(len(ks))[:, None]) / np.bincount(idx)[:, None]     # [K, N]
+
+    def stat(i):
+        rate = share @ criterion.success(metric[:, i], _take(source, i), _take(target, i))
+        return np.concatenate([rate, threshold_stats(ks, rate)])
+
+    boot = bootstrap(stat, metric.shape[1], n_resamples, seed, batch=max(1, 2 ** 22 // metric.size))
+    if boot is None:
+        return None
+    lo, hi = boot.pop("lo"), boot.pop("hi")
+    return {"rate_lo": lo[:len(ks)], "rate_hi": hi[:len(ks)],
+            "threshold": {name: [a, b] for name, a, b in zip(THRESHOLD_STATS, lo[len(ks):], hi[len(ks):])}, **boot}
+
+
+PROMPT_STATS = ("mean", "right", "recovery")
+
+
+def prompt_table(metric, source=None, target=None, contrasts: Sequence[Sequence[int]] = (),
+                 n_resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Rows measured on the same P prompts (formats, layers, unit families), with bootstrap
+    intervals over prompts (one set of resamples for all, so differences are paired).
+
+    metric [F, P]; source, target [P] (the baselines of recovery; without them it is NaN);
+    contrasts: row pairs (i, j). Returns per `PROMPT_STATS` name arrays [F] and name_lo/name_hi:
+    mean (mean metric), right (fraction of prompts with metric > 0: answered right for a logit
+    difference), recovery; 'contrast' [C] (mean of row i - mean of row j) with contrast_lo/hi;
+    'contrasts', 'n_prompts'; JSON-ready (`jsonable`: NaN -> None; intervals are None with fewer
+    than 2 prompts).
+    """
+    m = np.asarray(metric, dtype=np.float64)
+    rows, n_prompts = m.shape
+    pairs = np.asarray(contrasts, dtype=np.int64).reshape(-1, 2)
+
+    def stat(i):
+        mm = m[:, i]                                                         # [F, R, P]
+        rec = recovery(mm, _take(source, i), _take(target, i)) if source is not None else np.full(mm.shape[:2], np.nan)
+        mean = mm.mean(-1)
+        return np.concatenate([mean, (mm > 0).mean(-1), rec, mean[pairs[:, 0]] - mean[pairs[:, 1]]])
+
+    point = stat(np.arange(n_prompts)[None])[:, 0]
+    boot = bootstrap(stat, n_prompts, n_resamples, seed) or {"lo": np.full_like(point, np.nan),
+                                                            "hi": np.full_like(point, np.nan)}
+    cuts = rows * np.arange(1, len(PROMPT_STATS) + 1)                       # rows per statistic, then contrasts
+    out = {"contrasts": pairs, "n_prompts": n_prompts}
+    columns = (np.split(a, cuts) for a in (point, boot["lo"], boot["hi"]))
+    for name, *parts in zip(PROMPT_STATS + ("contrast",), *columns):
+        out.update(zip((name, f"{name}_lo", f"{name}_hi"), parts))
+    return jsonable(out)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -448,7 +655,7 @@ def banzhaf_sampled(value_fn: Callable[[np.ndarray], np.ndarray], n: int, n_samp
 # ----------------------------------------------------------------------------- summary
 
 def jsonable(x):
-    """numpy -> JSON-serialisable Python (lists, ints, floats; NaN -> None)."""
+    """numpy -> JSON-serialisable Python (lists, ints, floats; NaN and inf -> None)."""
     if isinstance(x, dict):
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple, np.ndarray)):
@@ -458,7 +665,7 @@ def jsonable(x):
     if isinstance(x, (int, np.integer)):
         return int(x)
     if isinstance(x, (float, np.floating)):
-        return None if math.isnan(x) else float(x)
+        return float(x) if math.isfinite(x) else None
     return x
 
 
@@ -467,88 +674,313 @@ def _sets(sets: np.ndarray, max_sets: int) -> dict:
             "inclusion": inclusion_frequency(sets)}
 
 
-def summarize(subsets, success, metric=None, importance_of: str = "success",
-              unit_names: Optional[Sequence[str]] = None, top: int = 5, max_sets: int = 50) -> dict:
-    """Everything above in one JSON-serialisable dict (plain lists/floats/ints/bools/None).
+def _braces(units, names) -> str:
+    return "{" + ", ".join(names[u] for u in units) + "}"
 
-    importance_of: the importance value function, 'success' (0/1) or 'metric' (mean over prompts).
-    Keys: n_units, n_subsets, exhaustive (all 2^n present), unit_names, rate_by_size,
-    threshold, metric_by_size (if metric), symmetric, monotonicity, linear_fit,
-    minimal_sufficient / maximal_insufficient ({count, sets (first max_sets), inclusion};
-    if n <= 24), importance ({value, shapley, banzhaf}) and interactions ({index, units,
-    matrix}) when exhaustive, else None.
+
+def _best(bits, values, criterion: Criterion, names) -> Optional[dict]:
+    """The subset whose criterion value comes closest to succeeding: {value, subset} (None if no value)."""
+    v = np.where(np.isnan(values), -np.inf, values if criterion.op in (">", ">=") else -values)
+    if not np.isfinite(v).any():
+        return None
+    j = int(np.argmax(v))
+    return {"value": float(values[j]), "subset": np.flatnonzero(bits[j]).tolist(),
+            "text": f"{criterion.quantity} {values[j]:.3f} at best, by {_braces(np.flatnonzero(bits[j]), names)}"}
+
+
+def _undefined(bits, success, best: Optional[dict]) -> dict:
+    """{analysis: why it is not defined} for a degenerate sweep (the first reason that applies)."""
+    n, n_sizes = bits.shape[1], len(np.unique(bits.sum(1)))
+    rows = (
+        (not success.any(), "no subset succeeds" + (f" ({best['text']})" if best else ""),
+         ("threshold", "linear_fit", "maximal_insufficient", "importance", "interactions")),
+        (success.all(), "every subset succeeds", ("threshold", "linear_fit", "minimal_sufficient", "importance",
+                                                  "interactions")),
+        (n < MIN_UNITS, f"only {n} unit{'s' * (n != 1)} (at least {MIN_UNITS} needed)", ("threshold", "linear_fit")),
+        (n_sizes < 2, "only one subset size was swept", ("threshold",)),
+    )
+    out = {}
+    for hit, reason, keys in rows:
+        for key in keys if hit else ():
+            out.setdefault(key, reason)
+    return out
+
+
+def summarize(subsets, success, metric=None, importance_of: str = "success",
+              unit_names: Optional[Sequence[str]] = None, top: int = 5, max_sets: int = 50,
+              criterion: Optional[Criterion] = None, source=None, target=None,
+              n_resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Everything above in one JSON-serialisable dict (plain lists/floats/ints/bools/None). It takes
+    more than eight parameters: beyond the sweep, optional settings with defaults.
+
+    success [N] should be `criterion.success(metric, source, target)` when a criterion is given;
+    the criterion also gives the prompt intervals (metric [N, P], `prompt_intervals`) and the
+    best subset. importance_of: the importance value function, 'success' (0/1) or 'metric'.
+    Keys: n_units, n_subsets, n_prompts, exhaustive (all 2^n present), unit_names, criterion
+    ({spec, description} or None), best ({value, subset, text}: closest to succeeding, or None),
+    rate_by_size, threshold (None values: not reached), prompt_intervals (or None),
+    metric_by_size (if metric), symmetric, monotonicity, linear_fit, minimal_sufficient /
+    maximal_insufficient ({count, sets (first max_sets), inclusion}; if n <= 24), importance
+    ({value, shapley, banzhaf}) and interactions ({index, units, matrix}) when exhaustive,
+    undefined ({analysis: reason}; such analyses are None, the threshold all None).
     """
     if importance_of not in ("success", "metric") or (importance_of == "metric" and metric is None):
         raise ValueError("importance_of must be 'success', or 'metric' with a metric given")
     bits = as_bool(subsets)
     success = np.asarray(success, dtype=bool)
     n = bits.shape[1]
+    names = list(unit_names) if unit_names is not None else [str(i) for i in range(n)]
     full = is_exhaustive(bits)
     rates = rate_by_size(bits, success)
+    has_prompts = criterion is not None and metric is not None and np.ndim(metric) == 2
+    best = None if criterion is None or metric is None else _best(bits, criterion.value(metric, source, target),
+                                                                    criterion, names)
+    undefined = _undefined(bits, success, best)
+    if importance_of == "metric":
+        undefined = {k: v for k, v in undefined.items() if k not in ("importance", "interactions")}
+    run = lambda key, f: None if key in undefined else f()
     out = {
-        "n_units": n, "n_subsets": len(bits), "exhaustive": full,
-        "unit_names": list(unit_names) if unit_names is not None else [str(i) for i in range(n)],
-        "rate_by_size": rates, "threshold": threshold(rates),
+        "n_units": n, "n_subsets": len(bits), "n_prompts": None if metric is None or np.ndim(metric) == 1 else
+        np.shape(metric)[1], "exhaustive": full, "unit_names": names,
+        "criterion": None if criterion is None else {"spec": str(criterion), "description": criterion.describe()},
+        "best": best, "rate_by_size": rates,
+        "threshold": run("threshold", lambda: threshold(rates)) or dict.fromkeys(THRESHOLD_STATS),
+        "prompt_intervals": prompt_intervals(bits, metric, criterion, source, target, n_resamples, seed)
+        if has_prompts else None,
         "metric_by_size": None if metric is None else metric_by_size(bits, metric),
         "symmetric": is_symmetric(bits, success), "monotonicity": monotonicity(bits, success),
-        "linear_fit": linear_threshold_fit(bits, success),
+        "linear_fit": run("linear_fit", lambda: linear_threshold_fit(bits, success)),
         "minimal_sufficient": None, "maximal_insufficient": None, "importance": None, "interactions": None,
+        "undefined": undefined,
     }
     if n <= DENSE_MAX_UNITS:
-        out["minimal_sufficient"] = _sets(minimal_sufficient(bits, success), max_sets)
-        out["maximal_insufficient"] = _sets(maximal_insufficient(bits, success), max_sets)
+        out["minimal_sufficient"] = run("minimal_sufficient",
+                                        lambda: _sets(minimal_sufficient(bits, success), max_sets))
+        out["maximal_insufficient"] = run("maximal_insufficient",
+                                          lambda: _sets(maximal_insufficient(bits, success), max_sets))
     if full:
         v = success.astype(np.float64) if importance_of == "success" else metric
-        out["importance"] = {"value": importance_of, "shapley": shapley(bits, v), "banzhaf": banzhaf(bits, v)}
-        out["interactions"] = {"index": "shapley", **interactions(bits, v, top=top)}
+        out["importance"] = run("importance", lambda: {"value": importance_of, "shapley": shapley(bits, v),
+                                                       "banzhaf": banzhaf(bits, v)})
+        out["interactions"] = run("interactions", lambda: {"index": "shapley", **interactions(bits, v, top=top)})
     return jsonable(out)
 
+
+# ----------------------------------------------------------------------------- markdown and findings
 
 def _fmt(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def report_markdown(summary: dict) -> str:
-    """A Markdown report of a `summarize` dict."""
+def interval(lo, hi, spec: str = ".2f", missing: str = "not reached") -> str:
+    """An interval 'lo..hi' in format `spec`; None ends (JSON for inf, or NaN) read `missing`."""
+    end = lambda x: missing if x is None else format(x, spec)
+    return f"{end(lo)}..{end(hi)}"
+
+
+def cell(table: dict, key: str, i: int, spec: str = "+.3f") -> str:
+    """Row i of a `prompt_table` statistic with its interval: '+0.044 (-0.118..+0.225)'."""
+    value = table[key][i]
+    ends = interval(table[key + "_lo"][i], table[key + "_hi"][i], spec, "-")
+    return f"{'-' if value is None else format(value, spec)} ({ends})"
+
+
+def _not_defined(summary: dict, key: str) -> Optional[str]:
+    reason = summary.get("undefined", {}).get(key)
+    return None if reason is None else f"not defined: {reason}."
+
+
+def _k(x, digits: int = 2) -> str:
+    """A threshold statistic: None (not reached) -> 'not reached'."""
+    return "not reached" if x is None else str(x) if isinstance(x, int) else f"{x:.{digits}f}"
+
+
+def threshold_cell(summary: dict, stat: str) -> str:
+    """A `THRESHOLD_STATS` value of a `summarize` dict with its prompt interval: '6 (prompts 95%:
+    5.00..not reached)'; 'not defined' when the threshold is not."""
+    if "threshold" in summary["undefined"]:
+        return "not defined"
+    pi = summary["prompt_intervals"]
+    return _k(summary["threshold"][stat]) + (f" (prompts 95%: {interval(*pi['threshold'][stat])})" if pi else "")
+
+
+def _threshold_line(summary: dict) -> str:
+    th = summary["threshold"]
+    if _not_defined(summary, "threshold"):
+        return "Threshold: " + _not_defined(summary, "threshold")
+    return (f"Threshold k* = {threshold_cell(summary, 'k_star')}; interpolated k50 = {_k(th['k50'])}; "
+            f"10%->90% transition from k = {_k(th['k10'])} to {_k(th['k90'])}, width "
+            f"{threshold_cell(summary, 'sharpness')}.")
+
+
+def report_markdown(summary: dict, level: int = 3) -> str:
+    """A Markdown report of a `summarize` dict, its headings at `level` (3: to sit inside a report's
+    '##' section; no title of its own)."""
+    h = "#" * level + " "
     names = summary["unit_names"]
-    rates, th, mono, fit = (summary[k] for k in ("rate_by_size", "threshold", "monotonicity", "linear_fit"))
+    rates, mono, fit, pi = (summary[k] for k in ("rate_by_size", "monotonicity", "linear_fit", "prompt_intervals"))
+    crit, n_prompts = summary.get("criterion"), summary.get("n_prompts")
+    prompt_ci = ([interval(a, b, missing="-") for a, b in zip(pi["rate_lo"], pi["rate_hi"])] if pi else
+                 [f"not defined ({n_prompts or 1} prompt)"] * len(rates["k"]))
     lines = [
-        "# Subset sweep", "",
         f"{summary['n_subsets']} subsets of {summary['n_units']} units"
-        f" ({'exhaustive' if summary['exhaustive'] else 'not exhaustive'}).", "",
-        "## Success rate by size", "",
-        "| k | count | successes | rate | 95% interval |", "|---|---|---|---|---|",
-        *(f"| {k} | {c} | {s} | {_fmt(r)} | {'exact' if e else f'[{_fmt(lo)}, {_fmt(hi)}]'} |"
-          for k, c, s, r, lo, hi, e in zip(*(rates[f] for f in
-                                              ("k", "count", "successes", "rate", "lo", "hi", "exhaustive")))),
-        "", f"Threshold k* = {_fmt(th['k_star'])} (interpolated k50 = {_fmt(th['k50'], 2)}); "
-        f"10%->90% transition from k = {_fmt(th['k10'], 2)} to {_fmt(th['k90'], 2)} "
-        f"(sharpness {_fmt(th['sharpness'], 2)}).", "",
-        "## Structure", "",
+        f" ({'exhaustive' if summary['exhaustive'] else 'not exhaustive'})"
+        + (f", {n_prompts} prompts" if n_prompts else "") + ".",
+        *([f"Success: {crit['description']}."] if crit else []),
+        *([f"Closest to succeeding: {summary['best']['text']}."] if summary.get("best") else []), "",
+        h + "Success rate by size", "",
+        "Two axes of uncertainty. Subsets: 'exact' where every subset of a size ran, else a Wilson 95% "
+        "interval over the sampled subsets. Prompts: the prompts are a sample, so each rate is recomputed on "
+        + (f"the {pi['n_prompts']} prompts resampled with replacement (percentile bootstrap, "
+           f"{pi['n_resamples']} resamples, seed {pi['seed']})." if pi else
+           "resampled prompts, which needs at least 2 prompts: not defined here."), "",
+        "| k | count | successes | rate | subsets 95% | prompts 95% |", "|---|---|---|---|---|---|",
+        *(f"| {k} | {c} | {s} | {_fmt(r)} | {'exact' if e else interval(lo, hi)} | {p} |"
+          for k, c, s, r, lo, hi, e, p in zip(*(rates[f] for f in ("k", "count", "successes", "rate", "lo", "hi",
+                                                                   "exhaustive")), prompt_ci)),
+        "", _threshold_line(summary), "",
+        h + "Structure", "",
         f"- symmetric (success depends only on |S|): {summary['symmetric']}",
         f"- monotone: {mono['monotone']} ({mono['n_violations']} violations in {mono['n_pairs']} one-unit steps)",
-        *(f"  - {{{', '.join(names[u] for u in e['subset'])}}} succeeds, + {names[e['added']]} fails"
-          for e in mono["examples"]),
-        f"- linear threshold fit: accuracy {_fmt(fit['accuracy'])}, weights "
-        f"{', '.join(f'{names[i]}={w:.2f}' for i, w in enumerate(fit['weights']))}, bias {fit['bias']:.2f}",
+        *(f"  - {_braces(e['subset'], names)} succeeds, + {names[e['added']]} fails" for e in mono["examples"]),
+        "- linear threshold fit: " + (_not_defined(summary, "linear_fit") or
+                                      f"accuracy {_fmt(fit['accuracy'])}, weights "
+                                      f"{', '.join(f'{names[i]}={w:.2f}' for i, w in enumerate(fit['weights']))}, "
+                                      f"bias {fit['bias']:.2f}"),
     ]
-    for key, title in (("minimal_sufficient", "Minimal sufficient sets"), ("maximal_insufficient",
-                                                                          "Maximal insufficient sets")):
-        sets = summary[key]
-        if sets is not None:
-            lines += ["", f"## {title} ({sets['count']})", "",
-                      *(f"- {{{', '.join(names[u] for u in s)}}}" for s in sets["sets"]),
-                      *(["- ..."] if sets["count"] > len(sets["sets"]) else [])]
+    for key, title in (("minimal_sufficient", "Minimal sufficient sets"),
+                       ("maximal_insufficient", "Maximal insufficient sets")):
+        sets, reason = summary[key], _not_defined(summary, key)
+        if reason:
+            lines += ["", h + title, "", reason[0].upper() + reason[1:]]
+        elif sets is not None:
+            left = sets["count"] - len(sets["sets"])
+            lines += ["", f"{h}{title} ({sets['count']})", "", *(f"- {_braces(s, names)}" for s in sets["sets"]),
+                      *([f"- ... and {left} more, not listed"] if left else []),
+                      *(["None."] if not sets["count"] else [])]
     imp = summary["importance"]
+    if _not_defined(summary, "importance") and summary["exhaustive"]:
+        lines += ["", h + "Unit importance", "", "Shapley and Banzhaf values of success: "
+                  + _not_defined(summary, "importance")]
     if imp is not None:
         order = sorted(range(len(names)), key=lambda i: -abs(imp["shapley"][i]))
-        lines += ["", f"## Unit importance (v = {imp['value']})", "",
+        lines += ["", f"{h}Unit importance (v = {imp['value']})", "",
                   "| unit | Shapley | Banzhaf |", "|---|---|---|",
                   *(f"| {names[i]} | {imp['shapley'][i]:.4f} | {imp['banzhaf'][i]:.4f} |" for i in order)]
         inter = summary["interactions"]
         pairs = sorted(((inter["matrix"][a][b], inter["units"][a], inter["units"][b])
                         for a, b in itertools.combinations(range(len(inter["units"])), 2)),
                        key=lambda p: -abs(p[0]))
-        lines += ["", f"## Pairwise interactions ({inter['index']}; > 0 synergy, < 0 redundancy)", "",
+        lines += ["", f"{h}Pairwise interactions ({inter['index']}; > 0 synergy, < 0 redundancy)", "",
                   *(f"- {names[i]} x {names[j]}: {x:+.4f}" for x, i, j in pairs)]
     return "\n".join(lines) + "\n"
+
+
+FINDING_RULES = {
+    "premise": "Premise: the source answers right on average (the 95% prompt interval of its mean metric lies "
+               "above 0) and beats the target (the interval of the paired difference source - target lies "
+               "above 0). When it fails, that is the first finding.",
+    "layer": "Best layer: the largest recovery, i.e. movement of the mean metric toward the source, when all "
+             "heads of one layer are patched at once.",
+    "threshold": f"Threshold: k* is the smallest size whose success rate reaches 0.5. The transition is sharp "
+                 f"when the 95% prompt interval of its width k90 - k10 lies at or below {SHARP_WIDTH:g} size "
+                 f"step, gradual when it lies above, else not resolved. It is not "
+                 f"defined when no subset or every subset succeeds, with fewer than {MIN_UNITS} units, or "
+                 "with one size.",
+    "size": "Depends only on |S|: at every size the subsets all succeed or all fail. Otherwise, when a "
+            "weighted threshold of the units (the linear threshold fit) classifies at least "
+            f"{FIT_ACCURACY:.0%} of the subsets, its largest weights are named.",
+    "contrast": "Families: one family moves the target more than another when the 95% prompt interval of the "
+                "paired difference of their mean metrics excludes 0.",
+    "fails": "What fails: the sizes at which no subset succeeds, the full set when it fails, and families that "
+             "miss the criterion.",
+}
+
+
+def _spans(ks: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    runs = [list(g) for _, g in itertools.groupby(ks, key=lambda k, c=itertools.count(): k - next(c))]
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def _sharpness(width, interval) -> str:
+    """The threshold rule's verdict on a width (None: never reaches 90%) and its prompt interval
+    ([lo, hi], None ends: not reached; None: one prompt, the width alone decides)."""
+    if width is None:
+        return "no complete transition (the rate never reaches 90%)"
+    lo, hi = (width, width) if interval is None else (math.inf if x is None else x for x in interval)
+    note = " (one prompt: no prompt interval)" if interval is None else ""
+    if hi <= SHARP_WIDTH:
+        return "sharp" + note
+    if lo > SHARP_WIDTH:
+        return "gradual" + note
+    return "not resolved with these prompts"
+
+
+def sweep_findings(summary: dict, name: str) -> list:
+    """Findings of one sweep by `FINDING_RULES` 'threshold', 'size' and 'fails': [(statement, rule)]."""
+    rates, th, pi = summary["rate_by_size"], summary["threshold"], summary["prompt_intervals"]
+    about = [summary["criterion"]["spec"]] if summary.get("criterion") else []
+    about += [f"{summary['n_prompts']} prompts"] if summary.get("n_prompts") else []
+    crit = f" ({', '.join(about)})" if about else ""
+    reason = summary["undefined"].get("threshold")
+    if reason:
+        return [(f"{name}{crit}: no threshold: {reason}.", "threshold")]
+    out = [(f"{name}{crit}: threshold k* = {threshold_cell(summary, 'k_star')}; 10%->90% transition width "
+            f"{threshold_cell(summary, 'sharpness')}: "
+            f"{_sharpness(th['sharpness'], pi['threshold']['sharpness'] if pi else None)}.", "threshold")]
+    k, count, hits = (np.asarray(rates[f]) for f in ("k", "count", "successes"))
+    mixed = np.flatnonzero((hits > 0) & (hits < count))
+    if not len(mixed):
+        out.append((f"{name}: success depends only on |S|.", "size"))
+    else:
+        j = mixed[np.argmin(np.abs(hits[mixed] / count[mixed] - 0.5))]
+        fit, names = summary["linear_fit"], summary["unit_names"]
+        lead = ""
+        if fit and fit["accuracy"] >= FIT_ACCURACY:
+            w = np.asarray(fit["weights"])
+            lead = (f"; a weighted threshold of the units fits {fit['accuracy']:.1%} of the subsets, largest "
+                    "weights " + ", ".join(f"{names[u]} {w[u]:+.2f}" for u in np.argsort(-np.abs(w), kind="stable")[:3]))
+        out.append((f"{name}: success does not depend only on |S|: {len(mixed)} of {len(k)} sizes mix successes "
+                    f"and failures (k = {k[j]}: {hits[j]} of {count[j]} succeed){lead}.", "size"))
+    if (hits == 0).any():
+        full = " (the full set of units included)" if k[-1] == summary["n_units"] and hits[-1] == 0 else ""
+        out.append((f"{name}: no subset of size {_spans(k[hits == 0].tolist())} succeeds{full}.", "fails"))
+    return out
+
+
+def premise_findings(table: dict, names: Sequence[str], source: int, target: int, contrast: int = 0,
+                     kind: str = "rows") -> tuple:
+    """`FINDING_RULES['premise']` on a `prompt_table` whose rows are `names` (`kind`, e.g. 'formats'),
+    with the source and target rows and the index of the contrast source - target. Returns
+    (whether the premise holds, [(statement, rule)])."""
+    t, P = table, table["n_prompts"]
+    above = lambda key, i: t[f"{key}_lo"][i] is not None and t[f"{key}_lo"][i] > 0
+    row = lambda i: (f"`{names[i]}` (mean metric {cell(t, 'mean', i)}; "
+                     f"right on {cell(t, 'right', i, '.0%')} of {P} prompts)")
+    diff = f"source - target {cell(t, 'contrast', contrast)}"
+    right, beats = above("mean", source), above("contrast", contrast)
+    if right and beats:
+        return True, [(f"Premise holds: the source {row(source)} answers right and beats the target {row(target)}: "
+                       f"{diff}.", "premise")]
+    reasons = ([] if right else [f"the source {row(source)} does not answer right on average"]) + \
+        ([f"it beats the target {row(target)}: {diff}"] if beats else
+         [f"it does not beat the target {row(target)}: {diff}"])
+    out = [(f"Premise fails: {'; '.join(reasons)}. 'Recovery' below measures movement toward the source, not "
+            "the repair of a wrong answer.", "premise")]
+    if len(names) > 2 and not any(above("mean", i) for i in range(len(names))):
+        out.append((f"None of the {len(names)} {kind} answers right on average: "
+                    + ", ".join(f"`{n}` {m:+.3f}" for n, m in zip(names, t["mean"])) + ".", "premise"))
+    return False, out
+
+
+def contrast_findings(table: dict, names: Sequence[str], what: str) -> list:
+    """`FINDING_RULES['contrast']` for each contrast of a `prompt_table` with rows `names`: [(statement, rule)]."""
+    out = []
+    for c, (i, j) in enumerate(table["contrasts"]):
+        lo, hi = table["contrast_lo"][c], table["contrast_hi"][c]
+        verdict = (f"favours {names[i]}" if lo is not None and lo > 0 else
+                   f"favours {names[j]}" if hi is not None and hi < 0 else "no difference resolved")
+        out.append((f"{what}: {names[i]} - {names[j]}: mean metric {cell(table, 'contrast', c)}: {verdict}.",
+                    "contrast"))
+    return out

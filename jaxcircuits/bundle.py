@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcircuits import hooknames
 from jaxcircuits.generate import generate
+from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.sites import CACHE_SITES
 from jaxcircuits.tokenize import Tokenizer, load_tokenizer
 from jaxcircuits.weights.registry import ModelSource, load_params
 
@@ -20,19 +23,55 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @dataclasses.dataclass
 class Model:
     """cfg: static config; params: the params pytree (jax arrays); tokenizer: `Tokenizer` or None
-    when the checkpoint has none; source: what the name resolved to."""
+    when the checkpoint has none; source: what the name resolved to.
+
+    TransformerLens-style entry points: `to_tokens`, `to_str_tokens`, `run_with_cache` (text in,
+    cache out, optionally under TransformerLens hook names)."""
 
     cfg: ModelConfig
     params: dict
     tokenizer: Optional[Tokenizer]
     source: ModelSource
 
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source.name} has no tokenizer")
+        return self.tokenizer
+
+    def to_tokens(self, text: Union[str, Sequence[str]], add_special_tokens: bool = True) -> np.ndarray:
+        """ids int32 [B, T] of a string (B = 1) or a list of strings, left-padded (`Tokenizer.batch`:
+        every prompt ends at the last column); the padding mask is `self.tokenizer.batch(...)[1]`."""
+        return self._tokenizer().batch([text] if isinstance(text, str) else list(text), add_special_tokens)[0]
+
+    def to_str_tokens(self, text, add_special_tokens: bool = True) -> list:
+        """The text of each token: of a string or 1-D ids -> [str]; of a list of strings or 2-D ids
+        (padding included) -> one list per row."""
+        tok = self._tokenizer()
+        if isinstance(text, str):
+            return [tok.token_str(i) for i in tok.encode(text, add_special_tokens)]
+        if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+            return [self.to_str_tokens(t, add_special_tokens) for t in text]
+        ids = np.asarray(text)
+        return [tok.token_str(int(i)) for i in ids] if ids.ndim == 1 else [self.to_str_tokens(r) for r in ids]
+
+    def run_with_cache(self, inputs, attn_mask=None, sites: Sequence[str] = CACHE_SITES,
+                       hook_names: bool = False) -> Tuple[jax.Array, dict]:
+        """(logits [B, T, V], cache) of a plain run (`jaxcircuits.run_with_cache`, inputs checked) of a
+        string, a list of strings (left-padded, with their mask) or ids [B, T] (attn_mask defaults to
+        all ones: padded ids from `to_tokens` of several prompts need theirs, `tokenizer.batch(...)[1]`).
+        The cache holds `sites` stacked [L, B, ...] under our names, or with hook_names=True one array
+        per layer under TransformerLens hook names (`hooknames.to_hook_dict`; 'kv' left out)."""
+        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
+            inputs, attn_mask = self._tokenizer().batch([inputs] if isinstance(inputs, str) else list(inputs))
+        tokens = jnp.atleast_2d(jnp.asarray(inputs))
+        mask = None if attn_mask is None else jnp.asarray(attn_mask)
+        logits, cache = M.run_with_cache(self.params, self.cfg, tokens, mask, sites=tuple(sites))
+        return logits, hooknames.to_hook_dict(cache, self.cfg) if hook_names else cache
+
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw) -> list:
         """Greedy completions (text after each prompt, stopped at EOS) of raw prompt strings;
         kw go to `generate` (prefill / decode interventions)."""
-        if self.tokenizer is None:
-            raise ValueError(f"{self.source.name} has no tokenizer")
-        ids, mask = self.tokenizer.batch(list(prompts))
+        ids, mask = self._tokenizer().batch(list(prompts))
         return self.complete_ids(ids, mask, max_new_tokens, **kw)
 
     def complete_ids(self, ids, mask, max_new_tokens: int = 20, **kw) -> list:
@@ -48,7 +87,9 @@ class Model:
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32, cache: bool = True) -> Model:
     """Load a model: the embedded default 'smollm2-135m-instruct', a local HF checkpoint directory,
-    a .gguf file, or an HF model id already in the local HF hub cache (never downloaded).
+    a .gguf file, an alias ('gpt2', 'llama-3.1-8b-instruct', ...: `weights.registry.ALIASES`) or an
+    HF model id already in the local HF hub cache (never downloaded: the error of a model that is
+    not there says how to fetch it).
 
     dtype: float32 (parity) or bfloat16 (speed on accelerators), or its name (`models.params.PARAM_DTYPES`); any other
     raises ValueError before anything is read. cache: keep converted params in the on-disk cache so

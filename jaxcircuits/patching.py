@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import struct
 
-from jaxcircuits import sites
+from jaxcircuits import logs, sites
 from jaxcircuits.models import transformer as M
 from jaxcircuits.metrics import check_token_ids
 from jaxcircuits.models.config import ModelConfig
@@ -135,6 +135,8 @@ def layers_touched(mask: Mask) -> dict:
 def _narrow(iv: Intervention, start: int, stop: Optional[int], first_pos: int) -> Intervention:
     """An intervention's layers [start, stop) and (query) positions [first_pos, T)."""
     def tail(name, a):
+        if sites.split_key(name):                                # transforms have no positions
+            return a
         axis = sites.source_entry(name).pos_axes[0] + 1          # + the layer axis
         return a[(slice(None),) * axis + (slice(first_pos, None),)]
     src = {k: tail(k, v) for k, v in _layers(iv.source, start, stop).items()} if iv.source else iv.source
@@ -233,6 +235,15 @@ def mask_axis_sharding(n_devices: Optional[int] = None):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("masks"))
 
 
+def to_host(x) -> np.ndarray:
+    """A result sharded over the devices of every process, as a whole host array in each process
+    (`multihost_utils.process_allgather`; a plain copy with one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def chunking(n: int, chunk_size: int, shard: bool):
     """(chunk size, sharding or None) for n items: at most n per chunk, and with shard=True and
     several devices a multiple of the device count, split over them by `mask_axis_sharding`."""
@@ -251,6 +262,7 @@ def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *
     masks and trimmed. With shard=True and several devices, each chunk's mask axis is split over
     them (chunk_size is rounded up to a multiple of the device count). `plan` defaults to the
     layers the masks touch and the positions pos_w selects. on_chunk(start, values) sees each chunk.
+    Batches of more than one chunk show a progress bar (`logs.progress`).
     The masks (`sites.check_mask`) and the source inside the batch's footprint
     (`PatchingProblem.for_footprint`) are checked once, before the first chunk.
     """
@@ -261,17 +273,19 @@ def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *
     n = getattr(masks, masks.sites()[0]).shape[0]
     chunk_size, sharding = chunking(n, chunk_size, shard)
     out = []
-    for start in range(0, n, chunk_size):
-        def take(a):
-            a = np.asarray(a[start:start + chunk_size])
-            pad = chunk_size - a.shape[0]
-            return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
-        chunk = jax.tree.map(take, masks)
-        if sharding is not None:
-            chunk = jax.device_put(chunk, sharding)
-        vals = np.asarray(masks_metric(params, cfg, problem, chunk, plan))
-        vals = vals[:min(chunk_size, n - start)]
-        if on_chunk is not None:
-            on_chunk(start, vals)
-        out.append(vals)
+    with logs.progress(n, "run_masks", "mask", leave=False, disable=n <= chunk_size) as bar:
+        for start in range(0, n, chunk_size):
+            def take(a):
+                a = np.asarray(a[start:start + chunk_size])
+                pad = chunk_size - a.shape[0]
+                return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+            chunk = jax.tree.map(take, masks)
+            if sharding is not None:
+                chunk = jax.device_put(chunk, sharding)
+            vals = to_host(masks_metric(params, cfg, problem, chunk, plan))
+            vals = vals[:min(chunk_size, n - start)]
+            bar.update(len(vals))
+            if on_chunk is not None:
+                on_chunk(start, vals)
+            out.append(vals)
     return np.concatenate(out)

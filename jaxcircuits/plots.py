@@ -46,13 +46,15 @@ def _unit_axis(ax, n: int, unit_names: Optional[Sequence[str]]):
 
 
 def plot_success_rate(rates: dict, path, spread: Optional[dict] = None, threshold: Optional[dict] = None,
-                      title: str = "Success rate by subset size") -> str:
-    """Success rate vs k with Wilson 95% intervals (from `rate_by_size`).
+                      title: str = "Success rate by subset size", prompt_interval: Optional[dict] = None) -> str:
+    """Success rate vs k with Wilson 95% intervals over sampled subsets (from `rate_by_size`; none
+    where a size ran in full).
 
     spread: optional `metric_by_size` of a per-subset score in [0, 1] (e.g.
     `success_fraction(metric)`, the fraction of prompts each subset succeeds on), drawn as
     10-90% and 25-75% bands with its median; threshold: optional `threshold` output, marking k*
-    and the 10%->90% transition.
+    and the 10%->90% transition; prompt_interval: optional `prompt_intervals` output, its
+    rate_lo/rate_hi [K] drawn as a band (the bootstrap over prompts).
     """
     k = np.asarray(rates["k"], dtype=float)
     rate = np.asarray(rates["rate"], dtype=float)
@@ -64,9 +66,13 @@ def plot_success_rate(rates: dict, path, spread: Optional[dict] = None, threshol
         ax.fill_between(sk, _quantile(spread, 0.25), _quantile(spread, 0.75), color="tab:blue", alpha=0.25,
                         label="per-subset prompt success, 25-75%")
         ax.plot(sk, _quantile(spread, 0.5), color="tab:blue", ls=":", label="per-subset median")
+    if prompt_interval is not None:
+        ax.fill_between(k, np.asarray(prompt_interval["rate_lo"], dtype=float),
+                        np.asarray(prompt_interval["rate_hi"], dtype=float), color="tab:green", alpha=0.2,
+                        label=f"prompts resampled, 95% ({prompt_interval['n_prompts']} prompts)")
     err = np.stack([rate - np.asarray(rates["lo"], dtype=float), np.asarray(rates["hi"], dtype=float) - rate])
     ax.errorbar(k, rate, yerr=np.maximum(err, 0), fmt="o-", color="black", capsize=3,
-                label="success rate (Wilson 95%)")
+                label="success rate (subsets sampled: Wilson 95%)")
     if threshold is not None and threshold.get("k10") is not None and threshold.get("k90") is not None:
         ax.axvspan(threshold["k10"], threshold["k90"], color="tab:orange", alpha=0.15,
                    label=f"10%-90% transition (width {threshold['sharpness']:.2f})")

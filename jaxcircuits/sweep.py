@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from typing import Callable, Optional
 
 import jax
@@ -43,9 +42,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jaxcircuits import storage
+from jaxcircuits import logs, storage
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import PatchingProblem, Plan, chunking, make_plan, masks_metric_fn, run_masks
+from jaxcircuits.patching import PatchingProblem, Plan, chunking, make_plan, masks_metric_fn, run_masks, to_host
 from jaxcircuits.sites import Mask
 from jaxcircuits.subsets import MAX_RANK, Family, Pool, from_bitmask, to_bitmask, unrank, unrank_np
 
@@ -101,7 +100,7 @@ def chunk_metric(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Swee
     ranks[:hi - lo] = np.arange(lo, hi)
     if sharding is not None:
         ranks = jax.device_put(ranks, sharding)
-    vals = np.asarray(family_metric(params, cfg, problem, ranks, sweep))[:hi - lo]
+    vals = to_host(family_metric(params, cfg, problem, ranks, sweep))[:hi - lo]
     if not np.isfinite(vals).all():
         raise FloatingPointError(f"non-finite metric values for ranks {lo}..{hi - 1}")
     return vals
@@ -118,6 +117,29 @@ class SweepResult:
     def subsets(self, n: int) -> np.ndarray:
         """bool [N, n]: the members as unit-indicator rows."""
         return from_bitmask(self.bitmask, n)
+
+    def to_frame(self, pool: Optional[Pool] = None, *, success: str = "positive", threshold: float = 0.0,
+                 aggregate: str = "mean"):
+        """The sweep as a pandas DataFrame, one row per member, indexed by rank.
+
+        Columns: units (the member's unit labels, space-separated, e.g. 'L3H5 L3H7': `pool.labels()`,
+        or unit indices without a pool), size (units in the member), metric_0 .. metric_{P-1} (per
+        prompt), metric (mean over prompts), success (`analysis.success_from(metric, success,
+        threshold, aggregate)`) and success_fraction (the fraction of prompts meeting the criterion).
+        """
+        import pandas as pd
+        from jaxcircuits import analysis
+        n = pool.n if pool is not None else max(int(self.bitmask.max(initial=0)).bit_length(), 1)
+        labels = np.array(pool.labels() if pool is not None else [str(i) for i in range(n)])
+        bits = self.subsets(n)
+        frame = pd.DataFrame({"units": [" ".join(labels[row]) for row in bits], "size": bits.sum(1)},
+                             index=pd.Index(self.ranks, name="rank"))
+        for p in range(self.metric.shape[1]):
+            frame[f"metric_{p}"] = self.metric[:, p]
+        frame["metric"] = self.metric.mean(1)
+        frame["success"] = analysis.success_from(self.metric, success, threshold, aggregate)
+        frame["success_fraction"] = analysis.success_fraction(self.metric, success, threshold)
+        return frame
 
 
 def _digest(*arrays) -> str:
@@ -229,29 +251,8 @@ def _read_chunk(path: str, family: Family, lo: int, hi: int, batch: int) -> Swee
     return storage.read_verified(path, read)
 
 
-class _Progress:
-    """Logs done/total, subsets/s and ETA at most every `every_s` seconds."""
-
-    def __init__(self, total: int, done: int, every_s: float):
-        self.total, self.start_done, self.every_s = total, done, every_s
-        self.t0 = self.last = time.time()
-        self.logged = None
-
-    def update(self, done: int, force: bool = False) -> None:
-        now = time.time()
-        if done == self.logged or (not force and now - self.last < self.every_s):
-            return
-        self.last, self.logged = now, done
-        rate = (done - self.start_done) / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        logging.info("sweep: %d/%d subsets (%.1f%%), %.1f subsets/s, ETA %s", done, self.total,
-                     100.0 * done / max(self.total, 1), rate,
-                     "?" if math.isinf(eta) else time.strftime("%H:%M:%S", time.gmtime(eta)))
-
-
 def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, family: Family, out_dir: str, *,
               chunk_size: int = 256, shard: bool = True, resume: bool = True, describe: Optional[dict] = None,
-              log_every_s: float = 10.0,
               on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> SweepResult:
     """Evaluate `problem`'s metric for every member of `family` over `pool`, streaming chunks to `out_dir`.
 
@@ -259,8 +260,8 @@ def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, fa
     with defaults (hence more than eight parameters). With shard=True and several devices, each
     chunk's ranks are split over them (chunk_size rounded up to a multiple of the device count).
     resume=True continues a sweep with an equal spec in out_dir; describe is free JSON stored in the
-    spec; progress is logged every log_every_s seconds; on_chunk(index, metric_values) runs after
-    each chunk is saved. Returns the full `SweepResult` (also written to out_dir/results.npz).
+    spec; a progress bar (`logs.progress`: rate, ETA) counts subsets; on_chunk(index, metric_values)
+    runs after each chunk is saved. Returns the full `SweepResult` (also written to out_dir/results.npz).
     The whole run holds `storage.DirLock(out_dir)` (LockedError if another process holds it).
     Chunks on disk that are damaged or hold other members are reported and recomputed.
     """
@@ -289,18 +290,16 @@ def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, fa
         if parts:
             logging.info("sweep: resuming %s, %d of %d chunks already done", out_dir, len(parts), n_chunks)
         done = sum(len(p.ranks) for p in parts.values())
-        progress = _Progress(n, done, log_every_s)
-        for i in np.flatnonzero(todo).tolist():
-            lo, hi = bounds(i)
-            vals = chunk_metric(params, cfg, problem, sweep, lo, chunk_size, sharding)
-            parts[i] = SweepResult(*_members(family, lo, hi), vals.astype(np.float32))
-            if writer:
-                _write(path(i), parts[i])
-            done += hi - lo
-            progress.update(done)
-            if on_chunk is not None:
-                on_chunk(i, vals)
-        progress.update(n, force=True)
+        with logs.progress(n, "sweep " + os.path.join(*os.path.normpath(out_dir).split(os.sep)[-2:]), "subset", done) as bar:
+            for i in np.flatnonzero(todo).tolist():
+                lo, hi = bounds(i)
+                vals = chunk_metric(params, cfg, problem, sweep, lo, chunk_size, sharding)
+                parts[i] = SweepResult(*_members(family, lo, hi), vals.astype(np.float32))
+                if writer:
+                    _write(path(i), parts[i])
+                bar.update(hi - lo)
+                if on_chunk is not None:
+                    on_chunk(i, vals)
         res = SweepResult(*(np.concatenate([getattr(parts[i], k) for i in range(n_chunks)])
                             for k in ("ranks", "bitmask", "metric")))
         if writer:
@@ -332,25 +331,29 @@ def blend_crossing(params, cfg: ModelConfig, problem: PatchingProblem, base: Mas
     """Locate the blend weight where aggregate(metric) crosses `level`, to within `tol`.
 
     Evaluates `points` weights per round in one batched call (a k-section search), starting from
-    [0, 1]; kw go to `run_masks` (the search's own options are keyword-only with defaults, hence
+    [0, 1], under a progress bar of the rounds; kw go to `run_masks` (the search's own options are keyword-only with defaults, hence
     more than eight parameters). Returns {'low', 'high', 'crossing' (midpoint) or None if no sign change in [0, 1],
     'evaluated': [(weight, value)]}.
     """
     lo, hi = 0.0, 1.0
     evaluated = []
     f = lambda ws: aggregate(blend_curve(params, cfg, problem, base, ws, **kw)) - level
-    ends = f(np.array([lo, hi]))
-    evaluated += list(zip([lo, hi], (ends + level).tolist()))
-    if np.sign(ends[0]) == np.sign(ends[1]):
-        return {"low": lo, "high": hi, "crossing": None, "evaluated": evaluated}
-    f_lo = ends[0]
-    while hi - lo > tol:
-        ws = np.linspace(lo, hi, points + 2)[1:-1]
-        vals = f(ws)
-        evaluated += list(zip(ws.tolist(), (vals + level).tolist()))
-        grid = np.concatenate([[lo], ws, [hi]])
-        signs = np.sign(np.concatenate([[f_lo], vals]))
-        j = int(np.flatnonzero(signs != signs[0])[0]) if (signs != signs[0]).any() else points + 1
-        lo, hi = grid[j - 1], grid[j]
-        f_lo = f_lo if j == 1 else vals[j - 2]
+    rounds = 1 + max(0, math.ceil(math.log(1 / tol) / math.log(points + 1))) if 0 < tol < 1 else 1
+    with logs.progress(rounds, "blend crossing", "round", leave=False) as bar:
+        ends = f(np.array([lo, hi]))
+        bar.update()
+        evaluated += list(zip([lo, hi], (ends + level).tolist()))
+        if np.sign(ends[0]) == np.sign(ends[1]):
+            return {"low": lo, "high": hi, "crossing": None, "evaluated": evaluated}
+        f_lo = ends[0]
+        while hi - lo > tol:
+            ws = np.linspace(lo, hi, points + 2)[1:-1]
+            vals = f(ws)
+            bar.update()
+            evaluated += list(zip(ws.tolist(), (vals + level).tolist()))
+            grid = np.concatenate([[lo], ws, [hi]])
+            signs = np.sign(np.concatenate([[f_lo], vals]))
+            j = int(np.flatnonzero(signs != signs[0])[0]) if (signs != signs[0]).any() else points + 1
+            lo, hi = grid[j - 1], grid[j]
+            f_lo = f_lo if j == 1 else vals[j - 2]
     return {"low": float(lo), "high": float(hi), "crossing": float((lo + hi) / 2), "evaluated": evaluated}

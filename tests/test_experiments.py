@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from jaxcircuits import analysis
 from tests.conftest import run_binary as _run
 
 
@@ -56,6 +58,9 @@ def test_threshold_sweep_on_new_sites(tiny_dir, tmp_path, site, pool, n_units):
     ("experiments.even_heads", ["--target_format=simple"], "must differ"),
     ("experiments.even_heads", ["--protocol=new"], "protocol"),
     ("experiments.even_heads", ["--source_format=auto", "--scan_formats=qa"], "at least two --scan_formats"),
+    ("experiments.even_heads", ["--success=ratio>1"], "--success: a success criterion is recovery>=X"),
+    ("experiments.threshold_sweep", ["--aggregate=fraction"], "--aggregate=fraction applies to --success=positive"),
+    ("experiments.threshold_sweep", ["--success=recovery>=x"], "--success must be 'recovery>=X'"),
 ])
 def test_bad_flags_stop_before_loading_a_model(module, flags, message):
     r = _run(module, "--model=/does/not/exist", *flags)
@@ -78,6 +83,7 @@ TS = ("experiments.threshold_sweep", "--task=decimals", "--n_prompts=1", "--laye
     (TS + ("--positions=last:abc",), "--positions=last:abc: k in last:k must be an integer >= 1"),
     (TS + ("--success=above:abc",), "--success=above:abc: X in above:X must be a number"),
     (TS + ("--positions=99",), "--positions=99: positions [99] out of range"),
+    (TS + ("--site=head_v", "--family=kv_groups"), "--family=kv_groups: needs a site whose units are query heads"),
     (("experiments.even_heads", "--protocol=original", "--n_blocks=7"), "--n_blocks: n_blocks=7 does not divide d_model=32"),
     (("experiments.even_heads", "--protocol=heads", "--n_blocks=4"), "--n_blocks=4 applies only to the original protocol"),
     (("experiments.even_heads", "--sweep_layers=5"), "--sweep_layers=5: layer(s) [5] out of range [0, 2)"),
@@ -110,3 +116,79 @@ def test_even_heads_large_layers_sweep_even_odd_exhaustively_and_sample_all(tiny
     assert res["heads protocol, layer 1"]["n_subsets"] == 1 + 3 + 3 + 3 + 1   # sizes 0..4, <= 3 each
     families = res["heads_L1"]["families"]
     assert [f[0] for f in families] == ["all units", "even units only", "odd units only"]
+
+
+def test_even_heads_report_opens_with_findings_that_match_its_tables(tiny_dir, tmp_path):
+    """The layer scan (by recovery), the chosen formats in Setup, nested sections without a title,
+    the families on all pairs (GQA positions), and findings quoting the tables' numbers."""
+    out = tmp_path / "eh"
+    r = _run("experiments.even_heads", f"--model={tiny_dir}", "--protocol=heads", "--n_pairs=3", "--sweep_pairs=2",
+             "--source_format=auto", "--target_format=auto", "--confirm=0", "--max_new_tokens=2", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report, res = (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+    headings = [line for line in report.splitlines() if line.startswith("#")]
+    assert headings[:3] == ["# Even heads: format-dependent decimal comparison", "## Findings", "## Setup"]
+    assert sum(h.startswith("# ") for h in headings) == 1
+    findings = res["findings"]
+    assert all(f"- {f}" in report.split("## Setup")[0] for f in findings)
+
+    names, t = list(res["format_scan"]), res["format_table"]
+    means = [np.mean(res["format_scan"][f]["first_token_logit_diff"]) for f in names]
+    src, tgt = names[int(np.argmax(means))], names[int(np.argmin(means))]
+    assert f"| {src} -> {tgt} (auto) | recovery>=0.5 |" in report and "auto -> auto" not in report
+    mean, right = analysis.cell(t, "mean", names.index(src)), analysis.cell(t, "right", names.index(src), ".0%")
+    assert findings[0].startswith("Premise") and f"the source `{src}` (mean metric {mean}; right on {right}" in findings[0]
+    assert f"| {src} | {mean} | {right} |" in report
+
+    scan = res["layer_scan"]
+    recovery = [-np.inf if v is None else v for v in scan["table"]["recovery"]]
+    best = int(np.argmax(recovery))
+    assert scan["best"] == [best]
+    layer = analysis.cell(scan["table"], "recovery", best)
+    assert f"Best layer by recovery: layer {best}, recovery {layer} over 2 pairs" in report
+    assert f"| {best} | {analysis.cell(scan['table'], 'mean', best)} | {layer} |" in report
+
+    name = f"heads protocol, layer {best}"
+    summary = res[name]
+    threshold = next(f for f in findings if f.startswith(f"{name} (recovery>=0.5, 2 prompts): "))
+    if "threshold" in summary["undefined"]:
+        assert threshold.endswith(f"no threshold: {summary['undefined']['threshold']}.")
+        assert f"Threshold: not defined: {summary['undefined']['threshold']}." in report
+    else:
+        assert f"threshold k* = {analysis.threshold_cell(summary, 'k_star')}" in threshold
+        assert f"Threshold k* = {analysis.threshold_cell(summary, 'k_star')};" in report
+    families = res[f"heads_L{best}"]["family_table"]
+    assert f"## {name}: unit families on all 4 pairs" in report and "| group position 0 (= even units) |" in report
+    assert f"{name}, 4 pairs: even units (2) - odd units (2): mean metric {analysis.cell(families, 'contrast', 0)}: " \
+           in report
+    assert len(families["contrasts"]) == 1                 # G = 2: positions 0/1 are the even/odd heads, not repeated
+
+
+def test_threshold_sweep_ioi_degenerate_criterion_says_why_not(tiny_dir, tmp_path):
+    """No subset reaches the criterion: no fitted threshold, fit or maximal sets, and the reason."""
+    out = tmp_path / "ioi"
+    r = _run("experiments.threshold_sweep", f"--model={tiny_dir}", "--task=ioi", "--n_prompts=3", "--site=head_out",
+             "--layers=0,1", "--family=sizes", "--sizes=1,2,3", "--positions=last", "--success=recovery>=1000",
+             f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report, res = (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+    sweep = res["Sweep"]
+    reason = sweep["undefined"]["threshold"]
+    assert sweep["criterion"]["spec"] == "recovery>=1000" and reason.startswith("no subset succeeds (recovery ")
+    sections = [line for line in report.splitlines() if line.startswith("## ")]
+    assert sections[:3] == ["## Findings", "## Setup", "## Baselines"]
+    assert res["findings"][0].startswith("Premise") and "the source `clean`" in res["findings"][0]
+    assert f"Sweep (recovery>=1000, 3 prompts): no threshold: {reason}." in res["findings"]
+    assert f"Threshold: not defined: {reason}." in report and "linear threshold fit: not defined" in report
+    assert "bias" not in report and sweep["maximal_insufficient"] is None
+    assert "| source (clean) |" in report
+
+
+def test_threshold_sweep_gqa_family(tiny_dir, tmp_path):
+    out = tmp_path / "gqa"
+    r = _run("experiments.threshold_sweep", f"--model={tiny_dir}", "--task=decimals", "--n_prompts=2",
+             "--layers=0,1", "--family=group_positions", "--positions=last", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["Sweep"]["n_subsets"] == 4                  # 2 layers x 2 positions within the KV groups
+    assert "threshold" in res["Sweep"]["undefined"]         # every member has 2 heads: one size, no threshold

@@ -181,3 +181,20 @@ def test_to_bitmask_accepts_non_contiguous_rows():
     view = bits[bits[:, 1]][:, [0, 2, 4, 6, 8]]            # fancy indexing: Fortran-ordered
     assert not view.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(S.to_bitmask(view), S.to_bitmask(np.ascontiguousarray(view)))
+
+
+def members(family):
+    return [np.flatnonzero(S.from_bitmask(m, family.n)).tolist() for m in family.masks]
+
+
+def test_gqa_families_kv_groups_and_positions_within_them():
+    assert members(S.kv_groups(9, 3)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]           # SmolLM2-135M
+    assert members(S.group_positions(9, 3)) == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]     # parity mixed
+    llama8b = members(S.group_positions(32, 8))
+    assert llama8b[0] == list(range(0, 32, 4)) and all(h % 2 == 0 for h in llama8b[0] + llama8b[2])
+    assert members(S.kv_groups(4, 4)) == [[0], [1], [2], [3]] and members(S.group_positions(4, 4)) == [[0, 1, 2, 3]]
+    assert S.kv_groups(9, 3).kind == "explicit" and S.kv_group_size(32, 8) == 4
+    with pytest.raises(ValueError, match="not a multiple"):
+        S.kv_groups(9, 2)
+    # Over a pool of several layers: one member per (layer, group), in order of first appearance.
+    assert members(S.grouped([(0, 0), (0, 0), (1, 0), (0, 1)])) == [[0, 1], [2], [3]]

@@ -17,7 +17,7 @@ from jaxcircuits.tasks.decimals import (
     build_batch,
     build_teacher_forced,
     classify_generation,
-    classify_generation_loose,
+    classify_generation_original,
     generate_pairs,
 )
 from jaxcircuits.tokenize import load_tokenizer
@@ -118,29 +118,32 @@ def test_build_teacher_forced():
         assert np.all((answer == -1) | (answer == tf.ids[k][:, -width:]))  # the final tokens of each row
 
 
-@pytest.mark.parametrize("text,strict,loose", [
+@pytest.mark.parametrize("text,original,verdict", [
     ("9.8 is bigger than 9.11.", "correct", "correct"),
     ("9.11 is bigger than 9.8.", "wrong", "wrong"),
     ("9.11 is greater... no wait, 9.8 is greater.", "unclear", "unclear"),
     ("Actually 9.8 IS LARGER, since 0.80 > 0.11", "correct", "correct"),
     ("The answer is 9.8", "unclear", "correct"),
     (" 9.8\n\nBecause 0.8 > 0.11", "unclear", "correct"),
+    (" 9.8\nB: 9.11", "unclear", "correct"),          # SmolLM2's Q&A answer, then its next line
+    (" 9.11\nB: 9.8", "unclear", "wrong"),
     ("**9.11**.", "unclear", "wrong"),
     ("9.85 is what I'd say", "unclear", "unclear"),
     ("9.8 or 9.11? Let me think.", "unclear", "unclear"),
     ("", "unclear", "unclear"),
 ])
-def test_classifier_study_pair(text, strict, loose):
-    assert classify_generation(text, STUDY_PAIR) == strict
-    assert classify_generation_loose(text, STUDY_PAIR) == loose
+def test_classifier_study_pair(text, original, verdict):
+    assert classify_generation_original(text, STUDY_PAIR) == original
+    assert classify_generation(text, STUDY_PAIR) == verdict
 
 
 def test_classifier_other_pair():
     pair = DecimalPair("3.12", "3.7")
-    assert classify_generation("So 3.7 is greater than 3.12", pair) == "correct"
-    assert classify_generation("3.12 is larger", pair) == "wrong"
-    assert classify_generation_loose("3.7.", pair) == "correct"
-    assert classify_generation_loose("3.12, since 12 > 7", pair) == "wrong"
+    assert classify_generation_original("So 3.7 is greater than 3.12", pair) == "correct"
+    assert classify_generation_original("3.12 is larger", pair) == "wrong"
+    assert classify_generation("3.7.", pair) == "correct"
+    assert classify_generation("3.12, since 12 > 7", pair) == "wrong"
+    assert classify_generation(" 3.7\nB: 3.12", pair) == "correct"
 
 
 # --- IOI -------------------------------------------------------------------------------------

@@ -313,13 +313,79 @@ def test_never_imports_torch():
 
 
 def test_gguf_conversion_needs_no_torch(tmp_path):
-    """The conversion child (HF's converter + our metadata reader) never imports torch, so a
-    runtime install without torch can read the embedded model's tokenizer."""
-    code = tokenize._CONVERT_GGUF + "\nassert 'torch' not in sys.modules, 'torch was imported'\n"
-    proc = subprocess.run([sys.executable, "-c", code, str(F.smollm2_gguf()), str(tmp_path)], cwd=tmp_path,
-                          capture_output=True, text=True)
+    """Our GGUF conversion (the gguf reader + public tokenizers/transformers classes) never imports
+    torch, so a runtime install without torch reads the embedded model's tokenizer."""
+    code = ("import sys\nfrom pathlib import Path\nfrom jaxcircuits.tokenize import _convert_gguf\n"
+            f"_convert_gguf(Path({str(F.smollm2_gguf())!r}), Path({str(tmp_path)!r}))\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     converted = tokenize.load_tokenizer(tmp_path)
-    reference = F.ours("smollm2")
-    text = "Which is bigger: 9.8 or 9.11?\nAnswer:"
-    assert converted.encode(text) == reference.encode(text)
+    for text in STRINGS:
+        assert converted.encode(text) == F.hf("smollm2")(text)["input_ids"], text
+
+
+def _transformers_gguf(path):
+    """transformers' own GGUF tokenizer conversion (it imports torch): the reference."""
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _same_tokenizer(ours, theirs, texts):
+    import json
+    assert json.loads(ours.backend_tokenizer.to_str()) == json.loads(theirs.backend_tokenizer.to_str())
+    assert ours.special_tokens_map == theirs.special_tokens_map and ours.chat_template == theirs.chat_template
+    for text in texts:
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"], text
+
+
+def test_gguf_conversion_equals_transformers_on_smollm2():
+    _same_tokenizer(tokenize._gguf_hf_tokenizer(F.smollm2_gguf()), _transformers_gguf(F.smollm2_gguf()), STRINGS)
+
+
+def _write_gguf(path, tokens, types, **kv):
+    import gguf
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    for key, value in kv.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_conversion_equals_transformers_on_llama3_bpe(tmp_path):
+    """A Llama 3 byte-level vocabulary with merges and the 'llama-bpe' split, written as a GGUF:
+    ours equals transformers' conversion and encodes as Llama 3.2's own tokenizer.json."""
+    import json
+    spec = json.loads((F.llama3_dir() / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"] | {t["content"]: t["id"] for t in spec["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.get)
+    types = [3 if t in {a["content"] for a in spec["added_tokens"]} else 1 for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    path = _write_gguf(tmp_path / "llama3.gguf", tokens, types, tokenizer_model="gpt2", tokenizer_pre="llama-bpe",
+                       token_merges=merges, bos_token_id=vocab["<|begin_of_text|>"],
+                       eos_token_id=vocab["<|eot_id|>"], add_bos_token=True)
+    ours = tokenize._gguf_hf_tokenizer(path)
+    _same_tokenizer(ours, _transformers_gguf(path), STRINGS)
+    for text in STRINGS:
+        assert ours(text, add_special_tokens=False)["input_ids"] == F.hf("llama3")(text, add_special_tokens=False)["input_ids"]
+
+
+def test_gguf_conversion_equals_transformers_on_sentencepiece(tmp_path):
+    """A small sentencepiece ('llama') vocabulary with scores and no merges (as Llama 2 / TinyLlama
+    GGUFs store it): merges come from the scores, BOS is added by default, as in transformers."""
+    pieces = ["▁", "a", "b", "c", "▁a", "ab", "bc", "▁ab", "abc", "▁abc", "▁b", "ca"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *pieces]
+    types = [2, 3, 3, *[6] * 256, *[1] * len(pieces)]
+    scores = [0.0, 0.0, 0.0, *[0.0] * 256, *(-float(i) for i in range(len(pieces)))]
+    path = _write_gguf(tmp_path / "spm.gguf", tokens, types, tokenizer_model="llama", token_scores=scores,
+                       bos_token_id=1, eos_token_id=2, unk_token_id=0)
+    _same_tokenizer(tokenize._gguf_hf_tokenizer(path), _transformers_gguf(path),
+                    ["abc", " abc abca", "cab bc", "a\nb", "zzz", "", "  ab"])
+

@@ -1,8 +1,15 @@
-"""The even-heads decimal-comparison study (see experiments/even_heads.py for the steps)."""
+"""The even-heads decimal-comparison study (see experiments/even_heads.py for the steps).
+
+Two sets of prompt pairs: all pairs (the study pair first) give the headline rates, fractions of
+pairs with bootstrap intervals (the format scan and premise, and the unit families patched at
+each swept layer); the first `sweep_pairs` of them run the layer scan, the exhaustive sweeps, the
+blend and the generation checks, whose cost grows with 2^n per pair.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Optional, Tuple
 
@@ -10,19 +17,23 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcircuits import analysis
+from jaxcircuits import analysis, plots
 from jaxcircuits import positions as P
+from jaxcircuits import sites
+from jaxcircuits import subsets as S
 from jaxcircuits.formats import encode_prompt
 from jaxcircuits.generate import decode_intervention, source_at_position
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.patching import PatchingProblem, run_masks, target_run
 from jaxcircuits.report import Report, add_sweep_analysis, table
 from jaxcircuits.sites import Intervention, Mask
-from jaxcircuits import sites
 from jaxcircuits.studies.common import OptionError, check_layers, load_model, unpatched_metric
 from jaxcircuits.subsets import Pool, all_subsets, sampled_per_size
 from jaxcircuits.sweep import blend_crossing, run_sweep
 from jaxcircuits.tasks import decimals as D
+
+PROTOCOLS = ("heads", "original")
+HEADLINE_HALF_WIDTH = 0.15        # the widest 95% interval wanted on a headline rate (a fraction of pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +55,14 @@ class Options:
     out: str
     resume: bool
     samples_per_size: int = 200
+    sweep_pairs: int = 3              # the first pairs, for the layer scan, sweeps, blend and generation
+    success: str = "recovery>=0.5"    # an `analysis.Criterion`
+
+
+def pairs_needed(half_width: float = HEADLINE_HALF_WIDTH, z: float = analysis.Z95) -> int:
+    """Pairs for a 95% interval of a fraction no wider than +-half_width at worst (rate 1/2):
+    z * sqrt(1/4 / n) <= half_width (43 for 0.15)."""
+    return math.ceil((z * 0.5 / half_width) ** 2)
 
 
 def format_scan(model, pairs, formats, max_new) -> dict:
@@ -56,48 +75,55 @@ def format_scan(model, pairs, formats, max_new) -> dict:
         lp = [unpatched_metric(model, tf.ids[i], tf.mask[i], m) for i, m in enumerate((tf.good, tf.bad))]
         ids, mask = model.tokenizer.pad([encode_prompt(fmt, p.question, model.tokenizer) for p in pairs], "left")
         texts = model.complete_ids(ids, mask, max_new)
-        out[fmt] = {"first_token_logit_diff": first, "teacher_forced_log_odds": lp[0] - lp[1],
-                    "generation": texts, "strict": [D.classify_generation(t, p) for t, p in zip(texts, pairs)],
-                    "loose": [D.classify_generation_loose(t, p) for t, p in zip(texts, pairs)]}
+        out[fmt] = {"first_token_logit_diff": first, "teacher_forced_log_odds": lp[0] - lp[1], "generation": texts,
+                    "answer": [D.classify_generation(t, p) for t, p in zip(texts, pairs)],
+                    "original_test": [D.classify_generation_original(t, p) for t, p in zip(texts, pairs)]}
     return out
 
 
-def _format_section(report, scan, pairs):
-    rows = []
-    for fmt, r in scan.items():
-        rows.append([fmt, float(np.mean(r["first_token_logit_diff"])), f"{np.mean(r['first_token_logit_diff'] > 0):.0%}",
-                     float(np.mean(r["teacher_forced_log_odds"])),
-                     " / ".join(str(r["strict"].count(v)) for v in ("correct", "wrong", "unclear")),
-                     " / ".join(str(r["loose"].count(v)) for v in ("correct", "wrong", "unclear")),
-                     repr(r["generation"][0][:60])])
+def _counts(verdicts) -> str:
+    return " / ".join(str(verdicts.count(v)) for v in ("correct", "wrong", "unclear"))
+
+
+def _format_section(report, scan, pairs, opts) -> None:
+    """The format scan table (rates over all pairs, bootstrap 95%) and the premise findings."""
+    names = list(scan)
+    src, tgt = names.index(opts.source_format), names.index(opts.target_format)
+    t = analysis.prompt_table(np.stack([scan[f]["first_token_logit_diff"] for f in names]),
+                              contrasts=[(src, tgt)], seed=opts.seed)
+    rows = [[f, analysis.cell(t, "mean", i), analysis.cell(t, "right", i, ".0%"),
+             float(np.mean(r["teacher_forced_log_odds"])), _counts(r["answer"]), _counts(r["original_test"]),
+             repr(r["generation"][0][:60])] for i, (f, r) in enumerate(scan.items())]
     cases = [(p.question, a, b) for i, p in enumerate(pairs) for a in scan for b in scan
              if scan[a]["first_token_logit_diff"][i] > 0 > scan[b]["first_token_logit_diff"][i]]
     report.add("Format scan",
-               f"{len(pairs)} pairs (the study's 9.8 vs 9.11 first). Logit metrics: first distinguishing answer "
-               "token (good - bad, > 0 = right) and teacher-forced log p(good answer) - log p(bad answer). "
-               "Generation verdicts (correct / wrong / unclear) by the original strict classifier and a loose one "
-               "that also accepts a bare leading number.",
-               table(["format", "mean first-token diff", "pairs right", "mean log-odds", "strict c/w/u",
-                      "loose c/w/u", "9.8 vs 9.11 generation"], rows),
+               f"{len(pairs)} pairs (the study's 9.8 vs 9.11 first). Logit metrics: first distinguishing answer token "
+               "(good - bad, > 0 = right) and teacher-forced log p(good answer) - log p(bad answer). In brackets: "
+               "95% intervals over the pairs (bootstrap). Generation verdicts (correct / wrong / unclear): the "
+               "answer the text gives (`classify_generation`: the study's phrases, else the number it opens with) "
+               "and the original study's phrase-only test.",
+               table(["format", "mean first-token diff", "pairs right", "mean log-odds", "answer c/w/u",
+                      "original test c/w/u", "9.8 vs 9.11 generation"], rows),
+               f"Source - target (`{opts.source_format}` - `{opts.target_format}`), paired over the pairs: "
+               f"{analysis.cell(t, 'contrast', 0)}.",
                f"Cases where a pair is right in one format and wrong in another (logit metric): {len(cases)}. "
                + "; ".join(f"{q} right in `{a}`, wrong in `{b}`" for q, a, b in cases[:8]))
-    report.results["format_scan"] = scan
-    report.results["format_cases"] = cases
+    _, findings = analysis.premise_findings(t, names, src, tgt, kind="formats")
+    for statement, rule in findings:
+        report.finding(statement, rule)
+    report.results.update(format_scan=scan, format_table=t, format_cases=cases)
 
 
-def _layer_scan(model, problem, opts, report):
-    cfg = model.cfg
-    m = np.zeros((cfg.n_layers, cfg.n_layers, cfg.n_heads), np.float32)
-    m[np.arange(cfg.n_layers), np.arange(cfg.n_layers)] = 1.0
-    vals = run_masks(model.params, cfg, problem, Mask(head_out=m), chunk_size=opts.chunk_size).mean(-1)
-    from jaxcircuits import plots
-    fig = plots.plot_layer_curve(vals, report.path("layer_scan.png"), baselines=report.results["baselines"])
-    report.add("Layer scan (heads protocol)",
-               "Every head of one layer patched at once (source -> target, token-matched positions, prefill only); "
-               "mean first-token logit difference over pairs.",
-               table(["layer", "mean metric"], [[l, float(v)] for l, v in enumerate(vals)]), report.figure(fig, "layer scan"))
-    report.results["layer_scan"] = vals
-    return [int(l) for l in np.argsort(-vals)[:opts.top_layers]]
+def _choose_formats(opts: Options, scan: dict) -> Tuple[Options, bool]:
+    """Resolve 'auto' formats: source = best mean first-token logit difference, target = worst.
+    Returns the options and whether 'auto' chose any."""
+    ranked = sorted(scan, key=lambda f: float(np.mean(scan[f]["first_token_logit_diff"])))
+    source = ranked[-1] if opts.source_format == "auto" else opts.source_format
+    target = next(f for f in ranked if f != source) if opts.target_format == "auto" else opts.target_format
+    if source == target:
+        raise ValueError(f"source and target format are both {source!r}")
+    auto = (source, target) != (opts.source_format, opts.target_format)
+    return dataclasses.replace(opts, source_format=source, target_format=target), auto
 
 
 def _protocol_problem(protocol, src, tgt, cache, target) -> PatchingProblem:
@@ -109,13 +135,82 @@ def _protocol_problem(protocol, src, tgt, cache, target) -> PatchingProblem:
     return PatchingProblem.make(target, P.align(cache, pos_map), P.weights("all", pos_map), tgt.metric)
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """P pairs, their patching problem per protocol and the unpatched source/target metrics [P]."""
+
+    pairs: list
+    problems: dict
+    source: np.ndarray
+    target: np.ndarray
+
+
+def _task(model, pairs, opts) -> Task:
+    src, tgt = (D.build_batch(pairs, f, model.tokenizer) for f in (opts.source_format, opts.target_format))
+    _, cache = run_with_cache(model.params, model.cfg, src.ids, jnp.asarray(src.mask), sites=("head_out", "attn_out"))
+    target = target_run(model.params, model.cfg, tgt.ids, tgt.mask)
+    return Task(pairs, {p: _protocol_problem(p, src, tgt, cache, target) for p in PROTOCOLS},
+                *(unpatched_metric(model, b.ids, b.mask, b.metric) for b in (src, tgt)))
+
+
+def best_layers(table: dict, k: int) -> list:
+    """The k rows (layers) of a `prompt_table` with the largest recovery, i.e. movement of the mean
+    metric toward the source's (not the largest metric); rows whose recovery is not defined last."""
+    rec = np.array([-np.inf if r is None else r for r in table["recovery"]])
+    return [int(l) for l in np.argsort(-rec, kind="stable")[:k]]
+
+
+def _layer_scan(model, task: Task, opts, report) -> list:
+    """Every head of one layer patched at once; the layers by recovery (movement toward the source)."""
+    cfg = model.cfg
+    m = np.zeros((cfg.n_layers, cfg.n_layers, cfg.n_heads), np.float32)
+    m[np.arange(cfg.n_layers), np.arange(cfg.n_layers)] = 1.0
+    vals = run_masks(model.params, cfg, task.problems["heads"], Mask(head_out=m), chunk_size=opts.chunk_size)
+    t = analysis.prompt_table(vals, task.source, task.target, seed=opts.seed)
+    best = best_layers(t, opts.top_layers)
+    fig = plots.plot_layer_curve(vals.mean(-1), report.path("layer_scan.png"),
+                                 baselines={"source": float(task.source.mean()), "target": float(task.target.mean())})
+    report.add("Layer scan (heads protocol)",
+               f"Every head of one layer patched at once (source -> target, token-matched positions, prefill only), "
+               f"on the {vals.shape[1]} sweep pairs: mean first-token logit difference and recovery = (patched - "
+               "target) / (source - target), the movement toward the source; 95% intervals over the pairs.",
+               table(["layer", "mean metric", "recovery (95%)"],
+                     [[l, analysis.cell(t, "mean", l), analysis.cell(t, "recovery", l)] for l in range(cfg.n_layers)]),
+               report.figure(fig, "layer scan"))
+    b = best[0]
+    report.finding(f"Best layer by recovery: layer {b}, recovery {analysis.cell(t, 'recovery', b)} over "
+                   f"{vals.shape[1]} pairs "
+                   f"(mean metric {t['mean'][b]:+.3f}; target {task.target.mean():+.3f}, source "
+                   f"{task.source.mean():+.3f}); swept: layer(s) {best}.", "layer")
+    report.results["layer_scan"] = {"metric": vals, "table": t, "best": best}
+    return best
+
+
 def _pool(model, protocol, layer, opts):
     if protocol == "heads":
         return Pool.heads(layer, model.cfg.n_heads)
     return Pool.blocks(layer, opts.n_blocks or model.cfg.n_heads)
 
 
+def _families(cfg, protocol: str, n: int) -> list:
+    """Named unit families [(name, units)]: all, even, odd, first half; for true heads also each
+    position within the KV groups and each KV group (`subsets.group_positions` / `kv_groups`)."""
+    members = lambda family: [np.flatnonzero(S.from_bitmask(m, n)) for m in family.masks]
+    out = [("all units", np.arange(n)), ("even units", *members(S.even(n))), ("odd units", *members(S.odd(n))),
+           ("first half", np.arange(n // 2))]
+    if protocol == "heads" and cfg.n_kv_heads < cfg.n_heads:
+        out += [(f"group position {p}", u) for p, u in enumerate(members(S.group_positions(n, cfg.n_kv_heads)))]
+        out += [(f"KV group {g}", u) for g, u in enumerate(members(S.kv_groups(n, cfg.n_kv_heads)))]
+    return out
+
+
 EXHAUSTIVE_MAX_UNITS = 16
+GENERATED = ("all units", "even units", "odd units", "group position 0")       # the families generated from
+
+
+def _only(family: str) -> str:
+    """A family's name in the table of subsets restricted to its units: 'even units only'."""
+    return family if family == "all units" else f"{family} only"
 
 
 def _rates_text(rates) -> str:
@@ -129,79 +224,133 @@ def _restricted_rates(subsets, success, units):
     return analysis.rate_by_size(subsets[keep][:, units], success[keep])
 
 
-def _generation_check(model, protocol, pairs, layer, pool, named, opts, gen):
+def _masks(pool, cfg, units_list) -> Mask:
+    """Masks [F, L, ...] of the pool's site selecting each of the F lists of units."""
+    bits = np.zeros((len(units_list), pool.n), bool)
+    for i, units in enumerate(units_list):
+        bits[i, list(units)] = True
+    return Mask(**{pool.site: pool.scatter(bits, pool.site_shape(cfg))})
+
+
+def _generation_check(model, protocol, pairs, pool, named, opts, gen):
     """Greedy text under each named subset's mask with the protocol's phases; verdict counts."""
-    shape = pool.site_shape(model.cfg)
+    masks = getattr(_masks(pool, model.cfg, [u for _, u in named]), pool.site)
     rows = []
-    for name, units in named:
-        bits = np.zeros(pool.n, bool)
-        bits[list(units)] = True
-        mask = Mask(**{pool.site: pool.scatter(bits, shape)})
+    for (name, units), m in zip(named, masks):
+        mask = Mask(**{pool.site: m})
         kw = {"prefill": Intervention(mask, gen["aligned"], jnp.asarray(gen["pos_w"]))}
         if protocol == "original":
             kw["decode"] = decode_intervention(mask, gen["decode_source"])
         texts = model.complete_ids(gen["ids"], gen["mask"], opts.max_new_tokens, **kw)
-        verdicts = [D.classify_generation(t, p) for t, p in zip(texts, pairs)]
-        rows.append([name, len(units), verdicts.count("correct"), verdicts.count("wrong"),
-                     verdicts.count("unclear"), repr(texts[0][:50])])
+        answer = [D.classify_generation(t, p) for t, p in zip(texts, pairs)]
+        original = [D.classify_generation_original(t, p) for t, p in zip(texts, pairs)]
+        rows.append([name, len(units), _counts(answer), _counts(original), repr(texts[0][:50])])
     return rows
 
 
-def _sweep_protocol(model, protocol, layer, problem, pairs, gen, opts, report):
-    """Sweeps, blend crossing and generation checks of one protocol at one layer."""
-    cfg = model.cfg
+def _family_section(model, protocol, layer, pool, task: Task, criterion, opts, report) -> tuple:
+    """The named families patched on all pairs: the headline rates, parity and group-position
+    contrasts. Returns [{family, units, meets}] and the `prompt_table`."""
+    families = _families(model.cfg, protocol, pool.n)
+    names = [f for f, _ in families]
+    vals = run_masks(model.params, model.cfg, task.problems[protocol],
+                     _masks(pool, model.cfg, [u for _, u in families]), chunk_size=opts.chunk_size)
+    positions = [i for i, f in enumerate(names) if f.startswith("group position")]
+    distinct = {}                               # contrasts of the same unit sets once (e.g. G = 2: positions = parity)
+    for c in [(names.index("even units"), names.index("odd units"))] + [(positions[0], j) for j in positions[1:]]:
+        distinct.setdefault(tuple(tuple(families[i][1]) for i in c), c)
+    contrasts = list(distinct.values())
+    t = analysis.prompt_table(vals, task.source, task.target, contrasts, seed=opts.seed)
+    meets = criterion.success(vals, task.source, task.target)
+    same = {i: next((names[j] for j in range(i) if np.array_equal(families[j][1], u)), None)
+            for i, (_, u) in enumerate(families)}
+    labels = pool.labels()
+    rows = [[f + (f" (= {same[i]})" if same[i] else ""), " ".join(labels[j] for j in u), analysis.cell(t, "mean", i),
+             analysis.cell(t, "recovery", i), analysis.cell(t, "right", i, ".0%"), "yes" if meets[i] else "no"]
+            for i, (f, u) in enumerate(families)]
+    widest = max(((hi - lo) / 2 for lo, hi in zip(t["right_lo"], t["right_hi"]) if lo is not None), default=None)
+    name = f"{protocol} protocol, layer {layer}"
+    report.add(f"{name}: unit families on all {vals.shape[1]} pairs",
+               f"Each family patched alone on all {vals.shape[1]} pairs (the headline rates). 'pairs right': the "
+               "fraction of pairs whose patched first-token difference is > 0; in brackets 95% intervals over the "
+               f"pairs (bootstrap, seed {opts.seed}); the widest here is "
+               f"+-{'-' if widest is None else f'{widest:.3f}'} "
+               f"(at most +-{analysis.Z95 * 0.5 / math.sqrt(vals.shape[1]):.3f} for {vals.shape[1]} pairs). "
+               + ("Parity and the position within a KV group are tested separately: heads h and h' share a "
+                  f"key/value head when h // {model.cfg.n_heads // model.cfg.n_kv_heads} = "
+                  f"h' // {model.cfg.n_heads // model.cfg.n_kv_heads}. " if positions else "")
+               + f"Criterion: {criterion.describe()}.",
+               table(["family", "units", "mean metric", "recovery", "pairs right", f"meets {criterion}"], rows))
+    sized = [f"{f} ({len(u)})" for f, u in families]
+    for statement, rule in analysis.contrast_findings(t, sized, f"{name}, {vals.shape[1]} pairs"):
+        report.finding(statement, rule)
+    failing = [f for f, ok in zip(names, meets) if not ok]
+    if failing:
+        report.finding(f"{name}: families that miss {criterion} on all {vals.shape[1]} pairs: "
+                       f"{', '.join(failing)}.", "fails")
+    return [{"family": f, "units": u, "meets": bool(ok)} for (f, u), ok in zip(families, meets)], t
+
+
+def _sweep_protocol(model, protocol, layer, task: Task, all_task: Task, gen, opts, report):
+    """Sweeps (on the sweep pairs' `task`), unit families (on `all_task`), blend crossing and
+    generation checks of one protocol at one layer."""
+    cfg, criterion = model.cfg, analysis.Criterion.parse(opts.success)
     pool = _pool(model, protocol, layer, opts)
     n = pool.n
-    even, odd = np.arange(0, n, 2), np.arange(1, n, 2)
+    problem = task.problems[protocol]
     name = f"{protocol} protocol, layer {layer}"
+    succeed = lambda metric: criterion.success(metric, task.source, task.target)
 
     def sweep(tag, sub_pool, family):
         return run_sweep(model.params, cfg, problem, sub_pool, family,
                          os.path.join(opts.out, "sweeps", f"{protocol}_L{layer}_{tag}"), chunk_size=opts.chunk_size,
                          resume=opts.resume, describe={"model": opts.model, "protocol": protocol})
 
+    families = _families(cfg, protocol, n)
     fam_rows = []
     if n <= EXHAUSTIVE_MAX_UNITS:
-        # One exhaustive sweep holds every even-only and odd-only subset too.
+        # One exhaustive sweep holds every subset of each family's units too.
         res = sweep("all", pool, all_subsets(n))
         subsets, metric = res.subsets(n), res.metric
-        success = analysis.success_from(metric, "positive")
-        for fam, units in (("all units", np.arange(n)), ("even units only", even), ("odd units only", odd)):
-            r = _restricted_rates(subsets, success, units)
-            fam_rows.append([fam, len(units), "exhaustive", _rates_text(r)])
+        success = succeed(metric)
+        fam_rows = [[_only(f), len(u), "exhaustive", _rates_text(_restricted_rates(subsets, success, u))]
+                    for f, u in families]
     else:
         # e.g. Llama-3.1-8B's 32 heads: all 2^16 subsets of the even and of the odd units,
         # and a stratified sample over all units.
-        for fam, units in (("even units only", even), ("odd units only", odd)):
+        for fam, units in [(f, u) for f, u in families if f in ("even units", "odd units")]:
             sub = Pool(pool.site, tuple(pool.units[i] for i in units), pool.n_blocks)
             r = sweep(fam.split()[0], sub, all_subsets(len(units)))
-            rates = analysis.rate_by_size(r.subsets(len(units)), analysis.success_from(r.metric, "positive"))
-            fam_rows.append([fam, len(units), "exhaustive", _rates_text(rates)])
+            fam_rows.append([_only(fam), len(units), "exhaustive",
+                             _rates_text(analysis.rate_by_size(r.subsets(len(units)), succeed(r.metric)))])
         res = sweep("sampled", pool, sampled_per_size(n, range(n + 1), opts.samples_per_size, opts.seed))
         subsets, metric = res.subsets(n), res.metric
-        success = analysis.success_from(metric, "positive")
+        success = succeed(metric)
         fam_rows.insert(0, ["all units", n, f"{opts.samples_per_size} per size",
                             _rates_text(analysis.rate_by_size(subsets, success))])
-    summary = add_sweep_analysis(report, name, subsets, metric, pool.labels())
+    summary = add_sweep_analysis(report, name, subsets, metric, pool.labels(), criterion=criterion,
+                                 source=task.source, target=task.target, seed=opts.seed)
+    named_all, family_table = _family_section(model, protocol, layer, pool, all_task, criterion, opts, report)
     # Blend weight of the whole layer (the original's "60% pattern replacement").
     whole = Mask(attn_out=jnp.zeros(cfg.n_layers).at[layer].set(1.0))
-    cross = blend_crossing(model.params, cfg, problem, whole, tol=1e-2)
-    named = [("all", range(n)), ("even", even), ("odd", odd), ("first half", range(n // 2))]
-    minimal = analysis.minimal_sufficient(subsets, success)
-    maximal = analysis.maximal_insufficient(subsets, success)
-    named += [(f"minimal {np.flatnonzero(s).tolist()}", np.flatnonzero(s)) for s in minimal[:opts.confirm // 2]]
-    named += [(f"maximal insufficient {np.flatnonzero(s).tolist()}", np.flatnonzero(s))
-              for s in maximal[:opts.confirm - opts.confirm // 2]]
-    gen_rows = _generation_check(model, protocol, pairs, layer, pool, named, opts, gen[protocol])
-    report.add(f"{name}: even vs odd, blend, generation",
-               "Success rate by subset size within each family (k:rate):",
+    cross = blend_crossing(model.params, cfg, problem, whole, tol=0.02, level=criterion.threshold,
+                           aggregate=lambda v: criterion.value(v, task.source, task.target))
+    named = [(f, u) for f, u in families if f in GENERATED]
+    for key, label, quota in (("minimal_sufficient", "minimal", opts.confirm // 2),
+                              ("maximal_insufficient", "maximal insufficient", opts.confirm - opts.confirm // 2)):
+        named += [(f"{label} {s}", s) for s in (summary[key] or {"sets": []})["sets"][:quota]]
+    gen_rows = _generation_check(model, protocol, task.pairs, pool, named, opts, gen[protocol])
+    report.add(f"{name}: families in the sweep, blend, generation",
+               f"Success rate by subset size among the subsets of each family's units (k:rate; {criterion}, "
+               f"{metric.shape[1]} sweep pairs):",
                table(["family", "units", "subsets", "rate by k"], fam_rows),
-               "Whole-layer blend weight where the mean metric crosses 0: " + (
+               f"Whole-layer blend weight where {criterion.quantity} crosses {criterion.threshold:g}: " + (
                    "none in [0, 1]." if cross["crossing"] is None else f"{cross['low']:.3f}..{cross['high']:.3f}."),
-               "Greedy generation under named and boundary subsets (strict classifier verdict counts over pairs):",
-               table(["subset", "size", "correct", "wrong", "unclear", "9.8 vs 9.11 text"], gen_rows))
-    return {"summary": summary, "families": fam_rows, "blend": cross, "generation": gen_rows,
-            "rate_all": float(success.mean())}
+               "Greedy generation under named and boundary subsets on the sweep pairs (verdict counts correct / "
+               "wrong / unclear: the answer given, and the original study's phrase test):",
+               table(["subset", "size", "answer c/w/u", "original test c/w/u", "9.8 vs 9.11 text"], gen_rows))
+    return {"summary": summary, "families": fam_rows, "family_table": family_table, "named": named_all,
+            "blend": cross, "generation": gen_rows, "rate_all": float(success.mean())}
 
 
 def _generation_inputs(model, pairs, opts):
@@ -219,19 +368,6 @@ def _generation_inputs(model, pairs, opts):
     return out
 
 
-def _choose_formats(opts: Options, scan: dict, report: Report) -> Options:
-    """Resolve 'auto' formats: source = best mean first-token logit difference, target = worst."""
-    ranked = sorted(scan, key=lambda f: float(np.mean(scan[f]["first_token_logit_diff"])))
-    source = ranked[-1] if opts.source_format == "auto" else opts.source_format
-    target = next(f for f in ranked if f != source) if opts.target_format == "auto" else opts.target_format
-    if source == target:
-        raise ValueError(f"source and target format are both {source!r}")
-    if (source, target) != (opts.source_format, opts.target_format):
-        report.add("Formats chosen", f"'auto' picked source `{source}` (highest mean first-token difference) and "
-                   f"target `{target}` (lowest) from the format scan.")
-    return dataclasses.replace(opts, source_format=source, target_format=target)
-
-
 def check_options(opts: Options, cfg) -> None:
     """The options against the model's config (OptionError naming the flag)."""
     check_layers("sweep_layers", opts.sweep_layers, cfg)
@@ -245,6 +381,32 @@ def check_options(opts: Options, cfg) -> None:
             raise OptionError(f"--n_blocks: {e}") from None
     if not 1 <= opts.top_layers <= cfg.n_layers:
         raise OptionError(f"--top_layers={opts.top_layers} out of range [1, {cfg.n_layers}]")
+    try:
+        analysis.Criterion.parse(opts.success)
+    except ValueError as e:
+        raise OptionError(f"--success: {e}") from None
+
+
+def _setup_section(report, model, opts, pairs, n_sweep, auto, criterion):
+    cfg = model.cfg
+    needed = pairs_needed()
+    report.add("Setup",
+               table(["model", "layers", "heads / KV heads", "d_model", "pairs (all / sweeps)", "source -> target",
+                      "success"],
+                     [[opts.model, cfg.n_layers, f"{cfg.n_heads} / {cfg.n_kv_heads}", cfg.d_model,
+                       f"{len(pairs)} / {n_sweep}",
+                       f"{opts.source_format} -> {opts.target_format}" + (" (auto)" if auto else ""),
+                       str(criterion)]]),
+               f"Why these numbers of pairs. The headline rates (the format scan and premise, and the unit "
+               f"families of each swept layer) are fractions of all {len(pairs)} pairs; a fraction's 95% interval "
+               f"is widest at 1/2, +-{analysis.Z95:.2f} * sqrt(1/4 / n), so +-{HEADLINE_HALF_WIDTH} needs "
+               f"n >= {needed} pairs; {len(pairs)} pairs give at most "
+               f"+-{analysis.Z95 * 0.5 / math.sqrt(len(pairs)):.3f}. The layer scan, the exhaustive sweeps (2^n "
+               f"patched runs per pair and protocol), the blend and the generation checks use the first {n_sweep} "
+               "pairs, to keep the run short; their prompt intervals are correspondingly wider.")
+    if auto:
+        report.add("Formats chosen", f"'auto' picked source `{opts.source_format}` (highest mean first-token "
+                   f"difference) and target `{opts.target_format}` (lowest) from the format scan.")
 
 
 def run(opts: Options) -> str:
@@ -253,40 +415,41 @@ def run(opts: Options) -> str:
     model = load_model(opts.model, opts.dtype)
     cfg = model.cfg
     check_options(opts, cfg)
+    criterion = analysis.Criterion.parse(opts.success)
     pairs = [D.STUDY_PAIR] + D.generate_pairs(opts.n_pairs, opts.seed)
-    report.add("Setup", table(["model", "layers", "heads / KV heads", "d_model", "pairs", "source -> target"],
-                              [[opts.model, cfg.n_layers, f"{cfg.n_heads} / {cfg.n_kv_heads}", cfg.d_model, len(pairs),
-                                f"{opts.source_format} -> {opts.target_format}"]]))
-    logging.info("format scan over %s", opts.scan_formats)
-    scan = format_scan(model, pairs, opts.scan_formats, opts.max_new_tokens)
-    _format_section(report, scan, pairs)
-    opts = _choose_formats(opts, scan, report)
+    sweep_pairs = pairs[:opts.sweep_pairs]
+    formats = tuple(dict.fromkeys(opts.scan_formats + tuple(f for f in (opts.source_format, opts.target_format)
+                                                             if f != "auto")))
+    logging.info("format scan over %s", formats)
+    scan = format_scan(model, pairs, formats, opts.max_new_tokens)
+    opts, auto = _choose_formats(opts, scan)
+    _setup_section(report, model, opts, pairs, len(sweep_pairs), auto, criterion)
+    _format_section(report, scan, pairs, opts)
 
-    src = D.build_batch(pairs, opts.source_format, model.tokenizer)
-    tgt = D.build_batch(pairs, opts.target_format, model.tokenizer)
-    _, cache = run_with_cache(model.params, cfg, src.ids, jnp.asarray(src.mask), sites=("head_out", "attn_out"))
-    base = {"source": float(np.mean(unpatched_metric(model, src.ids, src.mask, src.metric))),
-            "target": float(np.mean(unpatched_metric(model, tgt.ids, tgt.mask, tgt.metric)))}
+    all_task, task = _task(model, pairs, opts), _task(model, sweep_pairs, opts)
+    base = {"source": float(task.source.mean()), "target": float(task.target.mean()),
+            "source_all": float(all_task.source.mean()), "target_all": float(all_task.target.mean())}
     report.results["baselines"] = base
-    report.add("Baselines", f"Mean first-token logit difference: source ({opts.source_format}) {base['source']:.3f}, "
-               f"target ({opts.target_format}) {base['target']:.3f}. A patch 'succeeds' on a pair when the "
-               "patched target's difference is > 0; a subset succeeds when the mean over pairs is > 0.")
-    target = target_run(model.params, cfg, tgt.ids, tgt.mask)
-    problems = {p: _protocol_problem(p, src, tgt, cache, target) for p in ("heads", "original")}
-    layers = list(opts.sweep_layers) or _layer_scan(model, problems["heads"], opts, report)
-    gen = _generation_inputs(model, pairs, opts)
+    report.add("Baselines", f"Mean first-token logit difference on all {len(pairs)} pairs: source "
+               f"({opts.source_format}) {base['source_all']:.3f}, target ({opts.target_format}) "
+               f"{base['target_all']:.3f}; on the {len(sweep_pairs)} sweep pairs: {base['source']:.3f} and "
+               f"{base['target']:.3f}. Success of a subset: {criterion.describe()} (recovery 0 = the unpatched "
+               "target, 1 = the source).")
+    layers = list(opts.sweep_layers) or _layer_scan(model, task, opts, report)
+    gen = _generation_inputs(model, sweep_pairs, opts)
     compare = []
     for layer in layers:
         for protocol in opts.protocols:
             logging.info("sweep: %s protocol, layer %d", protocol, layer)
-            r = _sweep_protocol(model, protocol, layer, problems[protocol], pairs, gen, opts, report)
-            th = r["summary"]["threshold"]
-            compare.append([protocol, layer, r["summary"]["n_units"], f"{r['rate_all']:.2f}",
-                            th["k_star"], th["sharpness"], r["summary"]["monotonicity"]["monotone"],
-                            r["summary"]["symmetric"], r["summary"]["minimal_sufficient"]["count"],
-                            r["blend"]["crossing"]])
+            r = _sweep_protocol(model, protocol, layer, task, all_task, gen, opts, report)
+            s = r["summary"]
+            compare.append([protocol, layer, s["n_units"], f"{r['rate_all']:.2f}",
+                            analysis.threshold_cell(s, "k_star"), analysis.threshold_cell(s, "sharpness"),
+                            s["monotonicity"]["monotone"], s["symmetric"],
+                            (s["minimal_sufficient"] or {"count": "-"})["count"], r["blend"]["crossing"]])
             report.results[f"{protocol}_L{layer}"] = r
     report.add("Protocols side by side",
-               table(["protocol", "layer", "units", "subsets succeeding", "k*", "sharpness (k10-k90)",
-                      "monotone", "depends only on |S|", "minimal sufficient sets", "blend crossing"], compare))
+               f"Criterion {criterion}; in brackets 95% intervals over the {len(sweep_pairs)} sweep pairs.",
+               table(["protocol", "layer", "units", "subsets succeeding", "k*", "width (k90-k10)",
+                      "monotone", "depends only on size", "minimal sufficient sets", "blend crossing"], compare))
     return report.write()

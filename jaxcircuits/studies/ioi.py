@@ -14,7 +14,7 @@ import scipy.stats
 from absl import logging
 
 import jaxcircuits as jc
-from jaxcircuits import plots
+from jaxcircuits import analysis, plots
 from jaxcircuits import positions as P
 from jaxcircuits.ablation import mean_source
 from jaxcircuits.attribution import attribution_patching
@@ -129,8 +129,9 @@ def _map_sections(report, exact, attrib, raw, opts, seconds):
     return top
 
 
-def _patch_sweep(model, problem, pool, base, opts, report):
-    """All subsets of the pool patched clean -> corrupted: additivity and sweep analysis sections."""
+def _patch_sweep(model, problem, pool, base, per_prompt, opts, report):
+    """All subsets of the pool patched clean -> corrupted: additivity and sweep analysis sections
+    (per_prompt: the clean and corrupted metrics [B], the baselines of recovery)."""
     n, gap = pool.n, base["clean"] - base["corrupted"]
     res = jc.run_sweep(model.params, model.cfg, problem, pool, all_subsets(n),
                        os.path.join(opts.out, "sweeps", "patch_top"), chunk_size=opts.chunk_size,
@@ -140,13 +141,14 @@ def _patch_sweep(model, problem, pool, base, opts, report):
                        "the heads carry overlapping, redundant signal")
     report.add("Patching subsets of the top heads",
                f"All {1 << n} subsets of the top {n} heads patched together (clean -> corrupted, all positions). "
-               f"A subset succeeds when the mean metric recovers at least half the gap: >= corrupted + 0.5 * gap "
-               f"= {base['corrupted'] + 0.5 * gap:.3f}.",
+               f"A subset succeeds when the mean metric recovers at least half the gap (recovery>=0.5): >= "
+               f"corrupted + 0.5 * gap = {base['corrupted'] + 0.5 * gap:.3f}.",
                f"All {n} heads together recover {add['joint'] / gap:.3f} of the gap; the sum of their single "
                f"recoveries is {add['sum_single'] / gap:.3f} ({verdict}).")
     report.results["patch_top"] = {"units": pool.labels(), "metric": res.metric, **add}
     add_sweep_analysis(report, "Patch sweep: threshold and redundancy", res.subsets(n), res.metric, pool.labels(),
-                       "above", base["corrupted"] + 0.5 * gap)
+                       criterion=analysis.Criterion.parse("recovery>=0.5"), source=per_prompt[0],
+                       target=per_prompt[1], seed=opts.seed)
 
 
 def _ablation_sweep(model, clean, cache, metric, pool, base, opts, report):
@@ -194,8 +196,8 @@ def run(opts: Options) -> str:
     metric = cb.metric
     pos_map = P.right_aligned(xb.mask, cb.mask)              # equal token lengths: the identity
     _, cache = jc.run_with_cache(model.params, cfg, cb.ids, jnp.asarray(cb.mask), sites=("head_out",))
-    clean_m = unpatched_metric(model, cb.ids, cb.mask, metric)
-    base = {"clean": float(clean_m.mean()), "corrupted": float(unpatched_metric(model, xb.ids, xb.mask, metric).mean()),
+    clean_m, corrupted_m = (unpatched_metric(model, b.ids, b.mask, metric) for b in (cb, xb))
+    base = {"clean": float(clean_m.mean()), "corrupted": float(corrupted_m.mean()),
             "clean_right": float((clean_m > 0).mean())}
     gap = base["clean"] - base["corrupted"]
     report.add("Setup",
@@ -220,7 +222,7 @@ def run(opts: Options) -> str:
 
     pool = Pool("head_out", units=tuple(top))
     logging.info("patch sweep over %s", pool.labels())
-    _patch_sweep(model, problem, pool, base, opts, report)
+    _patch_sweep(model, problem, pool, base, (clean_m, corrupted_m), opts, report)
     logging.info("ablation sweep over %s", pool.labels())
     _ablation_sweep(model, jc.target_run(model.params, cfg, cb.ids, cb.mask), cache, metric, pool, base, opts,
                     report)

@@ -1,4 +1,9 @@
-"""A generic subset sweep: task prompts -> source/target runs -> family sweep -> analysis report."""
+"""A generic subset sweep: task prompts -> source/target runs -> family sweep -> analysis report.
+
+Success of a subset is a criterion on its metric over prompts (default: recovery>=0.5, the
+normalised recovery toward the source run); the report opens with findings (the premise that
+the source beats the target, the threshold, what fails).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxcircuits as jc
+from jaxcircuits import analysis
 from jaxcircuits import positions as P
 from jaxcircuits import sites
 from jaxcircuits import subsets as S
@@ -17,11 +23,10 @@ from jaxcircuits.metrics import LogitDiff, pad_ids
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.patching import PatchingProblem, target_run
 from jaxcircuits.report import Report, add_sweep_analysis, table
-from jaxcircuits.studies.common import OptionError, TaskBatches, check_layers, load_model
+from jaxcircuits.studies.common import OptionError, TaskBatches, check_layers, load_model, unpatched_metric
 from jaxcircuits.tasks import decimals as D
 from jaxcircuits.tasks import ioi
 
-FAMILIES = ("all", "sizes", "sampled", "even", "odd", "strided", "contiguous", "explicit")
 ALIGNS = {"token": None, "right": P.right_aligned, "left": P.left_aligned}
 
 
@@ -44,8 +49,8 @@ class Options:
     explicit: Tuple[Tuple[int, ...], ...]
     positions: str
     align: str
-    success: str                    # 'positive' | 'above:X' | 'below:X'
-    aggregate: str                  # 'mean' | 'fraction'
+    success: str                    # an `analysis.Criterion` ('recovery>=0.5', ...) or positive | above:X | below:X
+    aggregate: str                  # 'mean' | 'fraction': over prompts, for the last three forms
     n_blocks: Optional[int]
     chunk_size: int
     seed: int
@@ -54,17 +59,26 @@ class Options:
     dtype: str = "float32"
 
 
-def parse_success(spec: str) -> Tuple[str, float]:
-    """'positive' -> ('positive', 0); 'above:0.5' -> ('above', 0.5); 'below:-1' -> ('below', -1)."""
+def parse_success(spec: str, aggregate: str = "mean") -> analysis.Criterion:
+    """--success (and --aggregate) -> a criterion: 'recovery>=X', 'metric>X', 'fraction>=X' (any of
+    >, >=, <, <=), or the per-prompt forms 'positive' (> 0), 'above:X' (>= X), 'below:X' (<= X)
+    applied to the mean over prompts (aggregate 'mean') or to at least half the prompts ('fraction')."""
     kind, _, value = spec.partition(":")
-    if kind == "positive" and not value:
-        return kind, 0.0
-    if kind in ("above", "below") and value:
+    if kind in analysis.KINDS:
+        if (kind == "positive") == bool(value):
+            raise OptionError(f"--success={spec}: write 'positive' alone, 'above:X' or 'below:X'")
         try:
-            return kind, float(value)
+            return analysis.Criterion.legacy(kind, float(value or 0.0), aggregate)
         except ValueError:
             raise OptionError(f"--success={spec}: X in {kind}:X must be a number") from None
-    raise OptionError(f"--success must be 'positive', 'above:X' or 'below:X', got {spec!r}")
+    if aggregate != "mean":
+        raise OptionError(f"--aggregate={aggregate} applies to --success=positive, above:X or below:X; "
+                          f"--success={spec} says how it aggregates the prompts")
+    try:
+        return analysis.Criterion.parse(spec)
+    except ValueError:
+        raise OptionError(f"--success must be 'recovery>=X', 'metric>X', 'fraction>=X', 'positive', 'above:X' or "
+                          f"'below:X', got {spec!r}") from None
 
 
 def parse_positions(spec: str) -> P.Selector:
@@ -107,8 +121,33 @@ def make_pool(site: str, layers, cfg, select: str, n_blocks: Optional[int] = Non
     return S.Pool(site, tuple((l, int(j)) for l in layers for j in idx), n_blocks if sites.get(site).blocked else None)
 
 
-def make_family(opts: Options, n: int) -> S.Family:
-    """The --family flag over n pool units (structured families are explicit lists of subsets)."""
+def _group_size(opts: Options, cfg) -> int:
+    """G of the model's KV groups, for families over a pool of query heads."""
+    if sites.get(opts.site).units != ("n_heads",):
+        raise ValueError("needs a site whose units are query heads (head_out, head_q, pattern), "
+                         f"got --site={opts.site}")
+    return S.kv_group_size(cfg.n_heads, cfg.n_kv_heads)
+
+
+# --family -> its members over the pool's units (structured families are explicit lists of subsets)
+FAMILIES = {
+    "all": lambda o, pool, cfg: S.all_subsets(pool.n),
+    "sizes": lambda o, pool, cfg: S.of_sizes(pool.n, o.sizes),
+    "sampled": lambda o, pool, cfg: S.sampled_per_size(pool.n, o.sizes, o.samples_per_size, o.seed),
+    "even": lambda o, pool, cfg: S.even(pool.n),
+    "odd": lambda o, pool, cfg: S.odd(pool.n),
+    "strided": lambda o, pool, cfg: S.explicit(pool.n, [S.strided(pool.n, o.stride, k).masks[0]
+                                                        for k in range(o.stride)]),
+    "contiguous": lambda o, pool, cfg: S.explicit(pool.n, [m for k in o.sizes for m in S.contiguous(pool.n, k).masks]),
+    "explicit": lambda o, pool, cfg: S.explicit(pool.n, [list(s) for s in o.explicit]),
+    "kv_groups": lambda o, pool, cfg: S.grouped([(l, h // _group_size(o, cfg)) for l, h in pool.units]),
+    "group_positions": lambda o, pool, cfg: S.grouped([(l, h % _group_size(o, cfg)) for l, h in pool.units]),
+}
+
+
+def make_family(opts: Options, pool: S.Pool, cfg) -> S.Family:
+    """The --family flag over the pool's units (`FAMILIES`)."""
+    n = pool.n
     if n > S.MAX_UNITS:
         raise OptionError(f"the pool has {n} units (--site={opts.site}, --pool={opts.pool}); families take at "
                           f"most {S.MAX_UNITS}: list units with --pool=i,j,k")
@@ -117,7 +156,7 @@ def make_family(opts: Options, n: int) -> S.Family:
         raise OptionError(f"--sizes={','.join(map(str, opts.sizes))}: size(s) {bad} out of range [0, {n}] "
                           f"for a pool of {n} units")
     try:
-        family = _family(opts, n)
+        family = FAMILIES[opts.family](opts, pool, cfg)
     except ValueError as e:
         raise OptionError(f"--family={opts.family}: {e}") from None
     if family.size() > S.MAX_RANK:
@@ -126,58 +165,70 @@ def make_family(opts: Options, n: int) -> S.Family:
     return family
 
 
-def _family(opts: Options, n: int) -> S.Family:
-    f = opts.family
-    if f == "all":
-        return S.all_subsets(n)
-    if f == "sizes":
-        return S.of_sizes(n, opts.sizes)
-    if f == "sampled":
-        return S.sampled_per_size(n, opts.sizes, opts.samples_per_size, opts.seed)
-    if f == "even":
-        return S.even(n)
-    if f == "odd":
-        return S.odd(n)
-    if f == "strided":
-        return S.explicit(n, [S.strided(n, opts.stride, o).masks[0] for o in range(opts.stride)])
-    if f == "contiguous":
-        return S.explicit(n, [m for k in opts.sizes for m in S.contiguous(n, k).masks])
-    return S.explicit(n, [list(s) for s in opts.explicit])
+def _decimals(model, opts: Options):
+    pairs = [D.STUDY_PAIR] + D.generate_pairs(max(opts.n_prompts - 1, 0), opts.seed)
+    src, tgt = (D.build_batch(pairs, f, model.tokenizer) for f in (opts.source_format, opts.target_format))
+    return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric,
+                       f"{len(pairs)} decimal pairs, {opts.source_format} -> {opts.target_format}"), src.metric
 
 
-def task_batches(model, opts: Options) -> TaskBatches:
-    """The --task's source and target batches and metric."""
+def _ioi(model, opts: Options):
     tok = model.tokenizer
-    if opts.task == "decimals":
-        pairs = [D.STUDY_PAIR] + D.generate_pairs(max(opts.n_prompts - 1, 0), opts.seed)
-        src, tgt = (D.build_batch(pairs, f, tok) for f in (opts.source_format, opts.target_format))
-        return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric,
-                           f"{len(pairs)} decimal pairs, {opts.source_format} -> {opts.target_format}")
-    if opts.task == "ioi":
-        clean = ioi.generate_ioi(opts.n_prompts, opts.seed, tok)
-        src, tgt = ioi.ioi_batch(clean, tok), ioi.ioi_batch(ioi.corrupt(clean, opts.seed + 1, tok), tok)
-        return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric, f"{len(clean)} IOI prompts, clean -> corrupted")
+    clean = ioi.generate_ioi(opts.n_prompts, opts.seed, tok)
+    src, tgt = ioi.ioi_batch(clean, tok), ioi.ioi_batch(ioi.corrupt(clean, opts.seed + 1, tok), tok)
+    # A corrupted prompt keeps its clean prompt's names: one metric serves both runs.
+    return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric,
+                       f"{len(clean)} IOI prompts, clean -> corrupted"), tgt.metric
+
+
+def _files(model, opts: Options):
+    tok = model.tokenizer
     texts = []
     for path in opts.prompts:
         with open(path) as f:
             texts.append([l.rstrip("\n").replace("\\n", "\n") for l in f if l.strip()])
     if len(texts[0]) != len(texts[1]):
         raise ValueError(f"{opts.prompts[0]} has {len(texts[0])} prompts, {opts.prompts[1]} has {len(texts[1])}")
-    s_ids, s_mask = tok.batch(texts[0])
-    t_ids, t_mask = tok.batch(texts[1])
-    good = [tok.answer_token_ids(opts.answers[0], prompt=t)[:1] for t in texts[1]]
-    bad = [tok.answer_token_ids(opts.answers[1], prompt=t)[:1] for t in texts[1]]
-    metric = LogitDiff(good=jnp.asarray(pad_ids(good)), bad=jnp.asarray(pad_ids(bad)))
-    return TaskBatches(s_ids, s_mask, t_ids, t_mask, metric, f"{len(texts[0])} prompts from files")
+    metric = lambda prompts: LogitDiff(*(jnp.asarray(pad_ids([tok.answer_token_ids(a, prompt=t)[:1] for t in prompts]))
+                                         for a in opts.answers))
+    (s_ids, s_mask), (t_ids, t_mask) = tok.batch(texts[0]), tok.batch(texts[1])
+    return TaskBatches(s_ids, s_mask, t_ids, t_mask, metric(texts[1]), f"{len(texts[0])} prompts from files"), \
+        metric(texts[0])
+
+
+# --task -> (its source and target batches with the target's metric, the metric of the source run)
+TASKS = {"decimals": _decimals, "ioi": _ioi, "prompts": _files}
+# --task -> the names of its source and target runs, for the report
+RUN_NAMES = {"decimals": lambda o: (o.source_format, o.target_format), "ioi": lambda o: ("clean", "corrupted"),
+             "prompts": lambda o: tuple(os.path.basename(p) for p in o.prompts)}
+
+
+def task_batches(model, opts: Options) -> TaskBatches:
+    """The --task's source and target batches and metric."""
+    return TASKS[opts.task](model, opts)[0]
 
 
 def check_options(opts: Options, cfg) -> None:
     """Every option against the model's config (OptionError naming the flag); positions are checked
     against the prompts once they exist."""
     check_layers("layers", opts.layers, cfg)
-    make_family(opts, make_pool(opts.site, opts.layers, cfg, opts.pool, opts.n_blocks).n)
+    make_family(opts, make_pool(opts.site, opts.layers, cfg, opts.pool, opts.n_blocks), cfg)
     parse_positions(opts.positions)
-    parse_success(opts.success)
+    parse_success(opts.success, opts.aggregate)
+
+
+def _baselines_section(report, source, target, names, seed) -> None:
+    """The unpatched source and target runs per prompt (`names`), and the premise finding."""
+    t = analysis.prompt_table(np.stack([source, target]), contrasts=[(0, 1)], seed=seed)
+    report.add("Baselines", f"The metric of the unpatched runs over {len(source)} prompts; in brackets 95% "
+               "intervals over the prompts (bootstrap). Recovery = (patched - target) / (source - target).",
+               table(["run", "mean metric", "prompts with metric > 0"],
+                     [[f"{role} ({name})", analysis.cell(t, "mean", i), analysis.cell(t, "right", i, ".0%")]
+                      for i, (role, name) in enumerate(zip(("source", "target"), names))]),
+               f"Source - target, paired over the prompts: {analysis.cell(t, 'contrast', 0)}.")
+    for statement, rule in analysis.premise_findings(t, names, 0, 1)[1]:
+        report.finding(statement, rule)
+    report.results["baselines"] = {"source": source, "target": target, "table": t}
 
 
 def run(opts: Options) -> str:
@@ -185,9 +236,10 @@ def run(opts: Options) -> str:
     model = load_model(opts.model, opts.dtype)
     cfg = model.cfg
     check_options(opts, cfg)
+    criterion = parse_success(opts.success, opts.aggregate)
     pool = make_pool(opts.site, opts.layers, cfg, opts.pool, opts.n_blocks)
-    family = make_family(opts, pool.n)
-    task = task_batches(model, opts)
+    family = make_family(opts, pool, cfg)
+    task, source_metric = TASKS[opts.task](model, opts)
     _, cache = run_with_cache(model.params, cfg, task.source_ids, jnp.asarray(task.source_mask),
                               sites=(sites.get(opts.site).cache,))
     align = ALIGNS[opts.align]
@@ -202,9 +254,13 @@ def run(opts: Options) -> str:
     res = jc.run_sweep(model.params, cfg, problem, pool, family, os.path.join(opts.out, "sweep"),
                        chunk_size=opts.chunk_size, resume=opts.resume,
                        describe={"model": opts.model, "task": task.description})
-    kind, threshold = parse_success(opts.success)
+    source = unpatched_metric(model, task.source_ids, task.source_mask, source_metric)
+    target = unpatched_metric(model, task.target_ids, task.target_mask, task.metric)
     report.add("Setup", table(["model", "task", "site", "units", "family", "members", "positions", "align", "success"],
                               [[opts.model, task.description, opts.site, pool.n, opts.family, family.size(),
-                                opts.positions, opts.align, f"{opts.success} ({opts.aggregate} over prompts)"]]))
-    add_sweep_analysis(report, "Sweep", res.subsets(pool.n), res.metric, pool.labels(), kind, threshold, opts.aggregate)
+                                opts.positions, opts.align, str(criterion)]]),
+               f"Success of a subset: {criterion.describe()}.")
+    _baselines_section(report, source, target, RUN_NAMES[opts.task](opts), opts.seed)
+    add_sweep_analysis(report, "Sweep", res.subsets(pool.n), res.metric, pool.labels(), criterion=criterion,
+                       source=source, target=target, seed=opts.seed)
     return report.write()

