@@ -984,3 +984,18 @@ def contrast_findings(table: dict, names: Sequence[str], what: str) -> list:
         out.append((f"{what}: {names[i]} - {names[j]}: mean metric {cell(table, 'contrast', c)}: {verdict}.",
                     "contrast"))
     return out
+
+
+def subsets_frame(subsets: np.ndarray, metric: np.ndarray, unit_names: Sequence[str], index=None):
+    """A pandas DataFrame, one row per subset (bool [N, n]) of a sweep with metric [N, P]: units (the
+    member's unit names, space-separated), size, metric_0 .. metric_{P-1} (per prompt) and metric
+    (mean over prompts); `index` (e.g. the sweep's ranks) names the rows."""
+    import pandas as pd
+    names = np.asarray(unit_names)
+    subsets, metric = np.asarray(subsets, bool), np.asarray(metric)
+    frame = pd.DataFrame({"units": [" ".join(names[row]) for row in subsets], "size": subsets.sum(1)}, index=index)
+    for p in range(metric.shape[1]):
+        frame[f"metric_{p}"] = metric[:, p]
+    frame["metric"] = metric.mean(1)
+    return frame
+

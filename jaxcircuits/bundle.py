@@ -13,7 +13,7 @@ from jaxcircuits import hooknames
 from jaxcircuits.generate import generate
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.sites import CACHE_SITES
+from jaxcircuits.sites import CACHE_SITES, Intervention
 from jaxcircuits.tokenize import Tokenizer, load_tokenizer
 from jaxcircuits.weights.registry import ModelSource, load_params
 
@@ -26,7 +26,7 @@ class Model:
     when the checkpoint has none; source: what the name resolved to.
 
     TransformerLens-style entry points: `to_tokens`, `to_str_tokens`, `run_with_cache` (text in,
-    cache out, optionally under TransformerLens hook names)."""
+    cache out, optionally under TransformerLens hook names), `patched` (text in, patched logits out)."""
 
     cfg: ModelConfig
     params: dict
@@ -61,12 +61,22 @@ class Model:
         all ones: padded ids from `to_tokens` of several prompts need theirs, `tokenizer.batch(...)[1]`).
         The cache holds `sites` stacked [L, B, ...] under our names, or with hook_names=True one array
         per layer under TransformerLens hook names (`hooknames.to_hook_dict`; 'kv' left out)."""
+        logits, cache = M.run_with_cache(self.params, self.cfg, *self._batch(inputs, attn_mask), sites=tuple(sites))
+        return logits, hooknames.to_hook_dict(cache, self.cfg) if hook_names else cache
+
+    def patched(self, inputs, intervention: Intervention, attn_mask=None,
+                sites: Sequence[str] = ()) -> Tuple[jax.Array, dict]:
+        """(logits [B, T, V], cache of `sites`) of `inputs` (as `run_with_cache` takes them) patched
+        by `intervention` (`jc.Intervention`: a mask [L, ...], its source aligned to these inputs,
+        position weights [B, T]), checked as `jc.forward` checks it."""
+        return M.forward(self.params, self.cfg, *self._batch(inputs, attn_mask), intervention=intervention,
+                         collect=tuple(sites))
+
+    def _batch(self, inputs, attn_mask=None):
+        """(tokens [B, T], attn_mask [B, T] or None) of a string, a list of strings (left-padded) or ids."""
         if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
             inputs, attn_mask = self._tokenizer().batch([inputs] if isinstance(inputs, str) else list(inputs))
-        tokens = jnp.atleast_2d(jnp.asarray(inputs))
-        mask = None if attn_mask is None else jnp.asarray(attn_mask)
-        logits, cache = M.run_with_cache(self.params, self.cfg, tokens, mask, sites=tuple(sites))
-        return logits, hooknames.to_hook_dict(cache, self.cfg) if hook_names else cache
+        return jnp.atleast_2d(jnp.asarray(inputs)), None if attn_mask is None else jnp.asarray(attn_mask)
 
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw) -> list:
         """Greedy completions (text after each prompt, stopped at EOS) of raw prompt strings;

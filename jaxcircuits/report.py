@@ -67,6 +67,7 @@ class Report:
     def write(self) -> str:
         self.results["elapsed_s"] = round(time.time() - self.t0, 1)
         self.results["findings"] = [text for text, _ in self.findings]
+        self.results["provenance"] = provenance()
         with open(self.path("results.json"), "w") as f:
             json.dump(jsonable(self.results), f, indent=1)
         sections = self.sections[:self.head] + self._findings_section() + self.sections[self.head:]
@@ -115,7 +116,10 @@ def add_sweep_analysis(report: Report, name: str, subsets: np.ndarray, metric: n
         figs.append(report.figure(plots.plot_minimal_inclusion(
             sets, report.path(f"{tag}_minimal.png"), unit_names,
             title=f"{name}: units in minimal sufficient sets"), "minimal sets"))
-    report.add(name, analysis.report_markdown(summary), " ".join(figs))
+    frame = analysis.subsets_frame(subsets, metric, unit_names)
+    frame["success"] = success
+    report.add(name, analysis.report_markdown(summary), " ".join(figs),
+               f"Every subset's metric and success: `{os.path.basename(write_table(report.out_dir, tag, frame))}`.")
     report.results[name] = summary
     for statement, rule in analysis.sweep_findings(summary, name):
         report.finding(statement, rule)

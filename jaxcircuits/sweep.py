@@ -130,13 +130,8 @@ class SweepResult:
         import pandas as pd
         from jaxcircuits import analysis
         n = pool.n if pool is not None else max(int(self.bitmask.max(initial=0)).bit_length(), 1)
-        labels = np.array(pool.labels() if pool is not None else [str(i) for i in range(n)])
-        bits = self.subsets(n)
-        frame = pd.DataFrame({"units": [" ".join(labels[row]) for row in bits], "size": bits.sum(1)},
-                             index=pd.Index(self.ranks, name="rank"))
-        for p in range(self.metric.shape[1]):
-            frame[f"metric_{p}"] = self.metric[:, p]
-        frame["metric"] = self.metric.mean(1)
+        labels = pool.labels() if pool is not None else [str(i) for i in range(n)]
+        frame = analysis.subsets_frame(self.subsets(n), self.metric, labels, pd.Index(self.ranks, name="rank"))
         frame["success"] = analysis.success_from(self.metric, success, threshold, aggregate)
         frame["success_fraction"] = analysis.success_fraction(self.metric, success, threshold)
         return frame

@@ -33,6 +33,10 @@ def test_threshold_sweep_end_to_end_and_resumes(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "ts" / "results.json").read_text())
     assert res["Sweep"]["n_subsets"] == 8 + 28
+    assert {"python", "packages", "backend"} <= set(res["provenance"]) and "jax" in res["provenance"]["packages"]
+    rows = (tmp_path / "ts" / "Sweep.csv").read_text().splitlines()
+    assert rows[0].split(",")[1:] == ["units", "size", "metric_0", "metric_1", "metric", "success"]
+    assert len(rows) == 1 + 8 + 28 and rows[1].split(",")[1] == "L0B0"
     again = _run("experiments.threshold_sweep", *flags)
     assert again.returncode == 0 and "already done" in again.stderr
     assert json.loads((tmp_path / "ts" / "results.json").read_text())["Sweep"] == res["Sweep"]

@@ -192,6 +192,21 @@ def test_model_run_with_cache_on_text(smol_tiny):
     assert one.shape[:2] == (1, len(m.tokenizer.encode("Hi")))
 
 
+def test_model_patched_on_text(smol_tiny):
+    """`Model.patched(text, intervention)` is `jc.forward` of the text's batch under it."""
+    m = smol_tiny
+    texts = ["Q: 9.8 or 9.11?", "Q: 9.9 or 9.11?"]
+    _, cache = m.run_with_cache(["Q: 7.8 or 9.11?", "Q: 1.9 or 9.11?"], sites=("head_out",))
+    mask = jc.Mask(head_out=jnp.zeros((m.cfg.n_layers, m.cfg.n_heads)).at[1, 2].set(1.0))
+    ids, attn = m.tokenizer.batch(texts)
+    iv = jc.Intervention(mask, cache, jnp.ones(ids.shape))
+    got, c = m.patched(texts, iv, sites=("head_out",))
+    want, _ = jc.forward(m.params, m.cfg, ids, jnp.asarray(attn), intervention=iv)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(c["head_out"][1, :, :, 2], cache["head_out"][1, :, :, 2], atol=1e-6)  # x + 1 * (s - x)
+    assert np.abs(np.asarray(got) - np.asarray(m.run_with_cache(texts, sites=())[0])).max() > 1e-4
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])
 def test_hook_names_two_way(tiny, variant):
     _, cfg, params = tiny(variant)
