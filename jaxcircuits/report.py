@@ -12,6 +12,7 @@ import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 
 from jaxcircuits import analysis, plots
 from jaxcircuits.analysis import jsonable
@@ -118,8 +119,16 @@ def add_sweep_analysis(report: Report, name: str, subsets: np.ndarray, metric: n
             title=f"{name}: units in minimal sufficient sets"), "minimal sets"))
     frame = analysis.subsets_frame(subsets, metric, unit_names)
     frame["success"] = success
+    tables = [write_table(report.out_dir, tag, frame), write_table(report.out_dir, f"{tag}_by_size", pd.DataFrame(
+        {k: summary["rate_by_size"][k] for k in ("k", "count", "successes", "rate", "lo", "hi")}))]
+    if summary["importance"] is not None:
+        tables.append(write_table(report.out_dir, f"{tag}_importance", pd.DataFrame(
+            {"unit": list(unit_names), "shapley": summary["importance"]["shapley"],
+             "banzhaf": summary["importance"]["banzhaf"]})))
     report.add(name, analysis.report_markdown(summary), " ".join(figs),
-               f"Every subset's metric and success: `{os.path.basename(write_table(report.out_dir, tag, frame))}`.")
+               "Tables (CSV): every subset's metric and success, success by size"
+               + (", unit importance" if len(tables) > 2 else "") + ": "
+               + ", ".join(f"`{os.path.basename(t)}`" for t in tables) + ".")
     report.results[name] = summary
     for statement, rule in analysis.sweep_findings(summary, name):
         report.finding(statement, rule)

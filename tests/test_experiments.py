@@ -37,6 +37,8 @@ def test_threshold_sweep_end_to_end_and_resumes(tiny_dir, tmp_path):
     rows = (tmp_path / "ts" / "Sweep.csv").read_text().splitlines()
     assert rows[0].split(",")[1:] == ["units", "size", "metric_0", "metric_1", "metric", "success"]
     assert len(rows) == 1 + 8 + 28 and rows[1].split(",")[1] == "L0B0"
+    by_size = (tmp_path / "ts" / "Sweep_by_size.csv").read_text().splitlines()
+    assert by_size[0].split(",")[1:] == ["k", "count", "successes", "rate", "lo", "hi"] and len(by_size) == 3
     again = _run("experiments.threshold_sweep", *flags)
     assert again.returncode == 0 and "already done" in again.stderr
     assert json.loads((tmp_path / "ts" / "results.json").read_text())["Sweep"] == res["Sweep"]
