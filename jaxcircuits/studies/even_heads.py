@@ -400,8 +400,9 @@ def _setup_section(report, model, opts, pairs, n_sweep, auto, criterion):
                f"Why these numbers of pairs. The headline rates (the format scan and premise, and the unit "
                f"families of each swept layer) are fractions of all {len(pairs)} pairs; a fraction's 95% interval "
                f"is widest at 1/2, +-{analysis.Z95:.2f} * sqrt(1/4 / n), so +-{HEADLINE_HALF_WIDTH} needs "
-               f"n >= {needed} pairs; {len(pairs)} pairs give at most "
-               f"+-{analysis.Z95 * 0.5 / math.sqrt(len(pairs)):.3f}. The layer scan, the exhaustive sweeps (2^n "
+               f"n >= {needed} pairs, and a bootstrap interval moves in steps of 1/n, so a margin helps; "
+               f"{len(pairs)} pairs give at most +-{analysis.Z95 * 0.5 / math.sqrt(len(pairs)):.3f} (+-1/"
+               f"{len(pairs)} for the steps). The layer scan, the exhaustive sweeps (2^n "
                f"patched runs per pair and protocol), the blend and the generation checks use the first {n_sweep} "
                "pairs, to keep the run short; their prompt intervals are correspondingly wider.")
     if auto:
