@@ -221,10 +221,12 @@ def check_edge_mask(mask: EdgeMask, graph: EdgeGraph, batched: bool = False) -> 
                          f"{graph.receiver_labels[l * graph.n_receivers + r]!r} (layers index {tuple(int(i) for i in idx)})")
 
 
-def _receiver_input(x: Array, deltas: Array, m: Array) -> Array:
+def _receiver_input(x: Array, deltas: Array, m: Array, shift: Optional[Array] = None) -> Array:
     """x [B, T, D] plus each receiver's mask-weighted sender deltas: m [S, R], deltas [S, B, T, D]
-    -> [R, B, T, D]. A receiver whose weights are all zero reads x exactly."""
-    return x[None] + jnp.einsum("sr,sbtd->rbtd", m.astype(x.dtype), deltas)
+    -> [R, B, T, D], plus `shift` [R, B, T, D] if given. A receiver whose weights are all zero (and no
+    shift) reads x exactly."""
+    xr = x[None] + jnp.einsum("sr,sbtd->rbtd", m.astype(x.dtype), deltas)
+    return xr if shift is None else xr + shift
 
 
 def _per_head(cfg: ModelConfig, p: dict, plain: Array, h: Array, active: Array, spec: str) -> Array:
@@ -240,14 +242,16 @@ def _edge_layer(cfg: ModelConfig, rope, allowed: Array, pos_w: Array, carry, per
     """One layer of the edge-patched run (`_edge_hidden`'s scan).
 
     carry: (x [B, T, D], deltas [S, B, T, D]: each sender's w_pos * (src - cur) so far, 0 after);
-    per_layer: (params_l, m_l [S, R], source z_l [B, T, H, Dh], source mlp_out_l [B, T, D], l).
+    per_layer: (params_l, m_l [S, R], shift_l [R, B, T, D] or None (added to the receivers' inputs),
+    source z_l [B, T, H, Dh], source mlp_out_l [B, T, D], l).
     """
     x, deltas = carry
-    p, m, src_z, src_mlp, l = per_layer
+    p, m, shift, src_z, src_mlp, l = per_layer
+    shift = (None, None) if shift is None else (shift[:-1], shift[-1:])
     H, K = cfg.n_heads, cfg.n_kv_heads
     hooks = LayerHooks(None, ())
     n1 = functools.partial(M.norm, cfg, p["norm1"])
-    xr = n1(_receiver_input(x, deltas, m[:, :H + 2 * K]))                            # [H + 2K, B, T, D]
+    xr = n1(_receiver_input(x, deltas, m[:, :H + 2 * K], shift[0]))                    # [H + 2K, B, T, D]
     active = (m != 0).any(0)
     q0, k0, v0 = M.qkv(cfg, p, n1(x), None, hooks)
     q = M.rotate(_per_head(cfg, p["q"], q0, xr[:H], active[:H], "hbtd,dhe->bthe"), rope)
@@ -259,7 +263,7 @@ def _edge_layer(cfg: ModelConfig, rope, allowed: Array, pos_w: Array, carry, per
     head_delta = jnp.einsum("bthe,hed->hbtd", (src_z.astype(z.dtype) - z), w_o) * pos_w[None, :, :, None]
     first = 1 + l * (H + 1)
     deltas = jax.lax.dynamic_update_slice_in_dim(deltas, head_delta.astype(deltas.dtype), first, 0)
-    mlp_in = _receiver_input(x, deltas, m[:, -1:])[0]
+    mlp_in = _receiver_input(x, deltas, m[:, -1:], shift[1])[0]
     out = M.mlp(cfg, p, M.norm(cfg, p["norm2"], mlp_in), hooks)
     mlp_delta = ((src_mlp.astype(out.dtype) - out) * pos_w[..., None])[None]
     deltas = jax.lax.dynamic_update_slice_in_dim(deltas, mlp_delta.astype(deltas.dtype), first + H, 0)
@@ -273,10 +277,10 @@ def _check_source(cfg: ModelConfig, problem: PatchingProblem) -> None:
         raise ValueError(f"an edge-patched run reads the source's {list(sites.EDGE_SOURCE)}; it lacks {missing}")
 
 
-def edge_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask) -> Array:
-    """Final-normed hidden states [B, n, D] of the last n = metric.n_positions positions of the target
-    run patched along the edges of `mask` (leaves [L, S, R], [S]) from problem.source, at the
-    positions problem.pos_w selects."""
+def _edge_run(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask, shift=None):
+    """(final-normed hidden states [B, n, D] of the last n = metric.n_positions positions, the sender
+    deltas [S, B, T, D]: w_pos * (src - cur) of every sender) of the edge-patched run; `shift`
+    (layers [L, R, B, T, D], final [B, T, D]) is added to the receivers' inputs when given."""
     target, source = problem.target, problem.source
     graph = EdgeGraph.of(cfg)
     x = M.embed(params, cfg, target.tokens, target.pos_ids)
@@ -286,10 +290,46 @@ def edge_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMa
     deltas = deltas.at[0].set((source["resid_pre"][0].astype(x.dtype) - x) * pos_w[..., None])
     body = functools.partial(_edge_layer, cfg, M.rope_tables(cfg, target.pos_ids),
                              M.attention_mask(target.attn_mask, T), pos_w)
-    (x, deltas), _ = jax.lax.scan(body, (x, deltas), (params["layers"], mask.layers, source["head_out"],
-                                                      source["mlp_out"], jnp.arange(cfg.n_layers)))
-    x = _receiver_input(x, deltas, mask.final[:, None])[0]
-    return M.final_norm(params, cfg, x[:, -problem.metric.n_positions:])
+    xs = (params["layers"], mask.layers, None if shift is None else shift[0], source["head_out"],
+          source["mlp_out"], jnp.arange(cfg.n_layers))
+    (x, deltas), _ = jax.lax.scan(body, (x, deltas), xs)
+    x = _receiver_input(x, deltas, mask.final[:, None], None if shift is None else shift[1][None])[0]
+    return M.final_norm(params, cfg, x[:, -problem.metric.n_positions:]), deltas
+
+
+def edge_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask) -> Array:
+    """Final-normed hidden states [B, n, D] of the last n = metric.n_positions positions of the target
+    run patched along the edges of `mask` (leaves [L, S, R], [S]) from problem.source, at the
+    positions problem.pos_w selects."""
+    return _edge_run(params, cfg, problem, mask)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _gradient_at_zero(params, cfg: ModelConfig, problem: PatchingProblem) -> EdgeMask:
+    """d(mean metric)/d(edge mask) at 0 from one backward pass that keeps no sender buffer: the
+    gradient g_r of the metric with respect to each receiver's input (a zero shift), contracted with
+    the sender deltas d_s of the unpatched run: dm[s, r] = sum_{b,t,d} g_r d_s (0 on invalid edges)."""
+    graph = EdgeGraph.of(cfg)
+    B, T = problem.target.tokens.shape
+    zero = EdgeMask(jnp.zeros((cfg.n_layers, graph.n_senders, graph.n_receivers)), jnp.zeros(graph.n_senders))
+    shift = (jnp.zeros((cfg.n_layers, graph.n_receivers, B, T, cfg.d_model)), jnp.zeros((B, T, cfg.d_model)))
+
+    def mean_metric(shift):
+        h, deltas = _edge_run(params, cfg, problem, zero, shift)
+        return problem.metric(params, h).mean(), deltas
+    (g_layers, g_final), deltas = jax.grad(mean_metric, has_aux=True)(shift)
+    valid = graph.valid()
+    layers = jnp.einsum("lrbtd,sbtd->lsr", g_layers, deltas, preferred_element_type=jnp.float32)
+    return EdgeMask(jnp.where(valid.layers, layers, 0.0),
+                    jnp.einsum("btd,sbtd->s", g_final, deltas, preferred_element_type=jnp.float32))
+
+
+def edge_attribution(params, cfg: ModelConfig, problem: PatchingProblem) -> EdgeMask:
+    """Edge attribution patching (EAP) for every edge in one backward pass: float32 d(mean metric over
+    prompts)/d(edge mask) at 0 (layers [L, S, R], final [S]; 0 on invalid edges), the linear estimate
+    of patching each edge alone. Equal to `jax.grad` of `edge_metric` at the zero mask, without its
+    per-layer sender buffers (memory: one [L, R, B, T, D] gradient)."""
+    return _gradient_at_zero(params, cfg, _prepared(cfg, problem))
 
 
 def _prepared(cfg: ModelConfig, problem: PatchingProblem) -> PatchingProblem:

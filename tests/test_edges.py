@@ -156,3 +156,16 @@ def test_bad_masks_and_sources_are_named(tiny):
     bad = dict(problem.source, head_out=problem.source["head_out"].at[1, 0, 3, 2, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="head_out"):
         edges.edge_metric(params, cfg, problem.replace(source=bad), zero)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_edge_attribution_is_the_mask_gradient_at_zero(tiny, name):
+    pos_w = np.random.RandomState(4).uniform(0, 1, (B, T)).astype(np.float32)
+    cfg, params, problem = _problem(tiny, name, pos_w, n_positions=1)
+    graph = edges.EdgeGraph.of(cfg)
+    zero = graph.unflat(jnp.zeros(graph.n_edges))
+    want = jax.grad(lambda m: edges.edge_metric(params, cfg, problem, m).mean())(zero)
+    got = edges.edge_attribution(params, cfg, problem)
+    np.testing.assert_allclose(graph.flat(got), graph.flat(want), atol=1e-5, rtol=1e-4)
+    assert np.abs(np.asarray(graph.flat(want))).max() > 1e-2
+    np.testing.assert_array_equal(np.asarray(got.layers)[~graph.valid().layers], 0.0)
