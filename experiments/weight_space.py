@@ -3,10 +3,11 @@ r"""Weight space of the heads: composition map, spectra, and the low-rank channe
   python -m experiments.weight_space --task=colors --n_prompts=8 --out=reports/weight_space
 
 Q/K/V composition scores of every head pair in one compiled call (heat maps, top pairs against a
-random-matrix baseline), the OV/QK singular-value spectra of the heads in the top pairs, and for
-the top pairs the Talking-Heads check (after a Q/K massive-values profile with the task metric under
-zeroed top dimensions): the task metric when the writer's top-k OV output
-directions are projected out of its W_O, against random k-dim subspaces of the same space.
+random-matrix baseline), the OV/QK singular-value spectra of the heads in the top pairs, a Q/K
+massive-values profile with the task metric under zeroed top dimensions, and for the top pairs the
+Talking-Heads check: the writer's head output patched from a contrast run (each option replaced
+by the next one in the prompt, so the answer changes) only within the top-k singular directions
+of the writer -> reader link, against random k-dim subspaces of the same rank and the full patch.
 Writes report.md, results.json and plots under --out.
 """
 
@@ -26,8 +27,8 @@ flags.DEFINE_enum("task", "colors", ["colors", "mc", "recall"],
 flags.DEFINE_integer("n_prompts", 8, "Prompts of the check.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the prompts and random subspaces.")
 flags.DEFINE_integer("top", 3, "Top pairs per composition type listed (and checked, overall).", lower_bound=1)
-flags.DEFINE_list("ranks", ["1", "4", "16"], "Subspace ranks of the check.")
-flags.DEFINE_integer("n_random", 3, "Random subspaces per rank.", lower_bound=1)
+flags.DEFINE_list("ranks", ["1", "4", "16"], "Subspace ranks of the check (each in [1, d_head]).")
+flags.DEFINE_integer("n_random", 3, "Random subspaces per rank (one vmapped call per pair with the top-k ones).", lower_bound=1)
 flags.DEFINE_list("zero_dims", ["1", "4"], "Numbers of top Q/K head dimensions zeroed (massive values; 0 is added).")
 flags.DEFINE_bool("fold", False, "Fold the norms into the weights first (folding.fold_norms).")
 flags.DEFINE_string("out", "reports/weight_space", "Report directory.")

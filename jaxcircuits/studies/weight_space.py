@@ -7,16 +7,20 @@ whether the composition runs through a low-rank channel.
   3. Q/K massive values: per layer, how concentrated |q| and |k| are on a few head dimensions
      (with and without RoPE), and the task metric with the top n dimensions of every head's
      queries and keys zeroed (`weight_space.zero_top_dims`, vmapped over n).
-  4. The Talking-Heads check on a choice task: for each top pair, the writer's top-k OV output
-     directions (rows of Vh) are projected out of what it writes (W_O of that head, a weight edit),
-     against random k-dim subspaces of the same write space; the task metric is computed for
-     every edit in one vmapped call. If the low-rank channel carries the behaviour, removing the
-     top directions moves the metric more than removing random ones of the same rank.
+  4. The Talking-Heads check on a choice task, an activation patch: for each top pair, the writer's
+     head output (site head_out) is patched from a contrast run (`rotated_options`: each option
+     becomes the next one in the text, so the answer changes) only within a rank-k subspace of its
+     z space ('subspace:head_out'): the top-k singular directions of the link from writer to reader
+     (`pair_directions`) against random k-dim subspaces of the same rank, with rank 0 (unpatched)
+     and the full patch (rank d_head) in the same vmapped call (`pair_patch`). If the low-rank
+     channel carries the behaviour, the top-k patch moves the metric more than random ones, and a
+     small k already moves a large part of the full patch's effect.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Tuple
 
@@ -28,10 +32,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxcircuits import folding
+from jaxcircuits import positions as P
 from jaxcircuits import weight_space as ws
 from jaxcircuits.models import transformer
+from jaxcircuits.patching import PatchingProblem, target_run
 from jaxcircuits.report import Report, table
-from jaxcircuits.sites import unit_label
+from jaxcircuits.sites import Mask, transform_key, unit_label
 from jaxcircuits.studies.common import OptionError, load_model
 from jaxcircuits.tasks import multiple_choice as mc
 
@@ -70,31 +76,68 @@ def check_options(opts: Options, cfg) -> None:
         raise OptionError("the model has one layer: no head pairs compose")
 
 
-def channel_bases(key, vh: Array, ranks: Tuple[int, ...], n_random: int) -> np.ndarray:
-    """Orthonormal row bases [len(ranks) * (1 + n_random), max(ranks), D], zero rows past the rank:
-    per rank, the top-k rows of vh [r, D] (a head's output singular directions), then `n_random`
-    random k-dim subspaces of the same row space (vh's span)."""
-    kmax, r = max(ranks), vh.shape[0]
-    out = []
+def rotated_options(prompt: mc.ChoicePrompt) -> mc.ChoicePrompt:
+    """The contrast prompt of the check: every whole-word occurrence of option i in the text becomes
+    option i + 1 (cyclically), so the template, the option set and (for single-token options) the
+    token positions stay, but the right answer moves to the next option. Multiple choice: the line
+    labels rotate ('A. Paris' -> 'B. Paris'), a different answer letter; Colored Objects: the colours
+    move to the next object; list recall: every item becomes the next one in both lists."""
+    n = len(prompt.options)
+    nxt = {o: prompt.options[(i + 1) % n] for i, o in enumerate(prompt.options)}
+    text = re.sub(r"\b(" + "|".join(map(re.escape, prompt.options)) + r")\b", lambda m: nxt[m.group(0)], prompt.text)
+    if text == prompt.text:
+        raise ValueError(f"no option of {prompt.options} stands as a word in {prompt.text!r}: nothing to rotate")
+    return mc.ChoicePrompt(text, tuple(nxt[o] for o in prompt.options), prompt.answer)
+
+
+def contrast_problem(params, cfg, batch: mc.ChoiceBatch, contrast: mc.ChoiceBatch) -> PatchingProblem:
+    """Target: the task's batch, scored by its metric; source: the contrast batch's head outputs
+    (`rotated_options`), right-aligned (the identity where the token lengths agree); every mapped
+    position patched."""
+    _, cache = transformer.run_with_cache(params, cfg, contrast.ids, contrast.mask, sites=("head_out",))
+    pos_map = P.right_aligned(batch.mask, contrast.mask)
+    return PatchingProblem.make(target_run(params, cfg, batch.ids, batch.mask), P.align(cache, pos_map),
+                                P.weights("all", pos_map), batch.metric)
+
+
+def pair_directions(params, cfg, pair: dict) -> Array:
+    """Orthonormal rows [Dh, Dh] in the writer's z space (the head_out site, W_O's input), ordered by
+    how strongly the pair's link carries them.
+
+    Row-vector convention (`weight_space`): the writer (l_A, h_A) adds z W_O^A to the residual, and
+    the reader (l_B, h_B) reads it through M_B = QK_B (Q-composition: into its query), QK_B^T
+    (K: into its keys) or OV_B (V: into its values), the matrices of the composition score. The
+    link is z -> z W_O^A M_B, i.e. the [Dh, D] matrix W_O^A M_B, factored as (W_O^A left_B) right_B
+    and decomposed by `weight_space.svd` = U S Vh. The rows are U^T: the top singular directions
+    on the writer's side (right singular vectors of the link written as a column-vector map)."""
+    ov, qk = (ws.head_factors(params, cfg, kind) for kind in ws.KINDS)
+    reader = dict(zip(ws.COMPOSITIONS, (qk, qk.T, ov)))[pair["type"]]
+    (la, ha), (lb, hb) = pair["writer"], pair["reader"]
+    link = ws.Factored(ov.right[la, ha] @ reader.left[lb, hb], reader.right[lb, hb])
+    return ws.svd(link)[0].T
+
+
+def pair_bases(key, directions: Array, ranks: Tuple[int, ...], n_random: int) -> Array:
+    """Bases [2 + len(ranks) * (1 + n_random), Dh, Dh] of the check for one pair, orthonormal rows
+    padded with zero rows (`weight_space.rank_bases`): rank 0 (the unpatched run); per rank k the
+    top-k `directions` [Dh, Dh], then `n_random` random k-dim subspaces of R^Dh (the first k rows of
+    Haar-random orthonormal sets, one set per rank); last the identity (rank Dh: the plain patch)."""
+    d = directions.shape[-1]
+    out = [jnp.zeros((1, d, d))]
     for i, k in enumerate(ranks):
-        sel = (np.arange(kmax) < k)[:, None]
-        out.append(np.asarray(vh[:kmax]) * sel)
-        g = jax.random.normal(jax.random.fold_in(key, i), (n_random, r, kmax))
-        q = np.linalg.qr(np.asarray(g))[0]                                   # [n, r, kmax] orthonormal
-        out.extend(np.einsum("nrk,rd->nkd", q, np.asarray(vh)) * sel)
-    return np.stack(out).astype(np.float32)
+        rand = jnp.linalg.qr(jax.random.normal(jax.random.fold_in(key, i), (n_random, d, d)))[0]
+        out += [ws.rank_bases(directions, [k]), jax.vmap(lambda r: ws.rank_bases(r, [k])[0])(jnp.swapaxes(rand, -1, -2))]
+    return jnp.concatenate([*out, jnp.eye(d)[None]])
 
 
-def _edited_metric(params, cfg, batch: mc.ChoiceBatch, where: Tuple[int, int], bases: np.ndarray) -> np.ndarray:
-    """Mean task metric [N] with each basis [N, k, D] projected out of W_O of head `where` (vmapped)."""
-    l, h = where
-    metric = _task_metric(cfg, batch)
-
-    def one(basis):
-        o = params["layers"]["o"]["w"]
-        return metric({**params, "layers": {**params["layers"], "o": {**params["layers"]["o"], "w": o.at[l, h].set(
-            ws.project_out(o[l, h], basis, -1))}}})
-    return np.asarray(jax.jit(lambda b: jax.lax.map(one, b, batch_size=4))(jnp.asarray(bases)))
+def pair_patch(params, cfg, problem: PatchingProblem, writer: Tuple[int, int], bases: Array) -> np.ndarray:
+    """Mean task metric [N] with the writer head's output (site head_out, unit `writer` (l, h))
+    patched from the problem's source only within the span of each basis [N, k, Dh] (orthonormal
+    rows, zero rows allowed: 'subspace:head_out'), all N in one vmapped call."""
+    l, h = writer
+    mask = Mask(head_out=jnp.zeros((cfg.n_layers, cfg.n_heads)).at[l, h].set(1.0))
+    full = jnp.zeros((bases.shape[0], cfg.n_layers, cfg.n_heads, *bases.shape[1:])).at[:, l, h].set(bases)
+    return np.asarray(ws.transform_metric(params, cfg, problem, mask, transform_key("subspace", "head_out"), full))
 
 
 def _pair_map(scores: np.ndarray, path: str, title: str) -> str:
@@ -161,9 +204,10 @@ def run(opts: Options) -> str:
                table(["head", "kind", "sigma_0", "effective rank"],
                      [[*k.split(" "), float(s[0]), float(s.sum() ** 2 / (s ** 2).sum())] for k, s in spectra.items()]),
                report.figure(_spectra(spectra, report.path("spectra.png")), "spectra"))
-    batch = mc.choice_batch(TASKS[opts.task](opts.n_prompts, opts.seed), model.tokenizer)
+    prompts = TASKS[opts.task](opts.n_prompts, opts.seed)
+    batch = mc.choice_batch(prompts, model.tokenizer)
     _massive(report, opts, (params, cfg), batch)
-    _check(report, opts, (params, cfg), batch, sorted(pairs, key=lambda p: -p["z"])[:opts.top], seconds)
+    _check(report, opts, (params, cfg), prompts, model.tokenizer, sorted(pairs, key=lambda p: -p["z"])[:opts.top], seconds)
     report.results.update(top_pairs=pairs, baseline={c: [float(b.mean()), float(b.std())]
                                                       for c, b in zip(ws.COMPOSITIONS, base)},
                           spectra={k: v.tolist() for k, v in spectra.items()}, seconds=seconds)
@@ -203,32 +247,41 @@ def _massive(report: Report, opts: Options, params_cfg, batch: mc.ChoiceBatch) -
                                  "zeroed": {int(n): float(v) for n, v in zip(ns, curve)}}
 
 
-def _check(report: Report, opts: Options, params_cfg, batch: mc.ChoiceBatch, pairs: list, seconds: dict) -> None:
-    """The Talking-Heads check for each pair (see the module docstring), as a report section."""
+def _check(report: Report, opts: Options, params_cfg, prompts: list, tokenizer, pairs: list, seconds: dict) -> None:
+    """The Talking-Heads check for each pair (see the module docstring), as a report section; the
+    source is the contrast of the task's `prompts` (`rotated_options`)."""
     params, cfg = params_cfg
     t = time.time()
-    rows, results, by_writer = [], [], {}
-    vh_all = ws.svd(ws.head_factors(params, cfg, "ov"))[2]                             # [L, H, Dh, D]
+    twins = [rotated_options(p) for p in prompts]
+    batch, contrast = (mc.choice_batch(ps, tokenizer) for ps in (prompts, twins))
+    problem = contrast_problem(params, cfg, batch, contrast)
+    source_score = float(_task_metric(cfg, contrast._replace(metric=batch.metric))(params))
+    same_len = int((batch.mask.sum(1) == contrast.mask.sum(1)).sum())
+    rows, results = [], []
     for p in pairs:
-        if p["writer"] not in by_writer:                       # the edit depends on the writer alone
-            bases = channel_bases(jax.random.PRNGKey(opts.seed), vh_all[p["writer"]], opts.ranks, opts.n_random)
-            none = np.zeros((1, *bases.shape[1:]), np.float32)
-            by_writer[p["writer"]] = _edited_metric(params, cfg, batch, p["writer"], np.concatenate([none, bases]))
-        m = by_writer[p["writer"]]
-        clean, m = m[0], m[1:].reshape(len(opts.ranks), 1 + opts.n_random)
-        for k, row in zip(opts.ranks, m):
-            rnd = row[1:] - clean
+        bases = pair_bases(jax.random.PRNGKey(opts.seed), pair_directions(params, cfg, p), opts.ranks, opts.n_random)
+        m = pair_patch(params, cfg, problem, p["writer"], bases)
+        clean, full, per_rank = m[0], m[-1] - m[0], m[1:-1].reshape(len(opts.ranks), 1 + opts.n_random) - m[0]
+        for k, row in zip(opts.ranks, per_rank):
             rows.append([p["type"].upper(), unit_label("head_out", p["writer"]), unit_label("head_out", p["reader"]),
-                         k, float(row[0] - clean), float(rnd.mean()), float(rnd.std())])
+                         k, float(row[0]), float(row[1:].mean()), float(row[1:].std()), float(full)])
             results.append(dict(zip(["type", "writer", "reader", "rank", "top_delta", "random_delta_mean",
-                                     "random_delta_std"], rows[-1])))
+                                     "random_delta_std", "full_delta"], rows[-1]), clean=float(clean)))
         logging.info("check: pair %s done", p)
     seconds["check"] = time.time() - t
     report.add("Low-rank channel check",
-               f"Task: {opts.task}, {opts.n_prompts} prompts; metric: log P(answer) - log P(other options), "
-               "mean over prompts. For each pair, the writer's top-k OV output directions are projected out of "
-               f"its W_O (a weight edit, so every reader of the writer loses them; pairs sharing a writer share the "
-               f"numbers), against {opts.n_random} random k-dim subspaces of its output space; change of the metric "
-               f"from the unedited model ({seconds['check']:.1f} s):",
-               table(["type", "writer", "reader", "rank k", "top-k removed", "random-k removed (mean)", "(std)"], rows))
+               f"Task: {opts.task}, {opts.n_prompts} prompts; metric: log P(answer) - log P(other options), mean "
+               f"over prompts: {results[0]['clean']:.3f} on the task's prompts. Source: the contrast prompts, each "
+               f"option replaced by the next one in the text (e.g. {prompts[0].text!r} -> {twins[0].text!r}), so the "
+               f"right answer moves to another option; they score the task's answers at {source_score:.3f} "
+               f"({same_len}/{len(batch.ids)} with the same token length; positions right-aligned). For each "
+               "pair, the writer's head output (head_out) at every position is patched from the contrast run "
+               "only within a rank-k subspace of its z space (d_head = "
+               f"{cfg.d_head}): the top-k singular directions of the link W_O(writer) M(reader) (M = QK, QK^T or "
+               f"OV of the reader for Q-, K-, V-composition), against {opts.n_random} random k-dim subspaces; "
+               f"the full patch (rank {cfg.d_head}) gives the scale. Change of the metric from the unpatched run "
+               f"({seconds['check']:.1f} s):",
+               table(["type", "writer", "reader", "rank k", "top-k patched", "random-k patched (mean)", "(std)",
+                      f"full patch (rank {cfg.d_head})"], rows, digits=4))
     report.results["check"] = results
+    report.results["check_source"] = {"metric": source_score, "same_length": same_len}
