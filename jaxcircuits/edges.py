@@ -346,16 +346,16 @@ def edge_metric(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMa
     mask (`jax.grad` of its mean at 0 is edge attribution patching). The mask (`check_edge_mask`)
     and the source it reads are checked where concrete."""
     check_edge_mask(mask, EdgeGraph.of(cfg))
-    problem = _prepared(cfg, problem)
+    return _metric(params, cfg, _prepared(cfg, problem), mask)
+
+
+def _metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask) -> Array:
+    """Metric [B] of one edge mask on a prepared problem."""
     return problem.metric(params, edge_hidden(params, cfg, problem, mask))
 
 
-def _masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: EdgeMask) -> Array:
-    """Metric [N, B] of a batch of edge masks (leaves [N, ...]), vmapped over the mask axis."""
-    return jax.vmap(lambda m: problem.metric(params, edge_hidden(params, cfg, problem, m)))(masks)
-
-
-_masks_metric = jax.jit(_masks_metric_fn, static_argnames=("cfg",))
+_metric = jax.jit(_metric_fn, static_argnames=("cfg",))
+_masks_metric = jax.jit(jax.vmap(_metric_fn, in_axes=(None, None, None, 0)), static_argnames=("cfg",))
 
 
 def run_edge_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: EdgeMask, *,
