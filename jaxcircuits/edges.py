@@ -239,7 +239,7 @@ def _per_head(cfg: ModelConfig, p: dict, plain: Array, h: Array, active: Array, 
 
 
 def _edge_layer(cfg: ModelConfig, rope, allowed: Array, pos_w: Array, carry, per_layer):
-    """One layer of the edge-patched run (`_edge_hidden`'s scan).
+    """One layer of the edge-patched run (`_edge_run`'s scan).
 
     carry: (x [B, T, D], deltas [S, B, T, D]: each sender's w_pos * (src - cur) so far, 0 after);
     per_layer: (params_l, m_l [S, R], shift_l [R, B, T, D] or None (added to the receivers' inputs),
@@ -304,32 +304,13 @@ def edge_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMa
     return _edge_run(params, cfg, problem, mask)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _gradient_at_zero(params, cfg: ModelConfig, problem: PatchingProblem) -> EdgeMask:
-    """d(mean metric)/d(edge mask) at 0 from one backward pass that keeps no sender buffer: the
-    gradient g_r of the metric with respect to each receiver's input (a zero shift), contracted with
-    the sender deltas d_s of the unpatched run: dm[s, r] = sum_{b,t,d} g_r d_s (0 on invalid edges)."""
-    graph = EdgeGraph.of(cfg)
-    B, T = problem.target.tokens.shape
-    zero = EdgeMask(jnp.zeros((cfg.n_layers, graph.n_senders, graph.n_receivers)), jnp.zeros(graph.n_senders))
-    shift = (jnp.zeros((cfg.n_layers, graph.n_receivers, B, T, cfg.d_model)), jnp.zeros((B, T, cfg.d_model)))
-
-    def mean_metric(shift):
-        h, deltas = _edge_run(params, cfg, problem, zero, shift)
-        return problem.metric(params, h).mean(), deltas
-    (g_layers, g_final), deltas = jax.grad(mean_metric, has_aux=True)(shift)
-    valid = graph.valid()
-    layers = jnp.einsum("lrbtd,sbtd->lsr", g_layers, deltas, preferred_element_type=jnp.float32)
-    return EdgeMask(jnp.where(valid.layers, layers, 0.0),
-                    jnp.einsum("btd,sbtd->s", g_final, deltas, preferred_element_type=jnp.float32))
-
-
 def edge_attribution(params, cfg: ModelConfig, problem: PatchingProblem) -> EdgeMask:
     """Edge attribution patching (EAP) for every edge in one backward pass: float32 d(mean metric over
     prompts)/d(edge mask) at 0 (layers [L, S, R], final [S]; 0 on invalid edges), the linear estimate
-    of patching each edge alone. Equal to `jax.grad` of `edge_metric` at the zero mask, without its
-    per-layer sender buffers (memory: one [L, R, B, T, D] gradient)."""
-    return _gradient_at_zero(params, cfg, _prepared(cfg, problem))
+    of patching each edge alone."""
+    graph = EdgeGraph.of(cfg)
+    zero = EdgeMask(jnp.zeros((cfg.n_layers, graph.n_senders, graph.n_receivers)), jnp.zeros(graph.n_senders))
+    return _mean_grad(params, cfg, _prepared(cfg, problem), zero)
 
 
 def _prepared(cfg: ModelConfig, problem: PatchingProblem) -> PatchingProblem:
@@ -349,13 +330,56 @@ def edge_metric(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMa
     return _metric(params, cfg, _prepared(cfg, problem), mask)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask) -> Array:
-    """Metric [B] of one edge mask on a prepared problem."""
+    """Metric [B] of one edge mask on a prepared problem; a function of the mask only: params and the
+    problem are constants to its gradient (zero cotangents).
+
+    Its gradient keeps no per-layer sender buffer: with g_r the gradient with respect to receiver r's
+    input (a zero shift, every downstream effect included) and d_s the run's sender deltas, the mask
+    enters only as x_r = ... + m[s, r] d_s, so d/dm[s, r] = sum_{b,t,d} g_r d_s on valid edges.
+    Memory of a backward pass: one [L, R, B, T, D] gradient instead of L sender buffers [S, B, T, D].
+    """
     return problem.metric(params, edge_hidden(params, cfg, problem, mask))
 
 
+def _metric_fwd(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask):
+    B, T = problem.target.tokens.shape
+    R = EdgeGraph.of(cfg).n_receivers
+
+    def shifted(shift):
+        h, deltas = _edge_run(params, cfg, problem, mask, shift)
+        return problem.metric(params, h), deltas
+    zero = (jnp.zeros((cfg.n_layers, R, B, T, cfg.d_model)), jnp.zeros((B, T, cfg.d_model)))
+    value, vjp, deltas = jax.vjp(shifted, zero, has_aux=True)
+    return value, (vjp, deltas, mask)
+
+
+def _metric_bwd(cfg: ModelConfig, res, ct):
+    vjp, deltas, mask = res
+    (g_layers, g_final), = vjp(ct)
+    layers = jnp.einsum("lrbtd,sbtd->lsr", g_layers, deltas, preferred_element_type=jnp.float32)
+    final = jnp.einsum("btd,sbtd->s", g_final, deltas, preferred_element_type=jnp.float32)
+    layers = jnp.where(EdgeGraph.of(cfg).valid().layers, layers, 0.0)
+    return None, None, EdgeMask(layers.astype(jnp.result_type(mask.layers)), final.astype(jnp.result_type(mask.final)))
+
+
+_metric_fn.defvjp(_metric_fwd, _metric_bwd)
+
+
+def _masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: EdgeMask) -> Array:
+    """Metric [N, B] of a batch of edge masks (leaves [N, ...]), vmapped over the mask axis."""
+    return jax.vmap(lambda m: _metric_fn(params, cfg, problem, m))(masks)
+
+
+def _mean_grad_fn(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask) -> EdgeMask:
+    """d(mean metric over prompts)/d(mask) of one edge mask."""
+    return jax.grad(lambda m: _metric_fn(params, cfg, problem, m).mean())(mask)
+
+
 _metric = jax.jit(_metric_fn, static_argnames=("cfg",))
-_masks_metric = jax.jit(jax.vmap(_metric_fn, in_axes=(None, None, None, 0)), static_argnames=("cfg",))
+_masks_metric = jax.jit(_masks_metric_fn, static_argnames=("cfg",))
+_mean_grad = jax.jit(_mean_grad_fn, static_argnames=("cfg",))
 
 
 def run_edge_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: EdgeMask, *,

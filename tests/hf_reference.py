@@ -1,6 +1,7 @@
 """Reference quantities taken from HF models with PyTorch hooks (test-only)."""
 
 import contextlib
+import re
 
 import numpy as np
 import torch
@@ -24,9 +25,10 @@ def run(model, tokens, attn_mask=None, **kw):
     return out
 
 
-def sites(model, tokens, attn_mask=None):
+def sites(model, tokens, attn_mask=None, pattern=True):
     """Every named site from hooks: resid_pre, head_out, attn_out, pattern, mlp_out ([L, ...]) and
-    final_norm, as numpy arrays in jaxcircuits' shapes."""
+    final_norm, as numpy arrays in jaxcircuits' shapes (pattern=False: no 'pattern', for models
+    whose attention implementation cannot return it, e.g. sdpa)."""
     layers, attn_name, o_name, norm = blocks_of(model)
     cfg = model.config
     n_heads = cfg.num_attention_heads
@@ -49,12 +51,13 @@ def sites(model, tokens, attn_mask=None):
     final = []
     handles.append(norm.register_forward_hook(lambda m, a, o: final.append(o.numpy().copy())))
     try:
-        out = run(model, tokens, attn_mask, output_attentions=True)
+        out = run(model, tokens, attn_mask, output_attentions=pattern)
     finally:
         for h in handles:
             h.remove()
     res = {k: np.stack(v) for k, v in got.items()}
-    res["pattern"] = np.stack([a.numpy() for a in out.attentions])
+    if pattern:
+        res["pattern"] = np.stack([a.numpy() for a in out.attentions])
     res["final_norm"] = final[0]
     res["logits"] = out.logits.numpy()
     return res
@@ -168,5 +171,101 @@ def qkv_neuron_hooks(model, site, fn):
     finally:
         for p in patches:
             p.stop()
+        for h in handles:
+            h.remove()
+
+
+_SENDER = re.compile(r"^embed$|^L(?P<l>\d+)H(?P<h>\d+)$|^L(?P<mlp>\d+)MLP$")
+_RECEIVER = re.compile(r"^L(?P<l>\d+)(?:H(?P<h>\d+)\.(?P<q>q)|K(?P<k>\d+)\.(?P<kv>[kv]))$|^L(?P<mlp>\d+)MLP$|^logits$")
+
+
+def _parsed(labels, pattern, what):
+    """Regex matches of edge labels; ValueError naming the unknown ones."""
+    got = [pattern.match(s) for s in labels]
+    bad = [s for s, m in zip(labels, got) if m is None]
+    if bad:
+        raise ValueError(f"unknown {what} label(s) {bad}")
+    return got
+
+
+@contextlib.contextmanager
+def patch_path(model, senders, receivers, source, pos_w=None):
+    """Wang-style path patching of an HF model: every receiver in `receivers` computes its projection
+    (or the MLP / final norm reads its input) from resid + pos_w * sum_s (src_s - cur_s) over
+    `senders`; every other consumer reads the unchanged resid.
+
+    senders: 'embed' (layer 0's input), 'LlHh' (head h's contribution z_h W_O[h]^T, no bias, z from
+    the o_proj / c_proj input) or 'LlMLP' (the MLP's output). receivers: 'LlHh.q' (head h's query
+    slice of q_proj / c_attn's q block, computed from input_layernorm / ln_1 of the shifted resid),
+    'LlKk.k' / 'LlKk.v' (KV head k's slice), 'LlMLP' (post_attention_layernorm / ln_2 input), 'logits'
+    (final norm input). source: `sites(model, source_tokens)`; cur_s is read from this run's own
+    hooks as it goes, so senders must precede receivers. pos_w [B, T] (None: every position).
+    """
+    layers, attn_name, o_name, final_norm = blocks_of(model)
+    gpt2 = model.config.model_type == "gpt2"
+    n_heads = model.config.num_attention_heads
+    cur = {}
+    src = {k: torch.tensor(source[k]) for k in ("resid_pre", "head_out", "mlp_out")}
+    w = 1.0 if pos_w is None else torch.tensor(np.asarray(pos_w, np.float32))[..., None]
+
+    def w_o(l, h):                                     # [Dh, D]: head h's rows of W_O (x @ W_O)
+        o = getattr(getattr(layers[l], attn_name), o_name)
+        rows = o.weight if gpt2 else o.weight.T        # Conv1D stores [in, out]; Linear [out, in]
+        dh = rows.shape[0] // n_heads
+        return rows[h * dh:(h + 1) * dh]
+
+    def sender_delta(m):
+        if m["h"] is not None:
+            l, h = int(m["l"]), int(m["h"])
+            return (src["head_out"][l][..., h, :] - cur["z", l][..., h, :]) @ w_o(l, h)
+        if m["mlp"] is not None:
+            l = int(m["mlp"])
+            return src["mlp_out"][l] - cur["mlp", l]
+        return src["resid_pre"][0] - cur["resid", 0]
+
+    snd = _parsed(senders, _SENDER, "sender")
+    delta = lambda: w * sum(sender_delta(m) for m in snd)
+
+    def keep(key, value):
+        cur[key] = value.detach()
+
+    handles = []
+    for l, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, kw, l=l: keep(("resid", l), a[0] if a else kw["hidden_states"]), with_kwargs=True))
+        o = getattr(getattr(layer, attn_name), o_name)
+        handles.append(o.register_forward_pre_hook(
+            lambda m, a, l=l: keep(("z", l), a[0].reshape(*a[0].shape[:2], n_heads, -1))))
+        handles.append(layer.mlp.register_forward_hook(lambda m, a, out, l=l: keep(("mlp", l), out)))
+
+    def shifted_input(m, a):
+        return (a[0] + delta(), *a[1:])
+
+    def projection_hook(l, norm, lo, hi):
+        def hook(mod, args, out):
+            out = out.clone()
+            out[..., lo:hi] = mod.forward(norm(cur["resid", l] + delta()))[..., lo:hi]
+            return out
+        return hook
+
+    for m in _parsed(receivers, _RECEIVER, "receiver"):
+        if m[0] == "logits":
+            handles.append(final_norm.register_forward_pre_hook(shifted_input))
+        elif m["mlp"] is not None:
+            layer = layers[int(m["mlp"])]
+            handles.append((layer.ln_2 if gpt2 else layer.post_attention_layernorm).register_forward_pre_hook(
+                shifted_input))
+        else:
+            l, n, kind = int(m["l"]), int(m["h"] or m["k"]), m["q"] or m["kv"]
+            layer, attn = layers[l], getattr(layers[l], attn_name)
+            if gpt2:
+                D = model.config.n_embd
+                dh, proj, norm, lo = D // n_heads, attn.c_attn, layer.ln_1, "qkv".index(kind) * D
+            else:
+                dh, proj, norm, lo = attn.head_dim, getattr(attn, f"{kind}_proj"), layer.input_layernorm, 0
+            handles.append(proj.register_forward_hook(projection_hook(l, norm, lo + n * dh, lo + (n + 1) * dh)))
+    try:
+        yield
+    finally:
         for h in handles:
             h.remove()
