@@ -21,8 +21,14 @@ setup(
         # for the tests' shape and tree assertions.
         "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "chex>=0.1.90,<0.2"],
         # The peers of benchmarks/sweep_vs_peers.py. transformer-lens 3.9.0 is the last release with
-        # HookedTransformer (it also ships TransformerBridge); its pins accept transformers 5.23 and
-        # torch 2.13 CPU, so it installs beside the test extras. 4.x is the same distribution.
-        "bench": ["torch==2.13.0", "transformer-lens==3.9.0"],
+        # HookedTransformer (it also ships TransformerBridge); 4.x is the same distribution. nnsight
+        # 0.8.1 wraps the HF model. Both accept transformers 5.24 and torch 2.13 CPU, so they install
+        # beside the test extras without changing jax, flax, transformers or torch.
+        # auto-circuit 1.0.1 (benchmarks/edges_vs_autocircuit.py, tests/test_edge_attribution.py) is not
+        # listed: its declared deps pull tracr-pypi (jax/haiku), kaleido, word2word and vscode-tqdm (a tqdm
+        # fork). Install it with `pip install --no-deps auto-circuit==1.0.1`; the packages below are all
+        # that its imports used there need.
+        "bench": ["torch==2.13.0", "transformer-lens==3.9.0", "nnsight==0.8.1",
+                  "einops>=0.6.1", "ordered-set>=4.1.0", "plotly>=5.18.0", "attrs", "blobfile>=2.0.2"],
     },
 )

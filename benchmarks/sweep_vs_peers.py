@@ -5,14 +5,16 @@
     python -m benchmarks.sweep_vs_peers --shapes=gpt2-small --reps=5 --peer_subsets=64
 
 Per model shape: a random-weight HF model is built (seeded), written with `save_pretrained` and
-loaded into jaxcircuits with `load_hf_dir`; TransformerLens and the HF-hook peer take the same
-weights from the HF model (see benchmarks/peers.py). Target = one random prompt batch, source
+loaded into jaxcircuits with `load_hf_dir`; the TransformerLens, HF-hook and nnsight peers take
+the same weights from the HF model (see benchmarks/peers.py). Target = one random prompt batch, source
 ("clean") = a second one; every k-head subset of one layer has its heads' z (the o_proj input)
 patched from the source, at all positions or at the last one; metric = logit(GOOD) - logit(BAD)
 at the last position, per prompt.
 
-jaxcircuits runs every subset (`run_masks`, one compiled call per chunk); the peers, at about one
-forward per subset, run the first --peer_subsets subsets and their subsets/s is extrapolated. The
+jaxcircuits runs every subset (`run_masks`, one compiled call per chunk); the peers (one forward
+per subset, or S subsets stacked per forward with S tuned per peer over --stacks) run the first
+--peer_subsets subsets and their subsets/s is extrapolated; the report quotes jaxcircuits' ratio
+against each tool's strongest variant per position selector. The
 methods are interleaved over --reps repetitions (order rotated each repetition) and medians are
 reported. Each peer's values must match jaxcircuits' on the same subsets (|diff| <= --atol), or the
 run fails after writing its results. Timing: jaxcircuits' time includes its target run and source
@@ -64,11 +66,15 @@ GOOD, BAD = 11, 13       # the two fixed tokens of the logit difference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["gpt2-small", "smollm2-135m"], "model shapes to run (keys of SHAPES)")
-flags.DEFINE_list("peers", ["tl_loop", "tl_prefix", "tl_bridge", "hf_hook"],
-                  "peers to time (benchmarks.peers.PEERS); empty for jaxcircuits only")
+flags.DEFINE_list("peers", ["tl_loop", "tl_batched", "tl_prefix", "tl_prefix_batched", "tl_bridge",
+                            "tl_bridge_batched", "hf_hook", "hf_batched", "nnsight", "nnsight_batched"],
+                  "peers timed with all-position patching (benchmarks.peers.PEERS); empty for jaxcircuits only")
 flags.DEFINE_list("positions", ["all", "last"], "position selectors patched ('all', 'last')")
-flags.DEFINE_list("last_peers", ["tl_loop"],
-                  "peers also timed and checked with last-position patching (costs as much as 'all')")
+flags.DEFINE_list("last_peers", ["tl_loop", "tl_batched", "tl_prefix_batched", "tl_bridge_batched", "hf_batched",
+                                 "hf_kv_batched", "nnsight_batched"],
+                  "peers timed with last-position patching (a peer without a KV cache costs as much as 'all')")
+flags.DEFINE_list("stacks", ["4", "8", "16", "32"],
+                  "stack sizes S tried for each batched peer (one stack each, after a warm-up); the fastest is timed")
 flags.DEFINE_integer("reps", 3, "interleaved repetitions per method")
 flags.DEFINE_integer("peer_subsets", 32, "subsets each peer runs per repetition (extrapolated)")
 flags.DEFINE_integer("chunk_size", 64, "jaxcircuits masks per compiled call")
@@ -88,6 +94,8 @@ flags.DEFINE_integer("scaling_chunk_n", 1024, "subsets per point of the chunk se
 flags.DEFINE_float("scaling_budget_s", 180.0,
                    "skip a scaling point whose projected sweep time (from the last rate) exceeds this")
 flags.DEFINE_string("render_json", "", "only re-render the table and --results_md from this results JSON")
+flags.DEFINE_string("note", "", "the run's conditions in a sentence, kept in the JSON and printed in --results_md "
+                    "(with --render_json: replaces the JSON's note in the rendering)")
 flags.DEFINE_string("scaling_point", "", "internal: run one scaling point (JSON) and print its result")
 
 
@@ -228,6 +236,7 @@ class Method:
     where: str          # position selector
     n_subsets: int
     fn: object          # () -> values [n_subsets, B]
+    stack: int = 1      # a peer's subsets per forward
     times: List[float] = dataclasses.field(default_factory=list)
     values: np.ndarray = None
 
@@ -250,6 +259,24 @@ def interleave(methods: List[Method], reps: int, matmul_samples: List[float]) ->
             print(f"  rep {rep}: {m.key:<22} {m.times[-1]:8.3f} s  ({m.n_subsets} subsets)", flush=True)
 
 
+def tune_stack(peer, subsets: Sequence[Sequence[int]], label: str) -> Dict[str, float]:
+    """Set `peer.stack` to the fastest of --stacks (at most len(subsets)): one timed stack of each
+    S after a warm-up stack of the largest. Returns {S: subsets/s}."""
+    stacks = sorted({min(int(s), len(subsets)) for s in FLAGS.stacks})
+    peer.stack = stacks[-1]
+    peer.run(subsets[:stacks[-1]])
+    rate = {}
+    for s in stacks:
+        peer.stack = s
+        t = time.perf_counter()
+        peer.run(subsets[:s])
+        rate[str(s)] = s / (time.perf_counter() - t)
+    peer.stack = int(max(rate, key=rate.get))
+    print(f"  tuned {label}: S={peer.stack} ("
+          + ", ".join(f"S={s}: {r:.1f}/s" for s, r in rate.items()) + ")", flush=True)
+    return rate
+
+
 def run_shape(name: str, matmul_samples: List[float]) -> dict:
     """Build one shape's models, time every method interleaved, check the peers' values."""
     from benchmarks import peers as peer_lib
@@ -263,12 +290,12 @@ def run_shape(name: str, matmul_samples: List[float]) -> dict:
     masks = head_masks(cfg, shape.layer, subsets)
     n_peer = min(FLAGS.peer_subsets, len(subsets))
     t = time.perf_counter()
-    models = peer_lib.build_models(hf_model, FLAGS.peers)
+    models = peer_lib.build_models(hf_model, FLAGS.peers + FLAGS.last_peers)
     print(f"  {len(subsets)} subsets; peer models built in {time.perf_counter() - t:.1f} s", flush=True)
     logits = np.asarray(forward(params, cfg, jnp.asarray(tgt))[0])
     unpatched = logits[:, -1, GOOD] - logits[:, -1, BAD]
 
-    methods, compile_info, warm = [], {}, []
+    methods, compile_info, warm, tuning = [], {}, [], {}
     for where in FLAGS.positions:
         positions = np.flatnonzero(P.select(where, np.ones(tgt.shape))[0])
         sweep = jaxcircuits_sweep(params, cfg, tgt, src, masks, where, FLAGS.chunk_size)
@@ -276,11 +303,16 @@ def run_shape(name: str, matmul_samples: List[float]) -> dict:
         warm.append(jaxcircuits_sweep(params, cfg, tgt, src, masks[:FLAGS.chunk_size], where, FLAGS.chunk_size))
         compile_info[where] = first_call(warm[-1])
         methods.append(Method("jaxcircuits", where, len(subsets), sweep))
-        for p in (FLAGS.peers if where == "all" else [p for p in FLAGS.peers if p in FLAGS.last_peers]):
-            peer = peer_lib.PEERS[p](models, tgt, src, shape.layer, positions, GOOD, BAD, cfg.n_heads)
+        problem = peer_lib.Problem(tgt, src, shape.layer, positions, GOOD, BAD, cfg.n_heads)
+        for p in (FLAGS.peers if where == "all" else FLAGS.last_peers):
+            if where not in peer_lib.PEERS[p].wheres:
+                continue
+            peer = peer_lib.make_peer(p, models, problem)
             peer.prepare()
             peer.run(subsets[:1])           # warm-up (untimed)
-            methods.append(Method(p, where, n_peer, lambda peer=peer: peer.run(subsets[:n_peer])))
+            if peer_lib.PEERS[p].batched:
+                tuning[f"{p}/{where}"] = tune_stack(peer, subsets[:n_peer], f"{p}/{where}")
+            methods.append(Method(p, where, n_peer, lambda peer=peer: peer.run(subsets[:n_peer]), peer.stack))
     for w in warm:                          # first_call cleared the other paths' compiles
         w()
     interleave(methods, FLAGS.reps, matmul_samples)
@@ -300,7 +332,8 @@ def run_shape(name: str, matmul_samples: List[float]) -> dict:
                        max_patch_effect=float(np.abs(m.values - unpatched[None]).max()))
         else:
             diff = float(np.abs(m.values - ref.values[:m.n_subsets]).max())
-            row.update(max_abs_diff=diff, checked_subsets=m.n_subsets)
+            row.update(max_abs_diff=diff, checked_subsets=m.n_subsets, family=peer_lib.PEERS[m.name].family,
+                       stack=m.stack, stack_tuning=tuning.get(m.key))
             if not diff <= FLAGS.atol:
                 failures.append(f"{name} {m.key}: max |peer - jaxcircuits| = {diff:.3g} > atol {FLAGS.atol}")
         rows[m.key] = row
@@ -384,7 +417,7 @@ def environment() -> dict:
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
             "jax_devices": [str(d) for d in jax.devices()],
             "versions": {p: version(p) for p in ("jax", "jaxlib", "numpy", "flax", "torch", "transformers",
-                                                 "transformer-lens")}}
+                                                 "transformer-lens", "nnsight")}}
 
 
 TARGET_SHAPE = "gpt2-small"     # the targets below are stated for this shape's sweep on a 2-core CPU
@@ -404,6 +437,18 @@ def add_floor(shape: dict, gflops: float) -> None:
         if "flops_per_subset" in row:
             row["floor_subsets_per_s"] = gflops * 1e9 / row["flops_per_subset"]
             row["floor_fraction"] = row["subsets_per_s"] / row["floor_subsets_per_s"]
+
+
+def strongest_peers(shape: dict) -> List[dict]:
+    """Per position selector and peer tool (family), its fastest variant and jaxcircuits' ratio to it."""
+    best = {}
+    for row in shape["methods"].values():
+        key = (row["positions"], row.get("family"))
+        if key[1] and (key not in best or row["subsets_per_s"] > best[key]["subsets_per_s"]):
+            best[key] = row
+    return [{"positions": where, "family": family, "variant": row["name"], "stack": row["stack"],
+             "subsets_per_s": row["subsets_per_s"], "jaxcircuits_speedup": row["jaxcircuits_speedup"]}
+            for (where, family), row in best.items()]
 
 
 def evaluate_targets(shape: dict) -> List[dict]:
@@ -436,14 +481,21 @@ def table(result: dict) -> str:
     for name, shape in result["shapes"].items():
         lines += [f"\n### {name} (layer {shape['layer']}, {shape['n_subsets']} subsets of {shape['k']} heads; "
                   f"peers timed on {shape['peer_subsets']})\n",
-                  "| method | positions | subsets timed | median s | subsets/s | jaxcircuits speedup | "
+                  "| method | positions | S | subsets timed | median s | subsets/s | jaxcircuits speedup | "
                   "max abs diff vs jaxcircuits |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in shape["methods"].values():
             speed = f"{row['jaxcircuits_speedup']:.1f}x" if "jaxcircuits_speedup" in row else "-"
             diff = f"{row['max_abs_diff']:.2e}" if "max_abs_diff" in row else "-"
-            lines.append(f"| {row['name']} | {row['positions']} | {row['subsets']} | {row['median_s']:.3f} | "
+            lines.append(f"| {row['name']} | {row['positions']} | {row.get('stack', '-')} | {row['subsets']} | "
+                         f"{row['median_s']:.3f} | "
                          f"{row['subsets_per_s']:.1f} | {speed} | {diff} |")
+        lines += ["", "Strongest variant of each peer (jaxcircuits' ratio against it):", "",
+                  "| positions | peer | strongest variant | S | subsets/s | jaxcircuits speedup |",
+                  "|---|---|---|---:|---:|---:|"]
+        for b in shape["strongest"]:
+            lines.append(f"| {b['positions']} | {b['family']} | {b['variant']} | {b['stack']} | "
+                         f"{b['subsets_per_s']:.1f} | {b['jaxcircuits_speedup']:.1f}x |")
         lines += ["", "| jaxcircuits path | first chunk s | compile s | MFLOP/subset | floor subsets/s | "
                       "fraction of floor | max patch effect |", "|---|---:|---:|---:|---:|---:|---:|"]
         for row in shape["methods"].values():
@@ -490,7 +542,7 @@ def markdown(result: dict) -> str:
         " (the end includes this benchmark's own load; the matmul samples below show how much of the "
         "machine it had).",
         f"- Versions: jax {v['jax']}, jaxlib {v['jaxlib']}, torch {v['torch']}, transformers {v['transformers']}, "
-        f"transformer_lens {v['transformer-lens']}, numpy {v['numpy']}, Python {env['python']}.",
+        f"transformer_lens {v['transformer-lens']}, nnsight {v.get('nnsight')}, numpy {v['numpy']}, Python {env['python']}.",
         f"- float32 matmul rate (jax, 2048^2, best of 7 per sample): {result['matmul_gflops']:.1f} GFLOP/s, the "
         f"best of the samples taken at the start and before every repetition "
         f"(all: {', '.join(f'{x:.0f}' for x in result.get('matmul_gflops_samples', [result['matmul_gflops']]))}).",
@@ -500,23 +552,30 @@ def markdown(result: dict) -> str:
         f"{result['flags']['chunk_size']}. Peers run the first {result['flags']['peer_subsets']} subsets "
         "(rate extrapolated) and must match jaxcircuits within "
         f"{result['flags']['atol']:g}. JSON: `{result['json']}`.",
-        "- Methods: `tl_loop` = TransformerLens HookedTransformer.run_with_hooks, hook on blocks.{l}.attn.hook_z, "
-        "one forward per subset; `tl_prefix` = the same from the cached blocks.{l}.hook_resid_pre "
-        "(start_at_layer=l); `tl_bridge` = TransformerLens TransformerBridge (wraps the HF model), same hook, "
-        "one forward per subset; `hf_hook` = plain transformers, forward pre-hook on o_proj/c_proj, "
-        "logits_to_keep=1. jaxcircuits' time includes its target run and source cache; the peers' one-time "
-        "setup is excluded. First chunk s = the first call on one chunk after jax.clear_caches() (compiles "
+        "- Methods (benchmarks/peers.py): `tl_loop` = TransformerLens HookedTransformer.run_with_hooks, hook on "
+        "blocks.{l}.attn.hook_z; `tl_prefix` = the same from the target's cached blocks.{l}.hook_resid_pre "
+        "(`start_at_layer=l`); `tl_bridge` = TransformerLens TransformerBridge (wraps the HF model), same hook; "
+        "`hf_hook` = plain transformers, forward pre-hook on o_proj/c_proj, `logits_to_keep=1`; `hf_kv` = the "
+        "same, last position only, the first T-1 positions run once into a KV cache and each forward runs the "
+        "last token against it; `nnsight` = nnsight's `NNsight(model).trace`, assigning o_proj's input, "
+        "`logits_to_keep=1`. Plain names run one forward per subset (S = 1); `_batched` variants stack S subsets "
+        "on the batch axis (the target repeated S times) with a per-row head mask in the hook, S the fastest of "
+        f"{', '.join(result['flags'].get('stacks', []))} on one stack each before timing (the S column; the "
+        "tried rates are in the JSON's `stack_tuning`). jaxcircuits' time includes its target run and source "
+        "cache; the peers' one-time setup (source z, cached resid_pre or KV prefix) is excluded. First chunk s = the first call on one chunk after jax.clear_caches() (compiles "
         "every shape the sweep uses); compile s = jax's trace + lowering + backend-compile event durations in it.",
         "- Floor: matmul FLOPs per subset of each jaxcircuits path (`subset_flops`) at the matmul rate above.",
-        "- jaxcircuits speedup = jaxcircuits' subsets/s / the peer's subsets/s, same positions. A peer "
-        "whose values differ from jaxcircuits' by more than the tolerance fails the run.",
+        "- jaxcircuits speedup = jaxcircuits' subsets/s / the peer's subsets/s, same positions; the claims "
+        "quote it against each tool's strongest variant (the 'Strongest variant' table). A peer whose values "
+        "differ from jaxcircuits' by more than the tolerance fails the run.",
         "- Peers: `pip install -e .[bench]` (transformer-lens 3.9.0, the last release "
-        "with HookedTransformer; it installs beside transformers 5.23 and torch 2.13 CPU). Its TransformerBridge "
-        "is the one measured; transformer-lens 4.x is the same distribution, so it cannot be installed beside "
-        "3.9.0 and is not measured separately.",
+        "with HookedTransformer, and nnsight 0.8.1; both install beside transformers 5.24 and torch 2.13 CPU). "
+        "TransformerLens' TransformerBridge is the one measured; transformer-lens 4.x is the same distribution, "
+        "so it cannot be installed beside 3.9.0 and is not measured separately.",
         "- Noise: when other processes compete for the cores, torch's OpenMP threads slow down far more "
         "than XLA's, which inflates the speedups; the per-repetition times are in the JSON, and the ratios "
         "that matter are those of a run on a quiet machine (load average near 0).",
+        *([f"- Note: {result['note']}"] if result.get("note") else []),
         "- Re-render this file from the JSON: `python -m benchmarks.sweep_vs_peers --render_json=<json>`.",
         table(result),
         "",
@@ -531,8 +590,10 @@ def main(argv):
     if FLAGS.render_json:
         with open(FLAGS.render_json) as f:
             result = json.load(f)
+        result["note"] = FLAGS.note or result.get("note", "")
         for name, shape in result["shapes"].items():
             shape["targets"] = evaluate_targets(shape) if name == TARGET_SHAPE else []
+            shape["strongest"] = strongest_peers(shape)
         print(table(result))
         if FLAGS.results_md:
             with open(FLAGS.results_md, "w") as f:
@@ -541,6 +602,13 @@ def main(argv):
     unknown = [s for s in FLAGS.shapes if s not in SHAPES]
     if unknown:
         raise app.UsageError(f"unknown shapes {unknown}; known: {sorted(SHAPES)}")
+    from benchmarks.peers import PEERS
+    unknown = [p for p in FLAGS.peers + FLAGS.last_peers if p not in PEERS]
+    if unknown:
+        raise app.UsageError(f"unknown peers {unknown}; known: {sorted(PEERS)}")
+    bad = [s for s in FLAGS.stacks if not (s.isdigit() and int(s) >= 1)]
+    if bad:
+        raise app.UsageError(f"--stacks must be integers >= 1, got {bad}")
     import torch
     torch.set_grad_enabled(False)
     date = datetime.datetime.now().strftime("%Y-%m-%d")
@@ -548,10 +616,10 @@ def main(argv):
     json_path = os.path.join(FLAGS.out_dir, f"sweep_vs_peers-{date}.json")
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python -m benchmarks.sweep_vs_peers " + " ".join(sys.argv[1:]),
-              "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+              "loadavg_start": [round(x, 2) for x in os.getloadavg()], "note": FLAGS.note,
               "environment": environment(), "json": os.path.relpath(json_path, REPO),
               "flags": {f: FLAGS[f].value for f in ("shapes", "peers", "positions", "last_peers", "reps",
-                                                    "peer_subsets",
+                                                    "peer_subsets", "stacks",
                                                     "chunk_size", "batch", "seq_len", "seed", "atol",
                                                     "scaling", "scaling_shape")}}
     samples = result["matmul_gflops_samples"] = [matmul_gflops()]
@@ -561,6 +629,7 @@ def main(argv):
     for name, shape in result["shapes"].items():
         add_floor(shape, result["matmul_gflops"])
         shape["targets"] = evaluate_targets(shape) if name == TARGET_SHAPE else []
+        shape["strongest"] = strongest_peers(shape)
     if FLAGS.scaling:
         result["scaling"] = scaling_series()
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

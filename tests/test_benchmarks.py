@@ -1,11 +1,24 @@
-"""The full-size sweep benchmark runs end to end (on a tiny shape) and reports a measured sweep."""
+"""The benchmarks run end to end (on tiny shapes) and report measured, checked values."""
 
+import importlib.util
+import itertools
 import json
+
+import numpy as np
+import pytest
 
 from tests.conftest import run_binary
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 8,
         "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 97}
+TINY_HF = {  # HF configs of the peer check: GPT-2 and a grouped-query Llama
+    "gpt2": dict(model_type="gpt2", n_layer=3, n_embd=32, n_head=4, vocab_size=53, n_positions=16,
+                 bos_token_id=0, eos_token_id=0),
+    "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=53,
+                  max_position_embeddings=16, hidden_act="silu", bos_token_id=0, eos_token_id=0),
+}
+TOOLS = {"TransformerLens": "transformer_lens", "nnsight": "nnsight", "transformers": "transformers"}
 
 
 def test_llama8b_sweep_tiny_shape(tmp_path):
@@ -25,3 +38,51 @@ def test_llama8b_sweep_extrapolates_when_told(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next(tmp_path.glob("llama8b_sweep-bfloat16-last-*.json")).read_text())
     assert (result["chunks"], result["chunks_timed"], result["extrapolated"]) == (3, 2, True)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_HF))
+def test_every_peer_variant_matches_jaxcircuits(arch):
+    """Each installed peer variant (one forward per subset, or S subsets stacked with per-row head
+    masks, S not dividing the subsets) gives jaxcircuits' values on both position selectors."""
+    from jaxcircuits import positions as P
+    from benchmarks import peers
+    from benchmarks.sweep_vs_peers import (GOOD, BAD, Shape, build_hf_model, head_masks, jaxcircuits_sweep,
+                                           load_into_jaxcircuits)
+
+    shape = Shape(TINY_HF[arch], layer=1, k=2)
+    hf_model = build_hf_model(shape, seed=0)
+    cfg, params = load_into_jaxcircuits(hf_model)
+    rng = np.random.default_rng(0)
+    tgt, src = (rng.integers(0, cfg.vocab_size, (2, 5)).astype(np.int32) for _ in range(2))
+    subsets = list(itertools.combinations(range(cfg.n_heads), shape.k))          # 6 subsets
+    masks = head_masks(cfg, shape.layer, subsets)
+    names = [n for n, kind in peers.PEERS.items() if importlib.util.find_spec(TOOLS[kind.family])]
+    models = peers.build_models(hf_model, names)
+    for where in ("all", "last"):
+        positions = np.flatnonzero(P.select(where, np.ones(tgt.shape))[0])
+        ours = np.asarray(jaxcircuits_sweep(params, cfg, tgt, src, masks, where, chunk_size=4)())
+        problem = peers.Problem(tgt, src, shape.layer, positions, GOOD, BAD, cfg.n_heads)
+        checked = []
+        for name in names:
+            if where in peers.PEERS[name].wheres:
+                peer = peers.make_peer(name, models, problem, stack=4 if peers.PEERS[name].batched else 1)
+                peer.prepare()
+                np.testing.assert_allclose(peer.run(subsets), ours, atol=2e-5, err_msg=f"{name}/{where}")
+                checked.append(name)
+        plain = peers.make_peer("hf_hook", models, problem)
+        plain.prepare()
+        unpatched = plain.run([()])
+        assert np.abs(ours - unpatched).min() > 1e-4          # every subset's patch changes every value
+        assert {"hf_hook", "hf_batched"} <= set(checked) and ("hf_kv_batched" in checked) == (where == "last")
+
+
+def test_peer_rejects_what_it_cannot_patch():
+    from benchmarks import peers
+
+    problem = peers.Problem(np.zeros((1, 3), np.int32), np.zeros((1, 3), np.int32), 0, np.arange(3), 1, 2, 4)
+    with pytest.raises(ValueError, match=r"last position \(2\) only, got positions \[0, 1, 2\]"):
+        peers.HFKV(None, problem).prepare()
+    with pytest.raises(ValueError, match="stack must be >= 1, got 0"):
+        peers.HFHook(None, problem, stack=0)
+    with pytest.raises(ValueError, match=r"unknown peers \['tl_fast'\]"):
+        peers.build_models(None, ["tl_fast"])
