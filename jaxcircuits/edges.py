@@ -310,10 +310,10 @@ def edge_attribution(params, cfg: ModelConfig, problem: PatchingProblem) -> Edge
     of patching each edge alone."""
     graph = EdgeGraph.of(cfg)
     zero = EdgeMask(jnp.zeros((cfg.n_layers, graph.n_senders, graph.n_receivers)), jnp.zeros(graph.n_senders))
-    return _mean_grad(params, cfg, _prepared(cfg, problem), zero)
+    return _mean_grad(params, cfg, prepared(cfg, problem), zero)
 
 
-def _prepared(cfg: ModelConfig, problem: PatchingProblem) -> PatchingProblem:
+def prepared(cfg: ModelConfig, problem: PatchingProblem) -> PatchingProblem:
     """The problem cut to what senders read: the source's embeddings (layer 0's resid_pre), head z's
     and MLP outputs at the positions pos_w selects, checked (`PatchingProblem.for_footprint`)."""
     _check_source(cfg, problem)
@@ -327,7 +327,7 @@ def edge_metric(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMa
     mask (`jax.grad` of its mean at 0 is edge attribution patching). The mask (`check_edge_mask`)
     and the source it reads are checked where concrete."""
     check_edge_mask(mask, EdgeGraph.of(cfg))
-    return _metric(params, cfg, _prepared(cfg, problem), mask)
+    return _metric(params, cfg, prepared(cfg, problem), mask)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -391,7 +391,7 @@ def run_edge_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Ed
     chunk; on_chunk(start, values) sees each chunk. Memory per mask: the sender deltas [S, B, T, D]."""
     graph = EdgeGraph.of(cfg)
     check_edge_mask(masks, graph, batched=True)
-    problem = _prepared(cfg, problem)
+    problem = prepared(cfg, problem)
     n = int(jnp.shape(masks.final)[0])
     chunk_size, sharding = chunking(n, chunk_size, shard)
     out = []

@@ -69,7 +69,7 @@ def test_matches_receiver_by_receiver_reference(tiny, name):
     graph = edges.EdgeGraph.of(cfg)
     for seed in range(2):
         mask = _random_mask(graph, seed)
-        got = edges.edge_hidden(params, cfg, edges._prepared(cfg, problem), mask)
+        got = edges.edge_hidden(params, cfg, edges.prepared(cfg, problem), mask)
         want = _reference(params, cfg, problem, mask)
         np.testing.assert_allclose(got, want, atol=2e-5)
         assert np.abs(np.asarray(want) - np.asarray(_reference(params, cfg, problem, graph.unflat(
@@ -81,7 +81,7 @@ def test_zero_mask_is_bitwise_the_plain_run(tiny, name):
     cfg, params, problem = _problem(tiny, name)
     graph = edges.EdgeGraph.of(cfg)
     zero = graph.unflat(jnp.zeros(graph.n_edges))
-    got = jax.jit(edges.edge_hidden, static_argnames="cfg")(params, cfg, edges._prepared(cfg, problem), zero)
+    got = jax.jit(edges.edge_hidden, static_argnames="cfg")(params, cfg, edges.prepared(cfg, problem), zero)
     _, cache = M.forward(params, cfg, problem.target.tokens, collect=("final_norm",), return_logits=False)
     np.testing.assert_array_equal(got, cache["final_norm"])
 
@@ -165,7 +165,7 @@ def test_mask_gradient_without_buffers_equals_autodiff(tiny, name):
     pos_w = np.random.RandomState(4).uniform(0, 1, (B, T)).astype(np.float32)
     cfg, params, problem = _problem(tiny, name, pos_w, n_positions=1)
     graph = edges.EdgeGraph.of(cfg)
-    prepared = edges._prepared(cfg, problem)
+    prepared = edges.prepared(cfg, problem)
     autodiff = jax.jit(jax.grad(lambda m: problem.metric(params, edges.edge_hidden(params, cfg, prepared, m)).mean()))
     zero = graph.unflat(jnp.zeros(graph.n_edges))
     want = autodiff(zero)
