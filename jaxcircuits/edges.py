@@ -235,7 +235,7 @@ def _per_head(cfg: ModelConfig, p: dict, plain: Array, h: Array, active: Array, 
     of the shared input) exactly, with the per-head value's gradient (straight through), so that
     the gradient at an all-zero mask is the edges' own."""
     own = M.dense(p, h, spec)
-    return jnp.where(active[:, None], own, plain + (own - jax.lax.stop_gradient(own)))
+    return jnp.where(active[:, None], own, jax.lax.stop_gradient(plain) + (own - jax.lax.stop_gradient(own)))
 
 
 def _edge_layer(cfg: ModelConfig, rope, allowed: Array, pos_w: Array, carry, per_layer):
@@ -304,15 +304,6 @@ def edge_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMa
     return _edge_run(params, cfg, problem, mask)[0]
 
 
-def edge_attribution(params, cfg: ModelConfig, problem: PatchingProblem) -> EdgeMask:
-    """Edge attribution patching (EAP) for every edge in one backward pass: float32 d(mean metric over
-    prompts)/d(edge mask) at 0 (layers [L, S, R], final [S]; 0 on invalid edges), the linear estimate
-    of patching each edge alone."""
-    graph = EdgeGraph.of(cfg)
-    zero = EdgeMask(jnp.zeros((cfg.n_layers, graph.n_senders, graph.n_receivers)), jnp.zeros(graph.n_senders))
-    return _mean_grad(params, cfg, prepared(cfg, problem), zero)
-
-
 def prepared(cfg: ModelConfig, problem: PatchingProblem) -> PatchingProblem:
     """The problem cut to what senders read: the source's embeddings (layer 0's resid_pre), head z's
     and MLP outputs at the positions pos_w selects, checked (`PatchingProblem.for_footprint`)."""
@@ -372,14 +363,8 @@ def _masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: 
     return jax.vmap(lambda m: _metric_fn(params, cfg, problem, m))(masks)
 
 
-def _mean_grad_fn(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask) -> EdgeMask:
-    """d(mean metric over prompts)/d(mask) of one edge mask."""
-    return jax.grad(lambda m: _metric_fn(params, cfg, problem, m).mean())(mask)
-
-
 _metric = jax.jit(_metric_fn, static_argnames=("cfg",))
 _masks_metric = jax.jit(_masks_metric_fn, static_argnames=("cfg",))
-_mean_grad = jax.jit(_mean_grad_fn, static_argnames=("cfg",))
 
 
 def run_edge_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: EdgeMask, *,
