@@ -4,6 +4,10 @@ layer 10 of a Llama-3.1-8B-shaped model (random weights), for one prompt.
     python -m benchmarks.llama8b_sweep                          # bf16, all positions, every subset
     python -m benchmarks.llama8b_sweep --positions=last --dtype=float32 --chunk_size=128
     python -m benchmarks.llama8b_sweep --max_chunks=2           # time 2 chunks, extrapolate (CPU)
+    python -m benchmarks.llama8b_sweep --dry_run                # the chunk size and memory it would use
+
+--chunk_size=0 (the default) chooses the chunk from the devices' free memory and the per-subset
+footprint (`jaxcircuits.memory`); the run prints the chunk size and its predicted memory either way.
 
 Each chunk is `sweep.chunk_metric`, the step `sweep.run_sweep` repeats (one compiled call: masks
 unranked on device, patched forward from the cached target run, logit difference at the last
@@ -28,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcircuits import memory
 from jaxcircuits import positions as P
 from jaxcircuits.metrics import LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params, num_params
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, chunking, target_run
+from jaxcircuits.patching import PatchingProblem, chunk_devices, chunking, target_run
 from jaxcircuits.subsets import Pool, of_size
 from jaxcircuits.sweep import Sweep, chunk_metric
 
@@ -52,7 +57,9 @@ flags.DEFINE_enum("positions", "all", ["all", "last"], "positions patched")
 flags.DEFINE_integer("layer", 10, "layer whose even heads are swept")
 flags.DEFINE_integer("k", 8, "subset size (of the 16 even heads)")
 flags.DEFINE_integer("seq_len", 20, "prompt tokens (random ids)")
-flags.DEFINE_integer("chunk_size", 256, "subsets per compiled call (a multiple of the device count)")
+flags.DEFINE_integer("chunk_size", 0, "subsets per compiled call (a multiple of the device count); 0: from the "
+                     "free memory (jaxcircuits.memory)", lower_bound=0)
+flags.DEFINE_bool("dry_run", False, "print the chunk size and predicted memory from shapes alone, then exit")
 flags.DEFINE_integer("max_chunks", 0, "time only this many chunks after the first and extrapolate (0 = all)")
 flags.DEFINE_integer("seed", 0, "seed of weights and prompts")
 flags.DEFINE_string("shape_json", "", "HF config fields overriding the Llama-3.1-8B shape (JSON; for tests)")
@@ -65,12 +72,6 @@ def main(argv):
     hf = {**LLAMA_3_1_8B, **json.loads(FLAGS.shape_json or "{}")}
     cfg = ModelConfig.from_hf(hf)
     dtype = jnp.dtype(FLAGS.dtype)
-    t = time.perf_counter()
-    params = jax.block_until_ready(init_params(cfg, jax.random.PRNGKey(FLAGS.seed), dtype))
-    init_s = time.perf_counter() - t
-    print(f"{num_params(params) / 1e9:.2f} B params ({FLAGS.dtype}) in {init_s:.1f} s on "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
-
     rng = np.random.default_rng(FLAGS.seed)
     tgt, src = (rng.integers(0, cfg.vocab_size, (1, FLAGS.seq_len)).astype(np.int32) for _ in range(2))
     pos_w = P.select(FLAGS.positions, np.ones(tgt.shape))
@@ -79,14 +80,34 @@ def main(argv):
     family = of_size(pool.n, FLAGS.k)
     sweep = Sweep.make(cfg, pool, family, pos_w)
     n = family.size()
-    chunk, sharding = chunking(n, FLAGS.chunk_size, shard=True)
-    n_chunks = math.ceil(n / chunk)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(FLAGS.seed), dtype))
+    n_dev, fp = chunk_devices(True), memory.footprint(shapes, cfg, sweep.plan, tgt.shape, metric)
+
+    def choose_chunk():
+        """(chunk, sharding, free bytes per device) now, printed with the predicted memory."""
+        free = memory.free_bytes(n_dev)
+        chunk, sharding = chunking(n, FLAGS.chunk_size or fp.chunk_size(n_dev, free), shard=True)
+        print(f"{'--chunk_size' if FLAGS.chunk_size else 'from memory'}: {memory.describe(fp, chunk, n_dev, free)}; "
+              f"{n} subsets in {math.ceil(n / chunk)} chunks", flush=True)
+        return chunk, sharding, free
+
+    if FLAGS.dry_run:                                   # free memory before any params exist
+        choose_chunk()
+        return
+
+    t = time.perf_counter()
+    params = jax.block_until_ready(init_params(cfg, jax.random.PRNGKey(FLAGS.seed), dtype))
+    init_s = time.perf_counter() - t
+    print(f"{num_params(params) / 1e9:.2f} B params ({FLAGS.dtype}) in {init_s:.1f} s on "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
 
     t = time.perf_counter()
     target = jax.block_until_ready(target_run(params, cfg, tgt))
     _, cache = run_with_cache(params, cfg, src, sites=("head_out",))
     problem = PatchingProblem.make(target, {"head_out": jax.block_until_ready(cache["head_out"])}, pos_w, metric)
     setup_s = time.perf_counter() - t
+    chunk, sharding, free = choose_chunk()              # free memory with params and caches resident
+    n_chunks = math.ceil(n / chunk)
 
     def run_chunk(i):
         return chunk_metric(params, cfg, problem, sweep, i * chunk, chunk, sharding)
@@ -109,6 +130,8 @@ def main(argv):
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "platform": platform.platform(), "jax": jax.__version__,
         "params_b": num_params(params) / 1e9, "subsets": n, "chunk_size": chunk, "chunks": n_chunks,
+        "chunk_from_memory": not FLAGS.chunk_size, "predicted_chunk_bytes_per_device": fp.bytes(chunk // n_dev),
+        "free_bytes_per_device": free,
         "chunks_timed": 1 + timed, "extrapolated": timed < n_chunks - 1,
         "init_s": init_s, "target_and_source_s": setup_s, "first_chunk_s": first_s,
         "steady_subsets_per_s": chunk / per_chunk, "sweep_s": sweep_s,

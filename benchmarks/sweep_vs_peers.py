@@ -154,17 +154,21 @@ def head_masks(cfg: ModelConfig, layer: int, subsets: Sequence[Sequence[int]]) -
     return np.asarray(Pool.heads(layer, cfg.n_heads).scatter(selected, (cfg.n_layers, cfg.n_heads)))
 
 
+def metric(batch: int) -> LogitDiff:
+    """The benchmark's metric: logit(GOOD) - logit(BAD) at the last position of each of `batch` prompts."""
+    return LogitDiff(good=jnp.full((batch, 1), GOOD, jnp.int32), bad=jnp.full((batch, 1), BAD, jnp.int32))
+
+
 def jaxcircuits_sweep(params, cfg, tgt, src, masks: np.ndarray, where: str, chunk_size: int):
     """The whole jaxcircuits sweep as a closure: target run, source cache, run_masks -> [N, B]."""
     pos_w = P.select(where, np.ones(tgt.shape))
-    metric = LogitDiff(good=jnp.full((tgt.shape[0], 1), GOOD, jnp.int32),
-                       bad=jnp.full((tgt.shape[0], 1), BAD, jnp.int32))
+    metric_ = metric(tgt.shape[0])
     mask = Mask(head_out=masks)
 
     def sweep():
         target = target_run(params, cfg, tgt)
         _, cache = run_with_cache(params, cfg, src, sites=("head_out",))
-        problem = PatchingProblem.make(target, {"head_out": cache["head_out"]}, pos_w, metric)
+        problem = PatchingProblem.make(target, {"head_out": cache["head_out"]}, pos_w, metric_)
         return run_masks(params, cfg, problem, mask, chunk_size=chunk_size, shard=False)
     return sweep
 

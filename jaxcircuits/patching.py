@@ -12,14 +12,16 @@ These fast paths live here; the model's block (`models.transformer.block`) stays
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import numpy as np
+from absl import logging
 from flax import struct
 
-from jaxcircuits import logs, sites
+from jaxcircuits import logs, memory, sites
 from jaxcircuits.models import transformer as M
 from jaxcircuits.metrics import check_token_ids
 from jaxcircuits.models.config import ModelConfig
@@ -155,43 +157,73 @@ def _one_layer(tree, l: int):
     return jax.tree.map(lambda a: a[l], tree)
 
 
-def patched_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask, plan: Plan) -> Array:
+@struct.dataclass
+class PlanLayers:
+    """The layer params a plan's patched run reads, cut from the stacked params once, outside the
+    compiled call (slicing a stacked array inside it copies the slice on every call): `first` (layer
+    start_layer, when the plan starts from its cached z), `mid` (the scanned layers, stacked) and
+    `last` (layer L-1 when it runs alone with queries only for the metric's positions); None where
+    the plan has no such part."""
+
+    first: Optional[dict]
+    mid: Optional[dict]
+    last: Optional[dict]
+
+
+def _bounds(cfg: ModelConfig, plan: Plan, n_out: int) -> Tuple[int, int]:
+    """(first scanned layer, end of the scan) of `plan` for a metric reading n_out positions."""
+    start = plan.start_layer + int(plan.from_z)
+    split = cfg.n_layers - 1 if plan.suffix_len > n_out else cfg.n_layers   # the last layer runs alone if it can shrink
+    return start, split
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "n_out"))
+def plan_layers(params, cfg: ModelConfig, plan: Plan, n_out: int) -> PlanLayers:
+    """The `PlanLayers` of `plan` (metric reading n_out positions) from stacked params."""
+    layers, L = params["layers"], cfg.n_layers
+    start, split = _bounds(cfg, plan, n_out)
+    return PlanLayers(_one_layer(layers, plan.start_layer) if plan.from_z else None,
+                      _layers(layers, start, split) if start < split else None,
+                      _one_layer(layers, L - 1) if start <= L - 1 and split == L - 1 else None)
+
+
+
+def patched_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask, plan: Plan,
+                   layers: Optional[PlanLayers] = None) -> Array:
     """Final-normed hidden states [B, n, D] of the last n = metric.n_positions positions under one mask.
 
     mask leaves [L, ...] over all layers (zero before plan.start_layer); problem.pos_w zero before
     the last plan.suffix_len positions. Computes only what the mask can change: layers from
     start_layer (from the target's cached z when plan.from_z), the final plan.suffix_len positions
-    (earlier keys/values from the target), and in the last layer queries only for the n positions
-    the metric reads.
+    (earlier keys/values from the target, read in place), and in the last layer queries only for
+    the n positions the metric reads. `layers`: the plan's `PlanLayers` (cut here when None).
     """
     target, n_out = problem.target, problem.metric.n_positions
     L, T = cfg.n_layers, target.tokens.shape[1]
     L0, R = plan.start_layer, plan.suffix_len
     if n_out > R:
         raise ValueError(f"metric reads {n_out} final positions but only {R} are recomputed")
-    layers, first = params["layers"], T - R
+    layers = plan_layers(params, cfg, plan, n_out) if layers is None else layers
+    first = T - R
     iv = _narrow(Intervention(mask, problem.source, problem.pos_w), 0, None, first)
     pos = target.pos_ids[:, first:]
     x = target.resid_pre[L0][:, first:]
-    start = L0
     if plan.from_z:
         z = target.head_out[L0][:, first:]
-        x = M.block(cfg, _one_layer(layers, L0), x, lambda h: z, LayerHooks(_one_layer(iv, L0), ()))
-        start = L0 + 1
-    split = L - 1 if R > n_out else L      # the last layer runs on its own only if it can shrink
-    if start < split:
-        kv = None if R == T else M.KVCache(target.kv[0][start:split], target.kv[1][start:split], first)
-        x, _ = M.run_layers(_layers(layers, start, split), cfg, x, pos, target.attn_mask, kv=kv,
-                            intervention=_narrow(iv, start, split, 0))
-    if start <= L - 1 and split == L - 1:
+        x = M.block(cfg, layers.first, x, lambda h: z, LayerHooks(_one_layer(iv, L0), ()))
+    start, split = _bounds(cfg, plan, n_out)
+    if layers.mid is not None:
+        kv = None if R == T else M.KVCache(*((c[start:split, :, :first],) for c in target.kv), first)
+        x, _ = M.run_layers(layers.mid, cfg, x, pos, target.attn_mask, kv=kv, intervention=_narrow(iv, start, split, 0))
+    if layers.last is not None:
         # Last layer: keys/values for every recomputed position, queries for the n_out read.
-        p, hooks = _one_layer(layers, L - 1), LayerHooks(_one_layer(iv, L - 1), ())
+        p, hooks = layers.last, LayerHooks(_one_layer(iv, L - 1), ())
         _, k, v = M.qkv(cfg, p, M.norm(cfg, p["norm1"], hooks("resid_pre", x)), M.rope_tables(cfg, pos), hooks)
-        if R < T:
-            k = jax.lax.dynamic_update_slice_in_dim(target.kv[0][L - 1], k.astype(target.kv[0].dtype), first, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(target.kv[1][L - 1], v.astype(target.kv[1].dtype), first, 1)
-        x, _ = M.run_layers(_layers(layers, L - 1), cfg, x[:, R - n_out:], pos[:, R - n_out:],
-                            target.attn_mask, kv=M.KVCache(k[None], v[None], T - n_out),
+        # Keys/values as parts read in place: the target's prefix (shared by every mask), then this run's.
+        parts = [(c[L - 1:, :, :first], own[None, :, :R - n_out].astype(c.dtype)) for c, own in zip(target.kv, (k, v))]
+        parts = [tuple(a for a in kv if a.shape[2]) for kv in parts]
+        x, _ = M.run_layers(jax.tree.map(lambda a: a[None], p), cfg, x[:, R - n_out:], pos[:, R - n_out:],
+                            target.attn_mask, kv=M.KVCache(*parts, T - n_out),
                             intervention=_narrow(iv, L - 1, None, R - n_out))
     return M.final_norm(params, cfg, x[:, -n_out:])
 
@@ -219,10 +251,11 @@ def patched_metric(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mas
     return problem.metric(params, patched_hidden(params, cfg, problem, mask, plan))
 
 
-def masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, plan: Plan) -> Array:
+def masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, plan: Plan,
+                    layers: Optional[PlanLayers] = None) -> Array:
     """Metric [N, B] for a batch of masks (leaves [N, L, ...]), vmapped over the mask axis; the
-    problem is already cut to the masks' footprint (`run_masks`)."""
-    return jax.vmap(lambda m: problem.metric(params, patched_hidden(params, cfg, problem, m, plan)))(masks)
+    problem is already cut to the masks' footprint and `layers` are the plan's (`run_masks`)."""
+    return jax.vmap(lambda m: problem.metric(params, patched_hidden(params, cfg, problem, m, plan, layers)))(masks)
 
 
 masks_metric = jax.jit(masks_metric_fn, static_argnames=("cfg", "plan"))
@@ -244,21 +277,41 @@ def to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def chunk_devices(shard: bool) -> int:
+    """Devices a chunk's mask axis is split over: every device with shard=True, else one."""
+    return jax.device_count() if shard else 1
+
+
 def chunking(n: int, chunk_size: int, shard: bool):
     """(chunk size, sharding or None) for n items: at most n per chunk, and with shard=True and
     several devices a multiple of the device count, split over them by `mask_axis_sharding`."""
-    chunk_size = max(1, min(chunk_size, n))
-    if not shard or jax.device_count() == 1:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: expected >= 1 (or None / 0 for the size from free memory)")
+    chunk_size = min(chunk_size, n)
+    if chunk_devices(shard) == 1:
         return chunk_size, None
     return math.ceil(chunk_size / jax.device_count()) * jax.device_count(), mask_axis_sharding()
 
 
+def chunk_from_memory(params, cfg: ModelConfig, problem: PatchingProblem, plan: Plan, shard: bool) -> int:
+    """The chunk size that fits the free memory of the devices a chunk is split over: the
+    `memory.footprint` of `plan`'s patched runs of `problem` (formula in `jaxcircuits.memory`),
+    `memory.Footprint.chunk_size`; logged with its predicted memory (`memory.describe`)."""
+    n_dev = chunk_devices(shard)
+    fp = memory.footprint(params, cfg, plan, problem.target.tokens.shape, problem.metric)
+    free = memory.free_bytes(n_dev)
+    chunk = fp.chunk_size(n_dev, free)
+    logging.info("%s", memory.describe(fp, chunk, n_dev, free))
+    return chunk
+
+
 def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *,
-              plan: Optional[Plan] = None, chunk_size: int = 256, shard: bool = True,
+              plan: Optional[Plan] = None, chunk_size: Optional[int] = None, shard: bool = True,
               on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
     """Metric [N, B] for N masks, run in chunks of `chunk_size` (one compilation for all chunks).
 
-    masks: `Mask` with leaves [N, L, ...] (host or device). The last chunk is padded with zero
+    masks: `Mask` with leaves [N, L, ...] (host or device). chunk_size None or 0: the size that
+    fits the free memory (`chunk_from_memory`). The last chunk is padded with zero
     masks and trimmed. With shard=True and several devices, each chunk's mask axis is split over
     them (chunk_size is rounded up to a multiple of the device count). `plan` defaults to the
     layers the masks touch and the positions pos_w selects. on_chunk(start, values) sees each chunk.
@@ -271,7 +324,8 @@ def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *
     plan = plan or make_plan(layers_touched(touched), problem.pos_w)
     problem = problem.for_footprint(cfg, touched)
     n = getattr(masks, masks.sites()[0]).shape[0]
-    chunk_size, sharding = chunking(n, chunk_size, shard)
+    chunk_size, sharding = chunking(n, chunk_size or chunk_from_memory(params, cfg, problem, plan, shard), shard)
+    layers = plan_layers(params, cfg, plan, problem.metric.n_positions)
     out = []
     with logs.progress(n, "run_masks", "mask", leave=False, disable=n <= chunk_size) as bar:
         for start in range(0, n, chunk_size):
@@ -282,7 +336,7 @@ def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *
             chunk = jax.tree.map(take, masks)
             if sharding is not None:
                 chunk = jax.device_put(chunk, sharding)
-            vals = to_host(masks_metric(params, cfg, problem, chunk, plan))
+            vals = to_host(masks_metric(params, cfg, problem, chunk, plan, layers))
             vals = vals[:min(chunk_size, n - start)]
             bar.update(len(vals))
             if on_chunk is not None:

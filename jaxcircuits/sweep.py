@@ -44,7 +44,8 @@ from jax.experimental import multihost_utils
 
 from jaxcircuits import logs, storage
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import PatchingProblem, Plan, chunking, make_plan, masks_metric_fn, run_masks, to_host
+from jaxcircuits.patching import (PatchingProblem, Plan, PlanLayers, chunk_from_memory, chunking, make_plan,
+                                  masks_metric_fn, plan_layers, run_masks, to_host)
 from jaxcircuits.sites import Mask
 from jaxcircuits.subsets import MAX_RANK, Family, Pool, from_bitmask, to_bitmask, unrank, unrank_np
 
@@ -78,29 +79,31 @@ class Sweep:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sweep"))
 def family_metric(params, cfg: ModelConfig, problem: PatchingProblem, ranks: Array, sweep: Sweep,
-                  weight=1.0) -> Array:
+                  weight=1.0, layers: Optional[PlanLayers] = None) -> Array:
     """Metric [c, B] for the family members `ranks` [c]; masks are built here, on device.
 
     Each member's mask is `weight` at its units' coordinates of `sweep.pool.site`, 0 elsewhere.
+    `layers`: the plan's layer params (`patching.plan_layers`; cut inside when None).
     """
     pool = sweep.pool
     mask = Mask(**{pool.site: pool.scatter(unrank(sweep.family, ranks), sweep.shape) * weight})
-    return masks_metric_fn(params, cfg, problem, mask, sweep.plan)
+    return masks_metric_fn(params, cfg, problem, mask, sweep.plan, layers)
 
 
 def chunk_metric(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep, lo: int, chunk_size: int,
-                 sharding=None) -> np.ndarray:
+                 sharding=None, layers: Optional[PlanLayers] = None) -> np.ndarray:
     """Metric [c, B] (host) for the family members of ranks lo..lo+c-1, c = min(chunk_size, N - lo).
 
     The call always has chunk_size ranks (padded with rank 0, trimmed), so every chunk of a sweep
     reuses one compilation; `sharding` (from `chunking`) splits them over devices. Raises on NaN/inf.
+    `layers`: the plan's layer params, cut once per sweep (`patching.plan_layers`).
     """
     hi = min(lo + chunk_size, sweep.family.size())
     ranks = np.zeros(chunk_size, np.int32)
     ranks[:hi - lo] = np.arange(lo, hi)
     if sharding is not None:
         ranks = jax.device_put(ranks, sharding)
-    vals = to_host(family_metric(params, cfg, problem, ranks, sweep))[:hi - lo]
+    vals = to_host(family_metric(params, cfg, problem, ranks, sweep, layers=layers))[:hi - lo]
     if not np.isfinite(vals).all():
         raise FloatingPointError(f"non-finite metric values for ranks {lo}..{hi - 1}")
     return vals
@@ -211,6 +214,17 @@ def _prepare_dir(out_dir: str, spec: dict, resume: bool) -> None:
                          "use another directory to run this one")
 
 
+def _spec_chunk_size(out_dir: str) -> Optional[int]:
+    """The chunk size in out_dir's spec.json, if it holds one that checks out (else None)."""
+    path = os.path.join(out_dir, "spec.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        return int(storage.read_verified(path, _read_json)["chunk_size"])
+    except (storage.DamagedFileError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _members(family: Family, lo: int, hi: int) -> tuple:
     """(ranks int64 [c], bitmask uint64 [c]) of the family members of ranks lo..hi-1."""
     ranks = np.arange(lo, hi, dtype=np.int64)
@@ -247,13 +261,15 @@ def _read_chunk(path: str, family: Family, lo: int, hi: int, batch: int) -> Swee
 
 
 def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, family: Family, out_dir: str, *,
-              chunk_size: int = 256, shard: bool = True, resume: bool = True, describe: Optional[dict] = None,
+              chunk_size: Optional[int] = None, shard: bool = True, resume: bool = True, describe: Optional[dict] = None,
               on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> SweepResult:
     """Evaluate `problem`'s metric for every member of `family` over `pool`, streaming chunks to `out_dir`.
 
     The six positional arguments are the sweep; the keyword-only ones are independent run options
-    with defaults (hence more than eight parameters). With shard=True and several devices, each
-    chunk's ranks are split over them (chunk_size rounded up to a multiple of the device count).
+    with defaults (hence more than eight parameters). chunk_size None or 0: the one in out_dir's
+    spec when resuming, else the size that fits the free memory (`patching.chunk_from_memory`).
+    With shard=True and several devices, each chunk's ranks are split over them (chunk_size
+    rounded up to a multiple of the device count).
     resume=True continues a sweep with an equal spec in out_dir; describe is free JSON stored in the
     spec; a progress bar (`logs.progress`: rate, ETA) counts subsets; on_chunk(index, metric_values)
     runs after each chunk is saved. Returns the full `SweepResult` (also written to out_dir/results.npz).
@@ -263,6 +279,8 @@ def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, fa
     sweep = Sweep.make(cfg, pool, family, problem.pos_w)
     problem = problem.for_footprint(cfg, Mask(**{pool.site: pool.scatter(np.ones(pool.n, bool), sweep.shape)}))
     n, batch = family.size(), problem.target.tokens.shape[0]
+    chunk_size = chunk_size or (resume and _spec_chunk_size(out_dir)) or chunk_from_memory(
+        params, cfg, problem, sweep.plan, shard)
     chunk_size, sharding = chunking(n, chunk_size, shard)
     n_chunks = math.ceil(n / chunk_size)
     bounds = lambda i: (i * chunk_size, min((i + 1) * chunk_size, n))
@@ -285,10 +303,11 @@ def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, fa
         if parts:
             logging.info("sweep: resuming %s, %d of %d chunks already done", out_dir, len(parts), n_chunks)
         done = sum(len(p.ranks) for p in parts.values())
+        layers = plan_layers(params, cfg, sweep.plan, problem.metric.n_positions)
         with logs.progress(n, "sweep " + os.path.join(*os.path.normpath(out_dir).split(os.sep)[-2:]), "subset", done) as bar:
             for i in np.flatnonzero(todo).tolist():
                 lo, hi = bounds(i)
-                vals = chunk_metric(params, cfg, problem, sweep, lo, chunk_size, sharding)
+                vals = chunk_metric(params, cfg, problem, sweep, lo, chunk_size, sharding, layers)
                 parts[i] = SweepResult(*_members(family, lo, hi), vals.astype(np.float32))
                 if writer:
                     _write(path(i), parts[i])

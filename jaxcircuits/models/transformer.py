@@ -32,7 +32,12 @@ Params = dict
 @struct.dataclass
 class KVCache:
     """Keys and values k, v [L, B, S, K, Dh] of S slots; a call writes its T positions' keys and
-    values at slots write_index..write_index+T-1 and its queries attend to every slot up to theirs."""
+    values at slots write_index..write_index+T-1 and its queries attend to every slot up to theirs.
+
+    Or tuples of parts along the slot axis (e.g. a target's cached prefix shared by every patched
+    run, then a run's own keys), holding write_index slots in all: a call's keys are appended as a
+    last part and attention reads the parts where they lie, so a prefix shared across a vmapped
+    batch is never copied per run."""
 
     k: Array
     v: Array
@@ -78,17 +83,20 @@ def qkv(cfg: ModelConfig, p: dict, h: Array, rope, hooks: LayerHooks) -> Tuple[A
     return q, k, v
 
 
-def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, allowed: Array, hooks: LayerHooks) -> Array:
-    """Softmax attention of q [B, T, H, Dh] over k, v [B, S, K, Dh] (GQA: query head h reads KV
-    head h // n_groups) where allowed [B, T, S]: z [B, T, H, Dh]."""
+def attend(cfg: ModelConfig, q: Array, k, v, allowed: Array, hooks: LayerHooks) -> Array:
+    """Softmax attention of q [B, T, H, Dh] over k, v [B, S, K, Dh] (or tuples of parts along S, read
+    in place) (GQA: query head h reads KV head h // n_groups) where allowed [B, T, S]: z [B, T, H, Dh]."""
     B, T = q.shape[:2]
+    ks, vs = (k, v) if isinstance(k, tuple) else ((k,), (v,))
     qg = q.reshape(B, T, cfg.n_kv_heads, cfg.n_groups, cfg.d_head)
-    scores = jnp.einsum("btkge,bske->bkgts", qg, k).astype(jnp.float32) / math.sqrt(cfg.d_head)
-    scores = scores.reshape(B, cfg.n_heads, T, -1)
+    scores = jnp.concatenate([jnp.einsum("btkge,bske->bkgts", qg, kp) for kp in ks], -1)
+    scores = scores.astype(jnp.float32).reshape(B, cfg.n_heads, T, -1) / math.sqrt(cfg.d_head)
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
     pattern = hooks("pattern", jax.nn.softmax(scores, axis=-1))
-    pg = pattern.astype(v.dtype).reshape(B, cfg.n_kv_heads, cfg.n_groups, T, -1)
-    return jnp.einsum("bkgts,bske->btkge", pg, v).reshape(B, T, cfg.n_heads, cfg.d_head)
+    pg = pattern.astype(vs[0].dtype).reshape(B, cfg.n_kv_heads, cfg.n_groups, T, -1)
+    bounds = np.cumsum([0] + [vp.shape[1] for vp in vs])
+    z = [jnp.einsum("bkgts,bske->btkge", pg[..., a:b], vp) for a, b, vp in zip(bounds, bounds[1:], vs)]
+    return functools.reduce(jnp.add, z).reshape(B, T, cfg.n_heads, cfg.d_head)
 
 
 def self_attention(cfg: ModelConfig, p: dict, h: Array, rope, allowed: Array, kv: Optional[KVCache],
@@ -96,10 +104,12 @@ def self_attention(cfg: ModelConfig, p: dict, h: Array, rope, allowed: Array, kv
     """Head outputs z [B, T, H, Dh] of normed h; with `kv` (one layer's), this call's keys and
     values are written into it first. Records 'kv' (the layer's keys and values)."""
     q, k, v = qkv(cfg, p, h, rope, hooks)
-    if kv is not None:
+    if kv is not None and isinstance(kv.k, tuple):
+        k, v = (*kv.k, k.astype(kv.k[0].dtype)), (*kv.v, v.astype(kv.v[0].dtype))
+    elif kv is not None:
         k = jax.lax.dynamic_update_slice_in_dim(kv.k, k.astype(kv.k.dtype), kv.write_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(kv.v, v.astype(kv.v.dtype), kv.write_index, axis=1)
-    hooks.record("kv", (k, v))
+    hooks.record("kv", (k, v) if not isinstance(k, tuple) else (jnp.concatenate(k, 1), jnp.concatenate(v, 1)))
     return attend(cfg, q, k, v, allowed, hooks)
 
 

@@ -1,0 +1,452 @@
+"""Learned circuits: continuous masks over units (heads or edges) trained with optax.
+
+Each unit u has a logit a_u; a relaxation (`RELAXATIONS`) turns the logits into keep weights
+k in [0, 1] (1 = the unit is in the circuit). Units not kept are patched from the source run: the
+objective's metric is read at patch weights w = 1 - k. With f(w) [B] that metric, full = f(0)
+(nothing patched) and none = f(1) (everything patched), each run minimises
+
+    loss(a) = mean_b (f(1 - k)_b - full_b)^2 / mean_b (none_b - full_b)^2  +  lambda * sum_u E[keep_u]
+
+(faithfulness: the circuit should reproduce the full model's metric on every prompt, in units of
+the gap between keeping everything and nothing; sparsity: lambda per expected kept unit), with
+optax.adam on the whole prompt batch at every step. Relaxations:
+
+  sigmoid        k = sigmoid(a), deterministic; E[keep] = sigmoid(a).
+  hard_concrete  Louizos et al. (2018), the relaxation of subnetwork probing: u ~ U(0, 1),
+                 s = sigmoid((log u - log(1 - u) + a) / BETA), k = clip(s (ZETA - GAMMA) + GAMMA, 0, 1);
+                 E[keep] = P(k > 0) = sigmoid(a - BETA log(-GAMMA / ZETA)).
+
+The binary circuit keeps the units whose deterministic gate (sigmoid(a); hard concrete:
+clip(sigmoid(a) (ZETA - GAMMA) + GAMMA, 0, 1)) exceeds 0.5, i.e. a > 0 for both, and its metric
+is evaluated exactly (the objective's metric at binary patch weights).
+
+One compiled call trains N runs at once: the step is vmapped over per-run penalty weights and
+seeds, and `checkpoint_every` steps run as one jitted `lax.scan`. With a `checkpoint_dir`, the
+training state is saved with orbax after every such segment (checksummed, `storage`), and a run
+started again on the same directory resumes from the last checkpoint and ends bit-identical to an
+uninterrupted one.
+
+An `Objective` is generic (any `metric(patch_weights [U], data) -> [B]`); `head_objective`
+(units of a `subsets.Pool`, default every head's `head_out`, via `patching.patched_metric`) and
+`edge_objective` (every edge of `edges.EdgeGraph`, via `edges.edge_metric`) build the two levels
+of `circuits.LEVELS` (`objective(params, cfg, problem, level)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import re
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import struct
+
+from jaxcircuits import circuits, edges, logs, storage
+from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.patching import PatchingProblem, Plan, layers_touched, make_plan, patched_metric
+from jaxcircuits.sites import Mask
+from jaxcircuits.subsets import Pool
+
+Array = jax.Array
+_log = logging.getLogger(__name__)
+
+# ---- relaxations --------------------------------------------------------------------------------
+
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1      # hard concrete temperature and stretch (Louizos et al.)
+
+
+def _hard_concrete_sample(logits: Array, key: Array) -> Array:
+    u = jax.random.uniform(key, logits.shape, minval=1e-6, maxval=1.0 - 1e-6)
+    s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + logits) / BETA)
+    return jnp.clip(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Relaxation:
+    """Logits [..., U] -> keep weights in [0, 1]: `sample(logits, key)` (training; differentiable
+    in the logits), `expected(logits)` (E[keep != 0] per unit, the sparsity penalty's count) and
+    `gate(logits)` (deterministic, binarised at > 0.5)."""
+
+    sample: Callable[[Array, Array], Array]
+    expected: Callable[[Array], Array]
+    gate: Callable[[Array], Array]
+
+
+RELAXATIONS = {
+    "sigmoid": Relaxation(lambda a, key: jax.nn.sigmoid(a), jax.nn.sigmoid, jax.nn.sigmoid),
+    "hard_concrete": Relaxation(
+        _hard_concrete_sample,
+        lambda a: jax.nn.sigmoid(a - BETA * np.log(-GAMMA / ZETA)),
+        lambda a: jnp.clip(jax.nn.sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)),
+}
+
+
+def binarize(relaxation: str, logits) -> np.ndarray:
+    """bool [..., U]: the units whose deterministic gate exceeds 0.5 (the binary circuit)."""
+    return np.asarray(RELAXATIONS[relaxation].gate(jnp.asarray(logits))) > 0.5
+
+
+# ---- what is trained ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Training settings (hashable: a static argument of the compiled segment). relaxation: a key
+    of `RELAXATIONS`; steps: adam steps; learning_rate: adam's; init_logit / init_std: the logits
+    start at init_logit + init_std * N(0, 1) (init_logit 3: keep ~0.95, near the full model);
+    checkpoint_every: steps per compiled segment, and per checkpoint."""
+
+    relaxation: str = "hard_concrete"
+    steps: int = 300
+    learning_rate: float = 0.05
+    init_logit: float = 3.0
+    init_std: float = 0.0
+    checkpoint_every: int = 50
+
+    def __post_init__(self):
+        if self.relaxation not in RELAXATIONS:
+            raise ValueError(f"unknown relaxation {self.relaxation!r}; known: {sorted(RELAXATIONS)}")
+        for name in ("steps", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
+        for name in ("learning_rate", "init_logit", "init_std"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)}, expected a finite number")
+        if self.learning_rate <= 0 or self.init_std < 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and init_std={self.init_std} >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a mask is trained on. metric(patch_weights [U], data) -> [B]: jax-traceable and
+    differentiable in the weights (1 = the unit takes the source's value, 0 = it keeps the target's),
+    and hashable by value or identity (a static argument of the compiled step); data: the arrays it
+    reads (params, problem), passed to the compiled step as an argument, not baked in as constants;
+    labels: the U unit names."""
+
+    metric: Callable[[Array, Any], Array]
+    data: Any
+    labels: Tuple[str, ...]
+
+    @property
+    def n_units(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PoolMetric:
+    """metric(w [U], (params, problem)): `patched_metric` with w scattered onto the pool's site, on
+    the plan of the pool's footprint (from its first layer, the positions pos_w selects)."""
+
+    cfg: ModelConfig
+    pool: Pool
+    plan: Plan
+
+    def __call__(self, w: Array, data) -> Array:
+        params, problem = data
+        mask = Mask(**{self.pool.site: self.pool.scatter(w, self.pool.site_shape(self.cfg))})
+        return patched_metric(params, self.cfg, problem, mask, self.plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EdgeMetric:
+    """metric(w [E], (params, problem)): `edges.edge_metric` of the edge mask w (flat edge order)."""
+
+    cfg: ModelConfig
+
+    def __call__(self, w: Array, data) -> Array:
+        params, problem = data
+        return edges.edge_metric(params, self.cfg, problem, edges.EdgeGraph.of(self.cfg).unflat(w))
+
+
+def head_objective(params, cfg: ModelConfig, problem: PatchingProblem, pool: Optional[Pool] = None) -> Objective:
+    """Units: the pool's (default: every head's `head_out`, flat l * H + h as in `circuits.LEVELS`);
+    units outside the pool are never patched. The problem is checked and cut to the pool's
+    footprint here, once (`PatchingProblem.for_footprint`)."""
+    pool = pool or Pool.heads_of_layers(range(cfg.n_layers), cfg.n_heads)
+    footprint = Mask(**{pool.site: np.asarray(pool.scatter(np.ones(pool.n, bool), pool.site_shape(cfg)))})
+    plan = make_plan(layers_touched(footprint), problem.pos_w)
+    return Objective(_PoolMetric(cfg, pool, plan), (params, problem.for_footprint(cfg, footprint)), pool.labels())
+
+
+def edge_objective(params, cfg: ModelConfig, problem: PatchingProblem) -> Objective:
+    """Units: every valid edge of `edges.EdgeGraph.of(cfg)`, in its flat order (labels 's->r' as in
+    `circuits.LEVELS`). The problem is checked and cut to what senders read here, once."""
+    labels = tuple(f"{s}->{r}" for s, r in edges.EdgeGraph.of(cfg).edges)
+    return Objective(_EdgeMetric(cfg), (params, edges.prepared(cfg, problem)), labels)
+
+
+OBJECTIVES = {"head": head_objective, "edge": edge_objective}
+
+
+def objective(params, cfg: ModelConfig, problem: PatchingProblem, level: str) -> Objective:
+    """The objective of a level of `circuits.LEVELS` ('head' or 'edge') over all its units."""
+    if level not in OBJECTIVES:
+        raise ValueError(f"unknown level {level!r}; known: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[level](params, cfg, problem)
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+@struct.dataclass
+class TrainState:
+    """N runs: logits [N, U], the adam state (leaves [N, ...]), PRNG keys uint32 [N, 2]."""
+
+    logits: Array
+    opt_state: Any
+    keys: Array
+
+
+HISTORY = ("loss", "kept", "metric")     # per step and run: loss, E[#kept], mean metric of the relaxed circuit
+
+
+def _optimizer(spec: Spec) -> optax.GradientTransformation:
+    return optax.adam(spec.learning_rate)
+
+
+def init_state(spec: Spec, n_units: int, seeds) -> TrainState:
+    """The state of N runs (seeds int [N]): logits init_logit + init_std * N(0, 1) from each seed."""
+    def one(seed):
+        key, k0 = jax.random.split(jax.random.PRNGKey(seed))
+        logits = spec.init_logit + spec.init_std * jax.random.normal(k0, (n_units,))
+        return TrainState(logits, _optimizer(spec).init(logits), key)
+    return jax.vmap(one)(jnp.asarray(seeds, jnp.uint32))
+
+
+def loss(metric: Callable, data, baseline: Array, relaxation: str, logits: Array, key: Array, lam) -> tuple:
+    """One run's (loss, (E[#kept], mean metric)) at logits [U] (see the module doc); baseline [2, B]:
+    the metric with nothing and with everything patched (`baselines`)."""
+    relax = RELAXATIONS[relaxation]
+    m = metric(1.0 - relax.sample(logits, key), data)
+    full, none = baseline
+    kept = relax.expected(logits).sum()
+    return jnp.mean((m - full) ** 2) / jnp.mean((none - full) ** 2) + lam * kept, (kept, m.mean())
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "n_units"))
+def _baselines(metric: Callable, n_units: int, data) -> Array:
+    return jax.vmap(lambda w: metric(w, data))(jnp.stack([jnp.zeros(n_units), jnp.ones(n_units)]))
+
+
+def baselines(obj: Objective) -> np.ndarray:
+    """float [2, B]: the metric with nothing patched (full) and everything patched (none); ValueError
+    if not finite, or equal on every prompt (nothing for a circuit to keep)."""
+    base = np.asarray(_baselines(obj.metric, obj.n_units, obj.data))
+    if base.ndim != 2 or not np.isfinite(base).all():
+        raise ValueError(f"the objective's metric must be finite [B]; with nothing / everything patched it "
+                         f"gave shape {base.shape[1:]}, finite: {np.isfinite(base).all()}")
+    if np.all(base[0] == base[1]):
+        raise ValueError("the metric is the same with nothing and with everything patched: nothing to learn")
+    return base
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "spec", "n"))
+def _segment(metric: Callable, spec: Spec, n: int, state: TrainState, lambdas: Array, data, baseline: Array):
+    """n steps of every run (vmapped over runs, scanned over steps) -> (state, history [n, 3, N])."""
+    opt = _optimizer(spec)
+
+    def one(st: TrainState, lam):
+        key, sub = jax.random.split(st.keys)
+        f = functools.partial(loss, metric, data, baseline, spec.relaxation)
+        (value, (kept, m)), g = jax.value_and_grad(f, argnums=0, has_aux=True)(st.logits, sub, lam)
+        updates, opt_state = opt.update(g, st.opt_state, st.logits)
+        return TrainState(optax.apply_updates(st.logits, updates), opt_state, key), jnp.stack([value, kept, m])
+
+    def step(st, _):
+        st, h = jax.vmap(one)(st, lambdas)
+        return st, h.T
+    return jax.lax.scan(step, state, None, length=n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """N runs after `step` steps: lambdas float [N], seeds int [N], the state (logits [N, U], ...),
+    history {name in HISTORY: float [step, N]}, baseline [2, B] (full, none)."""
+
+    spec: Spec
+    lambdas: np.ndarray
+    seeds: np.ndarray
+    step: int
+    state: TrainState
+    history: Dict[str, np.ndarray]
+    baseline: np.ndarray
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.spec.steps
+
+
+def _runs(lambdas, seeds) -> Tuple[np.ndarray, np.ndarray]:
+    lambdas = np.asarray(lambdas, np.float32)
+    if lambdas.ndim != 1 or not lambdas.size or not np.isfinite(lambdas).all() or (lambdas < 0).any():
+        raise ValueError(f"lambdas must be a non-empty vector of finite values >= 0, got {lambdas!r}")
+    seeds = np.asarray(seeds)
+    if (not np.issubdtype(seeds.dtype, np.integer) or (seeds < 0).any()
+            or seeds.shape not in ((), lambdas.shape)):
+        raise ValueError(f"seeds must be one integer >= 0 or one per lambda, got {seeds!r}")
+    return lambdas, np.broadcast_to(seeds, lambdas.shape).astype(np.int64)
+
+
+def fit(obj: Objective, lambdas, seeds=0, spec: Spec = Spec(), checkpoint_dir: Optional[str] = None,
+        stop_at: Optional[int] = None) -> Training:
+    """Train one run per penalty weight lambdas [N] (seeds: one int, or one per run) in one
+    compiled call per `spec.checkpoint_every` steps, with a progress bar (loss, E[#kept], metric).
+
+    checkpoint_dir: save the state there after every segment (orbax; the last two kept, each
+    checksummed) and resume from the newest intact one if present (same runs, spec and units, else
+    ValueError); one writer per directory (`storage.DirLock`). stop_at: end after that step (a
+    multiple of checkpoint_every), as if killed there; a later call resumes.
+    """
+    lambdas, seeds = _runs(lambdas, seeds)
+    end = spec.steps if stop_at is None else int(stop_at)
+    if not 0 < end <= spec.steps or (end < spec.steps and end % spec.checkpoint_every):
+        raise ValueError(f"stop_at={stop_at}: expected a multiple of checkpoint_every={spec.checkpoint_every} "
+                         f"in (0, steps={spec.steps}]")
+    if obj.n_units < 1:
+        raise ValueError("the objective has no units")
+    baseline = baselines(obj)
+    meta = {"lambdas": lambdas.tolist(), "seeds": seeds.tolist(), "n_units": obj.n_units,
+            "spec": dataclasses.asdict(spec)}
+    state = init_state(spec, obj.n_units, seeds)
+    start, hist = 0, np.zeros((0, len(HISTORY), len(lambdas)), np.float32)
+    with _maybe_lock(checkpoint_dir):
+        if checkpoint_dir:
+            start, state, hist = _restore(checkpoint_dir, meta, state, hist)
+        with logs.progress(end, f"learned masks ({len(lambdas)} runs)", "step", initial=start) as bar:
+            step = start
+            while step < end:
+                n = min(spec.checkpoint_every - step % spec.checkpoint_every, end - step)
+                state, h = _segment(obj.metric, spec, n, state, jnp.asarray(lambdas), obj.data, jnp.asarray(baseline))
+                hist = np.concatenate([hist, np.asarray(h)])
+                step += n
+                bar.update(n)
+                last = hist[-1]
+                bar.set_postfix_str(f"loss {last[0].mean():.4g} kept {last[1].min():.3g}..{last[1].max():.3g} "
+                                    f"metric {last[2].mean():.4g}")
+                if checkpoint_dir:
+                    _save(checkpoint_dir, step, state, hist, meta)
+    history = {k: hist[:, i] for i, k in enumerate(HISTORY)}
+    return Training(spec, lambdas, seeds, step, state, history, baseline)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_ADVICE = "delete it (training resumes from the previous checkpoint) or choose another checkpoint_dir"
+
+
+def _maybe_lock(directory: Optional[str]):
+    return storage.DirLock(directory) if directory else contextlib.nullcontext()
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _steps(directory: str) -> list:
+    """Checkpoint steps in `directory`, newest first."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((int(m.group(1)) for n in os.listdir(directory) if (m := _STEP_DIR.match(n))), reverse=True)
+
+
+def _save(directory: str, step: int, state: TrainState, hist: np.ndarray, meta: dict) -> None:
+    """Write step_<step> (orbax: temp dir + rename), its checksum, then keep only the newest two."""
+    path = os.path.join(os.path.abspath(directory), f"step_{step}")
+    arrays = {"state": {f"{i:04d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
+              "history": np.asarray(hist)}
+    storage.discard(path)
+    with _checkpointer() as ckpt:
+        ckpt.save(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays),
+                                                meta=ocp.args.JsonSave({**meta, "step": step})))
+    storage.write_sidecar(path)
+    for old in _steps(directory)[2:]:
+        storage.discard(os.path.join(directory, f"step_{old}"))
+
+
+def _read(path: str, template: TrainState) -> Tuple[dict, TrainState, np.ndarray]:
+    with _checkpointer() as ckpt:
+        got = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(),
+                                                         meta=ocp.args.JsonRestore()))
+    leaves, treedef = jax.tree.flatten(template)
+    saved = [np.asarray(got["arrays"]["state"][k]) for k in sorted(got["arrays"]["state"])]
+    if [(a.shape, a.dtype) for a in saved] != [(np.shape(a), np.asarray(a).dtype) for a in leaves]:
+        raise ValueError("saved state leaves do not match this run's shapes and dtypes")
+    return got["meta"], jax.tree.unflatten(treedef, saved), np.asarray(got["arrays"]["history"])
+
+
+def _restore(directory: str, meta: dict, state: TrainState, hist: np.ndarray):
+    """(step, state, history) from the newest intact checkpoint of `directory`, else the fresh ones.
+    A damaged checkpoint is skipped with a warning; one of other runs or settings is a ValueError."""
+    storage.remove_temps(directory)
+    for name in os.listdir(directory):                      # writes of a killed run (orbax's temp dirs)
+        if ocp.utils.TMP_DIR_SUFFIX in name:
+            storage.discard(os.path.join(directory, name))
+    for step in _steps(directory):
+        path = os.path.join(directory, f"step_{step}")
+        try:
+            got, restored, h = storage.read_verified(path, lambda p: _read(p, state), _ADVICE)
+        except storage.DamagedFileError as e:
+            _log.warning("skipping checkpoint: %s", e)
+            continue
+        for key, want in meta.items():
+            if got.get(key) != want:
+                raise ValueError(f"checkpoint {path} was written for {key}={got.get(key)}, this run has "
+                                 f"{key}={want}; use another checkpoint_dir")
+        return step, restored, h
+    return 0, state, hist
+
+
+# ---- binary circuits ------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("metric",))
+def _metric_of_kept(metric: Callable, kept: Array, data) -> Array:
+    return jax.vmap(lambda k: metric(1.0 - k, data))(kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedCircuits:
+    """One binary circuit per run: lambdas [N], seeds [N], kept bool [N, U] (`binarize`), size int
+    [N], metric [N, B] of the binary circuit (exact: every unit not kept patched), faith [N]
+    (`circuits.faithfulness` against full = baseline[0], none = baseline[1]), labels [U], and the
+    `Training` they came from."""
+
+    lambdas: np.ndarray
+    seeds: np.ndarray
+    kept: np.ndarray
+    size: np.ndarray
+    metric: np.ndarray
+    faith: np.ndarray
+    labels: Tuple[str, ...]
+    training: Training
+
+
+def circuit_metric(obj: Objective, kept) -> np.ndarray:
+    """float [N, B]: the metric of each binary circuit kept bool [N, U] (every unit not kept patched),
+    exact: the objective's metric at patch weights 1 - kept, in one vmapped call."""
+    kept = np.asarray(kept, bool)
+    if kept.ndim != 2 or kept.shape[1] != obj.n_units:
+        raise ValueError(f"kept must be bool [N, {obj.n_units}] (the objective's units), got shape {kept.shape}")
+    return np.asarray(_metric_of_kept(obj.metric, jnp.asarray(kept, jnp.float32), obj.data))
+
+
+def circuits_of(obj: Objective, training: Training) -> LearnedCircuits:
+    """The binary circuit of each run of `training` (`binarize`) and its exact metric (`circuit_metric`)."""
+    kept = binarize(training.spec.relaxation, training.state.logits)
+    metric = circuit_metric(obj, kept)
+    full, none = training.baseline
+    return LearnedCircuits(training.lambdas, training.seeds, kept, kept.sum(-1), metric,
+                           circuits.faithfulness(metric, full, none), obj.labels, training)
+
+
+def learn(obj: Objective, lambdas, seeds=0, spec: Spec = Spec(),
+          checkpoint_dir: Optional[str] = None) -> LearnedCircuits:
+    """`fit` every run to the end (resuming from checkpoint_dir if given), then `circuits_of`."""
+    return circuits_of(obj, fit(obj, lambdas, seeds, spec, checkpoint_dir))
