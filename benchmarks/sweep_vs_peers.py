@@ -583,6 +583,19 @@ def markdown(result: dict) -> str:
         "- Re-render this file from the JSON: `python -m benchmarks.sweep_vs_peers --render_json=<json>`.",
         table(result),
         "",
+        "## Where the time goes, chunk size, several processes",
+        "",
+        "- Per path, one chunk's compiled ops timed by jax's profiler and grouped into matmul, data movement "
+        "and elementwise work, against the floor: `python -m benchmarks.path_profile` (its table is in "
+        "`benchmarks/RESULTS_path_profile.md`).",
+        "- Chunk size from free memory (`chunk_size=None` or a binary's `--chunk_size=0`; a number overrides): "
+        "memory(c) = fixed + c x per_subset x runtime, the largest power of two that fits half the free memory "
+        "(capped at 256); the terms and their check against measured peak memory (within 20%) are in "
+        "`benchmarks/RESULTS_chunk_memory.md` and `jaxcircuits/memory.py`.",
+        "- Several processes: `tests/test_multiprocess.py` runs one sharded sweep and `run_masks` in two local "
+        "`jax.distributed` processes (two CPU devices each) into one output directory and checks the results "
+        "equal a single-process run, one process writing each chunk file (commands in BUILD.md).",
+        "",
     ])
 
 

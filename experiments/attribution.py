@@ -33,7 +33,8 @@ flags.DEFINE_integer("n_prompts", 8, "Prompts (ioi, decimals).", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
 flags.DEFINE_integer("ig_steps", 8, "Integrated-gradients steps (midpoint rule).", lower_bound=1)
 flags.DEFINE_integer("top", 5, "Heads per method compared for agreement.", lower_bound=1)
-flags.DEFINE_integer("chunk_size", 64, "Masks per compiled chunk of the exact map.", lower_bound=1)
+flags.DEFINE_integer("chunk_size", 64, "Masks per compiled chunk of the exact map (0: from free memory).",
+                     lower_bound=0)
 flags.DEFINE_string("out", "reports/attribution", "Report directory.")
 logs.define_flags()
 

@@ -62,7 +62,7 @@ flags.DEFINE_integer("top_layers", None, "How many best layers to sweep (default
 flags.DEFINE_integer("n_blocks", None, "Residual blocks of the original protocol (default: n_heads).", lower_bound=1)
 flags.DEFINE_integer("max_new_tokens", 20, "Greedy tokens per generation.", lower_bound=1)
 flags.DEFINE_integer("confirm", 4, "Boundary subsets confirmed by generation per sweep.", lower_bound=0)
-flags.DEFINE_integer("chunk_size", 64, "Masks per compiled chunk.", lower_bound=1)
+flags.DEFINE_integer("chunk_size", 64, "Masks per compiled chunk (0: from free memory).", lower_bound=0)
 flags.DEFINE_integer("samples_per_size", 200, "Layers with more than 16 heads/blocks (e.g. Llama-3.1-8B): "
                      "all subsets of the even and of the odd units, and this many sampled subsets per size "
                      "over all units.", lower_bound=1)

@@ -35,7 +35,7 @@ flags.DEFINE_integer("n_prompts", 8, "Clean IOI prompts (each with its corrupted
 flags.DEFINE_integer("seed", 0, "Seed of the prompts (the corruption uses seed + 1).")
 flags.DEFINE_integer("top_heads", 6, "Candidate heads of each sign; the sweeps cover all 2^top_heads subsets "
                      "of the positive ones (at most 12).")
-flags.DEFINE_integer("chunk_size", 64, "Masks per compiled chunk.")
+flags.DEFINE_integer("chunk_size", 64, "Masks per compiled chunk (0: from free memory).")
 flags.DEFINE_string("out", "reports/ioi", "Report directory.")
 flags.DEFINE_bool("resume", True, "Continue sweeps already on disk in --out.")
 logs.define_flags()
@@ -49,8 +49,8 @@ def _check_flags():
     if not 1 <= FLAGS.top_heads <= MAX_TOP_HEADS:
         raise app.UsageError(f"--top_heads must be in [1, {MAX_TOP_HEADS}] (the sweeps run 2^top_heads subsets), "
                              f"got {FLAGS.top_heads}")
-    if FLAGS.chunk_size < 1:
-        raise app.UsageError(f"--chunk_size must be >= 1, got {FLAGS.chunk_size}")
+    if FLAGS.chunk_size < 0:
+        raise app.UsageError(f"--chunk_size must be >= 0 (0: from free memory), got {FLAGS.chunk_size}")
 
 
 def main(argv):

@@ -51,7 +51,7 @@ flags.DEFINE_string("success", "recovery>=0.5", "Success of a subset: recovery>=
 flags.DEFINE_enum("aggregate", "mean", ["mean", "fraction"], "For --success=positive|above:X|below:X, over prompts: "
                   "mean metric, or at least half the prompts.")
 flags.DEFINE_integer("n_blocks", None, "attn_block: blocks per layer (default n_heads).", lower_bound=1)
-flags.DEFINE_integer("chunk_size", 128, "Subsets per compiled chunk.", lower_bound=1)
+flags.DEFINE_integer("chunk_size", 128, "Subsets per compiled chunk (0: from free memory).", lower_bound=0)
 flags.DEFINE_integer("seed", 0, "Seed of prompts and sampled families.")
 flags.DEFINE_string("out", "reports/threshold_sweep", "Report directory.")
 flags.DEFINE_bool("resume", True, "Continue a sweep already in --out.")

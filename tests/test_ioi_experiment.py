@@ -43,7 +43,7 @@ def test_ioi_end_to_end(tiny_dir, tmp_path):
     (["--top_heads=13"], "--top_heads must be in [1, 12]"),
     (["--top_heads=0"], "--top_heads must be in [1, 12]"),
     (["--n_prompts=0"], "--n_prompts must be >= 1"),
-    (["--chunk_size=0"], "--chunk_size must be >= 1"),
+    (["--chunk_size=-1"], "--chunk_size must be >= 0"),
     (["--dtype=float16"], "dtype"),
 ])
 def test_bad_flags_stop_before_loading_a_model(flags, message):

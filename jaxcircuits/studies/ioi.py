@@ -39,12 +39,13 @@ class Options:
 
 
 def head_patch_map(model, problem: PatchingProblem, chunk_size: int) -> np.ndarray:
-    """Mean metric [L, H] with each head's `head_out` alone patched, one batched call."""
+    """Mean metric [L, H] with each head's `head_out` alone patched, one batched call (chunk_size 0:
+    from free memory)."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     masks = jc.Mask(head_out=np.eye(L * H, dtype=np.float32).reshape(L * H, L, H))
-    n_chunks = -(-L * H // chunk_size)
+    n_chunks = -(-L * H // chunk_size) if chunk_size else 1
     vals = jc.run_masks(model.params, model.cfg, problem, masks,
-                        chunk_size=-(-L * H // n_chunks))           # balanced chunks: little padding
+                        chunk_size=-(-L * H // n_chunks) if chunk_size else None)   # balanced chunks: little padding
     return vals.mean(-1).reshape(L, H)
 
 
