@@ -18,6 +18,10 @@ B, T = 2, 7
 
 def _problem(tiny, name, pos_w=None, n_positions=T):
     _, cfg, params = tiny(name)
+    return _problem_of(cfg, params, pos_w, n_positions)
+
+
+def _problem_of(cfg, params, pos_w=None, n_positions=T):
     tgt, src = random_tokens(1, B, T), random_tokens(2, B, T)
     _, cache = M.run_with_cache(params, cfg, src, sites=sites.EDGE_SOURCE)
     metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [8]]), n_positions=n_positions)
@@ -54,6 +58,21 @@ def _reference(params, cfg, problem, mask):
         source.append(src["mlp_out"][l])
         assert n_g * K == H
     return M.final_norm(params, cfg, read(mask.final))
+
+
+def test_two_layer_model_matches_the_reference(tiny_dir):
+    """The 2-layer GQA Llama of `tiny_dir` (4 heads, 2 KV heads): every edge kind at once, by hand."""
+    from jaxcircuits.weights.hf import load_hf_dir
+    cfg, params = load_hf_dir(tiny_dir)
+    params = jax.tree.map(jnp.asarray, params)
+    cfg, params, problem = _problem_of(cfg, params)
+    graph = edges.EdgeGraph.of(cfg)
+    assert cfg.n_layers == 2 and graph.n_edges == len(graph.edges)
+    mask = _random_mask(graph, 7, density=0.6)
+    got = edges.edge_hidden(params, cfg, edges.prepared(cfg, problem), mask)
+    np.testing.assert_allclose(got, _reference(params, cfg, problem, mask), atol=2e-5)
+    plain = edges.edge_hidden(params, cfg, edges.prepared(cfg, problem), graph.unflat(jnp.zeros(graph.n_edges)))
+    assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-2
 
 
 def _random_mask(graph, seed, density=0.3):
