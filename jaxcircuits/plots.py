@@ -7,7 +7,8 @@ Every function writes a PNG to `path` and returns the path as a string.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+import re
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -184,4 +185,67 @@ def plot_scatter(x, y, path, xlabel: str = "x", ylabel: str = "y", title: str = 
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.axvline(0.0, color="grey", lw=0.5)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return _save(fig, path)
+
+
+def plot_faithfulness(lines: dict, path, threshold: float, xlabel: str, frontier=None, title: str = "") -> str:
+    """Faithfulness vs size per method (lines {name: (sizes, faith)}); the criterion's threshold
+    dashed; frontier [n + 1] (best of any subset of each size), when given, as a black step line."""
+    fig, ax = _figure()
+    for name, (x, y) in lines.items():
+        ax.plot(x, y, marker="o", ms=3, label=name)
+    if frontier is not None:
+        ax.step(np.arange(len(frontier)), frontier, where="mid", color="black", lw=1.5, label="exhaustive frontier")
+    ax.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"F = {threshold:g}")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    if max(len(x) for x, _ in lines.values()) > 20:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel="faithfulness", title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+_NODE = re.compile(r"L(\d+)(H|K|MLP)(\d*)")
+
+
+def _node(label: str, g) -> Tuple[str, float, float]:
+    """(node name, x, y) on the `edges.EdgeGraph` g of a head or an edge endpoint label: head 'LlHh' (and its q input
+    'LlHh.q') at (l, h); KV head 'LlKk' (its k and v inputs) a quarter layer left, level with its
+    query heads; 'LlMLP' at l + 0.5; 'embed' at x = -1 and 'logits' at x = L, mid-height."""
+    name, mid = label.split(".")[0], (g.n_heads - 1) / 2
+    if name in ("embed", "logits"):
+        return name, -1.0 if name == "embed" else float(g.n_layers), mid
+    l, kind, i = _NODE.fullmatch(name).groups()
+    group = g.n_heads // g.n_kv_heads
+    return name, *{"H": (int(l), float(i or 0)), "K": (int(l) - 0.25, (int(i or 0) + 0.5) * group - 0.5),
+                   "MLP": (int(l) + 0.5, mid)}[kind]
+
+
+def plot_circuit_graph(units, scores, g, path, max_edges: int = 80, title: str = "") -> str:
+    """A layered picture of a circuit on the `edges.EdgeGraph` g: units are heads ('LlHh', nodes sized by |score| on the grid of
+    all heads) or edges ('sender->receiver', lines weighted by |score|, blue for positive scores,
+    red for negative; the max_edges of largest |score|). x = layer, y = head index (`_node`)."""
+    scores = np.asarray(scores, float)
+    order = np.argsort(-np.abs(scores), kind="stable")[:max_edges]
+    ends = lambda u: [None if e is None else _node(e, g)[0] for e in (u.split("->") + [None])[:2]]
+    pairs = [(*ends(units[i]), scores[i]) for i in order]
+    pos = {n: _node(n, g)[1:] for a, b, _ in pairs for n in (a, b) if n}
+    fig, ax = _figure(max(6.4, 0.4 * (g.n_layers + 2)), max(4.0, 0.45 * g.n_heads + 1.5))
+    grid = np.mgrid[0:g.n_layers, 0:g.n_heads].reshape(2, -1)
+    ax.scatter(grid[0], grid[1], s=6, color="lightgrey", zorder=1)
+    top = max(np.abs(scores).max(initial=0), 1e-12)
+    for a, b, s in pairs:
+        if b is not None:
+            ax.annotate("", pos[b], pos[a], arrowprops=dict(
+                arrowstyle="-|>", lw=0.4 + 3 * abs(s) / top, alpha=0.6, color="tab:blue" if s >= 0 else "tab:red",
+                connectionstyle="arc3,rad=0.1"))
+    size = {a: 30 + 300 * abs(s) / top for a, b, s in pairs if b is None}
+    colour = {a: "tab:blue" if s >= 0 else "tab:red" for a, b, s in pairs if b is None}
+    ax.scatter([x for x, _ in pos.values()], [y for _, y in pos.values()], s=[size.get(n, 30) for n in pos],
+               c=[colour.get(n, "tab:grey") for n in pos], zorder=3)
+    for n, (x, y) in pos.items():
+        ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", zorder=4)
+    ax.set_xticks(np.arange(-1, g.n_layers + 1))
+    ax.set_xticklabels(["emb", *map(str, range(g.n_layers)), "out"], fontsize=7)
+    ax.set(xlabel="layer", ylabel="head", title=title)
     return _save(fig, path)

@@ -17,7 +17,6 @@ binary circuit per sparsity penalty).
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from typing import Tuple
 
@@ -333,7 +332,7 @@ def _setup_section(report, opts, r):
 
 def _curve_section(report, opts, r, first):
     curves = r["curves"]
-    path = plot_faithfulness({m: (curves.sizes[m], curves.faith[m]) for m in curves.faith},
+    path = plots.plot_faithfulness({m: (curves.sizes[m], curves.faith[m]) for m in curves.faith},
                              report.path("faithfulness.png"), r["criterion"].threshold, f"{opts.level}s kept",
                              title=f"Faithfulness of each method's top-k {opts.level}s")
     shown = sorted({int(s) for m in curves.sizes for i, s in enumerate(curves.sizes[m])
@@ -351,7 +350,7 @@ def _ground_truth_section(report, r):
     gt, pool, drops, gt_rows = r["gt"]
     names, crit = pool.labels(), r["criterion"]
     frontier = gt.frontier()
-    path = plot_faithfulness({m: (c["size"], c["faithfulness"]) for m, c in gt_rows.items()},
+    path = plots.plot_faithfulness({m: (c["size"], c["faithfulness"]) for m, c in gt_rows.items()},
                              report.path("ground_truth.png"), crit.threshold, "heads of the pool kept",
                              frontier=frontier, title=f"Layer {pool.units[0][0]}: methods vs the exhaustive frontier")
     how = ("chosen by --layer" if drops is None else
@@ -388,7 +387,7 @@ def _graph_section(report, opts, r, first):
     m = next(iter(r["kept"]))
     i = first[m] if first[m] is not None else len(r["kept"][m]) - 1
     kept = r["kept"][m][i]
-    path = plot_circuit_graph([r["labels"][u] for u in np.flatnonzero(kept)], r["scores"][m][kept],
+    path = plots.plot_circuit_graph([r["labels"][u] for u in np.flatnonzero(kept)], r["scores"][m][kept],
                               edges.EdgeGraph.of(r["cfg"]), report.path("circuit.png"),
                               title=f"{m}: {int(kept.sum())} {opts.level}s")
     report.add("Circuit graph",
@@ -400,68 +399,3 @@ def _graph_section(report, opts, r, first):
                + " (blue: keeping it matters, red: patching it helps)."
                + (" Scores of learned masks: the mean trained logit." if m == "learned" else ""),
                report.figure(path, "circuit graph"))
-
-
-# ---- figures (plots.py conventions: object API on Agg, PNG, returns the path) ----------------------
-
-def plot_faithfulness(lines: dict, path, threshold: float, xlabel: str, frontier=None, title: str = "") -> str:
-    """Faithfulness vs size per method (lines {name: (sizes, faith)}); the criterion's threshold
-    dashed; frontier [n + 1] (best of any subset of each size), when given, as a black step line."""
-    fig, ax = plots._figure()
-    for name, (x, y) in lines.items():
-        ax.plot(x, y, marker="o", ms=3, label=name)
-    if frontier is not None:
-        ax.step(np.arange(len(frontier)), frontier, where="mid", color="black", lw=1.5, label="exhaustive frontier")
-    ax.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"F = {threshold:g}")
-    ax.axhline(1.0, color="grey", lw=0.5)
-    if max(len(x) for x, _ in lines.values()) > 20:
-        ax.set_xscale("log")
-    ax.set(xlabel=xlabel, ylabel="faithfulness", title=title)
-    ax.legend(fontsize=8)
-    return plots._save(fig, path)
-
-
-_NODE = re.compile(r"L(\d+)(H|K|MLP)(\d*)")
-
-
-def _node(label: str, g: edges.EdgeGraph) -> Tuple[str, float, float]:
-    """(node name, x, y) of a head or an edge endpoint label: head 'LlHh' (and its q input
-    'LlHh.q') at (l, h); KV head 'LlKk' (its k and v inputs) a quarter layer left, level with its
-    query heads; 'LlMLP' at l + 0.5; 'embed' at x = -1 and 'logits' at x = L, mid-height."""
-    name, mid = label.split(".")[0], (g.n_heads - 1) / 2
-    if name in ("embed", "logits"):
-        return name, -1.0 if name == "embed" else float(g.n_layers), mid
-    l, kind, i = _NODE.fullmatch(name).groups()
-    group = g.n_heads // g.n_kv_heads
-    return name, *{"H": (int(l), float(i or 0)), "K": (int(l) - 0.25, (int(i or 0) + 0.5) * group - 0.5),
-                   "MLP": (int(l) + 0.5, mid)}[kind]
-
-
-def plot_circuit_graph(units, scores, g: edges.EdgeGraph, path, max_edges: int = 80, title: str = "") -> str:
-    """A layered picture of a circuit: units are heads ('LlHh', nodes sized by |score| on the grid of
-    all heads) or edges ('sender->receiver', lines weighted by |score|, blue for positive scores,
-    red for negative; the max_edges of largest |score|). x = layer, y = head index (`_node`)."""
-    scores = np.asarray(scores, float)
-    order = np.argsort(-np.abs(scores), kind="stable")[:max_edges]
-    ends = lambda u: [None if e is None else _node(e, g)[0] for e in (u.split("->") + [None])[:2]]
-    pairs = [(*ends(units[i]), scores[i]) for i in order]
-    pos = {n: _node(n, g)[1:] for a, b, _ in pairs for n in (a, b) if n}
-    fig, ax = plots._figure(max(6.4, 0.4 * (g.n_layers + 2)), max(4.0, 0.45 * g.n_heads + 1.5))
-    grid = np.mgrid[0:g.n_layers, 0:g.n_heads].reshape(2, -1)
-    ax.scatter(grid[0], grid[1], s=6, color="lightgrey", zorder=1)
-    top = max(np.abs(scores).max(initial=0), 1e-12)
-    for a, b, s in pairs:
-        if b is not None:
-            ax.annotate("", pos[b], pos[a], arrowprops=dict(
-                arrowstyle="-|>", lw=0.4 + 3 * abs(s) / top, alpha=0.6, color="tab:blue" if s >= 0 else "tab:red",
-                connectionstyle="arc3,rad=0.1"))
-    size = {a: 30 + 300 * abs(s) / top for a, b, s in pairs if b is None}
-    colour = {a: "tab:blue" if s >= 0 else "tab:red" for a, b, s in pairs if b is None}
-    ax.scatter([x for x, _ in pos.values()], [y for _, y in pos.values()], s=[size.get(n, 30) for n in pos],
-               c=[colour.get(n, "tab:grey") for n in pos], zorder=3)
-    for n, (x, y) in pos.items():
-        ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", zorder=4)
-    ax.set_xticks(np.arange(-1, g.n_layers + 1))
-    ax.set_xticklabels(["emb", *map(str, range(g.n_layers)), "out"], fontsize=7)
-    ax.set(xlabel="layer", ylabel="head", title=title)
-    return plots._save(fig, path)
