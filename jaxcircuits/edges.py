@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits import logs, sites
+from jaxcircuits import sites
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import PatchingProblem, chunking, to_host
+from jaxcircuits.patching import PatchingProblem, chunking, run_chunks
 from jaxcircuits.sites import LayerHooks, Mask
 
 Array = jax.Array
@@ -206,7 +206,7 @@ def check_edge_mask(mask: EdgeMask, graph: EdgeGraph, batched: bool = False) -> 
     if got != want or (batched and jnp.shape(mask.layers)[0] != jnp.shape(mask.final)[0]):
         raise ValueError(f"edge mask leaves have shapes {jnp.shape(mask.layers)}, {jnp.shape(mask.final)}; "
                          f"expected {'[N] + ' if batched else ''}{want[0]} (L, senders, receivers) and {want[1]}")
-    if not sites._concrete(mask):
+    if not sites.concrete(mask):
         return
     for name, a in (("layers", mask.layers), ("final", mask.final)):
         v = np.asarray(a, np.float64)
@@ -229,7 +229,7 @@ def _receiver_input(x: Array, deltas: Array, m: Array, shift: Optional[Array] = 
     return xr if shift is None else xr + shift
 
 
-def _per_head(cfg: ModelConfig, p: dict, plain: Array, h: Array, active: Array, spec: str) -> Array:
+def _per_head(p: dict, plain: Array, h: Array, active: Array, spec: str) -> Array:
     """A projection [B, T, n, Dh] where each head n reads its own normed input h [n, B, T, D]:
     heads with `active` [n] take the per-head value; the others keep `plain` (the fused projection
     of the shared input) exactly, with the per-head value's gradient (straight through), so that
@@ -254,9 +254,9 @@ def _edge_layer(cfg: ModelConfig, rope, allowed: Array, pos_w: Array, carry, per
     xr = n1(_receiver_input(x, deltas, m[:, :H + 2 * K], shift[0]))                    # [H + 2K, B, T, D]
     active = (m != 0).any(0)
     q0, k0, v0 = M.qkv(cfg, p, n1(x), None, hooks)
-    q = M.rotate(_per_head(cfg, p["q"], q0, xr[:H], active[:H], "hbtd,dhe->bthe"), rope)
-    k = M.rotate(_per_head(cfg, p["k"], k0, xr[H:H + K], active[H:H + K], "kbtd,dke->btke"), rope)
-    v = _per_head(cfg, p["v"], v0, xr[H + K:], active[H + K:H + 2 * K], "kbtd,dke->btke")
+    q = M.rotate(_per_head(p["q"], q0, xr[:H], active[:H], "hbtd,dhe->bthe"), rope)
+    k = M.rotate(_per_head(p["k"], k0, xr[H:H + K], active[H:H + K], "kbtd,dke->btke"), rope)
+    v = _per_head(p["v"], v0, xr[H + K:], active[H + K:H + 2 * K], "kbtd,dke->btke")
     z = M.attend(cfg, q, k, v, allowed, hooks)
     x = x + M.attn_output(cfg, p, z, hooks)
     w_o = p["o"]["w"]
@@ -270,7 +270,7 @@ def _edge_layer(cfg: ModelConfig, rope, allowed: Array, pos_w: Array, carry, per
     return (x + out, deltas), None
 
 
-def _check_source(cfg: ModelConfig, problem: PatchingProblem) -> None:
+def _check_source(problem: PatchingProblem) -> None:
     """ValueError unless the problem's source holds the entries senders read (`sites.EDGE_SOURCE`)."""
     missing = [k for k in sites.EDGE_SOURCE if k not in problem.source]
     if missing:
@@ -307,7 +307,7 @@ def edge_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMa
 def prepared(cfg: ModelConfig, problem: PatchingProblem) -> PatchingProblem:
     """The problem cut to what senders read: the source's embeddings (layer 0's resid_pre), head z's
     and MLP outputs at the positions pos_w selects, checked (`PatchingProblem.for_footprint`)."""
-    _check_source(cfg, problem)
+    _check_source(problem)
     L, H = cfg.n_layers, cfg.n_heads
     reads = dict(zip(sites.EDGE_SOURCE, (np.arange(L) == 0, np.ones((L, H), bool), np.ones(L, bool))))
     return problem.for_footprint(cfg, Mask(**reads))
@@ -379,19 +379,6 @@ def run_edge_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Ed
     problem = prepared(cfg, problem)
     n = int(jnp.shape(masks.final)[0])
     chunk_size, sharding = chunking(n, chunk_size, shard)
-    out = []
-    with logs.progress(n, "run_edge_masks", "mask", leave=False, disable=n <= chunk_size) as bar:
-        for start in range(0, n, chunk_size):
-            def take(a):
-                a = np.asarray(a[start:start + chunk_size], np.float32)
-                pad = chunk_size - a.shape[0]
-                return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
-            chunk = jax.tree.map(take, masks)
-            if sharding is not None:
-                chunk = jax.device_put(chunk, sharding)
-            vals = to_host(_masks_metric(params, cfg, problem, chunk))[:min(chunk_size, n - start)]
-            bar.update(len(vals))
-            if on_chunk is not None:
-                on_chunk(start, vals)
-            out.append(vals)
-    return np.concatenate(out)
+    as_float = lambda chunk: jax.tree.map(lambda a: a.astype(jnp.float32), chunk)
+    return run_chunks(lambda chunk: _masks_metric(params, cfg, problem, as_float(chunk)), masks, n, chunk_size,
+                      sharding, "run_edge_masks", on_chunk)

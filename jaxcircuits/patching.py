@@ -326,8 +326,18 @@ def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *
     n = getattr(masks, masks.sites()[0]).shape[0]
     chunk_size, sharding = chunking(n, chunk_size or chunk_from_memory(params, cfg, problem, plan, shard), shard)
     layers = plan_layers(params, cfg, plan, problem.metric.n_positions)
+    return run_chunks(lambda chunk: masks_metric(params, cfg, problem, chunk, plan, layers), masks, n, chunk_size,
+                      sharding, "run_masks", on_chunk)
+
+
+def run_chunks(call: Callable[[Any], Array], masks, n: int, chunk_size: int, sharding, label: str,
+               on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
+    """call(chunk) [c, B] over the n masks of a batch (a pytree with leaves [n, ...], host or device), in
+    chunks of chunk_size (the last padded with zero masks and trimmed, so one compilation serves all),
+    each put on `sharding` when given (`chunking`): [n, B] on the host. on_chunk(start, values) sees
+    each chunk; batches of more than one chunk show a progress bar named `label`."""
     out = []
-    with logs.progress(n, "run_masks", "mask", leave=False, disable=n <= chunk_size) as bar:
+    with logs.progress(n, label, "mask", leave=False, disable=n <= chunk_size) as bar:
         for start in range(0, n, chunk_size):
             def take(a):
                 a = np.asarray(a[start:start + chunk_size])
@@ -336,8 +346,7 @@ def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *
             chunk = jax.tree.map(take, masks)
             if sharding is not None:
                 chunk = jax.device_put(chunk, sharding)
-            vals = to_host(masks_metric(params, cfg, problem, chunk, plan, layers))
-            vals = vals[:min(chunk_size, n - start)]
+            vals = to_host(call(chunk))[:min(chunk_size, n - start)]
             bar.update(len(vals))
             if on_chunk is not None:
                 on_chunk(start, vals)

@@ -306,7 +306,7 @@ class LayerHooks:
 
 # ---- checking what a run reads: outside jit, values only where concrete (tracers: shapes only) ----
 
-def _concrete(*trees) -> bool:
+def concrete(*trees) -> bool:
     """No leaf of `trees` is a tracer (its values can be checked on the host)."""
     return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(trees))
 
@@ -319,7 +319,7 @@ def check_mask(mask: Mask, cfg, batched: bool = False) -> None:
     for s in mask.sites():
         a = getattr(mask, s)
         get(s).check_shape(jnp.shape(a)[int(batched):], cfg, " after the batch axis" if batched else "")
-        v = np.asarray(a, np.float64) if _concrete(a) else None
+        v = np.asarray(a, np.float64) if concrete(a) else None
         if v is not None and v.size and not (v.min() >= 0 and v.max() <= 1):          # NaN fails both
             raise ValueError(f"mask site {s!r} has values outside [0, 1] or NaN: min {v.min()}, max {v.max()}")
 
@@ -329,7 +329,7 @@ def check_pos_w(pos_w, batch: int, n_pos: int) -> Array:
     pos_w = jnp.asarray(pos_w, jnp.float32)
     if pos_w.shape != (batch, n_pos):
         raise ValueError(f"pos_w has shape {tuple(pos_w.shape)}, expected the target's (batch, seq) {(batch, n_pos)}")
-    if _concrete(pos_w) and not np.isfinite(np.asarray(pos_w)).all():
+    if concrete(pos_w) and not np.isfinite(np.asarray(pos_w)).all():
         raise ValueError(f"pos_w (shape {tuple(pos_w.shape)}) contains NaN or inf")
     return pos_w
 
@@ -358,7 +358,7 @@ def _check_transform(key: str, a, n_layers: int, cfg) -> None:
     shape = tuple(jnp.shape(a))
     if len(shape) != len(want) or any(w is not None and w != n for n, w in zip(shape, want)):
         raise ValueError(f"source {key!r} has shape {shape}, expected ({', '.join(axes)})")
-    if _concrete(a) and not np.isfinite(np.asarray(a)).all():
+    if concrete(a) and not np.isfinite(np.asarray(a)).all():
         raise ValueError(f"source {key!r} (shape {shape}) contains NaN or inf")
 
 
@@ -378,7 +378,7 @@ def footprint(mask: Mask, batched: bool = False) -> Mask:
     """bool leaves [L, *units]: the units where a mask (any mask of a batch [N, L, *units]) is
     nonzero; every unit where a leaf is traced."""
     def units(a):
-        if not _concrete(a):
+        if not concrete(a):
             return np.ones(jnp.shape(a)[int(batched):], bool)
         nonzero = np.asarray(a) != 0
         return nonzero.any(0) if batched else nonzero
@@ -410,7 +410,7 @@ def select_source(cfg, source: Source, footprint: Mask, pos_w: Array) -> Source:
     """
     src = source_for(source, footprint.sites())
     check_source(src, cfg.n_layers, *jnp.shape(pos_w), cfg)
-    if not _concrete(src, pos_w, footprint):
+    if not concrete(src, pos_w, footprint):
         return src
     transforms = {k: v for k, v in src.items() if split_key(k)}
     src = {k: v for k, v in src.items() if not split_key(k)}
