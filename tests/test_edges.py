@@ -172,6 +172,12 @@ def test_bad_masks_and_sources_are_named(tiny):
         edges.edge_metric(params, cfg, problem.replace(source=src), zero)
     with pytest.raises(ValueError, match="unknown receiver"):
         g.path_mask(["embed"], ["L9H0"])
+    with pytest.raises(ValueError, match="unknown sender"):
+        g.path_mask(["L0H9"], ["logits"])
+    with pytest.raises(ValueError, match="subsets has shape \\(2, 3\\)"):
+        edges.path_masks(g, ["embed", "L0H1"], ["logits"], np.ones((2, 3)))
+    with pytest.raises(ValueError, match=f"expected {g.n_edges}"):
+        g.unflat(jnp.zeros(g.n_edges - 1))
     bad = dict(problem.source, head_out=problem.source["head_out"].at[1, 0, 3, 2, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="head_out"):
         edges.edge_metric(params, cfg, problem.replace(source=bad), zero)
