@@ -1,4 +1,4 @@
-"""Peak memory of `run_masks` chunks on CPU vs `jaxcircuits.memory`'s prediction.
+"""Peak memory of `run_masks` chunks on CPU vs `jaxcircuits.engine.memory`'s prediction.
 
 Each case runs in a fresh subprocess on one CPU device: a random model (float32), a target and a
 source run of random tokens, 2 x chunk head_out masks at one layer (every other head). It calls
@@ -48,14 +48,14 @@ def child(name: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxcircuits import memory
-    from jaxcircuits import positions as P
-    from jaxcircuits.metrics import AnswerProb, LogitDiff
+    from jaxcircuits.engine import memory
+    from jaxcircuits.interventions import positions as P
+    from jaxcircuits.interventions.metrics import AnswerProb, LogitDiff
     from jaxcircuits.models.config import ModelConfig
     from jaxcircuits.models.params import init_params
     from jaxcircuits.models.transformer import run_with_cache
-    from jaxcircuits.patching import PatchingProblem, chunk_from_memory, make_plan, masks_metric, run_masks, target_run
-    from jaxcircuits.sites import Mask, footprint
+    from jaxcircuits.engine.patching import PatchingProblem, chunk_from_memory, make_plan, masks_metric, run_masks, target_run
+    from jaxcircuits.interventions.sites import Mask, footprint
 
     hf, batch, seq, positions, layer, metric_name, chunk = CASES[name]
     cfg = ModelConfig.from_hf(hf)
@@ -111,7 +111,7 @@ def table(rows, command: str) -> str:
         "- Measured: peak RSS (VmHWM, reset by /proc/self/clear_refs) minus RSS before a `run_masks` call "
         "of 2 chunks (it compiles, then runs), in a fresh process per case: the first call, because XLA:CPU "
         "keeps a run's buffers resident for the next call (compiling alone adds ~20 MiB). Predicted: `memory.footprint(...).bytes(chunk)` "
-        "= fixed + chunk x per_subset (formula in `jaxcircuits/memory.py` and BUILD.md, \"Chunk size\"). "
+        "= fixed + chunk x per_subset (formula in `jaxcircuits/engine/memory.py` and BUILD.md, \"Chunk size\"). "
         "XLA: the compiled chunk's temp + output bytes (its buffer assignment).", "",
         "| case | plan (start, R, from_z) | chunk | per subset MiB | fixed MiB | predicted MiB | XLA MiB | "
         "measured MiB | measured / predicted | from memory: chunk (free GiB) |",

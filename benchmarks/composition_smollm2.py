@@ -30,8 +30,8 @@ flags.DEFINE_bool("fold", False, "Fold the norms into the weights first (folding
 def main(argv):
     del argv
     import jaxcircuits as jc
-    from jaxcircuits import folding
-    from jaxcircuits import weight_space as ws
+    from jaxcircuits.methods import folding
+    from jaxcircuits.methods import weight_space as ws
     model = jc.load()
     params, cfg = model.params, model.cfg
     if FLAGS.fold:

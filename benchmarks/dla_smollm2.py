@@ -30,7 +30,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
 def main(argv):
     del argv
     import jaxcircuits as jc
-    from jaxcircuits import dla
+    from jaxcircuits.methods import dla
     from jaxcircuits.tasks.ioi import generate_ioi, ioi_batch
     model = jc.load()
     batch = ioi_batch(generate_ioi(FLAGS.n_prompts, FLAGS.seed, model.tokenizer), model.tokenizer)

@@ -50,11 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits import edges, sites
-from jaxcircuits.attribution import edge_attribution_patching
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.interventions import edges, sites
+from jaxcircuits.methods.attribution import edge_attribution_patching
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, target_run
+from jaxcircuits.engine.patching import PatchingProblem, target_run
 
 from benchmarks.sweep_vs_peers import (BAD, GOOD, REPO, SHAPES, build_hf_model, environment, first_call,
                                        load_into_jaxcircuits, prompts)

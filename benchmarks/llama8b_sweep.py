@@ -7,7 +7,7 @@ layer 10 of a Llama-3.1-8B-shaped model (random weights), for one prompt.
     python -m benchmarks.llama8b_sweep --dry_run                # the chunk size and memory it would use
 
 --chunk_size=0 (the default) chooses the chunk from the devices' free memory and the per-subset
-footprint (`jaxcircuits.memory`); the run prints the chunk size and its predicted memory either way.
+footprint (`jaxcircuits.engine.memory`); the run prints the chunk size and its predicted memory either way.
 
 Each chunk is `sweep.chunk_metric`, the step `sweep.run_sweep` repeats (one compiled call: masks
 unranked on device, patched forward from the cached target run, logit difference at the last
@@ -32,15 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits import memory
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.engine import memory
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params, num_params
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, chunk_devices, chunking, target_run
-from jaxcircuits.subsets import Pool, of_size
-from jaxcircuits.sweep import Sweep, chunk_metric
+from jaxcircuits.engine.patching import PatchingProblem, chunk_devices, chunking, target_run
+from jaxcircuits.engine.subsets import Pool, of_size
+from jaxcircuits.engine.sweep import Sweep, chunk_metric
 
 # Llama-3.1-8B's config.json, less the fields that do not change the computation.
 LLAMA_3_1_8B = dict(
@@ -58,7 +58,7 @@ flags.DEFINE_integer("layer", 10, "layer whose even heads are swept")
 flags.DEFINE_integer("k", 8, "subset size (of the 16 even heads)")
 flags.DEFINE_integer("seq_len", 20, "prompt tokens (random ids)")
 flags.DEFINE_integer("chunk_size", 0, "subsets per compiled call (a multiple of the device count); 0: from the "
-                     "free memory (jaxcircuits.memory)", lower_bound=0)
+                     "free memory (jaxcircuits.engine.memory)", lower_bound=0)
 flags.DEFINE_bool("dry_run", False, "print the chunk size and predicted memory from shapes alone, then exit")
 flags.DEFINE_integer("max_chunks", 0, "time only this many chunks after the first and extrapolate (0 = all)")
 flags.DEFINE_integer("seed", 0, "seed of weights and prompts")

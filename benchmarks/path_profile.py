@@ -33,10 +33,10 @@ import jax
 import numpy as np
 
 from benchmarks import sweep_vs_peers as S
-from jaxcircuits import positions as P
+from jaxcircuits.interventions import positions as P
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, layers_touched, make_plan, masks_metric, run_masks, target_run
-from jaxcircuits.sites import Mask, footprint
+from jaxcircuits.engine.patching import PatchingProblem, layers_touched, make_plan, masks_metric, run_masks, target_run
+from jaxcircuits.interventions.sites import Mask, footprint
 
 FLAGS = flags.FLAGS
 # --chunk_size, --reps (timed calls per measurement, the best kept), --batch, --seq_len, --seed: the flags of

@@ -50,14 +50,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params
 from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.patching import PatchingProblem, run_masks, target_run
-from jaxcircuits.sites import Mask
-from jaxcircuits.subsets import Pool
+from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.engine.subsets import Pool
 
 from benchmarks.load_memory import status_mib
 
@@ -591,7 +591,7 @@ def markdown(result: dict) -> str:
         "- Chunk size from free memory (`chunk_size=None` or a binary's `--chunk_size=0`; a number overrides): "
         "memory(c) = fixed + c x per_subset x runtime, the largest power of two that fits half the free memory "
         "(capped at 256); the terms and their check against measured peak memory (within 20%) are in "
-        "`benchmarks/RESULTS_chunk_memory.md` and `jaxcircuits/memory.py`.",
+        "`benchmarks/RESULTS_chunk_memory.md` and `jaxcircuits/engine/memory.py`.",
         "- Several processes: `tests/test_multiprocess.py` runs one sharded sweep and `run_masks` in two local "
         "`jax.distributed` processes (two CPU devices each) into one output directory and checks the results "
         "equal a single-process run, one process writing each chunk file (commands in BUILD.md).",

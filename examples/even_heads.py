@@ -8,8 +8,8 @@ tabulate which subsets repair it (metric: logit('8') - logit('1') after " 9.").
 import argparse
 
 import jaxcircuits as jc
-from jaxcircuits import positions as P
-from jaxcircuits.subsets import Pool, all_subsets
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.engine.subsets import Pool, all_subsets
 from jaxcircuits.tasks import decimals as D
 
 

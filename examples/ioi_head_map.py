@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxcircuits as jc
-from jaxcircuits import plots, viz
-from jaxcircuits import positions as P
+from jaxcircuits.reports import plots, viz
+from jaxcircuits.interventions import positions as P
 from jaxcircuits.studies.common import unpatched_metric
 from jaxcircuits.tasks.ioi import corrupt, generate_ioi, ioi_batch
 

@@ -10,9 +10,9 @@ import argparse
 import jax.numpy as jnp
 
 import jaxcircuits as jc
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import pad_ids
-from jaxcircuits.subsets import Pool, of_sizes
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import pad_ids
+from jaxcircuits.engine.subsets import Pool, of_sizes
 
 # (source prompt, its answer, target prompt, its answer): metric = logit(source answer) -
 # logit(target answer) on the target, > 0 once the patched heads carry the source's fact.

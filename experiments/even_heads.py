@@ -73,7 +73,7 @@ logs.define_flags()
 
 
 def _check_flags():
-    from jaxcircuits.formats import get_format
+    from jaxcircuits.tasks.formats import get_format
     for name in [FLAGS.source_format, FLAGS.target_format, *FLAGS.scan_formats]:
         if name != "auto":
             get_format(name)                   # raises listing the known formats
@@ -81,7 +81,7 @@ def _check_flags():
         raise app.UsageError("'auto' formats need at least two --scan_formats")
     if FLAGS.source_format == FLAGS.target_format != "auto":
         raise app.UsageError("--source_format and --target_format must differ")
-    from jaxcircuits.analysis import Criterion
+    from jaxcircuits.stats.analysis import Criterion
     try:
         Criterion.parse(FLAGS.success)
     except ValueError as e:

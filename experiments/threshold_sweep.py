@@ -12,7 +12,8 @@ import os
 
 from absl import app, flags
 
-from jaxcircuits import logs, sites
+from jaxcircuits import logs
+from jaxcircuits.interventions import sites
 from jaxcircuits.models.params import PARAM_DTYPES
 from jaxcircuits.studies import threshold_sweep as lib
 from jaxcircuits.studies.common import checked, run_reporting_usage
@@ -29,7 +30,7 @@ flags.DEFINE_string("source_prompts", None, "prompts: file, one source prompt pe
 flags.DEFINE_string("target_prompts", None, "prompts: file, one target prompt per line.")
 flags.DEFINE_list("answers", [], "prompts: good,bad answer strings; metric = logit(good) - logit(bad) (first token).")
 flags.DEFINE_integer("n_prompts", 4, "decimals/ioi: number of prompts.", lower_bound=1)
-flags.DEFINE_enum("site", "head_out", list(sites.NAMES), "Intervention site of the pool (see jaxcircuits.sites).")
+flags.DEFINE_enum("site", "head_out", list(sites.NAMES), "Intervention site of the pool (see jaxcircuits.interventions.sites).")
 flags.DEFINE_list("layers", ["17"], "Layers whose units form the pool.")
 flags.DEFINE_string("pool", "all", "Units per layer: all, even, odd, or comma-separated unit indices "
                     "(heads or blocks; ignored for whole-layer sites).")
@@ -85,7 +86,7 @@ def options() -> lib.Options:
         lib.parse_positions(FLAGS.positions)
         lib.parse_success(FLAGS.success, FLAGS.aggregate)
         if FLAGS.task == "decimals":
-            from jaxcircuits.formats import get_format
+            from jaxcircuits.tasks.formats import get_format
             get_format(FLAGS.source_format), get_format(FLAGS.target_format)
     except ValueError as e:
         raise app.UsageError(str(e)) from None

@@ -1,20 +1,20 @@
 """jaxcircuits: mechanistic-interpretability sweeps over attention heads in JAX.
 
 Entry points: `load` a model; `forward` / `run_with_cache` / `generate` run it; `Mask` +
-`Intervention` patch it (sites: `jaxcircuits.sites`); `target_run` + `PatchingProblem` state an
+`Intervention` patch it (sites: `jaxcircuits.interventions.sites`); `target_run` + `PatchingProblem` state an
 experiment, `patched_metric` evaluates one mask (differentiably), `run_masks` a batch of masks and
-`run_sweep` whole subset families; `jaxcircuits.analysis` charts thresholds and redundancy.
+`run_sweep` whole subset families; `jaxcircuits.stats.analysis` charts thresholds and redundancy.
 Where each concept lives (to add a site, model feature, metric or subset family): README.md here.
 """
 
 from jaxcircuits.bundle import DEFAULT_MODEL, Model, load
-from jaxcircuits.generate import decode_intervention, generate, source_at_position
-from jaxcircuits.metrics import AnswerLogProb, AnswerProb, LogitDiff
+from jaxcircuits.models.generate import decode_intervention, generate, source_at_position
+from jaxcircuits.interventions.metrics import AnswerLogProb, AnswerProb, LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.patching import PatchingProblem, patched_metric, run_masks, target_run
-from jaxcircuits.sites import Intervention, Mask
-from jaxcircuits.sweep import run_sweep
+from jaxcircuits.engine.patching import PatchingProblem, patched_metric, run_masks, target_run
+from jaxcircuits.interventions.sites import Intervention, Mask
+from jaxcircuits.engine.sweep import run_sweep
 
 __all__ = ["DEFAULT_MODEL", "Model", "load", "generate", "decode_intervention", "source_at_position",
            "Intervention", "Mask", "AnswerLogProb", "AnswerProb", "LogitDiff", "ModelConfig", "forward",

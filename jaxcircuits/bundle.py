@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits import hooknames
-from jaxcircuits.generate import generate
+from jaxcircuits.interventions import hooknames
+from jaxcircuits.models.generate import generate
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.sites import CACHE_SITES, Intervention
-from jaxcircuits.tokenize import Tokenizer, load_tokenizer
+from jaxcircuits.interventions.sites import CACHE_SITES, Intervention
+from jaxcircuits.weights.tokenize import Tokenizer, load_tokenizer
 from jaxcircuits.weights.registry import ModelSource, load_params
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -97,7 +97,7 @@ def tiny_dir(tmp_path_factory):
     """An HF checkpoint dir: random 2-layer Llama (4 heads, 2 KV heads) + SmolLM2's real tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from jaxcircuits.tokenize import load_tokenizer
+    from jaxcircuits.weights.tokenize import load_tokenizer
     tok = load_tokenizer(SMOLLM2_GGUF)
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

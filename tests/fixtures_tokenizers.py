@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxcircuits.tokenize import Tokenizer, load_tokenizer
+from jaxcircuits.weights.tokenize import Tokenizer, load_tokenizer
 
 NAMES = ("smollm2", "gpt2", "llama3")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -16,10 +16,10 @@ if __name__ == "__main__":
     pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
     from tests import sweep_worker
-    from jaxcircuits.patching import run_masks
-    from jaxcircuits.sites import Mask
-    from jaxcircuits.subsets import unrank_np
-    from jaxcircuits.sweep import run_sweep
+    from jaxcircuits.engine.patching import run_masks
+    from jaxcircuits.interventions.sites import Mask
+    from jaxcircuits.engine.subsets import unrank_np
+    from jaxcircuits.engine.sweep import run_sweep
     params, cfg, problem, pool, family = sweep_worker.problem()
     res = run_sweep(params, cfg, problem, pool, family, out, chunk_size=8)
     masks = Mask(**{pool.site: np.asarray(pool.scatter(unrank_np(family, np.arange(10)), pool.site_shape(cfg)))})

@@ -13,16 +13,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxcircuits import positions as P  # noqa: E402
+from jaxcircuits.interventions import positions as P  # noqa: E402
 from jaxcircuits.storage import TMP_MARK  # noqa: E402
-from jaxcircuits.ablation import zeros_like_source  # noqa: E402
-from jaxcircuits.metrics import LogitDiff  # noqa: E402
+from jaxcircuits.interventions.ablation import zeros_like_source  # noqa: E402
+from jaxcircuits.interventions.metrics import LogitDiff  # noqa: E402
 from jaxcircuits.models.config import ModelConfig  # noqa: E402
 from jaxcircuits.models.params import init_params  # noqa: E402
 from jaxcircuits.models.transformer import run_with_cache  # noqa: E402
-from jaxcircuits.patching import PatchingProblem, target_run  # noqa: E402
-from jaxcircuits.subsets import Pool, of_size  # noqa: E402
-from jaxcircuits.sweep import run_sweep  # noqa: E402
+from jaxcircuits.engine.patching import PatchingProblem, target_run  # noqa: E402
+from jaxcircuits.engine.subsets import Pool, of_size  # noqa: E402
+from jaxcircuits.engine.sweep import run_sweep  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CMD = [sys.executable, "-m", "tests.sweep_worker"]

@@ -8,9 +8,9 @@ import chex
 import numpy as np
 import pytest
 
-from jaxcircuits import analysis as A
-from jaxcircuits import plots as P
-from jaxcircuits import subsets as S
+from jaxcircuits.stats import analysis as A
+from jaxcircuits.reports import plots as P
+from jaxcircuits.engine import subsets as S
 
 
 def cube(n):

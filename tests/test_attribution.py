@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import jaxcircuits as jc
-from jaxcircuits import positions as P
-from jaxcircuits import sites
-from jaxcircuits.attribution import attribution_patching, integrated_gradients
-from jaxcircuits.metrics import LogitDiff
-from jaxcircuits.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions import sites
+from jaxcircuits.methods.attribution import attribution_patching, integrated_gradients
+from jaxcircuits.interventions.metrics import LogitDiff
+from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
 from tests.conftest import random_tokens
 
 

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import jaxcircuits as jc
-from jaxcircuits import tokenize
+from jaxcircuits.weights import tokenize
 from jaxcircuits.models.config import ModelConfig, UnsupportedConfigError
 from jaxcircuits.models.transformer import forward
-from jaxcircuits.tokenize import load_tokenizer
+from jaxcircuits.weights.tokenize import load_tokenizer
 from jaxcircuits.weights import cached_load, load_gguf, load_hf_dir, load_params
 from tests import fixtures_tokenizers as F
 from tests import hf_reference as ref
@@ -89,7 +89,7 @@ def test_tokenizer_cache_edit_is_detected_and_rebuilt(tmp_path, monkeypatch, cap
     text = tok_json.read_bytes()
     tok_json.write_bytes(text.replace('"Ġbigger"'.encode(), '"Ġbiggar"'.encode(), 1))
     assert tok_json.read_bytes() != text and len(tok_json.read_bytes()) == len(text)
-    with caplog.at_level(logging.WARNING, logger="jaxcircuits.tokenize"):
+    with caplog.at_level(logging.WARNING, logger="jaxcircuits.weights.tokenize"):
         tok = load_tokenizer(F.smollm2_gguf(), cache_dir=tmp_path)
     assert len(calls) == 2 and "is damaged" in caplog.text and "converting the tokenizer" in caplog.text
     prompt = "Which is bigger: 9.8 or 9.11?"

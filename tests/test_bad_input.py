@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import jaxcircuits as jc
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import LogitDiff
-from jaxcircuits.patching import PatchingProblem, patched_metric, run_masks, target_run
-from jaxcircuits.sites import Intervention, Mask
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import LogitDiff
+from jaxcircuits.engine.patching import PatchingProblem, patched_metric, run_masks, target_run
+from jaxcircuits.interventions.sites import Intervention, Mask
 from tests import hf_reference as ref
 from tests.conftest import left_padded_mask, random_tokens
 

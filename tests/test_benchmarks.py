@@ -44,7 +44,7 @@ def test_llama8b_sweep_extrapolates_when_told(tmp_path):
 def test_every_peer_variant_matches_jaxcircuits(arch):
     """Each installed peer variant (one forward per subset, or S subsets stacked with per-row head
     masks, S not dividing the subsets) gives jaxcircuits' values on both position selectors."""
-    from jaxcircuits import positions as P
+    from jaxcircuits.interventions import positions as P
     from benchmarks import peers
     from benchmarks.sweep_vs_peers import (GOOD, BAD, Shape, build_hf_model, head_masks, jaxcircuits_sweep,
                                            load_into_jaxcircuits)

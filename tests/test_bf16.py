@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import jaxcircuits as jc
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, run_masks, target_run
-from jaxcircuits.sites import Mask
+from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.interventions.sites import Mask
 
 # Tolerance of a bf16 logit difference against fp32: bf16 keeps 8 mantissa bits (relative step
 # 2^-8 = 0.4%) in the residual stream over 30 layers. Here the metric is ~7.3 and the worst

@@ -6,16 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import memory
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import AnswerProb, LogitDiff, answer_log_prob
+from jaxcircuits.engine import memory
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import AnswerProb, LogitDiff, answer_log_prob
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, chunking, make_plan, masks_metric, run_masks, target_run
-from jaxcircuits.sites import Mask, footprint
-from jaxcircuits.subsets import Pool, of_size
-from jaxcircuits.sweep import run_sweep
+from jaxcircuits.engine.patching import PatchingProblem, chunking, make_plan, masks_metric, run_masks, target_run
+from jaxcircuits.interventions.sites import Mask, footprint
+from jaxcircuits.engine.subsets import Pool, of_size
+from jaxcircuits.engine.sweep import run_sweep
 from tests.conftest import random_tokens
 
 # Small models with head dim 32 (with the fixtures' 8 to 16, XLA:CPU fuses the scores away).

@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import analysis, circuits, sites
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.stats import analysis
+from jaxcircuits.methods import circuits
+from jaxcircuits.interventions import sites
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models import transformer as M
-from jaxcircuits.patching import PatchingProblem, patched_metric, target_run
-from jaxcircuits.sites import Mask
+from jaxcircuits.engine.patching import PatchingProblem, patched_metric, target_run
+from jaxcircuits.interventions.sites import Mask
 from tests.conftest import random_tokens, run_binary
 from tests.test_ux import third_party_lines
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import jaxcircuits as jc
-from jaxcircuits import dla
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.methods import dla
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models import transformer as M
-from jaxcircuits.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
 from jaxcircuits.weights.hf import load_hf_dir
 from tests import hf_reference as ref
 from tests.conftest import VARIANTS, make_hf_model, random_tokens

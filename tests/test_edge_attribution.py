@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import attribution, edges, sites
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.methods import attribution
+from jaxcircuits.interventions import edges, sites
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, target_run
+from jaxcircuits.engine.patching import PatchingProblem, target_run
 from tests.conftest import random_tokens
 
 B, T = 3, 6

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import edges, sites
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.interventions import edges, sites
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models import transformer as M
-from jaxcircuits.patching import PatchingProblem, patched_metric, target_run
-from jaxcircuits.sites import LayerHooks, Mask
+from jaxcircuits.engine.patching import PatchingProblem, patched_metric, target_run
+from jaxcircuits.interventions.sites import LayerHooks, Mask
 from tests.conftest import random_tokens
 
 B, T = 2, 7

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import jaxcircuits as jc
-from jaxcircuits import edges, sites
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.interventions import edges, sites
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.transformer import forward, logits_of, run_with_cache
-from jaxcircuits.patching import PatchingProblem, target_run
+from jaxcircuits.engine.patching import PatchingProblem, target_run
 from tests import hf_reference as ref
 from tests.conftest import random_tokens
 from tests.test_smollm2 import ATOL as SMOLLM2_ATOL

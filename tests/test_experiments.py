@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxcircuits import analysis
+from jaxcircuits.stats import analysis
 from tests.conftest import run_binary as _run
 
 

@@ -1,5 +1,5 @@
 """Success criteria, recovery, intervals over prompts, degenerate sweeps and findings
-(jaxcircuits.analysis), and the report's Findings section (jaxcircuits.report)."""
+(jaxcircuits.stats.analysis), and the report's Findings section (jaxcircuits.reports.report)."""
 
 import itertools
 import json
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from jaxcircuits import analysis as A
-from jaxcircuits import subsets as S
-from jaxcircuits.report import Report, add_sweep_analysis
+from jaxcircuits.stats import analysis as A
+from jaxcircuits.engine import subsets as S
+from jaxcircuits.reports.report import Report, add_sweep_analysis
 
 
 def cube(n):

@@ -1,4 +1,4 @@
-"""Weight folding and centring (jaxcircuits.folding) keep the logits and do what they say."""
+"""Weight folding and centring (jaxcircuits.methods.folding) keep the logits and do what they say."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import folding
+from jaxcircuits.methods import folding
 from jaxcircuits.models.params import check_params
 from jaxcircuits.models.transformer import forward, unembed_matrix
 from tests.conftest import VARIANTS, random_tokens

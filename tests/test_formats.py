@@ -1,4 +1,4 @@
-"""jaxcircuits.formats: golden prompts of the "even heads" study, BOS rules, the JSON table."""
+"""jaxcircuits.tasks.formats: golden prompts of the "even heads" study, BOS rules, the JSON table."""
 
 import dataclasses
 import json
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from jaxcircuits.formats import (
+from jaxcircuits.tasks.formats import (
     FORMATS,
     PromptFormat,
     batch_prompts,

@@ -55,8 +55,8 @@ def test_bad_flags_stop_before_loading_a_model(flags, message):
 
 def test_attribution_matches_finite_differences(tiny_dir):
     import jaxcircuits as jc
-    from jaxcircuits import positions as P
-    from jaxcircuits.attribution import attribution_patching
+    from jaxcircuits.interventions import positions as P
+    from jaxcircuits.methods.attribution import attribution_patching
     from jaxcircuits.tasks.ioi import corrupt, generate_ioi, ioi_batch
     model = jc.load(tiny_dir, cache=False)
     clean = generate_ioi(2, 0, model.tokenizer)

@@ -3,7 +3,7 @@
 import ast
 import pathlib
 
-from jaxcircuits import sites
+from jaxcircuits.interventions import sites
 
 LIB = pathlib.Path(__file__).resolve().parent.parent / "jaxcircuits"
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 import jaxcircuits as jc
-from jaxcircuits import analysis, circuits, learned
-from jaxcircuits import positions as P
-from jaxcircuits import sites
-from jaxcircuits.learned import BETA, RELAXATIONS, Objective, Spec
-from jaxcircuits.metrics import LogitDiff
-from jaxcircuits.patching import PatchingProblem, target_run
-from jaxcircuits.subsets import Pool
+from jaxcircuits.stats import analysis
+from jaxcircuits.methods import circuits, learned
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions import sites
+from jaxcircuits.methods.learned import BETA, RELAXATIONS, Objective, Spec
+from jaxcircuits.interventions.metrics import LogitDiff
+from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.engine.subsets import Pool
 from tests.conftest import random_tokens
 
 SPEC = Spec("hard_concrete", steps=12, learning_rate=0.1, init_logit=1.0, init_std=0.5, checkpoint_every=4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from absl.testing import parameterized
 
-from jaxcircuits.generate import generate
+from jaxcircuits.models.generate import generate
 from jaxcircuits.models.config import ModelConfig, RopeConfig, UnsupportedConfigError
 from jaxcircuits.models.params import cast_params
 from jaxcircuits.models.transformer import forward, forward_fn, run_with_cache

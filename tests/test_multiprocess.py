@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from jaxcircuits.sweep import load_results, run_sweep
+from jaxcircuits.engine.sweep import load_results, run_sweep
 from tests import sweep_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from jaxcircuits import positions as P
-from jaxcircuits import sites
-from jaxcircuits.generate import decode_intervention, generate, source_at_position
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions import sites
+from jaxcircuits.models.generate import decode_intervention, generate, source_at_position
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.patching import (PatchingProblem, Plan, make_plan, masks_metric, patched_metric, run_masks,
+from jaxcircuits.engine.patching import (PatchingProblem, Plan, make_plan, masks_metric, patched_metric, run_masks,
                                   target_run)
-from jaxcircuits.sites import Intervention, Mask
+from jaxcircuits.interventions.sites import Intervention, Mask
 from tests import hf_reference as ref
 from tests.conftest import random_tokens
 

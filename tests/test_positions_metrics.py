@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import ablation as A
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import (AnswerProb, LogitDiff, answer_log_prob, first_distinguishing, pad_ids)
+from jaxcircuits.interventions import ablation as A
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import (AnswerProb, LogitDiff, answer_log_prob, first_distinguishing, pad_ids)
 from jaxcircuits.models.transformer import forward, run_with_cache
 from tests.conftest import left_padded_mask, random_tokens
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import jaxcircuits as jc
-from jaxcircuits import positions as P
-from jaxcircuits import sites
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions import sites
 from tests import hf_reference as ref
 from tests.conftest import random_tokens
 

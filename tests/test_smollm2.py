@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import jaxcircuits as jc
-from jaxcircuits.formats import encode_prompt
+from jaxcircuits.tasks.formats import encode_prompt
 from jaxcircuits.tasks.decimals import STUDY_PAIR
 
 # fp32 at highest precision. Over 30 layers, summation-order differences between XLA and torch

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import subsets as S
+from jaxcircuits.engine import subsets as S
 
 FAMILIES = [
     S.all_subsets(6),

@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import sites
-from jaxcircuits import weight_space as ws
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.interventions import sites
+from jaxcircuits.methods import weight_space as ws
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models import transformer
-from jaxcircuits.patching import PatchingProblem, patched_metric, target_run
-from jaxcircuits.sites import Intervention, Mask
+from jaxcircuits.engine.patching import PatchingProblem, patched_metric, target_run
+from jaxcircuits.interventions.sites import Intervention, Mask
 from tests.conftest import random_tokens
 
 B, T, LAYER = 2, 6, 1

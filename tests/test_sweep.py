@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.patching import PatchingProblem, target_run
-from jaxcircuits.sites import Intervention, Mask
-from jaxcircuits.subsets import Pool, all_subsets, of_size, sampled_per_size, unrank_np
-from jaxcircuits.sweep import blend_crossing, blend_curve, load_results, run_sweep
+from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.interventions.sites import Intervention, Mask
+from jaxcircuits.engine.subsets import Pool, all_subsets, of_size, sampled_per_size, unrank_np
+from jaxcircuits.engine.sweep import blend_crossing, blend_curve, load_results, run_sweep
 from tests import sweep_worker
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxcircuits import storage
-from jaxcircuits.sweep import load_results, run_sweep
+from jaxcircuits.engine.sweep import load_results, run_sweep
 from tests import sweep_worker
 
 ROOT, WORKER = sweep_worker.ROOT, sweep_worker.CMD

@@ -8,7 +8,7 @@ from decimal import Decimal
 import numpy as np
 import pytest
 
-from jaxcircuits.formats import encode_prompt, render
+from jaxcircuits.tasks.formats import encode_prompt, render
 from jaxcircuits.tasks import ioi
 from jaxcircuits.tasks.decimals import (
     STUDY_PAIR,
@@ -20,7 +20,7 @@ from jaxcircuits.tasks.decimals import (
     classify_generation_original,
     generate_pairs,
 )
-from jaxcircuits.tokenize import load_tokenizer
+from jaxcircuits.weights.tokenize import load_tokenizer
 from tests import fixtures_tokenizers as F
 
 Q = "Which is bigger: 9.8 or 9.11?"

@@ -8,7 +8,7 @@ import pytest
 
 import jaxcircuits as jc
 from jaxcircuits.tasks import multiple_choice as mc
-from jaxcircuits.tokenize import load_tokenizer
+from jaxcircuits.weights.tokenize import load_tokenizer
 from tests.conftest import SMOLLM2_GGUF
 
 

@@ -1,4 +1,4 @@
-"""jaxcircuits.tokenize against HF transformers on real tokenizers (SmolLM2 GGUF, GPT-2, Llama 3.2)."""
+"""jaxcircuits.weights.tokenize against HF transformers on real tokenizers (SmolLM2 GGUF, GPT-2, Llama 3.2)."""
 
 import concurrent.futures
 import os
@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxcircuits import tokenize
-from jaxcircuits.tokenize import load_tokenizer
+from jaxcircuits.weights import tokenize
+from jaxcircuits.weights.tokenize import load_tokenizer
 from tests import fixtures_tokenizers as F
 
 STUDY = "Which is bigger: 9.8 or 9.11?\nAnswer:"
@@ -300,8 +300,8 @@ def test_never_imports_torch():
     F.ours("smollm2")  # make sure the cache is filled
     code = (
         "import sys\n"
-        "from jaxcircuits.tokenize import load_tokenizer\n"
-        "from jaxcircuits.formats import encode_prompt\n"
+        "from jaxcircuits.weights.tokenize import load_tokenizer\n"
+        "from jaxcircuits.tasks.formats import encode_prompt\n"
         f"for src in ({str(F.smollm2_gguf())!r}, {str(F.llama3_dir())!r}):\n"
         f"    t = load_tokenizer(src, cache_dir={str(F.cache_dir())!r})\n"
         "    encode_prompt('simple', 'Which is bigger: 9.8 or 9.11?', t)\n"
@@ -315,7 +315,7 @@ def test_never_imports_torch():
 def test_gguf_conversion_needs_no_torch(tmp_path):
     """Our GGUF conversion (the gguf reader + public tokenizers/transformers classes) never imports
     torch, so a runtime install without torch reads the embedded model's tokenizer."""
-    code = ("import sys\nfrom pathlib import Path\nfrom jaxcircuits.tokenize import _convert_gguf\n"
+    code = ("import sys\nfrom pathlib import Path\nfrom jaxcircuits.weights.tokenize import _convert_gguf\n"
             f"_convert_gguf(Path({str(F.smollm2_gguf())!r}), Path({str(tmp_path)!r}))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

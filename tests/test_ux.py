@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 import jaxcircuits as jc
-from jaxcircuits import hooknames, logs, report, sites
-from jaxcircuits import positions as P
-from jaxcircuits.metrics import LogitDiff
-from jaxcircuits.subsets import Pool, all_subsets
-from jaxcircuits.sweep import SweepResult, run_sweep
+from jaxcircuits.interventions import hooknames, sites
+from jaxcircuits import logs
+from jaxcircuits.reports import report
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import LogitDiff
+from jaxcircuits.engine.subsets import Pool, all_subsets
+from jaxcircuits.engine.sweep import SweepResult, run_sweep
 from tests.conftest import ROOT, make_hf_model, run_binary
 
 _ABSL_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ ([\w.]+):\d+\]")
@@ -255,7 +257,7 @@ def test_provenance():
 # ---- visual inspection ----------------------------------------------------------------------------
 
 def test_attention_and_head_map_renderings(smol_tiny, tmp_path):
-    from jaxcircuits import viz
+    from jaxcircuits.reports import viz
     m = smol_tiny
     _, cache = m.run_with_cache("When Mary and John went to the store", sites=("pattern",))
     tokens, heads = m.to_str_tokens("When Mary and John went to the store"), [(0, 1), (1, 3)]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import weight_space as ws
+from jaxcircuits.methods import weight_space as ws
 from jaxcircuits.models import transformer
 from tests.conftest import random_tokens
 

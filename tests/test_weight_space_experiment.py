@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits import weight_space as ws
-from jaxcircuits.patching import PatchingProblem, patched_metric, target_run
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.methods import weight_space as ws
+from jaxcircuits.engine.patching import PatchingProblem, patched_metric, target_run
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models import transformer
-from jaxcircuits.sites import Mask
+from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.studies import weight_space as study
 from jaxcircuits.tasks import multiple_choice as mc
 from tests.conftest import random_tokens, run_binary

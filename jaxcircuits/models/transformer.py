@@ -3,8 +3,8 @@
 One block function, parameterised by `ModelConfig`'s features, runs under one `jax.lax.scan` over
 the stacked layer params. The same code serves the plain run, the cached run (`collect`), the
 patched run (`intervention`), the KV-cached suffix run (`kv`, used by generation and by the
-patched fast paths in `jaxcircuits.patching`) and the vmapped sweep. Each intervention site
-(`jaxcircuits.sites`) is one `hooks(name, x)` call at its place.
+patched fast paths in `jaxcircuits.engine.patching`) and the vmapped sweep. Each intervention site
+(`jaxcircuits.interventions.sites`) is one `hooks(name, x)` call at its place.
 
 Shapes: B batch, T query positions of this call, S key slots, D model width, H query heads,
 K KV heads, Dh head dim, F MLP width, V vocab, L layers of this call.
@@ -23,7 +23,7 @@ from flax import struct
 
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.layers import ACTIVATIONS, NORMS
-from jaxcircuits.sites import CACHE_SITES, Intervention, LayerHooks, check_intervention
+from jaxcircuits.interventions.sites import CACHE_SITES, Intervention, LayerHooks, check_intervention
 
 Array = jax.Array
 Params = dict

@@ -20,14 +20,15 @@ import numpy as np
 import scipy.stats
 from absl import logging
 
-from jaxcircuits import dla, plots
-from jaxcircuits import positions as P
-from jaxcircuits.attribution import attribution_patching, integrated_gradients
-from jaxcircuits.metrics import LogitDiff
+from jaxcircuits.methods import dla
+from jaxcircuits.reports import plots
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.methods.attribution import attribution_patching, integrated_gradients
+from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, target_run
-from jaxcircuits.report import Report, table
-from jaxcircuits.sites import unit_label
+from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.reports.report import Report, table
+from jaxcircuits.interventions.sites import unit_label
 from jaxcircuits.studies.common import OptionError, load_model, unpatched_metric
 from jaxcircuits.studies.ioi import head_patch_map
 from jaxcircuits.studies.threshold_sweep import task_batches

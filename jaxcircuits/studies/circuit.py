@@ -2,7 +2,7 @@
 
 The circuit is kept from the target run (the task's source prompts, e.g. clean IOI) and every
 unit outside it is patched from the other run (the corrupted prompts); faithfulness as in
-`jaxcircuits.circuits`. Each method scores every unit by its importance, the estimated drop of
+`jaxcircuits.methods.circuits`. Each method scores every unit by its importance, the estimated drop of
 the metric when that unit alone is patched (higher = keep it first):
 
   path     exact: the unit patched alone (one batched call over all units)
@@ -24,16 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcircuits import analysis, attribution, circuits, edges, learned, plots
-from jaxcircuits import positions as P
+from jaxcircuits.stats import analysis
+from jaxcircuits.methods import attribution, circuits, learned
+from jaxcircuits.interventions import edges
+from jaxcircuits.reports import plots
+from jaxcircuits.interventions import positions as P
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, run_masks, target_run
-from jaxcircuits.report import Report, table
-from jaxcircuits.sites import Mask
+from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.reports.report import Report, table
+from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.studies.common import OptionError, check_layers, load_model, unpatched_metric
 from jaxcircuits.studies.ioi import head_patch_map
 from jaxcircuits.studies.threshold_sweep import TASKS as SWEEP_TASKS
-from jaxcircuits.subsets import Pool
+from jaxcircuits.engine.subsets import Pool
 
 # --task -> its batches (`threshold_sweep.TASKS`' form: (TaskBatches, the source run's metric));
 # the task's source run is the circuit's target run, its target run the patching source.

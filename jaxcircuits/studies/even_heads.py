@@ -17,19 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcircuits import analysis, plots
-from jaxcircuits import positions as P
-from jaxcircuits import sites
-from jaxcircuits import subsets as S
-from jaxcircuits.formats import encode_prompt
-from jaxcircuits.generate import decode_intervention, source_at_position
+from jaxcircuits.stats import analysis
+from jaxcircuits.reports import plots
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions import sites
+from jaxcircuits.engine import subsets as S
+from jaxcircuits.tasks.formats import encode_prompt
+from jaxcircuits.models.generate import decode_intervention, source_at_position
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, run_masks, target_run
-from jaxcircuits.report import Report, add_sweep_analysis, table
-from jaxcircuits.sites import Intervention, Mask
+from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.reports.report import Report, add_sweep_analysis, table
+from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.studies.common import OptionError, check_layers, load_model, unpatched_metric
-from jaxcircuits.subsets import Pool, all_subsets, sampled_per_size
-from jaxcircuits.sweep import blend_crossing, run_sweep
+from jaxcircuits.engine.subsets import Pool, all_subsets, sampled_per_size
+from jaxcircuits.engine.sweep import blend_crossing, run_sweep
 from jaxcircuits.tasks import decimals as D
 
 PROTOCOLS = ("heads", "original")

@@ -14,15 +14,16 @@ import scipy.stats
 from absl import logging
 
 import jaxcircuits as jc
-from jaxcircuits import analysis, plots
-from jaxcircuits import positions as P
-from jaxcircuits.ablation import mean_source
-from jaxcircuits.attribution import attribution_patching
-from jaxcircuits.patching import PatchingProblem
-from jaxcircuits.report import Report, add_sweep_analysis, table
-from jaxcircuits.sites import unit_label
+from jaxcircuits.stats import analysis
+from jaxcircuits.reports import plots
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.ablation import mean_source
+from jaxcircuits.methods.attribution import attribution_patching
+from jaxcircuits.engine.patching import PatchingProblem
+from jaxcircuits.reports.report import Report, add_sweep_analysis, table
+from jaxcircuits.interventions.sites import unit_label
 from jaxcircuits.studies.common import OptionError, load_model, unpatched_metric
-from jaxcircuits.subsets import Pool, all_subsets
+from jaxcircuits.engine.subsets import Pool, all_subsets
 from jaxcircuits.tasks.ioi import corrupt, generate_ioi, ioi_batch
 
 

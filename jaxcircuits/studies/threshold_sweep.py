@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxcircuits as jc
-from jaxcircuits import analysis
-from jaxcircuits import positions as P
-from jaxcircuits import sites
-from jaxcircuits import subsets as S
-from jaxcircuits.metrics import LogitDiff, pad_ids
+from jaxcircuits.stats import analysis
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions import sites
+from jaxcircuits.engine import subsets as S
+from jaxcircuits.interventions.metrics import LogitDiff, pad_ids
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.patching import PatchingProblem, target_run
-from jaxcircuits.report import Report, add_sweep_analysis, table
+from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.studies.common import OptionError, TaskBatches, check_layers, load_model, unpatched_metric
 from jaxcircuits.tasks import decimals as D
 from jaxcircuits.tasks import ioi

@@ -31,13 +31,13 @@ from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxcircuits import folding
-from jaxcircuits import positions as P
-from jaxcircuits import weight_space as ws
+from jaxcircuits.methods import folding
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.methods import weight_space as ws
 from jaxcircuits.models import transformer
-from jaxcircuits.patching import PatchingProblem, target_run
-from jaxcircuits.report import Report, table
-from jaxcircuits.sites import Mask, transform_key, unit_label
+from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.reports.report import Report, table
+from jaxcircuits.interventions.sites import Mask, transform_key, unit_label
 from jaxcircuits.studies.common import OptionError, load_model
 from jaxcircuits.tasks import multiple_choice as mc
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits.formats import PromptFormat, encode_prompt
-from jaxcircuits.metrics import AnswerLogProb, LogitDiff, answer_log_prob, first_distinguishing, pad_ids
+from jaxcircuits.tasks.formats import PromptFormat, encode_prompt
+from jaxcircuits.interventions.metrics import AnswerLogProb, LogitDiff, answer_log_prob, first_distinguishing, pad_ids
 
 if TYPE_CHECKING:
-    from jaxcircuits.tokenize import Tokenizer
+    from jaxcircuits.weights.tokenize import Tokenizer
 
 _NUMBER = re.compile(r"\d+(\.\d+)?")
 VERBS = ("bigger", "larger", "greater")  # the study's "{n} is <verb>" phrases

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits.metrics import LogitDiff, pad_ids
+from jaxcircuits.interventions.metrics import LogitDiff, pad_ids
 
 if TYPE_CHECKING:
-    from jaxcircuits.tokenize import Tokenizer
+    from jaxcircuits.weights.tokenize import Tokenizer
 
 TEMPLATES = (
     "When {A} and {B} went to the {PLACE}, {S} gave a {OBJECT} to",

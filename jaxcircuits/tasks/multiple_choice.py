@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits.metrics import LogitDiff, pad_ids
+from jaxcircuits.interventions.metrics import LogitDiff, pad_ids
 
 if TYPE_CHECKING:
-    from jaxcircuits.tokenize import Tokenizer
+    from jaxcircuits.weights.tokenize import Tokenizer
 
 LETTERS = "ABCD"
 # (question, correct answer, three distractors)

@@ -26,11 +26,13 @@ from typing import Callable, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from jaxcircuits import analysis, edges, patching, sites
+from jaxcircuits.stats import analysis
+from jaxcircuits.interventions import edges, sites
+from jaxcircuits.engine import patching
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import PatchingProblem
-from jaxcircuits.sites import Mask
-from jaxcircuits.subsets import Pool, from_bitmask
+from jaxcircuits.engine.patching import PatchingProblem
+from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.engine.subsets import Pool, from_bitmask
 
 DEFAULT_CRITERION = "recovery>=0.8"        # F >= 0.8 (see the module doc)
 

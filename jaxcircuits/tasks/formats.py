@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 if TYPE_CHECKING:
     import numpy as np
 
-    from jaxcircuits.tokenize import Tokenizer
+    from jaxcircuits.weights.tokenize import Tokenizer
 
 KINDS = ("plain", "chat", "raw")
 

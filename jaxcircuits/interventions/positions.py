@@ -13,8 +13,8 @@ from typing import Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits import sites
-from jaxcircuits.sites import Source
+from jaxcircuits.interventions import sites
+from jaxcircuits.interventions.sites import Source
 
 Selector = Union[str, Sequence[int]]
 

@@ -14,11 +14,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcircuits import sites
+from jaxcircuits.interventions import sites
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.transformer import (KVCache, check_inputs, default_positions, embed, final_norm,
                                             logits_of, run_layers)
-from jaxcircuits.sites import Intervention, Mask
+from jaxcircuits.interventions.sites import Intervention, Mask
 
 Array = jax.Array
 

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits import edges, sites
+from jaxcircuits.interventions import edges, sites
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import PatchingProblem, patched_metric
-from jaxcircuits.sites import Mask
+from jaxcircuits.engine.patching import PatchingProblem, patched_metric
+from jaxcircuits.interventions.sites import Mask
 
 
 def _mean_metric_grads(metric_of, full, alphas):

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxcircuits.sites import unit_label
+from jaxcircuits.interventions.sites import unit_label
 
 Head = Tuple[int, int]
 

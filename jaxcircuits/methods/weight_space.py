@@ -34,8 +34,8 @@ import numpy as np
 from jaxcircuits.models import transformer
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import Params
-from jaxcircuits.patching import PatchingProblem, patched_metric
-from jaxcircuits.sites import LayerHooks, Mask
+from jaxcircuits.engine.patching import PatchingProblem, patched_metric
+from jaxcircuits.interventions.sites import LayerHooks, Mask
 
 Array = jax.Array
 KINDS = ("ov", "qk")

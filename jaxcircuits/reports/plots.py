@@ -1,4 +1,4 @@
-"""PNG charts of a subset sweep's analysis (`jaxcircuits.analysis` outputs or `summarize` parts).
+"""PNG charts of a subset sweep's analysis (`jaxcircuits.stats.analysis` outputs or `summarize` parts).
 
 Figures are drawn with matplotlib's object API on the Agg canvas: no pyplot state, no window.
 Every function writes a PNG to `path` and returns the path as a string.
@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxcircuits.analysis import inclusion_frequency
+from jaxcircuits.stats.analysis import inclusion_frequency
 
 
 def _figure(width: float = 6.4, height: float = 4.0):

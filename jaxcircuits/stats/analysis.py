@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import scipy.stats
 
-from jaxcircuits.subsets import from_bitmask, to_bitmask
+from jaxcircuits.engine.subsets import from_bitmask, to_bitmask
 
 DENSE_MAX_UNITS = 24          # tables indexed by bitmask (2^n entries) up to this n
 Z95 = 1.959963984540054

@@ -14,8 +14,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from jaxcircuits import analysis, plots
-from jaxcircuits.analysis import jsonable
+from jaxcircuits.stats import analysis
+from jaxcircuits.reports import plots
+from jaxcircuits.stats.analysis import jsonable
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:

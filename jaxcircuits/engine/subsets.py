@@ -17,7 +17,7 @@ Limits: n <= 64. `unrank_np` works on uint64 (any family). `unrank` works in the
 of `ranks`: with jax's default int32 a family may have at most 2^31 members (so 'all' needs
 n <= 31); enable x64 (int64 ranks) for up to 2^63, or use `sampled_per_size`.
 
-A `Pool` maps units to coordinates of an intervention site (see `jaxcircuits.sites`):
+A `Pool` maps units to coordinates of an intervention site (see `jaxcircuits.interventions.sites`):
 `Pool.scatter` turns selected units [.., n] into mask weights [.., *site_shape].
 """
 
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcircuits import sites
+from jaxcircuits.interventions import sites
 
 MAX_UNITS = 64
 MAX_RANK = 2 ** 31 - 1            # the largest rank of jax's default int32 (see "Limits" above)

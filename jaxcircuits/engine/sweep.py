@@ -44,10 +44,10 @@ from jax.experimental import multihost_utils
 
 from jaxcircuits import logs, storage
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import (PatchingProblem, Plan, PlanLayers, chunk_from_memory, chunking, make_plan,
+from jaxcircuits.engine.patching import (PatchingProblem, Plan, PlanLayers, chunk_from_memory, chunking, make_plan,
                                   masks_metric_fn, plan_layers, run_masks, to_host)
-from jaxcircuits.sites import Mask
-from jaxcircuits.subsets import MAX_RANK, Family, Pool, from_bitmask, to_bitmask, unrank, unrank_np
+from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.engine.subsets import MAX_RANK, Family, Pool, from_bitmask, to_bitmask, unrank, unrank_np
 
 Array = jax.Array
 
@@ -131,7 +131,7 @@ class SweepResult:
         threshold, aggregate)`) and success_fraction (the fraction of prompts meeting the criterion).
         """
         import pandas as pd
-        from jaxcircuits import analysis
+        from jaxcircuits.stats import analysis
         n = pool.n if pool is not None else max(int(self.bitmask.max(initial=0)).bit_length(), 1)
         labels = pool.labels() if pool is not None else [str(i) for i in range(n)]
         frame = analysis.subsets_frame(self.subsets(n), self.metric, labels, pd.Index(self.ranks, name="rank"))

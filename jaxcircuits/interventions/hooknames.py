@@ -32,7 +32,7 @@ from typing import Dict, Optional, Tuple
 
 import jax.numpy as jnp
 
-from jaxcircuits import sites
+from jaxcircuits.interventions import sites
 
 # TransformerLens hook name templates -> our cache entry ({layer}: a layer, {last}: the last layer).
 HOOKS: Dict[str, str] = {

@@ -23,7 +23,7 @@ the valid edges. A batch of masks has a leading axis on both leaves and vmaps li
 metric is differentiable in the mask (edge attribution patching).
 
 The edge-patched layer is built here from the model's public pieces (norms, projections,
-`attend`, `mlp`), like the patched fast paths in `jaxcircuits.patching`; it computes every layer
+`attend`, `mlp`), like the patched fast paths in `jaxcircuits.engine.patching`; it computes every layer
 at every position (edges can start anywhere).
 """
 
@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits import sites
+from jaxcircuits.interventions import sites
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import PatchingProblem, chunking, run_chunks
-from jaxcircuits.sites import LayerHooks, Mask
+from jaxcircuits.engine.patching import PatchingProblem, chunking, run_chunks
+from jaxcircuits.interventions.sites import LayerHooks, Mask
 
 Array = jax.Array
 

@@ -21,11 +21,13 @@ import numpy as np
 from absl import logging
 from flax import struct
 
-from jaxcircuits import logs, memory, sites
+from jaxcircuits import logs
+from jaxcircuits.engine import memory
+from jaxcircuits.interventions import sites
 from jaxcircuits.models import transformer as M
-from jaxcircuits.metrics import check_token_ids
+from jaxcircuits.interventions.metrics import check_token_ids
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.sites import Intervention, LayerHooks, Mask, Source
+from jaxcircuits.interventions.sites import Intervention, LayerHooks, Mask, Source
 
 Array = jax.Array
 
@@ -60,7 +62,7 @@ class PatchingProblem:
 
     target: the `TargetRun` [B, T]; source: replacement activations aligned to the target
     (`positions.align`; entries [L, B, T, ...]); pos_w: float32 [B, T] position weights
-    (1 = patch); metric: a metric (`jaxcircuits.metrics`) of the final hidden states -> [B].
+    (1 = patch); metric: a metric (`jaxcircuits.interventions.metrics`) of the final hidden states -> [B].
     Build it with `PatchingProblem.make`, which checks the pieces against each other.
     """
 
@@ -295,7 +297,7 @@ def chunking(n: int, chunk_size: int, shard: bool):
 
 def chunk_from_memory(params, cfg: ModelConfig, problem: PatchingProblem, plan: Plan, shard: bool) -> int:
     """The chunk size that fits the free memory of the devices a chunk is split over: the
-    `memory.footprint` of `plan`'s patched runs of `problem` (formula in `jaxcircuits.memory`),
+    `memory.footprint` of `plan`'s patched runs of `problem` (formula in `jaxcircuits.engine.memory`),
     `memory.Footprint.chunk_size`; logged with its predicted memory (`memory.describe`)."""
     n_dev = chunk_devices(shard)
     fp = memory.footprint(params, cfg, plan, problem.target.tokens.shape, problem.metric)

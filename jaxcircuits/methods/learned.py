@@ -49,11 +49,13 @@ import optax
 import orbax.checkpoint as ocp
 from flax import struct
 
-from jaxcircuits import circuits, edges, logs, storage
+from jaxcircuits.methods import circuits
+from jaxcircuits.interventions import edges
+from jaxcircuits import logs, storage
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.patching import PatchingProblem, Plan, layers_touched, make_plan, patched_metric
-from jaxcircuits.sites import Mask
-from jaxcircuits.subsets import Pool
+from jaxcircuits.engine.patching import PatchingProblem, Plan, layers_touched, make_plan, patched_metric
+from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.engine.subsets import Pool
 
 Array = jax.Array
 _log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxcircuits import sites
-from jaxcircuits.sites import Source
+from jaxcircuits.interventions import sites
+from jaxcircuits.interventions.sites import Source
 
 
 def zeros_like_source(source: Source) -> Source:

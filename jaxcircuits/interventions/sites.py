@@ -167,7 +167,7 @@ NAMES: Tuple[str, ...] = tuple(BY_NAME)
 # Cache entries that are not mask sites.
 EXTRA_CACHE = ("kv", "resid_final", "final_norm")
 CACHE_SITES: Tuple[str, ...] = tuple(s.name for s in SITES if s.cache == s.name) + EXTRA_CACHE
-# The cache entries an edge-patched run (`jaxcircuits.edges`) reads its senders' source outputs from:
+# The cache entries an edge-patched run (`jaxcircuits.interventions.edges`) reads its senders' source outputs from:
 # the embeddings (`resid_pre` of layer 0), each head's z (times its o_proj slice) and each MLP output.
 EDGE_SOURCE = ("resid_pre", "head_out", "mlp_out")
 # Transforms of a site's blend, carried as extra source entries "<kind>:<site>" with a leading [L]

@@ -1,0 +1,1 @@
+"""The run engine: patched fast paths, chunked batches, sweeps, subset families, memory."""

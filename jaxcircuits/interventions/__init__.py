@@ -1,0 +1,1 @@
+"""Interventions: sites, edges, positions, sources, the metrics a patched run is read by."""

@@ -1,0 +1,1 @@
+"""Methods: DLA, folding, attribution, circuits, learned masks, weight space."""

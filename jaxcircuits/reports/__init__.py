@@ -1,0 +1,1 @@
+"""Reports: findings, markdown, plots, HTML views."""

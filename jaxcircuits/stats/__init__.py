@@ -1,0 +1,1 @@
+"""Statistics of sweeps: criteria, rates and thresholds, bootstrap, set structure, games."""
