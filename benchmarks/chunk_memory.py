@@ -4,10 +4,11 @@ Each case runs in a fresh subprocess on one CPU device: a random model (float32)
 source run of random tokens, 2 x chunk head_out masks at one layer (every other head). It calls
 `run_masks` (compile, then two chunks) after resetting the peak RSS (`/proc/self/clear_refs`) and
 reports measured = peak RSS (VmHWM) - RSS before the call, against predicted =
-`memory.footprint(...).bytes(chunk)` (fixed + chunk x per_subset) and XLA's own buffer assignment
-of the compiled chunk (temp + output bytes, `Compiled.memory_analysis`). Each case also checks
-that the chunk `run_masks` chooses from memory (chunk_size=None) is the one
-`Footprint.chunk_size` gives for the free memory.
+`memory.estimate(...).bytes(chunk)` (fixed + chunk x per_item x runtime, extrapolated from the
+compiler's memory analysis at two small chunks) and XLA's own buffer assignment of the compiled
+chunk (temp + output bytes, `Compiled.memory_analysis`). Each case also checks that the chunk
+`run_masks` chooses from memory (chunk_size=None) is the one `ChunkMemory.chunk_size` gives for
+the free memory.
 
     python -m benchmarks.chunk_memory [--output benchmarks/RESULTS_chunk_memory.md] [--cases=a,b]
 """
@@ -48,14 +49,15 @@ def child(name: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxcircuits.engine import memory
+    from jaxcircuits.engine import memory, runner
     from jaxcircuits.interventions import positions as P
     from jaxcircuits.interventions.metrics import AnswerProb, LogitDiff
     from jaxcircuits.models.config import ModelConfig
     from jaxcircuits.models.params import init_params
     from jaxcircuits.models.transformer import run_with_cache
-    from jaxcircuits.engine.patching import PatchingProblem, chunk_from_memory, make_plan, masks_metric, run_masks, target_run
-    from jaxcircuits.interventions.sites import Mask, footprint
+    from jaxcircuits.interventions.problem import PatchingProblem, target_run
+    from jaxcircuits.engine.patching import make_plan, masks_call, run_masks
+    from jaxcircuits.interventions.sites import Mask
 
     hf, batch, seq, positions, layer, metric_name, chunk = CASES[name]
     cfg = ModelConfig.from_hf(hf)
@@ -71,7 +73,8 @@ def child(name: str) -> dict:
     m[:, layer, ::2] = 1.0
     masks = Mask(head_out=m)
     plan = make_plan({"head_out": [layer]}, problem.pos_w)
-    fp = memory.footprint(params, cfg, plan, tgt.shape, metric)
+    call, items = masks_call(params, cfg, problem, masks)                       # as run_masks does
+    mem = memory.estimate(lambda c: call.lower(items.take(0, c)))
 
     jax.block_until_ready((params, problem))
     before = status_mib("VmRSS")
@@ -80,15 +83,13 @@ def child(name: str) -> dict:
     jax.block_until_ready(run_masks(params, cfg, problem, masks, chunk_size=chunk, shard=False))
     measured = (status_mib("VmHWM") - before) * 2**20
 
-    selected = problem.for_footprint(cfg, footprint(masks, batched=True))        # as run_masks does
-    xla = masks_metric.lower(params, cfg, selected, Mask(head_out=m[:chunk]), plan).compile().memory_analysis()
     free = memory.free_bytes(1)
     return {"case": name, "chunk": chunk, "plan": [plan.start_layer, plan.suffix_len, plan.from_z],
-            "per_subset": fp.per_subset, "fixed": fp.fixed, "phases": fp.phases, "predicted": fp.bytes(chunk),
-            "xla": xla.temp_size_in_bytes + xla.output_size_in_bytes, "measured": measured,
+            "per_item": mem.per_item, "fixed": mem.fixed, "predicted": mem.bytes(chunk),
+            "xla": memory.compiled_bytes(call.lower(items.take(0, chunk))), "measured": measured,
             "rss_before_mib": before, "free": free,
-            "chunk_from_memory": chunk_from_memory(params, cfg, selected, plan, shard=False),
-            "expected_from_memory": fp.chunk_size(1, free)}
+            "chunk_from_memory": runner.chunk_from_memory(call, items, shard=False),
+            "expected_from_memory": mem.chunk_size(1, free)}
 
 
 def run_case(name: str) -> dict:
@@ -110,18 +111,17 @@ def table(rows, command: str) -> str:
         f"- Command: `{command}`",
         "- Measured: peak RSS (VmHWM, reset by /proc/self/clear_refs) minus RSS before a `run_masks` call "
         "of 2 chunks (it compiles, then runs), in a fresh process per case: the first call, because XLA:CPU "
-        "keeps a run's buffers resident for the next call (compiling alone adds ~20 MiB). Predicted: `memory.footprint(...).bytes(chunk)` "
-        "= fixed + chunk x per_subset (formula in `jaxcircuits/engine/memory.py` and BUILD.md, \"Chunk size\"). "
+        "keeps a run's buffers resident for the next call (compiling alone adds ~20 MiB). Predicted: "
+        "`memory.estimate(...).bytes(chunk)` = fixed + chunk x per_item x runtime, extrapolated from the compiler's "
+        "buffer assignment at chunks of 32 and 64 (`jaxcircuits/engine/memory.py`, BUILD.md \"Chunk size\"). "
         "XLA: the compiled chunk's temp + output bytes (its buffer assignment).", "",
-        "| case | plan (start, R, from_z) | chunk | per subset MiB | fixed MiB | predicted MiB | XLA MiB | "
+        "| case | plan (start, R, from_z) | chunk | per item MiB | fixed MiB | predicted MiB | XLA MiB | "
         "measured MiB | measured / predicted | from memory: chunk (free GiB) |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {tuple(r['plan'])} | {r['chunk']} | {r['per_subset'] / 2**20:.2f} | "
+        lines.append(f"| {r['case']} | {tuple(r['plan'])} | {r['chunk']} | {r['per_item'] / 2**20:.2f} | "
                      f"{mb(r['fixed'])} | {mb(r['predicted'])} | {mb(r['xla'])} | {mb(r['measured'])} | "
                      f"{r['measured'] / r['predicted']:.2f} | {r['chunk_from_memory']} ({r['free'] / 2**30:.1f}) |")
-    lines += ["", "Per-prompt phases (bytes) behind each per-subset figure:", ""]
-    lines += [f"- {r['case']}: {json.dumps(r['phases'])}" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -143,7 +143,7 @@ def main():
               f"chunk {r['chunk_from_memory']} (expected {r['expected_from_memory']})", flush=True)
         if r["chunk_from_memory"] != r["expected_from_memory"]:
             raise SystemExit(f"{name}: run_masks chose chunk {r['chunk_from_memory']}, "
-                             f"Footprint.chunk_size gives {r['expected_from_memory']}")
+                             f"ChunkMemory.chunk_size gives {r['expected_from_memory']}")
     text = table(rows, "python -m benchmarks.chunk_memory " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print(text)
     if args.output:

@@ -13,13 +13,13 @@ every head's z W_O, every MLP), so an edge mask means the same thing in both (`A
 auto-circuit's per-receiver-module masks to `edges.EdgeMask` and back).
 
 Edge-mask sweep: --n_masks random masks (each valid edge on with probability --density).
-jaxcircuits runs them all (`edges.run_edge_masks`, --edge_chunk masks per compiled call; its time
+jaxcircuits runs them all (`run_masks` of `Mask(edges=...)`, --edge_chunk masks per compiled call; its time
 includes the target run and source cache, its compile is timed apart on a first chunk);
 auto-circuit runs one mask at a time inside `patch_mode` (mask parameters set per mask, as its
 `run_circuits` does), on the first --ac_masks masks, extrapolated to --n_masks (its source
 activations are computed once, untimed). Their values must agree on those masks (--edge_atol).
 
-EAP over all edges, one batch: jaxcircuits `attribution.edge_attribution_patching` (first call with
+EAP over all edges, one batch: jaxcircuits `attribution.attribution_patching(..., 'edges')` (first call with
 compile, then warm) against auto-circuit's `mask_gradient_prune_scores(mask_val=0, grad_function=
 "logit", answer_function="avg_diff")`, whose score is minus our gradient (its loss is the negated
 mean logit difference); the scores must agree (--edge_atol).
@@ -51,10 +51,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcircuits.interventions import edges, sites
-from jaxcircuits.methods.attribution import edge_attribution_patching
+from jaxcircuits.engine.patching import run_masks
+from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.methods.attribution import attribution_patching
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
 
 from benchmarks.sweep_vs_peers import (BAD, GOOD, REPO, SHAPES, build_hf_model, environment, first_call,
                                        load_into_jaxcircuits, prompts)
@@ -221,7 +223,7 @@ def run() -> dict:
     print(f"== {FLAGS.shape}: {graph.n_edges} edges, batch {FLAGS.batch} x {FLAGS.seq_len} tokens, "
           f"{FLAGS.n_masks} masks (auto-circuit on {n_ac})", flush=True)
     problem = lambda: edge_problem(params, cfg, tgt, src, good, bad)
-    ours = lambda m: edges.run_edge_masks(params, cfg, problem(), m, chunk_size=FLAGS.edge_chunk, shard=False)
+    ours = lambda m: run_masks(params, cfg, problem(), Mask(edges=m), chunk_size=FLAGS.edge_chunk, shard=False)
     times = {}
 
     def record(key, n, fn):
@@ -237,8 +239,8 @@ def run() -> dict:
     src_outs = peer.source_outs()
     peer.run(ac_masks[:1], src_outs)                                   # warm-up (untimed)
     ac_vals = record("auto-circuit sweep", n_ac, lambda: peer.run(ac_masks, src_outs))
-    eap_first = timed(lambda: edge_attribution_patching(params, cfg, problem()))
-    jc_eap = record("jaxcircuits EAP", 1, lambda: edge_attribution_patching(params, cfg, problem()))
+    eap_first = timed(lambda: attribution_patching(params, cfg, problem(), "edges"))
+    jc_eap = record("jaxcircuits EAP", 1, lambda: attribution_patching(params, cfg, problem(), "edges"))
     ac_eap = record("auto-circuit EAP", 1, peer.eap)
     checks = {"sweep": (ac_vals, jc_vals[:n_ac]), "eap": (ac_eap, jc_eap)}
     result = {"shape": FLAGS.shape, "n_edges": graph.n_edges, "hf_config": hf_model.config.to_diff_dict(),
@@ -271,7 +273,7 @@ def markdown(result: dict) -> str:
         f"{f['batch']} x {f['seq_len']} tokens, every position patched; metric logit(GOOD) - logit(BAD) at the "
         "last position.", "",
         f"## Edge-mask sweep ({f['n_masks']} random masks, each edge on with probability {f['density']})", "",
-        *head, row(f"jaxcircuits `edges.run_edge_masks` (chunk {f['edge_chunk']})", "jaxcircuits sweep"),
+        *head, row(f"jaxcircuits `run_masks` of edge masks (chunk {f['edge_chunk']})", "jaxcircuits sweep"),
         row("auto-circuit, one mask at a time in `patch_mode`", "auto-circuit sweep"), "",
         f"jaxcircuits / auto-circuit, masks per second: **{r['sweep_wall']:.1f}x** wall, **{r['sweep_cpu']:.1f}x** "
         f"CPU (issue target >= 10x). auto-circuit ran the first {t['auto-circuit sweep']['n']} masks (its rate "
@@ -282,7 +284,7 @@ def markdown(result: dict) -> str:
         f"(values up to {result['max_abs']['sweep']:.3f}; largest spread over masks of one prompt "
         f"{result['sweep_spread']:.3f}).", "",
         "## EAP over all edges, one batch", "",
-        *head, row("jaxcircuits `attribution.edge_attribution_patching` (warm)", "jaxcircuits EAP"),
+        *head, row("jaxcircuits `attribution_patching(..., 'edges')` (warm)", "jaxcircuits EAP"),
         row("auto-circuit `mask_gradient_prune_scores(mask_val=0)`", "auto-circuit EAP"), "",
         f"auto-circuit / jaxcircuits time: {r['eap_wall']:.1f}x wall, {r['eap_cpu']:.1f}x CPU. jaxcircuits' first "
         f"call (with compile) took {result['eap_first_call_s']:.1f} s wall. Scores: max |auto-circuit - "

@@ -6,10 +6,11 @@ layer 10 of a Llama-3.1-8B-shaped model (random weights), for one prompt.
     python -m benchmarks.llama8b_sweep --max_chunks=2           # time 2 chunks, extrapolate (CPU)
     python -m benchmarks.llama8b_sweep --dry_run                # the chunk size and memory it would use
 
---chunk_size=0 (the default) chooses the chunk from the devices' free memory and the per-subset
-footprint (`jaxcircuits.engine.memory`); the run prints the chunk size and its predicted memory either way.
+--chunk_size=0 (the default) chooses the chunk from the devices' free memory and the compiler's
+memory analysis of the chunk's call (`jaxcircuits.engine.memory`); the run prints the chunk size and
+its predicted memory either way (--dry_run: from shapes alone, compiled but not run).
 
-Each chunk is `sweep.chunk_metric`, the step `sweep.run_sweep` repeats (one compiled call: masks
+Each chunk is `sweep.sweep_call`, the call `sweep.run_sweep` repeats (one compiled call: masks
 unranked on device, patched forward from the cached target run, logit difference at the last
 position), with the mask axis sharded over all local devices; run_sweep adds per chunk only an npz
 write with its fsync and SHA-256, and once per sweep a SHA-256 of the params for the spec's
@@ -38,9 +39,11 @@ from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params, num_params
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, chunk_devices, chunking, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import plan_layers
+from jaxcircuits.engine.runner import ChunkCall, chunk_devices, chunking, to_host
 from jaxcircuits.engine.subsets import Pool, of_size
-from jaxcircuits.engine.sweep import Sweep, chunk_metric
+from jaxcircuits.engine.sweep import Sweep, family_metric, rank_items, sweep_call
 
 # Llama-3.1-8B's config.json, less the fields that do not change the computation.
 LLAMA_3_1_8B = dict(
@@ -79,20 +82,28 @@ def main(argv):
     pool = Pool("head_out", tuple((FLAGS.layer, h) for h in range(0, cfg.n_heads, 2)))
     family = of_size(pool.n, FLAGS.k)
     sweep = Sweep.make(cfg, pool, family, pos_w)
+    items = rank_items(family)
     n = family.size()
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(FLAGS.seed), dtype))
-    n_dev, fp = chunk_devices(True), memory.footprint(shapes, cfg, sweep.plan, tgt.shape, metric)
+    n_dev = chunk_devices(True)
 
-    def choose_chunk():
-        """(chunk, sharding, free bytes per device) now, printed with the predicted memory."""
+    def problem_of(params):
+        target = target_run(params, cfg, tgt)
+        _, cache = run_with_cache(params, cfg, src, sites=("head_out",))
+        return PatchingProblem.make(target, {"head_out": cache["head_out"]}, pos_w, metric)
+
+    def choose_chunk(call):
+        """(chunk, sharding, free bytes per device, predicted bytes) now, printed with the prediction."""
+        mem = memory.estimate(lambda c: call.lower(items.take(0, c)))
         free = memory.free_bytes(n_dev)
-        chunk, sharding = chunking(n, FLAGS.chunk_size or fp.chunk_size(n_dev, free), shard=True)
-        print(f"{'--chunk_size' if FLAGS.chunk_size else 'from memory'}: {memory.describe(fp, chunk, n_dev, free)}; "
+        chunk, sharding = chunking(n, FLAGS.chunk_size or mem.chunk_size(n_dev, free), shard=True)
+        print(f"{'--chunk_size' if FLAGS.chunk_size else 'from memory'}: {memory.describe(mem, chunk, n_dev, free)}; "
               f"{n} subsets in {math.ceil(n / chunk)} chunks", flush=True)
-        return chunk, sharding, free
+        return chunk, sharding, free, mem.bytes(chunk // n_dev)
 
-    if FLAGS.dry_run:                                   # free memory before any params exist
-        choose_chunk()
+    if FLAGS.dry_run:                                   # from shapes alone: compiled, nothing allocated
+        shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(FLAGS.seed), dtype))
+        layers = jax.eval_shape(lambda p: plan_layers(p, cfg, sweep.plan, metric.n_positions), shapes)
+        choose_chunk(ChunkCall(family_metric, (shapes, cfg, jax.eval_shape(problem_of, shapes)), (sweep, 1.0, layers)))
         return
 
     t = time.perf_counter()
@@ -102,15 +113,15 @@ def main(argv):
           f"{jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
 
     t = time.perf_counter()
-    target = jax.block_until_ready(target_run(params, cfg, tgt))
-    _, cache = run_with_cache(params, cfg, src, sites=("head_out",))
-    problem = PatchingProblem.make(target, {"head_out": jax.block_until_ready(cache["head_out"])}, pos_w, metric)
+    problem = jax.block_until_ready(problem_of(params))
     setup_s = time.perf_counter() - t
-    chunk, sharding, free = choose_chunk()              # free memory with params and caches resident
+    call = sweep_call(params, cfg, problem, sweep)
+    chunk, sharding, free, predicted = choose_chunk(call)   # free memory with params and caches resident
     n_chunks = math.ceil(n / chunk)
 
     def run_chunk(i):
-        return chunk_metric(params, cfg, problem, sweep, i * chunk, chunk, sharding)
+        ranks = items.take(i * chunk, chunk)
+        return to_host(call(ranks if sharding is None else jax.device_put(ranks, sharding)))
 
     t = time.perf_counter()
     run_chunk(0)
@@ -130,7 +141,7 @@ def main(argv):
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "platform": platform.platform(), "jax": jax.__version__,
         "params_b": num_params(params) / 1e9, "subsets": n, "chunk_size": chunk, "chunks": n_chunks,
-        "chunk_from_memory": not FLAGS.chunk_size, "predicted_chunk_bytes_per_device": fp.bytes(chunk // n_dev),
+        "chunk_from_memory": not FLAGS.chunk_size, "predicted_chunk_bytes_per_device": predicted,
         "free_bytes_per_device": free,
         "chunks_timed": 1 + timed, "extrapolated": timed < n_chunks - 1,
         "init_s": init_s, "target_and_source_s": setup_s, "first_chunk_s": first_s,

@@ -35,7 +35,8 @@ import numpy as np
 from benchmarks import sweep_vs_peers as S
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, layers_touched, make_plan, masks_metric, run_masks, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import layers_touched, make_plan, masks_metric, run_masks
 from jaxcircuits.interventions.sites import Mask, footprint
 
 FLAGS = flags.FLAGS

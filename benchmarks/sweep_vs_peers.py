@@ -55,7 +55,8 @@ from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params
 from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.engine.subsets import Pool
 

@@ -8,14 +8,17 @@ Where each concept lives (to add a site, model feature, metric or subset family)
 """
 
 from jaxcircuits.bundle import DEFAULT_MODEL, Model, load
-from jaxcircuits.models.generate import decode_intervention, generate, source_at_position
-from jaxcircuits.interventions.metrics import AnswerLogProb, AnswerProb, LogitDiff
-from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, patched_metric, run_masks, target_run
-from jaxcircuits.interventions.sites import Intervention, Mask
+from jaxcircuits.engine.patching import patched_metric, run_masks
+from jaxcircuits.engine.runner import RunOptions
 from jaxcircuits.engine.sweep import run_sweep
+from jaxcircuits.interventions.metrics import AnswerLogProb, AnswerProb, LogitDiff
+from jaxcircuits.interventions.positions import decode_intervention, source_at_position
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.interventions.sites import Intervention, Mask
+from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.generate import generate
+from jaxcircuits.models.transformer import forward, run_with_cache
 
 __all__ = ["DEFAULT_MODEL", "Model", "load", "generate", "decode_intervention", "source_at_position",
            "Intervention", "Mask", "AnswerLogProb", "AnswerProb", "LogitDiff", "ModelConfig", "forward",
-           "run_with_cache", "PatchingProblem", "patched_metric", "run_masks", "target_run", "run_sweep"]
+           "run_with_cache", "PatchingProblem", "patched_metric", "run_masks", "target_run", "run_sweep", "RunOptions"]

@@ -20,7 +20,7 @@ from jaxcircuits.interventions.metrics import LogitDiff  # noqa: E402
 from jaxcircuits.models.config import ModelConfig  # noqa: E402
 from jaxcircuits.models.params import init_params  # noqa: E402
 from jaxcircuits.models.transformer import run_with_cache  # noqa: E402
-from jaxcircuits.engine.patching import PatchingProblem, target_run  # noqa: E402
+from jaxcircuits.interventions.problem import PatchingProblem, target_run  # noqa: E402
 from jaxcircuits.engine.subsets import Pool, of_size  # noqa: E402
 from jaxcircuits.engine.sweep import run_sweep  # noqa: E402
 

@@ -9,7 +9,8 @@ from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions import sites
 from jaxcircuits.methods.attribution import attribution_patching, integrated_gradients
 from jaxcircuits.interventions.metrics import LogitDiff
-from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import run_masks
 from tests.conftest import random_tokens
 
 

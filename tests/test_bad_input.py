@@ -9,7 +9,8 @@ import pytest
 import jaxcircuits as jc
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions.metrics import LogitDiff
-from jaxcircuits.engine.patching import PatchingProblem, patched_metric, run_masks, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import patched_metric, run_masks
 from jaxcircuits.interventions.sites import Intervention, Mask
 from tests import hf_reference as ref
 from tests.conftest import left_padded_mask, random_tokens

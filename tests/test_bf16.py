@@ -8,7 +8,8 @@ import jaxcircuits as jc
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.interventions.sites import Mask
 
 # Tolerance of a bf16 logit difference against fp32: bf16 keeps 8 mantissa bits (relative step

@@ -1,5 +1,6 @@
-"""Chunk size from memory: the footprint formula against XLA's buffer assignment, the size rule,
-the free-memory sources, and run_masks / run_sweep choosing (and resuming with) the size."""
+"""Chunk size from memory: the compiler's memory analysis extrapolated from two chunk sizes
+against XLA's buffer assignment at a large chunk, the size rule, the free-memory sources, and
+run_masks / run_sweep choosing (and resuming with) the size."""
 
 import jax
 import jax.numpy as jnp
@@ -7,18 +8,19 @@ import numpy as np
 import pytest
 
 from jaxcircuits.engine import memory
+from jaxcircuits.engine.patching import make_plan, masks_metric, plan_layers, run_masks
+from jaxcircuits.engine.runner import ChunkCall, chunking, stacked
+from jaxcircuits.engine.subsets import Pool, of_size
+from jaxcircuits.engine.sweep import run_sweep
 from jaxcircuits.interventions import positions as P
-from jaxcircuits.interventions.metrics import AnswerProb, LogitDiff, answer_log_prob
+from jaxcircuits.interventions.metrics import AnswerProb, LogitDiff
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.interventions.sites import Mask, footprint
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import init_params
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, chunking, make_plan, masks_metric, run_masks, target_run
-from jaxcircuits.interventions.sites import Mask, footprint
-from jaxcircuits.engine.subsets import Pool, of_size
-from jaxcircuits.engine.sweep import run_sweep
 from tests.conftest import random_tokens
 
-# Small models with head dim 32 (with the fixtures' 8 to 16, XLA:CPU fuses the scores away).
 LLAMA = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, vocab_size=500, max_position_embeddings=256, tie_word_embeddings=True)
 GPT2 = dict(model_type="gpt2", n_embd=128, n_layer=3, n_head=4, n_positions=256, vocab_size=500)
@@ -39,77 +41,53 @@ def _masks(cfg, n, layer=1):
     return Mask(head_out=m)
 
 
-def _xla_temp(params, cfg, problem, n, layer=1):
-    """(plan, temp bytes) of XLA's buffer assignment for a chunk of n masks."""
-    masks = _masks(cfg, n, layer)
-    touched = footprint(masks, batched=True)
+def _call(params, cfg, problem, layer=1):
+    """(the chunk call `run_masks` makes for head_out masks at `layer`, its items of 1 mask)."""
+    masks = _masks(cfg, 1, layer)
     plan = make_plan({"head_out": [layer]}, problem.pos_w)
-    compiled = masks_metric.lower(params, cfg, problem.for_footprint(cfg, touched), masks, plan).compile()
-    return plan, compiled.memory_analysis().temp_size_in_bytes
+    layers = plan_layers(params, cfg, plan, problem.metric.n_positions)
+    call = ChunkCall(masks_metric, (params, cfg, problem.for_footprint(cfg, footprint(masks, batched=True))),
+                     (plan, layers))
+    return call, stacked(masks)
 
 
-# (HF config, batch, tokens, positions, metric, the phase that should dominate)
-CASES = [(LLAMA, 1, 128, "all", None, "softmax"),
-         (GPT2, 2, 64, "last", None, "mlp"),
-         (LLAMA, 2, 16, "all", None, "mlp"),
-         (GPT2, 2, 16, "all", None, "mlp"),
-         (WIDE_VOCAB, 4, 8, "last", "answer_prob", "metric")]
+# (HF config, batch, tokens, positions, metric): the softmax, the MLP, the metric dominate in turn.
+CASES = [(LLAMA, 1, 128, "all", None),
+         (GPT2, 2, 64, "last", None),
+         (LLAMA, 2, 16, "all", None),
+         (GPT2, 2, 16, "all", None),
+         (WIDE_VOCAB, 4, 8, "last", "answer_prob")]
 
 
-@pytest.mark.parametrize("hf,batch,length,where,metric,dominant", CASES)
-def test_chunk_bytes_match_xla_buffer_assignment(hf, batch, length, where, metric, dominant):
-    """XLA:CPU's temp bytes for a chunk of ~4 MB of subsets are fixed + chunk x per_subset within
-    -50%..+15% (the prediction errs on the safe side), whichever phase dominates."""
+@pytest.mark.parametrize("hf,batch,length,where,metric", CASES)
+def test_extrapolated_bytes_match_xla_at_a_large_chunk(hf, batch, length, where, metric):
+    """The estimate from two small compiled chunks (`memory.estimate`) predicts XLA:CPU's temp + output
+    bytes for a chunk of ~4 MB of masks within 10%, whichever part of the run dominates."""
     cfg = ModelConfig.from_hf(hf)
     params = init_params(cfg, jax.random.PRNGKey(0))
     metric = AnswerProb(ids=jnp.full((batch, 2), 5)) if metric == "answer_prob" else None
-    problem = _problem(cfg, params, batch, length, where, metric)
-    plan = make_plan({"head_out": [1]}, problem.pos_w)
-    fp = memory.footprint(params, cfg, plan, (batch, length), problem.metric)
-    layer = {k: batch * fp.phases[k] for k in ("projections", "softmax", "mlp")}
-    assert max({**layer, "metric": fp.phases["metric"]}.items(), key=lambda kv: kv[1])[0] == dominant
-    n = int(2 ** np.round(np.log2(4e6 / fp.per_subset)))
-    _, temp = _xla_temp(params, cfg, problem, n)
-    predicted = fp.fixed + n * fp.per_subset
-    assert 0.5 < temp / predicted < 1.15, (n, temp, predicted, fp.phases)
-
-
-def test_layer_bytes_by_hand():
-    """The three points of a layer for one config, computed by hand (gated and not)."""
-    cfg = ModelConfig.from_hf(WIDE_VOCAB)             # D=32, H=4, K=2, Dh=8, F=64, gated
-    got = memory.layer_bytes(cfg, suffix_len=3, seq_len=10, a=2)
-    assert got == {"projections": 2 * 3 * (64 + 32 + 2 * 16),
-                   "softmax": 4 * 3 * 4 * 3 * 10 + 2 * 2 * 3 * 32,
-                   "mlp": 2 * 3 * (64 + 3 * 64)}
-    gpt2 = ModelConfig.from_hf(dict(model_type="gpt2", n_embd=16, n_layer=1, n_head=2, n_positions=8, vocab_size=11))
-    assert memory.layer_bytes(gpt2, 1, 4, 4)["mlp"] == 4 * (32 + 2 * 64)
-
-
-def test_metric_bytes_are_its_largest_array_that_reads_h():
-    """Full-vocabulary metrics: their float32 logits [B, n', V]; LogitDiff: nothing of size V (the
-    unembedding's own transpose, which does not depend on h, is not counted)."""
-    cfg = ModelConfig.from_hf(WIDE_VOCAB)
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    B, V, D = 3, cfg.vocab_size, cfg.d_model
-    assert memory.metric_bytes(params, AnswerProb(ids=jnp.zeros((B, 2), jnp.int32)), B, D, jnp.float32) == 4 * B * V
-    assert memory.metric_bytes(params, answer_log_prob([[1, 2, 3]] * B), B, D, jnp.float32) == 4 * B * 3 * V
-    ld = LogitDiff(good=jnp.zeros((B, 1), jnp.int32), bad=jnp.ones((B, 1), jnp.int32))
-    assert memory.metric_bytes(params, ld, B, D, jnp.float32) < 4 * V
+    call, items = _call(params, cfg, _problem(cfg, params, batch, length, where, metric))
+    mem = memory.estimate(lambda c: call.lower(items.take(0, c)))
+    assert mem.per_item > 0
+    n = max(int(2 ** np.round(np.log2(4e6 / mem.per_item))), 2 * memory.PROBES[-1])
+    actual = memory.compiled_bytes(call.lower(items.take(0, n)))
+    predicted = mem.fixed + n * mem.per_item
+    assert 0.9 < actual / predicted < 1.1, (n, actual, predicted, mem)
 
 
 def test_chunk_size_rule(caplog):
-    fp = memory.Footprint(per_subset=100, fixed=50)
-    assert fp.bytes(4) == 450
-    assert memory.Footprint(per_subset=100, fixed=50, runtime=1.5).chunk_size(1, free=1000) == 2   # 450 // 150
-    assert fp.chunk_size(1, free=1000) == 4                     # (0.5 * 1000 - 50) // 100 = 4
-    assert fp.chunk_size(1, free=1300) == 4                     # 6 fits: the power of two below
-    assert fp.chunk_size(1, free=1700) == 8
-    assert fp.chunk_size(4, free=1000) == 16                    # 4 per device on 4 devices
-    assert fp.chunk_size(4, free=10**9, max_chunk=8) == 8       # capped, still a multiple of 4
-    assert fp.chunk_size(1, free=10**9) == memory.MAX_CHUNK
-    assert fp.chunk_size(1, free=10**9, fraction=1.0, max_chunk=10**9) == 2 ** 23
+    mem = memory.ChunkMemory(per_item=100, fixed=50)
+    assert mem.bytes(4) == 450
+    assert memory.ChunkMemory(per_item=100, fixed=50, runtime=1.5).chunk_size(1, free=1000) == 2   # 450 // 150
+    assert mem.chunk_size(1, free=1000) == 4                    # (0.5 * 1000 - 50) // 100 = 4
+    assert mem.chunk_size(1, free=1300) == 4                    # 6 fits: the power of two below
+    assert mem.chunk_size(1, free=1700) == 8
+    assert mem.chunk_size(4, free=1000) == 16                   # 4 per device on 4 devices
+    assert mem.chunk_size(4, free=10**9, max_chunk=8) == 8      # capped, still a multiple of 4
+    assert mem.chunk_size(1, free=10**9) == memory.MAX_CHUNK
+    assert mem.chunk_size(1, free=10**9, fraction=1.0, max_chunk=10**9) == 2 ** 23
     with caplog.at_level("WARNING"):
-        assert fp.chunk_size(2, free=200) == 2                  # nothing fits: one per device, warned
+        assert mem.chunk_size(2, free=200) == 2                 # nothing fits: one per device, warned
     assert "predicted to need" in caplog.text
 
 
@@ -145,13 +123,19 @@ def test_chunking_rejects_a_negative_size(tiny):
 
 @pytest.mark.parametrize("shard", [False, True])
 def test_run_masks_chooses_the_chunk_from_memory(tiny, monkeypatch, shard):
-    """chunk_size None and 0: the size `Footprint.chunk_size` gives for the free memory (here 4
-    subsets per device), with the same values as an explicit chunk size."""
+    """chunk_size None and 0: the size `ChunkMemory.chunk_size` gives for the free memory (here 4
+    masks per device) from the call's estimate, computed once per call signature, with the same
+    values as an explicit chunk size."""
     _, cfg, params = tiny("llama_gqa")
     problem = _problem(cfg, params, 2, 6, "all")
     masks = _masks(cfg, 37)
-    fp = memory.footprint(params, cfg, make_plan({"head_out": [1]}, problem.pos_w), (2, 6), problem.metric)
-    monkeypatch.setattr(memory, "free_bytes", lambda n: int(fp.bytes(5) / memory.FRACTION))
+    estimates = []
+
+    def estimate(lower, key=None):
+        estimates.append(key)
+        return memory.ChunkMemory(per_item=1000, fixed=0)
+    monkeypatch.setattr(memory, "estimate", estimate)
+    monkeypatch.setattr(memory, "free_bytes", lambda n: int(5 * 1000 / memory.FRACTION))
     want = run_masks(params, cfg, problem, masks, chunk_size=7, shard=shard)
     per_chunk = 4 * (jax.device_count() if shard else 1)
     for size in (None, 0):
@@ -160,6 +144,21 @@ def test_run_masks_chooses_the_chunk_from_memory(tiny, monkeypatch, shard):
                         on_chunk=lambda s, v: starts.append(s))
         assert starts == list(range(0, 37, per_chunk))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert len(estimates) == 2 and estimates[0] == estimates[1] and estimates[0] is not None
+
+
+def test_estimates_are_shared_by_calls_of_one_signature(tiny, monkeypatch):
+    """The two probe compilations run once per call signature (model, plan, shapes), not per call."""
+    _, cfg, params = tiny("llama_gqa")
+    problem = _problem(cfg, params, 2, 6, "last")
+    compiled = []
+    real = memory.compiled_bytes
+    monkeypatch.setattr(memory, "compiled_bytes", lambda lowered: compiled.append(1) or real(lowered))
+    monkeypatch.setattr(memory, "_ESTIMATES", {})
+    for seed in range(2):
+        masks = _masks(cfg, 5)
+        run_masks(params, cfg, problem, Mask(head_out=masks.head_out * (seed + 1) / 2), shard=False)
+    assert len(compiled) == len(memory.PROBES)
 
 
 def test_run_sweep_resumes_with_the_chunk_size_in_its_spec(tiny, tmp_path, monkeypatch):

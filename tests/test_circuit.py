@@ -12,7 +12,8 @@ from jaxcircuits.methods import circuits
 from jaxcircuits.interventions import sites
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models import transformer as M
-from jaxcircuits.engine.patching import PatchingProblem, patched_metric, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import patched_metric
 from jaxcircuits.interventions.sites import Mask
 from tests.conftest import random_tokens, run_binary
 from tests.test_ux import third_party_lines
@@ -97,7 +98,7 @@ def test_head_and_edge_levels_against_direct_patched_runs(tiny):
                                atol=1e-4)
     np.testing.assert_array_equal(cv.sizes["random"], kept.sum(1))
 
-    labels = circuits.LEVELS["edge"].labels(cfg)
+    labels = sites.LEVELS["edge"].labels(cfg)
     out_of = np.array([lab.startswith("L0H1->") for lab in labels])
     assert out_of.sum() > 0
     edge_m, edge_full, _ = circuits.evaluate(params, cfg, problem, "edge", ~out_of[None])

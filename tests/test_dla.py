@@ -11,7 +11,8 @@ from jaxcircuits.methods import dla
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models import transformer as M
-from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.weights.hf import load_hf_dir
 from tests import hf_reference as ref
 from tests.conftest import VARIANTS, make_hf_model, random_tokens

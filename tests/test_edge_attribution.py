@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits.methods import attribution
+from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.interventions import edges, sites
+from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.methods import attribution
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from tests.conftest import random_tokens
 
 B, T = 3, 6
@@ -29,7 +31,7 @@ def _problem(tiny, name):
 def _mean_metric(params, cfg, problem, flat_masks):
     """Mean metric [N] of edge masks given flat [N, E]."""
     masks = edges.EdgeGraph.of(cfg).unflat(jnp.asarray(flat_masks, jnp.float32))
-    return edges.run_edge_masks(params, cfg, problem, masks, shard=False).mean(-1)
+    return run_masks(params, cfg, problem, Mask(edges=masks), shard=False).mean(-1)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
@@ -38,7 +40,7 @@ def test_eap_matches_finite_differences(tiny, name):
     equals the one-sided finite difference of exact one-edge patching."""
     _, cfg, params, problem, _, _ = _problem(tiny, name)
     graph = edges.EdgeGraph.of(cfg)
-    eap = attribution.edge_attribution_patching(params, cfg, problem)
+    eap = attribution.attribution_patching(params, cfg, problem, "edges")
     assert eap.shape == (graph.n_edges,) and eap.dtype == np.float32
     kinds = np.array([r.split(".")[-1] if "." in r else ("logits" if r == "logits" else "mlp") for _, r in graph.edges])
     assert set(kinds) == {"q", "k", "v", "mlp", "logits"}
@@ -58,14 +60,14 @@ def test_eap_ig_is_complete(tiny):
     """sum_e EAP-IG_e = f(every edge patched) - f(none) up to the quadrature error; steps matter."""
     _, cfg, params, problem, _, _ = _problem(tiny, "llama_gqa")
     graph = edges.EdgeGraph.of(cfg)
-    ig = attribution.edge_integrated_gradients(params, cfg, problem, steps=32)
+    ig = attribution.integrated_gradients(params, cfg, problem, "edges", steps=32)
     ends = _mean_metric(params, cfg, problem, np.stack([np.zeros(graph.n_edges), np.ones(graph.n_edges)]))
     assert abs(ends[1] - ends[0]) > 0.1
     np.testing.assert_allclose(ig.sum(), ends[1] - ends[0], rtol=1e-2, atol=1e-3)
-    one = attribution.edge_integrated_gradients(params, cfg, problem, steps=1)
+    one = attribution.integrated_gradients(params, cfg, problem, "edges", steps=1)
     assert abs(one.sum() - ig.sum()) > 1e-3                # the path is not linear: steps matter
     with pytest.raises(ValueError, match="steps=0"):
-        attribution.edge_integrated_gradients(params, cfg, problem, steps=0)
+        attribution.integrated_gradients(params, cfg, problem, "edges", steps=0)
 
 
 def test_top_edges_labels_and_order(tiny):
@@ -91,12 +93,12 @@ def test_eap_and_edge_masks_agree_with_auto_circuit(tiny):
     peer = AutoCircuit(hf_model, tgt, src, GOOD, BAD)
     graph = edges.EdgeGraph.of(cfg)
     assert len(peer.model.edges) == graph.n_edges
-    ours = attribution.edge_attribution_patching(params, cfg, problem)
+    ours = attribution.attribution_patching(params, cfg, problem, "edges")
     theirs = peer.eap()
     assert np.abs(ours).max() > 0.1
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     masks = random_masks(graph, 3, 0.5, seed=0)
-    mine = edges.run_edge_masks(params, cfg, problem, masks, shard=False)
+    mine = run_masks(params, cfg, problem, Mask(edges=masks), shard=False)
     got = peer.run([peer.masks_of(edges.EdgeMask(masks.layers[i], masks.final[i])) for i in range(3)],
                    peer.source_outs())
     assert np.ptp(mine, axis=0).max() > 0.1

@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcircuits.engine.patching import patched_hidden, patched_metric, run_masks
 from jaxcircuits.interventions import edges, sites
 from jaxcircuits.interventions.metrics import LogitDiff
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.models import transformer as M
-from jaxcircuits.engine.patching import PatchingProblem, patched_metric, target_run
-from jaxcircuits.interventions.sites import LayerHooks, Mask
+from jaxcircuits.models.block import LayerIO
 from tests.conftest import random_tokens
 
 B, T = 2, 7
@@ -47,17 +49,32 @@ def _reference(params, cfg, problem, mask):
         q = jnp.stack([proj("q", h, h) for h in range(H)], 2)
         k = jnp.stack([proj("k", H + g, g) for g in range(K)], 2)
         v = jnp.stack([proj("v", H + K + g, g) for g in range(K)], 2)
-        z = M.attend(cfg, M.rotate(q, rope), M.rotate(k, rope), v, allowed, LayerHooks(None, ()))
+        z = M.attend(cfg, M.rotate(q, rope), M.rotate(k, rope), v, allowed, LayerIO())
         outs = [z[:, :, h] @ p["o"]["w"][h] for h in range(H)]
         x = x + sum(outs) + p["o"].get("b", 0.0)
         cur += outs
         source += [src["head_out"][l][:, :, h] @ p["o"]["w"][h] for h in range(H)]
-        out = M.mlp(cfg, p, M.norm(cfg, p["norm2"], read(m[:, -1])), LayerHooks(None, ()))
+        out = M.mlp(cfg, p, read(m[:, -1]), LayerIO())
         x = x + out
         cur.append(out)
         source.append(src["mlp_out"][l])
         assert n_g * K == H
     return M.final_norm(params, cfg, read(mask.final))
+
+
+def _prepared(cfg, problem):
+    """The problem cut to what every edge reads (as `patched_metric` does)."""
+    return problem.for_footprint(cfg, sites.footprint(sites.every_unit(cfg, "edges")))
+
+
+def _hidden(params, cfg, problem, mask):
+    """Final-normed hidden states of the edge-patched run of `mask` (an `EdgeMask`)."""
+    return patched_hidden(params, cfg, problem, Mask(edges=mask))
+
+
+def _metric(params, cfg, problem, mask):
+    """The metric of the edge-patched run of `mask` (an `EdgeMask`)."""
+    return patched_metric(params, cfg, problem, Mask(edges=mask))
 
 
 def test_two_layer_model_matches_the_reference(tiny_dir):
@@ -69,9 +86,9 @@ def test_two_layer_model_matches_the_reference(tiny_dir):
     graph = edges.EdgeGraph.of(cfg)
     assert cfg.n_layers == 2 and graph.n_edges == len(graph.edges)
     mask = _random_mask(graph, 7, density=0.6)
-    got = edges.edge_hidden(params, cfg, edges.prepared(cfg, problem), mask)
+    got = _hidden(params, cfg, _prepared(cfg, problem), mask)
     np.testing.assert_allclose(got, _reference(params, cfg, problem, mask), atol=2e-5)
-    plain = edges.edge_hidden(params, cfg, edges.prepared(cfg, problem), graph.unflat(jnp.zeros(graph.n_edges)))
+    plain = _hidden(params, cfg, _prepared(cfg, problem), graph.unflat(jnp.zeros(graph.n_edges)))
     assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-2
 
 
@@ -88,7 +105,7 @@ def test_matches_receiver_by_receiver_reference(tiny, name):
     graph = edges.EdgeGraph.of(cfg)
     for seed in range(2):
         mask = _random_mask(graph, seed)
-        got = edges.edge_hidden(params, cfg, edges.prepared(cfg, problem), mask)
+        got = _hidden(params, cfg, _prepared(cfg, problem), mask)
         want = _reference(params, cfg, problem, mask)
         np.testing.assert_allclose(got, want, atol=2e-5)
         assert np.abs(np.asarray(want) - np.asarray(_reference(params, cfg, problem, graph.unflat(
@@ -100,7 +117,7 @@ def test_zero_mask_is_bitwise_the_plain_run(tiny, name):
     cfg, params, problem = _problem(tiny, name)
     graph = edges.EdgeGraph.of(cfg)
     zero = graph.unflat(jnp.zeros(graph.n_edges))
-    got = jax.jit(edges.edge_hidden, static_argnames="cfg")(params, cfg, edges.prepared(cfg, problem), zero)
+    got = jax.jit(_hidden, static_argnames="cfg")(params, cfg, _prepared(cfg, problem), zero)
     _, cache = M.forward(params, cfg, problem.target.tokens, collect=("final_norm",), return_logits=False)
     np.testing.assert_array_equal(got, cache["final_norm"])
 
@@ -118,12 +135,12 @@ def test_every_edge_out_of_a_node_is_the_node_patch(tiny, name, where):
              "embed": Mask(resid_pre=jnp.zeros(L).at[0].set(1.0))}
     everything = list(graph.receiver_labels)
     for sender, node in nodes.items():
-        got = edges.edge_metric(params, cfg, problem, graph.path_mask([sender], everything))
+        got = _metric(params, cfg, problem, graph.path_mask([sender], everything))
         want = patched_metric(params, cfg, problem, node)
         np.testing.assert_allclose(got, want, atol=2e-5, err_msg=sender)
     both = graph.path_mask(["L0H1", "L1H2"], everything)
     want = patched_metric(params, cfg, problem, Mask(head_out=jnp.zeros((L, H)).at[0, 1].set(1.0).at[1, 2].set(1.0)))
-    np.testing.assert_allclose(edges.edge_metric(params, cfg, problem, both), want, atol=2e-5)
+    np.testing.assert_allclose(_metric(params, cfg, problem, both), want, atol=2e-5)
 
 
 def test_batch_equals_loop_and_path_masks(tiny):
@@ -132,12 +149,12 @@ def test_batch_equals_loop_and_path_masks(tiny):
     senders, receivers = ["L0H0", "L0H3", "L0MLP", "L1H5"], ["L2H1", "logits"]
     subsets = np.array([[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 1], [1, 1, 1, 1], [0, 0, 1, 0]], bool)
     masks = edges.path_masks(graph, senders, receivers, subsets)
-    got = edges.run_edge_masks(params, cfg, problem, masks, chunk_size=2)
+    got = run_masks(params, cfg, problem, Mask(edges=masks), chunk_size=2)
     chex.assert_shape(got, (len(subsets), B))
     for i, row in enumerate(subsets):
         one = graph.path_mask([s for s, on in zip(senders, row) if on], receivers)
-        np.testing.assert_allclose(got[i], edges.edge_metric(params, cfg, problem, one), atol=1e-5)
-    np.testing.assert_allclose(got[0], got[0] * 0 + np.asarray(edges.edge_metric(
+        np.testing.assert_allclose(got[i], _metric(params, cfg, problem, one), atol=1e-5)
+    np.testing.assert_allclose(got[0], got[0] * 0 + np.asarray(_metric(
         params, cfg, problem, graph.unflat(jnp.zeros(graph.n_edges)))), atol=0)
 
 
@@ -162,14 +179,14 @@ def test_bad_masks_and_sources_are_named(tiny):
     g = edges.EdgeGraph.of(cfg)
     zero = g.unflat(jnp.zeros(g.n_edges))
     with pytest.raises(ValueError, match="'L1H0' does not precede receiver 'L1H0.q'"):
-        edges.edge_metric(params, cfg, problem, zero.replace(layers=zero.layers.at[1, g.first_sender(1), 0].set(1.0)))
+        _metric(params, cfg, problem, zero.replace(layers=zero.layers.at[1, g.first_sender(1), 0].set(1.0)))
     with pytest.raises(ValueError, match="outside"):
-        edges.edge_metric(params, cfg, problem, zero.replace(final=zero.final.at[0].set(2.0)))
+        _metric(params, cfg, problem, zero.replace(final=zero.final.at[0].set(2.0)))
     with pytest.raises(ValueError, match="expected"):
-        edges.edge_metric(params, cfg, problem, zero.replace(final=zero.final[1:]))
+        _metric(params, cfg, problem, zero.replace(final=zero.final[1:]))
     with pytest.raises(ValueError, match="lacks \\['mlp_out'\\]"):
         src = {k: v for k, v in problem.source.items() if k != "mlp_out"}
-        edges.edge_metric(params, cfg, problem.replace(source=src), zero)
+        _metric(params, cfg, problem.replace(source=src), zero)
     with pytest.raises(ValueError, match="unknown receiver"):
         g.path_mask(["embed"], ["L9H0"])
     with pytest.raises(ValueError, match="unknown sender"):
@@ -180,19 +197,19 @@ def test_bad_masks_and_sources_are_named(tiny):
         g.unflat(jnp.zeros(g.n_edges - 1))
     bad = dict(problem.source, head_out=problem.source["head_out"].at[1, 0, 3, 2, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="head_out"):
-        edges.edge_metric(params, cfg, problem.replace(source=bad), zero)
+        _metric(params, cfg, problem.replace(source=bad), zero)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
 def test_mask_gradient_equals_the_reference_gradient(tiny, name):
-    """edge_metric's gradient (custom VJP: receiver-input gradients x sender deltas) against reverse mode
+    """The edge metric's gradient (custom VJP: receiver-input gradients x sender deltas) against reverse mode
     through the receiver-by-receiver reference, at 0 (EAP) and at a random partial mask."""
     pos_w = np.random.RandomState(4).uniform(0, 1, (B, T)).astype(np.float32)
     cfg, params, problem = _problem(tiny, name, pos_w, n_positions=1)
     graph = edges.EdgeGraph.of(cfg)
-    prepared = edges.prepared(cfg, problem)
+    prepared = _prepared(cfg, problem)
     want_of = jax.grad(lambda m: problem.metric(params, _reference(params, cfg, prepared, m)[:, -1:]).mean())
-    got_of = jax.grad(lambda m: edges.edge_metric(params, cfg, problem, m).mean())
+    got_of = jax.grad(lambda m: _metric(params, cfg, problem, m).mean())
     for mask in (graph.unflat(jnp.zeros(graph.n_edges)), _random_mask(graph, 5, density=0.5)):
         want = graph.flat(want_of(mask))
         np.testing.assert_allclose(graph.flat(got_of(mask)), want, atol=1e-5, rtol=1e-4)

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 import jaxcircuits as jc
+from jaxcircuits.engine.patching import patched_hidden, patched_metric, run_masks
 from jaxcircuits.interventions import edges, sites
+from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.transformer import forward, logits_of, run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from tests import hf_reference as ref
 from tests.conftest import random_tokens
 from tests.test_smollm2 import ATOL as SMOLLM2_ATOL
@@ -78,8 +80,8 @@ def _setup(hf, cfg, params, tgt, src, pos_w, good, bad) -> Setup:
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _edge_logits(params, cfg, problem, mask):
-    """Logits [B, T, V] of the edge-patched run (edge_hidden + the unembedding)."""
-    return logits_of(params, edges.edge_hidden(params, cfg, problem, mask))
+    """Logits [B, T, V] of the edge-patched run (patched_hidden + the unembedding)."""
+    return logits_of(params, patched_hidden(params, cfg, problem, Mask(edges=mask)))
 
 
 def _ref_receivers(cfg, receivers):
@@ -146,17 +148,17 @@ def test_path_patch_with_position_weights_matches_hf_hooks(setups, name):
 
 
 def test_edge_metrics_match_hf_logit_diff(setups):
-    """run_edge_masks over every case at once, and edge_metric on one, give HF's patched logit
+    """run_masks over every case at once, and patched_metric on one, give HF's patched logit
     difference good - bad at the last position (GQA model)."""
     s = setups("llama_gqa")
     masks = [_mask(s, *c) for c in CASES.values()]
     batch = jax.tree.map(lambda *a: jnp.stack(a), *masks)
-    got = edges.run_edge_masks(s.params, s.cfg, s.problem, batch, chunk_size=len(masks))
+    got = run_masks(s.params, s.cfg, s.problem, Mask(edges=batch), chunk_size=len(masks))
     rows = np.arange(B)
     want = np.stack([(lg[rows, -1, GOOD] - lg[rows, -1, BAD]) for lg in
                      (_hf_patched(s, *c) for c in CASES.values())])
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-    one = np.asarray(edges.edge_metric(s.params, s.cfg, s.problem, masks[-1]))
+    one = np.asarray(patched_metric(s.params, s.cfg, s.problem, Mask(edges=masks[-1])))
     np.testing.assert_allclose(one, want[-1], atol=ATOL, rtol=0)
     plain = s.plain[rows, -1, GOOD] - s.plain[rows, -1, BAD]
     assert np.abs(want - plain).max(-1).min() > 20 * ATOL      # every case moves the metric

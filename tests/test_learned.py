@@ -14,7 +14,7 @@ from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions import sites
 from jaxcircuits.methods.learned import BETA, RELAXATIONS, Objective, Spec
 from jaxcircuits.interventions.metrics import LogitDiff
-from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.engine.subsets import Pool
 from tests.conftest import random_tokens
 
@@ -136,11 +136,11 @@ def test_vmapped_runs_equal_the_single_run_loop(head_runs):
 
 @pytest.mark.parametrize("level", ["head", "edge"])
 def test_exact_metric_of_binary_circuits_matches_circuits_evaluate(tiny, head_runs, level):
-    """Each level's objective names the units of `circuits.LEVELS` and trains (edges: on the edge
-    site); the binary circuit's metric equals `circuits.evaluate` (run_masks / run_edge_masks)."""
+    """Each level's objective names the units of `sites.LEVELS` and trains (edges: on the edge
+    site); the binary circuit's metric equals `circuits.evaluate` (run_masks)."""
     params, cfg, problem = _problem(tiny)
     obj = learned.objective(params, cfg, problem, level)
-    assert obj.labels == circuits.get_level(level).labels(cfg)
+    assert obj.labels == sites.level(level).labels(cfg)
     training = head_runs[1] if level == "head" else learned.fit(
         obj, [0.0, 0.1], [1, 2], Spec("sigmoid", steps=2, init_std=3.0, checkpoint_every=2))
     out = learned.circuits_of(obj, training)

@@ -9,11 +9,12 @@ import torch
 
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions import sites
-from jaxcircuits.models.generate import decode_intervention, generate, source_at_position
+from jaxcircuits.interventions.positions import decode_intervention, source_at_position
+from jaxcircuits.models.generate import generate
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.engine.patching import (PatchingProblem, Plan, make_plan, masks_metric, patched_metric, run_masks,
-                                  target_run)
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import Plan, make_plan, masks_metric, patched_metric, run_masks
 from jaxcircuits.interventions.sites import Intervention, Mask
 from tests import hf_reference as ref
 from tests.conftest import random_tokens

@@ -10,7 +10,8 @@ from jaxcircuits.interventions import sites
 from jaxcircuits.methods import weight_space as ws
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models import transformer
-from jaxcircuits.engine.patching import PatchingProblem, patched_metric, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import patched_metric
 from jaxcircuits.interventions.sites import Intervention, Mask
 from tests.conftest import random_tokens
 

@@ -13,7 +13,7 @@ import pytest
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import forward, run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.engine.subsets import Pool, all_subsets, of_size, sampled_per_size, unrank_np
 from jaxcircuits.engine.sweep import blend_crossing, blend_curve, load_results, run_sweep

@@ -152,8 +152,8 @@ def test_resume_with_other_weights_is_refused_naming_the_fingerprint(tmp_path):
     class Stop(Exception):
         pass
 
-    def stop(i, _):
-        if i == 3:
+    def stop(start, _):
+        if start == 3 * 4:                 # the fourth chunk of 4
             raise Stop
     with pytest.raises(Stop):
         _sweep(first, out, on_chunk=stop)

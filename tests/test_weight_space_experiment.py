@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxcircuits.methods import weight_space as ws
-from jaxcircuits.engine.patching import PatchingProblem, patched_metric, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import patched_metric
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models import transformer
 from jaxcircuits.interventions.sites import Mask

@@ -1,54 +1,31 @@
-"""The chunk size of a batch of patched runs, from the free memory and a run's activation footprint.
+"""The chunk size of a batch, from the free memory and the compiler's own memory analysis.
 
-A chunk of c subsets runs as one compiled call (`patching.masks_metric`, `sweep.family_metric`):
-one patched run (`patching.patched_hidden`) per subset, vmapped. The layers run one at a time
-(a scan), so a subset's memory is what one layer holds live at once, not a sum over layers. With
-B prompts of T tokens, a `Plan` recomputing the final R = suffix_len positions (their queries read
-S = T key slots), and the config's D, H, K, Dh, F, one subset holds per prompt, in bytes, the most
-of (a: bytes of an activation element; the softmax is float32):
+A chunk of c items (masks, or members of a subset family) runs as one compiled call. Its memory
+is what XLA assigns to the call's temporaries and outputs (`Compiled.memory_analysis()`: temp +
+output bytes; the arguments, params and the problem, already exist), which grows linearly in c.
+`estimate` compiles the call at two chunk sizes (C1, C2 items on one device) and extrapolates:
 
-    projections  a * R * (2D + H*Dh + 2*K*Dh)            residual x, normed h, q; k and v of the R
-                                                         recomputed positions (earlier slots are
-                                                         read in place from the target's cache)
-    softmax      4 * 3 * H * R * S  +  a * 2 * R * D     scores, exp, pattern (float32) over [H, R, S];
-                                                         residual and attention output
-    mlp          a * R * (2D + 3F)  (gated)              residual and normed h; gate, up, act(gate)*up
-                 a * R * (2D + 2F)  (not gated)          residual and normed h; up, act(up)
+    per_item = (bytes(C2) - bytes(C1)) / (C2 - C1)        fixed = bytes(C1) - C1 * per_item
+    memory(c) = fixed + c * per_item * runtime            per device, c items on it
 
-and the metric on the final hidden states h [B, n, D] holds its largest array that depends on h
-(full-vocabulary logits [B, n', V] float32 for `AnswerProb`, a few columns for `LogitDiff`), found
-by tracing it (the rest of its computation fuses into that array's consumers):
-
-    per_subset = max(B * max(projections, softmax, mlp), metric)       XLA's buffer assignment
-    fixed      = a * (L - start_layer) * (one layer's parameter count)
-                                                         a copy of the recomputed layers' weights
-                                                         (the layer loop's slice of the stacked params)
-    memory(c)  = fixed + c * per_subset * runtime        per device, c subsets on it
-
-runtime is what executing adds to the buffer assignment: 1 on accelerators (not measured here),
-`CPU_RUNTIME` on CPU, where the executed peak RSS holds 1.3-1.65x the assigned per-subset
-bytes (XLA:CPU's matmul runtime; benchmarks/RESULTS_chunk_memory.md).
-
-`chunk_size` picks the largest power of two c per device with memory(c) <= FRACTION x the free
-memory (`free_bytes`), times the devices the chunk is split over, at most `MAX_CHUNK`. The
-three-point maximum is checked against XLA:CPU's buffer assignment (within 10%, head dims >= 32:
-with smaller ones XLA:CPU fuses the scores away and the softmax term over-predicts;
-tests/test_chunk_memory.py) and memory(c) against peak RSS (benchmarks/RESULTS_chunk_memory.md). XLA:CPU
-computes bf16 matmuls in float32, so there a = 4 whatever the params' dtype (for bf16 params this
-over-predicts, the safe side); elsewhere a is the params' itemsize.
+so a new model feature, site or method needs no memory code. runtime is what executing adds to
+the buffer assignment: 1 on accelerators (not measured here), `CPU_RUNTIME` on CPU, where the
+executed peak RSS holds 1.3-1.65x the assigned bytes (XLA:CPU's matmul runtime;
+benchmarks/RESULTS_chunk_memory.md). `ChunkMemory.chunk_size` picks the largest power of two c per
+device with memory(c) <= FRACTION x the free memory (`free_bytes`), times the devices the chunk is
+split over, at most `MAX_CHUNK`. The extrapolation is checked against XLA's assignment at large
+chunks (tests/test_chunk_memory.py) and memory(c) against the peak RSS
+(benchmarks/RESULTS_chunk_memory.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
 from absl import logging
-from jax.extend import core as jcore
-
-from jaxcircuits.models.config import ModelConfig
 
 # Share of the free memory a chunk may take: headroom for fragmentation, the compiler and the
 # estimate's error.
@@ -57,105 +34,69 @@ FRACTION = 0.5
 # (benchmarks/RESULTS.md, chunk series), while larger chunks coarsen progress and resume. An
 # explicit chunk_size is not capped.
 MAX_CHUNK = 256
-# Executed peak / buffer assignment of the per-subset bytes on XLA:CPU (1.3-1.65 measured).
+# Executed peak / buffer assignment on XLA:CPU (1.3-1.65 measured).
 CPU_RUNTIME = 1.5
-# Arrays the metric's largest one stands for (the array, its exponent, their normalised result).
-METRIC_COPIES = 1
+# The two chunk sizes (items on one device) the call is compiled at: large enough that the
+# buffers growing with the chunk outweigh the fixed ones (below ~16 items XLA:CPU's assignment is
+# not yet linear in the chunk).
+PROBES = (32, 64)
 
 
 def _on_cpu() -> bool:
     return jax.devices()[0].platform == "cpu"
 
 
-def activation_bytes(params) -> int:
-    """Bytes of one activation element: 4 on CPU (XLA:CPU runs bf16 matmuls in float32), else the
-    residual stream's dtype (the token embedding's)."""
-    if _on_cpu():
-        return 4
-    return int(np.dtype(params["embed"]["tokens"].dtype).itemsize)
-
-
-def layer_bytes(cfg: ModelConfig, suffix_len: int, seq_len: int, a: int) -> dict:
-    """{'projections', 'softmax', 'mlp'}: bytes one subset holds per prompt at each point of a layer
-    (formula in the module docstring) for R = suffix_len recomputed positions of seq_len slots."""
-    R, S, D, F = suffix_len, seq_len, cfg.d_model, cfg.d_mlp
-    H, KDh = cfg.n_heads, cfg.n_kv_heads * cfg.d_head
-    return {"projections": a * R * (2 * D + H * cfg.d_head + 2 * KDh),
-            "softmax": 4 * 3 * H * R * S + a * 2 * R * D,
-            "mlp": a * R * (2 * D + (3 if cfg.gated_mlp else 2) * F)}
-
-
-def _largest_dependent(jaxpr, tainted) -> int:
-    """Bytes of the largest array in `jaxpr` computed from the invars flagged in `tainted` (into
-    sub-jaxprs called with the same arguments, such as pjit and custom_jvp calls)."""
-    live = {v for v, t in zip(jaxpr.invars, tainted) if t}
-    largest = 0
-    for eqn in jaxpr.eqns:
-        flags = [not isinstance(v, jcore.Literal) and v in live for v in eqn.invars]
-        if not any(flags):
-            continue
-        for sub in jcore.jaxprs_in_params(eqn.params):
-            if len(sub.invars) == len(flags):
-                largest = max(largest, _largest_dependent(sub, flags))
-        for v in eqn.outvars:
-            live.add(v)
-            largest = max(largest, int(np.prod(v.aval.shape)) * np.dtype(v.aval.dtype).itemsize)
-    return largest
-
-
-def metric_bytes(params, metric, batch: int, d_model: int, dtype) -> int:
-    """Bytes of the largest array of `metric(params, h)` that depends on h [batch, n, d_model]
-    of `dtype` (traced, not compiled; params may be `jax.ShapeDtypeStruct`s)."""
-    h = jax.ShapeDtypeStruct((batch, metric.n_positions, d_model), dtype)
-    closed = jax.make_jaxpr(lambda p, x: metric(p, x))(params, h)
-    n_params = len(jax.tree.leaves(params))
-    tainted = [False] * n_params + [True] * (len(closed.jaxpr.invars) - n_params)
-    return _largest_dependent(closed.jaxpr, tainted)
-
-
 @dataclasses.dataclass(frozen=True)
-class Footprint:
-    """Memory of a chunk on one device: `fixed` bytes plus `per_subset` x `runtime` bytes for each
-    subset on it (per_subset: the buffers the compiler assigns; runtime: what executing adds).
-    `phases` holds the per-prompt `layer_bytes` and the metric's bytes it was built from."""
+class ChunkMemory:
+    """Memory of a chunk on one device: `fixed` bytes plus `per_item` x `runtime` bytes for each
+    item on it (per_item, fixed: from the compiler's buffer assignment; runtime: what executing adds)."""
 
-    per_subset: int
-    fixed: int
+    per_item: float
+    fixed: float
     runtime: float = 1.0
-    phases: dict = dataclasses.field(compare=False, default_factory=dict)
 
-    def bytes(self, subsets_per_device: int) -> int:
-        """Predicted bytes of a chunk with this many subsets on each device."""
-        return int(self.fixed + subsets_per_device * self.per_subset * self.runtime)
+    def bytes(self, items_per_device: int) -> int:
+        """Predicted bytes of a chunk with this many items on each device."""
+        return int(self.fixed + items_per_device * self.per_item * self.runtime)
 
     def chunk_size(self, n_devices: int = 1, free: Optional[int] = None, fraction: float = FRACTION,
                    max_chunk: int = MAX_CHUNK) -> int:
-        """Subsets per chunk split over n_devices: the largest power of two per device whose
-        `bytes` fit in fraction x `free` (bytes free per device, default `free_bytes(n_devices)`),
-        times n_devices, at most max(max_chunk, n_devices). At least one per device, with a
-        warning when even that is predicted not to fit."""
+        """Items per chunk split over n_devices: the largest power of two per device whose `bytes`
+        fit in fraction x `free` (bytes free per device, default `free_bytes(n_devices)`), times
+        n_devices, at most max(max_chunk, n_devices). At least one per device, with a warning when
+        even that is predicted not to fit."""
         free = free_bytes(n_devices) if free is None else free
-        fits = int((fraction * free - self.fixed) // (self.per_subset * self.runtime))
+        fits = int((fraction * free - self.fixed) // max(self.per_item * self.runtime, 1.0))
         if fits < 1:
-            logging.warning("memory: one subset is predicted to need %.3g GB (+ %.3g GB fixed) of %.3g GB "
-                            "free; running one per device per chunk", self.per_subset * self.runtime / 1e9,
-                            self.fixed / 1e9,
-                            free / 1e9)
+            logging.warning("memory: one item is predicted to need %.3g GB (+ %.3g GB fixed) of %.3g GB free; "
+                            "running one per device per chunk", self.per_item * self.runtime / 1e9,
+                            self.fixed / 1e9, free / 1e9)
         cap = max(1, max_chunk // n_devices)
         return n_devices * 2 ** int(np.log2(min(max(fits, 1), cap)))
 
 
-def footprint(params, cfg: ModelConfig, plan, shape, metric) -> Footprint:
-    """The `Footprint` of patched runs under `plan` (a `patching.Plan`) of a target of `shape` (B, T)
-    measured by `metric` (formula in the module docstring). params may be `jax.ShapeDtypeStruct`s."""
-    batch, seq_len = shape
-    a = activation_bytes(params)
-    phases = layer_bytes(cfg, plan.suffix_len, seq_len, a)
-    phases["metric"] = metric_bytes(params, metric, batch, cfg.d_model, params["embed"]["tokens"].dtype)
-    per_layer = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params["layers"]))
-    per_subset = max(batch * max(phases[k] for k in ("projections", "softmax", "mlp")), phases["metric"])
-    runtime = CPU_RUNTIME if _on_cpu() else 1.0
-    return Footprint(per_subset, a * (cfg.n_layers - plan.start_layer) * per_layer, runtime, phases)
+def compiled_bytes(lowered) -> int:
+    """Temp + output bytes of a lowered call's compiled program (XLA's buffer assignment)."""
+    m = lowered.compile().memory_analysis()
+    return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+
+
+_ESTIMATES: dict = {}
+
+
+def estimate(lower: Callable[[int], object], key=None) -> ChunkMemory:
+    """The `ChunkMemory` of a call from `lower(c)`, its lowering for a chunk of c items on one
+    device, compiled at the `PROBES` sizes. `key` (hashable, or None): calls with the same key
+    share one estimate, computed once per process."""
+    if key is not None and key in _ESTIMATES:
+        return _ESTIMATES[key]
+    c1, c2 = PROBES
+    b1, b2 = compiled_bytes(lower(c1)), compiled_bytes(lower(c2))
+    per_item = max((b2 - b1) / (c2 - c1), 0.0)
+    mem = ChunkMemory(per_item, max(b1 - c1 * per_item, 0.0), CPU_RUNTIME if _on_cpu() else 1.0)
+    if key is not None:
+        _ESTIMATES[key] = mem
+    return mem
 
 
 def _meminfo_available() -> int:
@@ -189,8 +130,8 @@ def free_bytes(n_devices: int = 1) -> int:
     return int(free)
 
 
-def describe(fp: Footprint, chunk: int, n_devices: int, free: int) -> str:
+def describe(mem: ChunkMemory, chunk: int, n_devices: int, free: int) -> str:
     """One line: the chunk size, its predicted memory per device and the free bytes per device."""
-    return (f"chunk size {chunk} ({chunk // n_devices} per device): predicted {fp.bytes(chunk // n_devices) / 1e9:.3g} GB "
-            f"per device ({fp.per_subset * fp.runtime / 1e6:.3g} MB per subset + {fp.fixed / 1e6:.3g} MB fixed) "
+    return (f"chunk size {chunk} ({chunk // n_devices} per device): predicted {mem.bytes(chunk // n_devices) / 1e9:.3g} "
+            f"GB per device ({mem.per_item * mem.runtime / 1e6:.3g} MB per item + {mem.fixed / 1e6:.3g} MB fixed) "
             f"of {free / 1e9:.3g} GB free")

@@ -1,98 +1,38 @@
-"""The patched forward for many masks: shared prefix, KV-cached suffix, vmap, chunks, devices.
+"""Patched runs of a `PatchingProblem`: one mask (differentiable) or a batch (chunked, vmapped, sharded).
 
-A `PatchingProblem` holds what every patched run of one experiment shares: the target run
-(computed once, `TargetRun`), the source aligned to it, the position weights and the metric.
-A mask can change nothing before the first layer it touches (`Plan.start_layer`) nor, under causal
-attention, any position before the first one it touches: each patched run starts from the cached
-residual stream at `start_layer`, recomputes only the final `Plan.suffix_len` positions, and reads
-earlier keys/values from the target's cache. `suffix_len == T` is the full-position path.
-These fast paths live here; the model's block (`models.transformer.block`) stays the plain math.
+Node masks take the fast path. A mask can change nothing before the first layer it touches
+(`Plan.start_layer`) nor, under causal attention, any position before the first one it touches:
+each patched run starts from the target's cached residual stream at `start_layer`, recomputes only
+the final `Plan.suffix_len` positions (earlier keys and values read in place from the target's
+cache), starts from the target's cached head outputs when the first layer is touched only after
+them (`Plan.from_z`), and gives the last layer queries only at the positions the metric reads. All
+of it is arguments of `models.transformer.run_layers` (`Context`); the block itself is unchanged.
+`suffix_len == T` is the full-position path.
+
+Masks with edges (`Mask.edges`) run the whole model at every position (`interventions.edges`);
+the gradient of a pure edge mask keeps no per-layer sender buffer (`_edge_metric`'s custom VJP).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import struct
 
-from jaxcircuits import logs
-from jaxcircuits.engine import memory
+from jaxcircuits.engine.runner import ChunkCall, RunOptions, run_chunks, stacked
 from jaxcircuits.interventions import sites
+from jaxcircuits.interventions.edges import EdgeGraph, EdgeMask
+from jaxcircuits.interventions.problem import PatchingProblem
+from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.models import transformer as M
-from jaxcircuits.interventions.metrics import check_token_ids
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.interventions.sites import Intervention, LayerHooks, Mask, Source
 
 Array = jax.Array
-
-
-@struct.dataclass
-class TargetRun:
-    """The unpatched target run's cached state.
-
-    tokens, attn_mask, pos_ids: [B, T]; resid_pre: [L, B, T, D]; head_out: [L, B, T, H, Dh];
-    kv: (k, v) each [L, B, T, K, Dh].
-    """
-
-    tokens: Array
-    attn_mask: Array
-    pos_ids: Array
-    resid_pre: Array
-    head_out: Array
-    kv: tuple
-
-
-def target_run(params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None) -> TargetRun:
-    """Run the target once, keeping what every patched run shares (inputs: `M.check_inputs`)."""
-    tokens, attn_mask, pos_ids = M.check_inputs(cfg, tokens, attn_mask, pos_ids)
-    _, cache = M.forward(params, cfg, tokens, attn_mask, pos_ids, return_logits=False,
-                         collect=("resid_pre", "head_out", "kv"))
-    return TargetRun(tokens, attn_mask, pos_ids, cache["resid_pre"], cache["head_out"], cache["kv"])
-
-
-@struct.dataclass
-class PatchingProblem:
-    """One patching experiment: which run is patched, from what, where, and what is measured.
-
-    target: the `TargetRun` [B, T]; source: replacement activations aligned to the target
-    (`positions.align`; entries [L, B, T, ...]); pos_w: float32 [B, T] position weights
-    (1 = patch); metric: a metric (`jaxcircuits.interventions.metrics`) of the final hidden states -> [B].
-    Build it with `PatchingProblem.make`, which checks the pieces against each other.
-    """
-
-    target: TargetRun
-    source: Source
-    pos_w: Array
-    metric: Any
-
-    @classmethod
-    def make(cls, target: TargetRun, source: Source, pos_w, metric) -> "PatchingProblem":
-        """Check shapes (source entries [L, B, ...] with the target's T positions: `sites.check_source`;
-        pos_w [B, T], finite: `sites.check_pos_w`; metric batch B) and build. Source values are checked
-        where the masks run can read them (`for_footprint`): NaN elsewhere is harmless."""
-        L, (B, T) = target.resid_pre.shape[0], target.tokens.shape
-        pos_w = sites.check_pos_w(pos_w, B, T)
-        sites.check_source(source, L, B, T)
-        for leaf in jax.tree.leaves(metric):
-            if getattr(leaf, "ndim", 0) and leaf.shape[0] != B:
-                raise ValueError(f"metric {type(metric).__name__} has batch {leaf.shape[0]} (a field of shape "
-                                 f"{tuple(leaf.shape)}), expected the target's batch {B} on axis 0")
-        return cls(target, dict(source), pos_w, metric)
-
-    def for_footprint(self, cfg: ModelConfig, footprint: Mask) -> "PatchingProblem":
-        """The problem with only the source entries the sites of `footprint` read, checked against
-        `cfg` and zero outside the footprint (leaves [L, *units], nonzero where the masks run may
-        patch), NaN or inf inside it a ValueError (`sites.select_source`). Call it once per batch,
-        outside jit: `run_masks`, `patched_metric` and `run_sweep` do. Also checks the metric's token
-        ids against the vocabulary (`metrics.check_token_ids`)."""
-        check_token_ids(self.metric, cfg.vocab_size)
-        return self.replace(source=sites.select_source(cfg, self.source, footprint, self.pos_w))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +66,7 @@ def _suffix_len(pos_w) -> int:
 
 
 def layers_touched(mask: Mask) -> dict:
-    """{site: sorted layers} where a concrete mask (leaves [L, ...] or [N, L, ...]) is nonzero."""
+    """{site: sorted layers} where a concrete node mask (leaves [L, ...] or [N, L, ...]) is nonzero."""
     out = {}
     for s in mask.sites():
         a = np.abs(np.asarray(getattr(mask, s)))
@@ -136,43 +76,20 @@ def layers_touched(mask: Mask) -> dict:
     return out
 
 
-def _narrow(iv: Intervention, start: int, stop: Optional[int], first_pos: int) -> Intervention:
-    """An intervention's layers [start, stop) and (query) positions [first_pos, T)."""
-    def tail(name, a):
-        if sites.split_key(name):                                # transforms have no positions
-            return a
-        axis = sites.source_entry(name).pos_axes[0] + 1          # + the layer axis
-        return a[(slice(None),) * axis + (slice(first_pos, None),)]
-    src = {k: tail(k, v) for k, v in _layers(iv.source, start, stop).items()} if iv.source else iv.source
-    return Intervention(_layers(iv.mask, start, stop), src, iv.pos_w[:, first_pos:])
-
-
-def _layers(tree, start: int, stop: Optional[int] = None):
-    """Every leaf sliced to layers [start, stop) along axis 0 (None-safe)."""
-    return jax.tree.map(lambda a: a[start:stop], tree)
-
-
-def _one_layer(tree, l: int):
-    """Layer l of stacked params, or of an intervention's mask and source (pos_w kept)."""
-    if isinstance(tree, Intervention):
-        return Intervention(_one_layer(tree.mask, l), _one_layer(tree.source, l), tree.pos_w)
-    return jax.tree.map(lambda a: a[l], tree)
-
-
 @struct.dataclass
 class PlanLayers:
     """The layer params a plan's patched run reads, cut from the stacked params once, outside the
-    compiled call (slicing a stacked array inside it copies the slice on every call): `first` (layer
-    start_layer, when the plan starts from its cached z), `mid` (the scanned layers, stacked) and
-    `last` (layer L-1 when it runs alone with queries only for the metric's positions); None where
-    the plan has no such part."""
+    compiled call (slicing a stacked array inside it copies the slice on every call), each stacked
+    [l, ...]: `first` (layer start_layer, when the plan starts from its cached z), `mid` (the scanned
+    layers) and `last` (layer L-1 when it runs alone with queries only for the metric's positions);
+    None where the plan has no such part."""
 
     first: Optional[dict]
     mid: Optional[dict]
     last: Optional[dict]
 
 
-def _bounds(cfg: ModelConfig, plan: Plan, n_out: int) -> Tuple[int, int]:
+def _bounds(cfg: ModelConfig, plan: Plan, n_out: int):
     """(first scanned layer, end of the scan) of `plan` for a metric reading n_out positions."""
     start = plan.start_layer + int(plan.from_z)
     split = cfg.n_layers - 1 if plan.suffix_len > n_out else cfg.n_layers   # the last layer runs alone if it can shrink
@@ -184,22 +101,15 @@ def plan_layers(params, cfg: ModelConfig, plan: Plan, n_out: int) -> PlanLayers:
     """The `PlanLayers` of `plan` (metric reading n_out positions) from stacked params."""
     layers, L = params["layers"], cfg.n_layers
     start, split = _bounds(cfg, plan, n_out)
-    return PlanLayers(_one_layer(layers, plan.start_layer) if plan.from_z else None,
-                      _layers(layers, start, split) if start < split else None,
-                      _one_layer(layers, L - 1) if start <= L - 1 and split == L - 1 else None)
+    cut = lambda a, b: jax.tree.map(lambda x: x[a:b], layers)
+    return PlanLayers(cut(plan.start_layer, plan.start_layer + 1) if plan.from_z else None,
+                      cut(start, split) if start < split else None,
+                      cut(L - 1, L) if start <= L - 1 and split == L - 1 else None)
 
 
-
-def patched_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask, plan: Plan,
-                   layers: Optional[PlanLayers] = None) -> Array:
-    """Final-normed hidden states [B, n, D] of the last n = metric.n_positions positions under one mask.
-
-    mask leaves [L, ...] over all layers (zero before plan.start_layer); problem.pos_w zero before
-    the last plan.suffix_len positions. Computes only what the mask can change: layers from
-    start_layer (from the target's cached z when plan.from_z), the final plan.suffix_len positions
-    (earlier keys/values from the target, read in place), and in the last layer queries only for
-    the n positions the metric reads. `layers`: the plan's `PlanLayers` (cut here when None).
-    """
+def _node_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask, plan: Plan,
+                 layers: Optional[PlanLayers]) -> Array:
+    """`patched_hidden` of a node mask, on the fast path of `plan`."""
     target, n_out = problem.target, problem.metric.n_positions
     L, T = cfg.n_layers, target.tokens.shape[1]
     L0, R = plan.start_layer, plan.suffix_len
@@ -207,150 +117,165 @@ def patched_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mas
         raise ValueError(f"metric reads {n_out} final positions but only {R} are recomputed")
     layers = plan_layers(params, cfg, plan, n_out) if layers is None else layers
     first = T - R
-    iv = _narrow(Intervention(mask, problem.source, problem.pos_w), 0, None, first)
-    pos = target.pos_ids[:, first:]
+    iv = Intervention(mask, problem.source, problem.pos_w)
+    pos, valid = target.pos_ids[:, first:], target.attn_mask
+    # Keys and values of the positions before the suffix: the target's, read in place (one part).
+    prefix = lambda a, b: None if R == T else M.KVCache(*((c[a:b, :, :first],) for c in target.kv), first)
     x = target.resid_pre[L0][:, first:]
     if plan.from_z:
-        z = target.head_out[L0][:, first:]
-        x = M.block(cfg, layers.first, x, lambda h: z, LayerHooks(_one_layer(iv, L0), ()))
+        z = target.head_out[L0:L0 + 1, :, first:]
+        x, _, _ = M.run_layers(layers.first, cfg, x, M.Context(pos, valid, z=z), iv.layers(L0, L0 + 1))
     start, split = _bounds(cfg, plan, n_out)
     if layers.mid is not None:
-        kv = None if R == T else M.KVCache(*((c[start:split, :, :first],) for c in target.kv), first)
-        x, _ = M.run_layers(layers.mid, cfg, x, pos, target.attn_mask, kv=kv, intervention=_narrow(iv, start, split, 0))
+        x, _, _ = M.run_layers(layers.mid, cfg, x, M.Context(pos, valid, prefix(start, split)), iv.layers(start, split))
     if layers.last is not None:
-        # Last layer: keys/values for every recomputed position, queries for the n_out read.
-        p, hooks = layers.last, LayerHooks(_one_layer(iv, L - 1), ())
-        _, k, v = M.qkv(cfg, p, M.norm(cfg, p["norm1"], hooks("resid_pre", x)), M.rope_tables(cfg, pos), hooks)
-        # Keys/values as parts read in place: the target's prefix (shared by every mask), then this run's.
-        parts = [(c[L - 1:, :, :first], own[None, :, :R - n_out].astype(c.dtype)) for c, own in zip(target.kv, (k, v))]
-        parts = [tuple(a for a in kv if a.shape[2]) for kv in parts]
-        x, _ = M.run_layers(jax.tree.map(lambda a: a[None], p), cfg, x[:, R - n_out:], pos[:, R - n_out:],
-                            target.attn_mask, kv=M.KVCache(*parts, T - n_out),
-                            intervention=_narrow(iv, L - 1, None, R - n_out))
+        ctx = M.Context(pos, valid, prefix(L - 1, L), n_queries=n_out)
+        x, _, _ = M.run_layers(layers.last, cfg, x, ctx, iv.layers(L - 1, L))
     return M.final_norm(params, cfg, x[:, -n_out:])
 
 
+def _full_run(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask, shift=None):
+    """(final-normed hidden states [B, n, D] of the metric's last n positions, the edge run's sender
+    deltas [S, B, T, D] or None) of the whole model under `mask` (`Intervention`, with `shift`)."""
+    t = problem.target
+    h, _, carry = M.run(params, cfg, t.tokens, M.Context(t.pos_ids, t.attn_mask),
+                        Intervention(mask, problem.source, problem.pos_w, shift), n_out=problem.metric.n_positions)
+    return h, carry
+
+
+def patched_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask, plan: Optional[Plan] = None,
+                   layers: Optional[PlanLayers] = None) -> Array:
+    """Final-normed hidden states [B, n, D] of the last n = metric.n_positions positions under one mask.
+
+    A node mask (leaves [L, ...] over all layers, zero before plan.start_layer; problem.pos_w zero
+    before the last plan.suffix_len positions) computes only what it can change (module doc);
+    `layers`: the plan's `PlanLayers` (cut here when None). A mask with edges runs the whole model.
+    """
+    if mask.edges is not None:
+        return _full_run(params, cfg, problem, mask)[0]
+    return _node_hidden(params, cfg, problem, mask, plan or _plan_for(problem, mask), layers)
+
+
 def _plan_for(problem: PatchingProblem, mask: Mask) -> Plan:
-    """The cheapest plan for a concrete mask; for a traced one, every layer and the positions
+    """The cheapest plan for a concrete node mask; for a traced one, every layer and the positions
     pos_w selects (all positions when pos_w is traced too)."""
-    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(mask)):
+    if sites.concrete(mask):
         return make_plan(layers_touched(mask), problem.pos_w)
-    if isinstance(problem.pos_w, jax.core.Tracer):
+    if not sites.concrete(problem.pos_w):
         return Plan(0, problem.target.tokens.shape[1])
     return Plan(0, _suffix_len(problem.pos_w))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _edge_metric(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask) -> Array:
+    """Metric [B] of a mask of edges only; a function of the mask only: params and the problem are
+    constants to its gradient (zero cotangents).
+
+    Its gradient keeps no per-layer sender buffer: with g_r the gradient with respect to receiver r's
+    input (a zero shift, every downstream effect included) and d_s the run's sender deltas, the mask
+    enters only as x_r = ... + m[s, r] d_s, so d/dm[s, r] = sum_{b,t,d} g_r d_s on valid edges.
+    Memory of a backward pass: one [L, R, B, T, D] gradient instead of L sender buffers [S, B, T, D].
+    """
+    return problem.metric(params, _full_run(params, cfg, problem, mask)[0])
+
+
+def _edge_metric_fwd(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask):
+    B, T = problem.target.tokens.shape
+    R = EdgeGraph.of(cfg).n_receivers
+
+    def shifted(shift):
+        h, deltas = _full_run(params, cfg, problem, mask, shift)
+        return problem.metric(params, h), deltas
+    zero = (jnp.zeros((cfg.n_layers, R, B, T, cfg.d_model)), jnp.zeros((B, T, cfg.d_model)))
+    value, vjp, deltas = jax.vjp(shifted, zero, has_aux=True)
+    return value, (vjp, deltas, mask)
+
+
+def _edge_metric_bwd(cfg: ModelConfig, res, ct):
+    vjp, deltas, mask = res
+    (g_layers, g_final), = vjp(ct)
+    layers = jnp.einsum("lrbtd,sbtd->lsr", g_layers, deltas, preferred_element_type=jnp.float32)
+    final = jnp.einsum("btd,sbtd->s", g_final, deltas, preferred_element_type=jnp.float32)
+    layers = jnp.where(EdgeGraph.of(cfg).valid().layers, layers, 0.0)
+    e = mask.edges
+    return None, None, Mask(edges=EdgeMask(layers.astype(jnp.result_type(e.layers)), final.astype(jnp.result_type(e.final))))
+
+
+_edge_metric.defvjp(_edge_metric_fwd, _edge_metric_bwd)
+
+
+def _metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask, plan: Optional[Plan] = None,
+               layers: Optional[PlanLayers] = None) -> Array:
+    """The metric [B] of one mask on a problem already cut to its footprint."""
+    if mask.edges is not None and not mask.sites():
+        return _edge_metric(params, cfg, problem, mask)
+    return problem.metric(params, patched_hidden(params, cfg, problem, mask, plan, layers))
+
+
+_full_metric = jax.jit(_metric_fn, static_argnames=("cfg", "plan"))
+
+
 def patched_metric(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask,
                    plan: Optional[Plan] = None) -> Array:
-    """The metric [B] of the target run patched by one `mask` (leaves [L, ...]); differentiable in
-    the mask (`jax.grad` of its mean at mask 0 is attribution patching). The mask and, where
-    concrete, the source inside its footprint are checked (`PatchingProblem.for_footprint`; a traced
-    mask's footprint is every unit of its sites). `plan` defaults to the cheapest one valid for the
-    mask (see `_plan_for`)."""
+    """The metric [B] of the target run patched by one `mask` (node leaves [L, ...], edges [L, S, R]
+    and [S]); differentiable in the mask (`jax.grad` of its mean at mask 0 is attribution patching).
+    The mask and, where concrete, the source inside its footprint are checked
+    (`PatchingProblem.for_footprint`; a traced mask's footprint is every unit of its leaves). `plan`
+    (node masks) defaults to the cheapest one valid for the mask (`_plan_for`); edges run compiled."""
     sites.check_mask(mask, cfg)
     problem = problem.for_footprint(cfg, sites.footprint(mask))
-    plan = plan or _plan_for(problem, mask)
-    return problem.metric(params, patched_hidden(params, cfg, problem, mask, plan))
+    if mask.edges is not None:
+        return _full_metric(params, cfg, problem, mask)
+    return _metric_fn(params, cfg, problem, mask, plan or _plan_for(problem, mask))
 
 
-def masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, plan: Plan,
+def masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, plan: Optional[Plan] = None,
                     layers: Optional[PlanLayers] = None) -> Array:
-    """Metric [N, B] for a batch of masks (leaves [N, L, ...]), vmapped over the mask axis; the
-    problem is already cut to the masks' footprint and `layers` are the plan's (`run_masks`)."""
+    """Metric [N, B] for a batch of masks (leaves [N, ...]), vmapped over the mask axis; the problem
+    is already cut to the masks' footprint and `layers` are the plan's (`run_masks`)."""
     return jax.vmap(lambda m: problem.metric(params, patched_hidden(params, cfg, problem, m, plan, layers)))(masks)
 
 
 masks_metric = jax.jit(masks_metric_fn, static_argnames=("cfg", "plan"))
 
 
-def mask_axis_sharding(n_devices: Optional[int] = None):
-    """NamedSharding that splits axis 0 over the local devices (a 1-D mesh named 'masks')."""
-    devs = np.array(jax.devices()[:n_devices or jax.device_count()])
-    mesh = jax.sharding.Mesh(devs, ("masks",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("masks"))
+def _as_float(masks: Mask) -> Mask:
+    return jax.tree.map(lambda a: a.astype(jnp.float32), masks)
 
 
-def to_host(x) -> np.ndarray:
-    """A result sharded over the devices of every process, as a whole host array in each process
-    (`multihost_utils.process_allgather`; a plain copy with one process)."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def chunk_devices(shard: bool) -> int:
-    """Devices a chunk's mask axis is split over: every device with shard=True, else one."""
-    return jax.device_count() if shard else 1
-
-
-def chunking(n: int, chunk_size: int, shard: bool):
-    """(chunk size, sharding or None) for n items: at most n per chunk, and with shard=True and
-    several devices a multiple of the device count, split over them by `mask_axis_sharding`."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size}: expected >= 1 (or None / 0 for the size from free memory)")
-    chunk_size = min(chunk_size, n)
-    if chunk_devices(shard) == 1:
-        return chunk_size, None
-    return math.ceil(chunk_size / jax.device_count()) * jax.device_count(), mask_axis_sharding()
-
-
-def chunk_from_memory(params, cfg: ModelConfig, problem: PatchingProblem, plan: Plan, shard: bool) -> int:
-    """The chunk size that fits the free memory of the devices a chunk is split over: the
-    `memory.footprint` of `plan`'s patched runs of `problem` (formula in `jaxcircuits.engine.memory`),
-    `memory.Footprint.chunk_size`; logged with its predicted memory (`memory.describe`)."""
-    n_dev = chunk_devices(shard)
-    fp = memory.footprint(params, cfg, plan, problem.target.tokens.shape, problem.metric)
-    free = memory.free_bytes(n_dev)
-    chunk = fp.chunk_size(n_dev, free)
-    logging.info("%s", memory.describe(fp, chunk, n_dev, free))
-    return chunk
-
-
-def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, *,
-              plan: Optional[Plan] = None, chunk_size: Optional[int] = None, shard: bool = True,
-              on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
-    """Metric [N, B] for N masks, run in chunks of `chunk_size` (one compilation for all chunks).
-
-    masks: `Mask` with leaves [N, L, ...] (host or device). chunk_size None or 0: the size that
-    fits the free memory (`chunk_from_memory`). The last chunk is padded with zero
-    masks and trimmed. With shard=True and several devices, each chunk's mask axis is split over
-    them (chunk_size is rounded up to a multiple of the device count). `plan` defaults to the
-    layers the masks touch and the positions pos_w selects. on_chunk(start, values) sees each chunk.
-    Batches of more than one chunk show a progress bar (`logs.progress`).
-    The masks (`sites.check_mask`) and the source inside the batch's footprint
-    (`PatchingProblem.for_footprint`) are checked once, before the first chunk.
-    """
+def masks_call(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, plan: Optional[Plan] = None):
+    """(the compiled call of a chunk of `masks`, the masks as its items) for `runner.run_chunks`: the
+    masks (`sites.check_mask`) and the source inside the batch's footprint
+    (`PatchingProblem.for_footprint`) checked; node masks on `plan` (default: the layers the masks
+    touch and the positions pos_w selects), masks with edges on every layer and position."""
     sites.check_mask(masks, cfg, batched=True)
     touched = sites.footprint(masks, batched=True)
-    plan = plan or make_plan(layers_touched(touched), problem.pos_w)
     problem = problem.for_footprint(cfg, touched)
-    n = getattr(masks, masks.sites()[0]).shape[0]
-    chunk_size, sharding = chunking(n, chunk_size or chunk_from_memory(params, cfg, problem, plan, shard), shard)
-    layers = plan_layers(params, cfg, plan, problem.metric.n_positions)
-    return run_chunks(lambda chunk: masks_metric(params, cfg, problem, chunk, plan, layers), masks, n, chunk_size,
-                      sharding, "run_masks", on_chunk)
+    layers = None
+    if masks.edges is None:
+        plan = plan or make_plan(layers_touched(touched), problem.pos_w)
+        layers = plan_layers(params, cfg, plan, problem.metric.n_positions)
+    items = stacked(_as_float(masks))
+    call = ChunkCall(masks_metric, (params, cfg, problem), (plan, layers),
+                     key=(cfg, plan, signature((params, problem, layers)), signature(items.take(0, 1))))
+    return call, items
 
 
-def run_chunks(call: Callable[[Any], Array], masks, n: int, chunk_size: int, sharding, label: str,
-               on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
-    """call(chunk) [c, B] over the n masks of a batch (a pytree with leaves [n, ...], host or device), in
-    chunks of chunk_size (the last padded with zero masks and trimmed, so one compilation serves all),
-    each put on `sharding` when given (`chunking`): [n, B] on the host. on_chunk(start, values) sees
-    each chunk; batches of more than one chunk show a progress bar named `label`."""
-    out = []
-    with logs.progress(n, label, "mask", leave=False, disable=n <= chunk_size) as bar:
-        for start in range(0, n, chunk_size):
-            def take(a):
-                a = np.asarray(a[start:start + chunk_size])
-                pad = chunk_size - a.shape[0]
-                return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
-            chunk = jax.tree.map(take, masks)
-            if sharding is not None:
-                chunk = jax.device_put(chunk, sharding)
-            vals = to_host(call(chunk))[:min(chunk_size, n - start)]
-            bar.update(len(vals))
-            if on_chunk is not None:
-                on_chunk(start, vals)
-            out.append(vals)
-    return np.concatenate(out)
+def run_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, opts: RunOptions = RunOptions(),
+              plan: Optional[Plan] = None, **options) -> np.ndarray:
+    """Metric [N, B] for N masks (a `Mask` with leaves [N, ...], host or device; node leaves and/or
+    edges), in chunks of one compiled call each (`engine.runner.run_chunks`; `opts`, or its fields as
+    keywords: chunk_size (None or 0: from free memory), shard, on_chunk(start, values)). The last chunk
+    is padded with zero masks and trimmed. `plan` (node masks) defaults to the layers the masks touch
+    and the positions pos_w selects; masks with edges run every layer at every position. The masks
+    and the source they read are checked once, before the first chunk (`masks_call`).
+    """
+    call, items = masks_call(params, cfg, problem, masks, plan)
+    return run_chunks(call, items, dataclasses.replace(opts, **options), "run_masks")
+
+
+def signature(tree) -> tuple:
+    """The structure, shapes and dtypes of `tree`'s leaves, hashable (what a compiled call's memory
+    depends on besides static arguments)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return str(treedef), tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a)))) for a in leaves)

@@ -43,11 +43,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxcircuits import logs, storage
-from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.engine.patching import (PatchingProblem, Plan, PlanLayers, chunk_from_memory, chunking, make_plan,
-                                  masks_metric_fn, plan_layers, run_masks, to_host)
-from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.engine.patching import Plan, PlanLayers, make_plan, masks_metric_fn, plan_layers, run_masks, signature
+from jaxcircuits.engine.runner import ChunkCall, Items, RunOptions, run_chunks
 from jaxcircuits.engine.subsets import MAX_RANK, Family, Pool, from_bitmask, to_bitmask, unrank, unrank_np
+from jaxcircuits.interventions.problem import PatchingProblem
+from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.models.config import ModelConfig
 
 Array = jax.Array
 
@@ -90,23 +91,23 @@ def family_metric(params, cfg: ModelConfig, problem: PatchingProblem, ranks: Arr
     return masks_metric_fn(params, cfg, problem, mask, sweep.plan, layers)
 
 
-def chunk_metric(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep, lo: int, chunk_size: int,
-                 sharding=None, layers: Optional[PlanLayers] = None) -> np.ndarray:
-    """Metric [c, B] (host) for the family members of ranks lo..lo+c-1, c = min(chunk_size, N - lo).
+def sweep_call(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep) -> ChunkCall:
+    """The compiled call of a sweep's chunks: ranks int32 [c] -> metric [c, B] (`family_metric`), with
+    the plan's layer params cut once (`patching.plan_layers`)."""
+    layers = plan_layers(params, cfg, sweep.plan, problem.metric.n_positions)
+    return ChunkCall(family_metric, (params, cfg, problem), (sweep, 1.0, layers),
+                     key=(cfg, sweep, signature((params, problem, layers))))
 
-    The call always has chunk_size ranks (padded with rank 0, trimmed), so every chunk of a sweep
-    reuses one compilation; `sharding` (from `chunking`) splits them over devices. Raises on NaN/inf.
-    `layers`: the plan's layer params, cut once per sweep (`patching.plan_layers`).
-    """
-    hi = min(lo + chunk_size, sweep.family.size())
-    ranks = np.zeros(chunk_size, np.int32)
-    ranks[:hi - lo] = np.arange(lo, hi)
-    if sharding is not None:
-        ranks = jax.device_put(ranks, sharding)
-    vals = to_host(family_metric(params, cfg, problem, ranks, sweep, layers=layers))[:hi - lo]
-    if not np.isfinite(vals).all():
-        raise FloatingPointError(f"non-finite metric values for ranks {lo}..{hi - 1}")
-    return vals
+
+def rank_items(family: Family) -> Items:
+    """The members of `family` as items: chunks of ranks int32 [c] (padded with rank 0)."""
+    n = family.size()
+
+    def take(lo: int, c: int) -> np.ndarray:
+        ranks = np.zeros(c, np.int32)
+        ranks[:max(0, min(c, n - lo))] = np.arange(lo, min(lo + c, n))
+        return ranks
+    return Items(n, take, "subset")
 
 
 @dataclasses.dataclass
@@ -260,65 +261,81 @@ def _read_chunk(path: str, family: Family, lo: int, hi: int, batch: int) -> Swee
     return storage.read_verified(path, read)
 
 
-def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, family: Family, out_dir: str, *,
-              chunk_size: Optional[int] = None, shard: bool = True, resume: bool = True, describe: Optional[dict] = None,
-              on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> SweepResult:
-    """Evaluate `problem`'s metric for every member of `family` over `pool`, streaming chunks to `out_dir`.
+@dataclasses.dataclass
+class _SweepStore:
+    """A sweep directory as the run engine's `runner.Store` (format in the module doc): process 0
+    checks and writes it; the other processes compute the same chunks and read the ones it kept."""
 
-    The six positional arguments are the sweep; the keyword-only ones are independent run options
-    with defaults (hence more than eight parameters). chunk_size None or 0: the one in out_dir's
-    spec when resuming, else the size that fits the free memory (`patching.chunk_from_memory`).
-    With shard=True and several devices, each chunk's ranks are split over them (chunk_size
-    rounded up to a multiple of the device count).
-    resume=True continues a sweep with an equal spec in out_dir; describe is free JSON stored in the
-    spec; a progress bar (`logs.progress`: rate, ETA) counts subsets; on_chunk(index, metric_values)
-    runs after each chunk is saved. Returns the full `SweepResult` (also written to out_dir/results.npz).
-    The whole run holds `storage.DirLock(out_dir)` (LockedError if another process holds it).
-    Chunks on disk that are damaged or hold other members are reported and recomputed.
-    """
-    sweep = Sweep.make(cfg, pool, family, problem.pos_w)
-    problem = problem.for_footprint(cfg, Mask(**{pool.site: pool.scatter(np.ones(pool.n, bool), sweep.shape)}))
-    n, batch = family.size(), problem.target.tokens.shape[0]
-    chunk_size = chunk_size or (resume and _spec_chunk_size(out_dir)) or chunk_from_memory(
-        params, cfg, problem, sweep.plan, shard)
-    chunk_size, sharding = chunking(n, chunk_size, shard)
-    n_chunks = math.ceil(n / chunk_size)
-    bounds = lambda i: (i * chunk_size, min((i + 1) * chunk_size, n))
-    path = lambda i: os.path.join(out_dir, "chunks", f"chunk_{i:08d}.npz")
-    writer = jax.process_index() == 0
-    with storage.DirLock(out_dir) if writer else contextlib.nullcontext():
+    out_dir: str
+    spec: Callable[[int], dict]
+    family: Family
+    batch: int
+    resume: bool
+
+    @property
+    def writer(self) -> bool:
+        return jax.process_index() == 0
+
+    def _path(self, i: int) -> str:
+        return os.path.join(self.out_dir, "chunks", f"chunk_{i:08d}.npz")
+
+    def chunk_size(self) -> Optional[int]:
+        return _spec_chunk_size(self.out_dir)
+
+    def open(self, chunk_size: int, bounds: list) -> dict:
         parts = {}
-        if writer:
-            _prepare_dir(out_dir, sweep_spec(params, cfg, problem, sweep, chunk_size, describe), resume)
-            for i in [i for i in range(n_chunks) if os.path.exists(path(i))]:
+        if self.writer:
+            _prepare_dir(self.out_dir, self.spec(chunk_size), self.resume)
+            for i in [i for i in range(len(bounds)) if os.path.exists(self._path(i))]:
                 try:
-                    parts[i] = _read_chunk(path(i), family, *bounds(i), batch)
+                    parts[i] = _read_chunk(self._path(i), self.family, *bounds[i], self.batch).metric
                 except storage.DamagedFileError as e:
                     logging.warning("sweep: %s; recomputing it", e)
-                    storage.discard(path(i))
-        todo = np.array([i not in parts for i in range(n_chunks)])
+                    storage.discard(self._path(i))
+        todo = np.array([i not in parts for i in range(len(bounds))])
         todo = np.asarray(multihost_utils.broadcast_one_to_all(todo), bool)     # process 0's choice
-        parts.update({i: _read_chunk(path(i), family, *bounds(i), batch)       # processes other than 0
+        parts.update({i: _read_chunk(self._path(i), self.family, *bounds[i], self.batch).metric   # processes other than 0
                       for i in np.flatnonzero(~todo).tolist() if i not in parts})
         if parts:
-            logging.info("sweep: resuming %s, %d of %d chunks already done", out_dir, len(parts), n_chunks)
-        done = sum(len(p.ranks) for p in parts.values())
-        layers = plan_layers(params, cfg, sweep.plan, problem.metric.n_positions)
-        with logs.progress(n, "sweep " + os.path.join(*os.path.normpath(out_dir).split(os.sep)[-2:]), "subset", done) as bar:
-            for i in np.flatnonzero(todo).tolist():
-                lo, hi = bounds(i)
-                vals = chunk_metric(params, cfg, problem, sweep, lo, chunk_size, sharding, layers)
-                parts[i] = SweepResult(*_members(family, lo, hi), vals.astype(np.float32))
-                if writer:
-                    _write(path(i), parts[i])
-                bar.update(hi - lo)
-                if on_chunk is not None:
-                    on_chunk(i, vals)
-        res = SweepResult(*(np.concatenate([getattr(parts[i], k) for i in range(n_chunks)])
-                            for k in ("ranks", "bitmask", "metric")))
-        if writer:
-            _write(os.path.join(out_dir, "results.npz"), res)
-    return res
+            logging.info("sweep: resuming %s, %d of %d chunks already done", self.out_dir, len(parts), len(bounds))
+        return parts
+
+    def save(self, i: int, lo: int, hi: int, values: np.ndarray) -> None:
+        if not np.isfinite(values).all():
+            raise FloatingPointError(f"non-finite metric values for ranks {lo}..{hi - 1}")
+        if self.writer:
+            _write(self._path(i), SweepResult(*_members(self.family, lo, hi), values.astype(np.float32)))
+
+    def finish(self, values: np.ndarray) -> None:
+        if self.writer:
+            _write(os.path.join(self.out_dir, "results.npz"), self.result(values))
+
+    def result(self, values: np.ndarray) -> SweepResult:
+        return SweepResult(*_members(self.family, 0, self.family.size()), values.astype(np.float32))
+
+
+def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, family: Family, out_dir: str,
+              opts: RunOptions = RunOptions(), **options) -> SweepResult:
+    """Evaluate `problem`'s metric for every member of `family` over `pool`, streaming chunks to `out_dir`.
+
+    opts (or its fields as keywords, `runner.RunOptions`): chunk_size None or 0: the one in out_dir's
+    spec when resuming, else the size that fits the free memory; shard: each chunk's ranks split over
+    the devices; resume=True continues a sweep with an equal spec in out_dir; describe: free JSON
+    stored in the spec; on_chunk(start, metric_values) runs after each chunk is saved. A progress
+    bar (`logs.progress`: rate, ETA) counts subsets. Returns the full `SweepResult` (also written to
+    out_dir/results.npz). The whole run holds `storage.DirLock(out_dir)` (LockedError if another
+    process holds it). Chunks on disk that are damaged or hold other members are reported and
+    recomputed.
+    """
+    opts = dataclasses.replace(opts, **options)
+    sweep = Sweep.make(cfg, pool, family, problem.pos_w)
+    problem = problem.for_footprint(cfg, Mask(**{pool.site: pool.scatter(np.ones(pool.n, bool), sweep.shape)}))
+    store = _SweepStore(out_dir, lambda c: sweep_spec(params, cfg, problem, sweep, c, opts.describe), family,
+                        problem.target.tokens.shape[0], opts.resume)
+    label = "sweep " + os.path.join(*os.path.normpath(out_dir).split(os.sep)[-2:])
+    with storage.DirLock(out_dir) if store.writer else contextlib.nullcontext():
+        values = run_chunks(sweep_call(params, cfg, problem, sweep), rank_items(family), opts, label, store)
+    return store.result(values)
 
 
 def load_results(out_dir: str) -> SweepResult:
@@ -339,16 +356,20 @@ def blend_curve(params, cfg: ModelConfig, problem: PatchingProblem, base: Mask, 
     return run_masks(params, cfg, problem, masks, **kw)
 
 
-def blend_crossing(params, cfg: ModelConfig, problem: PatchingProblem, base: Mask, *,
-                   level: float = 0.0, tol: float = 1e-3, points: int = 8,
-                   aggregate: Callable[[np.ndarray], np.ndarray] = lambda v: v.mean(-1), **kw) -> dict:
+# Weights per round of `blend_crossing`'s search (one batched call each).
+CROSSING_POINTS = 8
+
+
+def blend_crossing(params, cfg: ModelConfig, problem: PatchingProblem, base: Mask, level: float = 0.0,
+                   tol: float = 1e-3, aggregate: Callable[[np.ndarray], np.ndarray] = lambda v: v.mean(-1),
+                   **kw) -> dict:
     """Locate the blend weight where aggregate(metric) crosses `level`, to within `tol`.
 
-    Evaluates `points` weights per round in one batched call (a k-section search), starting from
-    [0, 1], under a progress bar of the rounds; kw go to `run_masks` (the search's own options are keyword-only with defaults, hence
-    more than eight parameters). Returns {'low', 'high', 'crossing' (midpoint) or None if no sign change in [0, 1],
-    'evaluated': [(weight, value)]}.
+    Evaluates `CROSSING_POINTS` weights per round in one batched call (a k-section search), starting
+    from [0, 1], under a progress bar of the rounds; kw go to `run_masks`. Returns {'low', 'high',
+    'crossing' (midpoint) or None if no sign change in [0, 1], 'evaluated': [(weight, value)]}.
     """
+    points = CROSSING_POINTS
     lo, hi = 0.0, 1.0
     evaluated = []
     f = lambda ws: aggregate(blend_curve(params, cfg, problem, base, ws, **kw)) - level

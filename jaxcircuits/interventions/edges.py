@@ -18,31 +18,32 @@ the node-level patch of that node.
 An `EdgeMask` holds `layers` [L, S, R] (into the R receivers of each layer: H query heads, K key
 heads, K value heads, the MLP) and `final` [S] (into the unembedding), over S = 1 + L (H + 1)
 senders ordered embed, then per layer its heads and its MLP. A sender feeds receivers of later
-layers and, for a head, its own layer's MLP; other entries must be 0. `EdgeGraph` names and flattens
-the valid edges. A batch of masks has a leading axis on both leaves and vmaps like any mask; the
+layers and, for a head, its own layer's MLP where the block wires it so (`block.same_layer_reads`:
+not in a parallel block, whose MLP reads the layer's input); other entries must be 0. `EdgeGraph`
+names and flattens the valid edges. A batch of masks has a leading axis on both leaves and vmaps like any mask; the
 metric is differentiable in the mask (edge attribution patching).
 
-The edge-patched layer is built here from the model's public pieces (norms, projections,
-`attend`, `mlp`), like the patched fast paths in `jaxcircuits.engine.patching`; it computes every layer
-at every position (edges can start anywhere).
+In an edge-patched run the model's block is unchanged: `EdgeIO` is the run's `LayerIO` (the
+block's receiver reads and sender writes, `models.block`), and carries each sender's delta
+w_pos * (src_s - cur_s) [S, B, T, D] from layer to layer. Such a run computes every layer at every
+position (edges can start anywhere). An edge mask is the `edges` leaf of a `sites.Mask`: it runs,
+batches, differentiates and trains through the same entry points as node masks
+(`engine.patching.patched_metric` / `run_masks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits.interventions import sites
-from jaxcircuits.models import transformer as M
+from jaxcircuits.models.block import LayerIO, Parts, same_layer_reads
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.engine.patching import PatchingProblem, chunking, run_chunks
-from jaxcircuits.interventions.sites import LayerHooks, Mask
 
 Array = jax.Array
 
@@ -58,15 +59,29 @@ class EdgeMask:
 
 @dataclasses.dataclass(frozen=True)
 class EdgeGraph:
-    """The senders, receivers and valid edges of a model shape (hashable, static)."""
+    """The senders, receivers and valid edges of a model shape (hashable, static); mlp_reads_heads:
+    a layer's MLP reads its own heads' writes (`block.same_layer_reads`; not in a parallel block)."""
 
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    mlp_reads_heads: bool = True
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "EdgeGraph":
-        return cls(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+        return cls(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, "heads" in same_layer_reads(cfg)["mlp"])
+
+    def receivers(self, group: str) -> Tuple[int, int]:
+        """[lo, hi) of a receiver group of the block ('q', 'k', 'v', 'mlp'; at the top 'logits')
+        among a layer's R receivers (the top's one)."""
+        H, K = self.n_heads, self.n_kv_heads
+        return {"q": (0, H), "k": (H, H + K), "v": (H + K, H + 2 * K), "mlp": (H + 2 * K, H + 2 * K + 1),
+                "logits": (0, 1)}[group]
+
+    def senders(self, group: str) -> Tuple[int, int]:
+        """[lo, hi) of a sender group of the block ('heads', 'mlp'; at the top 'embed') from the
+        layer's first sender (`first_sender`; the top's: 0)."""
+        return {"heads": (0, self.n_heads), "mlp": (self.n_heads, self.n_heads + 1), "embed": (0, 1)}[group]
 
     @property
     def n_senders(self) -> int:
@@ -102,14 +117,15 @@ class EdgeGraph:
 
     def valid(self) -> EdgeMask:
         """bool EdgeMask: True where the sender precedes the receiver (a head also feeds its own
-        layer's MLP)."""
+        layer's MLP when `mlp_reads_heads`)."""
         S, R, H = self.n_senders, self.n_receivers, self.n_heads
         layer = self.sender_layer
         is_head = np.zeros(S, bool)
         is_head[1:] = (np.arange(S - 1) % (H + 1)) < H
         before = layer[None, :, None] < np.arange(self.n_layers)[:, None, None]          # [L, S, 1]
         v = np.broadcast_to(before, (self.n_layers, S, R)).copy()
-        v[:, :, -1] |= (layer[None, :] == np.arange(self.n_layers)[:, None]) & is_head[None]
+        if self.mlp_reads_heads:
+            v[:, :, -1] |= (layer[None, :] == np.arange(self.n_layers)[:, None]) & is_head[None]
         return EdgeMask(v, np.ones(S, bool))
 
     @functools.cached_property
@@ -184,8 +200,8 @@ class EdgeGraph:
 def path_masks(graph: EdgeGraph, senders: Sequence[str], receivers: Sequence[str], subsets) -> EdgeMask:
     """Path patching over sender subsets: a batch of float32 masks [N, ...] whose row i patches every valid
     edge from the senders subsets[i] selects (bool [N, len(senders)]) into `receivers` (as in
-    `EdgeGraph.path_mask`). Run them in one call with `run_edge_masks`; the positions are the problem's
-    pos_w."""
+    `EdgeGraph.path_mask`). Run them in one call with `engine.patching.run_masks(..., Mask(edges=...))`;
+    the positions are the problem's pos_w."""
     subsets = np.asarray(subsets)
     if subsets.ndim != 2 or subsets.shape[1] != len(senders) or not np.isin(subsets, (0, 1)).all():
         raise ValueError(f"subsets has shape {subsets.shape}, expected 0/1 [N, {len(senders)}] (one column per sender)")
@@ -206,7 +222,7 @@ def check_edge_mask(mask: EdgeMask, graph: EdgeGraph, batched: bool = False) -> 
     if got != want or (batched and jnp.shape(mask.layers)[0] != jnp.shape(mask.final)[0]):
         raise ValueError(f"edge mask leaves have shapes {jnp.shape(mask.layers)}, {jnp.shape(mask.final)}; "
                          f"expected {'[N] + ' if batched else ''}{want[0]} (L, senders, receivers) and {want[1]}")
-    if not sites.concrete(mask):
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(mask)):
         return
     for name, a in (("layers", mask.layers), ("final", mask.final)):
         v = np.asarray(a, np.float64)
@@ -221,164 +237,51 @@ def check_edge_mask(mask: EdgeMask, graph: EdgeGraph, batched: bool = False) -> 
                          f"{graph.receiver_labels[l * graph.n_receivers + r]!r} (layers index {tuple(int(i) for i in idx)})")
 
 
-def _receiver_input(x: Array, deltas: Array, m: Array, shift: Optional[Array] = None) -> Array:
-    """x [B, T, D] plus each receiver's mask-weighted sender deltas: m [S, R], deltas [S, B, T, D]
-    -> [R, B, T, D], plus `shift` [R, B, T, D] if given. A receiver whose weights are all zero (and no
-    shift) reads x exactly."""
-    xr = x[None] + jnp.einsum("sr,sbtd->rbtd", m.astype(x.dtype), deltas)
-    return xr if shift is None else xr + shift
 
 
-def _per_head(p: dict, plain: Array, h: Array, active: Array, spec: str) -> Array:
-    """A projection [B, T, n, Dh] where each head n reads its own normed input h [n, B, T, D]:
-    heads with `active` [n] take the per-head value; the others keep `plain` (the fused projection
-    of the shared input) exactly, with the per-head value's gradient (straight through), so that
-    the gradient at an all-zero mask is the edges' own."""
-    own = M.dense(p, h, spec)
-    return jnp.where(active[:, None], own, jax.lax.stop_gradient(plain) + (own - jax.lax.stop_gradient(own)))
+class EdgeIO(LayerIO):
+    """The edge-patched run at one layer (or, with first None, at the model's top): each receiver of
+    a group reads x + sum_s m[s, r] * carry[s] (+ shift[r]), and each sender's write records its delta
+    w_pos * (src - cur) in the carry [S, B, T, D]; sites and records go to `inner` (node patches and
+    the cache).
 
+    m [S, R] (the top: [S, 1]): this layer's edge weights; src: {sender group: its source activation
+    (as `Parts.act`)}; pos_w [B, T]; first: this layer's first sender (`EdgeGraph.first_sender`, may
+    be traced; 0 at the top); shift [R, B, T, D] or None: added to the receivers' inputs (its gradient
+    is theirs)."""
 
-def _edge_layer(cfg: ModelConfig, rope, allowed: Array, pos_w: Array, carry, per_layer):
-    """One layer of the edge-patched run (`_edge_run`'s scan).
+    def __init__(self, graph: EdgeGraph, inner: LayerIO, m: Array, src: dict, pos_w: Array, first, carry,
+                 shift: Optional[Array]):
+        super().__init__(inner.collect, carry)
+        self.graph, self.inner, self.m, self.src, self.pos_w, self.first, self.shift = (
+            graph, inner, m, src, pos_w, first, shift)
+        self.cache, self.names = inner.cache, inner.names
 
-    carry: (x [B, T, D], deltas [S, B, T, D]: each sender's w_pos * (src - cur) so far, 0 after);
-    per_layer: (params_l, m_l [S, R], shift_l [R, B, T, D] or None (added to the receivers' inputs),
-    source z_l [B, T, H, Dh], source mlp_out_l [B, T, D], l).
-    """
-    x, deltas = carry
-    p, m, shift, src_z, src_mlp, l = per_layer
-    shift = (None, None) if shift is None else (shift[:-1], shift[-1:])
-    H, K = cfg.n_heads, cfg.n_kv_heads
-    hooks = LayerHooks(None, ())
-    n1 = functools.partial(M.norm, cfg, p["norm1"])
-    xr = n1(_receiver_input(x, deltas, m[:, :H + 2 * K], shift[0]))                    # [H + 2K, B, T, D]
-    active = (m != 0).any(0)
-    q0, k0, v0 = M.qkv(cfg, p, n1(x), None, hooks)
-    q = M.rotate(_per_head(p["q"], q0, xr[:H], active[:H], "hbtd,dhe->bthe"), rope)
-    k = M.rotate(_per_head(p["k"], k0, xr[H:H + K], active[H:H + K], "kbtd,dke->btke"), rope)
-    v = _per_head(p["v"], v0, xr[H + K:], active[H + K:H + 2 * K], "kbtd,dke->btke")
-    z = M.attend(cfg, q, k, v, allowed, hooks)
-    x = x + M.attn_output(cfg, p, z, hooks)
-    w_o = p["o"]["w"]
-    head_delta = jnp.einsum("bthe,hed->hbtd", (src_z.astype(z.dtype) - z), w_o) * pos_w[None, :, :, None]
-    first = 1 + l * (H + 1)
-    deltas = jax.lax.dynamic_update_slice_in_dim(deltas, head_delta.astype(deltas.dtype), first, 0)
-    mlp_in = _receiver_input(x, deltas, m[:, -1:], shift[1])[0]
-    out = M.mlp(cfg, p, M.norm(cfg, p["norm2"], mlp_in), hooks)
-    mlp_delta = ((src_mlp.astype(out.dtype) - out) * pos_w[..., None])[None]
-    deltas = jax.lax.dynamic_update_slice_in_dim(deltas, mlp_delta.astype(deltas.dtype), first + H, 0)
-    return (x + out, deltas), None
+    def site(self, name: str, x: Array) -> Array:
+        return self.inner.site(name, x)
 
+    def record(self, name: str, value) -> None:
+        self.inner.record(name, value)
 
-def _check_source(problem: PatchingProblem) -> None:
-    """ValueError unless the problem's source holds the entries senders read (`sites.EDGE_SOURCE`)."""
-    missing = [k for k in sites.EDGE_SOURCE if k not in problem.source]
-    if missing:
-        raise ValueError(f"an edge-patched run reads the source's {list(sites.EDGE_SOURCE)}; it lacks {missing}")
+    def read(self, group: str, x: Array, f):
+        """f of each receiver's input: one receiver, f(x_r); several, f([U, B, T, D]) unit by unit,
+        where a receiver with no nonzero edge keeps f(x) (the plain run's fused projection, bit for
+        bit) with the per-unit value's gradient (straight through), so that the gradient at an
+        all-zero mask is the edges' own."""
+        lo, hi = self.graph.receivers(group)
+        m = self.m[:, lo:hi]
+        xr = x[None] + jnp.einsum("su,sbtd->ubtd", m.astype(x.dtype), self.carry)
+        if self.shift is not None:
+            xr = xr + self.shift[lo:hi]
+        if hi - lo == 1:
+            return f(xr[0])
+        own, plain = f(xr), jax.lax.stop_gradient(f(x))
+        active = (m != 0).any(0)
+        return jnp.where(active[:, None], own, plain + (own - jax.lax.stop_gradient(own)))
 
-
-def _edge_run(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask, shift=None):
-    """(final-normed hidden states [B, n, D] of the last n = metric.n_positions positions, the sender
-    deltas [S, B, T, D]: w_pos * (src - cur) of every sender) of the edge-patched run; `shift`
-    (layers [L, R, B, T, D], final [B, T, D]) is added to the receivers' inputs when given."""
-    target, source = problem.target, problem.source
-    graph = EdgeGraph.of(cfg)
-    x = M.embed(params, cfg, target.tokens, target.pos_ids)
-    pos_w = problem.pos_w.astype(x.dtype)
-    B, T, D = x.shape
-    deltas = jnp.zeros((graph.n_senders, B, T, D), x.dtype)
-    deltas = deltas.at[0].set((source["resid_pre"][0].astype(x.dtype) - x) * pos_w[..., None])
-    body = functools.partial(_edge_layer, cfg, M.rope_tables(cfg, target.pos_ids),
-                             M.attention_mask(target.attn_mask, T), pos_w)
-    xs = (params["layers"], mask.layers, None if shift is None else shift[0], source["head_out"],
-          source["mlp_out"], jnp.arange(cfg.n_layers))
-    (x, deltas), _ = jax.lax.scan(body, (x, deltas), xs)
-    x = _receiver_input(x, deltas, mask.final[:, None], None if shift is None else shift[1][None])[0]
-    return M.final_norm(params, cfg, x[:, -problem.metric.n_positions:]), deltas
-
-
-def edge_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask) -> Array:
-    """Final-normed hidden states [B, n, D] of the last n = metric.n_positions positions of the target
-    run patched along the edges of `mask` (leaves [L, S, R], [S]) from problem.source, at the
-    positions problem.pos_w selects."""
-    return _edge_run(params, cfg, problem, mask)[0]
-
-
-def prepared(cfg: ModelConfig, problem: PatchingProblem) -> PatchingProblem:
-    """The problem cut to what senders read: the source's embeddings (layer 0's resid_pre), head z's
-    and MLP outputs at the positions pos_w selects, checked (`PatchingProblem.for_footprint`)."""
-    _check_source(problem)
-    L, H = cfg.n_layers, cfg.n_heads
-    reads = dict(zip(sites.EDGE_SOURCE, (np.arange(L) == 0, np.ones((L, H), bool), np.ones(L, bool))))
-    return problem.for_footprint(cfg, Mask(**reads))
-
-
-def edge_metric(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask) -> Array:
-    """The metric [B] of the target run patched along the edges of one `mask`; differentiable in the
-    mask (`jax.grad` of its mean at 0 is edge attribution patching). The mask (`check_edge_mask`)
-    and the source it reads are checked where concrete."""
-    check_edge_mask(mask, EdgeGraph.of(cfg))
-    return _metric(params, cfg, prepared(cfg, problem), mask)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask) -> Array:
-    """Metric [B] of one edge mask on a prepared problem; a function of the mask only: params and the
-    problem are constants to its gradient (zero cotangents).
-
-    Its gradient keeps no per-layer sender buffer: with g_r the gradient with respect to receiver r's
-    input (a zero shift, every downstream effect included) and d_s the run's sender deltas, the mask
-    enters only as x_r = ... + m[s, r] d_s, so d/dm[s, r] = sum_{b,t,d} g_r d_s on valid edges.
-    Memory of a backward pass: one [L, R, B, T, D] gradient instead of L sender buffers [S, B, T, D].
-    """
-    return problem.metric(params, edge_hidden(params, cfg, problem, mask))
-
-
-def _metric_fwd(params, cfg: ModelConfig, problem: PatchingProblem, mask: EdgeMask):
-    B, T = problem.target.tokens.shape
-    R = EdgeGraph.of(cfg).n_receivers
-
-    def shifted(shift):
-        h, deltas = _edge_run(params, cfg, problem, mask, shift)
-        return problem.metric(params, h), deltas
-    zero = (jnp.zeros((cfg.n_layers, R, B, T, cfg.d_model)), jnp.zeros((B, T, cfg.d_model)))
-    value, vjp, deltas = jax.vjp(shifted, zero, has_aux=True)
-    return value, (vjp, deltas, mask)
-
-
-def _metric_bwd(cfg: ModelConfig, res, ct):
-    vjp, deltas, mask = res
-    (g_layers, g_final), = vjp(ct)
-    layers = jnp.einsum("lrbtd,sbtd->lsr", g_layers, deltas, preferred_element_type=jnp.float32)
-    final = jnp.einsum("btd,sbtd->s", g_final, deltas, preferred_element_type=jnp.float32)
-    layers = jnp.where(EdgeGraph.of(cfg).valid().layers, layers, 0.0)
-    return None, None, EdgeMask(layers.astype(jnp.result_type(mask.layers)), final.astype(jnp.result_type(mask.final)))
-
-
-_metric_fn.defvjp(_metric_fwd, _metric_bwd)
-
-
-def _masks_metric_fn(params, cfg: ModelConfig, problem: PatchingProblem, masks: EdgeMask) -> Array:
-    """Metric [N, B] of a batch of edge masks (leaves [N, ...]), vmapped over the mask axis."""
-    return jax.vmap(lambda m: _metric_fn(params, cfg, problem, m))(masks)
-
-
-_metric = jax.jit(_metric_fn, static_argnames=("cfg",))
-_masks_metric = jax.jit(_masks_metric_fn, static_argnames=("cfg",))
-
-
-def run_edge_masks(params, cfg: ModelConfig, problem: PatchingProblem, masks: EdgeMask, *,
-                   chunk_size: int = 64, shard: bool = True,
-                   on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> np.ndarray:
-    """Metric [N, B] of N edge masks (leaves [N, L, S, R] and [N, S]), run in chunks of `chunk_size`
-    (one compilation; the last chunk padded with zero masks and trimmed; with shard=True and several
-    devices each chunk is split over them). Masks and source are checked once, before the first
-    chunk; on_chunk(start, values) sees each chunk. Memory per mask: the sender deltas [S, B, T, D]."""
-    graph = EdgeGraph.of(cfg)
-    check_edge_mask(masks, graph, batched=True)
-    problem = prepared(cfg, problem)
-    n = int(jnp.shape(masks.final)[0])
-    chunk_size, sharding = chunking(n, chunk_size, shard)
-    as_float = lambda chunk: jax.tree.map(lambda a: a.astype(jnp.float32), chunk)
-    return run_chunks(lambda chunk: _masks_metric(params, cfg, problem, as_float(chunk)), masks, n, chunk_size,
-                      sharding, "run_edge_masks", on_chunk)
+    def write(self, group: str, parts: Parts) -> Array:
+        lo, _ = self.graph.senders(group)
+        delta = parts.of(self.src[group].astype(parts.act.dtype) - parts.act) * self.pos_w[None, :, :, None]
+        self.carry = jax.lax.dynamic_update_slice_in_dim(self.carry, delta.astype(self.carry.dtype),
+                                                         self.first + lo, 0)
+        return parts.total

@@ -1,4 +1,5 @@
-"""Position maps between a source and a target run, position selectors, and aligning a source.
+"""Position maps between a source and a target run, position selectors, aligning a source, and
+one-position sources for patching generated tokens.
 
 Runs are left-padded batches: slot t of row b holds a real token where attn_mask[b, t] == 1.
 A position map is int32 [B, T_tgt]: for each target slot, the source slot whose activation
@@ -10,11 +11,12 @@ from __future__ import annotations
 import difflib
 from typing import Sequence, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxcircuits.interventions import sites
-from jaxcircuits.interventions.sites import Source
+from jaxcircuits.interventions.sites import Intervention, Mask, Source
 
 Selector = Union[str, Sequence[int]]
 
@@ -110,4 +112,26 @@ def align(source: Source, pos_map) -> Source:
             a = jnp.take_along_axis(a, idx.reshape(shape), axis=axis)
             v = v & valid.reshape(shape)
         out[name] = a * v
+    return out
+
+
+def decode_intervention(mask: Mask, source: dict) -> Intervention:
+    """Patch every generated token: `mask` (leaves [L, ...]) toward one-position `source` leaves
+    [L, B, 1, ...] (see `source_at_position`)."""
+    batch = jax.tree.leaves(source)[0].shape[1]
+    return Intervention(mask, source, jnp.ones((batch, 1), jnp.float32))
+
+
+def source_at_position(source: dict, position=0) -> dict:
+    """One-position replacement [L, B, 1, ...] from a source cache's slot `position` (an int, or
+    int [B] per row, e.g. each left-padded row's first real token)."""
+    out = {}
+    for k, v in source.items():
+        axes = sites.source_entry(k).pos_axes
+        if len(axes) > 1:            # key positions (pattern): no one-position replacement
+            continue
+        axis = axes[0] + 1          # + the layer axis
+        idx = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (v.shape[1],))
+        idx = idx.reshape(1, -1, *([1] * (v.ndim - 2)))
+        out[k] = jnp.take_along_axis(v, idx, axis=axis)
     return out

@@ -49,12 +49,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from jaxcircuits.interventions.edges import EdgeGraph, EdgeIO, EdgeMask, check_edge_mask
+from jaxcircuits.models.block import LayerIO
+from jaxcircuits.models.transformer import Tap
 
 Array = jax.Array
 Source = Dict[str, Array]
@@ -228,31 +232,86 @@ def unit_label(site: str, unit: Sequence[int]) -> str:
     return f"L{unit[0]}{tag}{unit[1]}"
 
 
-def _mask_sites(self) -> Tuple[str, ...]:
-    """Names of the sites this mask touches (leaves that are not None), in registry order."""
-    return tuple(n for n in NAMES if getattr(self, n) is not None)
-
-
-# A flax struct with one optional field per site, in registry order.
-Mask = struct.dataclass(type("Mask", (), {
-    "__annotations__": {n: Optional[Array] for n in NAMES}, **{n: None for n in NAMES},
-    "sites": _mask_sites, "__module__": __name__,
-    "__doc__": "Blend weights per site (fields: `sites.NAMES`); `None` leaves a site untouched. "
-               "Leaves [L, *units] (`Site.shape`), or [N, L, *units] for a batch."}))
-
-
 @struct.dataclass
-class Intervention:
-    """What one patched run applies.
+class Mask:
+    """Blend weights per site: one optional leaf per `SITES` row, in registry order, each [L, *units]
+    (`Site.shape`) or [N, L, *units] for a batch of N masks; `edges`, an `edges.EdgeMask` of edge
+    weights ([L, S, R] and [S], with a leading [N] for a batch). `None` leaves a site untouched."""
 
-    mask:   a `Mask` (leaves with a leading [L] axis, sliced per layer by the layer scan)
-    source: replacement activations for the mask's sites, `Source` aligned to the target
-    pos_w:  [B, T] float position weights of the target run (1 = intervene at this position)
-    """
+    resid_pre: Optional[Array] = None
+    head_q: Optional[Array] = None
+    head_k: Optional[Array] = None
+    head_v: Optional[Array] = None
+    pattern: Optional[Array] = None
+    head_out: Optional[Array] = None
+    attn_block: Optional[Array] = None
+    attn_out: Optional[Array] = None
+    mlp_neuron: Optional[Array] = None
+    mlp_out: Optional[Array] = None
+    edges: Optional[EdgeMask] = None
 
-    mask: Mask
-    source: Source
-    pos_w: Array
+    def sites(self) -> Tuple[str, ...]:
+        """Names of the node sites this mask touches (leaves that are not None), in registry order."""
+        return tuple(n for n in NAMES if getattr(self, n) is not None)
+
+    def nodes(self) -> "Mask":
+        """The mask without its edges."""
+        return self.replace(edges=None)
+
+    def size(self) -> int:
+        """N, the batch size of a batch of masks (leaves [N, ...])."""
+        return int(jnp.shape(jax.tree.leaves(self)[0])[0])
+
+
+if tuple(f.name for f in dataclasses.fields(Mask)) != (*NAMES, "edges"):
+    raise AssertionError("Mask's fields must be the SITES rows, in order, then 'edges'")
+
+
+# Unit levels of circuits and learned masks: a circuit keeps a set of units; every other unit of the
+# level is patched. `mask(cfg, w)` puts patch weights w [..., U] (U units, flat in `labels` order) into
+# a `Mask` ([..., L, *units]); `source`: the cache entries a problem's source must hold.
+@dataclasses.dataclass(frozen=True)
+class Level:
+    labels: Callable[[object], Tuple[str, ...]]
+    mask: Callable[[object, Array], Mask]
+    source: Tuple[str, ...]
+
+
+def _head_mask(cfg, w) -> Mask:
+    return Mask(head_out=jnp.reshape(w, (*jnp.shape(w)[:-1], cfg.n_layers, cfg.n_heads)))
+
+
+LEVELS: Dict[str, Level] = {
+    "head": Level(lambda cfg: tuple(unit_label("head_out", (l, h)) for l in range(cfg.n_layers)
+                                    for h in range(cfg.n_heads)), _head_mask, ("head_out",)),
+    "edge": Level(lambda cfg: tuple(f"{s}->{r}" for s, r in EdgeGraph.of(cfg).edges),
+                  lambda cfg, w: Mask(edges=EdgeGraph.of(cfg).unflat(w)), EDGE_SOURCE),
+}
+
+
+def level(name: str) -> Level:
+    """The `LEVELS` row `name` (ValueError naming the known levels otherwise)."""
+    if name not in LEVELS:
+        raise ValueError(f"unknown level {name!r}; known: {sorted(LEVELS)}")
+    return LEVELS[name]
+
+
+# The `Mask` field of the edge level: a name accepted wherever a site is ('edges').
+EDGES = "edges"
+
+
+def every_unit(cfg, site: str, n_blocks: Optional[int] = None) -> Mask:
+    """The float32 mask with every unit of `site` at 1: [L, *units] (`Site.shape`), or every valid
+    edge of `EdgeGraph.of(cfg)` for site 'edges'."""
+    if site == EDGES:
+        return Mask(edges=jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), EdgeGraph.of(cfg).valid()))
+    return Mask(**{site: jnp.ones(get(site).shape(cfg, n_blocks), jnp.float32)})
+
+
+def unit_values(cfg, mask: Mask, site: str):
+    """A mask's values of `site`'s units: its leaf [..., L, *units], or for site 'edges' the valid
+    edges flat [..., E] (`EdgeGraph.flat` order)."""
+    return EdgeGraph.of(cfg).flat(mask.edges) if site == EDGES else getattr(mask, site)
 
 
 def blend(x: Array, s: Array, w: Array) -> Array:
@@ -260,21 +319,30 @@ def blend(x: Array, s: Array, w: Array) -> Array:
     return x + w.astype(x.dtype) * (s.astype(x.dtype) - x)
 
 
-def apply(name: str, x: Array, mask_l, source_l: Optional[Source], pos_w: Optional[Array]) -> Array:
+def _last(a: Array, axis: int, n: int) -> Array:
+    """The last n entries of `a` along `axis`."""
+    return a[(slice(None),) * axis + (slice(a.shape[axis] - n, None),)]
+
+
+def apply(name: str, x: Array, mask_l: Mask, source_l: Source, pos_w: Array) -> Array:
     """Blend one layer's activation `x` at site `name` toward its replacement, if the mask has it.
 
-    mask_l: the `Mask` of this layer (leaves [*units]) or None; source_l: this layer's source.
+    mask_l: the `Mask` of this layer (leaves [*units]); source_l: this layer's source; pos_w [B, T].
+    x may hold only the last positions of the run (a patched suffix, or queries at the last
+    positions only): it is matched with the last positions of pos_w and of the source.
     """
-    m = None if mask_l is None else getattr(mask_l, name)
+    m = getattr(mask_l, name)
     if m is None:
         return x
     site = BY_NAME[name]
+    q = site.pos_axes[0]
+    n = x.shape[q]
     view = site.view(x.shape, m)
-    w = site.weights(m, pos_w, len(view))
+    w = site.weights(m, _last(pos_w, 1, n), len(view))
     steer = source_l.get(f"steer:{name}")
     if steer is not None:
         return x + w.astype(x.dtype) * steer.astype(x.dtype)
-    s = source_l[site.cache].reshape(view)
+    s = _last(source_l[site.cache], q, n).reshape(view)
     basis = source_l.get(f"subspace:{name}")
     if basis is not None:
         xv = x.reshape(view)
@@ -283,25 +351,78 @@ def apply(name: str, x: Array, mask_l, source_l: Optional[Source], pos_w: Option
     return blend(x.reshape(view), s, w).reshape(x.shape)
 
 
-class LayerHooks:
-    """The sites of one layer of one traced run: `hooks(name, x)` patches x (per `apply`) and
-    records it when `name` is collected. Created inside the layer scan's body, once per trace."""
+class NodeIO(LayerIO):
+    """One layer of a node-patched run: every site is blended toward its replacement (`apply`), then
+    recorded when collected. mask_l, source_l: this layer's slices; pos_w [B, T]."""
 
-    def __init__(self, intervention: Optional[Intervention], collect: Sequence[str]):
-        self.iv = (None, None, None) if intervention is None else (
-            intervention.mask, intervention.source, intervention.pos_w)
-        self.collect = collect
-        self.cache: Dict[str, Array] = {}
+    def __init__(self, mask_l: Mask, source_l: Source, pos_w: Array, collect: Sequence[str], carry=None):
+        super().__init__(collect, carry)
+        self.mask_l, self.source_l, self.pos_w = mask_l, source_l, pos_w
 
-    def __call__(self, name: str, x: Array) -> Array:
-        x = apply(name, x, *self.iv)
+    def site(self, name: str, x: Array) -> Array:
+        x = apply(name, x, self.mask_l, self.source_l, self.pos_w)
         self.record(name, x)
         return x
 
-    def record(self, name: str, value) -> None:
-        """Keep `value` as this layer's cache entry `name` if it is collected."""
-        if name in self.collect:
-            self.cache[name] = value
+
+@struct.dataclass
+class Intervention(Tap):
+    """What one patched run applies (a `models.transformer.Tap`).
+
+    mask:   a `Mask` (node leaves [L, *units] sliced layer by layer; edges [L, S, R] and [S])
+    source: replacement activations for the mask's sites, `Source` aligned to the target ([L, B, T, ...])
+    pos_w:  [B, T] float position weights of the target run (1 = intervene at this position)
+    shift:  with edges, (layers [L, R, B, T, D], final [B, T, D]) added to every receiver's input, or
+            None (zero); the gradient with respect to it is the receivers' (`engine.patching`)
+    """
+
+    mask: Mask
+    source: Source
+    pos_w: Array
+    shift: Optional[Tuple[Array, Array]] = None
+
+    def _graph(self) -> EdgeGraph:
+        L, S, R = jnp.shape(self.mask.edges.layers)
+        H = (S - 1) // L - 1
+        return EdgeGraph(L, H, (R - 1 - H) // 2)
+
+    def per_layer(self):
+        e = self.mask.edges
+        edges = None if e is None else (e.layers, jnp.arange(e.layers.shape[0]),
+                                        None if self.shift is None else self.shift[0])
+        return self.mask.nodes(), self.source, edges
+
+    def init(self, x: Array):
+        if self.mask.edges is None:
+            return None
+        return jnp.zeros((self.mask.edges.final.shape[0], *x.shape), x.dtype)
+
+    def io(self, layer, carry, collect: Sequence[str]) -> LayerIO:
+        e = self.mask.edges
+        if layer is None:
+            inner = LayerIO(collect, carry)
+            if e is None:
+                return inner
+            shift = None if self.shift is None else self.shift[1][None]
+            return EdgeIO(self._graph(), inner, e.final[:, None], {"embed": self.source["resid_pre"][0]},
+                          self.pos_w.astype(carry.dtype), 0, carry, shift)
+        nodes, source, edges = layer
+        inner = NodeIO(nodes, source, self.pos_w, collect, carry)
+        if edges is None:
+            return inner
+        m, l, shift = edges
+        graph = self._graph()
+        return EdgeIO(graph, inner, m, {"heads": source["head_out"], "mlp": source["mlp_out"]},
+                      self.pos_w.astype(carry.dtype), 1 + l * (graph.n_heads + 1), carry, shift)
+
+    def checked(self, cfg, batch: int, n_pos: int, name: str = "intervention", per_token: bool = False) -> "Intervention":
+        return check_intervention(self, cfg, batch, n_pos, name, per_token)
+
+    def layers(self, start: int, stop: int) -> "Intervention":
+        if self.mask.edges is not None:
+            raise ValueError("an edge-patched run runs every layer: it has no layer range")
+        cut = lambda tree: jax.tree.map(lambda a: a[start:stop], tree)
+        return self.replace(mask=cut(self.mask), source=cut(self.source))
 
 
 # ---- checking what a run reads: outside jit, values only where concrete (tracers: shapes only) ----
@@ -312,10 +433,16 @@ def concrete(*trees) -> bool:
 
 
 def check_mask(mask: Mask, cfg, batched: bool = False) -> None:
-    """Raise ValueError unless every leaf has shape [L, *units] (`Site.check_shape`; [N, L, *units]
-    when `batched`) and values in [0, 1]."""
-    if not mask.sites():
+    """Raise ValueError unless every node leaf has shape [L, *units] (`Site.check_shape`; [N, L, *units]
+    when `batched`) and values in [0, 1], and the edges leaf is a valid edge mask of `cfg`'s graph
+    (`edges.check_edge_mask`); a batch's leaves share one N."""
+    if not mask.sites() and mask.edges is None:
         raise ValueError("the mask touches no site")
+    if mask.edges is not None:
+        check_edge_mask(mask.edges, EdgeGraph.of(cfg), batched)
+    sizes = sorted({jnp.shape(a)[0] for a in jax.tree.leaves(mask)})
+    if batched and len(sizes) > 1:
+        raise ValueError(f"the masks' leaves disagree on the batch size N: {sizes}")
     for s in mask.sites():
         a = getattr(mask, s)
         get(s).check_shape(jnp.shape(a)[int(batched):], cfg, " after the batch axis" if batched else "")
@@ -375,8 +502,8 @@ def source_for(source: Source, names: Sequence[str]) -> Source:
 
 
 def footprint(mask: Mask, batched: bool = False) -> Mask:
-    """bool leaves [L, *units]: the units where a mask (any mask of a batch [N, L, *units]) is
-    nonzero; every unit where a leaf is traced."""
+    """bool leaves [L, *units] (edges: [L, S, R], [S]): where a mask (any mask of a batch
+    [N, L, *units]) is nonzero; everywhere a leaf is traced."""
     def units(a):
         if not concrete(a):
             return np.ones(jnp.shape(a)[int(batched):], bool)
@@ -408,15 +535,15 @@ def select_source(cfg, source: Source, footprint: Mask, pos_w: Array) -> Source:
     ValueError naming the entry and index. Runs once per call, on device; a traced source, pos_w or
     footprint is checked for shape only and returned as is.
     """
-    src = source_for(source, footprint.sites())
+    reads = _reads(cfg, footprint)
+    src = source_for(source, tuple(reads))
     check_source(src, cfg.n_layers, *jnp.shape(pos_w), cfg)
     if not concrete(src, pos_w, footprint):
         return src
     transforms = {k: v for k, v in src.items() if split_key(k)}
     src = {k: v for k, v in src.items() if not split_key(k)}
     with jax.ensure_compile_time_eval():            # concrete values inside a caller's trace: run now
-        units = {s: jnp.asarray(getattr(footprint, s)) != 0 for s in footprint.sites()}
-        out, bad = _select(src, units, jnp.asarray(pos_w) != 0)
+        out, bad = _select(src, {s: jnp.asarray(u) != 0 for s, u in reads.items()}, jnp.asarray(pos_w) != 0)
         for name, i in jax.device_get(bad).items():
             if i >= 0:
                 a = src[name]
@@ -426,12 +553,30 @@ def select_source(cfg, source: Source, footprint: Mask, pos_w: Array) -> Source:
     return {**out, **transforms}
 
 
-def check_intervention(iv: Intervention, cfg, batch: int, n_pos: int, name: str = "intervention") -> Intervention:
+def _reads(cfg, footprint: Mask) -> Dict[str, Array]:
+    """{node site: bool units [L, *units]} of the source values a mask with `footprint` reads: its node
+    sites', and with edges every sender's (`EDGE_SOURCE`: layer 0's resid_pre, every head_out and
+    mlp_out), whichever edges are nonzero."""
+    reads = {s: getattr(footprint, s) for s in footprint.sites()}
+    if footprint.edges is not None:
+        L, H = cfg.n_layers, cfg.n_heads
+        for s, u in zip(EDGE_SOURCE, (np.arange(L) == 0, np.ones((L, H), bool), np.ones(L, bool))):
+            reads[s] = u | np.asarray(reads[s], bool) if s in reads and concrete(reads[s]) else u
+    return reads
+
+
+def check_intervention(iv: Intervention, cfg, batch: int, n_pos: int, name: str = "intervention",
+                       per_token: bool = False) -> Intervention:
     """`iv` checked for a run of `batch` rows and `n_pos` positions (`check_mask`, `check_pos_w`), with
-    its source cut and selected to the mask's footprint (`select_source`); errors start with `name`."""
+    its source cut and selected to the mask's footprint (`select_source`); errors start with `name`.
+    per_token: it patches one generated token at a time (no site indexing key positions, no edges)."""
     try:
+        keyed = [s for s in iv.mask.sites() if len(get(s).pos_axes) > 1]
+        if per_token and (keyed or iv.mask.edges is not None):
+            raise ValueError(f"site(s) {keyed + ['edges'] * (iv.mask.edges is not None)} index key positions and "
+                             "cannot be patched during decoding")
         check_mask(iv.mask, cfg)
         pos_w = check_pos_w(iv.pos_w, batch, n_pos)
-        return Intervention(iv.mask, select_source(cfg, iv.source, footprint(iv.mask), pos_w), pos_w)
+        return iv.replace(source=select_source(cfg, iv.source, footprint(iv.mask), pos_w), pos_w=pos_w)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None

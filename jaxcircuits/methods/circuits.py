@@ -12,9 +12,10 @@ m(none) the run with every unit patched: 1 = the circuit alone carries the model
 0 = no better than nothing kept. This is `analysis.recovery` with source = m(full) and
 target = m(none), so the criterion 'recovery>=0.8' with those baselines reads F >= 0.8.
 
-Levels (`LEVELS`): 'head' (units: the `head_out` of every head, flat l * H + h; outside the
-circuit a head's output is patched) and 'edge' (units: the valid edges of `edges.EdgeGraph`, in
-its flat order; outside the circuit an edge carries the source's value of its sender).
+Levels (`interventions.sites.LEVELS`): 'head' (units: the `head_out` of every head, flat l * H + h;
+outside the circuit a head's output is patched) and 'edge' (units: the valid edges of
+`edges.EdgeGraph`, in its flat order; outside the circuit an edge carries the source's value of
+its sender).
 A ground-truth pool (`ground_truth`) is a `subsets.Pool` of heads: there the circuit is a subset
 of the pool and heads outside the pool are never patched.
 """
@@ -22,17 +23,17 @@ of the pool and heads outside the pool are never patched.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Sequence, Tuple
+from typing import Mapping, Sequence, Tuple
 
 import numpy as np
 
-from jaxcircuits.stats import analysis
-from jaxcircuits.interventions import edges, sites
-from jaxcircuits.engine import patching
-from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.engine.patching import PatchingProblem
-from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.engine.subsets import Pool, from_bitmask
+from jaxcircuits.interventions import sites
+from jaxcircuits.interventions.problem import PatchingProblem
+from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.stats import analysis
 
 DEFAULT_CRITERION = "recovery>=0.8"        # F >= 0.8 (see the module doc)
 
@@ -41,42 +42,6 @@ def faithfulness(metric, full, none) -> np.ndarray:
     """F = (mean metric - mean none) / (mean full - mean none): metric [..., B], full and none [B]
     (the metric with every unit kept / patched) -> [...]; NaN where full and none agree."""
     return analysis.recovery(metric, full, none)
-
-
-def _run_heads(params, cfg: ModelConfig, problem: PatchingProblem, kept: np.ndarray, chunk_size: int):
-    n = kept.shape[0]
-    masks = Mask(head_out=(~kept).reshape(n, cfg.n_layers, cfg.n_heads).astype(np.float32))
-    return patching.run_masks(params, cfg, problem, masks, chunk_size=chunk_size)
-
-
-def _run_edges(params, cfg: ModelConfig, problem: PatchingProblem, kept: np.ndarray, chunk_size: int):
-    masks = edges.EdgeGraph.of(cfg).unflat((~kept).astype(np.float32))
-    return edges.run_edge_masks(params, cfg, problem, masks, chunk_size=chunk_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class Level:
-    """A unit granularity: `labels(cfg)` names the units (their count is the number of units);
-    `run(params, cfg, problem, kept bool [N, U], chunk_size)` -> metric [N, B] with every unit not
-    kept patched; `source` the cache entries the problem's source must hold."""
-
-    labels: Callable[[ModelConfig], Tuple[str, ...]]
-    run: Callable
-    source: Tuple[str, ...]
-
-
-LEVELS = {
-    "head": Level(lambda cfg: tuple(sites.unit_label("head_out", (l, h)) for l in range(cfg.n_layers)
-                                    for h in range(cfg.n_heads)), _run_heads, ("head_out",)),
-    "edge": Level(lambda cfg: tuple(f"{s}->{r}" for s, r in edges.EdgeGraph.of(cfg).edges), _run_edges,
-                  sites.EDGE_SOURCE),
-}
-
-
-def get_level(name: str) -> Level:
-    if name not in LEVELS:
-        raise ValueError(f"unknown level {name!r}; known: {sorted(LEVELS)}")
-    return LEVELS[name]
 
 
 def top_k(scores, sizes: Sequence[int]) -> np.ndarray:
@@ -119,12 +84,12 @@ def evaluate(params, cfg: ModelConfig, problem: PatchingProblem, level: str, kep
              chunk_size: int = 64) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(metric [N, B] of each circuit kept bool [N, U], full [B], none [B]), all in one batched call
     (the two baselines are its first rows)."""
-    lv, kept = get_level(level), np.asarray(kept, bool)
+    lv, kept = sites.level(level), np.asarray(kept, bool)
     n_units = len(lv.labels(cfg))
     if kept.ndim != 2 or kept.shape[1] != n_units:
         raise ValueError(f"kept must be bool [N, {n_units}] ({level} units), got shape {kept.shape}")
     rows = np.concatenate([np.ones((1, n_units), bool), np.zeros((1, n_units), bool), kept])
-    m = np.asarray(lv.run(params, cfg, problem, rows, chunk_size))
+    m = run_masks(params, cfg, problem, lv.mask(cfg, (~rows).astype(np.float32)), chunk_size=chunk_size)
     return m[2:], m[0], m[1]
 
 
@@ -181,13 +146,13 @@ class GroundTruth:
 def ground_truth(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool,
                  criterion: analysis.Criterion, chunk_size: int = 64) -> GroundTruth:
     """Every subset of `pool` (heads at `head_out`; n <= analysis.DENSE_MAX_UNITS) kept, the rest of
-    the pool patched, units outside the pool never patched: one `patching.run_masks` call."""
+    the pool patched, units outside the pool never patched: one `run_masks` call."""
     if pool.site != "head_out" or pool.n > analysis.DENSE_MAX_UNITS:
         raise ValueError(f"a ground-truth pool holds at most {analysis.DENSE_MAX_UNITS} head_out units, "
                          f"got {pool.n} at {pool.site!r}")
     kept = from_bitmask(np.arange(1 << pool.n), pool.n)
     masks = Mask(head_out=np.asarray(pool.scatter(~kept, pool.site_shape(cfg))))
-    return GroundTruth.of(patching.run_masks(params, cfg, problem, masks, chunk_size=chunk_size), criterion)
+    return GroundTruth.of(run_masks(params, cfg, problem, masks, chunk_size=chunk_size), criterion)
 
 
 def nearest(sets, minimal) -> Tuple[np.ndarray, np.ndarray]:

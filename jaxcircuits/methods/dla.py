@@ -1,11 +1,13 @@
 """Direct logit attribution (DLA): the final residual stream as a sum of components, read through
 the final norm onto a direction (an answer token, a logit difference, any vector).
 
-At chosen positions the residual after the last layer is exactly
+At chosen positions the residual after the last layer is exactly the sum of what every sender
+group of the block (`models.block`) writes to it, split by unit:
 
     final = embed + sum_{l,h} z[l,h] @ W_O[l,h] + sum_l b_O[l] + sum_l mlp_out[l]
 
-(`decompose`; GQA needs nothing special: z and W_O are per query head). A component c's direct
+(`decompose` records the writes, `block.Parts`, through its own `LayerIO`; GQA needs nothing
+special: z and W_O are per query head). A component c's direct
 effect on the logit along d is d . scale * N(c) / s, where N centres c for LayerNorm-family norms
 (a linear map), scale is the final norm's weight and 1/s its input scale; the final norm's bias
 adds d . bias. What 1/s is decides the mode, chosen by the params and the config:
@@ -32,8 +34,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxcircuits.models import transformer as M
+from jaxcircuits.models.block import LayerIO, Parts
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.layers import NORMS, norm_input_scale
+from jaxcircuits.models.params import norm_names
 
 Array = jax.Array
 
@@ -65,17 +69,39 @@ class Components:
         return jnp.concatenate([self.embed[None], self.embed[None] + jnp.cumsum(per_layer, 0)])
 
 
+class _WritesIO(LayerIO):
+    """Records each sender group's write at the chosen positions: 'write:<group>' [U, B, P, D] (each
+    unit's share) and 'const:<group>' [D] (the part no unit owns), when the group has one."""
+
+    def __init__(self, positions: Tuple[int, ...], collect, carry=None):
+        super().__init__(collect, carry)
+        self.positions = positions
+
+    def write(self, group: str, parts: Parts) -> Array:
+        self.cache[f"write:{group}"] = parts.of(parts.act[:, jnp.asarray(self.positions)])
+        if parts.const is not None:
+            self.cache[f"const:{group}"] = parts.const
+        return parts.total
+
+
+@struct.dataclass
+class _Writes(M.Tap):
+    """The plain run, recording every sender's write at `positions` (`_WritesIO`)."""
+
+    positions: Tuple[int, ...] = struct.field(pytree_node=False)
+
+    def io(self, layer, carry, collect):
+        return _WritesIO(self.positions, collect, carry)
+
+
 def decompose_fn(params, cfg: ModelConfig, tokens: Array, attn_mask: Array, positions: Tuple[int, ...]) -> Components:
     """`Components` of a plain run of tokens, attn_mask [B, T] at slots `positions` (traceable)."""
-    _, c = M.forward_fn(params, cfg, tokens, attn_mask, collect=("resid_pre", "head_out", "mlp_out", "resid_final"),
-                        return_logits=False)
-    pos = jnp.asarray(positions)
-    o = params["layers"]["o"]
+    ctx = M.Context(M.default_positions(attn_mask), attn_mask)
+    _, c, _ = M.run(params, cfg, tokens, ctx, _Writes(tuple(positions)), collect=("resid_final",))
+    zeros = jnp.zeros((cfg.n_layers, cfg.d_model), c["write:heads"].dtype)
     return Components(
-        embed=c["resid_pre"][0][:, pos], mlp=c["mlp_out"][:, :, pos], final=c["resid_final"][:, pos],
-        heads=jnp.einsum("lbphe,lhed->lhbpd", c["head_out"][:, :, pos], o["w"]),
-        attn_bias=o["b"] if "b" in o else jnp.zeros((cfg.n_layers, cfg.d_model), o["w"].dtype),
-        positions=tuple(positions))
+        embed=c["write:embed"][0], heads=c["write:heads"], attn_bias=c.get("const:heads", zeros),
+        mlp=c["write:mlp"][:, 0], final=c["resid_final"][:, jnp.asarray(positions)], positions=tuple(positions))
 
 
 def final_norm_map(params, cfg: ModelConfig, comps: Components):
@@ -157,18 +183,17 @@ def logit_lens(params, cfg: ModelConfig, comps: Components) -> Array:
 
 
 def freeze_norms(params, cfg: ModelConfig, tokens, attn_mask=None) -> dict:
-    """The frozen-LN model of a reference run: params whose norms (norm1, norm2 per layer, final)
-    carry `inv_scale` [L, B, T, 1] / [B, T, 1], their input scales on tokens, attn_mask [B, T].
+    """The frozen-LN model of a reference run: params whose norms (each of `params.norm_names(cfg)` per
+    layer, and the final norm) carry `inv_scale` [L, B, T, 1] / [B, T, 1], their input scales on
+    tokens, attn_mask [B, T], as the block records them ('scale:<norm>').
 
     Every norm then applies that fixed scale (`layers._inv_scale`), so the network is linear in
     the residual stream between nonlinearities. Use the result for runs over the reference's
     tokens (or the last positions of them: the patched suffix paths), with its batch.
     """
     tokens, attn_mask, _ = M.check_inputs(cfg, tokens, attn_mask)
-    _, c = M.forward(params, cfg, tokens, attn_mask, collect=("resid_pre", "attn_out", "resid_final"),
-                     return_logits=False)
-    inv = lambda x: norm_input_scale(cfg.norm, x, cfg.norm_eps)
-    layers = dict(params["layers"])
-    layers["norm1"] = {**layers["norm1"], "inv_scale": inv(c["resid_pre"])}
-    layers["norm2"] = {**layers["norm2"], "inv_scale": inv(c["resid_pre"] + c["attn_out"])}
-    return {**params, "layers": layers, "final_norm": {**params["final_norm"], "inv_scale": inv(c["resid_final"])}}
+    names = (*norm_names(cfg), "final_norm")
+    _, c = M.forward(params, cfg, tokens, attn_mask, collect=tuple(f"scale:{n}" for n in names), return_logits=False)
+    frozen = lambda p, n: {**p[n], "inv_scale": c[f"scale:{n}"]}
+    layers = {**params["layers"], **{n: frozen(params["layers"], n) for n in names[:-1]}}
+    return {**params, "layers": layers, "final_norm": frozen(params, "final_norm")}

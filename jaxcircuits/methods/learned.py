@@ -26,10 +26,9 @@ training state is saved with orbax after every such segment (checksummed, `stora
 started again on the same directory resumes from the last checkpoint and ends bit-identical to an
 uninterrupted one.
 
-An `Objective` is generic (any `metric(patch_weights [U], data) -> [B]`); `head_objective`
-(units of a `subsets.Pool`, default every head's `head_out`, via `patching.patched_metric`) and
-`edge_objective` (every edge of `edges.EdgeGraph`, via `edges.edge_metric`) build the two levels
-of `circuits.LEVELS` (`objective(params, cfg, problem, level)`).
+An `Objective` is generic (any `metric(patch_weights [U], data) -> [B]`); `objective(params, cfg,
+problem, level)` builds one over every unit of a level of `sites.LEVELS` (heads, edges) and
+`head_objective` one over the units of a `subsets.Pool`, both through `patching.patched_metric`.
 """
 
 from __future__ import annotations
@@ -49,13 +48,14 @@ import optax
 import orbax.checkpoint as ocp
 from flax import struct
 
-from jaxcircuits.methods import circuits
-from jaxcircuits.interventions import edges
 from jaxcircuits import logs, storage
-from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.engine.patching import PatchingProblem, Plan, layers_touched, make_plan, patched_metric
-from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.engine.patching import Plan, layers_touched, make_plan, patched_metric
 from jaxcircuits.engine.subsets import Pool
+from jaxcircuits.interventions import sites
+from jaxcircuits.interventions.problem import PatchingProblem
+from jaxcircuits.interventions.sites import Mask
+from jaxcircuits.methods import circuits
+from jaxcircuits.models.config import ModelConfig
 
 Array = jax.Array
 _log = logging.getLogger(__name__)
@@ -158,41 +158,38 @@ class _PoolMetric:
 
 
 @dataclasses.dataclass(frozen=True)
-class _EdgeMetric:
-    """metric(w [E], (params, problem)): `edges.edge_metric` of the edge mask w (flat edge order)."""
+class _LevelMetric:
+    """metric(w [U], (params, problem)): `patched_metric` of a level's mask of patch weights w
+    (`sites.LEVELS`), on `plan` for node levels (the plan of every unit of the level)."""
 
     cfg: ModelConfig
+    level: str
+    plan: Optional[Plan]
 
     def __call__(self, w: Array, data) -> Array:
         params, problem = data
-        return edges.edge_metric(params, self.cfg, problem, edges.EdgeGraph.of(self.cfg).unflat(w))
+        return patched_metric(params, self.cfg, problem, sites.level(self.level).mask(self.cfg, w), self.plan)
 
 
 def head_objective(params, cfg: ModelConfig, problem: PatchingProblem, pool: Optional[Pool] = None) -> Objective:
-    """Units: the pool's (default: every head's `head_out`, flat l * H + h as in `circuits.LEVELS`);
-    units outside the pool are never patched. The problem is checked and cut to the pool's
-    footprint here, once (`PatchingProblem.for_footprint`)."""
+    """Units: a pool's (e.g. the heads of some layers, `subsets.Pool`; default every head's `head_out`,
+    flat l * H + h as in `sites.LEVELS`); units outside the pool are never patched. The problem is
+    checked and cut to the pool's footprint here, once (`PatchingProblem.for_footprint`)."""
     pool = pool or Pool.heads_of_layers(range(cfg.n_layers), cfg.n_heads)
     footprint = Mask(**{pool.site: np.asarray(pool.scatter(np.ones(pool.n, bool), pool.site_shape(cfg)))})
     plan = make_plan(layers_touched(footprint), problem.pos_w)
     return Objective(_PoolMetric(cfg, pool, plan), (params, problem.for_footprint(cfg, footprint)), pool.labels())
 
 
-def edge_objective(params, cfg: ModelConfig, problem: PatchingProblem) -> Objective:
-    """Units: every valid edge of `edges.EdgeGraph.of(cfg)`, in its flat order (labels 's->r' as in
-    `circuits.LEVELS`). The problem is checked and cut to what senders read here, once."""
-    labels = tuple(f"{s}->{r}" for s, r in edges.EdgeGraph.of(cfg).edges)
-    return Objective(_EdgeMetric(cfg), (params, edges.prepared(cfg, problem)), labels)
-
-
-OBJECTIVES = {"head": head_objective, "edge": edge_objective}
-
-
 def objective(params, cfg: ModelConfig, problem: PatchingProblem, level: str) -> Objective:
-    """The objective of a level of `circuits.LEVELS` ('head' or 'edge') over all its units."""
-    if level not in OBJECTIVES:
-        raise ValueError(f"unknown level {level!r}; known: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[level](params, cfg, problem)
+    """The objective over every unit of a level of `sites.LEVELS` ('head': every head's `head_out`,
+    flat l * H + h; 'edge': every valid edge, labels 's->r'). The problem is checked and cut to what
+    the level's units read here, once."""
+    lv = sites.level(level)
+    labels = lv.labels(cfg)
+    full = sites.footprint(lv.mask(cfg, np.ones(len(labels), np.float32)))
+    plan = None if full.edges is not None else make_plan(layers_touched(full), problem.pos_w)
+    return Objective(_LevelMetric(cfg, level, plan), (params, problem.for_footprint(cfg, full)), labels)
 
 
 # ---- training -------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ import numpy as np
 from jaxcircuits.models import transformer
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import Params
-from jaxcircuits.engine.patching import PatchingProblem, patched_metric
-from jaxcircuits.interventions.sites import LayerHooks, Mask
+from jaxcircuits.interventions.problem import PatchingProblem
+from jaxcircuits.engine.patching import patched_metric
+from jaxcircuits.interventions.sites import Mask
 
 Array = jax.Array
 KINDS = ("ov", "qk")
@@ -211,11 +212,12 @@ def project_out(w: Array, basis: Array, axis: int, strength=1.0) -> Array:
 
 def qk_profile(params: Params, cfg: ModelConfig, tokens, attn_mask=None) -> Dict[str, Array]:
     """Mean |value| per head dimension of queries and keys over the real tokens of a batch:
-    {'q', 'q_rope': [L, H, Dh], 'k', 'k_rope': [L, K, Dh]} (without / with RoPE)."""
+    {'q', 'q_rope': [L, H, Dh], 'k', 'k_rope': [L, K, Dh]} (without / with RoPE: the run's 'head_q' and
+    'head_k', and the same rotated back by the inverse rotation)."""
     tokens, attn_mask, pos_ids = transformer.check_inputs(cfg, tokens, attn_mask)
-    _, cache = transformer.forward(params, cfg, tokens, attn_mask, pos_ids, collect=("resid_pre", "head_q", "head_k"),
+    _, cache = transformer.forward(params, cfg, tokens, attn_mask, pos_ids, collect=("head_q", "head_k"),
                                    return_logits=False)
-    return _profile(params["layers"], cfg, cache, attn_mask)
+    return _profile(cfg, cache, pos_ids, attn_mask)
 
 
 @jax.jit
@@ -224,14 +226,12 @@ def _mean_abs(x: Array, w: Array) -> Array:
     return jnp.einsum("lbtne,bt->lne", jnp.abs(x.astype(jnp.float32)), w) / w.sum()
 
 
-def _profile(layers: dict, cfg: ModelConfig, cache: dict, attn_mask: Array) -> Dict[str, Array]:
-    """`qk_profile` from a cache with resid_pre, head_q, head_k."""
-    def raw(p, x):
-        q, k, _ = transformer.qkv(cfg, p, transformer.norm(cfg, p["norm1"], x), None, LayerHooks(None, ()))
-        return q, k
-    q, k = jax.jit(lambda ls, xs: jax.lax.map(lambda a: raw(*a), (ls, xs)))(layers, cache["resid_pre"])
+def _profile(cfg: ModelConfig, cache: dict, pos_ids: Array, attn_mask: Array) -> Dict[str, Array]:
+    """`qk_profile` from a cache with head_q, head_k [L, B, T, n, Dh] and the run's positions [B, T]."""
+    rope = transformer.rope_tables(cfg, pos_ids)
+    unrotate = jax.vmap(lambda a: transformer.rotate(a, None if rope is None else (rope[0], -rope[1])))
     w = jnp.asarray(attn_mask, jnp.float32)
-    return {"q": _mean_abs(q, w), "k": _mean_abs(k, w),
+    return {"q": _mean_abs(unrotate(cache["head_q"]), w), "k": _mean_abs(unrotate(cache["head_k"]), w),
             "q_rope": _mean_abs(cache["head_q"], w), "k_rope": _mean_abs(cache["head_k"], w)}
 
 

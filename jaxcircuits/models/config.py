@@ -80,7 +80,9 @@ class ModelConfig:
     'rotary' (RoPE on queries and keys, parameters in `rope`); checkpoint: the HF ``model_type``
     whose tensor names the loaders read ('gpt2' | 'llama'); the forward never reads it.
     n_kv_heads < n_heads is grouped-query attention: query head q reads KV head
-    q // (n_heads // n_kv_heads), as in HF.
+    q // (n_heads // n_kv_heads), as in HF. parallel_residual: attention and MLP both read the
+    layer's input, x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J), instead of the MLP reading
+    x + attn(norm1(x)).
     """
 
     checkpoint: str
@@ -101,6 +103,7 @@ class ModelConfig:
     attn_bias: bool = False   # q/k/v biases
     o_bias: bool = False
     mlp_bias: bool = False
+    parallel_residual: bool = False
     rope: Optional[RopeConfig] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None

@@ -50,6 +50,12 @@ def param_dtype(dtype) -> np.dtype:
     return dt
 
 
+def norm_names(cfg: ModelConfig) -> tuple:
+    """The norms of a layer, as leaves of `params['layers']`: norm1 before attention, norm2 before
+    the MLP."""
+    return ("norm1", "norm2")
+
+
 def param_shapes(cfg: ModelConfig) -> Params:
     """The expected shape of every leaf, as a pytree of tuples in the layout above."""
     L, D, H, K, Dh, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head,
@@ -63,12 +69,11 @@ def param_shapes(cfg: ModelConfig) -> Params:
         return {"w": w, **({"b": b} if has_bias else {})}
 
     layers = {
-        "norm1": norm(L),
+        **{name: norm(L) for name in norm_names(cfg)},
         "q": proj((L, D, H, Dh), (L, H, Dh), cfg.attn_bias),
         "k": proj((L, D, K, Dh), (L, K, Dh), cfg.attn_bias),
         "v": proj((L, D, K, Dh), (L, K, Dh), cfg.attn_bias),
         "o": proj((L, H, Dh, D), (L, D), cfg.o_bias),
-        "norm2": norm(L),
         "up": proj((L, D, F), (L, F), cfg.mlp_bias),
         "down": proj((L, F, D), (L, D), cfg.mlp_bias),
     }

@@ -1,10 +1,13 @@
 """The forward pass of GPT-2 and Llama-family models as pure functions over a params pytree.
 
-One block function, parameterised by `ModelConfig`'s features, runs under one `jax.lax.scan` over
-the stacked layer params. The same code serves the plain run, the cached run (`collect`), the
-patched run (`intervention`), the KV-cached suffix run (`kv`, used by generation and by the
-patched fast paths in `jaxcircuits.engine.patching`) and the vmapped sweep. Each intervention site
-(`jaxcircuits.interventions.sites`) is one `hooks(name, x)` call at its place.
+The layer is `block.block`, run under one `jax.lax.scan` over the stacked layer params
+(`run_layers`); `run` adds the embeddings before it and the final norm after. What a run does at
+the block's named places is its `Tap`: the plain run (this module's `Tap`), the cached run
+(`collect`), the node-patched run (`interventions.sites.Intervention`), the edge-patched run
+(`interventions.edges`), the residual decomposition (`methods.dla`). The same code serves the
+KV-cached suffix run (`Context.kv`, used by generation and by the patched fast paths in
+`engine.patching`), queries at the last positions only (`Context.n_queries`), known head outputs
+(`Context.z`) and the vmapped sweep.
 
 Shapes: B batch, T query positions of this call, S key slots, D model width, H query heads,
 K KV heads, Dh head dim, F MLP width, V vocab, L layers of this call.
@@ -12,128 +15,66 @@ K KV heads, Dh head dim, F MLP width, V vocab, L layers of this call.
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxcircuits.models.block import (Attn, KVCache, LayerIO, attend, block, dense, mlp, named_norm, norm,
+                                      one_unit, project, rope_tables, rotate)
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.layers import ACTIVATIONS, NORMS
-from jaxcircuits.interventions.sites import CACHE_SITES, Intervention, LayerHooks, check_intervention
 
 Array = jax.Array
 Params = dict
+__all__ = ["Attn", "KVCache", "LayerIO", "attend", "block", "dense", "mlp", "norm", "project", "rope_tables",
+           "rotate", "Tap", "Context", "run_layers", "run", "forward_fn", "forward", "run_with_cache", "embed",
+           "final_norm", "logits_of", "unembed_matrix", "check_inputs", "default_positions", "attention_mask"]
+
+
+class Tap:
+    """What a run does at the block's places, as a pytree handed to the compiled run: `per_layer()`
+    is a pytree with leaves [L, ...] that the layer scan slices (None: nothing per layer), `init(x)`
+    the carry handed from layer to layer (given the embedded x [B, T, D]), `io(layer, carry, collect)`
+    the `LayerIO` of one layer (layer: its slice of per_layer()) or, with layer None, of the model's
+    top ('embed', 'logits'). This base class is the plain run; subclasses are `flax.struct`
+    dataclasses. `checked` validates a tap for a run of `batch` x `n_pos` before any work (`name`
+    prefixes its errors; `per_token`: it will patch one generated token at a time); `layers(start,
+    stop)` is the tap of layers [start, stop) (the patched fast paths)."""
+
+    def per_layer(self):
+        return None
+
+    def init(self, x: Array):
+        return None
+
+    def io(self, layer, carry, collect: Sequence[str]) -> LayerIO:
+        return LayerIO(collect, carry)
+
+    def checked(self, cfg: ModelConfig, batch: int, n_pos: int, name: str = "intervention",
+                per_token: bool = False) -> "Tap":
+        return self
+
+    def layers(self, start: int, stop: int) -> "Tap":
+        return self
+
+
+PLAIN = Tap()
 
 
 @struct.dataclass
-class KVCache:
-    """Keys and values k, v [L, B, S, K, Dh] of S slots; a call writes its T positions' keys and
-    values at slots write_index..write_index+T-1 and its queries attend to every slot up to theirs.
+class Context:
+    """What the layers of a call read besides x [B, T, D]: pos_ids [B, T] (RoPE); key_valid [B, S],
+    the key slots holding real tokens; kv, caches of S slots (`KVCache`; None: S = T, slot t holds
+    position t); z, head outputs [L, B, T, H, Dh] already known (their attention is skipped);
+    n_queries, only the last n_queries positions get queries and outputs (one layer only)."""
 
-    Or tuples of parts along the slot axis (e.g. a target's cached prefix shared by every patched
-    run, then a run's own keys), holding write_index slots in all: a call's keys are appended as a
-    last part and attention reads the parts where they lie, so a prefix shared across a vmapped
-    batch is never copied per run."""
-
-    k: Array
-    v: Array
-    write_index: int | Array = 0
-
-
-def norm(cfg: ModelConfig, p: dict, x: Array) -> Array:
-    """The config's norm (`layers.NORMS`) of x [..., D] with leaves `p`."""
-    return NORMS[cfg.norm].fn(p, x, cfg.norm_eps)
-
-
-def dense(p: dict, x: Array, spec: str) -> Array:
-    """einsum(spec, x, p['w']) + p['b'] (when present)."""
-    y = jnp.einsum(spec, x, p["w"])
-    return y + p["b"] if "b" in p else y
-
-
-def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Optional[Tuple[Array, Array]]:
-    """cos, sin [B, T, Dh/2] (float32) for integer positions `pos_ids` [B, T]; None without RoPE."""
-    if cfg.position_embedding != "rotary":
-        return None
-    inv = jnp.asarray(cfg.rope.inv_freq(cfg.d_head), jnp.float32)
-    ang = pos_ids.astype(jnp.float32)[..., None] * inv
-    return jnp.cos(ang), jnp.sin(ang)
-
-
-def rotate(x: Array, rope: Optional[Tuple[Array, Array]]) -> Array:
-    """HF's rotate-half RoPE on x [B, T, n, Dh] with cos/sin [B, T, Dh/2] (identity for None)."""
-    if rope is None:
-        return x
-    cos, sin = rope
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1).astype(x.dtype)
-
-
-def qkv(cfg: ModelConfig, p: dict, h: Array, rope, hooks: LayerHooks) -> Tuple[Array, Array, Array]:
-    """Per-head q [B, T, H, Dh] and k, v [B, T, K, Dh] of normed h [B, T, D], RoPE applied."""
-    q = hooks("head_q", rotate(dense(p["q"], h, "btd,dhe->bthe"), rope))
-    k = hooks("head_k", rotate(dense(p["k"], h, "btd,dke->btke"), rope))
-    v = hooks("head_v", dense(p["v"], h, "btd,dke->btke"))
-    return q, k, v
-
-
-def attend(cfg: ModelConfig, q: Array, k, v, allowed: Array, hooks: LayerHooks) -> Array:
-    """Softmax attention of q [B, T, H, Dh] over k, v [B, S, K, Dh] (or tuples of parts along S, read
-    in place) (GQA: query head h reads KV head h // n_groups) where allowed [B, T, S]: z [B, T, H, Dh]."""
-    B, T = q.shape[:2]
-    ks, vs = (k, v) if isinstance(k, tuple) else ((k,), (v,))
-    qg = q.reshape(B, T, cfg.n_kv_heads, cfg.n_groups, cfg.d_head)
-    scores = jnp.concatenate([jnp.einsum("btkge,bske->bkgts", qg, kp) for kp in ks], -1)
-    scores = scores.astype(jnp.float32).reshape(B, cfg.n_heads, T, -1) / math.sqrt(cfg.d_head)
-    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-    pattern = hooks("pattern", jax.nn.softmax(scores, axis=-1))
-    pg = pattern.astype(vs[0].dtype).reshape(B, cfg.n_kv_heads, cfg.n_groups, T, -1)
-    bounds = np.cumsum([0] + [vp.shape[1] for vp in vs])
-    z = [jnp.einsum("bkgts,bske->btkge", pg[..., a:b], vp) for a, b, vp in zip(bounds, bounds[1:], vs)]
-    return functools.reduce(jnp.add, z).reshape(B, T, cfg.n_heads, cfg.d_head)
-
-
-def self_attention(cfg: ModelConfig, p: dict, h: Array, rope, allowed: Array, kv: Optional[KVCache],
-                   hooks: LayerHooks) -> Array:
-    """Head outputs z [B, T, H, Dh] of normed h; with `kv` (one layer's), this call's keys and
-    values are written into it first. Records 'kv' (the layer's keys and values)."""
-    q, k, v = qkv(cfg, p, h, rope, hooks)
-    if kv is not None and isinstance(kv.k, tuple):
-        k, v = (*kv.k, k.astype(kv.k[0].dtype)), (*kv.v, v.astype(kv.v[0].dtype))
-    elif kv is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(kv.k, k.astype(kv.k.dtype), kv.write_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(kv.v, v.astype(kv.v.dtype), kv.write_index, axis=1)
-    hooks.record("kv", (k, v) if not isinstance(k, tuple) else (jnp.concatenate(k, 1), jnp.concatenate(v, 1)))
-    return attend(cfg, q, k, v, allowed, hooks)
-
-
-def attn_output(cfg: ModelConfig, p: dict, z: Array, hooks: LayerHooks) -> Array:
-    """o_proj of head outputs z [B, T, H, Dh]: [B, T, D]."""
-    out = hooks("attn_block", dense(p["o"], z, "bthe,hed->btd"))
-    return hooks("attn_out", out)
-
-
-def mlp(cfg: ModelConfig, p: dict, h: Array, hooks: LayerHooks) -> Array:
-    """MLP of normed h [B, T, D]: down(act(gate(h)) * up(h)) when gated, else down(act(up(h)))."""
-    act = ACTIVATIONS[cfg.activation]
-    up = dense(p["up"], h, "btd,df->btf")
-    hidden = act(dense(p["gate"], h, "btd,df->btf")) * up if cfg.gated_mlp else act(up)
-    return hooks("mlp_out", dense(p["down"], hooks("mlp_neuron", hidden), "btf,fd->btd"))
-
-
-def block(cfg: ModelConfig, p: dict, x: Array, heads: Callable[[Array], Array], hooks: LayerHooks) -> Array:
-    """One pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x)). `heads` maps normed h to the
-    head outputs z [B, T, H, Dh] (`self_attention`, or a cached z on a patched fast path)."""
-    x = hooks("resid_pre", x)
-    z = hooks("head_out", heads(norm(cfg, p["norm1"], x)))
-    x = x + attn_output(cfg, p, z, hooks)
-    return x + mlp(cfg, p, norm(cfg, p["norm2"], x), hooks)
+    pos_ids: Array
+    key_valid: Array
+    kv: Optional[KVCache] = None
+    z: Optional[Array] = None
+    n_queries: Optional[int] = struct.field(pytree_node=False, default=None)
 
 
 def attention_mask(key_valid: Array, n_queries: int, write_index: int | Array = 0) -> Array:
@@ -143,33 +84,72 @@ def attention_mask(key_valid: Array, n_queries: int, write_index: int | Array = 
     return (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :].astype(bool)
 
 
-def _scan_body(cfg, collect, rope, allowed, pos_w, write_index, x, per_layer):
-    """One layer of `run_layers`' scan: per_layer = (params_l, (k_l, v_l) or None, mask_l, source_l)."""
-    p, kv, mask_l, source_l = per_layer
-    hooks = LayerHooks(None if mask_l is None else Intervention(mask_l, source_l, pos_w), collect)
-    kv = None if kv is None else KVCache(*kv, write_index)
-    heads = functools.partial(self_attention, cfg, p, rope=rope, allowed=allowed, kv=kv, hooks=hooks)
-    return block(cfg, p, x, heads, hooks), hooks.cache
+def run_layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Optional[Tap] = None, carry=None,
+               collect: Sequence[str] = ()) -> Tuple[Array, object, Dict[str, Array]]:
+    """Run the stacked `layers` (any contiguous range of the model) over x [B, T, D] under `tap`
+    (its `per_layer()` leaves hold these layers), starting from `carry`.
 
-
-def run_layers(layers: dict, cfg: ModelConfig, x: Array, pos_ids: Array, key_valid: Array, *,
-               kv: Optional[KVCache] = None, intervention: Optional[Intervention] = None,
-               collect: Sequence[str] = ()) -> Tuple[Array, Dict[str, Array]]:
-    """Run the stacked `layers` (any contiguous range of the model) over x [B, T, D].
-
-    pos_ids [B, T]: positions (for RoPE). key_valid [B, S]: key slots that hold real tokens.
-    kv: optional caches of S slots (see `KVCache`); without kv, S = T and slot t holds position t.
-    intervention: mask and source leaves with a leading axis of this call's L layers; pos_w [B, T].
-    collect: per-layer sites to return, stacked [L, ...] (names in `sites.CACHE_SITES`).
-    Returns (x, {site: stacked activations}).
+    Returns (x [B, Tq, D], the tap's carry after the last layer, {name: [L, ...]} of the `collect`ed
+    names each layer records; a name no layer records is a ValueError).
     """
-    write_index = 0 if kv is None else kv.write_index
-    allowed = attention_mask(key_valid, x.shape[1], write_index)
-    mask_l, source_l, pos_w = (None, None, None) if intervention is None else (
-        intervention.mask, intervention.source, intervention.pos_w)
-    body = functools.partial(_scan_body, cfg, tuple(collect), rope_tables(cfg, pos_ids), allowed, pos_w,
-                             write_index)
-    return jax.lax.scan(body, x, (layers, None if kv is None else (kv.k, kv.v), mask_l, source_l))
+    x, carry, cache, names = _layers(layers, cfg, x, ctx, tap or PLAIN, carry, collect)
+    _check_collected(collect, cache, names)
+    return x, carry, cache
+
+
+def _layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Tap, carry, collect: Sequence[str]):
+    """`run_layers`, also returning the set of names the layers record (unchecked)."""
+    T = x.shape[1]
+    tq = ctx.n_queries or T
+    write_index = 0 if ctx.kv is None else ctx.kv.write_index
+    allowed = attention_mask(ctx.key_valid, tq, write_index + T - tq)
+    rope = rope_tables(cfg, ctx.pos_ids)
+    names = set()
+
+    def body(state, xs):
+        x, carry = state
+        p, kv, z, layer = xs
+        io = tap.io(layer, carry, collect)
+        x = block(cfg, p, x, io, Attn(rope, allowed, None if kv is None else KVCache(*kv, write_index), z, ctx.n_queries))
+        names.update(io.names)
+        return (x, io.carry), io.cache
+
+    xs = (layers, None if ctx.kv is None else (ctx.kv.k, ctx.kv.v), ctx.z, tap.per_layer())
+    if tq == T:
+        (x, carry), cache = jax.lax.scan(body, (x, carry), xs)
+    else:                                   # the output has fewer positions than the input: no scan carry
+        n_layers = jax.tree.leaves(layers)[0].shape[0]
+        if n_layers != 1:
+            raise ValueError(f"n_queries={tq} < {T} positions needs one layer, got {n_layers}")
+        (x, carry), cache = body((x, carry), jax.tree.map(lambda a: a[0], xs))
+        cache = jax.tree.map(lambda a: a[None], cache)
+    return x, carry, cache, names
+
+
+def _check_collected(collect: Sequence[str], cache: dict, known) -> None:
+    """ValueError naming what `collect` asks for that the run does not record (at trace time)."""
+    unknown = sorted(set(collect) - set(cache) - set(known) - {"*"})
+    if unknown:
+        raise ValueError(f"unknown cache site(s) {unknown}; a run records {sorted(known)}")
+
+
+def run(params: Params, cfg: ModelConfig, tokens: Array, ctx: Context, tap: Optional[Tap] = None,
+        collect: Sequence[str] = (), n_out: Optional[int] = None):
+    """The whole model on tokens [B, T] under `tap`: (final-normed hidden states [B, n, D] of the last
+    n = n_out positions (all when None), the cache of the `collect`ed names (per layer stacked
+    [L, B, ...]; 'resid_final', 'final_norm' [B, T | n, D]), the tap's final carry)."""
+    tap = tap or PLAIN
+    x = embed(params, cfg, tokens, ctx.pos_ids)
+    bottom = tap.io(None, tap.init(x), collect)
+    x = bottom.write("embed", one_unit(x))
+    x, carry, cache, names = _layers(params["layers"], cfg, x, ctx, tap, bottom.carry, collect)
+    top = tap.io(None, carry, collect)
+    top.record("resid_final", x)
+    h = top.read("logits", x, lambda x: named_norm(cfg, params, "final_norm", x if n_out is None else x[:, -n_out:], top))
+    top.record("final_norm", h)
+    cache = {**cache, **bottom.cache, **top.cache}
+    _check_collected(collect, cache, names | bottom.names | top.names)
+    return h, cache, top.carry
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: Array, pos_ids: Array) -> Array:
@@ -181,6 +161,7 @@ def embed(params: Params, cfg: ModelConfig, tokens: Array, pos_ids: Array) -> Ar
 
 
 def final_norm(params: Params, cfg: ModelConfig, x: Array) -> Array:
+    """The final norm of x [..., D]."""
     return norm(cfg, params["final_norm"], x)
 
 
@@ -259,27 +240,20 @@ def check_frozen_norms(params: Params, shape: Tuple[int, int]) -> None:
 
 
 def forward_fn(params: Params, cfg: ModelConfig, tokens: Array, attn_mask: Optional[Array] = None,
-               pos_ids: Optional[Array] = None, intervention: Optional[Intervention] = None,
+               pos_ids: Optional[Array] = None, intervention: Optional[Tap] = None,
                collect: Tuple[str, ...] = (), return_logits: bool = True):
     """Full forward: tokens [B, T] -> (logits [B, T, V] float32 or None, cache).
 
     attn_mask [B, T] (1 = real token; left padding): defaults to all ones; pos_ids default to
-    `default_positions(attn_mask)`. cache holds the `collect`ed sites (per-layer ones stacked
-    [L, B, ...]; 'resid_final' and 'final_norm' [B, T, D]).
+    `default_positions(attn_mask)`. intervention: a `Tap` (e.g. `sites.Intervention`). cache holds
+    the `collect`ed entries (per-layer ones stacked [L, B, ...]; 'resid_final' and 'final_norm'
+    [B, T, D]).
     """
-    unknown = set(collect) - set(CACHE_SITES)
-    if unknown:
-        raise ValueError(f"unknown cache site(s) {sorted(unknown)}; known: {CACHE_SITES}")
     if attn_mask is None:
         attn_mask = jnp.ones(tokens.shape, jnp.int32)
     if pos_ids is None:
         pos_ids = default_positions(attn_mask)
-    x = embed(params, cfg, tokens, pos_ids)
-    after = ("resid_final", "final_norm")
-    x, cache = run_layers(params["layers"], cfg, x, pos_ids, attn_mask, intervention=intervention,
-                          collect=tuple(s for s in collect if s not in after))
-    h = final_norm(params, cfg, x)
-    cache.update({k: v for k, v in zip(after, (x, h)) if k in collect})
+    h, cache, _ = run(params, cfg, tokens, Context(pos_ids, attn_mask), intervention, collect)
     return (logits_of(params, h) if return_logits else None), cache
 
 
@@ -287,19 +261,20 @@ _forward = jax.jit(forward_fn, static_argnames=("cfg", "collect", "return_logits
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None,
-            intervention: Optional[Intervention] = None, collect: Sequence[str] = (), return_logits: bool = True):
+            intervention: Optional[Tap] = None, collect: Sequence[str] = (), return_logits: bool = True):
     """`forward_fn`, compiled once per (cfg, shapes, collect, return_logits), after checking its
-    inputs on the host (`check_inputs`; `sites.check_intervention`, which also selects the source
-    to the mask's footprint). Inside a trace only shapes are checked."""
+    inputs on the host (`check_inputs`; the intervention's `Tap.checked`, which for an `Intervention`
+    also selects the source to the mask's footprint). Inside a trace only shapes are checked."""
     tokens, attn_mask, pos_ids = check_inputs(cfg, tokens, attn_mask, pos_ids)
     check_frozen_norms(params, tokens.shape)
     if intervention is not None:
-        intervention = check_intervention(intervention, cfg, *tokens.shape)
+        intervention = intervention.checked(cfg, *tokens.shape)
     return _forward(params, cfg, tokens, attn_mask, pos_ids, intervention, collect=tuple(collect),
                     return_logits=return_logits)
 
 
 def run_with_cache(params: Params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None,
-                   sites: Sequence[str] = CACHE_SITES):
-    """Plain run returning (logits [B, T, V], cache of `sites`), inputs checked (`forward`)."""
+                   sites: Sequence[str] = ("*",)):
+    """Plain run returning (logits [B, T, V], cache of `sites`; '*': every entry the run records),
+    inputs checked (`forward`)."""
     return forward(params, cfg, tokens, attn_mask, pos_ids, collect=tuple(sites))

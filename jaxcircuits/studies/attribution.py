@@ -26,7 +26,7 @@ from jaxcircuits.interventions import positions as P
 from jaxcircuits.methods.attribution import attribution_patching, integrated_gradients
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.reports.report import Report, table
 from jaxcircuits.interventions.sites import unit_label
 from jaxcircuits.studies.common import OptionError, load_model, unpatched_metric

@@ -9,7 +9,7 @@ the metric when that unit alone is patched (higher = keep it first):
   eap      attribution patching: minus the gradient of the mean metric w.r.t. the unit's mask at 0
            (at head level the node-level `attribution.attribution_patching` of `head_out`)
   eap_ig   the same with integrated gradients from nothing to everything patched
-           (at edge level these are `attribution.edge_attribution_patching` / `edge_integrated_gradients`)
+           (at edge level, of site 'edges')
 A ranking's circuits are its top-k units. 'learned' trains masks instead (`learned.learn`, one
 binary circuit per sparsity penalty).
 """
@@ -26,11 +26,12 @@ from absl import logging
 
 from jaxcircuits.stats import analysis
 from jaxcircuits.methods import attribution, circuits, learned
-from jaxcircuits.interventions import edges
+from jaxcircuits.interventions import edges, sites
 from jaxcircuits.reports import plots
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.reports.report import Report, table
 from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.studies.common import OptionError, check_layers, load_model, unpatched_metric
@@ -48,7 +49,7 @@ class Options:
     model: str
     dtype: str
     task: str
-    level: str                      # a key of circuits.LEVELS
+    level: str                      # a key of sites.LEVELS
     methods: Tuple[str, ...]        # of METHODS; () = the level's DEFAULT_METHODS
     layer: int                      # ground-truth pool: the heads of this layer; -1 = the layer that matters most
     criterion: str                  # an analysis.Criterion over faithfulness, e.g. 'recovery>=0.8'
@@ -92,11 +93,11 @@ def _eap_ig_head(model, problem, base, opts):
 
 
 def _eap_edge(model, problem, base, opts):
-    return -attribution.edge_attribution_patching(model.params, model.cfg, problem)
+    return -attribution.attribution_patching(model.params, model.cfg, problem, "edges")
 
 
 def _eap_ig_edge(model, problem, base, opts):
-    return -attribution.edge_integrated_gradients(model.params, model.cfg, problem, steps=opts.ig_steps)
+    return -attribution.integrated_gradients(model.params, model.cfg, problem, "edges", steps=opts.ig_steps)
 
 
 # method -> {level: importance(model, problem, baselines, opts) -> [U]}
@@ -138,8 +139,8 @@ def check_flags(opts: Options) -> None:
     """The options that need no model (OptionError naming the flag)."""
     if opts.task not in TASKS:
         raise OptionError(f"--task={opts.task}: known tasks are {sorted(TASKS)}")
-    if opts.level not in circuits.LEVELS:
-        raise OptionError(f"--level={opts.level}: known levels are {sorted(circuits.LEVELS)}")
+    if opts.level not in sites.LEVELS:
+        raise OptionError(f"--level={opts.level}: known levels are {sorted(sites.LEVELS)}")
     for m in opts.methods:
         if m not in METHODS:
             raise OptionError(f"--method={m}: known methods are {', '.join(METHODS)}")
@@ -170,7 +171,7 @@ def _problem(model, opts: Options):
     aligned to it, all positions, the source run's metric)."""
     task, metric = TASKS[opts.task](model, opts)
     _, cache = run_with_cache(model.params, model.cfg, task.target_ids, jnp.asarray(task.target_mask),
-                              sites=circuits.get_level(opts.level).source)
+                              sites=sites.level(opts.level).source)
     pos_map = P.right_aligned(task.source_mask, task.target_mask)
     problem = PatchingProblem.make(target_run(model.params, model.cfg, task.source_ids, task.source_mask),
                                    P.align(cache, pos_map), P.weights("all", pos_map), metric)
@@ -230,7 +231,7 @@ def run(opts: Options) -> str:
     full = unpatched_metric(model, task.source_ids, task.source_mask, problem.metric)
     corrupted = unpatched_metric(model, task.target_ids, task.target_mask, problem.metric)
     base = {"full": float(full.mean()), "corrupted": float(corrupted.mean())}
-    labels = circuits.get_level(opts.level).labels(cfg)
+    labels = sites.level(opts.level).labels(cfg)
 
     logging.info("circuit: %s over %d %s units", ", ".join(methods), len(labels), opts.level)
     sizes = circuits.curve_sizes(len(labels), opts.max_size, opts.n_points)

@@ -23,9 +23,10 @@ from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions import sites
 from jaxcircuits.engine import subsets as S
 from jaxcircuits.tasks.formats import encode_prompt
-from jaxcircuits.models.generate import decode_intervention, source_at_position
+from jaxcircuits.interventions.positions import decode_intervention, source_at_position
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, run_masks, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.studies.common import OptionError, check_layers, load_model, unpatched_metric

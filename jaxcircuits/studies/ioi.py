@@ -19,7 +19,7 @@ from jaxcircuits.reports import plots
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions.ablation import mean_source
 from jaxcircuits.methods.attribution import attribution_patching
-from jaxcircuits.engine.patching import PatchingProblem
+from jaxcircuits.interventions.problem import PatchingProblem
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.interventions.sites import unit_label
 from jaxcircuits.studies.common import OptionError, load_model, unpatched_metric

@@ -21,7 +21,7 @@ from jaxcircuits.interventions import sites
 from jaxcircuits.engine import subsets as S
 from jaxcircuits.interventions.metrics import LogitDiff, pad_ids
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.studies.common import OptionError, TaskBatches, check_layers, load_model, unpatched_metric
 from jaxcircuits.tasks import decimals as D

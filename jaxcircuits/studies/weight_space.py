@@ -35,7 +35,7 @@ from jaxcircuits.methods import folding
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.methods import weight_space as ws
 from jaxcircuits.models import transformer
-from jaxcircuits.engine.patching import PatchingProblem, target_run
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.reports.report import Report, table
 from jaxcircuits.interventions.sites import Mask, transform_key, unit_label
 from jaxcircuits.studies.common import OptionError, load_model

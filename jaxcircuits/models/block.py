@@ -1,0 +1,246 @@
+"""The transformer layer, written once.
+
+`block` says how a layer computes, top to bottom like the math. Every place where a run may watch
+or change the layer is a call on the run's `LayerIO`:
+
+  io.site(name, x)         a node site (`interventions.sites`): 'resid_pre', 'head_q', 'head_k',
+                           'head_v', 'pattern', 'head_out', 'attn_block', 'attn_out', 'mlp_neuron',
+                           'mlp_out'; returns the activation as this run has it (patched, recorded)
+  io.read(group, x, f)     a receiver group reads the residual stream x [B, T, D] through f: the
+                           query heads 'q', the key and value heads 'k', 'v', the MLP 'mlp' (and,
+                           at the model's top, the unembedding 'logits'). f maps x to the group's
+                           value [B, T, U, ...] (U units) and, given one input per unit
+                           [U, B, T, D], maps unit u's input to unit u's value
+  io.write(group, parts)   a sender group adds `Parts.total` to the residual stream: the heads
+                           'heads', the MLP 'mlp' (at the top, the embeddings 'embed'); `Parts`
+                           splits the total into each unit's share
+  io.record(name, value)   a value a run may keep: 'kv', and each norm's input scale 'scale:<norm>'
+
+`LayerIO` itself is the plain run (nothing changes; collected names are kept). The node-patched
+run (`interventions.sites.Intervention`), the edge-patched run (`interventions.edges`) and the
+residual decomposition (`methods.dla`) are other implementations, chosen by the caller; fast paths
+(a KV-cached prefix, queries at the last positions only, head outputs already known) are fields
+of the attention context `Attn`, not branches in the block. Model features (`ModelConfig`) are
+read here and in `layers.py`, nowhere else.
+
+Shapes: B batch, T positions of this call (the last Tq of them with queries), S key slots, D model
+width, H query heads, K KV heads, Dh head dim, F MLP width, U units of a group.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.layers import ACTIVATIONS, NORMS, norm_input_scale
+
+Array = jax.Array
+
+
+class Parts(NamedTuple):
+    """A sender group's write to the residual stream: total [B, T, D] = sum_u of(act)[u] + const,
+    with act the units' activation (positions on axis 1), of(act) -> [U, B, T, D] each unit's share
+    (linear in act) and const [D] (or None) the part that belongs to no unit."""
+
+    total: Array
+    act: Array
+    of: Callable[[Array], Array]
+    const: Optional[Array] = None
+
+
+def one_unit(x: Array) -> Parts:
+    """The write of a group that is one unit (the MLP, the embeddings): x [B, T, D] itself."""
+    return Parts(x, x, lambda a: a[None])
+
+
+class LayerIO:
+    """The plain run at the places of one layer (or, with layer None, of the model's top): sites and
+    reads pass through, writes add their total. A name the run `collect`s ('*': every name) is kept
+    in `cache`; `carry` is what the run hands to the next layer (`transformer.Tap`); `names` holds
+    every name recorded."""
+
+    def __init__(self, collect: Sequence[str] = (), carry=None):
+        self.collect, self.carry = tuple(collect), carry
+        self.cache: Dict[str, Array] = {}
+        self.names: set = set()
+
+    def site(self, name: str, x: Array) -> Array:
+        self.record(name, x)
+        return x
+
+    def read(self, group: str, x: Array, f: Callable[[Array], Array]) -> Array:
+        return f(x)
+
+    def write(self, group: str, parts: Parts) -> Array:
+        return parts.total
+
+    def record(self, name: str, value) -> None:
+        """Keep `value` (or `value()`, when callable: computed only if kept) as `name`, if collected
+        (the first value recorded under a name stands)."""
+        self.names.add(name)
+        if (name in self.collect or "*" in self.collect) and name not in self.cache:
+            self.cache[name] = value() if callable(value) else value
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values k, v [L, B, S, K, Dh] of S slots; a call writes its T positions' keys and
+    values at slots write_index..write_index+T-1 and its queries attend to every slot up to theirs.
+
+    Or tuples of parts along the slot axis (e.g. a target's cached prefix shared by every patched
+    run), holding write_index slots in all: a call's keys are appended as a last part and attention
+    reads the parts where they lie, so a prefix shared across a vmapped batch is never copied."""
+
+    k: Array
+    v: Array
+    write_index: int | Array = 0
+
+
+@struct.dataclass
+class Attn:
+    """One layer's attention context: rope, cos and sin [B, T, Dh/2] of the call's positions (None
+    without RoPE); allowed [B, Tq, S], the key slots each query reads; kv, this layer's `KVCache`
+    (None: the call's own keys, S = T); z, head outputs [B, Tq, H, Dh] already known (attention is
+    then not computed); n_queries, Tq (None: every position has a query)."""
+
+    rope: Optional[Tuple[Array, Array]]
+    allowed: Array
+    kv: Optional[KVCache] = None
+    z: Optional[Array] = None
+    n_queries: Optional[int] = struct.field(pytree_node=False, default=None)
+
+
+# ---- the layer ------------------------------------------------------------------------------------
+
+def block(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Array:
+    """One layer on x [B, T, D] -> [B, Tq, D]:
+
+        a = attn(norm1(x));  x + a + mlp(norm2(x + a))          sequential (GPT-2, Llama)
+        a = attn(norm1(x));  x + a + mlp(norm2(x))              cfg.parallel_residual (GPT-NeoX, GPT-J)
+    """
+    x = io.site("resid_pre", x)
+    z = io.site("head_out", attention(cfg, p, x, io, att) if att.z is None else att.z)
+    x = x[:, x.shape[1] - z.shape[1]:]                                   # the positions with queries
+    a = io.write("heads", attn_output(cfg, p, z, io))
+    mlp_in = x if cfg.parallel_residual else x + a
+    m = io.write("mlp", one_unit(io.read("mlp", mlp_in, lambda h: mlp(cfg, p, h, io))))
+    return x + a + m
+
+
+def same_layer_reads(cfg: ModelConfig) -> Dict[str, Tuple[str, ...]]:
+    """{receiver group: the sender groups of its own layer whose writes it reads}, as `block` wires
+    them (a receiver reads every write of earlier layers; the edge graph reads this table)."""
+    return {"q": (), "k": (), "v": (), "mlp": () if cfg.parallel_residual else ("heads",)}
+
+
+def attention(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Array:
+    """Head outputs z [B, Tq, H, Dh] of the layer input x [B, T, D]: keys and values of all T
+    positions (after the cache's, `att.kv`), queries of the last Tq."""
+    normed = lambda h: named_norm(cfg, p, "norm1", h, io)
+    k = io.site("head_k", rotate(io.read("k", x, lambda h: project(p["k"], normed(h))), att.rope))
+    v = io.site("head_v", io.read("v", x, lambda h: project(p["v"], normed(h))))
+    tq = att.n_queries or x.shape[1]
+    rope_q = None if att.rope is None else tuple(a[:, a.shape[1] - tq:] for a in att.rope)
+    q = io.site("head_q", rotate(io.read("q", x[:, x.shape[1] - tq:], lambda h: project(p["q"], normed(h))), rope_q))
+    k, v = _with_cache(att.kv, k, v)
+    io.record("kv", lambda: (k, v) if not isinstance(k, tuple) else (jnp.concatenate(k, 1), jnp.concatenate(v, 1)))
+    return attend(cfg, q, k, v, att.allowed, io)
+
+
+def attn_output(cfg: ModelConfig, p: dict, z: Array, io: LayerIO) -> Parts:
+    """The attention's write: o_proj(z) [B, Tq, D] (sites 'attn_block', 'attn_out'); head h's share
+    z_h W_O[h], the o_proj bias shared by none."""
+    out = io.site("attn_out", io.site("attn_block", dense(p["o"], z, "bthe,hed->btd")))
+    return Parts(out, z, lambda z: jnp.einsum("bthe,hed->hbtd", z, p["o"]["w"]), p["o"].get("b"))
+
+
+def mlp(cfg: ModelConfig, p: dict, x: Array, io: LayerIO) -> Array:
+    """MLP of the residual x [B, T, D]: down(act(gate(h)) * up(h)) when gated, else down(act(up(h))),
+    h = norm2(x); sites 'mlp_neuron' (the down-projection's input) and 'mlp_out'."""
+    h = named_norm(cfg, p, "norm2", x, io)
+    act = ACTIVATIONS[cfg.activation]
+    up = dense(p["up"], h, "btd,df->btf")
+    hidden = act(dense(p["gate"], h, "btd,df->btf")) * up if cfg.gated_mlp else act(up)
+    return io.site("mlp_out", dense(p["down"], io.site("mlp_neuron", hidden), "btf,fd->btd"))
+
+
+# ---- pieces -------------------------------------------------------------------------------------
+
+def norm(cfg: ModelConfig, p: dict, x: Array) -> Array:
+    """The config's norm (`layers.NORMS`) of x [..., T, D] with leaves `p`."""
+    return NORMS[cfg.norm].fn(p, x, cfg.norm_eps)
+
+
+def named_norm(cfg: ModelConfig, p: dict, name: str, x: Array, io: LayerIO) -> Array:
+    """`norm` with leaves p[name]; `io` records its input scale [..., T, 1] as 'scale:<name>' (what
+    `methods.dla.freeze_norms` fixes)."""
+    io.record(f"scale:{name}", lambda: norm_input_scale(cfg.norm, x, cfg.norm_eps))
+    return norm(cfg, p[name], x)
+
+
+def dense(p: dict, x: Array, spec: str) -> Array:
+    """einsum(spec, x, p['w']) + p['b'] (when present)."""
+    y = jnp.einsum(spec, x, p["w"])
+    return y + p["b"] if "b" in p else y
+
+
+def project(p: dict, h: Array) -> Array:
+    """Per-head projection [B, T, U, Dh] (p['w'] [D, U, Dh]) of normed h: [B, T, D], read by every
+    head, or [U, B, T, D], head u reading row u."""
+    return dense(p, h, "btd,due->btue" if h.ndim == 3 else "ubtd,due->btue")
+
+
+def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Optional[Tuple[Array, Array]]:
+    """cos, sin [B, T, Dh/2] (float32) for integer positions `pos_ids` [B, T]; None without RoPE."""
+    if cfg.position_embedding != "rotary":
+        return None
+    inv = jnp.asarray(cfg.rope.inv_freq(cfg.d_head), jnp.float32)
+    ang = pos_ids.astype(jnp.float32)[..., None] * inv
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def rotate(x: Array, rope: Optional[Tuple[Array, Array]]) -> Array:
+    """HF's rotate-half RoPE on x [B, T, n, Dh] with cos/sin [B, T, Dh/2] (identity for None; the
+    inverse rotation is (cos, -sin))."""
+    if rope is None:
+        return x
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1).astype(x.dtype)
+
+
+def _with_cache(kv: Optional[KVCache], k: Array, v: Array):
+    """This call's keys and values with the layer's cache: written into it at write_index, or
+    appended as a last part; unchanged without a cache."""
+    if kv is None:
+        return k, v
+    if isinstance(kv.k, tuple):
+        return (*kv.k, k.astype(kv.k[0].dtype)), (*kv.v, v.astype(kv.v[0].dtype))
+    put = lambda c, a: jax.lax.dynamic_update_slice_in_dim(c, a.astype(c.dtype), kv.write_index, axis=1)
+    return put(kv.k, k), put(kv.v, v)
+
+
+def attend(cfg: ModelConfig, q: Array, k, v, allowed: Array, io: LayerIO) -> Array:
+    """Softmax attention of q [B, T, H, Dh] over k, v [B, S, K, Dh] (or tuples of parts along S, read
+    in place) (GQA: query head h reads KV head h // n_groups) where allowed [B, T, S]: z [B, T, H, Dh];
+    site 'pattern'."""
+    B, T = q.shape[:2]
+    ks, vs = (k, v) if isinstance(k, tuple) else ((k,), (v,))
+    qg = q.reshape(B, T, cfg.n_kv_heads, cfg.n_groups, cfg.d_head)
+    scores = jnp.concatenate([jnp.einsum("btkge,bske->bkgts", qg, kp) for kp in ks], -1)
+    scores = scores.astype(jnp.float32).reshape(B, cfg.n_heads, T, -1) / math.sqrt(cfg.d_head)
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+    pattern = io.site("pattern", jax.nn.softmax(scores, axis=-1))
+    pg = pattern.astype(vs[0].dtype).reshape(B, cfg.n_kv_heads, cfg.n_groups, T, -1)
+    bounds = np.cumsum([0] + [vp.shape[1] for vp in vs])
+    z = [jnp.einsum("bkgts,bske->btkge", pg[..., a:b], vp) for a, b, vp in zip(bounds, bounds[1:], vs)]
+    return functools.reduce(jnp.add, z).reshape(B, T, cfg.n_heads, cfg.d_head)

@@ -1,0 +1,168 @@
+"""Every way of running the one block agrees with every other, for each model feature.
+
+The same checks run over the block's features (`ModelConfig`): GPT-2 (LayerNorm, learned positions,
+biases), Llama with GQA (RMSNorm, RoPE, gated MLP), and the parallel block of GPT-NeoX / GPT-J
+(`parallel_residual`: attention and MLP both read the layer's input), which changes the block's
+shape (its MLP no longer reads its own heads). That feature is a config field, one line of
+`models.block.block` and its row of `block.same_layer_reads`; nothing else in the package knows it,
+and these checks pass for it unchanged:
+
+  edges: every edge out of a node = the node patch    patched runs: vmapped = looped, the fast
+  suffix path (from the cached z, KV-cached prefix, last layer's queries only) = the full recompute
+  DLA: the components sum to the logit difference     frozen norms: the plain run on the reference
+  gradients (node and edge masks) = finite differences
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcircuits as jc
+from jaxcircuits.engine.patching import patched_metric, run_masks
+from jaxcircuits.interventions import edges, sites
+from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.metrics import LogitDiff
+from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.interventions.sites import Intervention, Mask
+from jaxcircuits.methods import attribution, dla
+from jaxcircuits.models import transformer as M
+from jaxcircuits.models.block import LayerIO
+from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.params import init_params
+from tests.conftest import random_tokens
+
+GPT2 = dict(model_type="gpt2", n_embd=32, n_layer=3, n_head=4, n_positions=32, vocab_size=53)
+LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=53, max_position_embeddings=64, tie_word_embeddings=False)
+FEATURES = {
+    "gpt2": (GPT2, {}),
+    "llama_gqa": (LLAMA, {}),
+    "parallel_gpt2": (GPT2, {"parallel_residual": True}),
+    "parallel_llama_gqa": (LLAMA, {"parallel_residual": True}),
+}
+B, T = 2, 6
+GOOD, BAD = np.array([[5], [6]]), np.array([[7], [9]])
+
+
+@pytest.fixture(scope="module", params=list(FEATURES))
+def model(request):
+    """(name, cfg, params, problem): a random model with the feature, a target and a source run, a
+    logit difference at the last position, every position patched."""
+    hf, features = FEATURES[request.param]
+    cfg = dataclasses.replace(ModelConfig.from_hf(hf), **features)
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.2)
+    tgt, src = random_tokens(1, B, T, cfg.vocab_size), random_tokens(2, B, T, cfg.vocab_size)
+    _, cache = jc.run_with_cache(params, cfg, src, sites=("resid_pre", "head_out", "mlp_out"))
+    metric = LogitDiff(good=jnp.asarray(GOOD), bad=jnp.asarray(BAD))
+    problem = PatchingProblem.make(target_run(params, cfg, tgt), cache, np.ones((B, T), np.float32), metric)
+    return request.param, cfg, params, problem
+
+
+def test_parallel_block_wiring_by_hand(model):
+    """x_next = x + attn_out + mlp_out, with the MLP reading the layer's input (parallel) or x + attn_out."""
+    name, cfg, params, problem = model
+    _, c = jc.run_with_cache(params, cfg, problem.target.tokens, sites=("resid_pre", "attn_out", "mlp_out"))
+    for l in range(cfg.n_layers - 1):
+        x, a, m = (np.asarray(c[k][l]) for k in ("resid_pre", "attn_out", "mlp_out"))
+        np.testing.assert_allclose(np.asarray(c["resid_pre"][l + 1]), x + a + m, atol=1e-5)
+        p = jax.tree.map(lambda w: w[l], params["layers"])
+        mlp_in = x if cfg.parallel_residual else x + a
+        np.testing.assert_allclose(np.asarray(M.mlp(cfg, p, jnp.asarray(mlp_in), LayerIO())), m, atol=1e-5)
+    assert EDGE_MLP_READS_HEADS[name] == edges.EdgeGraph.of(cfg).mlp_reads_heads
+
+
+EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_gpt2": False, "parallel_llama_gqa": False}
+
+
+def test_every_edge_out_of_a_node_is_the_node_patch(model):
+    _, cfg, params, problem = model
+    graph = edges.EdgeGraph.of(cfg)
+    L, H = cfg.n_layers, cfg.n_heads
+    nodes = {"L0H1": Mask(head_out=jnp.zeros((L, H)).at[0, 1].set(1.0)),
+             "L1MLP": Mask(mlp_out=jnp.zeros(L).at[1].set(1.0)),
+             "embed": Mask(resid_pre=jnp.zeros(L).at[0].set(1.0))}
+    for sender, node in nodes.items():
+        got = patched_metric(params, cfg, problem, Mask(edges=graph.path_mask([sender], list(graph.receiver_labels))))
+        want = patched_metric(params, cfg, problem, node)
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=sender)
+        assert np.abs(np.asarray(want) - np.asarray(_plain(params, cfg, problem))).max() > 1e-3, sender
+
+
+def _plain(params, cfg, problem):
+    _, c = jc.forward(params, cfg, problem.target.tokens, collect=("final_norm",), return_logits=False)
+    return problem.metric(params, c["final_norm"][:, -1:])
+
+
+def _full_recompute(params, cfg, problem, mask):
+    """The metric of `mask` by the plain forward over every layer and position (no fast path)."""
+    iv = Intervention(mask, problem.source, problem.pos_w)
+    _, c = jc.forward(params, cfg, problem.target.tokens, intervention=iv, collect=("final_norm",), return_logits=False)
+    return np.asarray(problem.metric(params, c["final_norm"][:, -problem.metric.n_positions:]))
+
+
+@pytest.mark.parametrize("where", ["all", "last:2"])
+def test_fast_paths_and_vmap_equal_the_full_recompute(model, where):
+    """run_masks (vmapped; from layer 1's cached z or its input, KV-cached prefix, the last layer's
+    queries at the metric's position only) = one full forward per mask."""
+    _, cfg, params, problem = model
+    problem = problem.replace(pos_w=jnp.asarray(P.select(where, np.ones((B, T)))))
+    rng = np.random.RandomState(0)
+    L, H = cfg.n_layers, cfg.n_heads
+    heads = np.zeros((4, L, H), np.float32)
+    heads[:, 1] = rng.uniform(0, 1, (4, H)) * (rng.uniform(0, 1, (4, H)) < 0.7)
+    for masks in (Mask(head_out=heads), Mask(head_out=heads, mlp_out=np.eye(L, dtype=np.float32)[[1, 2, 2, 1]])):
+        got = run_masks(params, cfg, problem, masks, chunk_size=3, shard=False)
+        for i in range(4):
+            want = _full_recompute(params, cfg, problem, jax.tree.map(lambda a: a[i], masks))
+            np.testing.assert_allclose(got[i], want, atol=2e-5)
+        assert np.ptp(got, axis=0).max() > 1e-3
+
+
+def test_dla_components_sum_to_the_logit_difference(model):
+    _, cfg, params, problem = model
+    toks = problem.target.tokens
+    direction = dla.answer_direction(params, GOOD, BAD)
+    out = dla.direct_logit_attribution(params, cfg, toks, direction=direction)
+    logits = np.asarray(jc.forward(params, cfg, toks)[0])[:, -1]
+    np.testing.assert_allclose(out["total"][:, 0], logits[[0, 1], GOOD[:, 0]] - logits[[0, 1], BAD[:, 0]], atol=1e-4)
+    comps = dla.decompose(params, cfg, toks, positions=(-1,))
+    np.testing.assert_allclose(comps.total(), comps.final, atol=1e-4)
+
+
+def test_frozen_norms_equal_the_plain_run_on_the_reference(model):
+    _, cfg, params, problem = model
+    toks = problem.target.tokens
+    frozen = dla.freeze_norms(params, cfg, toks)
+    np.testing.assert_allclose(np.asarray(jc.forward(frozen, cfg, toks)[0]), np.asarray(jc.forward(params, cfg, toks)[0]),
+                               atol=1e-4)
+    other = random_tokens(3, B, T, cfg.vocab_size)
+    assert np.abs(np.asarray(jc.forward(frozen, cfg, other)[0]) - np.asarray(jc.forward(params, cfg, other)[0])).max() > 1e-3
+
+
+def _finite_difference(f, f0, eps=1e-2):
+    """Second-order one-sided difference of f(a) at 0, f0 = f(0)."""
+    return (4 * (f(eps) - f0) - (f(2 * eps) - f0)) / (2 * eps)
+
+
+def test_gradients_equal_finite_differences(model):
+    """Attribution patching of head outputs and of edges (the custom VJP) = finite differences of the
+    exact patched metric, for the three units / edges of largest gradient."""
+    _, cfg, params, problem = model
+    mean = lambda mask: float(np.asarray(patched_metric(params, cfg, problem, mask)).mean())
+    plain = float(np.asarray(_plain(params, cfg, problem)).mean())
+    heads = attribution.attribution_patching(params, cfg, problem, "head_out")
+    for l, h in np.argwhere(np.abs(heads) >= np.sort(np.abs(heads).ravel())[-3]):
+        unit = jnp.zeros(heads.shape).at[l, h].set(1.0)
+        fd = _finite_difference(lambda a: mean(Mask(head_out=a * unit)), plain)
+        np.testing.assert_allclose(heads[l, h], fd, rtol=3e-2, atol=2e-4)
+    graph = edges.EdgeGraph.of(cfg)
+    eap = attribution.attribution_patching(params, cfg, problem, sites.EDGES)
+    for e in np.argsort(-np.abs(eap))[:3]:
+        one = np.zeros(graph.n_edges, np.float32)
+        one[e] = 1.0
+        fd = _finite_difference(lambda a: mean(Mask(edges=graph.unflat(a * one))), plain)
+        np.testing.assert_allclose(eap[e], fd, rtol=3e-2, atol=2e-4, err_msg=str(graph.edges[e]))
+    assert np.abs(eap).max() > 1e-2
