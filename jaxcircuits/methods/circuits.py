@@ -9,7 +9,7 @@ faithfulness is
 
 with m the mean metric over prompts, m(full) the unpatched target run (every unit kept) and
 m(none) the run with every unit patched: 1 = the circuit alone carries the model's behaviour,
-0 = no better than nothing kept. This is `analysis.recovery` with source = m(full) and
+0 = no better than nothing kept. This is `criteria.recovery` with source = m(full) and
 target = m(none), so the criterion 'recovery>=0.8' with those baselines reads F >= 0.8.
 
 Levels (`LEVELS`): 'head' (units: the `head_out` of every head, flat l * H + h; outside the
@@ -26,7 +26,9 @@ from typing import Callable, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from jaxcircuits.stats import analysis
+from jaxcircuits.stats.criteria import Criterion, recovery
+from jaxcircuits.stats.sets import minimal_sufficient
+from jaxcircuits.stats.tables import DENSE_MAX_UNITS
 from jaxcircuits.interventions import edges, sites
 from jaxcircuits.engine import patching
 from jaxcircuits.models.config import ModelConfig
@@ -40,7 +42,7 @@ DEFAULT_CRITERION = "recovery>=0.8"        # F >= 0.8 (see the module doc)
 def faithfulness(metric, full, none) -> np.ndarray:
     """F = (mean metric - mean none) / (mean full - mean none): metric [..., B], full and none [B]
     (the metric with every unit kept / patched) -> [...]; NaN where full and none agree."""
-    return analysis.recovery(metric, full, none)
+    return recovery(metric, full, none)
 
 
 def _run_heads(params, cfg: ModelConfig, problem: PatchingProblem, kept: np.ndarray, chunk_size: int):
@@ -146,17 +148,17 @@ class GroundTruth:
     """Every subset of a pool of n units as a circuit: row r of subsets bool [2^n, n] is bitmask r;
     metric [2^n, B]; faith [2^n]; success bool [2^n] (the criterion, recovery relative to full =
     row 2^n - 1 and none = row 0); minimal bool [M, n]: the minimal successful subsets
-    (`analysis.minimal_sufficient`)."""
+    (`sets.minimal_sufficient`)."""
 
     subsets: np.ndarray
     metric: np.ndarray
     faith: np.ndarray
     success: np.ndarray
     minimal: np.ndarray
-    criterion: analysis.Criterion
+    criterion: Criterion
 
     @classmethod
-    def of(cls, metric, criterion: analysis.Criterion) -> "GroundTruth":
+    def of(cls, metric, criterion: Criterion) -> "GroundTruth":
         """From the metric [2^n, B] of every subset kept (row r: bitmask r)."""
         metric = np.asarray(metric)
         n = int(metric.shape[0]).bit_length() - 1
@@ -166,7 +168,7 @@ class GroundTruth:
         full, none = metric[-1], metric[0]
         success = criterion.success(metric, full, none)
         return cls(subsets, metric, faithfulness(metric, full, none), success,
-                   analysis.minimal_sufficient(subsets, success), criterion)
+                   minimal_sufficient(subsets, success), criterion)
 
     @property
     def n(self) -> int:
@@ -179,11 +181,11 @@ class GroundTruth:
 
 
 def ground_truth(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool,
-                 criterion: analysis.Criterion, chunk_size: int = 64) -> GroundTruth:
-    """Every subset of `pool` (heads at `head_out`; n <= analysis.DENSE_MAX_UNITS) kept, the rest of
+                 criterion: Criterion, chunk_size: int = 64) -> GroundTruth:
+    """Every subset of `pool` (heads at `head_out`; n <= DENSE_MAX_UNITS) kept, the rest of
     the pool patched, units outside the pool never patched: one `patching.run_masks` call."""
-    if pool.site != "head_out" or pool.n > analysis.DENSE_MAX_UNITS:
-        raise ValueError(f"a ground-truth pool holds at most {analysis.DENSE_MAX_UNITS} head_out units, "
+    if pool.site != "head_out" or pool.n > DENSE_MAX_UNITS:
+        raise ValueError(f"a ground-truth pool holds at most {DENSE_MAX_UNITS} head_out units, "
                          f"got {pool.n} at {pool.site!r}")
     kept = from_bitmask(np.arange(1 << pool.n), pool.n)
     masks = Mask(head_out=np.asarray(pool.scatter(~kept, pool.site_shape(cfg))))
