@@ -56,7 +56,8 @@ flags.DEFINE_integer("n_pairs", None, "Generated trap pairs besides 9.8/9.11 (de
 flags.DEFINE_integer("sweep_pairs", None, "The first pairs (9.8/9.11 first) for the layer scan, the sweeps, the "
                      "blend and the generation checks (default by preset).", lower_bound=1)
 flags.DEFINE_string("success", "recovery>=0.5", "Success of a subset: recovery>=X (normalised recovery of the mean "
-                    "metric toward the source), metric>X (mean metric) or fraction>=X (of pairs answered right).")
+                    "metric toward the source), metric>X (mean metric), fraction>=X (of pairs answered right) "
+                    "or fraction(metric>=Y)>=X (of pairs with metric >= Y).")
 flags.DEFINE_list("sweep_layers", [], "Layers to sweep (default: the best of the layer scan).")
 flags.DEFINE_integer("top_layers", None, "How many best layers to sweep (default by preset).", lower_bound=1)
 flags.DEFINE_integer("n_blocks", None, "Residual blocks of the original protocol (default: n_heads).", lower_bound=1)
@@ -81,7 +82,7 @@ def _check_flags():
         raise app.UsageError("'auto' formats need at least two --scan_formats")
     if FLAGS.source_format == FLAGS.target_format != "auto":
         raise app.UsageError("--source_format and --target_format must differ")
-    from jaxcircuits.stats.analysis import Criterion
+    from jaxcircuits.stats.criteria import Criterion
     try:
         Criterion.parse(FLAGS.success)
     except ValueError as e:

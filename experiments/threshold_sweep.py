@@ -48,7 +48,8 @@ flags.DEFINE_string("positions", "all", "Target positions: all, last, last:k, or
 flags.DEFINE_enum("align", "token", list(lib.ALIGNS), "Source->target position map.")
 flags.DEFINE_string("success", "recovery>=0.5", "Success of a subset: recovery>=X (normalised recovery (patched - "
                     "target) / (source - target) of the mean metric), metric>X (mean metric), fraction>=X (of "
-                    "prompts with metric > 0); or positive, above:X, below:X with --aggregate.")
+                    "prompts with metric > 0), fraction(metric>=Y)>=X (of prompts with metric >= Y); or "
+                    "positive, above:X, below:X with --aggregate.")
 flags.DEFINE_enum("aggregate", "mean", ["mean", "fraction"], "For --success=positive|above:X|below:X, over prompts: "
                   "mean metric, or at least half the prompts.")
 flags.DEFINE_integer("n_blocks", None, "attn_block: blocks per layer (default n_heads).", lower_bound=1)

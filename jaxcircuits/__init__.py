@@ -3,7 +3,8 @@
 Entry points: `load` a model; `forward` / `run_with_cache` / `generate` run it; `Mask` +
 `Intervention` patch it (sites: `jaxcircuits.interventions.sites`); `target_run` + `PatchingProblem` state an
 experiment, `patched_metric` evaluates one mask (differentiably), `run_masks` a batch of masks and
-`run_sweep` whole subset families; `jaxcircuits.stats.analysis` charts thresholds and redundancy.
+`run_sweep` whole subset families; `jaxcircuits.stats` charts thresholds and redundancy
+(`stats.summary.summarize`).
 Where each concept lives (to add a site, model feature, metric or subset family): README.md here.
 """
 

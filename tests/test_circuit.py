@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcircuits.stats import analysis
+from jaxcircuits.stats.criteria import Criterion
 from jaxcircuits.methods import circuits
 from jaxcircuits.interventions import sites
 from jaxcircuits.interventions.metrics import LogitDiff
@@ -44,7 +44,7 @@ MEANS = np.array([0.0, 0.5, 1.0, 1.7, 1.8, 1.9, 1.5, 2.0])     # {0,1} and {2} s
 
 
 def _hand_truth():
-    return circuits.GroundTruth.of(MEANS[:, None] + np.array([-0.1, 0.1]), analysis.Criterion.parse("recovery>=0.8"))
+    return circuits.GroundTruth.of(MEANS[:, None] + np.array([-0.1, 0.1]), Criterion.parse("recovery>=0.8"))
 
 
 def test_ground_truth_from_a_hand_built_table():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxcircuits.stats import analysis
+from jaxcircuits.reports.findings import cell, threshold_cell
 from tests.conftest import run_binary as _run
 
 
@@ -142,7 +142,7 @@ def test_even_heads_report_opens_with_findings_that_match_its_tables(tiny_dir, t
     means = [np.mean(res["format_scan"][f]["first_token_logit_diff"]) for f in names]
     src, tgt = names[int(np.argmax(means))], names[int(np.argmin(means))]
     assert f"| {src} -> {tgt} (auto) | recovery>=0.5 |" in report and "auto -> auto" not in report
-    mean, right = analysis.cell(t, "mean", names.index(src)), analysis.cell(t, "right", names.index(src), ".0%")
+    mean, right = cell(t, "mean", names.index(src)), cell(t, "right", names.index(src), ".0%")
     assert findings[0].startswith("Premise") and f"the source `{src}` (mean metric {mean}; right on {right}" in findings[0]
     assert f"| {src} | {mean} | {right} |" in report
 
@@ -150,9 +150,9 @@ def test_even_heads_report_opens_with_findings_that_match_its_tables(tiny_dir, t
     recovery = [-np.inf if v is None else v for v in scan["table"]["recovery"]]
     best = int(np.argmax(recovery))
     assert scan["best"] == [best]
-    layer = analysis.cell(scan["table"], "recovery", best)
+    layer = cell(scan["table"], "recovery", best)
     assert f"Best layer by recovery: layer {best}, recovery {layer} over 2 pairs" in report
-    assert f"| {best} | {analysis.cell(scan['table'], 'mean', best)} | {layer} |" in report
+    assert f"| {best} | {cell(scan['table'], 'mean', best)} | {layer} |" in report
 
     name = f"heads protocol, layer {best}"
     summary = res[name]
@@ -161,11 +161,11 @@ def test_even_heads_report_opens_with_findings_that_match_its_tables(tiny_dir, t
         assert threshold.endswith(f"no threshold: {summary['undefined']['threshold']}.")
         assert f"Threshold: not defined: {summary['undefined']['threshold']}." in report
     else:
-        assert f"threshold k* = {analysis.threshold_cell(summary, 'k_star')}" in threshold
-        assert f"Threshold k* = {analysis.threshold_cell(summary, 'k_star')};" in report
+        assert f"threshold k* = {threshold_cell(summary, 'k_star')}" in threshold
+        assert f"Threshold k* = {threshold_cell(summary, 'k_star')};" in report
     families = res[f"heads_L{best}"]["family_table"]
     assert f"## {name}: unit families on all 4 pairs" in report and "| group position 0 (= even units) |" in report
-    assert f"{name}, 4 pairs: even units (2) - odd units (2): mean metric {analysis.cell(families, 'contrast', 0)}: " \
+    assert f"{name}, 4 pairs: even units (2) - odd units (2): mean metric {cell(families, 'contrast', 0)}: " \
            in report
     assert len(families["contrasts"]) == 1                 # G = 2: positions 0/1 are the even/odd heads, not repeated
 

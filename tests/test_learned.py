@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxcircuits as jc
-from jaxcircuits.stats import analysis
+from jaxcircuits.stats.criteria import Criterion
 from jaxcircuits.methods import circuits, learned
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions import sites
@@ -159,7 +159,7 @@ def test_pool_objective_matches_the_ground_truth(tiny):
     pool = Pool.heads(1, cfg.n_heads)
     obj = learned.head_objective(params, cfg, problem, pool)
     assert obj.labels == pool.labels() and obj.metric.plan.start_layer == 1
-    gt = circuits.ground_truth(params, cfg, problem, pool, analysis.Criterion.parse(circuits.DEFAULT_CRITERION))
+    gt = circuits.ground_truth(params, cfg, problem, pool, Criterion.parse(circuits.DEFAULT_CRITERION))
     np.testing.assert_allclose(learned.circuit_metric(obj, gt.subsets), gt.metric, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"kept must be bool \[N, 4\]"):
         learned.circuit_metric(obj, gt.subsets[:, :3])

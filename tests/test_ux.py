@@ -129,7 +129,7 @@ def test_to_frame_of_a_sweep(small_problem, tmp_path):
 
 def test_to_frame_without_pool_and_criteria():
     res = SweepResult(np.arange(3), np.array([0, 1, 6], np.uint64), np.array([[1., -1], [2, 2], [-3, 1]], np.float32))
-    df = res.to_frame(success="above", threshold=1.0, aggregate="fraction")
+    df = res.to_frame(success="fraction(metric>=1)>=0.5")
     assert df["units"].tolist() == ["", "0", "1 2"] and df["size"].tolist() == [0, 1, 2]
     assert df["success_fraction"].tolist() == [0.5, 1.0, 0.5] and df["success"].tolist() == [True, True, True]
 

@@ -122,22 +122,25 @@ class SweepResult:
         """bool [N, n]: the members as unit-indicator rows."""
         return from_bitmask(self.bitmask, n)
 
-    def to_frame(self, pool: Optional[Pool] = None, *, success: str = "positive", threshold: float = 0.0,
-                 aggregate: str = "mean"):
+    def to_frame(self, pool: Optional[Pool] = None, *, success="metric>0", baselines: Optional[tuple] = None):
         """The sweep as a pandas DataFrame, one row per member, indexed by rank.
 
         Columns: units (the member's unit labels, space-separated, e.g. 'L3H5 L3H7': `pool.labels()`,
         or unit indices without a pool), size (units in the member), metric_0 .. metric_{P-1} (per
-        prompt), metric (mean over prompts), success (`analysis.success_from(metric, success,
-        threshold, aggregate)`) and success_fraction (the fraction of prompts meeting the criterion).
+        prompt), metric (mean over prompts), success (the criterion `success`, a
+        `stats.criteria.Criterion` or its string, e.g. 'metric>0' (default), 'fraction>=1',
+        'recovery>=0.5' with baselines (source [P], target [P])) and success_fraction (the fraction
+        of prompts on which it holds, each prompt judged alone).
         """
         import pandas as pd
-        from jaxcircuits.stats import analysis
+        from jaxcircuits.stats.criteria import Criterion
+        from jaxcircuits.stats.tables import subsets_frame
         n = pool.n if pool is not None else max(int(self.bitmask.max(initial=0)).bit_length(), 1)
         labels = pool.labels() if pool is not None else [str(i) for i in range(n)]
-        frame = analysis.subsets_frame(self.subsets(n), self.metric, labels, pd.Index(self.ranks, name="rank"))
-        frame["success"] = analysis.success_from(self.metric, success, threshold, aggregate)
-        frame["success_fraction"] = analysis.success_fraction(self.metric, success, threshold)
+        criterion, (source, target) = Criterion.of(success), baselines or (None, None)
+        frame = subsets_frame(self.subsets(n), self.metric, labels, pd.Index(self.ranks, name="rank"))
+        frame["success"] = criterion.success(self.metric, source, target)
+        frame["success_fraction"] = criterion.success_fraction(self.metric, source, target)
         return frame
 
 

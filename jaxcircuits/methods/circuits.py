@@ -9,7 +9,7 @@ faithfulness is
 
 with m the mean metric over prompts, m(full) the unpatched target run (every unit kept) and
 m(none) the run with every unit patched: 1 = the circuit alone carries the model's behaviour,
-0 = no better than nothing kept. This is `analysis.recovery` with source = m(full) and
+0 = no better than nothing kept. This is `criteria.recovery` with source = m(full) and
 target = m(none), so the criterion 'recovery>=0.8' with those baselines reads F >= 0.8.
 
 Levels (`interventions.sites.LEVELS`): 'head' (units: the `head_out` of every head, flat l * H + h;
@@ -28,12 +28,14 @@ from typing import Mapping, Sequence, Tuple
 import numpy as np
 
 from jaxcircuits.engine.patching import run_masks
+from jaxcircuits.stats.criteria import Criterion, recovery
+from jaxcircuits.stats.sets import minimal_sufficient
+from jaxcircuits.stats.tables import DENSE_MAX_UNITS
 from jaxcircuits.engine.subsets import Pool, from_bitmask
 from jaxcircuits.interventions import sites
 from jaxcircuits.interventions.problem import PatchingProblem
 from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.stats import analysis
 
 DEFAULT_CRITERION = "recovery>=0.8"        # F >= 0.8 (see the module doc)
 
@@ -41,7 +43,7 @@ DEFAULT_CRITERION = "recovery>=0.8"        # F >= 0.8 (see the module doc)
 def faithfulness(metric, full, none) -> np.ndarray:
     """F = (mean metric - mean none) / (mean full - mean none): metric [..., B], full and none [B]
     (the metric with every unit kept / patched) -> [...]; NaN where full and none agree."""
-    return analysis.recovery(metric, full, none)
+    return recovery(metric, full, none)
 
 
 def top_k(scores, sizes: Sequence[int]) -> np.ndarray:
@@ -111,17 +113,17 @@ class GroundTruth:
     """Every subset of a pool of n units as a circuit: row r of subsets bool [2^n, n] is bitmask r;
     metric [2^n, B]; faith [2^n]; success bool [2^n] (the criterion, recovery relative to full =
     row 2^n - 1 and none = row 0); minimal bool [M, n]: the minimal successful subsets
-    (`analysis.minimal_sufficient`)."""
+    (`sets.minimal_sufficient`)."""
 
     subsets: np.ndarray
     metric: np.ndarray
     faith: np.ndarray
     success: np.ndarray
     minimal: np.ndarray
-    criterion: analysis.Criterion
+    criterion: Criterion
 
     @classmethod
-    def of(cls, metric, criterion: analysis.Criterion) -> "GroundTruth":
+    def of(cls, metric, criterion: Criterion) -> "GroundTruth":
         """From the metric [2^n, B] of every subset kept (row r: bitmask r)."""
         metric = np.asarray(metric)
         n = int(metric.shape[0]).bit_length() - 1
@@ -131,7 +133,7 @@ class GroundTruth:
         full, none = metric[-1], metric[0]
         success = criterion.success(metric, full, none)
         return cls(subsets, metric, faithfulness(metric, full, none), success,
-                   analysis.minimal_sufficient(subsets, success), criterion)
+                   minimal_sufficient(subsets, success), criterion)
 
     @property
     def n(self) -> int:
@@ -144,11 +146,11 @@ class GroundTruth:
 
 
 def ground_truth(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool,
-                 criterion: analysis.Criterion, chunk_size: int = 64) -> GroundTruth:
-    """Every subset of `pool` (heads at `head_out`; n <= analysis.DENSE_MAX_UNITS) kept, the rest of
+                 criterion: Criterion, chunk_size: int = 64) -> GroundTruth:
+    """Every subset of `pool` (heads at `head_out`; n <= DENSE_MAX_UNITS) kept, the rest of
     the pool patched, units outside the pool never patched: one `run_masks` call."""
-    if pool.site != "head_out" or pool.n > analysis.DENSE_MAX_UNITS:
-        raise ValueError(f"a ground-truth pool holds at most {analysis.DENSE_MAX_UNITS} head_out units, "
+    if pool.site != "head_out" or pool.n > DENSE_MAX_UNITS:
+        raise ValueError(f"a ground-truth pool holds at most {DENSE_MAX_UNITS} head_out units, "
                          f"got {pool.n} at {pool.site!r}")
     kept = from_bitmask(np.arange(1 << pool.n), pool.n)
     masks = Mask(head_out=np.asarray(pool.scatter(~kept, pool.site_shape(cfg))))

@@ -1,4 +1,5 @@
-"""PNG charts of a subset sweep's analysis (`jaxcircuits.stats.analysis` outputs or `summarize` parts).
+"""PNG charts of a subset sweep's analysis (`jaxcircuits.stats` rates, sets and
+games outputs, or `summarize` parts).
 
 Figures are drawn with matplotlib's object API on the Agg canvas: no pyplot state, no window.
 Every function writes a PNG to `path` and returns the path as a string.
@@ -14,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxcircuits.stats.analysis import inclusion_frequency
+from jaxcircuits.stats.sets import inclusion_frequency
 
 
 def _figure(width: float = 6.4, height: float = 4.0):
@@ -52,7 +53,7 @@ def plot_success_rate(rates: dict, path, spread: Optional[dict] = None, threshol
     where a size ran in full).
 
     spread: optional `metric_by_size` of a per-subset score in [0, 1] (e.g.
-    `success_fraction(metric)`, the fraction of prompts each subset succeeds on), drawn as
+    `Criterion.success_fraction(metric)`, the fraction of prompts each subset succeeds on), drawn as
     10-90% and 25-75% bands with its median; threshold: optional `threshold` output, marking k*
     and the 10%->90% transition; prompt_interval: optional `prompt_intervals` output, its
     rate_lo/rate_hi [K] drawn as a band (the bootstrap over prompts).

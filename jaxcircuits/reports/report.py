@@ -9,14 +9,18 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
-from jaxcircuits.stats import analysis
 from jaxcircuits.reports import plots
-from jaxcircuits.stats.analysis import jsonable
+from jaxcircuits.reports.findings import FINDING_RULES, report_markdown, sweep_findings
+from jaxcircuits.stats.criteria import Criterion
+from jaxcircuits.stats.rates import metric_by_size
+from jaxcircuits.stats.sets import minimal_sufficient
+from jaxcircuits.stats.summary import SummaryOptions, summarize
+from jaxcircuits.stats.tables import jsonable, subsets_frame
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
@@ -39,7 +43,7 @@ class Report:
         self.sections = [f"# {title}", f"Command:\n\n```\n{self.command}\n```",
                          f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}."]
         self.head = len(self.sections)                  # the findings go after these
-        self.findings: list = []                        # (statement, rule: a key of analysis.FINDING_RULES)
+        self.findings: list = []                        # (statement, rule: a key of FINDING_RULES)
         self.results: dict = {"command": self.command}
         self.t0 = time.time()
 
@@ -53,9 +57,9 @@ class Report:
         return f"![{caption}]({os.path.relpath(path, self.out_dir)})"
 
     def finding(self, statement: str, rule: str) -> None:
-        """A statement for the Findings section, decided by `analysis.FINDING_RULES[rule]`."""
-        if rule not in analysis.FINDING_RULES:
-            raise ValueError(f"unknown finding rule {rule!r}; known: {sorted(analysis.FINDING_RULES)}")
+        """A statement for the Findings section, decided by `FINDING_RULES[rule]`."""
+        if rule not in FINDING_RULES:
+            raise ValueError(f"unknown finding rule {rule!r}; known: {sorted(FINDING_RULES)}")
         self.findings.append((statement, rule))
 
     def _findings_section(self) -> list:
@@ -64,7 +68,7 @@ class Report:
         rules = dict.fromkeys(rule for _, rule in self.findings)
         return ["## Findings\n\n" + "\n".join(f"- {text}" for text, _ in self.findings)
                 + "\n\nHow each was decided (from the numbers in the sections below):\n\n"
-                + "\n".join(f"- {analysis.FINDING_RULES[r]}" for r in rules)]
+                + "\n".join(f"- {FINDING_RULES[r]}" for r in rules)]
 
     def write(self) -> str:
         self.results["elapsed_s"] = round(time.time() - self.t0, 1)
@@ -79,31 +83,24 @@ class Report:
 
 
 def add_sweep_analysis(report: Report, name: str, subsets: np.ndarray, metric: np.ndarray,
-                       unit_names: Sequence[str], success_kind: str = "positive",
-                       threshold: float = 0.0, aggregate: str = "mean",
-                       criterion: Optional[analysis.Criterion] = None, source=None, target=None,
-                       seed: int = 0) -> dict:
+                       unit_names: Sequence[str], criterion: Union[str, Criterion] = "metric>0",
+                       baselines: Optional[Tuple] = None, options: SummaryOptions = SummaryOptions()) -> dict:
     """Analyse one sweep (subsets bool [N, n], metric [N, P]) into a report section with plots, and
-    its findings (`analysis.sweep_findings`) into the report's Findings. It takes more than eight
-    parameters: two ways to state success (the older kind/threshold/aggregate, or a criterion with
-    its baselines), all with defaults.
+    its findings (`findings.sweep_findings`) into the report's Findings.
 
-    Success per subset: `criterion` (recovery needs the baselines source, target [P]), by default
-    `analysis.Criterion.legacy(success_kind, threshold, aggregate)`, which is
-    `analysis.success_from(metric, success_kind, threshold, aggregate)`. Prompt intervals: the
-    bootstrap over the P prompts, seeded with `seed`. Returns the JSON summary (also stored in
-    report.results[name]).
+    Success per subset: `criterion` (a `Criterion` or its string; by default 'metric>0', the mean
+    metric over prompts is positive); baselines (source [P], target [P]) for a recovery criterion.
+    options: `summarize`'s (the bootstrap over the P prompts is seeded with `options.seed`).
+    Returns the JSON summary (also stored in report.results[name]).
     """
-    criterion = criterion or analysis.Criterion.legacy(success_kind, threshold, aggregate)
+    criterion = Criterion.of(criterion)
+    source, target = baselines or (None, None)
     success = criterion.success(metric, source, target)
-    summary = analysis.summarize(subsets, success, metric, unit_names=unit_names, criterion=criterion,
-                                 source=source, target=target, seed=seed)
-    per_prompt = lambda x: None if x is None else np.asarray(x)[:, None]
+    summary = summarize(subsets, success, metric, unit_names, criterion, baselines, options)
     tag = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
     figs = [report.figure(plots.plot_success_rate(
         summary["rate_by_size"], report.path(f"{tag}_success.png"),
-        spread=analysis.metric_by_size(subsets, criterion.success(np.asarray(metric)[..., None], per_prompt(source),
-                                                                  per_prompt(target)).mean(-1)),
+        spread=metric_by_size(subsets, criterion.success_fraction(metric, source, target)),
         threshold=summary["threshold"], title=f"{name}: success rate by subset size",
         prompt_interval=summary["prompt_intervals"]), "success by size")]
     figs.append(report.figure(plots.plot_metric_by_size(
@@ -114,11 +111,11 @@ def add_sweep_analysis(report: Report, name: str, subsets: np.ndarray, metric: n
             summary["importance"]["shapley"], summary["importance"]["banzhaf"],
             report.path(f"{tag}_importance.png"), unit_names, title=f"{name}: unit importance"), "importance"))
     if summary["minimal_sufficient"] and summary["minimal_sufficient"]["count"]:
-        sets = analysis.minimal_sufficient(subsets, success)
+        sets = minimal_sufficient(subsets, success)
         figs.append(report.figure(plots.plot_minimal_inclusion(
             sets, report.path(f"{tag}_minimal.png"), unit_names,
             title=f"{name}: units in minimal sufficient sets"), "minimal sets"))
-    frame = analysis.subsets_frame(subsets, metric, unit_names)
+    frame = subsets_frame(subsets, metric, unit_names)
     frame["success"] = success
     tables = [write_table(report.out_dir, tag, frame), write_table(report.out_dir, f"{tag}_by_size", pd.DataFrame(
         {k: summary["rate_by_size"][k] for k in ("k", "count", "successes", "rate", "lo", "hi")}))]
@@ -126,12 +123,12 @@ def add_sweep_analysis(report: Report, name: str, subsets: np.ndarray, metric: n
         tables.append(write_table(report.out_dir, f"{tag}_importance", pd.DataFrame(
             {"unit": list(unit_names), "shapley": summary["importance"]["shapley"],
              "banzhaf": summary["importance"]["banzhaf"]})))
-    report.add(name, analysis.report_markdown(summary), " ".join(figs),
+    report.add(name, report_markdown(summary), " ".join(figs),
                "Tables (CSV): every subset's metric and success, success by size"
                + (", unit importance" if len(tables) > 2 else "") + ": "
                + ", ".join(f"`{os.path.basename(t)}`" for t in tables) + ".")
     report.results[name] = summary
-    for statement, rule in analysis.sweep_findings(summary, name):
+    for statement, rule in sweep_findings(summary, name):
         report.finding(statement, rule)
     return summary
 

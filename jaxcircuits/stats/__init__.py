@@ -1,1 +1,2 @@
-"""Statistics of sweeps: criteria, rates and thresholds, bootstrap, set structure, games."""
+"""Statistics of sweeps: criteria, rates and thresholds, bootstrap, set structure, games, summary
+(`tables` holds the subset tables they share)."""

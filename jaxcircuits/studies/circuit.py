@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcircuits.stats import analysis
+from jaxcircuits.stats.criteria import Criterion
+from jaxcircuits.stats.tables import DENSE_MAX_UNITS
 from jaxcircuits.methods import attribution, circuits, learned
 from jaxcircuits.interventions import edges, sites
 from jaxcircuits.reports import plots
@@ -52,7 +53,7 @@ class Options:
     level: str                      # a key of sites.LEVELS
     methods: Tuple[str, ...]        # of METHODS; () = the level's DEFAULT_METHODS
     layer: int                      # ground-truth pool: the heads of this layer; -1 = the layer that matters most
-    criterion: str                  # an analysis.Criterion over faithfulness, e.g. 'recovery>=0.8'
+    criterion: str                  # a criteria.Criterion over faithfulness, e.g. 'recovery>=0.8'
     n_prompts: int
     seed: int
     max_size: int                   # largest circuit on the curves (0 = every unit)
@@ -147,7 +148,7 @@ def check_flags(opts: Options) -> None:
     if not opts.lambdas or min(opts.lambdas) < 0:
         raise OptionError(f"--lambdas must be values >= 0, got {list(opts.lambdas)}")
     try:
-        analysis.Criterion.parse(opts.criterion)
+        Criterion.parse(opts.criterion)
     except ValueError as e:
         raise OptionError(f"--criterion: {e}") from None
     if opts.max_size < 0 or opts.n_points < 2:
@@ -226,7 +227,7 @@ def run(opts: Options) -> str:
     cfg = model.cfg
     check_options(opts, cfg)
     methods = methods_for(opts, cfg)
-    criterion = analysis.Criterion.parse(opts.criterion)
+    criterion = Criterion.parse(opts.criterion)
     task, problem = _problem(model, opts)
     full = unpatched_metric(model, task.source_ids, task.source_mask, problem.metric)
     corrupted = unpatched_metric(model, task.target_ids, task.target_mask, problem.metric)
@@ -243,7 +244,7 @@ def run(opts: Options) -> str:
     base["none"] = float(curves.none.mean())
 
     gt = None
-    if opts.level == "head" and cfg.n_heads <= analysis.DENSE_MAX_UNITS:
+    if opts.level == "head" and cfg.n_heads <= DENSE_MAX_UNITS:
         t = time.time()
         layer, drops = (opts.layer, None) if opts.layer != -1 else pick_layer(model, problem, base["full"],
                                                                               opts.chunk_size)

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxcircuits.stats import analysis
+from jaxcircuits.stats.bootstrap import prompt_table
+from jaxcircuits.stats.criteria import Criterion
+from jaxcircuits.stats.rates import Z95, rate_by_size
+from jaxcircuits.stats.summary import SummaryOptions
 from jaxcircuits.reports import plots
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions import sites
@@ -27,6 +30,7 @@ from jaxcircuits.interventions.positions import decode_intervention, source_at_p
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.engine.patching import run_masks
+from jaxcircuits.reports.findings import cell, contrast_findings, premise_findings, threshold_cell
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.studies.common import OptionError, check_layers, load_model, unpatched_metric
@@ -58,10 +62,10 @@ class Options:
     resume: bool
     samples_per_size: int = 200
     sweep_pairs: int = 3              # the first pairs, for the layer scan, sweeps, blend and generation
-    success: str = "recovery>=0.5"    # an `analysis.Criterion`
+    success: str = "recovery>=0.5"    # a `criteria.Criterion`
 
 
-def pairs_needed(half_width: float = HEADLINE_HALF_WIDTH, z: float = analysis.Z95) -> int:
+def pairs_needed(half_width: float = HEADLINE_HALF_WIDTH, z: float = Z95) -> int:
     """Pairs for a 95% interval of a fraction no wider than +-half_width at worst (rate 1/2):
     z * sqrt(1/4 / n) <= half_width (43 for 0.15)."""
     return math.ceil((z * 0.5 / half_width) ** 2)
@@ -91,9 +95,9 @@ def _format_section(report, scan, pairs, opts) -> None:
     """The format scan table (rates over all pairs, bootstrap 95%) and the premise findings."""
     names = list(scan)
     src, tgt = names.index(opts.source_format), names.index(opts.target_format)
-    t = analysis.prompt_table(np.stack([scan[f]["first_token_logit_diff"] for f in names]),
-                              contrasts=[(src, tgt)], seed=opts.seed)
-    rows = [[f, analysis.cell(t, "mean", i), analysis.cell(t, "right", i, ".0%"),
+    t = prompt_table(np.stack([scan[f]["first_token_logit_diff"] for f in names]),
+                     contrasts=[(src, tgt)], seed=opts.seed)
+    rows = [[f, cell(t, "mean", i), cell(t, "right", i, ".0%"),
              float(np.mean(r["teacher_forced_log_odds"])), _counts(r["answer"]), _counts(r["original_test"]),
              repr(r["generation"][0][:60])] for i, (f, r) in enumerate(scan.items())]
     cases = [(p.question, a, b) for i, p in enumerate(pairs) for a in scan for b in scan
@@ -107,10 +111,10 @@ def _format_section(report, scan, pairs, opts) -> None:
                table(["format", "mean first-token diff", "pairs right", "mean log-odds", "answer c/w/u",
                       "original test c/w/u", "9.8 vs 9.11 generation"], rows),
                f"Source - target (`{opts.source_format}` - `{opts.target_format}`), paired over the pairs: "
-               f"{analysis.cell(t, 'contrast', 0)}.",
+               f"{cell(t, 'contrast', 0)}.",
                f"Cases where a pair is right in one format and wrong in another (logit metric): {len(cases)}. "
                + "; ".join(f"{q} right in `{a}`, wrong in `{b}`" for q, a, b in cases[:8]))
-    _, findings = analysis.premise_findings(t, names, src, tgt, kind="formats")
+    _, findings = premise_findings(t, names, src, tgt, kind="formats")
     for statement, rule in findings:
         report.finding(statement, rule)
     report.results.update(format_scan=scan, format_table=t, format_cases=cases)
@@ -168,7 +172,7 @@ def _layer_scan(model, task: Task, opts, report) -> list:
     m = np.zeros((cfg.n_layers, cfg.n_layers, cfg.n_heads), np.float32)
     m[np.arange(cfg.n_layers), np.arange(cfg.n_layers)] = 1.0
     vals = run_masks(model.params, cfg, task.problems["heads"], Mask(head_out=m), chunk_size=opts.chunk_size)
-    t = analysis.prompt_table(vals, task.source, task.target, seed=opts.seed)
+    t = prompt_table(vals, task.source, task.target, seed=opts.seed)
     best = best_layers(t, opts.top_layers)
     fig = plots.plot_layer_curve(vals.mean(-1), report.path("layer_scan.png"),
                                  baselines={"source": float(task.source.mean()), "target": float(task.target.mean())})
@@ -177,10 +181,10 @@ def _layer_scan(model, task: Task, opts, report) -> list:
                f"on the {vals.shape[1]} sweep pairs: mean first-token logit difference and recovery = (patched - "
                "target) / (source - target), the movement toward the source; 95% intervals over the pairs.",
                table(["layer", "mean metric", "recovery (95%)"],
-                     [[l, analysis.cell(t, "mean", l), analysis.cell(t, "recovery", l)] for l in range(cfg.n_layers)]),
+                     [[l, cell(t, "mean", l), cell(t, "recovery", l)] for l in range(cfg.n_layers)]),
                report.figure(fig, "layer scan"))
     b = best[0]
-    report.finding(f"Best layer by recovery: layer {b}, recovery {analysis.cell(t, 'recovery', b)} over "
+    report.finding(f"Best layer by recovery: layer {b}, recovery {cell(t, 'recovery', b)} over "
                    f"{vals.shape[1]} pairs "
                    f"(mean metric {t['mean'][b]:+.3f}; target {task.target.mean():+.3f}, source "
                    f"{task.source.mean():+.3f}); swept: layer(s) {best}.", "layer")
@@ -223,7 +227,7 @@ def _restricted_rates(subsets, success, units):
     """Success rate by size among subsets using only `units`."""
     others = np.setdiff1d(np.arange(subsets.shape[1]), units)
     keep = ~subsets[:, others].any(1)
-    return analysis.rate_by_size(subsets[keep][:, units], success[keep])
+    return rate_by_size(subsets[keep][:, units], success[keep])
 
 
 def _masks(pool, cfg, units_list) -> Mask:
@@ -262,13 +266,13 @@ def _family_section(model, protocol, layer, pool, task: Task, criterion, opts, r
     for c in [(names.index("even units"), names.index("odd units"))] + [(positions[0], j) for j in positions[1:]]:
         distinct.setdefault(tuple(tuple(families[i][1]) for i in c), c)
     contrasts = list(distinct.values())
-    t = analysis.prompt_table(vals, task.source, task.target, contrasts, seed=opts.seed)
+    t = prompt_table(vals, task.source, task.target, contrasts, seed=opts.seed)
     meets = criterion.success(vals, task.source, task.target)
     same = {i: next((names[j] for j in range(i) if np.array_equal(families[j][1], u)), None)
             for i, (_, u) in enumerate(families)}
     labels = pool.labels()
-    rows = [[f + (f" (= {same[i]})" if same[i] else ""), " ".join(labels[j] for j in u), analysis.cell(t, "mean", i),
-             analysis.cell(t, "recovery", i), analysis.cell(t, "right", i, ".0%"), "yes" if meets[i] else "no"]
+    rows = [[f + (f" (= {same[i]})" if same[i] else ""), " ".join(labels[j] for j in u), cell(t, "mean", i),
+             cell(t, "recovery", i), cell(t, "right", i, ".0%"), "yes" if meets[i] else "no"]
             for i, (f, u) in enumerate(families)]
     widest = max(((hi - lo) / 2 for lo, hi in zip(t["right_lo"], t["right_hi"]) if lo is not None), default=None)
     name = f"{protocol} protocol, layer {layer}"
@@ -277,14 +281,14 @@ def _family_section(model, protocol, layer, pool, task: Task, criterion, opts, r
                "fraction of pairs whose patched first-token difference is > 0; in brackets 95% intervals over the "
                f"pairs (bootstrap, seed {opts.seed}); the widest here is "
                f"+-{'-' if widest is None else f'{widest:.3f}'} "
-               f"(at most +-{analysis.Z95 * 0.5 / math.sqrt(vals.shape[1]):.3f} for {vals.shape[1]} pairs). "
+               f"(at most +-{Z95 * 0.5 / math.sqrt(vals.shape[1]):.3f} for {vals.shape[1]} pairs). "
                + ("Parity and the position within a KV group are tested separately: heads h and h' share a "
                   f"key/value head when h // {model.cfg.n_heads // model.cfg.n_kv_heads} = "
                   f"h' // {model.cfg.n_heads // model.cfg.n_kv_heads}. " if positions else "")
                + f"Criterion: {criterion.describe()}.",
                table(["family", "units", "mean metric", "recovery", "pairs right", f"meets {criterion}"], rows))
     sized = [f"{f} ({len(u)})" for f, u in families]
-    for statement, rule in analysis.contrast_findings(t, sized, f"{name}, {vals.shape[1]} pairs"):
+    for statement, rule in contrast_findings(t, sized, f"{name}, {vals.shape[1]} pairs"):
         report.finding(statement, rule)
     failing = [f for f, ok in zip(names, meets) if not ok]
     if failing:
@@ -296,7 +300,7 @@ def _family_section(model, protocol, layer, pool, task: Task, criterion, opts, r
 def _sweep_protocol(model, protocol, layer, task: Task, all_task: Task, gen, opts, report):
     """Sweeps (on the sweep pairs' `task`), unit families (on `all_task`), blend crossing and
     generation checks of one protocol at one layer."""
-    cfg, criterion = model.cfg, analysis.Criterion.parse(opts.success)
+    cfg, criterion = model.cfg, Criterion.parse(opts.success)
     pool = _pool(model, protocol, layer, opts)
     n = pool.n
     problem = task.problems[protocol]
@@ -324,14 +328,14 @@ def _sweep_protocol(model, protocol, layer, task: Task, all_task: Task, gen, opt
             sub = Pool(pool.site, tuple(pool.units[i] for i in units), pool.n_blocks)
             r = sweep(fam.split()[0], sub, all_subsets(len(units)))
             fam_rows.append([_only(fam), len(units), "exhaustive",
-                             _rates_text(analysis.rate_by_size(r.subsets(len(units)), succeed(r.metric)))])
+                             _rates_text(rate_by_size(r.subsets(len(units)), succeed(r.metric)))])
         res = sweep("sampled", pool, sampled_per_size(n, range(n + 1), opts.samples_per_size, opts.seed))
         subsets, metric = res.subsets(n), res.metric
         success = succeed(metric)
         fam_rows.insert(0, ["all units", n, f"{opts.samples_per_size} per size",
-                            _rates_text(analysis.rate_by_size(subsets, success))])
-    summary = add_sweep_analysis(report, name, subsets, metric, pool.labels(), criterion=criterion,
-                                 source=task.source, target=task.target, seed=opts.seed)
+                            _rates_text(rate_by_size(subsets, success))])
+    summary = add_sweep_analysis(report, name, subsets, metric, pool.labels(), criterion, (task.source, task.target),
+                                 SummaryOptions(seed=opts.seed))
     named_all, family_table = _family_section(model, protocol, layer, pool, all_task, criterion, opts, report)
     # Blend weight of the whole layer (the original's "60% pattern replacement").
     whole = Mask(attn_out=jnp.zeros(cfg.n_layers).at[layer].set(1.0))
@@ -384,7 +388,7 @@ def check_options(opts: Options, cfg) -> None:
     if not 1 <= opts.top_layers <= cfg.n_layers:
         raise OptionError(f"--top_layers={opts.top_layers} out of range [1, {cfg.n_layers}]")
     try:
-        analysis.Criterion.parse(opts.success)
+        Criterion.parse(opts.success)
     except ValueError as e:
         raise OptionError(f"--success: {e}") from None
 
@@ -401,9 +405,9 @@ def _setup_section(report, model, opts, pairs, n_sweep, auto, criterion):
                        str(criterion)]]),
                f"Why these numbers of pairs. The headline rates (the format scan and premise, and the unit "
                f"families of each swept layer) are fractions of all {len(pairs)} pairs; a fraction's 95% interval "
-               f"is widest at 1/2, +-{analysis.Z95:.2f} * sqrt(1/4 / n), so +-{HEADLINE_HALF_WIDTH} needs "
+               f"is widest at 1/2, +-{Z95:.2f} * sqrt(1/4 / n), so +-{HEADLINE_HALF_WIDTH} needs "
                f"n >= {needed} pairs, and a bootstrap interval moves in steps of 1/n, so a margin helps; "
-               f"{len(pairs)} pairs give at most +-{analysis.Z95 * 0.5 / math.sqrt(len(pairs)):.3f} (+-1/"
+               f"{len(pairs)} pairs give at most +-{Z95 * 0.5 / math.sqrt(len(pairs)):.3f} (+-1/"
                f"{len(pairs)} for the steps). The layer scan, the exhaustive sweeps (2^n "
                f"patched runs per pair and protocol), the blend and the generation checks use the first {n_sweep} "
                "pairs, to keep the run short; their prompt intervals are correspondingly wider.")
@@ -418,7 +422,7 @@ def run(opts: Options) -> str:
     model = load_model(opts.model, opts.dtype)
     cfg = model.cfg
     check_options(opts, cfg)
-    criterion = analysis.Criterion.parse(opts.success)
+    criterion = Criterion.parse(opts.success)
     pairs = [D.STUDY_PAIR] + D.generate_pairs(opts.n_pairs, opts.seed)
     sweep_pairs = pairs[:opts.sweep_pairs]
     formats = tuple(dict.fromkeys(opts.scan_formats + tuple(f for f in (opts.source_format, opts.target_format)
@@ -447,7 +451,7 @@ def run(opts: Options) -> str:
             r = _sweep_protocol(model, protocol, layer, task, all_task, gen, opts, report)
             s = r["summary"]
             compare.append([protocol, layer, s["n_units"], f"{r['rate_all']:.2f}",
-                            analysis.threshold_cell(s, "k_star"), analysis.threshold_cell(s, "sharpness"),
+                            threshold_cell(s, "k_star"), threshold_cell(s, "sharpness"),
                             s["monotonicity"]["monotone"], s["symmetric"],
                             (s["minimal_sufficient"] or {"count": "-"})["count"], r["blend"]["crossing"]])
             report.results[f"{protocol}_L{layer}"] = r

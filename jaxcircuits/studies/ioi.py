@@ -14,7 +14,8 @@ import scipy.stats
 from absl import logging
 
 import jaxcircuits as jc
-from jaxcircuits.stats import analysis
+from jaxcircuits.stats.criteria import Criterion
+from jaxcircuits.stats.summary import SummaryOptions
 from jaxcircuits.reports import plots
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions.ablation import mean_source
@@ -149,8 +150,7 @@ def _patch_sweep(model, problem, pool, base, per_prompt, opts, report):
                f"recoveries is {add['sum_single'] / gap:.3f} ({verdict}).")
     report.results["patch_top"] = {"units": pool.labels(), "metric": res.metric, **add}
     add_sweep_analysis(report, "Patch sweep: threshold and redundancy", res.subsets(n), res.metric, pool.labels(),
-                       criterion=analysis.Criterion.parse("recovery>=0.5"), source=per_prompt[0],
-                       target=per_prompt[1], seed=opts.seed)
+                       "recovery>=0.5", (per_prompt[0], per_prompt[1]), SummaryOptions(seed=opts.seed))
 
 
 def _ablation_sweep(model, clean, cache, metric, pool, base, opts, report):
@@ -177,7 +177,7 @@ def _ablation_sweep(model, clean, cache, metric, pool, base, opts, report):
                "are the minimal sets whose loss breaks IOI.")
     report.results["ablate_top"] = {"units": pool.labels(), "metric": res.metric, **add}
     add_sweep_analysis(report, "Ablation sweep: threshold and redundancy", res.subsets(n), res.metric, pool.labels(),
-                       "below", 0.5 * base["clean"])
+                       Criterion("metric", "<=", 0.5 * base["clean"]))
 
 
 def check_options(opts: Options, cfg) -> None:

@@ -15,13 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxcircuits as jc
-from jaxcircuits.stats import analysis
+from jaxcircuits.stats.bootstrap import prompt_table
+from jaxcircuits.stats.criteria import Criterion
+from jaxcircuits.stats.summary import SummaryOptions
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions import sites
 from jaxcircuits.engine import subsets as S
 from jaxcircuits.interventions.metrics import LogitDiff, pad_ids
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.reports.findings import cell, premise_findings
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.studies.common import OptionError, TaskBatches, check_layers, load_model, unpatched_metric
 from jaxcircuits.tasks import decimals as D
@@ -49,7 +52,7 @@ class Options:
     explicit: Tuple[Tuple[int, ...], ...]
     positions: str
     align: str
-    success: str                    # an `analysis.Criterion` ('recovery>=0.5', ...) or positive | above:X | below:X
+    success: str                    # a `criteria.Criterion` ('recovery>=0.5', ...) or positive | above:X | below:X
     aggregate: str                  # 'mean' | 'fraction': over prompts, for the last three forms
     n_blocks: Optional[int]
     chunk_size: int
@@ -59,23 +62,30 @@ class Options:
     dtype: str = "float32"
 
 
-def parse_success(spec: str, aggregate: str = "mean") -> analysis.Criterion:
-    """--success (and --aggregate) -> a criterion: 'recovery>=X', 'metric>X', 'fraction>=X' (any of
-    >, >=, <, <=), or the per-prompt forms 'positive' (> 0), 'above:X' (>= X), 'below:X' (<= X)
-    applied to the mean over prompts (aggregate 'mean') or to at least half the prompts ('fraction')."""
+# The older --success spellings (with --aggregate) -> the per-prompt comparison they make on the metric
+OLDER_SUCCESS = {"positive": ">", "above": ">=", "below": "<="}
+
+
+def parse_success(spec: str, aggregate: str = "mean") -> Criterion:
+    """--success (and --aggregate) -> a criterion (`Criterion.parse`): 'recovery>=X', 'metric>X',
+    'fraction>=X', 'fraction(metric>=Y)>=X' (any of >, >=, <, <=), or the older spellings
+    'positive', 'above:X', 'below:X', read as 'metric>0', 'metric>=X', 'metric<=X' (aggregate
+    'mean': on the mean over prompts) or 'fraction(metric>=X)>=0.5' etc. ('fraction': on at least
+    half the prompts)."""
     kind, _, value = spec.partition(":")
-    if kind in analysis.KINDS:
+    if kind in OLDER_SUCCESS:
         if (kind == "positive") == bool(value):
             raise OptionError(f"--success={spec}: write 'positive' alone, 'above:X' or 'below:X'")
         try:
-            return analysis.Criterion.legacy(kind, float(value or 0.0), aggregate)
+            compare = f"metric{OLDER_SUCCESS[kind]}{float(value or 0.0)!r}"
         except ValueError:
             raise OptionError(f"--success={spec}: X in {kind}:X must be a number") from None
+        return Criterion.parse(compare if aggregate == "mean" else f"fraction({compare})>=0.5")
     if aggregate != "mean":
         raise OptionError(f"--aggregate={aggregate} applies to --success=positive, above:X or below:X; "
                           f"--success={spec} says how it aggregates the prompts")
     try:
-        return analysis.Criterion.parse(spec)
+        return Criterion.parse(spec)
     except ValueError:
         raise OptionError(f"--success must be 'recovery>=X', 'metric>X', 'fraction>=X', 'positive', 'above:X' or "
                           f"'below:X', got {spec!r}") from None
@@ -219,14 +229,14 @@ def check_options(opts: Options, cfg) -> None:
 
 def _baselines_section(report, source, target, names, seed) -> None:
     """The unpatched source and target runs per prompt (`names`), and the premise finding."""
-    t = analysis.prompt_table(np.stack([source, target]), contrasts=[(0, 1)], seed=seed)
+    t = prompt_table(np.stack([source, target]), contrasts=[(0, 1)], seed=seed)
     report.add("Baselines", f"The metric of the unpatched runs over {len(source)} prompts; in brackets 95% "
                "intervals over the prompts (bootstrap). Recovery = (patched - target) / (source - target).",
                table(["run", "mean metric", "prompts with metric > 0"],
-                     [[f"{role} ({name})", analysis.cell(t, "mean", i), analysis.cell(t, "right", i, ".0%")]
+                     [[f"{role} ({name})", cell(t, "mean", i), cell(t, "right", i, ".0%")]
                       for i, (role, name) in enumerate(zip(("source", "target"), names))]),
-               f"Source - target, paired over the prompts: {analysis.cell(t, 'contrast', 0)}.")
-    for statement, rule in analysis.premise_findings(t, names, 0, 1)[1]:
+               f"Source - target, paired over the prompts: {cell(t, 'contrast', 0)}.")
+    for statement, rule in premise_findings(t, names, 0, 1)[1]:
         report.finding(statement, rule)
     report.results["baselines"] = {"source": source, "target": target, "table": t}
 
@@ -261,6 +271,6 @@ def run(opts: Options) -> str:
                                 opts.positions, opts.align, str(criterion)]]),
                f"Success of a subset: {criterion.describe()}.")
     _baselines_section(report, source, target, RUN_NAMES[opts.task](opts), opts.seed)
-    add_sweep_analysis(report, "Sweep", res.subsets(pool.n), res.metric, pool.labels(), criterion=criterion,
-                       source=source, target=target, seed=opts.seed)
+    add_sweep_analysis(report, "Sweep", res.subsets(pool.n), res.metric, pool.labels(), criterion, (source, target),
+                       SummaryOptions(seed=opts.seed))
     return report.write()
