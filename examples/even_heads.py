@@ -8,20 +8,17 @@ tabulate which subsets repair it (metric: logit('8') - logit('1') after " 9.").
 import argparse
 
 import jaxcircuits as jc
-from jaxcircuits.interventions import positions as P
 from jaxcircuits.engine.subsets import Pool, all_subsets
+from jaxcircuits.studies import kit
 from jaxcircuits.tasks import decimals as D
+from jaxcircuits.tasks import registry
 
 
 def main(model: str = jc.DEFAULT_MODEL, layer: int = 17, out: str = "runs/examples/even_heads"):
     """The sweep as a table (`SweepResult.to_frame`), best subsets first; also written to out/."""
     model = jc.load(model)
-    src = D.build_batch([D.STUDY_PAIR], "simple", model.tokenizer)        # the good format: the source
-    tgt = D.build_batch([D.STUDY_PAIR], "qa", model.tokenizer)            # the bad format: patched
-    _, cache = model.run_with_cache(src.ids, src.mask, sites=("head_out",))
-    pos_map = P.token_matched(tgt.ids, tgt.mask, src.ids, src.mask)       # same tokens, same place
-    problem = jc.PatchingProblem.make(jc.target_run(model.params, model.cfg, tgt.ids, tgt.mask),
-                                      P.align(cache, pos_map), P.weights("all", pos_map), tgt.metric)
+    task = registry.decimal_batches([D.STUDY_PAIR], "simple", "qa", model.tokenizer)   # good format -> bad one
+    problem = kit.problem(model, task, ("head_out",), align="token")                  # same tokens, same place
     pool = Pool("head_out", [(layer, h) for h in range(0, model.cfg.n_heads, 2)])
     result = jc.run_sweep(model.params, model.cfg, problem, pool, all_subsets(pool.n), out)
     return result.to_frame(pool).sort_values("metric", ascending=False)

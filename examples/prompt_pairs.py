@@ -7,12 +7,10 @@ and list the subsets that move the target's answer most toward the source's.
 
 import argparse
 
-import jax.numpy as jnp
-
 import jaxcircuits as jc
-from jaxcircuits.interventions import positions as P
-from jaxcircuits.interventions.metrics import pad_ids
 from jaxcircuits.engine.subsets import Pool, of_sizes
+from jaxcircuits.studies import kit
+from jaxcircuits.tasks import registry
 
 # (source prompt, its answer, target prompt, its answer): metric = logit(source answer) -
 # logit(target answer) on the target, > 0 once the patched heads carry the source's fact.
@@ -25,16 +23,9 @@ PAIRS = [
 def main(model: str = jc.DEFAULT_MODEL, layers=(15, 20), out: str = "runs/examples/prompt_pairs"):
     """The sweep as a table (`SweepResult.to_frame`), best subsets first; also written to out/."""
     model = jc.load(model)
-    tok = model.tokenizer
-    src_ids, src_mask = tok.batch([p[0] for p in PAIRS])
-    tgt_ids, tgt_mask = tok.batch([p[2] for p in PAIRS])
-    good = pad_ids([tok.answer_token_ids(a, prompt=t)[:1] for _, a, t, _ in PAIRS])
-    bad = pad_ids([tok.answer_token_ids(b, prompt=t)[:1] for _, _, t, b in PAIRS])
-    _, cache = model.run_with_cache(src_ids, src_mask, sites=("head_out",))
-    pos_map = P.right_aligned(tgt_mask, src_mask)                       # last token to last token
-    problem = jc.PatchingProblem.make(jc.target_run(model.params, model.cfg, tgt_ids, tgt_mask),
-                                      P.align(cache, pos_map), P.weights("last", pos_map),
-                                      jc.LogitDiff(good=jnp.asarray(good), bad=jnp.asarray(bad)))
+    source, source_answer, target, target_answer = zip(*PAIRS)
+    task = registry.text_batches(model.tokenizer, (source, target), (source_answer, target_answer))
+    problem = kit.problem(model, task, ("head_out",), positions="last")    # right-aligned: last token to last
     pool = Pool.heads_of_layers(layers, model.cfg.n_heads)
     result = jc.run_sweep(model.params, model.cfg, problem, pool, of_sizes(pool.n, [1, 2]), out)
     return result.to_frame(pool).sort_values("metric", ascending=False)

@@ -111,7 +111,7 @@ def test_even_heads_large_layers_sweep_even_odd_exhaustively_and_sample_all(tiny
     """The >16-unit path (Llama-3.1-8B's 32 heads), exercised on 4 heads by lowering the limit."""
     from jaxcircuits.studies import even_heads as lib
     monkeypatch.setattr(lib, "EXHAUSTIVE_MAX_UNITS", 2)
-    opts = lib.Options(model=tiny_dir, dtype="float32", protocols=("heads",), source_format="simple",
+    opts = lib.Options(model=tiny_dir, dtype="float32", protocol="heads", source_format="simple",
                        target_format="qa", scan_formats=("simple", "qa"), n_pairs=0, sweep_layers=(1,),
                        top_layers=1, n_blocks=None, max_new_tokens=2, confirm=0, chunk_size=8, seed=0,
                        out=str(tmp_path / "eh"), resume=True, samples_per_size=3)

@@ -56,3 +56,24 @@ def test_no_model_family_switch():
             if isinstance(node, ast.Attribute) and node.attr in ("family", "checkpoint") and \
                     isinstance(node.value, ast.Name) and node.value.id == "cfg":
                 assert node.attr == "checkpoint" and path.parent.name == "weights", f"{path}:{node.lineno}"
+
+
+def test_no_study_imports_another_study():
+    """A module under studies/ imports no other study: what studies share lives in the kit."""
+    studies = {p.stem for p in (LIB / "studies").glob("*.py")} - {"__init__", "kit"}
+    offenders = []
+    for path, tree in _modules():
+        if path.parent.name != "studies":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = ".".join(filter(None, ["jaxcircuits.studies" if node.level else "", node.module]))
+                names = [f"{module}.{a.name}" for a in node.names] + [module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            hit = {n.split(".")[2] for n in names if n.startswith("jaxcircuits.studies.")} & (studies - {path.stem})
+            if hit:
+                offenders.append(f"{path.relative_to(LIB)}:{node.lineno} {sorted(hit)}")
+    assert not offenders, offenders

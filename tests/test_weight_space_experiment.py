@@ -46,15 +46,15 @@ def test_weight_space_bad_ranks_is_one_usage_line(tiny_dir, tmp_path):
 
 def test_rotated_options_moves_the_answer():
     p = mc.multiple_choice(1, 0)[0]
-    r = study.rotated_options(p)
+    r = mc.rotated_options(p)
     right = p.text.split("\n")[1 + p.answer].split(". ", 1)[1]                 # the right option's text
     assert f"{r.answer_text}. {right}" in r.text and r.answer_text != p.answer_text
     assert r.text.replace("Answer:", "").count("A.") == 1
     c = mc.ChoicePrompt("a red pen, a blue cup and a green book. What color is the cup? Answer:", ("red", "blue", "green"), 1)
-    assert study.rotated_options(c) == mc.ChoicePrompt(
+    assert mc.rotated_options(c) == mc.ChoicePrompt(
         "a blue pen, a green cup and a red book. What color is the cup? Answer:", ("blue", "green", "red"), 1)
     with pytest.raises(ValueError, match="nothing to rotate"):
-        study.rotated_options(mc.ChoicePrompt("What color? Answer:", ("red", "blue"), 0))
+        mc.rotated_options(mc.ChoicePrompt("What color? Answer:", ("red", "blue"), 0))
 
 
 def test_pair_directions_are_the_links_singular_directions(tiny):

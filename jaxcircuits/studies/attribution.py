@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Tuple
 
 import numpy as np
 import scipy.stats
@@ -22,41 +21,36 @@ from absl import logging
 
 from jaxcircuits.methods import dla
 from jaxcircuits.reports import plots
-from jaxcircuits.interventions import positions as P
 from jaxcircuits.methods.attribution import attribution_patching, integrated_gradients
 from jaxcircuits.interventions.metrics import LogitDiff
-from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.reports.report import Report, table
 from jaxcircuits.interventions.sites import unit_label
-from jaxcircuits.studies.common import OptionError, load_model, unpatched_metric
-from jaxcircuits.studies.ioi import head_patch_map
-from jaxcircuits.studies.threshold_sweep import task_batches
+from jaxcircuits.studies import kit
+from jaxcircuits.studies.kit import OptionError, flag
+from jaxcircuits.tasks import registry
 
 METHODS = ("DLA", "AP", "IG", "exact")
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-    model: str
-    dtype: str
-    task: str                       # 'ioi' | 'decimals' | 'prompts' (as experiments.threshold_sweep)
-    source_format: str
-    target_format: str
-    prompts: Tuple[str, str]
-    answers: Tuple[str, str]
-    n_prompts: int
-    seed: int
-    ig_steps: int
-    top: int
-    chunk_size: int
-    out: str
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options(kit.TaskOptions):
+    """The study's options: its binary's flags (`kit.flag` fields; the task's in `kit.TaskOptions`)."""
 
+    task: str = flag("enum", "ioi", "ioi: clean -> corrupted IOI prompts; decimals: --source_format -> "
+                     "--target_format pairs; prompts: --source_prompts/--target_prompts files with --answers.",
+                     enum_values=["ioi", "decimals", "prompts"])
+    n_prompts: int = flag("integer", 8, "Prompts (ioi, decimals).", lower_bound=1)
+    seed: int = flag("integer", 0, "Seed of the prompts.")
+    ig_steps: int = flag("integer", 8, "Integrated-gradients steps (midpoint rule).", lower_bound=1)
+    top: int = flag("integer", 5, "Heads per method compared for agreement.", lower_bound=1)
+    chunk_size: int = flag("integer", 64, "Masks per compiled chunk of the exact map (0: from free memory).",
+                           lower_bound=0)
+    out: str = kit.out("attribution")
 
-def check_options(opts: Options, cfg) -> None:
-    """The options against the model's config (OptionError naming the flag)."""
-    if not 1 <= opts.top <= cfg.n_layers * cfg.n_heads:
-        raise OptionError(f"--top={opts.top} out of range [1, {cfg.n_layers * cfg.n_heads}] (the model's heads)")
+    def check(self, cfg) -> None:
+        """--top within the model's heads."""
+        if not 1 <= self.top <= cfg.n_layers * cfg.n_heads:
+            raise OptionError(f"--top={self.top} out of range [1, {cfg.n_layers * cfg.n_heads}] (the model's heads)")
 
 
 def head_dla(model, ids, mask, metric: LogitDiff) -> np.ndarray:
@@ -82,28 +76,25 @@ def agreement(maps: dict, k: int) -> dict:
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, "Attribution: DLA, attribution patching, integrated gradients and exact patching")
-    model = load_model(opts.model, opts.dtype)
+    model = kit.load(opts)
     cfg = model.cfg
-    check_options(opts, cfg)
-    task = task_batches(model, opts)
+    task = registry.build(opts.task, model.tokenizer, opts)
     if not isinstance(task.metric, LogitDiff):
         raise OptionError(f"--task={opts.task}: DLA needs a logit-difference metric")
-    base = {"source": float(unpatched_metric(model, task.source_ids, task.source_mask, task.metric).mean()),
-            "target": float(unpatched_metric(model, task.target_ids, task.target_mask, task.metric).mean())}
+    # Both runs scored by the patched runs' metric: every map below is in its units.
+    base = {"source": float(kit.unpatched_metric(model, task.source_ids, task.source_mask, task.metric).mean()),
+            "target": float(kit.unpatched_metric(model, task.target_ids, task.target_mask, task.metric).mean())}
     gap = base["source"] - base["target"]
     if abs(gap) < 1e-6:
         raise OptionError(f"source and target runs score the same ({base['source']:.4f}): nothing to attribute")
-    _, cache = run_with_cache(model.params, cfg, task.source_ids, task.source_mask, sites=("head_out",))
-    pos_map = P.right_aligned(task.target_mask, task.source_mask)
-    problem = PatchingProblem.make(target_run(model.params, cfg, task.target_ids, task.target_mask),
-                                   P.align(cache, pos_map), P.weights("all", pos_map), task.metric)
+    problem = kit.problem(model, task, ("head_out",))
     seconds, maps = {}, {}
     for name, compute in (
             ("DLA", lambda: head_dla(model, task.source_ids, task.source_mask, task.metric)
              - head_dla(model, task.target_ids, task.target_mask, task.metric)),
             ("AP", lambda: attribution_patching(model.params, cfg, problem, "head_out")),
             ("IG", lambda: integrated_gradients(model.params, cfg, problem, "head_out", steps=opts.ig_steps)),
-            ("exact", lambda: head_patch_map(model, problem, opts.chunk_size) - base["target"])):
+            ("exact", lambda: kit.unit_map(model, problem, opts.chunk_size).mean(-1) - base["target"])):
         logging.info("attribution: %s", name)
         t = time.time()
         maps[name] = np.asarray(compute(), np.float64) / gap

@@ -20,7 +20,6 @@ import dataclasses
 import time
 from typing import Tuple
 
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -29,43 +28,14 @@ from jaxcircuits.stats.tables import DENSE_MAX_UNITS
 from jaxcircuits.methods import attribution, circuits, learned
 from jaxcircuits.interventions import edges, sites
 from jaxcircuits.reports import plots
-from jaxcircuits.interventions import positions as P
-from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.interventions.problem import PatchingProblem, target_run
-from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.reports.report import Report, table
-from jaxcircuits.interventions.sites import Mask
-from jaxcircuits.studies.common import OptionError, check_layers, load_model, unpatched_metric
-from jaxcircuits.studies.ioi import head_patch_map
-from jaxcircuits.studies.threshold_sweep import TASKS as SWEEP_TASKS
+from jaxcircuits.studies import kit
+from jaxcircuits.studies.kit import OptionError, flag
 from jaxcircuits.engine.subsets import Pool
+from jaxcircuits.tasks import registry
 
-# --task -> its batches (`threshold_sweep.TASKS`' form: (TaskBatches, the source run's metric));
-# the task's source run is the circuit's target run, its target run the patching source.
-TASKS = {"ioi": SWEEP_TASKS["ioi"]}
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    model: str
-    dtype: str
-    task: str
-    level: str                      # a key of sites.LEVELS
-    methods: Tuple[str, ...]        # of METHODS; () = the level's DEFAULT_METHODS
-    layer: int                      # ground-truth pool: the heads of this layer; -1 = the layer that matters most
-    criterion: str                  # a criteria.Criterion over faithfulness, e.g. 'recovery>=0.8'
-    n_prompts: int
-    seed: int
-    max_size: int                   # largest circuit on the curves (0 = every unit)
-    n_points: int                   # sizes on the curves
-    ig_steps: int
-    abs_scores: bool                # rank by |importance| (both signs matter) instead of importance
-    lambdas: Tuple[float, ...]      # learned: sparsity penalties, each the cost of keeping every unit
-    learned_steps: int
-    learning_rate: float
-    max_path_edges: int             # 'path' at edge level runs one masked forward per edge
-    chunk_size: int
-    out: str
+# the registered tasks this study offers (--task): one metric scores both runs
+TASKS = ("ioi",)
 
 
 # ---- methods --------------------------------------------------------------------------------------
@@ -74,7 +44,7 @@ class Options:
 # gives one binary circuit per penalty weight instead (`learned.learn`).
 
 def _path_head(model, problem, base, opts):
-    return base["full"] - head_patch_map(model, problem, opts.chunk_size).ravel()
+    return base["full"] - kit.unit_map(model, problem, opts.chunk_size).mean(-1).ravel()
 
 
 def _path_edge(model, problem, base, opts):
@@ -113,6 +83,64 @@ METHODS = (*RANKINGS, "learned")
 DEFAULT_METHODS = {"head": METHODS, "edge": tuple(RANKINGS)}
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options(kit.StudyOptions):
+    """The study's options: its binary's flags (`kit.flag` fields)."""
+
+    task: str = flag("string", "ioi", "Task (one of jaxcircuits.studies.circuit.TASKS): ioi = clean -> corrupted IOI.")
+    level: str = flag("string", "head", "Units of a circuit: head (head outputs) or edge (sender -> receiver edges).")
+    method: Tuple[str, ...] = flag("list", [], "Discovery methods (path, eap, eap_ig, learned); default: all four at "
+                                   "head level, path, eap and eap_ig at edge level (path only up to "
+                                   "--max_path_edges edges).")
+    layer: int = flag("integer", -1, "Ground-truth pool: the heads of this layer (-1: the layer whose heads, patched "
+                      "together, lower the metric most).")
+    criterion: str = flag("string", "recovery>=0.8", "When a circuit is sufficient: recovery>=X is faithfulness >= X.")
+    n_prompts: int = flag("integer", 8, "Prompts.", lower_bound=1)
+    seed: int = flag("integer", 0, "Seed of the prompts.")
+    max_size: int = flag("integer", 0, "Largest circuit on the curves (0: every unit).", lower_bound=0)
+    n_points: int = flag("integer", 48, "Circuit sizes on the curves (every size when there are fewer).",
+                         lower_bound=2)
+    ig_steps: int = flag("integer", 8, "Integrated-gradients steps.", lower_bound=1)
+    abs_scores: bool = flag("bool", False, "Rank units by |importance| (a unit whose patching raises the metric "
+                            "counts too) rather than by importance.")
+    lambdas: Tuple[float, ...] = flag("list", ["1", "3", "10"], "learned: sparsity penalties, one run each; each is "
+                                      "the penalty of keeping every unit (divided by the unit count per unit).",
+                                      parse=kit.floats)
+    learned_steps: int = flag("integer", 100, "learned: adam steps.", lower_bound=1)
+    learning_rate: float = flag("float", 0.1, "learned: adam's learning rate.", lower_bound=0)
+    max_path_edges: int = flag("integer", 4096, "Largest edge count for --method=path at --level=edge (one patched "
+                               "run per edge).", lower_bound=1)
+    chunk_size: int = flag("integer", 64, "Masks per compiled chunk (edge masks hold every sender's delta: use "
+                           "fewer at --level=edge on large models).", lower_bound=1)
+    out: str = kit.out("circuit")
+
+    def check_flags(self) -> None:
+        """Task, level, methods, penalties, criterion and curve sizes."""
+        if self.task not in TASKS:
+            raise OptionError(f"--task={self.task}: known tasks are {sorted(TASKS)}")
+        if self.level not in sites.LEVELS:
+            raise OptionError(f"--level={self.level}: known levels are {sorted(sites.LEVELS)}")
+        for m in self.method:
+            if m not in METHODS:
+                raise OptionError(f"--method={m}: known methods are {', '.join(METHODS)}")
+        if not self.lambdas or min(self.lambdas) < 0:
+            raise OptionError(f"--lambdas must be values >= 0, got {list(self.lambdas)}")
+        try:
+            Criterion.parse(self.criterion)
+        except ValueError as e:
+            raise OptionError(f"--criterion: {e}") from None
+        if self.max_size < 0 or self.n_points < 2:
+            raise OptionError(f"--max_size must be >= 0 and --n_points >= 2, got {self.max_size} and {self.n_points}")
+
+    def check(self, cfg) -> None:
+        """Path patching of every edge within --max_path_edges; --layer within the model."""
+        if self.level == "edge" and "path" in self.method and _n_edges(cfg) > self.max_path_edges:
+            raise OptionError(f"--method=path at --level=edge patches each of the model's {_n_edges(cfg)} edges "
+                              f"alone, more than --max_path_edges={self.max_path_edges}: use eap or eap_ig")
+        if self.layer != -1:
+            kit.check_layers("layer", [self.layer], cfg)
+
+
 def learn(model, problem, opts: Options, pool=None):
     """`learned.learn` of every head (or the pool's) / every edge, one run per --lambdas value
     (scaled by 1 / the number of units, so that the value is the penalty of keeping them all)."""
@@ -128,62 +156,19 @@ def _n_edges(cfg) -> int:
 
 
 def methods_for(opts: Options, cfg) -> Tuple[str, ...]:
-    """The methods to run: opts.methods, or the level's defaults (path at edge level only up to
+    """The methods to run: --method, or the level's defaults (path at edge level only up to
     --max_path_edges edges)."""
-    if opts.methods:
-        return opts.methods
+    if opts.method:
+        return opts.method
     return tuple(m for m in DEFAULT_METHODS[opts.level]
                  if not (m == "path" and opts.level == "edge" and _n_edges(cfg) > opts.max_path_edges))
 
 
-def check_flags(opts: Options) -> None:
-    """The options that need no model (OptionError naming the flag)."""
-    if opts.task not in TASKS:
-        raise OptionError(f"--task={opts.task}: known tasks are {sorted(TASKS)}")
-    if opts.level not in sites.LEVELS:
-        raise OptionError(f"--level={opts.level}: known levels are {sorted(sites.LEVELS)}")
-    for m in opts.methods:
-        if m not in METHODS:
-            raise OptionError(f"--method={m}: known methods are {', '.join(METHODS)}")
-    if not opts.lambdas or min(opts.lambdas) < 0:
-        raise OptionError(f"--lambdas must be values >= 0, got {list(opts.lambdas)}")
-    try:
-        Criterion.parse(opts.criterion)
-    except ValueError as e:
-        raise OptionError(f"--criterion: {e}") from None
-    if opts.max_size < 0 or opts.n_points < 2:
-        raise OptionError(f"--max_size must be >= 0 and --n_points >= 2, got {opts.max_size} and {opts.n_points}")
-
-
-def check_options(opts: Options, cfg) -> None:
-    """The options against the model's config (OptionError naming the flag)."""
-    check_flags(opts)
-    if opts.level == "edge" and "path" in opts.methods and _n_edges(cfg) > opts.max_path_edges:
-        raise OptionError(f"--method=path at --level=edge patches each of the model's {_n_edges(cfg)} edges "
-                          f"alone, more than --max_path_edges={opts.max_path_edges}: use eap or eap_ig")
-    if opts.layer != -1:
-        check_layers("layer", [opts.layer], cfg)
-
-
 # ---- the run ------------------------------------------------------------------------------------
-
-def _problem(model, opts: Options):
-    """(task batches, the circuit problem: target = the task's source run, source = its target run
-    aligned to it, all positions, the source run's metric)."""
-    task, metric = TASKS[opts.task](model, opts)
-    _, cache = run_with_cache(model.params, model.cfg, task.target_ids, jnp.asarray(task.target_mask),
-                              sites=sites.level(opts.level).source)
-    pos_map = P.right_aligned(task.source_mask, task.target_mask)
-    problem = PatchingProblem.make(target_run(model.params, model.cfg, task.source_ids, task.source_mask),
-                                   P.align(cache, pos_map), P.weights("all", pos_map), metric)
-    return task, problem
-
 
 def pick_layer(model, problem, full: float, chunk_size: int) -> Tuple[int, np.ndarray]:
     """(the layer whose heads, patched together, lower the mean metric most; that drop per layer [L])."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    masks = np.repeat(np.eye(L, dtype=np.float32)[:, :, None], H, 2)          # [L masks, L, H]
-    drop = full - run_masks(model.params, model.cfg, problem, Mask(head_out=masks), chunk_size=chunk_size).mean(-1)
+    drop = full - kit.layer_scan(model, problem, chunk_size).mean(-1)
     return int(np.argmax(drop)), drop
 
 
@@ -223,14 +208,14 @@ def pool_sets(model, problem, opts: Options, pool: Pool, scores: dict) -> dict:
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, f"Circuits: discovery and faithfulness ({opts.task}, {opts.level} level)")
-    model = load_model(opts.model, opts.dtype)
+    model = kit.load(opts)
     cfg = model.cfg
-    check_options(opts, cfg)
     methods = methods_for(opts, cfg)
     criterion = Criterion.parse(opts.criterion)
-    task, problem = _problem(model, opts)
-    full = unpatched_metric(model, task.source_ids, task.source_mask, problem.metric)
-    corrupted = unpatched_metric(model, task.target_ids, task.target_mask, problem.metric)
+    # The circuit is kept from the task's source run (clean): its problem patches from the target run.
+    task = registry.build(opts.task, model.tokenizer, opts).swapped()
+    problem = kit.problem(model, task, sites.level(opts.level).source)
+    corrupted, full = kit.baselines(model, task)
     base = {"full": float(full.mean()), "corrupted": float(corrupted.mean())}
     labels = sites.level(opts.level).labels(cfg)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,44 +25,124 @@ from jaxcircuits.reports import plots
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions import sites
 from jaxcircuits.engine import subsets as S
-from jaxcircuits.tasks.formats import encode_prompt
+from jaxcircuits.tasks.formats import encode_prompt, get_format
+from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.interventions.positions import decode_intervention, source_at_position
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.reports.findings import cell, contrast_findings, premise_findings, threshold_cell
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.interventions.sites import Intervention, Mask
-from jaxcircuits.studies.common import OptionError, check_layers, load_model, unpatched_metric
+from jaxcircuits.studies import kit
+from jaxcircuits.studies.kit import OptionError, flag
 from jaxcircuits.engine.subsets import Pool, all_subsets, sampled_per_size
 from jaxcircuits.engine.sweep import blend_crossing, run_sweep
 from jaxcircuits.tasks import decimals as D
+from jaxcircuits.tasks import registry
 
-PROTOCOLS = ("heads", "original")
 HEADLINE_HALF_WIDTH = 0.15        # the widest 95% interval wanted on a headline rate (a fraction of pairs)
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
-    model: str
-    dtype: str
-    protocols: Tuple[str, ...]
-    source_format: str
-    target_format: str
-    scan_formats: Tuple[str, ...]
-    n_pairs: int
-    sweep_layers: Tuple[int, ...]
-    top_layers: int
-    n_blocks: Optional[int]
-    max_new_tokens: int
-    confirm: int
-    chunk_size: int
-    seed: int
-    out: str
-    resume: bool
-    samples_per_size: int = 200
-    sweep_pairs: int = 3              # the first pairs, for the layer scan, sweeps, blend and generation
-    success: str = "recovery>=0.5"    # a `criteria.Criterion`
+class Protocol:
+    """How a protocol patches: its position map (`kit.ALIGNS`), the units of a layer it sweeps
+    (cfg, layer, n_blocks) -> `Pool`, whether its units form KV groups, and whether generation is
+    patched at every decoded token too (else in prefill only)."""
+
+    align: str
+    pool: Callable[[ModelConfig, int, Optional[int]], Pool]
+    grouped: bool
+    decode: bool
+
+
+PROTOCOLS = {
+    "heads": Protocol("token", lambda cfg, layer, n_blocks: Pool.heads(layer, cfg.n_heads), True, False),
+    "original": Protocol("left", lambda cfg, layer, n_blocks: Pool.blocks(layer, n_blocks or cfg.n_heads), False,
+                         True),
+}
+PROTOCOL_RUNS = {"heads": ("heads",), "original": ("original",), "both": tuple(PROTOCOLS)}   # --protocol
+# --preset -> the values of the flags left unset
+PRESETS = {"quick": {"n_pairs": 63, "sweep_pairs": 3, "top_layers": 1},
+           "full": {"n_pairs": 95, "sweep_pairs": 16, "top_layers": 2}}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options(kit.StudyOptions):
+    """The study's options: its binary's flags (`kit.flag` fields); None = the preset's value
+    (`resolved`)."""
+
+    protocol: str = flag("enum", "heads", "Which protocol(s) to run.", enum_values=list(PROTOCOL_RUNS))
+    preset: str = flag("enum", "quick", "quick: study pair + 63 generated pairs, the first 3 for the sweeps, 1 layer "
+                       "swept (CPU, minutes); full: 95 generated pairs, the first 16 for the sweeps, 2 layers.",
+                       enum_values=list(PRESETS))
+    source_format: str = flag("string", "simple", "Prompt format of the good (source) run; 'auto' = the scanned "
+                              "format with the highest mean first-token logit difference.")
+    target_format: str = flag("string", "qa", "Prompt format of the bad (target) run; 'auto' = the scanned format "
+                              "with the lowest.")
+    scan_formats: Tuple[str, ...] = flag("list", ["simple", "qa", "chat", "chat_raw"], "Formats of the format scan.")
+    n_pairs: Optional[int] = flag("integer", None, "Generated trap pairs besides 9.8/9.11 (default by preset): the "
+                                  "headline rates use them all.", lower_bound=0)
+    sweep_pairs: Optional[int] = flag("integer", None, "The first pairs (9.8/9.11 first) for the layer scan, the "
+                                      "sweeps, the blend and the generation checks (default by preset).",
+                                      lower_bound=1)
+    success: str = flag("string", "recovery>=0.5", "Success of a subset: recovery>=X (normalised recovery of the "
+                        "mean metric toward the source), metric>X (mean metric), fraction>=X (of pairs answered "
+                        "right) or fraction(metric>=Y)>=X (of pairs with metric >= Y).")
+    sweep_layers: Tuple[int, ...] = flag("list", [], "Layers to sweep (default: the best of the layer scan).",
+                                         parse=kit.ints)
+    top_layers: Optional[int] = flag("integer", None, "How many best layers to sweep (default by preset).",
+                                     lower_bound=1)
+    n_blocks: Optional[int] = flag("integer", None, "Residual blocks of the original protocol (default: n_heads).",
+                                   lower_bound=1)
+    max_new_tokens: int = flag("integer", 20, "Greedy tokens per generation.", lower_bound=1)
+    confirm: int = flag("integer", 4, "Boundary subsets confirmed by generation per sweep.", lower_bound=0)
+    chunk_size: int = flag("integer", 64, "Masks per compiled chunk (0: from free memory).", lower_bound=0)
+    samples_per_size: int = flag("integer", 200, "Layers with more than 16 heads/blocks (e.g. Llama-3.1-8B): all "
+                                 "subsets of the even and of the odd units, and this many sampled subsets per size "
+                                 "over all units.", lower_bound=1)
+    seed: int = flag("integer", 0, "Seed of the generated pairs.")
+    out: str = kit.out("even_heads")
+    resume: bool = kit.resume()
+
+    @property
+    def protocols(self) -> Tuple[str, ...]:
+        """The protocols to run (`PROTOCOLS` keys)."""
+        return PROTOCOL_RUNS[self.protocol]
+
+    def resolved(self) -> Options:
+        """The options with the preset's values for the flags left unset (None)."""
+        return dataclasses.replace(self, **{k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None})
+
+    def check_flags(self) -> None:
+        """Formats known and distinct ('auto' needs two scanned), success criterion, layers >= 0."""
+        for name in (self.source_format, self.target_format, *self.scan_formats):
+            if name != "auto":
+                get_format(name)                   # raises listing the known formats
+        if "auto" in (self.source_format, self.target_format) and len(self.scan_formats) < 2:
+            raise OptionError("'auto' formats need at least two --scan_formats")
+        if self.source_format == self.target_format != "auto":
+            raise OptionError("--source_format and --target_format must differ")
+        try:
+            Criterion.parse(self.success)
+        except ValueError as e:
+            raise OptionError(f"--success: {e}") from None
+        if any(l < 0 for l in self.sweep_layers):
+            raise OptionError("--sweep_layers must be >= 0")
+
+    def check(self, cfg) -> None:
+        """Swept layers, blocks (original protocol only) and top layers against the model's config."""
+        kit.check_layers("sweep_layers", self.sweep_layers, cfg)
+        if self.n_blocks is not None:
+            if "original" not in self.protocols:
+                raise OptionError(f"--n_blocks={self.n_blocks} applies only to the original protocol "
+                                  "(--protocol=original or both)")
+            try:
+                sites.get("attn_block").shape(cfg, self.n_blocks)
+            except ValueError as e:
+                raise OptionError(f"--n_blocks: {e}") from None
+        top_layers = self.resolved().top_layers
+        if not 1 <= top_layers <= cfg.n_layers:
+            raise OptionError(f"--top_layers={top_layers} out of range [1, {cfg.n_layers}]")
 
 
 def pairs_needed(half_width: float = HEADLINE_HALF_WIDTH, z: float = Z95) -> int:
@@ -76,9 +156,9 @@ def format_scan(model, pairs, formats, max_new) -> dict:
     out = {}
     for fmt in formats:
         b = D.build_batch(pairs, fmt, model.tokenizer)
-        first = unpatched_metric(model, b.ids, b.mask, b.metric)
+        first = kit.unpatched_metric(model, b.ids, b.mask, b.metric)
         tf = D.build_teacher_forced(pairs, fmt, model.tokenizer)
-        lp = [unpatched_metric(model, tf.ids[i], tf.mask[i], m) for i, m in enumerate((tf.good, tf.bad))]
+        lp = [kit.unpatched_metric(model, tf.ids[i], tf.mask[i], m) for i, m in enumerate((tf.good, tf.bad))]
         ids, mask = model.tokenizer.pad([encode_prompt(fmt, p.question, model.tokenizer) for p in pairs], "left")
         texts = model.complete_ids(ids, mask, max_new)
         out[fmt] = {"first_token_logit_diff": first, "teacher_forced_log_odds": lp[0] - lp[1], "generation": texts,
@@ -96,7 +176,7 @@ def _format_section(report, scan, pairs, opts) -> None:
     names = list(scan)
     src, tgt = names.index(opts.source_format), names.index(opts.target_format)
     t = prompt_table(np.stack([scan[f]["first_token_logit_diff"] for f in names]),
-                     contrasts=[(src, tgt)], seed=opts.seed)
+                              contrasts=[(src, tgt)], seed=opts.seed)
     rows = [[f, cell(t, "mean", i), cell(t, "right", i, ".0%"),
              float(np.mean(r["teacher_forced_log_odds"])), _counts(r["answer"]), _counts(r["original_test"]),
              repr(r["generation"][0][:60])] for i, (f, r) in enumerate(scan.items())]
@@ -132,15 +212,6 @@ def _choose_formats(opts: Options, scan: dict) -> Tuple[Options, bool]:
     return dataclasses.replace(opts, source_format=source, target_format=target), auto
 
 
-def _protocol_problem(protocol, src, tgt, cache, target) -> PatchingProblem:
-    """The protocol's patching problem: token-matched positions (heads) or left-aligned (original)."""
-    if protocol == "heads":
-        pos_map = P.token_matched(tgt.ids, tgt.mask, src.ids, src.mask)
-    else:
-        pos_map = P.left_aligned(tgt.mask, src.mask)
-    return PatchingProblem.make(target, P.align(cache, pos_map), P.weights("all", pos_map), tgt.metric)
-
-
 @dataclasses.dataclass(frozen=True)
 class Task:
     """P pairs, their patching problem per protocol and the unpatched source/target metrics [P]."""
@@ -152,11 +223,9 @@ class Task:
 
 
 def _task(model, pairs, opts) -> Task:
-    src, tgt = (D.build_batch(pairs, f, model.tokenizer) for f in (opts.source_format, opts.target_format))
-    _, cache = run_with_cache(model.params, model.cfg, src.ids, jnp.asarray(src.mask), sites=("head_out", "attn_out"))
-    target = target_run(model.params, model.cfg, tgt.ids, tgt.mask)
-    return Task(pairs, {p: _protocol_problem(p, src, tgt, cache, target) for p in PROTOCOLS},
-                *(unpatched_metric(model, b.ids, b.mask, b.metric) for b in (src, tgt)))
+    task = registry.decimal_batches(pairs, opts.source_format, opts.target_format, model.tokenizer)
+    problems = kit.problems(model, task, ("head_out", "attn_out"), [p.align for p in PROTOCOLS.values()])
+    return Task(pairs, {name: problems[p.align] for name, p in PROTOCOLS.items()}, *kit.baselines(model, task))
 
 
 def best_layers(table: dict, k: int) -> list:
@@ -169,9 +238,7 @@ def best_layers(table: dict, k: int) -> list:
 def _layer_scan(model, task: Task, opts, report) -> list:
     """Every head of one layer patched at once; the layers by recovery (movement toward the source)."""
     cfg = model.cfg
-    m = np.zeros((cfg.n_layers, cfg.n_layers, cfg.n_heads), np.float32)
-    m[np.arange(cfg.n_layers), np.arange(cfg.n_layers)] = 1.0
-    vals = run_masks(model.params, cfg, task.problems["heads"], Mask(head_out=m), chunk_size=opts.chunk_size)
+    vals = kit.layer_scan(model, task.problems["heads"], opts.chunk_size)
     t = prompt_table(vals, task.source, task.target, seed=opts.seed)
     best = best_layers(t, opts.top_layers)
     fig = plots.plot_layer_curve(vals.mean(-1), report.path("layer_scan.png"),
@@ -192,19 +259,13 @@ def _layer_scan(model, task: Task, opts, report) -> list:
     return best
 
 
-def _pool(model, protocol, layer, opts):
-    if protocol == "heads":
-        return Pool.heads(layer, model.cfg.n_heads)
-    return Pool.blocks(layer, opts.n_blocks or model.cfg.n_heads)
-
-
 def _families(cfg, protocol: str, n: int) -> list:
     """Named unit families [(name, units)]: all, even, odd, first half; for true heads also each
     position within the KV groups and each KV group (`subsets.group_positions` / `kv_groups`)."""
     members = lambda family: [np.flatnonzero(S.from_bitmask(m, n)) for m in family.masks]
     out = [("all units", np.arange(n)), ("even units", *members(S.even(n))), ("odd units", *members(S.odd(n))),
            ("first half", np.arange(n // 2))]
-    if protocol == "heads" and cfg.n_kv_heads < cfg.n_heads:
+    if PROTOCOLS[protocol].grouped and cfg.n_kv_heads < cfg.n_heads:
         out += [(f"group position {p}", u) for p, u in enumerate(members(S.group_positions(n, cfg.n_kv_heads)))]
         out += [(f"KV group {g}", u) for g, u in enumerate(members(S.kv_groups(n, cfg.n_kv_heads)))]
     return out
@@ -245,7 +306,7 @@ def _generation_check(model, protocol, pairs, pool, named, opts, gen):
     for (name, units), m in zip(named, masks):
         mask = Mask(**{pool.site: m})
         kw = {"prefill": Intervention(mask, gen["aligned"], jnp.asarray(gen["pos_w"]))}
-        if protocol == "original":
+        if PROTOCOLS[protocol].decode:
             kw["decode"] = decode_intervention(mask, gen["decode_source"])
         texts = model.complete_ids(gen["ids"], gen["mask"], opts.max_new_tokens, **kw)
         answer = [D.classify_generation(t, p) for t, p in zip(texts, pairs)]
@@ -301,7 +362,7 @@ def _sweep_protocol(model, protocol, layer, task: Task, all_task: Task, gen, opt
     """Sweeps (on the sweep pairs' `task`), unit families (on `all_task`), blend crossing and
     generation checks of one protocol at one layer."""
     cfg, criterion = model.cfg, Criterion.parse(opts.success)
-    pool = _pool(model, protocol, layer, opts)
+    pool = PROTOCOLS[protocol].pool(cfg, layer, opts.n_blocks)
     n = pool.n
     problem = task.problems[protocol]
     name = f"{protocol} protocol, layer {layer}"
@@ -366,31 +427,12 @@ def _generation_inputs(model, pairs, opts):
     tgt_ids, tgt_mask = tok.pad([encode_prompt(opts.target_format, p.question, tok) for p in pairs], "left")
     _, cache = run_with_cache(model.params, model.cfg, src_ids, jnp.asarray(src_mask), sites=("head_out", "attn_out"))
     out = {}
-    for protocol, pos_map in (("heads", P.token_matched(tgt_ids, tgt_mask, src_ids, src_mask)),
-                              ("original", P.left_aligned(tgt_mask, src_mask))):
-        out[protocol] = {"ids": tgt_ids, "mask": tgt_mask, "aligned": P.align(cache, pos_map),
-                         "pos_w": P.weights("all", pos_map),
-                         "decode_source": source_at_position(cache, np.argmax(src_mask, axis=1))}
+    for name, protocol in PROTOCOLS.items():
+        pos_map = kit.position_map(protocol.align, (tgt_ids, tgt_mask), (src_ids, src_mask))
+        out[name] = {"ids": tgt_ids, "mask": tgt_mask, "aligned": P.align(cache, pos_map),
+                     "pos_w": P.weights("all", pos_map),
+                     "decode_source": source_at_position(cache, np.argmax(src_mask, axis=1))}
     return out
-
-
-def check_options(opts: Options, cfg) -> None:
-    """The options against the model's config (OptionError naming the flag)."""
-    check_layers("sweep_layers", opts.sweep_layers, cfg)
-    if opts.n_blocks is not None:
-        if "original" not in opts.protocols:
-            raise OptionError(f"--n_blocks={opts.n_blocks} applies only to the original protocol "
-                              "(--protocol=original or both)")
-        try:
-            sites.get("attn_block").shape(cfg, opts.n_blocks)
-        except ValueError as e:
-            raise OptionError(f"--n_blocks: {e}") from None
-    if not 1 <= opts.top_layers <= cfg.n_layers:
-        raise OptionError(f"--top_layers={opts.top_layers} out of range [1, {cfg.n_layers}]")
-    try:
-        Criterion.parse(opts.success)
-    except ValueError as e:
-        raise OptionError(f"--success: {e}") from None
 
 
 def _setup_section(report, model, opts, pairs, n_sweep, auto, criterion):
@@ -419,9 +461,8 @@ def _setup_section(report, model, opts, pairs, n_sweep, auto, criterion):
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, "Even heads: format-dependent decimal comparison")
-    model = load_model(opts.model, opts.dtype)
-    cfg = model.cfg
-    check_options(opts, cfg)
+    opts = opts.resolved()
+    model = kit.load(opts)
     criterion = Criterion.parse(opts.success)
     pairs = [D.STUDY_PAIR] + D.generate_pairs(opts.n_pairs, opts.seed)
     sweep_pairs = pairs[:opts.sweep_pairs]

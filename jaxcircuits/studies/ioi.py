@@ -23,32 +23,40 @@ from jaxcircuits.methods.attribution import attribution_patching
 from jaxcircuits.interventions.problem import PatchingProblem
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.interventions.sites import unit_label
-from jaxcircuits.studies.common import OptionError, load_model, unpatched_metric
+from jaxcircuits.studies import kit
+from jaxcircuits.studies.kit import OptionError, flag
 from jaxcircuits.engine.subsets import Pool, all_subsets
-from jaxcircuits.tasks.ioi import corrupt, generate_ioi, ioi_batch
+from jaxcircuits.tasks import registry
+
+MAX_TOP_HEADS = 12                # the sweeps run all 2^top_heads subsets
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-    model: str
-    dtype: str
-    n_prompts: int
-    seed: int
-    top_heads: int
-    chunk_size: int
-    out: str
-    resume: bool
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options(kit.StudyOptions):
+    """The study's options: its binary's flags (`kit.flag` fields)."""
 
+    n_prompts: int = flag("integer", 8, "Clean IOI prompts (each with its corrupted twin).")
+    seed: int = flag("integer", 0, "Seed of the prompts (the corruption uses seed + 1).")
+    top_heads: int = flag("integer", 6, "Candidate heads of each sign; the sweeps cover all 2^top_heads subsets "
+                          f"of the positive ones (at most {MAX_TOP_HEADS}).")
+    chunk_size: int = flag("integer", 64, "Masks per compiled chunk (0: from free memory).")
+    out: str = kit.out("ioi")
+    resume: bool = kit.resume()
 
-def head_patch_map(model, problem: PatchingProblem, chunk_size: int) -> np.ndarray:
-    """Mean metric [L, H] with each head's `head_out` alone patched, one batched call (chunk_size 0:
-    from free memory)."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    masks = jc.Mask(head_out=np.eye(L * H, dtype=np.float32).reshape(L * H, L, H))
-    n_chunks = -(-L * H // chunk_size) if chunk_size else 1
-    vals = jc.run_masks(model.params, model.cfg, problem, masks,
-                        chunk_size=-(-L * H // n_chunks) if chunk_size else None)   # balanced chunks: little padding
-    return vals.mean(-1).reshape(L, H)
+    def check_flags(self) -> None:
+        """Prompts, top heads and chunk size in range."""
+        if self.n_prompts < 1:
+            raise OptionError(f"--n_prompts must be >= 1, got {self.n_prompts}")
+        if not 1 <= self.top_heads <= MAX_TOP_HEADS:
+            raise OptionError(f"--top_heads must be in [1, {MAX_TOP_HEADS}] (the sweeps run 2^top_heads subsets), "
+                              f"got {self.top_heads}")
+        if self.chunk_size < 0:
+            raise OptionError(f"--chunk_size must be >= 0 (0: from free memory), got {self.chunk_size}")
+
+    def check(self, cfg) -> None:
+        """--top_heads within the model's heads."""
+        if self.top_heads > cfg.n_layers * cfg.n_heads:
+            raise OptionError(f"--top_heads={self.top_heads} exceeds the model's {cfg.n_layers * cfg.n_heads} heads")
 
 
 _name = functools.partial(unit_label, "head_out")        # (layer, head) -> 'L3H5'
@@ -153,12 +161,21 @@ def _patch_sweep(model, problem, pool, base, per_prompt, opts, report):
                        "recovery>=0.5", (per_prompt[0], per_prompt[1]), SummaryOptions(seed=opts.seed))
 
 
-def _ablation_sweep(model, clean, cache, metric, pool, base, opts, report):
-    """All subsets of the pool mean-ablated on the clean run (`cache`: its head_out): per-head
-    effects, single vs joint effects and sweep analysis sections."""
+def _ablation_problem(model, task: registry.TaskBatches) -> PatchingProblem:
+    """Mean ablation of the clean (source) run: its head outputs replaced by their mean over the
+    batch and real positions, at every position."""
+    _, cache = jc.run_with_cache(model.params, model.cfg, task.source_ids, jnp.asarray(task.source_mask),
+                                 sites=("head_out",))
+    clean = jc.target_run(model.params, model.cfg, task.source_ids, task.source_mask)
+    return PatchingProblem.make(clean, mean_source(cache, clean.attn_mask), P.select("all", clean.attn_mask),
+                                task.source_metric)
+
+
+def _ablation_sweep(model, task, pool, base, opts, report):
+    """All subsets of the pool mean-ablated on the clean run: per-head effects, single vs joint
+    effects and sweep analysis sections."""
     n = pool.n
-    problem = PatchingProblem.make(clean, mean_source(cache, clean.attn_mask), P.select("all", clean.attn_mask),
-                                   metric)
+    problem = _ablation_problem(model, task)
     res = jc.run_sweep(model.params, model.cfg, problem, pool, all_subsets(n), os.path.join(opts.out, "sweeps", "ablate_top"), chunk_size=opts.chunk_size,
                        resume=opts.resume, describe={"model": opts.model, "study": "ioi ablate_top"})
     add = _additivity(res.metric, n)
@@ -180,43 +197,31 @@ def _ablation_sweep(model, clean, cache, metric, pool, base, opts, report):
                        Criterion("metric", "<=", 0.5 * base["clean"]))
 
 
-def check_options(opts: Options, cfg) -> None:
-    """The options against the model's config (OptionError naming the flag)."""
-    if opts.top_heads > cfg.n_layers * cfg.n_heads:
-        raise OptionError(f"--top_heads={opts.top_heads} exceeds the model's {cfg.n_layers * cfg.n_heads} heads")
-
-
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, "IOI: per-head patching, attribution patching and backup heads")
-    model = load_model(opts.model, opts.dtype)
-    cfg, tok = model.cfg, model.tokenizer
-    check_options(opts, cfg)
-    clean_p = generate_ioi(opts.n_prompts, opts.seed, tok)
-    corrupt_p = corrupt(clean_p, opts.seed + 1, tok)
-    cb, xb = ioi_batch(clean_p, tok), ioi_batch(corrupt_p, tok)
-    metric = cb.metric
-    pos_map = P.right_aligned(xb.mask, cb.mask)              # equal token lengths: the identity
-    _, cache = jc.run_with_cache(model.params, cfg, cb.ids, jnp.asarray(cb.mask), sites=("head_out",))
-    clean_m, corrupted_m = (unpatched_metric(model, b.ids, b.mask, metric) for b in (cb, xb))
+    model = kit.load(opts)
+    cfg = model.cfg
+    task = registry.build("ioi", model.tokenizer, opts)
+    clean_p, corrupt_p = task.prompts
+    problem = kit.problem(model, task, ("head_out",))       # equal token lengths: right-aligned is the identity
+    clean_m, corrupted_m = kit.baselines(model, task)
     base = {"clean": float(clean_m.mean()), "corrupted": float(corrupted_m.mean()),
             "clean_right": float((clean_m > 0).mean())}
     gap = base["clean"] - base["corrupted"]
     report.add("Setup",
                table(["model", "layers", "heads / KV heads", "prompts", "tokens", "seed"],
                      [[opts.model, cfg.n_layers, f"{cfg.n_heads} / {cfg.n_kv_heads}", len(clean_p),
-                       cb.ids.shape[1], opts.seed]]),
+                       task.source_ids.shape[1], opts.seed]]),
                f"Clean: {clean_p[0].text!r} -> IO {clean_p[0].io!r}, S {clean_p[0].s!r}.  \n"
                f"Corrupted (three other names, same template and token length): {corrupt_p[0].text!r}.")
     report.results["prompts"] = [{"clean": c.text, "corrupted": x.text, "io": c.io, "s": c.s, "metric": float(m)}
                                  for c, x, m in zip(clean_p, corrupt_p, clean_m)]
     _baselines_section(report, base, gap)
 
-    problem = PatchingProblem.make(jc.target_run(model.params, cfg, xb.ids, xb.mask), P.align(cache, pos_map),
-                                   P.weights("all", pos_map), metric)
     logging.info("per-head patching map over %d heads", cfg.n_layers * cfg.n_heads)
     t0 = time.time()
-    raw = head_patch_map(model, problem, opts.chunk_size)
+    raw = kit.unit_map(model, problem, opts.chunk_size).mean(-1)
     t1 = time.time()
     attrib = attribution_patching(model.params, cfg, problem, "head_out")
     seconds = {"exact": t1 - t0, "attribution": time.time() - t1}
@@ -226,6 +231,5 @@ def run(opts: Options) -> str:
     logging.info("patch sweep over %s", pool.labels())
     _patch_sweep(model, problem, pool, base, (clean_m, corrupted_m), opts, report)
     logging.info("ablation sweep over %s", pool.labels())
-    _ablation_sweep(model, jc.target_run(model.params, cfg, cb.ids, cb.mask), cache, metric, pool, base, opts,
-                    report)
+    _ablation_sweep(model, task, pool, base, opts, report)
     return report.write()

@@ -11,7 +11,6 @@ import dataclasses
 import os
 from typing import Optional, Tuple
 
-import jax.numpy as jnp
 import numpy as np
 
 import jaxcircuits as jc
@@ -21,45 +20,16 @@ from jaxcircuits.stats.summary import SummaryOptions
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions import sites
 from jaxcircuits.engine import subsets as S
-from jaxcircuits.interventions.metrics import LogitDiff, pad_ids
-from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.reports.findings import cell, premise_findings
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
-from jaxcircuits.studies.common import OptionError, TaskBatches, check_layers, load_model, unpatched_metric
-from jaxcircuits.tasks import decimals as D
-from jaxcircuits.tasks import ioi
+from jaxcircuits.studies import kit
+from jaxcircuits.studies.kit import OptionError, flag
+from jaxcircuits.tasks import registry
 
-ALIGNS = {"token": None, "right": P.right_aligned, "left": P.left_aligned}
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    model: str
-    task: str                       # 'decimals' | 'ioi' | 'prompts'
-    source_format: str
-    target_format: str
-    prompts: Tuple[str, str]        # (source file, target file) for task 'prompts'
-    answers: Tuple[str, str]        # (good, bad) answer strings for task 'prompts'
-    n_prompts: int
-    site: str
-    layers: Tuple[int, ...]
-    pool: str                       # 'all' | 'even' | 'odd' | comma list of unit indices
-    family: str
-    sizes: Tuple[int, ...]
-    samples_per_size: int
-    stride: int
-    explicit: Tuple[Tuple[int, ...], ...]
-    positions: str
-    align: str
-    success: str                    # a `criteria.Criterion` ('recovery>=0.5', ...) or positive | above:X | below:X
-    aggregate: str                  # 'mean' | 'fraction': over prompts, for the last three forms
-    n_blocks: Optional[int]
-    chunk_size: int
-    seed: int
-    out: str
-    resume: bool
-    dtype: str = "float32"
+TASKS = ("decimals", "ioi", "prompts")             # the registered tasks this study offers (--task)
+# --pool -> the units of each layer it keeps (else a comma list of unit indices)
+POOLS = {"all": slice(None), "even": slice(0, None, 2), "odd": slice(1, None, 2)}
+SIZED = ("sizes", "sampled", "contiguous")          # the families that read --sizes
 
 
 # The older --success spellings (with --aggregate) -> the per-prompt comparison they make on the metric
@@ -119,15 +89,9 @@ def make_pool(site: str, layers, cfg, select: str, n_blocks: Optional[int] = Non
     if len(shape) != 2:
         raise ValueError(f"site {site!r} has mask shape {shape}: pools take sites with one unit axis")
     units_per_layer = shape[1]
-    idx = np.arange(units_per_layer)
-    if select == "even":
-        idx = idx[0::2]
-    elif select == "odd":
-        idx = idx[1::2]
-    elif select != "all":
-        idx = np.array([int(i) for i in select.split(",")])
-        if idx.min() < 0 or idx.max() >= units_per_layer:
-            raise OptionError(f"--pool={select}: indices out of range [0, {units_per_layer}) of --site={site}")
+    idx = np.arange(units_per_layer)[POOLS[select]] if select in POOLS else np.array(kit.ints(select.split(",")))
+    if idx.min() < 0 or idx.max() >= units_per_layer:
+        raise OptionError(f"--pool={select}: indices out of range [0, {units_per_layer}) of --site={site}")
     return S.Pool(site, tuple((l, int(j)) for l in layers for j in idx), n_blocks if sites.get(site).blocked else None)
 
 
@@ -149,7 +113,7 @@ FAMILIES = {
     "strided": lambda o, pool, cfg: S.explicit(pool.n, [S.strided(pool.n, o.stride, k).masks[0]
                                                         for k in range(o.stride)]),
     "contiguous": lambda o, pool, cfg: S.explicit(pool.n, [m for k in o.sizes for m in S.contiguous(pool.n, k).masks]),
-    "explicit": lambda o, pool, cfg: S.explicit(pool.n, [list(s) for s in o.explicit]),
+    "explicit": lambda o, pool, cfg: S.explicit(pool.n, [list(s) for s in o.subsets]),
     "kv_groups": lambda o, pool, cfg: S.grouped([(l, h // _group_size(o, cfg)) for l, h in pool.units]),
     "group_positions": lambda o, pool, cfg: S.grouped([(l, h % _group_size(o, cfg)) for l, h in pool.units]),
 }
@@ -161,7 +125,7 @@ def make_family(opts: Options, pool: S.Pool, cfg) -> S.Family:
     if n > S.MAX_UNITS:
         raise OptionError(f"the pool has {n} units (--site={opts.site}, --pool={opts.pool}); families take at "
                           f"most {S.MAX_UNITS}: list units with --pool=i,j,k")
-    bad = [k for k in opts.sizes if not 0 <= k <= n] if opts.family in ("sizes", "sampled", "contiguous") else []
+    bad = [k for k in opts.sizes if not 0 <= k <= n] if opts.family in SIZED else []
     if bad:
         raise OptionError(f"--sizes={','.join(map(str, opts.sizes))}: size(s) {bad} out of range [0, {n}] "
                           f"for a pool of {n} units")
@@ -175,56 +139,67 @@ def make_family(opts: Options, pool: S.Pool, cfg) -> S.Family:
     return family
 
 
-def _decimals(model, opts: Options):
-    pairs = [D.STUDY_PAIR] + D.generate_pairs(max(opts.n_prompts - 1, 0), opts.seed)
-    src, tgt = (D.build_batch(pairs, f, model.tokenizer) for f in (opts.source_format, opts.target_format))
-    return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric,
-                       f"{len(pairs)} decimal pairs, {opts.source_format} -> {opts.target_format}"), src.metric
+def subset_lists(spec: str) -> Tuple[Tuple[int, ...], ...]:
+    """--subsets '0 2 4;1 3' -> ((0, 2, 4), (1, 3))."""
+    return tuple(kit.ints(s.split()) for s in spec.split(";") if s.strip())
 
 
-def _ioi(model, opts: Options):
-    tok = model.tokenizer
-    clean = ioi.generate_ioi(opts.n_prompts, opts.seed, tok)
-    src, tgt = ioi.ioi_batch(clean, tok), ioi.ioi_batch(ioi.corrupt(clean, opts.seed + 1, tok), tok)
-    # A corrupted prompt keeps its clean prompt's names: one metric serves both runs.
-    return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric,
-                       f"{len(clean)} IOI prompts, clean -> corrupted"), tgt.metric
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options(kit.TaskOptions):
+    """The study's options: its binary's flags (`kit.flag` fields; the task's in `kit.TaskOptions`)."""
 
+    task: str = flag("enum", "decimals", "decimals: 9.8/9.11 + generated pairs in two formats; ioi: clean -> "
+                     "corrupted IOI prompts; prompts: --source_prompts/--target_prompts files with --answers.",
+                     enum_values=list(TASKS))
+    n_prompts: int = flag("integer", 4, "decimals/ioi: number of prompts.", lower_bound=1)
+    site: str = flag("enum", "head_out", "Intervention site of the pool (see jaxcircuits.interventions.sites).",
+                     enum_values=list(sites.NAMES))
+    layers: Tuple[int, ...] = flag("list", ["17"], "Layers whose units form the pool.", parse=kit.ints)
+    pool: str = flag("string", "all", "Units per layer: all, even, odd, or comma-separated unit indices (heads or "
+                     "blocks; ignored for whole-layer sites).")
+    family: str = flag("enum", "all", "all: 2^n subsets; sizes: all subsets of each --sizes; sampled: "
+                       "--samples_per_size per size; even/odd: the single even/odd subset; strided: every offset of "
+                       "--stride; contiguous: all windows of each --sizes; explicit: --subsets; kv_groups: one subset "
+                       "per KV group (the query heads sharing a key/value head, per layer); group_positions: one per "
+                       "position within the KV groups (query-head sites).", enum_values=list(FAMILIES))
+    sizes: Tuple[int, ...] = flag("list", [], "Subset sizes for sizes/sampled/contiguous.", parse=kit.ints)
+    samples_per_size: int = flag("integer", 100, "sampled: members per size.", lower_bound=1)
+    stride: int = flag("integer", 2, "strided: stride.", lower_bound=1)
+    subsets: Tuple[Tuple[int, ...], ...] = flag("string", "", "explicit: subsets as unit indices, e.g. '0 2 4;1 3'.",
+                                                parse=subset_lists)
+    positions: str = flag("string", "all", "Target positions: all, last, last:k, or comma-separated token indices.")
+    align: str = flag("enum", "token", "Source->target position map.", enum_values=list(kit.ALIGNS))
+    success: str = flag("string", "recovery>=0.5", "Success of a subset: recovery>=X (normalised recovery (patched - "
+                        "target) / (source - target) of the mean metric), metric>X (mean metric), fraction>=X (of "
+                        "prompts with metric > 0), fraction(metric>=Y)>=X (of prompts with metric >= Y); or "
+                        "positive, above:X, below:X with --aggregate.")
+    aggregate: str = flag("enum", "mean", "For --success=positive|above:X|below:X, over prompts: mean metric, or at "
+                          "least half the prompts.", enum_values=["mean", "fraction"])
+    n_blocks: Optional[int] = flag("integer", None, "attn_block: blocks per layer (default n_heads).", lower_bound=1)
+    chunk_size: int = flag("integer", 128, "Subsets per compiled chunk (0: from free memory).", lower_bound=0)
+    seed: int = flag("integer", 0, "Seed of prompts and sampled families.")
+    out: str = kit.out("threshold_sweep")
+    resume: bool = kit.resume()
 
-def _files(model, opts: Options):
-    tok = model.tokenizer
-    texts = []
-    for path in opts.prompts:
-        with open(path) as f:
-            texts.append([l.rstrip("\n").replace("\\n", "\n") for l in f if l.strip()])
-    if len(texts[0]) != len(texts[1]):
-        raise ValueError(f"{opts.prompts[0]} has {len(texts[0])} prompts, {opts.prompts[1]} has {len(texts[1])}")
-    metric = lambda prompts: LogitDiff(*(jnp.asarray(pad_ids([tok.answer_token_ids(a, prompt=t)[:1] for t in prompts]))
-                                         for a in opts.answers))
-    (s_ids, s_mask), (t_ids, t_mask) = tok.batch(texts[0]), tok.batch(texts[1])
-    return TaskBatches(s_ids, s_mask, t_ids, t_mask, metric(texts[1]), f"{len(texts[0])} prompts from files"), \
-        metric(texts[0])
+    def check_flags(self) -> None:
+        """The task's flags, layers, the family's inputs, pool, positions and success criterion."""
+        super().check_flags()
+        if not self.layers or min(self.layers) < 0:
+            raise OptionError("--layers must list layers >= 0")
+        if self.family in SIZED and not self.sizes:
+            raise OptionError(f"--family={self.family} needs --sizes")
+        if self.family == "explicit" and not self.subsets:
+            raise OptionError("--family=explicit needs --subsets")
+        if self.pool not in POOLS:
+            kit.parsed("pool", kit.ints, self.pool.split(","))
+        parse_positions(self.positions)
+        parse_success(self.success, self.aggregate)
 
-
-# --task -> (its source and target batches with the target's metric, the metric of the source run)
-TASKS = {"decimals": _decimals, "ioi": _ioi, "prompts": _files}
-# --task -> the names of its source and target runs, for the report
-RUN_NAMES = {"decimals": lambda o: (o.source_format, o.target_format), "ioi": lambda o: ("clean", "corrupted"),
-             "prompts": lambda o: tuple(os.path.basename(p) for p in o.prompts)}
-
-
-def task_batches(model, opts: Options) -> TaskBatches:
-    """The --task's source and target batches and metric."""
-    return TASKS[opts.task](model, opts)[0]
-
-
-def check_options(opts: Options, cfg) -> None:
-    """Every option against the model's config (OptionError naming the flag); positions are checked
-    against the prompts once they exist."""
-    check_layers("layers", opts.layers, cfg)
-    make_family(opts, make_pool(opts.site, opts.layers, cfg, opts.pool, opts.n_blocks), cfg)
-    parse_positions(opts.positions)
-    parse_success(opts.success, opts.aggregate)
+    def check(self, cfg) -> None:
+        """Every option against the model's config; positions are checked against the prompts once
+        they exist."""
+        kit.check_layers("layers", self.layers, cfg)
+        make_family(self, make_pool(self.site, self.layers, cfg, self.pool, self.n_blocks), cfg)
 
 
 def _baselines_section(report, source, target, names, seed) -> None:
@@ -242,35 +217,24 @@ def _baselines_section(report, source, target, names, seed) -> None:
 
 
 def run(opts: Options) -> str:
+    """Run the study; returns the path of report.md."""
     report = Report(opts.out, f"Threshold sweep: {opts.site} of layers {list(opts.layers)}")
-    model = load_model(opts.model, opts.dtype)
+    model = kit.load(opts)
     cfg = model.cfg
-    check_options(opts, cfg)
     criterion = parse_success(opts.success, opts.aggregate)
     pool = make_pool(opts.site, opts.layers, cfg, opts.pool, opts.n_blocks)
     family = make_family(opts, pool, cfg)
-    task, source_metric = TASKS[opts.task](model, opts)
-    _, cache = run_with_cache(model.params, cfg, task.source_ids, jnp.asarray(task.source_mask),
-                              sites=(sites.get(opts.site).cache,))
-    align = ALIGNS[opts.align]
-    pos_map = P.token_matched(task.target_ids, task.target_mask, task.source_ids, task.source_mask) \
-        if align is None else align(task.target_mask, task.source_mask)
-    try:
-        pos_w = P.weights(parse_positions(opts.positions), pos_map)
-    except ValueError as e:
-        raise OptionError(f"--positions={opts.positions}: {e}") from None
-    problem = PatchingProblem.make(target_run(model.params, cfg, task.target_ids, task.target_mask),
-                                   P.align(cache, pos_map), pos_w, task.metric)
+    task = registry.build(opts.task, model.tokenizer, opts)
+    problem = kit.problem(model, task, (sites.get(opts.site).cache,), opts.align, parse_positions(opts.positions))
     res = jc.run_sweep(model.params, cfg, problem, pool, family, os.path.join(opts.out, "sweep"),
                        chunk_size=opts.chunk_size, resume=opts.resume,
                        describe={"model": opts.model, "task": task.description})
-    source = unpatched_metric(model, task.source_ids, task.source_mask, source_metric)
-    target = unpatched_metric(model, task.target_ids, task.target_mask, task.metric)
+    source, target = kit.baselines(model, task)
     report.add("Setup", table(["model", "task", "site", "units", "family", "members", "positions", "align", "success"],
                               [[opts.model, task.description, opts.site, pool.n, opts.family, family.size(),
                                 opts.positions, opts.align, str(criterion)]]),
                f"Success of a subset: {criterion.describe()}.")
-    _baselines_section(report, source, target, RUN_NAMES[opts.task](opts), opts.seed)
+    _baselines_section(report, source, target, task.names, opts.seed)
     add_sweep_analysis(report, "Sweep", res.subsets(pool.n), res.metric, pool.labels(), criterion, (source, target),
                        SummaryOptions(seed=opts.seed))
     return report.write()

@@ -7,20 +7,20 @@ whether the composition runs through a low-rank channel.
   3. Q/K massive values: per layer, how concentrated |q| and |k| are on a few head dimensions
      (with and without RoPE), and the task metric with the top n dimensions of every head's
      queries and keys zeroed (`weight_space.zero_top_dims`, vmapped over n).
-  4. The Talking-Heads check on a choice task, an activation patch: for each top pair, the writer's
-     head output (site head_out) is patched from a contrast run (`rotated_options`: each option
-     becomes the next one in the text, so the answer changes) only within a rank-k subspace of its
-     z space ('subspace:head_out'): the top-k singular directions of the link from writer to reader
-     (`pair_directions`) against random k-dim subspaces of the same rank, with rank 0 (unpatched)
-     and the full patch (rank d_head) in the same vmapped call (`pair_patch`). If the low-rank
-     channel carries the behaviour, the top-k patch moves the metric more than random ones, and a
-     small k already moves a large part of the full patch's effect.
+  4. The Talking-Heads check on a registered choice task, an activation patch: for each top pair,
+     the writer's head output (site head_out) is patched from the task's contrast run
+     (`multiple_choice.rotated_options`: each option becomes the next one in the text, so the answer
+     changes) only within a rank-k subspace of its z space ('subspace:head_out'): the top-k singular
+     directions of the link from writer to reader (`pair_directions`) against random k-dim subspaces
+     of the same rank, with rank 0 (unpatched) and the full patch (rank d_head) in the same vmapped
+     call (`pair_patch`). If the low-rank channel carries the behaviour, the top-k patch moves the
+     metric more than random ones, and a small k already moves a large part of the full patch's
+     effect.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from typing import Tuple
 
@@ -32,72 +32,55 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxcircuits.methods import folding
-from jaxcircuits.interventions import positions as P
 from jaxcircuits.methods import weight_space as ws
 from jaxcircuits.models import transformer
-from jaxcircuits.interventions.problem import PatchingProblem, target_run
+from jaxcircuits.interventions.problem import PatchingProblem
 from jaxcircuits.reports.report import Report, table
 from jaxcircuits.interventions.sites import Mask, transform_key, unit_label
-from jaxcircuits.studies.common import OptionError, load_model
-from jaxcircuits.tasks import multiple_choice as mc
+from jaxcircuits.studies import kit
+from jaxcircuits.studies.kit import OptionError, flag
+from jaxcircuits.tasks import registry
 
 Array = jax.Array
-TASKS = {"colors": mc.colored_objects, "mc": mc.multiple_choice, "recall": mc.recall_list}
+# the registered choice tasks (target: the prompts, source: their rotated-options contrast), --task
+TASKS = ("colors", "mc", "recall")
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-    model: str
-    dtype: str
-    task: str                       # a key of TASKS
-    n_prompts: int
-    seed: int
-    top: int                        # top pairs per composition type (check: the overall top `top`)
-    ranks: Tuple[int, ...]          # subspace ranks of the check
-    n_random: int                   # random subspaces per rank
-    zero_dims: Tuple[int, ...]      # numbers of top Q/K dimensions zeroed (massive values)
-    fold: bool
-    out: str
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options(kit.StudyOptions):
+    """The study's options: its binary's flags (`kit.flag` fields)."""
 
+    task: str = flag("enum", "colors", "Choice task of the check: Colored Objects, lettered multiple choice, list "
+                     "recall.", enum_values=list(TASKS))
+    n_prompts: int = flag("integer", 8, "Prompts of the check.", lower_bound=1)
+    seed: int = flag("integer", 0, "Seed of the prompts and random subspaces.")
+    top: int = flag("integer", 3, "Top pairs per composition type listed (and checked, overall).", lower_bound=1)
+    ranks: Tuple[int, ...] = flag("list", ["1", "4", "16"], "Subspace ranks of the check (each in [1, d_head]).",
+                                  parse=kit.ints)
+    n_random: int = flag("integer", 3, "Random subspaces per rank (one vmapped call per pair with the top-k ones).",
+                         lower_bound=1)
+    zero_dims: Tuple[int, ...] = flag("list", ["1", "4"], "Numbers of top Q/K head dimensions zeroed (massive "
+                                      "values; 0 is added).", parse=kit.ints)
+    fold: bool = flag("bool", False, "Fold the norms into the weights first (folding.fold_norms).")
+    out: str = kit.out("weight_space")
 
-def check_options(opts: Options, cfg) -> None:
-    """The options against the model's config (OptionError naming the flag)."""
-    if opts.task not in TASKS:
-        raise OptionError(f"--task={opts.task}: unknown; known: {sorted(TASKS)}")
-    if not 1 <= opts.top <= cfg.n_heads * cfg.n_heads:
-        raise OptionError(f"--top={opts.top} out of range [1, {cfg.n_heads * cfg.n_heads}]")
-    bad = [k for k in opts.ranks if not 1 <= k <= cfg.d_head]
-    if bad or not opts.ranks:
-        raise OptionError(f"--ranks={','.join(map(str, opts.ranks))}: each must lie in [1, d_head={cfg.d_head}]")
-    if any(not 0 <= n <= cfg.d_head for n in opts.zero_dims):
-        raise OptionError(f"--zero_dims={','.join(map(str, opts.zero_dims))}: each must lie in "
-                          f"[0, d_head={cfg.d_head}]")
-    if cfg.n_layers < 2:
-        raise OptionError("the model has one layer: no head pairs compose")
+    def check_flags(self) -> None:
+        """A registered choice task."""
+        if self.task not in TASKS:
+            raise OptionError(f"--task={self.task}: unknown; known: {sorted(TASKS)}")
 
-
-def rotated_options(prompt: mc.ChoicePrompt) -> mc.ChoicePrompt:
-    """The contrast prompt of the check: every whole-word occurrence of option i in the text becomes
-    option i + 1 (cyclically), so the template, the option set and (for single-token options) the
-    token positions stay, but the right answer moves to the next option. Multiple choice: the line
-    labels rotate ('A. Paris' -> 'B. Paris'), a different answer letter; Colored Objects: the colours
-    move to the next object; list recall: every item becomes the next one in both lists."""
-    n = len(prompt.options)
-    nxt = {o: prompt.options[(i + 1) % n] for i, o in enumerate(prompt.options)}
-    text = re.sub(r"\b(" + "|".join(map(re.escape, prompt.options)) + r")\b", lambda m: nxt[m.group(0)], prompt.text)
-    if text == prompt.text:
-        raise ValueError(f"no option of {prompt.options} stands as a word in {prompt.text!r}: nothing to rotate")
-    return mc.ChoicePrompt(text, tuple(nxt[o] for o in prompt.options), prompt.answer)
-
-
-def contrast_problem(params, cfg, batch: mc.ChoiceBatch, contrast: mc.ChoiceBatch) -> PatchingProblem:
-    """Target: the task's batch, scored by its metric; source: the contrast batch's head outputs
-    (`rotated_options`), right-aligned (the identity where the token lengths agree); every mapped
-    position patched."""
-    _, cache = transformer.run_with_cache(params, cfg, contrast.ids, contrast.mask, sites=("head_out",))
-    pos_map = P.right_aligned(batch.mask, contrast.mask)
-    return PatchingProblem.make(target_run(params, cfg, batch.ids, batch.mask), P.align(cache, pos_map),
-                                P.weights("all", pos_map), batch.metric)
+    def check(self, cfg) -> None:
+        """Top pairs, ranks and zeroed dimensions within the model's heads; two layers at least."""
+        if not 1 <= self.top <= cfg.n_heads * cfg.n_heads:
+            raise OptionError(f"--top={self.top} out of range [1, {cfg.n_heads * cfg.n_heads}]")
+        bad = [k for k in self.ranks if not 1 <= k <= cfg.d_head]
+        if bad or not self.ranks:
+            raise OptionError(f"--ranks={','.join(map(str, self.ranks))}: each must lie in [1, d_head={cfg.d_head}]")
+        if any(not 0 <= n <= cfg.d_head for n in self.zero_dims):
+            raise OptionError(f"--zero_dims={','.join(map(str, self.zero_dims))}: each must lie in "
+                              f"[0, d_head={cfg.d_head}]")
+        if cfg.n_layers < 2:
+            raise OptionError("the model has one layer: no head pairs compose")
 
 
 def pair_directions(params, cfg, pair: dict) -> Array:
@@ -173,11 +156,11 @@ def _spectra(spectra: dict, path: str) -> str:
 def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, "Weight space: composition, spectra and low-rank channels")
-    model = load_model(opts.model, opts.dtype)
-    params, cfg = model.params, model.cfg
-    check_options(opts, cfg)
+    model = kit.load(opts)
     if opts.fold:
-        params, cfg = folding.fold_norms(params, cfg)
+        params, cfg = folding.fold_norms(model.params, model.cfg)
+        model = dataclasses.replace(model, params=params, cfg=cfg)
+    params, cfg = model.params, model.cfg
     t = time.time()
     scores = np.asarray(jax.jit(ws.composition_scores, static_argnums=(1, 2))(params, cfg, 8))
     base = np.asarray(ws.random_baseline(jax.random.PRNGKey(opts.seed), cfg, 256))
@@ -204,36 +187,36 @@ def run(opts: Options) -> str:
                table(["head", "kind", "sigma_0", "effective rank"],
                      [[*k.split(" "), float(s[0]), float(s.sum() ** 2 / (s ** 2).sum())] for k, s in spectra.items()]),
                report.figure(_spectra(spectra, report.path("spectra.png")), "spectra"))
-    prompts = TASKS[opts.task](opts.n_prompts, opts.seed)
-    batch = mc.choice_batch(prompts, model.tokenizer)
-    _massive(report, opts, (params, cfg), batch)
-    _check(report, opts, (params, cfg), prompts, model.tokenizer, sorted(pairs, key=lambda p: -p["z"])[:opts.top], seconds)
+    task = registry.build(opts.task, model.tokenizer, opts)
+    _massive(report, opts, model, task)
+    _check(report, opts, model, task, sorted(pairs, key=lambda p: -p["z"])[:opts.top], seconds)
     report.results.update(top_pairs=pairs, baseline={c: [float(b.mean()), float(b.std())]
                                                       for c, b in zip(ws.COMPOSITIONS, base)},
                           spectra={k: v.tolist() for k, v in spectra.items()}, seconds=seconds)
     return report.write()
 
 
-def _task_metric(cfg, batch: mc.ChoiceBatch):
-    """params -> mean task metric of a plain run of the batch (traceable)."""
-    ids, mask = jnp.asarray(batch.ids), jnp.asarray(batch.mask)
+def _task_metric(cfg, ids, mask, metric):
+    """params -> mean metric of a plain run of ids, mask [B, T] (traceable)."""
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
 
-    def metric(p):
+    def mean_metric(p):
         _, c = transformer.forward_fn(p, cfg, ids, mask, collect=("final_norm",), return_logits=False)
-        return batch.metric(p, c["final_norm"][:, -1:]).mean()
-    return metric
+        return metric(p, c["final_norm"][:, -1:]).mean()
+    return mean_metric
 
 
-def _massive(report: Report, opts: Options, params_cfg, batch: mc.ChoiceBatch) -> None:
-    """The Q/K massive-values section (see the module docstring)."""
-    params, cfg = params_cfg
+def _massive(report: Report, opts: Options, model, task: registry.TaskBatches) -> None:
+    """The Q/K massive-values section (see the module docstring) on the task's target prompts."""
+    params, cfg = model.params, model.cfg
     t = time.time()
-    prof = {k: np.asarray(v) for k, v in ws.qk_profile(params, cfg, batch.ids, batch.mask).items()}
+    prof = {k: np.asarray(v) for k, v in ws.qk_profile(params, cfg, task.target_ids, task.target_mask).items()}
     # concentration: largest dimension over the median dimension, the most concentrated head per layer
     conc = {k: (v.max(-1) / np.median(v, -1)).max(-1) for k, v in prof.items()}          # [L]
     ranks = {"q": ws.top_dims(prof["q"]), "k": ws.top_dims(prof["k"])}
     ns = np.asarray(sorted(set(opts.zero_dims) | {0}))
-    curve = np.asarray(jax.jit(lambda n: ws.zeroed_metric(params, ranks, n, _task_metric(cfg, batch)))(ns))
+    metric = _task_metric(cfg, task.target_ids, task.target_mask, task.metric)
+    curve = np.asarray(jax.jit(lambda n: ws.zeroed_metric(params, ranks, n, metric))(ns))
     report.add("Q/K massive values",
                "Mean |q| and |k| per head dimension over the task's tokens; per layer, the most concentrated head's "
                "largest dimension over its median dimension (before and after RoPE):",
@@ -247,16 +230,15 @@ def _massive(report: Report, opts: Options, params_cfg, batch: mc.ChoiceBatch) -
                                  "zeroed": {int(n): float(v) for n, v in zip(ns, curve)}}
 
 
-def _check(report: Report, opts: Options, params_cfg, prompts: list, tokenizer, pairs: list, seconds: dict) -> None:
-    """The Talking-Heads check for each pair (see the module docstring), as a report section; the
-    source is the contrast of the task's `prompts` (`rotated_options`)."""
-    params, cfg = params_cfg
+def _check(report: Report, opts: Options, model, task: registry.TaskBatches, pairs: list, seconds: dict) -> None:
+    """The Talking-Heads check for each pair (see the module docstring), as a report section: the
+    task's prompts patched from their contrast (its source run, `rotated_options`)."""
+    params, cfg = model.params, model.cfg
     t = time.time()
-    twins = [rotated_options(p) for p in prompts]
-    batch, contrast = (mc.choice_batch(ps, tokenizer) for ps in (prompts, twins))
-    problem = contrast_problem(params, cfg, batch, contrast)
-    source_score = float(_task_metric(cfg, contrast._replace(metric=batch.metric))(params))
-    same_len = int((batch.mask.sum(1) == contrast.mask.sum(1)).sum())
+    twins, prompts = task.prompts
+    problem = kit.problem(model, task, ("head_out",))
+    source_score = float(kit.baselines(model, task)[0].mean())
+    same_len = int((task.target_mask.sum(1) == task.source_mask.sum(1)).sum())
     rows, results = [], []
     for p in pairs:
         bases = pair_bases(jax.random.PRNGKey(opts.seed), pair_directions(params, cfg, p), opts.ranks, opts.n_random)
@@ -274,7 +256,7 @@ def _check(report: Report, opts: Options, params_cfg, prompts: list, tokenizer, 
                f"over prompts: {results[0]['clean']:.3f} on the task's prompts. Source: the contrast prompts, each "
                f"option replaced by the next one in the text (e.g. {prompts[0].text!r} -> {twins[0].text!r}), so the "
                f"right answer moves to another option; they score the task's answers at {source_score:.3f} "
-               f"({same_len}/{len(batch.ids)} with the same token length; positions right-aligned). For each "
+               f"({same_len}/{len(task.target_ids)} with the same token length; positions right-aligned). For each "
                "pair, the writer's head output (head_out) at every position is patched from the contrast run "
                "only within a rank-k subspace of its z space (d_head = "
                f"{cfg.d_head}): the top-k singular directions of the link W_O(writer) M(reader) (M = QK, QK^T or "

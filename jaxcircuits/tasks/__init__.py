@@ -1,2 +1,3 @@
 """Tasks as data: prompts, answer tokens and metrics (`decimals`: 9.8 vs 9.11; `ioi`: indirect
-object identification)."""
+object identification; `multiple_choice`: choice tasks); `registry`: a task's name -> its source and
+target batches, read by every study."""

@@ -12,12 +12,14 @@ Three families, each a generator of `ChoicePrompt`s (text, the answer, the optio
 `choice_batch` encodes any of them: ids and mask left-padded, and a `metrics.LogitDiff` of the
 answer's first token over the other options' first tokens (log P(answer) - log P(any other
 option), > 0 when the answer wins); `answer_index` [B] says which option is right, for accuracy.
+`rotated_options` is a prompt's contrast: the same text with the answer moved to the next option.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import TYPE_CHECKING, NamedTuple, Sequence, Tuple
 
 import jax.numpy as jnp
@@ -103,6 +105,20 @@ def recall_list(n: int, seed: int, length: int = 5) -> list[ChoicePrompt]:
         text = f"Shopping list: {', '.join(items)}. Again: {', '.join(items[:k])},"
         out.append(ChoicePrompt(text, tuple(items), k))
     return out
+
+
+def rotated_options(prompt: ChoicePrompt) -> ChoicePrompt:
+    """The contrast of a prompt: every whole-word occurrence of option i in the text becomes
+    option i + 1 (cyclically), so the template, the option set and (for single-token options) the
+    token positions stay, but the right answer moves to the next option. Multiple choice: the line
+    labels rotate ('A. Paris' -> 'B. Paris'), a different answer letter; Colored Objects: the colours
+    move to the next object; list recall: every item becomes the next one in both lists."""
+    n = len(prompt.options)
+    nxt = {o: prompt.options[(i + 1) % n] for i, o in enumerate(prompt.options)}
+    text = re.sub(r"\b(" + "|".join(map(re.escape, prompt.options)) + r")\b", lambda m: nxt[m.group(0)], prompt.text)
+    if text == prompt.text:
+        raise ValueError(f"no option of {prompt.options} stands as a word in {prompt.text!r}: nothing to rotate")
+    return ChoicePrompt(text, tuple(nxt[o] for o in prompt.options), prompt.answer)
 
 
 class ChoiceBatch(NamedTuple):
