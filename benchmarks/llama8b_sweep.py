@@ -103,7 +103,8 @@ def main(argv):
     if FLAGS.dry_run:                                   # from shapes alone: compiled, nothing allocated
         shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(FLAGS.seed), dtype))
         layers = jax.eval_shape(lambda p: plan_layers(p, cfg, sweep.plan, metric.n_positions), shapes)
-        choose_chunk(ChunkCall(family_metric, (shapes, cfg, jax.eval_shape(problem_of, shapes)), (sweep, 1.0, layers)))
+        choose_chunk(ChunkCall(family_metric, dict(params=shapes, problem=jax.eval_shape(problem_of, shapes), layers=layers),
+                               dict(cfg=cfg, sweep=sweep), "ranks"))
         return
 
     t = time.perf_counter()

@@ -17,6 +17,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 VOCAB = 101
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Each test module ends with empty jit caches: a process that keeps every compiled program of
+    the suite runs out of memory mappings (vm.max_map_count, 65530: ~6 per executable) and XLA's
+    compiler then crashes (a segmentation fault)."""
+    yield
+    jax.clear_caches()
+
+
 def hf_config(name):
     """HF configs of the tiny variants: GPT-2, and Llama in MHA, GQA and MQA forms."""
     from transformers import GPT2Config, LlamaConfig

@@ -46,8 +46,8 @@ def _call(params, cfg, problem, layer=1):
     masks = _masks(cfg, 1, layer)
     plan = make_plan({"head_out": [layer]}, problem.pos_w)
     layers = plan_layers(params, cfg, plan, problem.metric.n_positions)
-    call = ChunkCall(masks_metric, (params, cfg, problem.for_footprint(cfg, footprint(masks, batched=True))),
-                     (plan, layers))
+    call = ChunkCall(masks_metric, dict(params=params, problem=problem.for_footprint(cfg, footprint(masks, batched=True)),
+                                        layers=layers), dict(cfg=cfg, plan=plan), "masks")
     return call, stacked(masks)
 
 
@@ -147,18 +147,26 @@ def test_run_masks_chooses_the_chunk_from_memory(tiny, monkeypatch, shard):
     assert len(estimates) == 2 and estimates[0] == estimates[1] and estimates[0] is not None
 
 
-def test_estimates_are_shared_by_calls_of_one_signature(tiny, monkeypatch):
-    """The two probe compilations run once per call signature (model, plan, shapes), not per call."""
+def test_the_largest_chunk_that_fits_runs_its_own_executable(tiny, monkeypatch):
+    """With memory to spare, chunk_size None compiles the largest chunk once, measures it and runs
+    that executable (no probe compilations, nothing compiled through the jit cache); with too little,
+    the two probe compilations run once per call signature (model, plan, shapes), not per call."""
     _, cfg, params = tiny("llama_gqa")
     problem = _problem(cfg, params, 2, 6, "last")
-    compiled = []
+    probes = []
     real = memory.compiled_bytes
-    monkeypatch.setattr(memory, "compiled_bytes", lambda lowered: compiled.append(1) or real(lowered))
+    monkeypatch.setattr(memory, "compiled_bytes", lambda lowered: probes.append(1) or real(lowered))
     monkeypatch.setattr(memory, "_ESTIMATES", {})
+    masks = _masks(cfg, 5)
+    before = masks_metric._cache_size()
+    got = run_masks(params, cfg, problem, masks, shard=False)
+    assert probes == [] and masks_metric._cache_size() == before
+    np.testing.assert_allclose(got, run_masks(params, cfg, problem, masks, chunk_size=2, shard=False), rtol=1e-5,
+                               atol=1e-6)
+    monkeypatch.setattr(memory, "free_bytes", lambda n: 10 ** 4)                # the whole batch does not fit
     for seed in range(2):
-        masks = _masks(cfg, 5)
         run_masks(params, cfg, problem, Mask(head_out=masks.head_out * (seed + 1) / 2), shard=False)
-    assert len(compiled) == len(memory.PROBES)
+    assert len(probes) == len(memory.PROBES)
 
 
 def test_run_sweep_resumes_with_the_chunk_size_in_its_spec(tiny, tmp_path, monkeypatch):

@@ -33,8 +33,8 @@ def test_sites_are_listed_only_in_the_registry():
     assert not offenders, offenders
 
 
-def test_no_function_takes_more_than_eight_parameters_unexplained():
-    """A function with more than 8 parameters says why in its docstring ('more than eight')."""
+def test_no_function_takes_more_than_eight_parameters():
+    """No function takes more than 8 parameters (self and cls aside): group options in a struct."""
     offenders = []
     for path, tree in _modules():
         for node in ast.walk(tree):
@@ -43,7 +43,7 @@ def test_no_function_takes_more_than_eight_parameters_unexplained():
             a = node.args
             params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]
             params = [p for p in params if p.arg not in ("self", "cls")]
-            if len(params) > 8 and "more than eight" not in (ast.get_docstring(node) or ""):
+            if len(params) > 8:
                 offenders.append(f"{path.relative_to(LIB)}:{node.lineno} {node.name} ({len(params)})")
     assert not offenders, offenders
 
@@ -76,4 +76,39 @@ def test_no_study_imports_another_study():
             hit = {n.split(".")[2] for n in names if n.startswith("jaxcircuits.studies.")} & (studies - {path.stem})
             if hit:
                 offenders.append(f"{path.relative_to(LIB)}:{node.lineno} {sorted(hit)}")
+    assert not offenders, offenders
+
+
+# The subpackages along the data's way: each may import the ones before it, the shared modules, and
+# the top-level modules at or before its layer.
+LAYERS = ("models", "weights", "interventions", "stats", "engine", "methods", "reports", "tasks", "studies")
+SHARED = {"logs", "storage"}
+TOP_LEVEL = {"bundle": "interventions"}          # jc.load's Model: params, config, tokenizer, hook names
+
+
+def _imported_packages(tree) -> set:
+    """The jaxcircuits subpackages or top-level modules a module imports ('' for the package itself)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxcircuits") and not node.level:
+            parts = node.module.split(".")
+            out |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("jaxcircuits.")}
+    return out
+
+
+def test_subpackages_import_only_the_layers_before_them():
+    """models <- weights <- interventions <- stats <- engine <- methods <- reports <- tasks <- studies:
+    no subpackage imports a later one (the arrows point one way)."""
+    offenders = []
+    for path, tree in _modules():
+        rel = path.relative_to(LIB).parts
+        if len(rel) < 2 or rel[0] not in LAYERS:
+            continue
+        allowed = set(LAYERS[:LAYERS.index(rel[0]) + 1]) | SHARED
+        allowed |= {m for m, layer in TOP_LEVEL.items() if LAYERS.index(layer) < LAYERS.index(rel[0])}
+        bad = _imported_packages(tree) - allowed
+        if bad:
+            offenders.append(f"{'/'.join(rel)} imports {sorted(bad)}")
     assert not offenders, offenders

@@ -3,6 +3,8 @@
 A chunk of c items (masks, or members of a subset family) runs as one compiled call. Its memory
 is what XLA assigns to the call's temporaries and outputs (`Compiled.memory_analysis()`: temp +
 output bytes; the arguments, params and the problem, already exist), which grows linearly in c.
+The run engine first compiles the largest chunk (`MAX_CHUNK`, at most the batch) and keeps it when
+its bytes x runtime fit (`runner.chunk_from_memory`: one compilation, the one that runs); else
 `estimate` compiles the call at two chunk sizes (C1, C2 items on one device) and extrapolates:
 
     per_item = (bytes(C2) - bytes(C1)) / (C2 - C1)        fixed = bytes(C1) - C1 * per_item
@@ -75,10 +77,20 @@ class ChunkMemory:
         return n_devices * 2 ** int(np.log2(min(max(fits, 1), cap)))
 
 
-def compiled_bytes(lowered) -> int:
-    """Temp + output bytes of a lowered call's compiled program (XLA's buffer assignment)."""
-    m = lowered.compile().memory_analysis()
+def executable_bytes(compiled) -> int:
+    """Temp + output bytes of a compiled program per device (XLA's buffer assignment)."""
+    m = compiled.memory_analysis()
     return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+
+
+def compiled_bytes(lowered) -> int:
+    """`executable_bytes` of a lowered call, compiled."""
+    return executable_bytes(lowered.compile())
+
+
+def runtime() -> float:
+    """What executing adds to the buffer assignment on this platform (`CPU_RUNTIME` on CPU, else 1)."""
+    return CPU_RUNTIME if _on_cpu() else 1.0
 
 
 _ESTIMATES: dict = {}
@@ -93,7 +105,7 @@ def estimate(lower: Callable[[int], object], key=None) -> ChunkMemory:
     c1, c2 = PROBES
     b1, b2 = compiled_bytes(lower(c1)), compiled_bytes(lower(c2))
     per_item = max((b2 - b1) / (c2 - c1), 0.0)
-    mem = ChunkMemory(per_item, max(b1 - c1 * per_item, 0.0), CPU_RUNTIME if _on_cpu() else 1.0)
+    mem = ChunkMemory(per_item, max(b1 - c1 * per_item, 0.0), runtime())
     if key is not None:
         _ESTIMATES[key] = mem
     return mem

@@ -256,8 +256,8 @@ def masks_call(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, 
         plan = plan or make_plan(layers_touched(touched), problem.pos_w)
         layers = plan_layers(params, cfg, plan, problem.metric.n_positions)
     items = stacked(_as_float(masks))
-    call = ChunkCall(masks_metric, (params, cfg, problem), (plan, layers),
-                     key=(cfg, plan, signature((params, problem, layers)), signature(items.take(0, 1))))
+    call = ChunkCall(masks_metric, dict(params=params, problem=problem, layers=layers), dict(cfg=cfg, plan=plan),
+                     "masks", key=(cfg, plan, signature((params, problem, layers)), signature(items.take(0, 1))))
     return call, items
 
 

@@ -42,20 +42,27 @@ class RunOptions:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkCall:
-    """A batch's compiled call: fn(*before, chunk, *after) -> values [c, B], fn a `jax.jit` function
-    (its lowering gives the chunk's memory); `key`: hashable identity of everything but the chunk's
-    values (calls with equal keys share a memory estimate), None: estimate anew."""
+    """A batch's compiled call: fn(**args, **static, <chunk>=chunk) -> values [c, B], with fn a
+    `jax.jit` function, `static` its static arguments and `chunk` the name of the argument a chunk
+    goes to. `key`: hashable identity of everything but the chunk's values (calls with equal keys
+    share a memory estimate), None: estimate anew."""
 
     fn: Callable
-    before: tuple
-    after: tuple = ()
+    args: dict
+    static: dict
+    chunk: str
     key: Any = None
 
     def __call__(self, chunk):
-        return self.fn(*self.before, chunk, *self.after)
+        return self.fn(**self.args, **self.static, **{self.chunk: chunk})
 
     def lower(self, chunk):
-        return self.fn.lower(*self.before, chunk, *self.after)
+        return self.fn.lower(**self.args, **self.static, **{self.chunk: chunk})
+
+    def through(self, exe) -> Callable:
+        """The call of a chunk through `exe`, this call compiled (`lower(...).compile()`) for chunks of
+        its shapes."""
+        return lambda chunk: exe(**self.args, **{self.chunk: chunk})
 
 
 class Items(NamedTuple):
@@ -126,30 +133,67 @@ def chunking(n: int, chunk_size: int, shard: bool):
     return math.ceil(chunk_size / jax.device_count()) * jax.device_count(), mask_axis_sharding()
 
 
-def chunk_from_memory(call: ChunkCall, items: Items, shard: bool) -> int:
-    """The chunk size that fits the free memory of the devices a chunk is split over
-    (`memory.estimate` of the call, `memory.ChunkMemory.chunk_size`); logged with its prediction."""
+def _shaped(chunk, sharding):
+    """The shapes and dtypes of a chunk's leaves, placed with `sharding` (None: unplaced)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=sharding), chunk)
+
+
+# Executables of the largest chunks compiled by `chunk_from_memory`, by (call key, chunk shapes), so
+# that a batch of the same signature runs without compiling again (at most `_KEEP`, oldest dropped).
+_EXECUTABLES: dict = {}
+_KEEP = 16
+
+
+def _compiled(call: ChunkCall, chunk):
+    """The executable of `call` for chunks shaped like `chunk`, kept in `_EXECUTABLES` when the call
+    has a key."""
+    if call.key is None:
+        return call.lower(chunk).compile()
+    key = (call.key, jax.tree.structure(chunk), tuple((a.shape, a.dtype, a.sharding) for a in jax.tree.leaves(chunk)))
+    if key not in _EXECUTABLES:
+        if len(_EXECUTABLES) >= _KEEP:
+            _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+        _EXECUTABLES[key] = call.lower(chunk).compile()
+    return _EXECUTABLES[key]
+
+
+def chunk_from_memory(call: ChunkCall, items: Items, shard: bool):
+    """(chunk size, the call compiled for it or None) that fits the free memory of the devices a
+    chunk is split over: the largest chunk (`memory.MAX_CHUNK`, at most every item) when XLA's
+    buffer assignment of its compiled call (times the runtime factor) fits, and then that executable;
+    else the size `memory.estimate` of the call gives (two more compilations). Logged with its
+    prediction."""
     n_dev = chunk_devices(shard)
-    mem = memory.estimate(lambda c: call.lower(items.take(0, c)), call.key)
     free = memory.free_bytes(n_dev)
-    chunk = mem.chunk_size(n_dev, free)
-    logging.info("%s", memory.describe(mem, chunk, n_dev, free))
-    return chunk
+    size, sharding = chunking(items.n, max(memory.MAX_CHUNK, n_dev), shard)
+    exe = _compiled(call, _shaped(items.take(0, size), sharding))
+    per_device = size // n_dev
+    whole = memory.ChunkMemory(memory.executable_bytes(exe) / per_device, 0.0, memory.runtime())
+    if whole.bytes(per_device) <= memory.FRACTION * free:
+        logging.info("%s", memory.describe(whole, size, n_dev, free))
+        return size, call.through(exe)
+    mem = memory.estimate(lambda c: call.lower(items.take(0, c)), call.key)
+    size = mem.chunk_size(n_dev, free)
+    logging.info("%s", memory.describe(mem, size, n_dev, free))
+    return size, None
 
 
 def run_chunks(call: ChunkCall, items: Items, opts: RunOptions, label: str, store: Optional[Store] = None) -> np.ndarray:
     """call(chunk) for every chunk of `items`: values [N, B] on the host, in item order.
 
-    The chunk size is opts.chunk_size, else (resuming) the store's, else from memory; chunks the store
-    already holds are not recomputed. Each computed chunk goes to store.save, then opts.on_chunk;
+    The chunk size is opts.chunk_size, else (resuming) the store's, else from memory
+    (`chunk_from_memory`, whose executable then runs the chunks); chunks the store already holds are
+    not recomputed. Each computed chunk goes to store.save, then opts.on_chunk;
     batches of more than one chunk show a progress bar named `label`; the store's `finish` sees the
     whole result."""
     n = items.n
     if n == 0:
         raise ValueError(f"{label}: the batch is empty")
-    size = opts.chunk_size or (store is not None and opts.resume and store.chunk_size()) or \
-        chunk_from_memory(call, items, opts.shard)
+    size, run = opts.chunk_size or (store is not None and opts.resume and store.chunk_size()), None
+    if not size:
+        size, run = chunk_from_memory(call, items, opts.shard)
     size, sharding = chunking(n, size, opts.shard)
+    run = run or call
     bounds = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
     parts = store.open(size, bounds) if store is not None else {}
     done = sum(bounds[i][1] - bounds[i][0] for i in parts)
@@ -161,7 +205,7 @@ def run_chunks(call: ChunkCall, items: Items, opts: RunOptions, label: str, stor
             chunk = items.take(lo, size)
             if sharding is not None:
                 chunk = jax.device_put(chunk, sharding)
-            vals = to_host(call(chunk))[:hi - lo]
+            vals = to_host(run(chunk))[:hi - lo]
             if store is not None:
                 store.save(i, lo, hi, vals)
             parts[i] = vals

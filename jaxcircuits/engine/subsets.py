@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcircuits.interventions import sites
+from jaxcircuits.stats.tables import from_bitmask, to_bitmask
 
 MAX_UNITS = 64
 MAX_RANK = 2 ** 31 - 1            # the largest rank of jax's default int32 (see "Limits" above)
@@ -190,33 +191,6 @@ def group_positions(n_heads: int, n_kv_heads: int) -> Family:
 def complement(family: Family) -> Family:
     """The family of complements, rank for rank (complementing twice gives the family back)."""
     return dataclasses.replace(family, complemented=not family.complemented)
-
-
-# ----------------------------------------------------------------------------- bitmasks
-
-def to_bitmask(bits, dtype=np.int64):
-    """bool [n] -> Python int; bool [.., n] (ndim > 1) -> integer array [..] of `dtype`.
-
-    n <= 64; arrays need n <= 63 for int64 (use dtype=np.uint64 for n = 64).
-    """
-    bits = np.asarray(bits, dtype=bool)
-    if bits.ndim == 1:
-        return int(to_bitmask(bits[None], np.uint64)[0])
-    n = bits.shape[-1]
-    if n > np.iinfo(dtype).bits - (np.iinfo(dtype).min < 0):
-        raise ValueError(f"{n} units do not fit a {np.dtype(dtype).name} bitmask")
-    packed = np.packbits(bits, axis=-1, bitorder="little")          # unit i = bit i
-    packed = np.pad(packed, [(0, 0)] * (bits.ndim - 1) + [(0, 8 - packed.shape[-1])])
-    return np.ascontiguousarray(packed).view("<u8")[..., 0].astype(dtype)   # any input layout
-
-
-def from_bitmask(masks, n: int) -> np.ndarray:
-    """Bitmask(s) (an int or an integer array [..]) -> bool [.., n]."""
-    if np.ndim(masks) == 0:
-        masks = int(masks)
-        return np.array([(masks >> i) & 1 for i in range(n)], dtype=bool)
-    masks = np.asarray(masks, dtype=np.uint64)
-    return ((masks[..., None] >> np.arange(n, dtype=np.uint64)) & np.uint64(1)).astype(bool)
 
 
 # ----------------------------------------------------------------------------- unranking

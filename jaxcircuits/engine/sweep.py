@@ -95,8 +95,8 @@ def sweep_call(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep)
     """The compiled call of a sweep's chunks: ranks int32 [c] -> metric [c, B] (`family_metric`), with
     the plan's layer params cut once (`patching.plan_layers`)."""
     layers = plan_layers(params, cfg, sweep.plan, problem.metric.n_positions)
-    return ChunkCall(family_metric, (params, cfg, problem), (sweep, 1.0, layers),
-                     key=(cfg, sweep, signature((params, problem, layers))))
+    return ChunkCall(family_metric, dict(params=params, problem=problem, layers=layers), dict(cfg=cfg, sweep=sweep),
+                     "ranks", key=(cfg, sweep, signature((params, problem, layers))))
 
 
 def rank_items(family: Family) -> Items:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxcircuits.engine.subsets import from_bitmask
+from jaxcircuits.stats.tables import from_bitmask
 from jaxcircuits.stats.tables import DENSE_MAX_UNITS, as_bool, bitmasks, dense_table, size_index, sorted_rows
 
 

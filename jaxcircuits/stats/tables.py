@@ -1,6 +1,7 @@
 """A sweep's table of subsets as the stats modules read it and write it.
 
-Read: subsets as bool rows [N, n] or integer bitmasks [N] (`as_bool`), a metric [N] or [N, P] as
+Subsets of n units as integers: unit i = bit i (`to_bitmask`, `from_bitmask`; the sweeps' encoding
+too, `engine.subsets`). Read: subsets as bool rows [N, n] or integer bitmasks [N] (`as_bool`), a metric [N] or [N, P] as
 its per-subset mean (`per_subset`), the rows as bitmasks, their sizes, and tables indexed by
 bitmask (2^n entries, n <= `DENSE_MAX_UNITS`). Written: JSON-ready Python (`jsonable`) and a
 pandas frame with one row per subset (`subsets_frame`).
@@ -13,9 +14,32 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxcircuits.engine.subsets import from_bitmask, to_bitmask
-
 DENSE_MAX_UNITS = 24          # tables indexed by bitmask (2^n entries) up to this n
+
+
+def to_bitmask(bits, dtype=np.int64):
+    """bool [n] -> Python int; bool [.., n] (ndim > 1) -> integer array [..] of `dtype`.
+
+    n <= 64; arrays need n <= 63 for int64 (use dtype=np.uint64 for n = 64).
+    """
+    bits = np.asarray(bits, dtype=bool)
+    if bits.ndim == 1:
+        return int(to_bitmask(bits[None], np.uint64)[0])
+    n = bits.shape[-1]
+    if n > np.iinfo(dtype).bits - (np.iinfo(dtype).min < 0):
+        raise ValueError(f"{n} units do not fit a {np.dtype(dtype).name} bitmask")
+    packed = np.packbits(bits, axis=-1, bitorder="little")          # unit i = bit i
+    packed = np.pad(packed, [(0, 0)] * (bits.ndim - 1) + [(0, 8 - packed.shape[-1])])
+    return np.ascontiguousarray(packed).view("<u8")[..., 0].astype(dtype)   # any input layout
+
+
+def from_bitmask(masks, n: int) -> np.ndarray:
+    """Bitmask(s) (an int or an integer array [..]) -> bool [.., n]."""
+    if np.ndim(masks) == 0:
+        masks = int(masks)
+        return np.array([(masks >> i) & 1 for i in range(n)], dtype=bool)
+    masks = np.asarray(masks, dtype=np.uint64)
+    return ((masks[..., None] >> np.arange(n, dtype=np.uint64)) & np.uint64(1)).astype(bool)
 
 
 def as_bool(subsets) -> np.ndarray:
