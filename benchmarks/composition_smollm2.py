@@ -40,7 +40,7 @@ def main(argv):
     run = lambda: jax.block_until_ready(fn(params, cfg, FLAGS.batch_size))
     scores, first, median = first_and_median(run, FLAGS.reps)
     scores = np.asarray(scores)
-    ov, qk = (np.asarray(ws.head_factors(params, cfg, k).dense()[np.array([0, 5, 20])]) for k in ws.KINDS)
+    ov, qk = (np.asarray(ws.head_factors(params, cfg, k).dense()[np.array([0, 5, 20])]) for k in ws.HEAD_MATRICES)
     fro = np.linalg.norm
     checks = [(scores[0, 0, 1, 5, 2], fro(ov[0, 1] @ qk[1, 2]) / (fro(ov[0, 1]) * fro(qk[1, 2]))),
               (scores[1, 5, 3, 20, 8], fro(ov[1, 3] @ qk[2, 8].T) / (fro(ov[1, 3]) * fro(qk[2, 8]))),

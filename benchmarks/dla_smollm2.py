@@ -35,10 +35,11 @@ def main(argv):
     model = jc.load()
     batch = ioi_batch(generate_ioi(FLAGS.n_prompts, FLAGS.seed, model.tokenizer), model.tokenizer)
     direction = dla.answer_direction(model.params, batch.metric.good, batch.metric.bad)
-    run = lambda: jax.block_until_ready(dla.direct_logit_attribution(model.params, model.cfg, batch.ids, batch.mask,
+    run = lambda: jax.block_until_ready(dla.direct_logit_attribution(model.params, model.cfg, batch.ids,
+                                                                     batch.attn_mask,
                                                                      direction))
     out, first, median = first_and_median(run, FLAGS.reps)
-    logits = np.asarray(jc.forward(model.params, model.cfg, batch.ids, batch.mask)[0])[:, -1]
+    logits = np.asarray(jc.forward(model.params, model.cfg, batch.ids, batch.attn_mask)[0])[:, -1]
     rows = np.arange(FLAGS.n_prompts)
     want = logits[rows, np.asarray(batch.metric.good)[:, 0]] - logits[rows, np.asarray(batch.metric.bad)[:, 0]]
     print(json.dumps({

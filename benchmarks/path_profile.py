@@ -55,13 +55,13 @@ def best_seconds(f: Callable[[], object], reps: int) -> float:
     return min(times)
 
 
-KINDS = (("matmul", ("ynn", "dot", "gemm")),
+OP_KINDS = (("matmul", ("ynn", "dot", "gemm")),
          ("data movement", ("copy", "slice", "transpose", "concatenate", "dynamic-update", "pad", "gather")))
 
 
 def kind_of(op: str) -> str:
-    """The kind (`KINDS`, else 'elementwise') of a compiled op named `op`."""
-    return next((k for k, marks in KINDS if any(m in op for m in marks)), "elementwise")
+    """The kind (`OP_KINDS`, else 'elementwise') of a compiled op named `op`."""
+    return next((k for k, marks in OP_KINDS if any(m in op for m in marks)), "elementwise")
 
 
 def op_seconds(run: Callable[[], object], trace_dir: str) -> Dict[str, float]:
@@ -95,7 +95,7 @@ def main(argv):
     print("(op seconds are summed over the trace's threads, shares are of that sum; the profiled call is slower "
           "than the timed one)")
     print("| path | chunk s | floor s (share of chunk s) | XLA GFLOP / floor GFLOP | "
-          + " | ".join(f"{k} op s (share)" for k, _ in KINDS) + " | elementwise op s (share) |")
+          + " | ".join(f"{k} op s (share)" for k, _ in OP_KINDS) + " | elementwise op s (share) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for where, R in (("all", T), ("last", 1)):
         problem = PatchingProblem.make(target_run(params, cfg, tgt), run_with_cache(params, cfg, src, sites=(
@@ -113,7 +113,8 @@ def main(argv):
                                                                       problem.pos_w)).compile().cost_analysis()
         xla = (compiled[0] if isinstance(compiled, list) else compiled)["flops"]
         total = sum(by_kind.values())
-        cells = " | ".join(f"{by_kind[k]:.3f} ({by_kind[k] / total:.0%})" for k in [*(k for k, _ in KINDS), "elementwise"])
+        kinds = [*(k for k, _ in OP_KINDS), "elementwise"]
+        cells = " | ".join(f"{by_kind[k]:.3f} ({by_kind[k] / total:.0%})" for k in kinds)
         print(f"| {where} | {chunk_s:.3f} | {flops / rate:.3f} ({flops / rate / chunk_s:.0%}) | "
               f"{xla / 1e9:.1f} / {flops / 1e9:.1f} | {cells} |")
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:6]

@@ -24,7 +24,7 @@ def main(model: str = jc.DEFAULT_MODEL, n_prompts: int = 4, seed: int = 0, out: 
     problem = kit.problem(model, task, ("head_out",))      # right-aligned: same token lengths, by construction
     corrupted = kit.baselines(model, task)[1].mean()
     head_map = kit.unit_map(model, problem, chunk_size=0).mean(-1) - corrupted           # [layers, heads]
-    _, cache = model.run_with_cache(task.source_ids, task.source_mask, sites=("pattern",))   # the clean run
+    _, cache = model.run_with_cache(task.source_ids, task.source_attn_mask, sites=("pattern",))   # the clean run
     os.makedirs(out, exist_ok=True)
     plots.plot_head_map(head_map, os.path.join(out, "head_map.png"), "IOI: one head patched clean -> corrupted",
                         "change in logit(IO) - logit(S)")

@@ -15,7 +15,7 @@ from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.interventions.sites import CACHE_SITES, Intervention
 from jaxcircuits.weights.tokenize import Tokenizer, load_tokenizer
-from jaxcircuits.weights.registry import ModelSource, load_params
+from jaxcircuits.weights.registry import ModelFiles, load_params
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -23,7 +23,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @dataclasses.dataclass
 class Model:
     """cfg: static config; params: the params pytree (jax arrays); tokenizer: `Tokenizer` or None
-    when the checkpoint has none; source: what the name resolved to.
+    when the checkpoint has none; files: what the name resolved to.
 
     TransformerLens-style entry points: `to_tokens`, `to_str_tokens`, `run_with_cache` (text in,
     cache out, optionally under TransformerLens hook names), `patched` (text in, patched logits out)."""
@@ -31,11 +31,11 @@ class Model:
     cfg: ModelConfig
     params: dict
     tokenizer: Optional[Tokenizer]
-    source: ModelSource
+    files: ModelFiles
 
     def _tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise ValueError(f"{self.source.name} has no tokenizer")
+            raise ValueError(f"{self.files.name} has no tokenizer")
         return self.tokenizer
 
     def to_tokens(self, text: Union[str, Sequence[str]], add_special_tokens: bool = True) -> np.ndarray:
@@ -81,12 +81,12 @@ class Model:
     def complete(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw) -> list:
         """Greedy completions (text after each prompt, stopped at EOS) of raw prompt strings;
         kw go to `generate` (prefill / decode interventions)."""
-        ids, mask = self._tokenizer().batch(list(prompts))
-        return self.complete_ids(ids, mask, max_new_tokens, **kw)
+        ids, attn_mask = self._tokenizer().batch(list(prompts))
+        return self.complete_ids(ids, attn_mask, max_new_tokens, **kw)
 
-    def complete_ids(self, ids, mask, max_new_tokens: int = 20, **kw) -> list:
-        """Greedy completions as text of left-padded token batches ids, mask [B, T]."""
-        out = np.asarray(generate(self.params, self.cfg, ids, mask, max_new_tokens, **kw))
+    def complete_ids(self, ids, attn_mask, max_new_tokens: int = 20, **kw) -> list:
+        """Greedy completions as text of left-padded token batches ids, attn_mask [B, T]."""
+        out = np.asarray(generate(self.params, self.cfg, ids, attn_mask, max_new_tokens, **kw))
         eos = self.tokenizer.eos_token_id
         texts = []
         for row in out:
@@ -105,7 +105,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32, cache: bool = Tru
     raises ValueError before anything is read. cache: keep converted params in the on-disk cache so
     the next load is fast.
     """
-    cfg, params, source = load_params(name_or_path, dtype, cache)
-    tokenizer = load_tokenizer(source.tokenizer_files[0] if source.format == "gguf" else source.path) \
-        if source.tokenizer_files else None
-    return Model(cfg, jax.tree.map(jnp.asarray, params), tokenizer, source)
+    cfg, params, files = load_params(name_or_path, dtype, cache)
+    tokenizer = load_tokenizer(files.tokenizer_files[0] if files.format == "gguf" else files.path) \
+        if files.tokenizer_files else None
+    return Model(cfg, jax.tree.map(jnp.asarray, params), tokenizer, files)

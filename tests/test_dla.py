@@ -38,12 +38,12 @@ def test_components_sum_to_the_final_residual(tiny, name):
 
 def test_components_sum_on_smollm2():
     model = jc.load()
-    ids, mask = model.tokenizer.batch(["The capital of France is", "Q: Which is bigger: 9.8 or 9.11?\nA:"])
-    comps = dla.decompose(model.params, model.cfg, ids, mask, positions=(-1, -2))
+    ids, attn_mask = model.tokenizer.batch(["The capital of France is", "Q: Which is bigger: 9.8 or 9.11?\nA:"])
+    comps = dla.decompose(model.params, model.cfg, ids, attn_mask, positions=(-1, -2))
     np.testing.assert_allclose(comps.total(), comps.final, atol=1e-4)
     direction = dla.answer_direction(model.params, jnp.array([[28], [32]]), jnp.array([[30], [33]]))
     out = dla.attribute(model.params, model.cfg, comps, direction)
-    logits = np.asarray(jc.forward(model.params, model.cfg, ids, mask)[0])[:, -1]
+    logits = np.asarray(jc.forward(model.params, model.cfg, ids, attn_mask)[0])[:, -1]
     np.testing.assert_allclose(out["total"][:, 0], logits[[0, 1], [28, 32]] - logits[[0, 1], [30, 33]], atol=2e-4)
 
 

@@ -186,10 +186,10 @@ def test_formats_are_frozen_and_hashable():
 def test_batch_prompts_left_padded():
     smol = F.ours("smollm2")
     questions = [Q, "2+2?"]
-    ids, mask = batch_prompts("chat", questions, smol)
+    ids, attn_mask = batch_prompts("chat", questions, smol)
     rows = [encode_prompt("chat", q, smol) for q in questions]
-    assert ids.shape == mask.shape == (2, len(rows[0])) and ids.dtype == np.int32
+    assert ids.shape == attn_mask.shape == (2, len(rows[0])) and ids.dtype == np.int32
     for row, expected in zip(range(2), rows):
         assert ids[row, -len(expected):].tolist() == expected
-        assert mask[row].sum() == len(expected) and mask[row, -1] == 1
+        assert attn_mask[row].sum() == len(expected) and attn_mask[row, -1] == 1
     assert (ids[1, : len(rows[0]) - len(rows[1])] == smol.pad_token_id).all()

@@ -23,11 +23,11 @@ ATOL = 1e-4  # fp32, highest matmul precision; worst seen in these tests is ~3e-
 def test_logits_match_hf_with_left_padding(tiny, name):
     model, cfg, params = tiny(name)
     toks = random_tokens(1, 3, 11)
-    mask = left_padded_mask(3, 11, [0, 4, 1])
-    want = ref.run(model, toks, mask).logits.numpy()
-    got = np.asarray(forward(params, cfg, jnp.asarray(toks), jnp.asarray(mask))[0])
+    attn_mask = left_padded_mask(3, 11, [0, 4, 1])
+    want = ref.run(model, toks, attn_mask).logits.numpy()
+    got = np.asarray(forward(params, cfg, jnp.asarray(toks), jnp.asarray(attn_mask))[0])
     chex.assert_shape(got, (3, 11, cfg.vocab_size))
-    real = mask.astype(bool)
+    real = attn_mask.astype(bool)
     np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
 
 
@@ -54,10 +54,10 @@ class JitVariantsTest(parameterized.TestCase):
 def test_cached_sites_match_hf_hooks(tiny, name):
     model, cfg, params = tiny(name)
     toks = random_tokens(3, 2, 9)
-    mask = left_padded_mask(2, 9, [0, 2])
-    want = ref.sites(model, toks, mask)
-    _, cache = run_with_cache(params, cfg, toks, jnp.asarray(mask))
-    real = mask.astype(bool)
+    attn_mask = left_padded_mask(2, 9, [0, 2])
+    want = ref.sites(model, toks, attn_mask)
+    _, cache = run_with_cache(params, cfg, toks, jnp.asarray(attn_mask))
+    real = attn_mask.astype(bool)
     for site in ("resid_pre", "head_out", "attn_out", "mlp_out"):
         chex.assert_shape(cache[site], want[site].shape)
         np.testing.assert_allclose(np.asarray(cache[site])[:, real], want[site][:, real], atol=ATOL,
@@ -76,11 +76,11 @@ def test_cached_sites_match_hf_hooks(tiny, name):
 def test_greedy_generation_matches_hf(tiny, name):
     model, cfg, params = tiny(name)
     toks = random_tokens(4, 2, 6)
-    mask = left_padded_mask(2, 6, [0, 2])
+    attn_mask = left_padded_mask(2, 6, [0, 2])
     with torch.no_grad():
-        want = model.generate(torch.tensor(toks), attention_mask=torch.tensor(mask), max_new_tokens=8,
+        want = model.generate(torch.tensor(toks), attention_mask=torch.tensor(attn_mask), max_new_tokens=8,
                               do_sample=False, eos_token_id=None, pad_token_id=0).numpy()[:, 6:]
-    got = np.asarray(generate(params, cfg, toks, mask, max_new_tokens=8, eos_id=-1))
+    got = np.asarray(generate(params, cfg, toks, attn_mask, max_new_tokens=8, eos_id=-1))
     np.testing.assert_array_equal(got, want)
 
 

@@ -23,17 +23,17 @@ def test_position_maps_on_left_padded_rows():
 
 
 def test_selectors_and_weights():
-    mask = left_padded_mask(2, 4, [0, 1])
-    np.testing.assert_array_equal(P.select("all", mask), mask)
-    np.testing.assert_array_equal(P.select("last", mask), [[0, 0, 0, 1], [0, 0, 0, 1]])
-    np.testing.assert_array_equal(P.select("last:2", mask), [[0, 0, 1, 1], [0, 0, 1, 1]])
-    np.testing.assert_array_equal(P.select([0, -1], mask), [[1, 0, 0, 1], [0, 1, 0, 1]])
+    attn_mask = left_padded_mask(2, 4, [0, 1])
+    np.testing.assert_array_equal(P.select("all", attn_mask), attn_mask)
+    np.testing.assert_array_equal(P.select("last", attn_mask), [[0, 0, 0, 1], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(P.select("last:2", attn_mask), [[0, 0, 1, 1], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(P.select([0, -1], attn_mask), [[1, 0, 0, 1], [0, 1, 0, 1]])
     pos_map = np.array([[-1, 0, 1, 2], [-1, -1, 0, 1]])
     np.testing.assert_array_equal(P.weights("all", pos_map), [[0, 1, 1, 1], [0, 0, 1, 1]])
     with pytest.raises(ValueError, match="out of range"):
-        P.select([4], mask)
+        P.select([4], attn_mask)
     with pytest.raises(ValueError, match="position selector"):
-        P.select("first", mask)
+        P.select("first", attn_mask)
 
 
 def test_align_gathers_mapped_slots_and_zeros_the_rest():
@@ -53,9 +53,9 @@ def test_align_gathers_mapped_slots_and_zeros_the_rest():
 def test_zero_and_mean_sources():
     a = jnp.asarray(np.random.RandomState(0).randn(2, 3, 4, 5), jnp.float32)     # [L, B, T, D]
     np.testing.assert_array_equal(A.zeros_like_source({"mlp_out": a})["mlp_out"], np.zeros(a.shape))
-    mask = left_padded_mask(3, 4, [0, 1, 2])
-    got = A.mean_source({"mlp_out": a}, mask)["mlp_out"]
-    want = np.asarray(a)[:, mask.astype(bool)].mean(1)                              # mean over real tokens
+    attn_mask = left_padded_mask(3, 4, [0, 1, 2])
+    got = A.mean_source({"mlp_out": a}, attn_mask)["mlp_out"]
+    want = np.asarray(a)[:, attn_mask.astype(bool)].mean(1)                              # mean over real tokens
     np.testing.assert_allclose(got[:, 1, 2], want, rtol=1e-6)
     assert got.shape == a.shape
     with pytest.raises(ValueError, match="mean ablation of 'pattern'"):

@@ -37,10 +37,10 @@ def test_logits_match_transformers_on_several_prompts(both):
 
 def test_batched_left_padded_logits_match(both):
     model, hf = both
-    ids, mask = model.tokenizer.pad(_prompts(model)[:3], "left")
-    got = np.asarray(jc.forward(model.params, model.cfg, ids, mask)[0])
+    ids, attn_mask = model.tokenizer.pad(_prompts(model)[:3], "left")
+    got = np.asarray(jc.forward(model.params, model.cfg, ids, attn_mask)[0])
     for b, row in enumerate(ids):
-        real = mask[b].astype(bool)
+        real = attn_mask[b].astype(bool)
         want = hf(torch.tensor(row[real][None])).logits[0].detach().numpy()
         np.testing.assert_allclose(got[b][real], want, atol=ATOL, rtol=RTOL)
 

@@ -114,18 +114,18 @@ def test_sampled_per_size_is_deterministic_stratified_without_replacement():
     assert a == S.sampled_per_size(n, sizes, m, seed=0)
     assert a != S.sampled_per_size(n, sizes, m, seed=1)
     rows = _all_rows(a)
-    assert len(set(a.masks)) == len(a.masks)                               # without replacement
+    assert len(set(a.bitmasks)) == len(a.bitmasks)                               # without replacement
     np.testing.assert_array_equal(rows.sum(1), [1] * 12 + [3] * 20 + [6] * 20)   # k=1 taken whole
     np.testing.assert_array_equal(rows[:12], _all_rows(S.of_size(n, 1)))
     alone = S.sampled_per_size(n, (6,), m, seed=0)                         # a layer ignores the others
-    assert alone.masks == a.masks[32:]
+    assert alone.bitmasks == a.bitmasks[32:]
 
 
 def test_sampled_per_size_never_enumerates_huge_layers():
     family = S.sampled_per_size(64, (8, 32), 50, seed=3)
     rows = _all_rows(family)
     np.testing.assert_array_equal(rows.sum(1), [8] * 50 + [32] * 50)
-    assert len(set(family.masks)) == 100
+    assert len(set(family.bitmasks)) == 100
 
 
 def test_structured_families():
@@ -184,7 +184,7 @@ def test_to_bitmask_accepts_non_contiguous_rows():
 
 
 def members(family):
-    return [np.flatnonzero(S.from_bitmask(m, family.n)).tolist() for m in family.masks]
+    return [np.flatnonzero(S.from_bitmask(m, family.n)).tolist() for m in family.bitmasks]
 
 
 def test_gqa_families_kv_groups_and_positions_within_them():

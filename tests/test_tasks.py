@@ -94,8 +94,8 @@ def test_build_batch():
     tok = smol()
     pairs = [STUDY_PAIR, DecimalPair("12.4", "12.31")]
     batch = build_batch(pairs, "simple", tok)
-    assert batch.ids.shape == batch.mask.shape == (2, 24)
-    assert batch.mask[0].tolist() == [0] * 3 + [1] * 21 and batch.mask[1].all()  # left padded
+    assert batch.ids.shape == batch.attn_mask.shape == (2, 24)
+    assert batch.attn_mask[0].tolist() == [0] * 3 + [1] * 21 and batch.attn_mask[1].all()  # left padded
     assert batch.ids[0, 3:].tolist() == SMOL_SIMPLE_IDS + batch.answers[0].prefix
     assert tok.decode(batch.ids[1]).endswith("12.31?\nAnswer: 12.")
     assert [tok.token_str(i) for i in np.asarray(batch.metric.good)[:, 0]] == ["8", "4"]
@@ -107,8 +107,8 @@ def test_build_teacher_forced():
     tok = smol()
     pairs = [STUDY_PAIR, DecimalPair("12.4", "12.31")]
     tf = build_teacher_forced(pairs, "qa", tok)
-    assert tf.ids.shape == tf.mask.shape and tf.ids.shape[:2] == (2, 2)
-    texts = [[tok.decode(tf.ids[k, b][tf.mask[k, b] == 1]) for b in range(2)] for k in range(2)]
+    assert tf.ids.shape == tf.attn_mask.shape and tf.ids.shape[:2] == (2, 2)
+    texts = [[tok.decode(tf.ids[k, b][tf.attn_mask[k, b] == 1]) for b in range(2)] for k in range(2)]
     assert texts[0] == [f"Q: {Q}\nA: 9.8", "Q: Which is bigger: 12.4 or 12.31?\nA: 12.4"]
     assert texts[1] == [f"Q: {Q}\nA: 9.11", "Q: Which is bigger: 12.4 or 12.31?\nA: 12.31"]
     for k, metric in enumerate((tf.good, tf.bad)):
@@ -195,10 +195,10 @@ def test_ioi_batch():
     tok = smol()
     prompts = ioi.generate_ioi(6, seed=2, tokenizer=tok)
     batch = ioi.ioi_batch(prompts, tok)
-    assert batch.ids.shape == batch.mask.shape and batch.ids.shape[0] == 6
-    assert batch.mask[:, -1].all()
+    assert batch.ids.shape == batch.attn_mask.shape and batch.ids.shape[0] == 6
+    assert batch.attn_mask[:, -1].all()
     for row, p in enumerate(prompts):
-        assert tok.decode(batch.ids[row][batch.mask[row] == 1]) == p.text
+        assert tok.decode(batch.ids[row][batch.attn_mask[row] == 1]) == p.text
         assert tok.token_str(int(batch.metric.good[row, 0])) == " " + p.io
         assert tok.token_str(int(batch.metric.bad[row, 0])) == " " + p.s
     corrupted = ioi.ioi_batch(ioi.corrupt(prompts, 0, tok), tok)

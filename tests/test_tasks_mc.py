@@ -45,7 +45,7 @@ def test_batch_metric_matches_logits(family):
     tok = smol()
     prompts = FAMILIES[family](6, 0)
     batch = mc.choice_batch(prompts, tok)
-    assert batch.ids.shape == batch.mask.shape and batch.ids.shape[0] == 6
+    assert batch.ids.shape == batch.attn_mask.shape and batch.ids.shape[0] == 6
     for i, p in enumerate(prompts):
         want = tok.encode(p.text + " " + p.answer_text, add_special_tokens=False)
         assert int(batch.metric.good[i, 0]) == want[len(tok.encode(p.text, add_special_tokens=False))]
@@ -67,7 +67,7 @@ def test_batch_metric_matches_logits(family):
 def test_metric_runs_on_the_model():
     model = jc.load()
     batch = mc.choice_batch(mc.colored_objects(4, 0), model.tokenizer)
-    logits, cache = jc.forward(model.params, model.cfg, batch.ids, batch.mask, collect=("final_norm",))
+    logits, cache = jc.forward(model.params, model.cfg, batch.ids, batch.attn_mask, collect=("final_norm",))
     got = np.asarray(batch.metric(model.params, cache["final_norm"][:, -1:]))
     lg = np.asarray(logits[:, -1], np.float64)
     for i in range(4):

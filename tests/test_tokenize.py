@@ -153,18 +153,18 @@ def test_no_bos_added_by_smollm2_and_gpt2():
 def test_batch_matches_hf_padding(name):
     ours, hf = F.ours(name), F.hf(name)
     texts = [STUDY, " 9.8", "naïve café — 你好"]
-    ids, mask = ours.batch(texts)
+    ids, attn_mask = ours.batch(texts)
     ref = hf(texts, padding=True, padding_side="left", return_tensors="np")
-    assert ids.dtype == mask.dtype == np.int32
+    assert ids.dtype == attn_mask.dtype == np.int32
     np.testing.assert_array_equal(ids, ref["input_ids"])
-    np.testing.assert_array_equal(mask, ref["attention_mask"])
+    np.testing.assert_array_equal(attn_mask, ref["attention_mask"])
 
 
 def test_left_padding_layout_with_eos_fallback():
     gpt2 = F.ours("gpt2")
-    ids, mask = gpt2.batch(["Hello world", " 9.8", "!"])
+    ids, attn_mask = gpt2.batch(["Hello world", " 9.8", "!"])
     assert ids.tolist() == [[50256, 15496, 995], [860, 13, 23], [50256, 50256, 0]]
-    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
+    assert attn_mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
     assert gpt2.batch([])[0].shape == (0, 0)
     for side in ("right", "middle"):    # the library reads every prompt's last token at the last column
         with pytest.raises(ValueError, match=f"pad_side='{side}' is not supported.*left-padded"):

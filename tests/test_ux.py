@@ -150,7 +150,7 @@ def test_alias_resolves_in_the_local_hub_cache(tmp_path, monkeypatch, model_id):
     monkeypatch.setenv("JAXCIRCUITS_CACHE", str(tmp_path / "cache"))
     _put_in_hub_cache(tmp_path / "hub", model_id, make_hf_model("gpt2"))
     model = jc.load("GPT2")
-    assert model.source.name == model_id and model.cfg.checkpoint == "gpt2" and model.cfg.n_layers == 3
+    assert model.files.name == model_id and model.cfg.checkpoint == "gpt2" and model.cfg.n_layers == 3
 
 
 def test_absent_alias_says_how_to_get_it(tmp_path, monkeypatch):
@@ -183,8 +183,9 @@ def test_model_run_with_cache_on_text(smol_tiny):
     m = smol_tiny
     texts = ["Q: 9.8 or 9.11?", "Hi"]
     logits, cache = m.run_with_cache(texts, sites=("head_out", "final_norm"))
-    ids, mask = m.tokenizer.batch(texts)
-    want_logits, want = jc.run_with_cache(m.params, m.cfg, ids, jnp.asarray(mask), sites=("head_out", "final_norm"))
+    ids, attn_mask = m.tokenizer.batch(texts)
+    want_logits, want = jc.run_with_cache(m.params, m.cfg, ids, jnp.asarray(attn_mask),
+                                          sites=("head_out", "final_norm"))
     np.testing.assert_array_equal(logits, want_logits)
     np.testing.assert_array_equal(cache["head_out"], want["head_out"])
     _, tl = m.run_with_cache(texts, sites=("head_out", "final_norm"), hook_names=True)

@@ -25,7 +25,7 @@ def _dense_heads(params, cfg, kind):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
-@pytest.mark.parametrize("kind", ws.KINDS)
+@pytest.mark.parametrize("kind", ws.HEAD_MATRICES)
 def test_factors_norms_svd_match_dense(tiny, name, kind):
     _, cfg, params = tiny(name)
     f = ws.head_factors(params, cfg, kind)
@@ -60,7 +60,7 @@ def test_composition_scores_match_dense(tiny):
 
 def test_scale_directions_edits_only_that_head_and_vmaps(tiny):
     _, cfg, params = tiny("llama_gqa")
-    for kind in ws.KINDS:
+    for kind in ws.HEAD_MATRICES:
         scales = jnp.ones(cfg.d_head).at[0].set(0.0).at[1].set(2.0)
         new = ws.scale_directions(params, cfg, kind, 1, 3, scales)
         before, after = ws.head_factors(params, cfg, kind), ws.head_factors(new, cfg, kind)

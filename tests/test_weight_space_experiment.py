@@ -59,7 +59,7 @@ def test_rotated_options_moves_the_answer():
 
 def test_pair_directions_are_the_links_singular_directions(tiny):
     _, cfg, params = tiny("llama_gqa")
-    ov, qk = (ws.head_factors(params, cfg, k) for k in ws.KINDS)
+    ov, qk = (ws.head_factors(params, cfg, k) for k in ws.HEAD_MATRICES)
     for typ, reader in zip(ws.COMPOSITIONS, (qk.dense(), jnp.swapaxes(qk.dense(), -1, -2), ov.dense())):
         d = np.asarray(study.pair_directions(params, cfg, {"type": typ, "writer": (0, 1), "reader": (1, 2)}))
         link = np.asarray(params["layers"]["o"]["w"][0, 1], np.float64) @ np.asarray(reader[1, 2], np.float64)

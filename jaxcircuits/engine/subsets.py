@@ -37,7 +37,7 @@ from jaxcircuits.stats.tables import from_bitmask, to_bitmask
 
 MAX_UNITS = 64
 MAX_RANK = 2 ** 31 - 1            # the largest rank of jax's default int32 (see "Limits" above)
-KINDS = ("all", "size_k", "explicit")
+FAMILY_KINDS = ("all", "size_k", "explicit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,28 +46,28 @@ class Family:
 
     kind: 'all' | 'size_k' | 'explicit' (rank order in the module doc).
     ks: for 'size_k', the subset sizes whose blocks are concatenated, in rank order.
-    masks: for 'explicit', the members' bitmasks, in rank order (no duplicates).
+    bitmasks: for 'explicit', the members' bitmasks, in rank order (no duplicates).
     complemented: every member is the complement of the base family's member of the same rank.
     """
 
     kind: str
     n: int
     ks: Tuple[int, ...] = ()
-    masks: Tuple[int, ...] = ()
+    bitmasks: Tuple[int, ...] = ()
     complemented: bool = False
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind not in FAMILY_KINDS:
+            raise ValueError(f"kind must be one of {FAMILY_KINDS}, got {self.kind!r}")
         if not 1 <= self.n <= MAX_UNITS:
             raise ValueError(f"n must be in [1, {MAX_UNITS}], got {self.n}")
         if self.kind == "size_k":
             if not self.ks or any(not 0 <= k <= self.n for k in self.ks) or len(set(self.ks)) < len(self.ks):
                 raise ValueError(f"ks must be distinct sizes in [0, {self.n}], got {self.ks}")
         if self.kind == "explicit":
-            if any(not 0 <= m < 1 << self.n for m in self.masks):
+            if any(not 0 <= m < 1 << self.n for m in self.bitmasks):
                 raise ValueError(f"explicit bitmasks must be in [0, 2^{self.n})")
-            if len(set(self.masks)) < len(self.masks):
+            if len(set(self.bitmasks)) < len(self.bitmasks):
                 raise ValueError("explicit family has duplicate subsets")
 
     @property
@@ -83,7 +83,7 @@ class Family:
             return 1 << self.n
         if self.kind == "size_k":
             return sum(math.comb(self.n, k) for k in self.ks)
-        return len(self.masks)
+        return len(self.bitmasks)
 
 
 # ----------------------------------------------------------------------------- constructors
@@ -105,10 +105,10 @@ def of_sizes(n: int, ks: Iterable[int]) -> Family:
 
 def explicit(n: int, subsets) -> Family:
     """A user list of subsets, each a bool vector [n] or a collection of unit indices."""
-    return Family("explicit", n, masks=tuple(_mask_of(n, s) for s in subsets))
+    return Family("explicit", n, bitmasks=tuple(_bitmask_of(n, s) for s in subsets))
 
 
-def _mask_of(n: int, subset) -> int:
+def _bitmask_of(n: int, subset) -> int:
     a = np.asarray(subset)
     if a.dtype == bool:
         if a.shape != (n,):
@@ -137,7 +137,7 @@ def sampled_per_size(n: int, sizes: Iterable[int], samples_per_size: int, seed: 
             rng = np.random.default_rng([seed, n, k])
             ranks = np.sort(rng.choice(total, samples_per_size, replace=False)).astype(np.uint64)
         masks += [int(m) for m in to_bitmask(unrank_np(of_size(n, k), ranks), dtype=np.uint64)]
-    return Family("explicit", n, masks=tuple(masks))
+    return Family("explicit", n, bitmasks=tuple(masks))
 
 
 def strided(n: int, stride: int, offset: int = 0) -> Family:
@@ -203,7 +203,7 @@ def _binom(n: int, kmax: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _explicit_bits(family: Family) -> np.ndarray:
-    return from_bitmask(np.array(family.masks, dtype=np.uint64), family.n).reshape(-1, family.n)
+    return from_bitmask(np.array(family.bitmasks, dtype=np.uint64), family.n).reshape(-1, family.n)
 
 
 def _unrank(xp, family: Family, ranks, rdtype):
@@ -267,7 +267,7 @@ def rank_of(family: Family, subset) -> int:
         return mask
     if family.kind == "explicit":
         try:
-            return family.masks.index(mask)
+            return family.bitmasks.index(mask)
         except ValueError:
             raise ValueError(f"subset {np.flatnonzero(bits).tolist()} is not in the family") from None
     members = np.flatnonzero(bits)

@@ -159,8 +159,9 @@ def sweep_spec(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep,
     bytes, shapes and dtypes of every params leaf and of the problem's arrays (one hashing pass)."""
     family, pool, target = sweep.family, sweep.pool, problem.target
     family_desc = dataclasses.asdict(family)
-    if len(family.masks) > 64:
-        family_desc["masks"] = f"{len(family.masks)} members, digest {_digest(np.array(family.masks, np.uint64))}"
+    if len(family.bitmasks) > 64:
+        bits = np.array(family.bitmasks, np.uint64)
+        family_desc["bitmasks"] = f"{len(bits)} members, digest {_digest(bits)}"
     return {
         "describe": describe or {},
         "model": dataclasses.asdict(cfg),

@@ -17,10 +17,10 @@ def zeros_like_source(source: Source) -> Source:
     return {k: jnp.zeros_like(v) for k, v in source.items()}
 
 
-def mean_source(source: Source, tgt_mask=None) -> Source:
+def mean_source(source: Source, tgt_attn_mask=None) -> Source:
     """Mean-ablation replacement: each entry averaged over batch and real positions, broadcast back.
 
-    tgt_mask [B, T] (1 = real) weights the average; defaults to all positions. Entries indexed by
+    tgt_attn_mask [B, T] (1 = real) weights the average; defaults to all positions. Entries indexed by
     key positions too (attention patterns) have no mean over positions and raise ValueError.
     """
     out = {}
@@ -29,7 +29,7 @@ def mean_source(source: Source, tgt_mask=None) -> Source:
         if len(axes) > 1:
             raise ValueError(f"mean ablation of {k!r} (indexed by key positions) is not defined; patch from a run")
         axis = axes[0] + 1                                     # + the layer axis
-        w = jnp.ones((a.shape[1], a.shape[axis])) if tgt_mask is None else jnp.asarray(tgt_mask, a.dtype)
+        w = jnp.ones((a.shape[1], a.shape[axis])) if tgt_attn_mask is None else jnp.asarray(tgt_attn_mask, a.dtype)
         shape = [1] * a.ndim
         shape[1], shape[axis] = w.shape
         w = w.reshape(shape)

@@ -25,30 +25,30 @@ def _real_slots(mask_row: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.asarray(mask_row))
 
 
-def _pairwise(tgt_mask, src_mask, pair_fn) -> np.ndarray:
-    tgt_mask, src_mask = np.asarray(tgt_mask), np.asarray(src_mask)
-    if tgt_mask.shape[0] != src_mask.shape[0]:
-        raise ValueError(f"source batch {src_mask.shape[0]} != target batch {tgt_mask.shape[0]}")
-    out = np.full(tgt_mask.shape, -1, np.int32)
-    for b in range(tgt_mask.shape[0]):
-        t, s = _real_slots(tgt_mask[b]), _real_slots(src_mask[b])
+def _pairwise(tgt_attn_mask, src_attn_mask, pair_fn) -> np.ndarray:
+    tgt_attn_mask, src_attn_mask = np.asarray(tgt_attn_mask), np.asarray(src_attn_mask)
+    if tgt_attn_mask.shape[0] != src_attn_mask.shape[0]:
+        raise ValueError(f"source batch {src_attn_mask.shape[0]} != target batch {tgt_attn_mask.shape[0]}")
+    out = np.full(tgt_attn_mask.shape, -1, np.int32)
+    for b in range(tgt_attn_mask.shape[0]):
+        t, s = _real_slots(tgt_attn_mask[b]), _real_slots(src_attn_mask[b])
         for ti, si in pair_fn(t, s, b):
             out[b, t[ti]] = s[si]
     return out
 
 
-def right_aligned(tgt_mask, src_mask) -> np.ndarray:
+def right_aligned(tgt_attn_mask, src_attn_mask) -> np.ndarray:
     """Last real token to last real token, and so on back to the shorter prompt's start."""
-    return _pairwise(tgt_mask, src_mask, lambda t, s, b: [
+    return _pairwise(tgt_attn_mask, src_attn_mask, lambda t, s, b: [
         (len(t) - 1 - i, len(s) - 1 - i) for i in range(min(len(t), len(s)))])
 
 
-def left_aligned(tgt_mask, src_mask) -> np.ndarray:
+def left_aligned(tgt_attn_mask, src_attn_mask) -> np.ndarray:
     """Real token i to real token i, i < min(lengths): what the original even-heads code did."""
-    return _pairwise(tgt_mask, src_mask, lambda t, s, b: [(i, i) for i in range(min(len(t), len(s)))])
+    return _pairwise(tgt_attn_mask, src_attn_mask, lambda t, s, b: [(i, i) for i in range(min(len(t), len(s)))])
 
 
-def token_matched(tgt_tokens, tgt_mask, src_tokens, src_mask) -> np.ndarray:
+def token_matched(tgt_tokens, tgt_attn_mask, src_tokens, src_attn_mask) -> np.ndarray:
     """Target tokens mapped to identical source tokens in the longest matching blocks (difflib)."""
     tgt_tokens, src_tokens = np.asarray(tgt_tokens), np.asarray(src_tokens)
 
@@ -57,19 +57,19 @@ def token_matched(tgt_tokens, tgt_mask, src_tokens, src_mask) -> np.ndarray:
                                      autojunk=False)
         return [(blk.a + i, blk.b + i) for blk in sm.get_matching_blocks() for i in range(blk.size)]
 
-    return _pairwise(tgt_mask, src_mask, pairs)
+    return _pairwise(tgt_attn_mask, src_attn_mask, pairs)
 
 
-def select(selector: Selector, tgt_mask) -> np.ndarray:
+def select(selector: Selector, tgt_attn_mask) -> np.ndarray:
     """Position weights float32 [B, T] of the target's real tokens.
 
     selector: 'all'; 'last'; 'last:k' (the final k real tokens); or a list of real-token indices
     (negative counts from the end, as in Python).
     """
-    tgt_mask = np.asarray(tgt_mask)
-    w = np.zeros(tgt_mask.shape, np.float32)
-    for b in range(tgt_mask.shape[0]):
-        t = _real_slots(tgt_mask[b])
+    tgt_attn_mask = np.asarray(tgt_attn_mask)
+    w = np.zeros(tgt_attn_mask.shape, np.float32)
+    for b in range(tgt_attn_mask.shape[0]):
+        t = _real_slots(tgt_attn_mask[b])
         if isinstance(selector, str):
             if selector == "all":
                 idx = np.arange(len(t))

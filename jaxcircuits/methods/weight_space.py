@@ -39,7 +39,7 @@ from jaxcircuits.engine.patching import patched_metric
 from jaxcircuits.interventions.sites import Mask
 
 Array = jax.Array
-KINDS = ("ov", "qk")
+HEAD_MATRICES = ("ov", "qk")
 COMPOSITIONS = ("q", "k", "v")
 
 
@@ -74,7 +74,7 @@ def head_factors(params: Params, cfg: ModelConfig, kind: str) -> Factored:
     if kind == "qk":
         return Factored(f32(lay["q"]["w"]).transpose(0, 2, 1, 3),
                         f32(_kv_per_head(lay["k"]["w"], cfg)).transpose(0, 2, 3, 1))
-    raise ValueError(f"unknown head matrix kind {kind!r}; known: {KINDS}")
+    raise ValueError(f"unknown head matrix kind {kind!r}; known: {HEAD_MATRICES}")
 
 
 def frobenius(f: Factored) -> Array:

@@ -127,8 +127,8 @@ class ModelConfig:
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], source: Optional[str] = None) -> "ModelConfig":
-        """Build from a parsed HF config dict (``model_type`` 'gpt2' or 'llama'); `source` (the file it
+    def from_hf(cls, hf: Mapping[str, Any], path: Optional[str] = None) -> "ModelConfig":
+        """Build from a parsed HF config dict (``model_type`` 'gpt2' or 'llama'); `path` (the file it
         came from) prefixes every `UnsupportedConfigError`."""
         try:
             model_type = hf.get("model_type")
@@ -137,9 +137,9 @@ class ModelConfig:
                     f"model_type {model_type!r} is not supported (supported: {', '.join(CHECKPOINTS)})")
             return CHECKPOINTS[model_type](dict(hf))
         except UnsupportedConfigError as e:
-            if source is None:
+            if path is None:
                 raise
-            raise UnsupportedConfigError(f"{source}: {e}") from None
+            raise UnsupportedConfigError(f"{path}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":

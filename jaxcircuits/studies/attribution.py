@@ -53,10 +53,10 @@ class Options(kit.TaskOptions):
             raise OptionError(f"--top={self.top} out of range [1, {cfg.n_layers * cfg.n_heads}] (the model's heads)")
 
 
-def head_dla(model, ids, mask, metric: LogitDiff) -> np.ndarray:
+def head_dla(model, ids, attn_mask, metric: LogitDiff) -> np.ndarray:
     """Mean over prompts of each head's direct effect along the metric's logit direction [L, H]."""
     direction = dla.answer_direction(model.params, metric.good, metric.bad)
-    out = dla.direct_logit_attribution(model.params, model.cfg, ids, mask, direction)
+    out = dla.direct_logit_attribution(model.params, model.cfg, ids, attn_mask, direction)
     return np.asarray(out["heads"][..., 0]).mean(-1)
 
 
@@ -82,16 +82,16 @@ def run(opts: Options) -> str:
     if not isinstance(task.metric, LogitDiff):
         raise OptionError(f"--task={opts.task}: DLA needs a logit-difference metric")
     # Both runs scored by the patched runs' metric: every map below is in its units.
-    base = {"source": float(kit.unpatched_metric(model, task.source_ids, task.source_mask, task.metric).mean()),
-            "target": float(kit.unpatched_metric(model, task.target_ids, task.target_mask, task.metric).mean())}
+    base = {"source": float(kit.unpatched_metric(model, task.source_ids, task.source_attn_mask, task.metric).mean()),
+            "target": float(kit.unpatched_metric(model, task.target_ids, task.target_attn_mask, task.metric).mean())}
     gap = base["source"] - base["target"]
     if abs(gap) < 1e-6:
         raise OptionError(f"source and target runs score the same ({base['source']:.4f}): nothing to attribute")
     problem = kit.problem(model, task, ("head_out",))
     seconds, maps = {}, {}
     for name, compute in (
-            ("DLA", lambda: head_dla(model, task.source_ids, task.source_mask, task.metric)
-             - head_dla(model, task.target_ids, task.target_mask, task.metric)),
+            ("DLA", lambda: head_dla(model, task.source_ids, task.source_attn_mask, task.metric)
+             - head_dla(model, task.target_ids, task.target_attn_mask, task.metric)),
             ("AP", lambda: attribution_patching(model.params, cfg, problem, "head_out")),
             ("IG", lambda: integrated_gradients(model.params, cfg, problem, "head_out", steps=opts.ig_steps)),
             ("exact", lambda: kit.unit_map(model, problem, opts.chunk_size).mean(-1) - base["target"])):

@@ -156,11 +156,11 @@ def format_scan(model, pairs, formats, max_new) -> dict:
     out = {}
     for fmt in formats:
         b = D.build_batch(pairs, fmt, model.tokenizer)
-        first = kit.unpatched_metric(model, b.ids, b.mask, b.metric)
+        first = kit.unpatched_metric(model, b.ids, b.attn_mask, b.metric)
         tf = D.build_teacher_forced(pairs, fmt, model.tokenizer)
-        lp = [kit.unpatched_metric(model, tf.ids[i], tf.mask[i], m) for i, m in enumerate((tf.good, tf.bad))]
-        ids, mask = model.tokenizer.pad([encode_prompt(fmt, p.question, model.tokenizer) for p in pairs], "left")
-        texts = model.complete_ids(ids, mask, max_new)
+        lp = [kit.unpatched_metric(model, tf.ids[i], tf.attn_mask[i], m) for i, m in enumerate((tf.good, tf.bad))]
+        ids, attn_mask = model.tokenizer.pad([encode_prompt(fmt, p.question, model.tokenizer) for p in pairs], "left")
+        texts = model.complete_ids(ids, attn_mask, max_new)
         out[fmt] = {"first_token_logit_diff": first, "teacher_forced_log_odds": lp[0] - lp[1], "generation": texts,
                     "answer": [D.classify_generation(t, p) for t, p in zip(texts, pairs)],
                     "original_test": [D.classify_generation_original(t, p) for t, p in zip(texts, pairs)]}
@@ -262,7 +262,7 @@ def _layer_scan(model, task: Task, opts, report) -> list:
 def _families(cfg, protocol: str, n: int) -> list:
     """Named unit families [(name, units)]: all, even, odd, first half; for true heads also each
     position within the KV groups and each KV group (`subsets.group_positions` / `kv_groups`)."""
-    members = lambda family: [np.flatnonzero(S.from_bitmask(m, n)) for m in family.masks]
+    members = lambda family: [np.flatnonzero(S.from_bitmask(m, n)) for m in family.bitmasks]
     out = [("all units", np.arange(n)), ("even units", *members(S.even(n))), ("odd units", *members(S.odd(n))),
            ("first half", np.arange(n // 2))]
     if PROTOCOLS[protocol].grouped and cfg.n_kv_heads < cfg.n_heads:
@@ -308,7 +308,7 @@ def _generation_check(model, protocol, pairs, pool, named, opts, gen):
         kw = {"prefill": Intervention(mask, gen["aligned"], jnp.asarray(gen["pos_w"]))}
         if PROTOCOLS[protocol].decode:
             kw["decode"] = decode_intervention(mask, gen["decode_source"])
-        texts = model.complete_ids(gen["ids"], gen["mask"], opts.max_new_tokens, **kw)
+        texts = model.complete_ids(gen["ids"], gen["attn_mask"], opts.max_new_tokens, **kw)
         answer = [D.classify_generation(t, p) for t, p in zip(texts, pairs)]
         original = [D.classify_generation_original(t, p) for t, p in zip(texts, pairs)]
         rows.append([name, len(units), _counts(answer), _counts(original), repr(texts[0][:50])])
@@ -423,15 +423,16 @@ def _sweep_protocol(model, protocol, layer, task: Task, all_task: Task, gen, opt
 def _generation_inputs(model, pairs, opts):
     """Per protocol: prompt-only target ids/mask, aligned source, position weights, decode source."""
     tok = model.tokenizer
-    src_ids, src_mask = tok.pad([encode_prompt(opts.source_format, p.question, tok) for p in pairs], "left")
-    tgt_ids, tgt_mask = tok.pad([encode_prompt(opts.target_format, p.question, tok) for p in pairs], "left")
-    _, cache = run_with_cache(model.params, model.cfg, src_ids, jnp.asarray(src_mask), sites=("head_out", "attn_out"))
+    src_ids, src_attn_mask = tok.pad([encode_prompt(opts.source_format, p.question, tok) for p in pairs], "left")
+    tgt_ids, tgt_attn_mask = tok.pad([encode_prompt(opts.target_format, p.question, tok) for p in pairs], "left")
+    _, cache = run_with_cache(model.params, model.cfg, src_ids, jnp.asarray(src_attn_mask),
+                              sites=("head_out", "attn_out"))
     out = {}
     for name, protocol in PROTOCOLS.items():
-        pos_map = kit.position_map(protocol.align, (tgt_ids, tgt_mask), (src_ids, src_mask))
-        out[name] = {"ids": tgt_ids, "mask": tgt_mask, "aligned": P.align(cache, pos_map),
+        pos_map = kit.position_map(protocol.align, (tgt_ids, tgt_attn_mask), (src_ids, src_attn_mask))
+        out[name] = {"ids": tgt_ids, "attn_mask": tgt_attn_mask, "aligned": P.align(cache, pos_map),
                      "pos_w": P.weights("all", pos_map),
-                     "decode_source": source_at_position(cache, np.argmax(src_mask, axis=1))}
+                     "decode_source": source_at_position(cache, np.argmax(src_attn_mask, axis=1))}
     return out
 
 

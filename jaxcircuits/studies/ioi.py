@@ -164,9 +164,9 @@ def _patch_sweep(model, problem, pool, base, per_prompt, opts, report):
 def _ablation_problem(model, task: registry.TaskBatches) -> PatchingProblem:
     """Mean ablation of the clean (source) run: its head outputs replaced by their mean over the
     batch and real positions, at every position."""
-    _, cache = jc.run_with_cache(model.params, model.cfg, task.source_ids, jnp.asarray(task.source_mask),
+    _, cache = jc.run_with_cache(model.params, model.cfg, task.source_ids, jnp.asarray(task.source_attn_mask),
                                  sites=("head_out",))
-    clean = jc.target_run(model.params, model.cfg, task.source_ids, task.source_mask)
+    clean = jc.target_run(model.params, model.cfg, task.source_ids, task.source_attn_mask)
     return PatchingProblem.make(clean, mean_source(cache, clean.attn_mask), P.select("all", clean.attn_mask),
                                 task.source_metric)
 

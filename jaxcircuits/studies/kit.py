@@ -66,22 +66,22 @@ def load(opts: StudyOptions) -> Model:
     return model
 
 
-def final_hidden(model: Model, ids, mask, n: int):
-    """Final-normed hidden states [B, n, D] of the last n positions of a plain run of ids, mask [B, T]."""
-    _, c = jc.forward(model.params, model.cfg, jnp.asarray(ids), jnp.asarray(mask), collect=("final_norm",),
+def final_hidden(model: Model, ids, attn_mask, n: int):
+    """Final-normed hidden states [B, n, D] of the last n positions of a plain run of ids, attn_mask [B, T]."""
+    _, c = jc.forward(model.params, model.cfg, jnp.asarray(ids), jnp.asarray(attn_mask), collect=("final_norm",),
                       return_logits=False)
     return c["final_norm"][:, -n:]
 
 
-def unpatched_metric(model: Model, ids, mask, metric) -> np.ndarray:
-    """The metric [B] of a plain run of ids, mask [B, T]."""
-    return np.asarray(metric(model.params, final_hidden(model, ids, mask, metric.n_positions)))
+def unpatched_metric(model: Model, ids, attn_mask, metric) -> np.ndarray:
+    """The metric [B] of a plain run of ids, attn_mask [B, T]."""
+    return np.asarray(metric(model.params, final_hidden(model, ids, attn_mask, metric.n_positions)))
 
 
 def baselines(model: Model, task: TaskBatches) -> Tuple[np.ndarray, np.ndarray]:
     """(the source run's metric [B] by the task's source metric, the target run's [B] by its metric)."""
-    return (unpatched_metric(model, task.source_ids, task.source_mask, task.source_metric),
-            unpatched_metric(model, task.target_ids, task.target_mask, task.metric))
+    return (unpatched_metric(model, task.source_ids, task.source_attn_mask, task.source_metric),
+            unpatched_metric(model, task.target_ids, task.target_attn_mask, task.metric))
 
 
 # ---- tasks -> patching problems ------------------------------------------------------------------
@@ -90,13 +90,14 @@ def baselines(model: Model, task: TaskBatches) -> Tuple[np.ndarray, np.ndarray]:
 # (target ids, target mask, source ids, source mask)
 ALIGNS: Dict[str, Callable[..., np.ndarray]] = {
     "token": P.token_matched,                                             # identical tokens, difflib blocks
-    "right": lambda t_ids, t_mask, s_ids, s_mask: P.right_aligned(t_mask, s_mask),   # from the last token
-    "left": lambda t_ids, t_mask, s_ids, s_mask: P.left_aligned(t_mask, s_mask),     # from the first token
+    "right": lambda t_ids, t_attn, s_ids, s_attn: P.right_aligned(t_attn, s_attn),      # from the last token
+    "left": lambda t_ids, t_attn, s_ids, s_attn: P.left_aligned(t_attn, s_attn),        # from the first token
 }
 
 
 def position_map(align: str, target: Tuple[Any, Any], source: Tuple[Any, Any]) -> np.ndarray:
-    """The `ALIGNS[align]` map [B, T_tgt] of target (ids, mask) [B, T_tgt] to source (ids, mask) [B, T_src]."""
+    """The `ALIGNS[align]` map [B, T_tgt] of target (ids, attn_mask) [B, T_tgt] to source (ids, attn_mask)
+    [B, T_src]."""
     if align not in ALIGNS:
         raise ValueError(f"align={align!r}: known position maps are {list(ALIGNS)}")
     return ALIGNS[align](*target, *source)
@@ -110,16 +111,16 @@ def problems(model: Model, task: TaskBatches, sites: Sequence[str], aligns: Sequ
     entries `sites` [L, B, T_src, ...], aligned to the target's slots by the map. Position weights
     [B, T_tgt]: `positions` (a `positions.Selector`) among the mapped target slots; a selector that
     does not fit the prompts is an OptionError naming --positions, raised before any run."""
-    maps = {a: position_map(a, (task.target_ids, task.target_mask), (task.source_ids, task.source_mask))
+    maps = {a: position_map(a, (task.target_ids, task.target_attn_mask), (task.source_ids, task.source_attn_mask))
             for a in aligns}
     try:
         pos_w = {a: P.weights(positions, m) for a, m in maps.items()}
     except ValueError as e:
         spec = positions if isinstance(positions, str) else ",".join(map(str, positions))
         raise OptionError(f"--positions={spec}: {e}") from None
-    _, cache = run_with_cache(model.params, model.cfg, task.source_ids, jnp.asarray(task.source_mask),
+    _, cache = run_with_cache(model.params, model.cfg, task.source_ids, jnp.asarray(task.source_attn_mask),
                               sites=tuple(sites))
-    target = target_run(model.params, model.cfg, task.target_ids, task.target_mask)
+    target = target_run(model.params, model.cfg, task.target_ids, task.target_attn_mask)
     return {a: PatchingProblem.make(target, P.align(cache, m), pos_w[a], task.metric) for a, m in maps.items()}
 
 

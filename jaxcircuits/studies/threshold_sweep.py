@@ -110,9 +110,10 @@ FAMILIES = {
     "sampled": lambda o, pool, cfg: S.sampled_per_size(pool.n, o.sizes, o.samples_per_size, o.seed),
     "even": lambda o, pool, cfg: S.even(pool.n),
     "odd": lambda o, pool, cfg: S.odd(pool.n),
-    "strided": lambda o, pool, cfg: S.explicit(pool.n, [S.strided(pool.n, o.stride, k).masks[0]
+    "strided": lambda o, pool, cfg: S.explicit(pool.n, [S.strided(pool.n, o.stride, k).bitmasks[0]
                                                         for k in range(o.stride)]),
-    "contiguous": lambda o, pool, cfg: S.explicit(pool.n, [m for k in o.sizes for m in S.contiguous(pool.n, k).masks]),
+    "contiguous": lambda o, pool, cfg: S.explicit(pool.n, [m for k in o.sizes
+                                                           for m in S.contiguous(pool.n, k).bitmasks]),
     "explicit": lambda o, pool, cfg: S.explicit(pool.n, [list(s) for s in o.subsets]),
     "kv_groups": lambda o, pool, cfg: S.grouped([(l, h // _group_size(o, cfg)) for l, h in pool.units]),
     "group_positions": lambda o, pool, cfg: S.grouped([(l, h % _group_size(o, cfg)) for l, h in pool.units]),

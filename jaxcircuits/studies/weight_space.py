@@ -93,7 +93,7 @@ def pair_directions(params, cfg, pair: dict) -> Array:
     link is z -> z W_O^A M_B, i.e. the [Dh, D] matrix W_O^A M_B, factored as (W_O^A left_B) right_B
     and decomposed by `weight_space.svd` = U S Vh. The rows are U^T: the top singular directions
     on the writer's side (right singular vectors of the link written as a column-vector map)."""
-    ov, qk = (ws.head_factors(params, cfg, kind) for kind in ws.KINDS)
+    ov, qk = (ws.head_factors(params, cfg, kind) for kind in ws.HEAD_MATRICES)
     reader = dict(zip(ws.COMPOSITIONS, (qk, qk.T, ov)))[pair["type"]]
     (la, ha), (lb, hb) = pair["writer"], pair["reader"]
     link = ws.Factored(ov.right[la, ha] @ reader.left[lb, hb], reader.right[lb, hb])
@@ -179,7 +179,7 @@ def run(opts: Options) -> str:
                                f"{c.upper()}-composition") for i, c in enumerate(ws.COMPOSITIONS)))
     heads = sorted({lh for p in pairs for lh in (p["writer"], p["reader"])})[:8]
     spectra = {}
-    for kind in ws.KINDS:
+    for kind in ws.HEAD_MATRICES:
         s = np.asarray(ws.svd(ws.head_factors(params, cfg, kind))[1])
         spectra.update({f"{name(lh)} {kind.upper()}": s[lh] for lh in heads})
     report.add("Spectra", "Singular values of the OV and QK matrices of the heads in the top pairs "
@@ -196,12 +196,12 @@ def run(opts: Options) -> str:
     return report.write()
 
 
-def _task_metric(cfg, ids, mask, metric):
-    """params -> mean metric of a plain run of ids, mask [B, T] (traceable)."""
-    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+def _task_metric(cfg, ids, attn_mask, metric):
+    """params -> mean metric of a plain run of ids, attn_mask [B, T] (traceable)."""
+    ids, attn_mask = jnp.asarray(ids), jnp.asarray(attn_mask)
 
     def mean_metric(p):
-        _, c = transformer.forward_fn(p, cfg, ids, mask, collect=("final_norm",), return_logits=False)
+        _, c = transformer.forward_fn(p, cfg, ids, attn_mask, collect=("final_norm",), return_logits=False)
         return metric(p, c["final_norm"][:, -1:]).mean()
     return mean_metric
 
@@ -210,12 +210,12 @@ def _massive(report: Report, opts: Options, model, task: registry.TaskBatches) -
     """The Q/K massive-values section (see the module docstring) on the task's target prompts."""
     params, cfg = model.params, model.cfg
     t = time.time()
-    prof = {k: np.asarray(v) for k, v in ws.qk_profile(params, cfg, task.target_ids, task.target_mask).items()}
+    prof = {k: np.asarray(v) for k, v in ws.qk_profile(params, cfg, task.target_ids, task.target_attn_mask).items()}
     # concentration: largest dimension over the median dimension, the most concentrated head per layer
     conc = {k: (v.max(-1) / np.median(v, -1)).max(-1) for k, v in prof.items()}          # [L]
     ranks = {"q": ws.top_dims(prof["q"]), "k": ws.top_dims(prof["k"])}
     ns = np.asarray(sorted(set(opts.zero_dims) | {0}))
-    metric = _task_metric(cfg, task.target_ids, task.target_mask, task.metric)
+    metric = _task_metric(cfg, task.target_ids, task.target_attn_mask, task.metric)
     curve = np.asarray(jax.jit(lambda n: ws.zeroed_metric(params, ranks, n, metric))(ns))
     report.add("Q/K massive values",
                "Mean |q| and |k| per head dimension over the task's tokens; per layer, the most concentrated head's "
@@ -238,7 +238,7 @@ def _check(report: Report, opts: Options, model, task: registry.TaskBatches, pai
     twins, prompts = task.prompts
     problem = kit.problem(model, task, ("head_out",))
     source_score = float(kit.baselines(model, task)[0].mean())
-    same_len = int((task.target_mask.sum(1) == task.source_mask.sum(1)).sum())
+    same_len = int((task.target_attn_mask.sum(1) == task.source_attn_mask.sum(1)).sum())
     rows, results = [], []
     for p in pairs:
         bases = pair_bases(jax.random.PRNGKey(opts.seed), pair_directions(params, cfg, p), opts.ranks, opts.n_random)

@@ -130,11 +130,11 @@ def answers(pair: DecimalPair, tokenizer: Tokenizer, prompt_ids: Sequence[int]) 
 
 
 class DecimalBatch(NamedTuple):
-    """ids, mask int32 [B, T] (left-padded prompt + shared answer prefix); metric: `LogitDiff`
+    """ids, attn_mask int32 [B, T] (left-padded prompt + shared answer prefix); metric: `LogitDiff`
     good - bad at the last position (> 0: prefers the bigger number); answers: per prompt."""
 
     ids: np.ndarray
-    mask: np.ndarray
+    attn_mask: np.ndarray
     metric: LogitDiff
     answers: list[AnswerTokens]
 
@@ -149,20 +149,20 @@ def build_batch(
     position predicts the first distinguishing token."""
     prompts = [encode_prompt(fmt, p.question, tokenizer, formats) for p in pairs]
     toks = [answers(p, tokenizer, ids) for p, ids in zip(pairs, prompts)]
-    ids, mask = tokenizer.pad([ids + t.prefix for ids, t in zip(prompts, toks)], "left")
+    ids, attn_mask = tokenizer.pad([ids + t.prefix for ids, t in zip(prompts, toks)], "left")
     metric = LogitDiff(good=jnp.asarray(pad_ids([[t.good] for t in toks])),
                        bad=jnp.asarray(pad_ids([[t.bad] for t in toks])))
-    return DecimalBatch(ids, mask, metric, toks)
+    return DecimalBatch(ids, attn_mask, metric, toks)
 
 
 class TeacherForced(NamedTuple):
-    """ids, mask int32 [2, B, T]: row 0 = prompt + full good answer, row 1 = prompt + full bad
+    """ids, attn_mask int32 [2, B, T]: row 0 = prompt + full good answer, row 1 = prompt + full bad
     answer, both left-padded to one T. good / bad: `AnswerLogProb` of the answers, to apply to the
     hidden states of ids[0] / ids[1]; log p(good) - log p(bad) = good(..) - bad(..) (the shared
     prefix's terms cancel)."""
 
     ids: np.ndarray
-    mask: np.ndarray
+    attn_mask: np.ndarray
     good: AnswerLogProb
     bad: AnswerLogProb
 
@@ -178,9 +178,9 @@ def build_teacher_forced(
     toks = [answers(p, tokenizer, ids) for p, ids in zip(pairs, prompts)]
     good = [ids + t.good_ids for ids, t in zip(prompts, toks)]
     bad = [ids + t.bad_ids for ids, t in zip(prompts, toks)]
-    ids, mask = tokenizer.pad(good + bad, "left")
+    ids, attn_mask = tokenizer.pad(good + bad, "left")
     shape = (2, len(pairs), ids.shape[1])
-    return TeacherForced(ids.reshape(shape), mask.reshape(shape),
+    return TeacherForced(ids.reshape(shape), attn_mask.reshape(shape),
                          answer_log_prob([t.good_ids for t in toks]), answer_log_prob([t.bad_ids for t in toks]))
 
 

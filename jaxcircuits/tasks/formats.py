@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from jaxcircuits.weights.tokenize import Tokenizer
 
-KINDS = ("plain", "chat", "raw")
+FORMAT_KINDS = ("plain", "chat", "raw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +47,8 @@ class PromptFormat:
     def __post_init__(self):
         if not self.name:
             raise ValueError("a prompt format needs a name")
-        if self.kind not in KINDS:
-            raise ValueError(f"format {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind not in FORMAT_KINDS:
+            raise ValueError(f"format {self.name!r}: kind must be one of {FORMAT_KINDS}, got {self.kind!r}")
         if self.select and (self.kind != "raw" or self.template is not None):
             raise ValueError(f"format {self.name!r}: only a raw format without a template may select")
         if self.kind != "chat" and not self.select and self.template is None:

@@ -111,11 +111,11 @@ def corrupt(prompts: Sequence[IOIPrompt], seed: int, tokenizer: Tokenizer, tries
 
 
 class IOIBatch(NamedTuple):
-    """ids, mask int32 [B, T] (left-padded); metric: `LogitDiff` of " IO" over " S" at the last
+    """ids, attn_mask int32 [B, T] (left-padded); metric: `LogitDiff` of " IO" over " S" at the last
     position (> 0: the indirect object is preferred)."""
 
     ids: np.ndarray
-    mask: np.ndarray
+    attn_mask: np.ndarray
     metric: LogitDiff
 
 
@@ -128,7 +128,7 @@ def _name_token(tokenizer: Tokenizer, name: str, prompt: str) -> int:
 
 def ioi_batch(prompts: Sequence[IOIPrompt], tokenizer: Tokenizer) -> IOIBatch:
     """The prompts encoded (``tokenizer.encode``, BOS as the tokenizer adds it) and left-padded."""
-    ids, mask = tokenizer.batch([p.text for p in prompts])
+    ids, attn_mask = tokenizer.batch([p.text for p in prompts])
     good = [[_name_token(tokenizer, p.io, p.text)] for p in prompts]
     bad = [[_name_token(tokenizer, p.s, p.text)] for p in prompts]
-    return IOIBatch(ids, mask, LogitDiff(good=jnp.asarray(pad_ids(good)), bad=jnp.asarray(pad_ids(bad))))
+    return IOIBatch(ids, attn_mask, LogitDiff(good=jnp.asarray(pad_ids(good)), bad=jnp.asarray(pad_ids(bad))))

@@ -122,11 +122,11 @@ def rotated_options(prompt: ChoicePrompt) -> ChoicePrompt:
 
 
 class ChoiceBatch(NamedTuple):
-    """ids, mask int32 [B, T] (left-padded); metric: `LogitDiff` of the answer's first token over the
+    """ids, attn_mask int32 [B, T] (left-padded); metric: `LogitDiff` of the answer's first token over the
     other options' first tokens; answer_index int32 [B]; option_ids int32 [B, O] (first tokens)."""
 
     ids: np.ndarray
-    mask: np.ndarray
+    attn_mask: np.ndarray
     metric: LogitDiff
     answer_index: np.ndarray
     option_ids: np.ndarray
@@ -143,12 +143,12 @@ def option_tokens(tokenizer: Tokenizer, prompt: ChoicePrompt) -> list[int]:
 
 def choice_batch(prompts: Sequence[ChoicePrompt], tokenizer: Tokenizer) -> ChoiceBatch:
     """The prompts encoded (``tokenizer.batch``) with their answer metric (see `ChoiceBatch`)."""
-    ids, mask = tokenizer.batch([p.text for p in prompts])
+    ids, attn_mask = tokenizer.batch([p.text for p in prompts])
     opts = [option_tokens(tokenizer, p) for p in prompts]
     good = [[o[p.answer]] for o, p in zip(opts, prompts)]
     bad = [o[:p.answer] + o[p.answer + 1:] for o, p in zip(opts, prompts)]
     metric = LogitDiff(good=jnp.asarray(pad_ids(good)), bad=jnp.asarray(pad_ids(bad)))
-    return ChoiceBatch(ids, mask, metric, np.array([p.answer for p in prompts], np.int32), pad_ids(opts))
+    return ChoiceBatch(ids, attn_mask, metric, np.array([p.answer for p in prompts], np.int32), pad_ids(opts))
 
 
 def accuracy(logits_last: np.ndarray, batch: ChoiceBatch) -> np.ndarray:

@@ -39,9 +39,9 @@ class TaskBatches:
     builds them (B each: decimal pairs, IOI prompts, texts or choice prompts)."""
 
     source_ids: np.ndarray
-    source_mask: np.ndarray
+    source_attn_mask: np.ndarray
     target_ids: np.ndarray
-    target_mask: np.ndarray
+    target_attn_mask: np.ndarray
     metric: Any
     source_metric: Any
     names: Tuple[str, str]
@@ -51,8 +51,8 @@ class TaskBatches:
     def swapped(self) -> TaskBatches:
         """The same task with the roles exchanged: the target run becomes the source (a circuit is
         kept from the good run, everything else patched from the bad one)."""
-        return TaskBatches(self.target_ids, self.target_mask, self.source_ids, self.source_mask, self.source_metric,
-                           self.metric, self.names[::-1], self.description, self.prompts[::-1])
+        return TaskBatches(self.target_ids, self.target_attn_mask, self.source_ids, self.source_attn_mask,
+                           self.source_metric, self.metric, self.names[::-1], self.description, self.prompts[::-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +75,9 @@ def decimal_batches(pairs: Sequence[D.DecimalPair], source_format: str, target_f
     """The pairs asked in `source_format` (source) and `target_format` (target), each scored by its
     own first-distinguishing-token metric (`decimals.build_batch`)."""
     src, tgt = (D.build_batch(pairs, f, tokenizer) for f in (source_format, target_format))
-    return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric, src.metric, (source_format, target_format),
-                       f"{len(pairs)} decimal pairs, {source_format} -> {target_format}", (pairs, pairs))
+    return TaskBatches(src.ids, src.attn_mask, tgt.ids, tgt.attn_mask, tgt.metric, src.metric,
+                       (source_format, target_format), f"{len(pairs)} decimal pairs, {source_format} -> {target_format}",
+                       (pairs, pairs))
 
 
 def text_batches(tokenizer: Tokenizer, texts: Tuple[Sequence[str], Sequence[str]],
@@ -90,8 +91,8 @@ def text_batches(tokenizer: Tokenizer, texts: Tuple[Sequence[str], Sequence[str]
     def metric(prompts):
         good, bad = ([tokenizer.answer_token_ids(a, prompt=t)[:1] for a, t in zip(side, prompts)] for side in answers)
         return LogitDiff(good=jnp.asarray(pad_ids(good)), bad=jnp.asarray(pad_ids(bad)))
-    (s_ids, s_mask), (t_ids, t_mask) = tokenizer.batch(list(texts[0])), tokenizer.batch(list(texts[1]))
-    return TaskBatches(s_ids, s_mask, t_ids, t_mask, metric(texts[1]), metric(texts[0]), names,
+    (s_ids, s_attn_mask), (t_ids, t_attn_mask) = tokenizer.batch(list(texts[0])), tokenizer.batch(list(texts[1]))
+    return TaskBatches(s_ids, s_attn_mask, t_ids, t_attn_mask, metric(texts[1]), metric(texts[0]), names,
                        description or f"{len(texts[0])} prompt pairs", tuple(texts))
 
 
@@ -105,7 +106,7 @@ def _ioi(tokenizer: Tokenizer, spec) -> TaskBatches:
     corrupted = ioi.corrupt(clean, spec.seed + 1, tokenizer)
     src, tgt = ioi.ioi_batch(clean, tokenizer), ioi.ioi_batch(corrupted, tokenizer)
     # A corrupted prompt keeps its clean prompt's names: one metric serves both runs.
-    return TaskBatches(src.ids, src.mask, tgt.ids, tgt.mask, tgt.metric, tgt.metric, ("clean", "corrupted"),
+    return TaskBatches(src.ids, src.attn_mask, tgt.ids, tgt.attn_mask, tgt.metric, tgt.metric, ("clean", "corrupted"),
                        f"{len(clean)} IOI prompts, clean -> corrupted", (clean, corrupted))
 
 
@@ -128,7 +129,7 @@ def _choice(generate: Callable[[int, int], list]) -> Callable[[Tokenizer, Any], 
         prompts = generate(spec.n_prompts, spec.seed)
         twins = [mc.rotated_options(p) for p in prompts]
         batch, contrast = (mc.choice_batch(ps, tokenizer) for ps in (prompts, twins))
-        return TaskBatches(contrast.ids, contrast.mask, batch.ids, batch.mask, batch.metric, batch.metric,
+        return TaskBatches(contrast.ids, contrast.attn_mask, batch.ids, batch.attn_mask, batch.metric, batch.metric,
                            ("rotated options", "prompts"),
                            f"{len(prompts)} choice prompts, rotated options -> prompts", (twins, prompts))
     return build

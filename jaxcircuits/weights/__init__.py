@@ -3,6 +3,6 @@
 from jaxcircuits.weights.cache import cached_load
 from jaxcircuits.weights.gguf_file import load_gguf
 from jaxcircuits.weights.hf import load_hf_dir
-from jaxcircuits.weights.registry import EMBEDDED, ModelSource, load_params, resolve
+from jaxcircuits.weights.registry import EMBEDDED, ModelFiles, load_params, resolve
 
-__all__ = ["EMBEDDED", "ModelSource", "cached_load", "load_gguf", "load_hf_dir", "load_params", "resolve"]
+__all__ = ["EMBEDDED", "ModelFiles", "cached_load", "load_gguf", "load_hf_dir", "load_params", "resolve"]

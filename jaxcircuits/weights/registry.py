@@ -56,7 +56,7 @@ _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSource:
+class ModelFiles:
     """What a name resolved to.
 
     format: 'gguf' (path is the .gguf file, which also holds the tokenizer) or 'hf' (path is the
@@ -70,16 +70,16 @@ class ModelSource:
     tokenizer_files: Tuple[str, ...]
 
 
-def _gguf_source(name: str, path: str) -> ModelSource:
-    return ModelSource(name, "gguf", path, (path,), (path,))
+def _gguf_files(name: str, path: str) -> ModelFiles:
+    return ModelFiles(name, "gguf", path, (path,), (path,))
 
 
-def _hf_source(name: str, path: str) -> ModelSource:
+def _hf_files(name: str, path: str) -> ModelFiles:
     tok = tuple(os.path.join(path, f) for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(path, f)))
-    return ModelSource(name, "hf", path, tuple(weight_files(path)), tok)
+    return ModelFiles(name, "hf", path, tuple(weight_files(path)), tok)
 
 
-def _embedded(name: str) -> ModelSource:
+def _embedded(name: str) -> ModelFiles:
     package, file, install = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -87,7 +87,7 @@ def _embedded(name: str) -> ModelSource:
     path = os.path.join(list(spec.submodule_search_locations)[0], file)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model {name!r}: {path} is missing; reinstall with {install}")
-    return _gguf_source(name, path)
+    return _gguf_files(name, path)
 
 
 def hub_cache_dir() -> str:
@@ -106,22 +106,22 @@ def _snapshot(model_id: str):
         return None
 
 
-def _hub(model_id: str) -> ModelSource:
+def _hub(model_id: str) -> ModelFiles:
     path = _snapshot(model_id)
     if path is None:
         raise FileNotFoundError(
             f"{model_id!r} is not a local path, and no snapshot of HF model {model_id!r} is in the local "
             f"HF hub cache {hub_cache_dir()} (jaxcircuits never downloads; run `hf download {model_id}` first, "
             "or pass a local directory or .gguf file)")
-    return _hf_source(model_id, path)
+    return _hf_files(model_id, path)
 
 
-def _alias(alias: str) -> ModelSource:
+def _alias(alias: str) -> ModelFiles:
     ids = ALIASES[alias]
     for model_id in ids:
         path = _snapshot(model_id)
         if path is not None:
-            return _hf_source(model_id, path)
+            return _hf_files(model_id, path)
     gated = " (gated: accept its license on its Hub page and run `hf auth login` first)" \
         if ids[0].startswith("meta-llama/") else ""
     raise FileNotFoundError(
@@ -130,17 +130,17 @@ def _alias(alias: str) -> ModelSource:
         f"{alias!r} again (or pass a local checkpoint directory or .gguf file)")
 
 
-def resolve(name_or_path: str) -> ModelSource:
+def resolve(name_or_path: str) -> ModelFiles:
     """Map a model name, local path or cached HF id to its files (see module docstring for the order)."""
     name = os.fspath(name_or_path)
     if name.lower() in EMBEDDED:
         return _embedded(name.lower())
     if os.path.isdir(name):
-        return _hf_source(name, os.path.abspath(name))
+        return _hf_files(name, os.path.abspath(name))
     if os.path.isfile(name):
         if not name.lower().endswith(".gguf"):
             raise ValueError(f"{name} is a file but not a .gguf; pass an HF checkpoint directory or a .gguf")
-        return _gguf_source(name, os.path.abspath(name))
+        return _gguf_files(name, os.path.abspath(name))
     if name.lower() in ALIASES:
         return _alias(name.lower())
     if _HF_ID.fullmatch(name):
@@ -150,23 +150,23 @@ def resolve(name_or_path: str) -> ModelSource:
         f"({', '.join(ALIASES)}) nor an HF id 'org/name'")
 
 
-def load_config(name_or_path: str) -> Tuple[ModelConfig, ModelSource]:
+def load_config(name_or_path: str) -> Tuple[ModelConfig, ModelFiles]:
     """Resolve `name_or_path` and read only its config (no weights): for checking options early."""
-    source = resolve(name_or_path)
-    if source.format == "gguf":
-        return gguf_config(source.path), source
-    return ModelConfig.from_json(source.path), source
+    files = resolve(name_or_path)
+    if files.format == "gguf":
+        return gguf_config(files.path), files
+    return ModelConfig.from_json(files.path), files
 
 
 def load_params(name_or_path: str, dtype=jnp.float32,
-                cache: bool = True) -> Tuple[ModelConfig, Params, ModelSource]:
-    """Resolve `name_or_path` and load it -> (config, numpy params of `dtype`, source).
+                cache: bool = True) -> Tuple[ModelConfig, Params, ModelFiles]:
+    """Resolve `name_or_path` and load it -> (config, numpy params of `dtype`, files).
 
     dtype: float32 or bfloat16, or its name (`PARAM_DTYPES`); any other raises ValueError before
     anything is read. cache: memoise the converted params on disk (see `jaxcircuits.weights.cache`).
     """
     dtype = param_dtype(dtype)
-    source = resolve(name_or_path)
-    loader = load_gguf if source.format == "gguf" else load_hf_dir
-    cfg, params = cached_load(source.path, dtype, loader) if cache else loader(source.path, dtype)
-    return cfg, params, source
+    files = resolve(name_or_path)
+    loader = load_gguf if files.format == "gguf" else load_hf_dir
+    cfg, params = cached_load(files.path, dtype, loader) if cache else loader(files.path, dtype)
+    return cfg, params, files

@@ -120,11 +120,11 @@ class Tokenizer:
         if self.pad_token_id is None and any(len(s) < length for s in seqs):
             raise ValueError(f"tokenizer {self.source} has neither a pad nor an eos token to pad with")
         ids = np.full((len(seqs), length), self.pad_token_id or 0, np.int32)
-        mask = np.zeros((len(seqs), length), np.int32)
+        attn_mask = np.zeros((len(seqs), length), np.int32)
         for row, seq in enumerate(seqs):
             ids[row, length - len(seq):] = seq
-            mask[row, length - len(seq):] = 1
-        return ids, mask
+            attn_mask[row, length - len(seq):] = 1
+        return ids, attn_mask
 
     def batch(
         self, texts: Sequence[str], add_special_tokens: bool = True, pad_side: str = "left"
