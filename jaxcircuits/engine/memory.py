@@ -7,10 +7,12 @@ The run engine first compiles the largest chunk (`MAX_CHUNK`, at most the batch)
 its bytes x runtime fit (`runner.chunk_from_memory`: one compilation, the one that runs); else
 `estimate` compiles the call at two chunk sizes (C1, C2 items on one device) and extrapolates:
 
-    per_item = (bytes(C2) - bytes(C1)) / (C2 - C1)        fixed = bytes(C1) - C1 * per_item
+    per_item = (bytes(C2) - bytes(C1)) / (C2 - C1)        fixed = bytes(C1) - C1 * per_item + made
     memory(c) = fixed + c * per_item * runtime            per device, c items on it
 
-so a new model feature, site or method needs no memory code. runtime is what executing adds to
+so a new model feature, site or method needs no memory code (made: the arrays the batch created
+for its call, `runner.ChunkCall.made`: the source cut to the masks' footprint, the plan's layer
+params). runtime is what executing adds to
 the buffer assignment: 1 on accelerators (not measured here), `CPU_RUNTIME` on CPU, where the
 executed peak RSS holds 1.3-1.65x the assigned bytes (XLA:CPU's matmul runtime;
 benchmarks/RESULTS_chunk_memory.md). `ChunkMemory.chunk_size` picks the largest power of two c per
@@ -86,6 +88,12 @@ def executable_bytes(compiled) -> int:
 def compiled_bytes(lowered) -> int:
     """`executable_bytes` of a lowered call, compiled."""
     return executable_bytes(lowered.compile())
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of the array leaves of a pytree."""
+    return int(sum(np.prod(np.shape(a)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)
+                   if hasattr(a, "dtype")))
 
 
 def runtime() -> float:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxcircuits.engine import memory
 from jaxcircuits.engine.runner import ChunkCall, RunOptions, run_chunks, stacked
 from jaxcircuits.interventions import sites
 from jaxcircuits.interventions.edges import EdgeGraph, EdgeMask
@@ -257,7 +258,8 @@ def masks_call(params, cfg: ModelConfig, problem: PatchingProblem, masks: Mask, 
         layers = plan_layers(params, cfg, plan, problem.metric.n_positions)
     items = stacked(_as_float(masks))
     call = ChunkCall(masks_metric, dict(params=params, problem=problem, layers=layers), dict(cfg=cfg, plan=plan),
-                     "masks", key=(cfg, plan, signature((params, problem, layers)), signature(items.take(0, 1))))
+                     "masks", key=(cfg, plan, signature((params, problem, layers)), signature(items.take(0, 1))),
+                     made=memory.tree_bytes((problem.source, layers)))
     return call, items
 
 

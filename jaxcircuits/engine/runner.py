@@ -45,13 +45,16 @@ class ChunkCall:
     """A batch's compiled call: fn(**args, **static, <chunk>=chunk) -> values [c, B], with fn a
     `jax.jit` function, `static` its static arguments and `chunk` the name of the argument a chunk
     goes to. `key`: hashable identity of everything but the chunk's values (calls with equal keys
-    share a memory estimate), None: estimate anew."""
+    share a memory estimate), None: estimate anew; `made`: bytes the batch allocated for the call
+    besides the call's own (e.g. the source cut to the masks' footprint, the plan's layer params),
+    resident while it runs (`memory.tree_bytes`)."""
 
     fn: Callable
     args: dict
     static: dict
     chunk: str
     key: Any = None
+    made: int = 0
 
     def __call__(self, chunk):
         return self.fn(**self.args, **self.static, **{self.chunk: chunk})
@@ -168,11 +171,12 @@ def chunk_from_memory(call: ChunkCall, items: Items, shard: bool):
     size, sharding = chunking(items.n, max(memory.MAX_CHUNK, n_dev), shard)
     exe = _compiled(call, _shaped(items.take(0, size), sharding))
     per_device = size // n_dev
-    whole = memory.ChunkMemory(memory.executable_bytes(exe) / per_device, 0.0, memory.runtime())
+    whole = memory.ChunkMemory(memory.executable_bytes(exe) / per_device, call.made, memory.runtime())
     if whole.bytes(per_device) <= memory.FRACTION * free:
         logging.info("%s", memory.describe(whole, size, n_dev, free))
         return size, call.through(exe)
     mem = memory.estimate(lambda c: call.lower(items.take(0, c)), call.key)
+    mem = dataclasses.replace(mem, fixed=mem.fixed + call.made)
     size = mem.chunk_size(n_dev, free)
     logging.info("%s", memory.describe(mem, size, n_dev, free))
     return size, None

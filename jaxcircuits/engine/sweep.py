@@ -43,6 +43,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxcircuits import logs, storage
+from jaxcircuits.engine import memory
 from jaxcircuits.engine.patching import Plan, PlanLayers, make_plan, masks_metric_fn, plan_layers, run_masks, signature
 from jaxcircuits.engine.runner import ChunkCall, Items, RunOptions, run_chunks
 from jaxcircuits.engine.subsets import MAX_RANK, Family, Pool, from_bitmask, to_bitmask, unrank, unrank_np
@@ -96,7 +97,8 @@ def sweep_call(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep)
     the plan's layer params cut once (`patching.plan_layers`)."""
     layers = plan_layers(params, cfg, sweep.plan, problem.metric.n_positions)
     return ChunkCall(family_metric, dict(params=params, problem=problem, layers=layers), dict(cfg=cfg, sweep=sweep),
-                     "ranks", key=(cfg, sweep, signature((params, problem, layers))))
+                     "ranks", key=(cfg, sweep, signature((params, problem, layers))),
+                     made=memory.tree_bytes((problem.source, layers)))
 
 
 def rank_items(family: Family) -> Items:
