@@ -6,6 +6,9 @@
   temporary file, which readers never match and `remove_temps` deletes).
 - `verify(path)` / `read_verified(path, read)`: the bytes must match the sidecar; otherwise, or
   when `read` fails on them, `DamagedFileError` names the file (callers rebuild or recompute it).
+- `fingerprint(*trees)`: a short digest of what made a resumable artifact (arrays' shapes, dtypes
+  and bytes; other leaves' text); each artifact stores it and is refused when read back by a run
+  with another.
 - `DirLock(directory)`: an exclusive `fcntl.flock` on `directory/.lock`; a second process gets
   `LockedError` naming the holder's pid and host; the kernel drops the lock when its holder dies,
   so a stale lock from a killed process is taken over without a word. (flock is per machine: on
@@ -23,6 +26,9 @@ import socket
 import uuid
 from typing import Callable, List, TypeVar
 
+import jax
+import numpy as np
+
 T = TypeVar("T")
 TMP_MARK = ".tmp-"
 SIDECAR = ".sha256"
@@ -38,6 +44,21 @@ class DamagedFileError(ValueError):
 
 class LockedError(RuntimeError):
     """A directory already has a live writer."""
+
+
+def fingerprint(*trees) -> str:
+    """16 hex digits of SHA-256 over the leaves of `trees` in order: each array's shape, dtype and
+    bytes, each other leaf's repr (strings, numbers)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(trees):
+        if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+            a = np.ascontiguousarray(np.asarray(leaf))
+            h.update(str((a.shape, a.dtype.str)).encode())
+            h.update(a.reshape(-1).view(np.uint8))
+        else:
+            h.update(repr(leaf).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def sha256_of(path: str) -> str:
@@ -144,6 +165,15 @@ def remove_temps(directory: str) -> List[str]:
     return stale
 
 
+def _ancestors(path: str) -> List[str]:
+    """path and the directories above it, nearest first."""
+    out, path = [], os.path.abspath(path)
+    while path not in out:
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
 class DirLock:
     """`with DirLock(directory):` one writer per directory (see the module doc)."""
 
@@ -152,7 +182,11 @@ class DirLock:
         self.fd = None
 
     def __enter__(self) -> "DirLock":
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        directory = os.path.dirname(self.path)
+        blocked = next((p for p in _ancestors(directory) if os.path.exists(p) and not os.path.isdir(p)), None)
+        if blocked:
+            raise NotADirectoryError(f"{directory} cannot be a directory: {blocked} is a file; choose another directory")
+        os.makedirs(directory, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

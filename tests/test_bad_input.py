@@ -8,7 +8,9 @@ import pytest
 
 import jaxcircuits as jc
 from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions.edges import EdgeGraph
 from jaxcircuits.interventions.metrics import LogitDiff
+from jaxcircuits.methods import attribution, dla, learned, weight_space
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.engine.patching import patched_metric, run_masks
 from jaxcircuits.interventions.sites import Intervention, Mask
@@ -88,7 +90,7 @@ def test_malformed_tokens_mask_and_positions(gqa):
         jc.forward(params, cfg, tgt, np.full((B, T), 2))
     with pytest.raises(ValueError, match=r"pos_ids has shape \(8,\), expected the tokens' \(2, 8\)"):
         jc.forward(params, cfg, tgt, None, np.arange(T))
-    with pytest.raises(ValueError, match="max_new_tokens=0, expected >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens=0: expected an integer >= 1"):
         jc.generate(params, cfg, tgt, max_new_tokens=0)
 
 
@@ -170,7 +172,7 @@ def test_batch_1_source_and_pos_w_against_batch_2_target_in_forward(gqa):
         _logits(gqa, _iv(_head_mask(cfg), one))
     with pytest.raises(ValueError, match=r"intervention: pos_w has shape \(1, 8\), expected .* \(2, 8\)"):
         _logits(gqa, _iv(_head_mask(cfg), cache, np.ones((1, T))))
-    with pytest.raises(ValueError, match=r"pos_w \(shape \(2, 8\)\) contains NaN or inf"):
+    with pytest.raises(ValueError, match=r"pos_w \(shape \(2, 8\)\) has 16 value\(s\) that are NaN or inf"):
         _logits(gqa, _iv(_head_mask(cfg), cache, np.full((B, T), np.nan)))
 
 
@@ -262,3 +264,179 @@ def test_attribution_gradient_at_mask_0_is_finite_differences_with_nan_elsewhere
     for l, h in [(0, 1), (1, 5), (2, 7)]:
         e = m0.at[l, h].set(eps)
         np.testing.assert_allclose(grads[1][l, h], (f(e) - f(-e)) / (2 * eps), rtol=2e-2, atol=2e-4)
+
+
+# ---- #25: numbers that mean nothing, counts, weights, legitimate empty input -------------------
+
+def _problem(gqa, metric=METRIC, pos_w=None):
+    cfg, params, tgt, cache = gqa
+    pos_w = P.select("last", np.ones((B, T))) if pos_w is None else pos_w
+    return PatchingProblem.make(target_run(params, cfg, tgt), cache, pos_w, metric)
+
+
+def _plain_metric(gqa, metric=METRIC):
+    cfg, params, tgt, _ = gqa
+    _, c = jc.forward(params, cfg, tgt, collect=("final_norm",), return_logits=False)
+    return np.asarray(metric(params, c["final_norm"][:, -metric.n_positions:]))
+
+
+@pytest.mark.parametrize("case", ["equal sets", "equal as sets", "padding-only good row"])
+def test_logit_difference_that_is_identically_zero_is_refused(gqa, case):
+    cfg, params, _, _ = gqa
+    good, bad = {"equal sets": ([[5], [6]], [[7], [6]]), "equal as sets": ([[5, 7], [6, -1]], [[7, 5], [9, -1]]),
+                 "padding-only good row": ([[5], [-1]], [[7], [9]])}[case]
+    metric = LogitDiff(good=jnp.array(good), bad=jnp.array(bad))
+    match = "hold only padding" if "padding" in case else r"good and bad token sets are equal on row\(s\) \[\d\]"
+    with pytest.raises(ValueError, match=match):
+        patched_metric(params, cfg, _problem(gqa, metric), _head_mask(cfg))
+    with pytest.raises(ValueError, match=match):
+        dla.answer_direction(params, metric.good, metric.bad)
+
+
+@pytest.mark.parametrize("mask", ["all zero", "zero weights on the chosen positions"])
+def test_a_mask_that_patches_nothing_is_the_unpatched_run_bit_for_bit(gqa, mask):
+    """Legitimate input: a zero mask, or a mask whose positions pos_w selects none, is a no-op."""
+    cfg, params, _, _ = gqa
+    pos_w = np.zeros((B, T)) if mask != "all zero" else None
+    problem, want = _problem(gqa, pos_w=pos_w), _plain_metric(gqa)
+    m = Mask(head_out=jnp.zeros((cfg.n_layers, cfg.n_heads))) if mask == "all zero" else _head_mask(cfg)
+    np.testing.assert_array_equal(np.asarray(patched_metric(params, cfg, problem, m)), want)
+    batch = jax.tree.map(lambda a: jnp.stack([a] * 3), m)
+    np.testing.assert_array_equal(run_masks(params, cfg, problem, batch), np.stack([want] * 3))
+
+
+def test_an_empty_batch_of_masks_gives_an_empty_result(gqa):
+    cfg, params, _, _ = gqa
+    got = run_masks(params, cfg, _problem(gqa), Mask(head_out=jnp.zeros((0, cfg.n_layers, cfg.n_heads))))
+    assert got.shape == (0, B) and got.dtype == np.float32
+
+
+@pytest.mark.parametrize("value", [1.5, -0.5, np.nan])
+def test_position_weights_outside_0_1_are_refused(gqa, value):
+    pos_w = np.asarray(P.select("last", np.ones((B, T))), np.float32)
+    pos_w[1, 2] = value
+    with pytest.raises(ValueError, match=r"pos_w \(shape \(2, 8\)\) has 1 value\(s\) that are NaN or inf, or outside "
+                                         r"\[0, 1\]: first .* at \(1, 2\)"):
+        _problem(gqa, pos_w=pos_w)
+
+
+def test_subspace_bases_must_be_orthonormal(gqa):
+    cfg, params, tgt, cache = gqa
+    basis = np.zeros((cfg.n_layers, cfg.n_heads, 2, cfg.d_head), np.float32)
+    basis[..., 0, 0] = 1.0                                          # orthonormal with a zero row: accepted
+    iv = lambda b: _iv(_head_mask(cfg), {"head_out": cache["head_out"], "subspace:head_out": b})
+    _logits(gqa, iv(basis))
+    skew = basis.copy()
+    skew[1, 2, 1, :2] = [0.6, 0.9]                                  # not unit length, not orthogonal to row 0
+    with pytest.raises(ValueError, match=r"'subspace:head_out' rows must be orthonormal .* at \(1, 2\)"):
+        _logits(gqa, iv(skew))
+
+
+@pytest.mark.parametrize("position", [8, -1, 2.5, [0, 9]])
+def test_source_at_position_out_of_range_is_refused_not_clamped(gqa, position):
+    _, _, _, cache = gqa
+    with pytest.raises(ValueError, match=r"position=.*: expected integer slot\(s\) in \[0, 8\)"):
+        P.source_at_position(cache, position)
+
+
+@pytest.mark.parametrize("direction", [None, "short", "batch 3", "nan"])
+def test_dla_direction_is_checked(gqa, direction):
+    cfg, params, tgt, _ = gqa
+    d = {None: None, "short": np.ones(cfg.d_model - 1), "batch 3": np.ones((3, cfg.d_model)),
+         "nan": np.full(cfg.d_model, np.nan)}[direction]
+    match = {None: "direction is required", "short": r"direction has shape \(63,\)",
+             "batch 3": r"direction has shape \(3, 64\), expected \[D\] \(64,\) or \[B, D\] \(2, 64\)",
+             "nan": "direction .* NaN or inf"}[direction]
+    with pytest.raises(ValueError, match=match):
+        dla.direct_logit_attribution(params, cfg, tgt, direction=d)
+
+
+@pytest.mark.parametrize("value", [0, 2.5, True, "3", np.nan])
+def test_counts_are_integers_at_or_above_their_minimum(gqa, value):
+    cfg, params, tgt, _ = gqa
+    calls = {
+        "max_new_tokens": lambda: jc.generate(params, cfg, tgt, max_new_tokens=value),
+        "steps": lambda: learned.Spec(steps=value),
+        "checkpoint_every": lambda: learned.Spec(checkpoint_every=value),
+        "k": lambda: attribution.top_edges(cfg, np.zeros(EdgeGraph.of(cfg).n_edges), k=value),
+    }
+    if value != 0:
+        calls["steps "] = lambda: attribution.integrated_gradients(params, cfg, _problem(gqa), "head_out", steps=value)
+    calls["k "] = lambda: weight_space.top_pairs(jnp.ones((2, 2)), jnp.zeros((2, 2)), k=value)
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{name.strip()}=.*: expected an integer >= 1"):
+            call()
+
+
+def test_a_path_from_a_sender_to_an_earlier_receiver_is_refused(gqa):
+    cfg = gqa[0]
+    graph = EdgeGraph.of(cfg)
+    graph.path_mask(["L0H1"], ["L1H0"])                             # forward: fine
+    with pytest.raises(ValueError, match=r"sender\(s\) \['L1H1'\] have no edge into the receivers \['L0H0'\]"):
+        graph.path_mask(["L1H1"], ["L0H0"])
+    with pytest.raises(ValueError, match=r"\['L1MLP'\] have no edge"):
+        graph.path_mask(["L0H1", "L1MLP"], ["L1H0"])
+
+
+@pytest.mark.parametrize("case", ["no subsets", "success too short", "metric rows", "metric nan"])
+def test_summaries_of_empty_or_misaligned_sweeps_name_the_argument(case):
+    from jaxcircuits.stats.rates import rate_by_size
+    from jaxcircuits.stats.summary import summarize
+    bits = np.eye(4, dtype=bool)
+    subsets, success, metric = {"no subsets": (np.zeros((0, 4), bool), np.zeros(0, bool), None),
+                                "success too short": (bits, np.ones(3, bool), None),
+                                "metric rows": (bits, np.ones(4, bool), np.zeros((3, 2))),
+                                "metric nan": (bits, np.ones(4, bool), np.full(4, np.nan))}[case]
+    match = {"no subsets": "the sweep has no subsets", "success too short": r"success has shape \(3,\), expected \(4,\)",
+             "metric rows": r"metric has shape \(3, 2\), expected \(4,\) or \(4, P\)",
+             "metric nan": "metric .* NaN or inf"}[case]
+    with pytest.raises(ValueError, match=match):
+        summarize(subsets, success, metric)
+    if metric is None:
+        with pytest.raises(ValueError, match=match):
+            rate_by_size(subsets, success)
+
+
+def test_an_output_path_that_is_a_file_is_named(gqa, tmp_path):
+    from jaxcircuits.engine.subsets import Pool, of_size
+    cfg, params, _, _ = gqa
+    path = tmp_path / "taken"
+    path.write_text("not a directory")
+    for out in (path, path / "sub"):
+        with pytest.raises(NotADirectoryError, match=f"{out} cannot be a directory: {path} is a file"):
+            jc.run_sweep(params, cfg, _problem(gqa), Pool.heads(1, cfg.n_heads), of_size(cfg.n_heads, 1), str(out))
+    with pytest.raises(NotADirectoryError, match=f"{path} is a file"):
+        learned.fit(learned.head_objective(params, cfg, _problem(gqa)), [0.1], spec=learned.Spec(steps=2, checkpoint_every=1),
+                    checkpoint_dir=str(path))
+
+
+def test_a_learned_mask_with_baselines_equal_within_float_noise_has_nothing_to_learn():
+    planted = lambda w, data: data @ (1.0 - w)
+    obj = learned.Objective(planted, jnp.full((2, 3), 1e-8), ("a", "b", "c"))     # moves the metric by 3e-8
+    with pytest.raises(ValueError, match="same within float noise .*: nothing to learn"):
+        learned.fit(obj, [0.1])
+
+
+def test_a_checkpoint_of_other_prompts_is_not_resumed(gqa, tmp_path):
+    cfg, params, tgt, cache = gqa
+    spec = learned.Spec(steps=4, checkpoint_every=2)
+    learned.fit(learned.head_objective(params, cfg, _problem(gqa)), [0.1], spec=spec, checkpoint_dir=str(tmp_path),
+                stop_at=2)
+    other = PatchingProblem.make(target_run(params, cfg, random_tokens(7, B, T)), cache,
+                                 P.select("last", np.ones((B, T))), METRIC)
+    with pytest.raises(ValueError, match=r"step_2 was written for objective=\w+, this run has objective=\w+"):
+        learned.fit(learned.head_objective(params, cfg, other), [0.1], spec=spec, checkpoint_dir=str(tmp_path))
+    done = learned.fit(learned.head_objective(params, cfg, _problem(gqa)), [0.1], spec=spec, checkpoint_dir=str(tmp_path))
+    assert done.done
+
+
+def test_a_chunk_predicted_not_to_fit_is_refused_before_it_runs(gqa, monkeypatch):
+    from jaxcircuits.engine import memory
+    mem = memory.ChunkMemory(per_item=3e9, fixed=1e9, runtime=1.0)
+    assert mem.chunk_size(free=20e9) == 2                            # (0.5 x 20 - 1) / 3 -> 3 -> a power of two
+    with pytest.raises(MemoryError, match=r"one item per device is predicted to need 4 GB .* of 3.5 GB free"):
+        mem.chunk_size(free=3.5e9)
+    cfg, params, _, _ = gqa                                          # through run_masks: refused, nothing runs
+    monkeypatch.setattr(memory, "free_bytes", lambda n_devices=1: 1000)
+    with pytest.raises(MemoryError, match="predicted to need"):
+        run_masks(params, cfg, _problem(gqa), jax.tree.map(lambda a: a[None], _head_mask(cfg)))

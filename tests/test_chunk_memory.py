@@ -162,7 +162,7 @@ def test_the_largest_chunk_that_fits_runs_its_own_executable(tiny, monkeypatch):
     assert probes == [] and masks_metric._cache_size() == before
     np.testing.assert_allclose(got, run_masks(params, cfg, problem, masks, chunk_size=2, shard=False), rtol=1e-5,
                                atol=1e-6)
-    monkeypatch.setattr(memory, "free_bytes", lambda n: 10 ** 4)                # the whole batch does not fit
+    monkeypatch.setattr(memory, "free_bytes", lambda n: 5 * 10 ** 5)          # the whole batch does not fit, one mask does
     for seed in range(2):
         run_masks(params, cfg, problem, Mask(head_out=masks.head_out * (seed + 1) / 2), shard=False)
     assert len(probes) == len(memory.PROBES)

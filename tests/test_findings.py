@@ -49,7 +49,10 @@ def test_criteria_parse_and_agree_with_their_definitions():
     for spec, expected in [("metric>0", metric.mean(1) > 0), ("metric>=0.2", metric.mean(1) >= 0.2),
                            ("fraction(metric<=-0.1)>=0.5", (metric <= -0.1).mean(1) >= 0.5)]:
         np.testing.assert_array_equal(Criterion.parse(spec).success(metric), expected)
-    assert not rec.success(metric, target, target).any()                # recovery not defined: fails
+    with pytest.raises(ValueError, match=r"recovery is undefined: .* equal within float noise"):
+        rec.success(metric, target, target)                           # not defined: an error, not a failure
+    with pytest.raises(ValueError, match=r"recovery is undefined"):
+        rec.success(metric, target + 1e-7, target)                     # nor within float noise
     with pytest.raises(ValueError, match="needs the source and target"):
         rec.success(metric)
     for bad in ("recovery", "recovery=>0.5", "ratio>1", "metric>x"):
@@ -74,6 +77,16 @@ def test_one_grammar_covers_below_all_prompts_and_counted_prompts():
     # Per-prompt recovery (m_p - t_p) / (s_p - t_p): prompt 0 recovers 0.5, prompt 1 recovers 2.
     rec = Criterion.parse("recovery>=1")
     np.testing.assert_allclose(rec.success_fraction(np.array([[1.0, 2.0]]), np.array([2.0, 1.0]), np.zeros(2)), [0.5])
+
+
+@pytest.mark.parametrize("spec, match", [("fraction>=1.5", r"threshold=1.5: expected a finite number in \[0, 1\]"),
+                                         ("fraction>-0.1", r"threshold=-0.1: expected a finite number in \[0, 1\]"),
+                                         ("recovery>=nan", "threshold=nan: expected a finite number"),
+                                         ("metric>inf", "threshold=inf"),
+                                         ("fraction(metric>nan)>=0.5", "prompt_threshold=nan")])
+def test_thresholds_that_are_nan_or_out_of_range_are_refused(spec, match):
+    with pytest.raises(ValueError, match=f"success criterion '{re.escape(spec)}': {match}"):
+        Criterion.parse(spec)
 
 
 @pytest.mark.parametrize("bad", ["ratio>1", "metric(metric>0)>0", "fraction(recovery>0)>=0.5", "fraction(metric>y)>1",

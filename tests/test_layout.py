@@ -82,7 +82,7 @@ def test_no_study_imports_another_study():
 # The subpackages along the data's way: each may import the ones before it, the shared modules, and
 # the top-level modules at or before its layer.
 LAYERS = ("models", "weights", "interventions", "stats", "engine", "methods", "reports", "tasks", "studies")
-SHARED = {"logs", "storage"}
+SHARED = {"checks", "logs", "storage"}
 TOP_LEVEL = {"bundle": "interventions"}          # jc.load's Model: params, config, tokenizer, hook names
 
 

@@ -14,7 +14,7 @@ from jaxcircuits.models.generate import generate
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import forward, run_with_cache
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
-from jaxcircuits.engine.patching import Plan, make_plan, masks_metric, patched_metric, run_masks
+from jaxcircuits.engine.patching import NOTHING, Plan, make_plan, masks_metric, patched_metric, run_masks
 from jaxcircuits.interventions.sites import Intervention, Mask
 from tests import hf_reference as ref
 from tests.conftest import random_tokens
@@ -278,8 +278,8 @@ def test_bad_masks_and_sources(tiny):
         _problem(params, cfg, tgt, cache, pos_w[:1], metric)
     with pytest.raises(ValueError, match="metric LogitDiff has batch 1"):
         _problem(params, cfg, tgt, cache, pos_w, LogitDiff(good=jnp.array([[5]]), bad=jnp.array([[7]])))
-    with pytest.raises(ValueError, match="select no position"):
-        make_plan({"head_out": [1]}, np.zeros(tgt.shape))
+    # a batch that patches nothing (no position, no layer) is the plan that reads the target's own states
+    assert make_plan({"head_out": [1]}, np.zeros(tgt.shape)) == make_plan({"head_out": []}, pos_w) == NOTHING
 
 
 def test_mask_batch_compiles_once(tiny):

@@ -94,7 +94,7 @@ def test_damaged_chunk_is_named_and_recomputed(prob, ref, tmp_path, caplog, dama
 
 
 @pytest.mark.parametrize("wrong", ["other rows", "other members", "non-finite metric", "other prompt count",
-                                   "float64 metric", "no metric"])
+                                   "float64 metric", "no metric", "no spec fingerprint"])
 def test_self_consistent_chunk_with_wrong_contents_is_recomputed(prob, ref, tmp_path, caplog, wrong):
     """A chunk file with a valid checksum whose contents are not chunk 5's members and values."""
     out = tmp_path / "s"
@@ -108,10 +108,44 @@ def test_self_consistent_chunk_with_wrong_contents_is_recomputed(prob, ref, tmp_
         "non-finite metric": dict(good, metric=np.full_like(good["metric"], np.nan)),
         "other prompt count": dict(good, metric=good["metric"][:, :1]),
         "float64 metric": dict(good, metric=good["metric"].astype(np.float64)),
-        "no metric": {k: good[k] for k in ("ranks", "bitmask")},
+        "no metric": {k: good[k] for k in ("ranks", "bitmask", "spec")},
+        "no spec fingerprint": {k: good[k] for k in ("ranks", "bitmask", "metric")},
     }[wrong])
     _assert_equal(_sweep(prob, out), ref)
     assert [w for w in _warnings(caplog) if f"{path} is damaged" in w], _warnings(caplog)
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """A finished sweep with the same layout (model, pool, family, chunks) but another source."""
+    out = tmp_path_factory.mktemp("other") / "s"
+    _sweep(sweep_worker.problem(zero_ablation=True), out)
+    return out
+
+
+def _copy(src, dst):
+    for suffix in ("", storage.SIDECAR):
+        shutil.copy(str(src) + suffix, str(dst) + suffix)
+
+
+def test_chunk_of_another_sweep_is_named_and_recomputed(prob, ref, other, tmp_path, caplog):
+    """A checksummed chunk copied in from a sweep with the same layout is not merged."""
+    out = tmp_path / "s"
+    _sweep(prob, out)
+    path = out / "chunks" / CHUNK.format(5)
+    _copy(other / "chunks" / CHUNK.format(5), path)
+    assert not np.array_equal(np.load(path)["metric"], ref.metric[20:24])
+    _assert_equal(_sweep(prob, out), ref)
+    assert [w for w in _warnings(caplog) if f"{path} is damaged" in w and "written by another sweep" in w], \
+        _warnings(caplog)
+
+
+def test_results_of_another_sweep_are_refused(prob, other, tmp_path):
+    out = tmp_path / "s"
+    _sweep(prob, out)
+    _copy(other / "results.npz", out / "results.npz")
+    with pytest.raises(storage.DamagedFileError, match=r"results\.npz is damaged .*written by another sweep"):
+        load_results(str(out))
 
 
 def test_damaged_results_raise_naming_them_and_a_rerun_rebuilds_them(prob, ref, tmp_path):

@@ -7,7 +7,9 @@ the final `Plan.suffix_len` positions (earlier keys and values read in place fro
 cache), starts from the target's cached head outputs when the first layer is touched only after
 them (`Plan.from_z`), and gives the last layer queries only at the positions the metric reads. All
 of it is arguments of `models.transformer.run_layers` (`Context`); the block itself is unchanged.
-`suffix_len == T` is the full-position path.
+`suffix_len == T` is the full-position path; `suffix_len == 0` (`NOTHING`: the masks touch no
+layer, or pos_w selects no position) patches nothing and returns the target's own final states,
+bit-identical to the unpatched run.
 
 Masks with edges (`Mask.edges`) run the whole model at every position (`interventions.edges`);
 the gradient of a pure edge mask keeps no per-layer sender buffer (`_edge_metric`'s custom VJP).
@@ -40,8 +42,9 @@ Array = jax.Array
 class Plan:
     """Static shape of the patched computation.
 
-    start_layer: first layer any mask touches; suffix_len: final positions recomputed (T = all);
-    from_z: the first layer is touched only at or after its head outputs z (no `before_z` site).
+    start_layer: first layer any mask touches; suffix_len: final positions recomputed (T = all,
+    0 = none: `NOTHING`); from_z: the first layer is touched only at or after its head outputs z (no
+    `before_z` site).
     """
 
     start_layer: int
@@ -49,21 +52,23 @@ class Plan:
     from_z: bool = False
 
 
+NOTHING = Plan(0, 0)          # the masks patch nothing: the target's own final states
+
+
 def make_plan(touched: dict, pos_w) -> Plan:
-    """Plan from {site: layers any mask may touch there} and the position weights [B, T] (host)."""
+    """Plan from {site: layers any mask may touch there} and the position weights [B, T] (host);
+    `NOTHING` when no layer is touched or no position selected."""
     layers = sorted({int(l) for ls in touched.values() for l in ls})
-    if not layers:
-        raise ValueError("the masks touch no layer")
+    if not layers or not _suffix_len(pos_w):
+        return NOTHING
     from_z = not any(layers[0] in touched[s] for s in touched if sites.get(s).before_z)
     return Plan(layers[0], _suffix_len(pos_w), from_z)
 
 
 def _suffix_len(pos_w) -> int:
-    """Final positions from the first one any row of pos_w [B, T] (host) selects to the end."""
+    """Final positions from the first one any row of pos_w [B, T] (host) selects to the end (0: none)."""
     cols = np.flatnonzero(np.asarray(pos_w).any(0))
-    if not len(cols):
-        raise ValueError("the position weights select no position")
-    return int(np.asarray(pos_w).shape[1] - cols[0])
+    return int(np.asarray(pos_w).shape[1] - cols[0]) if len(cols) else 0
 
 
 def layers_touched(mask: Mask) -> dict:
@@ -101,6 +106,8 @@ def _bounds(cfg: ModelConfig, plan: Plan, n_out: int):
 def plan_layers(params, cfg: ModelConfig, plan: Plan, n_out: int) -> PlanLayers:
     """The `PlanLayers` of `plan` (metric reading n_out positions) from stacked params."""
     layers, L = params["layers"], cfg.n_layers
+    if plan == NOTHING:
+        return PlanLayers(None, None, None)
     start, split = _bounds(cfg, plan, n_out)
     cut = lambda a, b: jax.tree.map(lambda x: x[a:b], layers)
     return PlanLayers(cut(plan.start_layer, plan.start_layer + 1) if plan.from_z else None,
@@ -114,6 +121,8 @@ def _node_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask,
     target, n_out = problem.target, problem.metric.n_positions
     L, T = cfg.n_layers, target.tokens.shape[1]
     L0, R = plan.start_layer, plan.suffix_len
+    if plan == NOTHING:
+        return target.final[:, T - n_out:]
     if n_out > R:
         raise ValueError(f"metric reads {n_out} final positions but only {R} are recomputed")
     layers = plan_layers(params, cfg, plan, n_out) if layers is None else layers

@@ -189,10 +189,13 @@ def run_chunks(call: ChunkCall, items: Items, opts: RunOptions, label: str, stor
     (`chunk_from_memory`, whose executable then runs the chunks); chunks the store already holds are
     not recomputed. Each computed chunk goes to store.save, then opts.on_chunk;
     batches of more than one chunk show a progress bar named `label`; the store's `finish` sees the
-    whole result."""
+    whole result. An empty batch (N = 0) gives empty values [0, B], compiling nothing."""
     n = items.n
     if n == 0:
-        raise ValueError(f"{label}: the batch is empty")
+        if store is not None:
+            raise ValueError(f"{label}: the batch is empty")
+        out = jax.eval_shape(call, items.take(0, 1))
+        return np.zeros((0, *out.shape[1:]), out.dtype)
     size, run = opts.chunk_size or (store is not None and opts.resume and store.chunk_size()), None
     if not size:
         size, run = chunk_from_memory(call, items, opts.shard)

@@ -12,8 +12,9 @@ appears complete or not at all) with its SHA-256 in a sidecar `<file>.sha256`, v
   spec.json                 what the sweep computes and its fingerprint (digests of the model's
                             params, target, source, positions, metric); resuming needs an equal spec
   chunks/chunk_<i>.npz      i in 8 digits: ranks int64 [c] (i*c0 .. i*c0+c-1 for chunk size c0),
-                            their members' bitmask uint64 [c], metric float32 [c, P]
-  results.npz               the same three arrays for all N members in rank order, written last
+                            their members' bitmask uint64 [c], metric float32 [c, P], spec (the
+                            `spec_fingerprint` of the sweep that wrote it: read only by that sweep)
+  results.npz               the same arrays for all N members in rank order, written last
   .lock                     `storage.DirLock`: one writer per directory (it names the writer's pid)
 A rerun (after a kill -9, a full disk, damage) deletes temporary files, keeps each chunk whose
 checksum and contents (ranks, their bitmasks, a finite metric of the right shape) check out,
@@ -30,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -146,15 +146,6 @@ class SweepResult:
         return frame
 
 
-def _digest(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.reshape(-1).view(np.uint8))
-    return h.hexdigest()[:16]
-
-
 def sweep_spec(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep, chunk_size: int,
                describe: Optional[dict]) -> dict:
     """What a sweep computes, as JSON: resuming requires an equal spec. The fingerprint digests the
@@ -163,18 +154,18 @@ def sweep_spec(params, cfg: ModelConfig, problem: PatchingProblem, sweep: Sweep,
     family_desc = dataclasses.asdict(family)
     if len(family.bitmasks) > 64:
         bits = np.array(family.bitmasks, np.uint64)
-        family_desc["bitmasks"] = f"{len(bits)} members, digest {_digest(bits)}"
+        family_desc["bitmasks"] = f"{len(bits)} members, digest {storage.fingerprint(bits)}"
     return {
         "describe": describe or {},
         "model": dataclasses.asdict(cfg),
         "pool": {"site": pool.site, "units": [list(u) for u in pool.units]},
         "family": family_desc, "size": family.size(), "chunk_size": chunk_size, "site_shape": list(sweep.shape),
         "fingerprint": {
-            "params": _digest(*jax.tree.leaves(params)),
-            "target": _digest(target.tokens, target.attn_mask, target.pos_ids),
-            "source": _digest(*[problem.source[k] for k in sorted(problem.source)]),
-            "positions": _digest(problem.pos_w),
-            "metric": f"{type(problem.metric).__name__}:{_digest(*jax.tree.leaves(problem.metric))}",
+            "params": storage.fingerprint(params),
+            "target": storage.fingerprint(target.tokens, target.attn_mask, target.pos_ids),
+            "source": storage.fingerprint(problem.source),
+            "positions": storage.fingerprint(problem.pos_w),
+            "metric": f"{type(problem.metric).__name__}:{storage.fingerprint(problem.metric)}",
         },
     }
 
@@ -238,25 +229,36 @@ def _members(family: Family, lo: int, hi: int) -> tuple:
     return ranks, to_bitmask(unrank_np(family, ranks), np.uint64)
 
 
-def _read(path: str) -> SweepResult:
-    """The ranks, bitmask and metric arrays of the npz file `path`."""
+def spec_fingerprint(spec: dict) -> str:
+    """The fingerprint of a spec as spec.json holds it (`storage.fingerprint` of its sorted JSON):
+    every chunk and results.npz carries the one of the sweep that wrote it."""
+    return storage.fingerprint(json.dumps(json.loads(json.dumps(spec)), sort_keys=True))
+
+
+def _read(path: str, spec: str) -> SweepResult:
+    """The ranks, bitmask and metric arrays of the npz file `path`; ValueError unless it was written by
+    the sweep of spec fingerprint `spec`."""
     with open(path, "rb") as f, np.load(f) as z:
+        got = str(z["spec"]) if "spec" in z.files else "none"
+        if got != spec:
+            raise ValueError(f"it was written by another sweep (spec fingerprint {got}, this sweep's {spec})")
         return SweepResult(z["ranks"], z["bitmask"], z["metric"])
 
 
-def _write(path: str, res: SweepResult) -> None:
-    """`res` to the npz file `path`, atomic and checksummed."""
+def _write(path: str, res: SweepResult, spec: str) -> None:
+    """`res` to the npz file `path` with the spec fingerprint of its sweep, atomic and checksummed."""
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez(f, ranks=res.ranks, bitmask=res.bitmask, metric=res.metric)
+            np.savez(f, ranks=res.ranks, bitmask=res.bitmask, metric=res.metric, spec=np.str_(spec))
     storage.write_atomic(path, write)
 
 
-def _read_chunk(path: str, family: Family, lo: int, hi: int, batch: int) -> SweepResult:
-    """The chunk file `path`, which must match its checksum and hold the members of ranks lo..hi-1
-    with a finite float32 metric [hi - lo, batch]; DamagedFileError naming it and why otherwise."""
+def _read_chunk(path: str, family: Family, lo: int, hi: int, batch: int, spec: str) -> SweepResult:
+    """The chunk file `path`, which must match its checksum, come from the sweep of spec fingerprint
+    `spec` and hold the members of ranks lo..hi-1 with a finite float32 metric [hi - lo, batch];
+    DamagedFileError naming it and why otherwise."""
     def read(p):
-        got, (ranks, bits) = _read(p), _members(family, lo, hi)
+        got, (ranks, bits) = _read(p, spec), _members(family, lo, hi)
         if got.ranks.dtype != np.int64 or not np.array_equal(got.ranks, ranks):
             raise ValueError(f"its ranks are not {lo}..{hi - 1}")
         if got.bitmask.dtype != np.uint64 or not np.array_equal(got.bitmask, bits):
@@ -277,6 +279,7 @@ class _SweepStore:
     family: Family
     batch: int
     resume: bool
+    fingerprint: str = ""          # of the spec, set by `open`
 
     @property
     def writer(self) -> bool:
@@ -289,19 +292,20 @@ class _SweepStore:
         return _spec_chunk_size(self.out_dir)
 
     def open(self, chunk_size: int, bounds: list) -> dict:
-        parts = {}
+        parts, spec = {}, self.spec(chunk_size)
+        self.fingerprint = spec_fingerprint(spec)
+        read = lambda i: _read_chunk(self._path(i), self.family, *bounds[i], self.batch, self.fingerprint).metric
         if self.writer:
-            _prepare_dir(self.out_dir, self.spec(chunk_size), self.resume)
+            _prepare_dir(self.out_dir, spec, self.resume)
             for i in [i for i in range(len(bounds)) if os.path.exists(self._path(i))]:
                 try:
-                    parts[i] = _read_chunk(self._path(i), self.family, *bounds[i], self.batch).metric
+                    parts[i] = read(i)
                 except storage.DamagedFileError as e:
                     logging.warning("sweep: %s; recomputing it", e)
                     storage.discard(self._path(i))
         todo = np.array([i not in parts for i in range(len(bounds))])
         todo = np.asarray(multihost_utils.broadcast_one_to_all(todo), bool)     # process 0's choice
-        parts.update({i: _read_chunk(self._path(i), self.family, *bounds[i], self.batch).metric   # processes other than 0
-                      for i in np.flatnonzero(~todo).tolist() if i not in parts})
+        parts.update({i: read(i) for i in np.flatnonzero(~todo).tolist() if i not in parts})   # processes other than 0
         if parts:
             logging.info("sweep: resuming %s, %d of %d chunks already done", self.out_dir, len(parts), len(bounds))
         return parts
@@ -310,11 +314,11 @@ class _SweepStore:
         if not np.isfinite(values).all():
             raise FloatingPointError(f"non-finite metric values for ranks {lo}..{hi - 1}")
         if self.writer:
-            _write(self._path(i), SweepResult(*_members(self.family, lo, hi), values.astype(np.float32)))
+            _write(self._path(i), SweepResult(*_members(self.family, lo, hi), values.astype(np.float32)), self.fingerprint)
 
     def finish(self, values: np.ndarray) -> None:
         if self.writer:
-            _write(os.path.join(self.out_dir, "results.npz"), self.result(values))
+            _write(os.path.join(self.out_dir, "results.npz"), self.result(values), self.fingerprint)
 
     def result(self, values: np.ndarray) -> SweepResult:
         return SweepResult(*_members(self.family, 0, self.family.size()), values.astype(np.float32))
@@ -345,11 +349,14 @@ def run_sweep(params, cfg: ModelConfig, problem: PatchingProblem, pool: Pool, fa
 
 
 def load_results(out_dir: str) -> SweepResult:
-    """Read a finished sweep's results.npz (DamagedFileError if it does not match its checksum)."""
-    path = os.path.join(out_dir, "results.npz")
+    """Read a finished sweep's results.npz (DamagedFileError if it or spec.json does not match its
+    checksum, or if it was written by a sweep other than the one spec.json describes)."""
+    path, spec_path = os.path.join(out_dir, "results.npz"), os.path.join(out_dir, "spec.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: the sweep has not finished (rerun it to resume)")
-    return storage.read_verified(path, _read, advice="rerun the sweep to rebuild it from its chunks")
+    spec = storage.read_verified(spec_path, _read_json, advice=f"it no longer tells which sweep {out_dir} holds")
+    return storage.read_verified(path, functools.partial(_read, spec=spec_fingerprint(spec)),
+                                 advice="rerun the sweep to rebuild it from its chunks")
 
 
 # ---- blend-weight sweeps -------------------------------------------------------------------------

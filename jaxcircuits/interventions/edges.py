@@ -164,7 +164,8 @@ class EdgeGraph:
     def path_mask(self, senders: Sequence[str], receivers: Sequence[str]) -> EdgeMask:
         """float32 EdgeMask with 1 on every valid edge from a sender in `senders` to a receiver in
         `receivers` (labels of `sender_labels` / `receiver_labels`; a head's label 'LlHh' as a receiver
-        means its q, k and v inputs, and its KV head's for k and v)."""
+        means its q, k and v inputs, and its KV head's for k and v). ValueError for a sender with no
+        valid edge into any of the receivers (they all come before it: it has no path to patch)."""
         snd, rcv = self.sender_labels, self.receiver_labels
         unknown = [s for s in senders if s not in snd]
         if unknown:
@@ -181,8 +182,12 @@ class EdgeGraph:
         s = np.isin(np.array(snd), list(senders))
         full = s[:, None] & m[None, :]                                              # [S, L R + 1]
         lay = full[:, :-1].reshape(self.n_senders, self.n_layers, self.n_receivers).transpose(1, 0, 2)
-        valid = self.valid()
-        return EdgeMask(jnp.asarray(lay & valid.layers, jnp.float32), jnp.asarray(full[:, -1], jnp.float32))
+        lay, final = lay & self.valid().layers, full[:, -1]
+        dead = [snd[i] for i in np.flatnonzero(s) if not (lay[:, i].any() or final[i])]
+        if dead:
+            raise ValueError(f"sender(s) {dead} have no edge into the receivers {list(receivers)}: every receiver named "
+                             "comes before it (`EdgeGraph.valid`), so no path runs there")
+        return EdgeMask(jnp.asarray(lay, jnp.float32), jnp.asarray(final, jnp.float32))
 
     def _receivers_of(self, label: str) -> set:
         """Flat receiver indices [into receiver_labels] named by `label`."""

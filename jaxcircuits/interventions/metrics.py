@@ -21,19 +21,28 @@ from jaxcircuits.models.transformer import logits_of
 Array = jax.Array
 
 
-def check_token_ids(metric, vocab_size: int) -> None:
-    """Raise ValueError unless every integer field of `metric` (token ids, -1 = padding) lies in
-    [-1, vocab_size): an id past the vocabulary would be clamped silently by the gather."""
+def check_metric(metric, vocab_size: int) -> None:
+    """Raise ValueError unless the metric can mean something: every integer field (token ids, -1 =
+    padding, rows on axis 0) lies in [-1, vocab_size) (an id past the vocabulary would be clamped
+    silently by the gather) with an id in every row, and the metric's own `check()` passes where it
+    has one. Fields that are tracers are skipped (checked where concrete, outside jit)."""
     if not dataclasses.is_dataclass(metric):
         return
+    name = type(metric).__name__
     for f in dataclasses.fields(metric):
         a = getattr(metric, f.name)
         if isinstance(a, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(a), jnp.integer):
             continue
         a = np.asarray(a)
         if a.size and (a.min() < -1 or a.max() >= vocab_size):
-            raise ValueError(f"metric {type(metric).__name__}.{f.name} holds token ids in [{a.min()}, {a.max()}]; "
+            raise ValueError(f"metric {name}.{f.name} holds token ids in [{a.min()}, {a.max()}]; "
                              f"expected [0, {vocab_size}) or -1 for padding")
+        empty = np.flatnonzero((a.reshape(len(a), -1) < 0).all(-1)) if a.ndim else []
+        if len(empty):
+            raise ValueError(f"metric {name}.{f.name} row(s) {empty.tolist()[:10]} hold only padding (-1): "
+                             "every prompt needs its token ids")
+    if hasattr(metric, "check") and not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(metric)):
+        metric.check()
 
 
 def pad_ids(rows: Sequence[Sequence[int]]) -> np.ndarray:
@@ -65,6 +74,15 @@ class LogitDiff:
     def __call__(self, params, h: Array) -> Array:
         h = h[:, -1]
         return _set_logsumexp(params, h, self.good) - _set_logsumexp(params, h, self.bad)
+
+    def check(self) -> None:
+        """ValueError where a row's good and bad token sets are equal (the metric is identically 0)."""
+        same = [b for b, (g, w) in enumerate(zip(np.asarray(self.good), np.asarray(self.bad)))
+                if set(g[g >= 0].tolist()) == set(w[w >= 0].tolist())]
+        if same:
+            raise ValueError(f"metric LogitDiff: the good and bad token sets are equal on row(s) {same[:10]} "
+                             f"(row {same[0]}: {sorted(set(np.asarray(self.good)[same[0]].tolist()) - {-1})}), so "
+                             "the logit difference is identically 0: the answers must differ in their first token")
 
 
 @struct.dataclass

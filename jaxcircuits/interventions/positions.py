@@ -124,13 +124,16 @@ def decode_intervention(mask: Mask, source: dict) -> Intervention:
 
 def source_at_position(source: dict, position=0) -> dict:
     """One-position replacement [L, B, 1, ...] from a source cache's slot `position` (an int, or
-    int [B] per row, e.g. each left-padded row's first real token)."""
-    out = {}
+    int [B] per row, e.g. each left-padded row's first real token; ValueError unless in [0, T))."""
+    out, pos = {}, np.asarray(position) if not isinstance(position, jax.core.Tracer) else None
     for k, v in source.items():
         axes = sites.source_entry(k).pos_axes
         if len(axes) > 1:            # key positions (pattern): no one-position replacement
             continue
         axis = axes[0] + 1          # + the layer axis
+        if pos is not None and (not np.issubdtype(pos.dtype, np.integer) or pos.min() < 0 or pos.max() >= v.shape[axis]):
+            raise ValueError(f"position={pos.tolist()}: expected integer slot(s) in [0, {v.shape[axis]}), the "
+                             f"positions of source {k!r}")
         idx = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (v.shape[1],))
         idx = idx.reshape(1, -1, *([1] * (v.ndim - 2)))
         out[k] = jnp.take_along_axis(v, idx, axis=axis)

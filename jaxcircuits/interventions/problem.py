@@ -14,7 +14,7 @@ import jax
 from flax import struct
 
 from jaxcircuits.interventions import sites
-from jaxcircuits.interventions.metrics import check_token_ids
+from jaxcircuits.interventions.metrics import check_metric
 from jaxcircuits.interventions.sites import Mask, Source
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
@@ -27,7 +27,8 @@ class TargetRun:
     """The unpatched target run's cached state.
 
     tokens, attn_mask, pos_ids: [B, T]; resid_pre: [L, B, T, D]; head_out: [L, B, T, H, Dh];
-    kv: (k, v) each [L, B, T, K, Dh].
+    kv: (k, v) each [L, B, T, K, Dh]; final: the final-normed hidden states [B, T, D] (what a
+    mask that patches nothing gives, bit for bit).
     """
 
     tokens: Array
@@ -36,14 +37,16 @@ class TargetRun:
     resid_pre: Array
     head_out: Array
     kv: tuple
+    final: Array
 
 
 def target_run(params, cfg: ModelConfig, tokens, attn_mask=None, pos_ids=None) -> TargetRun:
     """Run the target once, keeping what every patched run shares (inputs: `M.check_inputs`)."""
     tokens, attn_mask, pos_ids = M.check_inputs(cfg, tokens, attn_mask, pos_ids)
     _, cache = M.forward(params, cfg, tokens, attn_mask, pos_ids, return_logits=False,
-                         collect=("resid_pre", "head_out", "kv"))
-    return TargetRun(tokens, attn_mask, pos_ids, cache["resid_pre"], cache["head_out"], cache["kv"])
+                         collect=("resid_pre", "head_out", "kv", "final_norm"))
+    return TargetRun(tokens, attn_mask, pos_ids, cache["resid_pre"], cache["head_out"], cache["kv"],
+                     cache["final_norm"])
 
 
 @struct.dataclass
@@ -80,7 +83,7 @@ class PatchingProblem:
         node leaves [L, *units], edges [L, S, R] and [S], nonzero where the masks may patch), checked
         against `cfg` and zero outside the footprint, NaN or inf inside it a ValueError
         (`sites.select_source`). Call it once per batch, outside jit: `run_masks`, `patched_metric`
-        and `run_sweep` do. Also checks the metric's token ids against the vocabulary
-        (`metrics.check_token_ids`)."""
-        check_token_ids(self.metric, cfg.vocab_size)
+        and `run_sweep` do. Also checks the metric: token ids within the vocabulary, no padding-only
+        rows, its own check (`metrics.check_metric`)."""
+        check_metric(self.metric, cfg.vocab_size)
         return self.replace(source=sites.select_source(cfg, self.source, footprint, self.pos_w))

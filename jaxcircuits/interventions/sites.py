@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxcircuits import checks
 from jaxcircuits.interventions.edges import EdgeGraph, EdgeIO, EdgeMask, check_edge_mask
 from jaxcircuits.models.block import LayerIO
 from jaxcircuits.models.transformer import Tap
@@ -452,12 +453,13 @@ def check_mask(mask: Mask, cfg, batched: bool = False) -> None:
 
 
 def check_pos_w(pos_w, batch: int, n_pos: int) -> Array:
-    """pos_w as float32 [batch, n_pos]; ValueError for another shape or NaN/inf."""
+    """pos_w as float32 [batch, n_pos]; ValueError for another shape, or (where concrete) values that
+    are not weights in [0, 1], as masks' are."""
     pos_w = jnp.asarray(pos_w, jnp.float32)
     if pos_w.shape != (batch, n_pos):
         raise ValueError(f"pos_w has shape {tuple(pos_w.shape)}, expected the target's (batch, seq) {(batch, n_pos)}")
-    if concrete(pos_w) and not np.isfinite(np.asarray(pos_w)).all():
-        raise ValueError(f"pos_w (shape {tuple(pos_w.shape)}) contains NaN or inf")
+    if concrete(pos_w):
+        checks.within("pos_w", pos_w, 0, 1)
     return pos_w
 
 
@@ -479,14 +481,25 @@ def check_source(source: Source, n_layers: int, batch: int, n_pos: int, cfg=None
 
 def _check_transform(key: str, a, n_layers: int, cfg) -> None:
     """ValueError unless transform entry `key` has shape [L, *units, (k,) d] (`TRANSFORMS`; the
-    model's sizes only given `cfg`) and, where concrete, finite values."""
+    model's sizes only given `cfg`) and, where concrete, finite values; a subspace's rows must be
+    orthonormal or zero (tolerance 1e-3)."""
     axes = ("L", *_transform_shape(key, cfg))
     want = [n_layers, *(int(d) if d.isdigit() else None for d in axes[1:])]
     shape = tuple(jnp.shape(a))
     if len(shape) != len(want) or any(w is not None and w != n for n, w in zip(shape, want)):
         raise ValueError(f"source {key!r} has shape {shape}, expected ({', '.join(axes)})")
-    if concrete(a) and not np.isfinite(np.asarray(a)).all():
-        raise ValueError(f"source {key!r} (shape {shape}) contains NaN or inf")
+    if not concrete(a):
+        return
+    v = checks.within(f"source {key!r}", a)
+    if split_key(key)[0] == "subspace":
+        gram = v @ np.swapaxes(v, -1, -2)                                          # [..., k, k]
+        norms = np.diagonal(gram, axis1=-2, axis2=-1)
+        want_gram = np.eye(gram.shape[-1]) * (norms > 0.5)[..., None]             # 1 on nonzero rows' diagonal
+        err = np.abs(gram - want_gram).max(initial=0.0)
+        if err > 1e-3:
+            at = tuple(int(i) for i in np.unravel_index(np.argmax(np.abs(gram - want_gram).max((-1, -2))), gram.shape[:-2]))
+            raise ValueError(f"source {key!r} rows must be orthonormal (or zero): B B^T differs from the identity on "
+                             f"its nonzero rows by {err:.3g} at {at}; orthonormalise them (np.linalg.qr)")
 
 
 def source_for(source: Source, names: Sequence[str]) -> Source:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcircuits import checks
 from jaxcircuits.engine.patching import patched_metric
 from jaxcircuits.interventions import sites
 from jaxcircuits.interventions.edges import EdgeGraph
@@ -41,8 +42,7 @@ def _grads(params, cfg: ModelConfig, problem: PatchingProblem, full: Mask, alpha
 
 def _midpoints(steps: int):
     """The midpoint rule's [steps] points on (0, 1)."""
-    if steps < 1:
-        raise ValueError(f"steps={steps}, expected >= 1")
+    steps = checks.count("steps", steps)
     return (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
 
 
@@ -78,5 +78,5 @@ def top_edges(cfg: ModelConfig, scores, k: int = 10) -> List[Tuple[str, str, flo
     scores = np.asarray(scores, np.float64)
     if scores.shape != (graph.n_edges,):
         raise ValueError(f"edge scores have shape {scores.shape}, expected ({graph.n_edges},)")
-    order = np.argsort(-np.abs(scores), kind="stable")[:k]
+    order = np.argsort(-np.abs(scores), kind="stable")[:checks.count("k", k)]
     return [(*graph.edges[i], float(scores[i])) for i in order]

@@ -42,7 +42,8 @@ DEFAULT_CRITERION = "recovery>=0.8"        # F >= 0.8 (see the module doc)
 
 def faithfulness(metric, full, none) -> np.ndarray:
     """F = (mean metric - mean none) / (mean full - mean none): metric [..., B], full and none [B]
-    (the metric with every unit kept / patched) -> [...]; NaN where full and none agree."""
+    (the metric with every unit kept / patched) -> [...]; NaN where full and none agree within
+    float noise (`criteria.indistinguishable`)."""
     return recovery(metric, full, none)
 
 

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxcircuits import checks
+from jaxcircuits.interventions.metrics import AnswerProb, LogitDiff, check_metric
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.block import LayerIO, Parts
 from jaxcircuits.models.config import ModelConfig
@@ -123,7 +125,7 @@ def attribute(params, cfg: ModelConfig, comps: Components, direction: Array) -> 
     embed [B, P], heads [L, H, B, P], attn_bias [L, B, P], mlp [L, B, P], norm_bias [B, P] and their
     sum 'total' [B, P] (in 'run' mode: the run's own d . final_norm(final))."""
     read, bias = final_norm_map(params, cfg, comps)
-    d = jnp.broadcast_to(jnp.asarray(direction, jnp.float32), (comps.final.shape[0], cfg.d_model))
+    d = jnp.broadcast_to(check_direction(direction, comps.final.shape[0], cfg.d_model), (comps.final.shape[0], cfg.d_model))
     along = lambda c: jnp.einsum("...bpd,bd->...bp", read(c), d)
     B, P = comps.final.shape[:2]
     out = {"embed": along(comps.embed), "heads": along(comps.heads),
@@ -134,10 +136,27 @@ def attribute(params, cfg: ModelConfig, comps: Components, direction: Array) -> 
     return out
 
 
+def check_direction(direction, batch: int, d_model: int) -> Array:
+    """direction as float32 [D] or [B, D]; ValueError naming it when missing, of another shape, or
+    (where concrete) not finite."""
+    if direction is None:
+        raise ValueError("direction is required: [D] or [B, D], e.g. answer_direction(params, good, bad)")
+    d = jnp.asarray(direction, jnp.float32)
+    if d.shape not in ((d_model,), (batch, d_model)):
+        raise ValueError(f"direction has shape {d.shape}, expected [D] ({d_model},) or [B, D] ({batch}, {d_model})")
+    if not isinstance(d, jax.core.Tracer):
+        checks.within("direction", d)
+    return d
+
+
 def answer_direction(params, good: Array, bad: Optional[Array] = None) -> Array:
     """[B, D]: the mean unembedding column of each prompt's `good` token ids [B, G] (-1 = padding),
-    minus that of its `bad` ids: the direction of a logit difference (exact for single tokens)."""
+    minus that of its `bad` ids: the direction of a logit difference (exact for single tokens). The
+    ids are checked as a metric's (`metrics.check_metric`: in the vocabulary, no padding-only row,
+    good and bad sets different)."""
     w = M.unembed_matrix(params).astype(jnp.float32)                     # [D, V]
+    check_metric(AnswerProb(jnp.asarray(good)) if bad is None else LogitDiff(jnp.asarray(good), jnp.asarray(bad)),
+                 w.shape[1])
 
     def mean_col(ids):
         ids = jnp.asarray(ids)
@@ -162,7 +181,8 @@ def direct_logit_attribution(params, cfg: ModelConfig, tokens, attn_mask=None, d
     """
     tokens, attn_mask, _ = M.check_inputs(cfg, tokens, attn_mask)
     M.check_frozen_norms(params, tokens.shape)
-    return _dla(params, cfg, tokens, attn_mask, jnp.asarray(direction, jnp.float32), tuple(positions))
+    return _dla(params, cfg, tokens, attn_mask, check_direction(direction, tokens.shape[0], cfg.d_model),
+                tuple(positions))
 
 
 _decompose = jax.jit(decompose_fn, static_argnames=("cfg", "positions"))

@@ -48,7 +48,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import struct
 
-from jaxcircuits import logs, storage
+from jaxcircuits import checks, logs, storage
 from jaxcircuits.engine.patching import Plan, layers_touched, make_plan, patched_metric
 from jaxcircuits.engine.subsets import Pool
 from jaxcircuits.interventions import sites
@@ -56,6 +56,7 @@ from jaxcircuits.interventions.problem import PatchingProblem
 from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.methods import circuits
 from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.stats.criteria import indistinguishable
 
 Array = jax.Array
 _log = logging.getLogger(__name__)
@@ -116,13 +117,11 @@ class Spec:
         if self.relaxation not in RELAXATIONS:
             raise ValueError(f"unknown relaxation {self.relaxation!r}; known: {sorted(RELAXATIONS)}")
         for name in ("steps", "checkpoint_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
-        for name in ("learning_rate", "init_logit", "init_std"):
-            if not np.isfinite(getattr(self, name)):
-                raise ValueError(f"{name}={getattr(self, name)}, expected a finite number")
-        if self.learning_rate <= 0 or self.init_std < 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and init_std={self.init_std} >= 0")
+            object.__setattr__(self, name, checks.count(name, getattr(self, name)))
+        checks.within("init_logit", self.init_logit)
+        checks.within("init_std", self.init_std, 0)
+        if checks.within("learning_rate", self.learning_rate) <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate}: expected a number > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,13 +235,14 @@ def _baselines(metric: Callable, n_units: int, data) -> Array:
 
 def baselines(obj: Objective) -> np.ndarray:
     """float [2, B]: the metric with nothing patched (full) and everything patched (none); ValueError
-    if not finite, or equal on every prompt (nothing for a circuit to keep)."""
+    if not finite, or equal within float noise on every prompt (nothing for a circuit to keep)."""
     base = np.asarray(_baselines(obj.metric, obj.n_units, obj.data))
     if base.ndim != 2 or not np.isfinite(base).all():
         raise ValueError(f"the objective's metric must be finite [B]; with nothing / everything patched it "
                          f"gave shape {base.shape[1:]}, finite: {np.isfinite(base).all()}")
-    if np.all(base[0] == base[1]):
-        raise ValueError("the metric is the same with nothing and with everything patched: nothing to learn")
+    if np.all(indistinguishable(base[0], base[1])):
+        raise ValueError("the metric is the same within float noise with nothing and with everything patched "
+                         f"(means {base[0].mean():g}, {base[1].mean():g}): nothing to learn")
     return base
 
 
@@ -299,9 +299,10 @@ def fit(obj: Objective, lambdas, seeds=0, spec: Spec = Spec(), checkpoint_dir: O
     compiled call per `spec.checkpoint_every` steps, with a progress bar (loss, E[#kept], metric).
 
     checkpoint_dir: save the state there after every segment (orbax; the last two kept, each
-    checksummed) and resume from the newest intact one if present (same runs, spec and units, else
-    ValueError); one writer per directory (`storage.DirLock`). stop_at: end after that step (a
-    multiple of checkpoint_every), as if killed there; a later call resumes.
+    checksummed) and resume from the newest intact one if present: same runs, spec and objective
+    (`storage.fingerprint` of its params, problem and units), else a ValueError naming what
+    differs; one writer per directory (`storage.DirLock`). stop_at: end after that step (a multiple
+    of checkpoint_every), as if killed there; a later call resumes.
     """
     lambdas, seeds = _runs(lambdas, seeds)
     end = spec.steps if stop_at is None else int(stop_at)
@@ -312,7 +313,7 @@ def fit(obj: Objective, lambdas, seeds=0, spec: Spec = Spec(), checkpoint_dir: O
         raise ValueError("the objective has no units")
     baseline = baselines(obj)
     meta = {"lambdas": lambdas.tolist(), "seeds": seeds.tolist(), "n_units": obj.n_units,
-            "spec": dataclasses.asdict(spec)}
+            "spec": dataclasses.asdict(spec), "objective": _fingerprint(obj)}
     state = init_state(spec, obj.n_units, seeds)
     start, hist = 0, np.zeros((0, len(HISTORY), len(lambdas)), np.float32)
     with _maybe_lock(checkpoint_dir):
@@ -339,6 +340,11 @@ def fit(obj: Objective, lambdas, seeds=0, spec: Spec = Spec(), checkpoint_dir: O
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _ADVICE = "delete it (training resumes from the previous checkpoint) or choose another checkpoint_dir"
+
+
+def _fingerprint(obj: Objective) -> str:
+    """What an objective trains on: its metric's type, its data's arrays (params, problem) and its labels."""
+    return storage.fingerprint(type(obj.metric).__qualname__, obj.data, obj.labels)
 
 
 def _maybe_lock(directory: Optional[str]):

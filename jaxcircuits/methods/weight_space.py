@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcircuits import checks
 from jaxcircuits.models import transformer
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import Params
@@ -152,7 +153,7 @@ def random_baseline(key: Array, cfg: ModelConfig, n: int = 256) -> Array:
 def top_pairs(scores: Array, baseline: Array, k: int = 10) -> list:
     """The `k` highest scores of each type, as dicts {type, writer (l, h), reader (l, h), score,
     z (in std units of the baseline)}; scores [3, L, H, L, H], baseline [3, n]."""
-    s, b = np.asarray(scores), np.asarray(baseline)
+    s, b, k = np.asarray(scores), np.asarray(baseline), checks.count("k", k)
     rows = []
     for i, c in enumerate(COMPOSITIONS):
         flat = np.where(np.isnan(s[i]), -np.inf, s[i]).ravel()

@@ -14,6 +14,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxcircuits import checks
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.transformer import (Context, KVCache, Tap, check_inputs, default_positions, embed, final_norm,
                                             logits_of, run_layers)
@@ -58,8 +59,7 @@ def generate(params, cfg: ModelConfig, tokens, attn_mask=None, max_new_tokens: i
     decode: intervention on each generated token (source leaves [L, B, 1, ...], pos_w [B, 1];
     see `decode_intervention`). After `eos_id` every token is `eos_id`.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}, expected >= 1")
+    max_new_tokens = checks.count("max_new_tokens", max_new_tokens)
     tokens, attn_mask, _ = check_inputs(cfg, tokens, attn_mask, n_new=max_new_tokens - 1)
     if "inv_scale" in params["final_norm"]:
         raise ValueError("params carry frozen norm scales (dla.freeze_norms), which fix the reference run's "

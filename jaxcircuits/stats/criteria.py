@@ -20,7 +20,17 @@ from typing import Union
 
 import numpy as np
 
+from jaxcircuits import checks
+
 OPS = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal}
+
+
+NOISE = {"rtol": 1e-5, "atol": 1e-6}      # float32 metrics this close are one number (`np.isclose`)
+
+
+def indistinguishable(a, b) -> np.ndarray:
+    """bool, broadcast: a and b are equal within float32 noise (`NOISE`)."""
+    return np.isclose(np.asarray(a, np.float64), np.asarray(b, np.float64), **NOISE)
 
 
 def recovery(metric, source, target) -> np.ndarray:
@@ -29,12 +39,24 @@ def recovery(metric, source, target) -> np.ndarray:
 
     metric [..., P] (e.g. [N, P]: N subsets; [N, R, P]: R resamples of the prompts), source and
     target [..., P] broadcasting against it. Returns [...]: 0 = the unpatched target, 1 = the
-    source; NaN (not defined) where the two baselines' means are equal.
+    source; NaN (not defined) where the two baselines' means are equal within float noise
+    (`indistinguishable`).
     """
-    t = np.mean(target, -1)
-    gap = np.mean(source, -1) - t
+    s, t = np.mean(source, -1), np.mean(target, -1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(gap != 0, (np.mean(metric, -1) - t) / gap, np.nan)
+        return np.where(indistinguishable(s, t), np.nan, (np.mean(metric, -1) - t) / (s - t))
+
+
+def check_recovery_defined(source, target) -> None:
+    """ValueError unless the means over prompts of baselines source, target [..., P] differ beyond
+    float noise everywhere (else recovery is not defined: the source does not move the metric)."""
+    s, t = np.mean(source, -1), np.mean(target, -1)
+    same = indistinguishable(s, t)
+    if np.any(same):
+        where = f"source {float(s):g}, target {float(t):g}" if np.ndim(same) == 0 else \
+            f"on {int(np.sum(same))} of {np.size(same)} rows of baselines shaped {np.shape(same)}"
+        raise ValueError(f"recovery is undefined: the source and target baselines are equal within float noise "
+                         f"({where}); judge by the metric (metric>X, fraction>=X) or choose a source that changes it")
 
 
 # name -> (what the criterion compares, value(criterion, metric [..., P], source, target) -> [...])
@@ -70,6 +92,8 @@ class Criterion:
         if self.quantity not in QUANTITIES or self.op not in OPS or self.prompt_op not in OPS:
             raise ValueError(f"a criterion compares one of {sorted(QUANTITIES)} with one of {sorted(OPS)}, "
                              f"got {self.quantity!r} {self.op!r} (prompts {self.prompt_op!r})")
+        checks.within("threshold", self.threshold, *((0, 1) if self.quantity == "fraction" else ()))
+        checks.within("prompt_threshold", self.prompt_threshold)
         if self.quantity != "fraction" and self._prompts_written:
             raise ValueError(f"only 'fraction' counts prompts by (prompt_op, prompt_threshold), got "
                              f"{self.quantity!r} with ({self.prompt_op!r}, {self.prompt_threshold!r})")
@@ -82,11 +106,17 @@ class Criterion:
         try:
             prompt_op, prompt_threshold, quantity, op, threshold = m.groups()
             prompts = () if quantity else (prompt_op, float(prompt_threshold))
-            return cls(quantity or "fraction", op, float(threshold), *prompts)
+            threshold = float(threshold)
+            if (quantity or "fraction") not in QUANTITIES:
+                raise ValueError(quantity)
         except (AttributeError, ValueError):
             raise ValueError(f"a success criterion is recovery>=X, metric>X or fraction>=X (any of "
                              f"{', '.join(OPS)}; fraction(metric>Y)>=X counts the prompts with metric > Y), "
                              f"got {spec!r}") from None
+        try:
+            return cls(quantity or "fraction", op, threshold, *prompts)
+        except ValueError as e:
+            raise ValueError(f"success criterion {spec!r}: {e}") from None
 
     @classmethod
     def of(cls, spec: Union[str, "Criterion"]) -> "Criterion":
@@ -113,13 +143,15 @@ class Criterion:
     def value(self, metric, source=None, target=None) -> np.ndarray:
         """The compared quantity: metric [..., P] (source, target [..., P]) -> [...]; metric [N] is
         one prompt per subset."""
-        if self.needs_baselines and (source is None or target is None):
-            raise ValueError(f"the criterion {self} needs the source and target baselines")
+        if self.needs_baselines:
+            if source is None or target is None:
+                raise ValueError(f"the criterion {self} needs the source and target baselines")
+            check_recovery_defined(source, target)
         m = np.asarray(metric, dtype=np.float64)
         return QUANTITIES[self.quantity][1](self, m[:, None] if m.ndim == 1 else m, source, target)
 
     def success(self, metric, source=None, target=None) -> np.ndarray:
-        """bool [...]: the value meets the criterion (a value that is not defined fails)."""
+        """bool [...]: the value meets the criterion."""
         return OPS[self.op](self.value(metric, source, target), self.threshold)
 
     def success_fraction(self, metric, source=None, target=None) -> np.ndarray:

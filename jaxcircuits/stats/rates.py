@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxcircuits.stats.tables import as_bool, bitmasks, per_subset, size_index
+from jaxcircuits.stats.tables import bitmasks, per_subset, size_index, sweep_rows
 
 Z95 = 1.959963984540054
 
@@ -36,8 +36,7 @@ def rate_by_size(subsets, success) -> dict:
     Returns arrays [K]: k, count, successes, rate, lo, hi (Wilson 95%), exhaustive (all C(n, k)
     distinct k-subsets present: the rate is exact and lo = hi = rate).
     """
-    bits = as_bool(subsets)
-    success = np.asarray(success, dtype=bool)
+    bits, success, _ = sweep_rows(subsets, success)
     ks, idx = size_index(bits)
     count = np.bincount(idx, minlength=len(ks))
     hits = np.bincount(idx, weights=success.astype(np.float64), minlength=len(ks)).astype(np.int64)
@@ -93,7 +92,7 @@ def metric_by_size(subsets, metric, q: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 0
 
     Returns k, count, mean, std [K]; q [Q] (levels); quantiles [K, Q].
     """
-    bits = as_bool(subsets)
+    bits, _, metric = sweep_rows(subsets, metric=metric)
     m = per_subset(metric)
     ks, idx = size_index(bits)
     groups = [m[idx == j] for j in range(len(ks))]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from jaxcircuits.stats.tables import from_bitmask
-from jaxcircuits.stats.tables import DENSE_MAX_UNITS, as_bool, bitmasks, dense_table, size_index, sorted_rows
+from jaxcircuits.stats.tables import (DENSE_MAX_UNITS, as_bool, bitmasks, dense_table, size_index, sorted_rows,
+                                     sweep_rows)
 
 
 def is_exhaustive(subsets) -> bool:
@@ -22,8 +23,7 @@ def is_exhaustive(subsets) -> bool:
 
 def is_symmetric(subsets, success) -> bool:
     """Whether success depends only on |S| (constant within each size present)."""
-    bits = as_bool(subsets)
-    success = np.asarray(success, dtype=bool)
+    bits, success, _ = sweep_rows(subsets, success)
     _, idx = size_index(bits)
     hits = np.bincount(idx, weights=success.astype(np.float64))
     return bool(np.all((hits == 0) | (hits == np.bincount(idx))))
@@ -37,8 +37,7 @@ def monotonicity(subsets, success, max_examples: int = 10) -> dict:
     violations_by_unit [n] (by the added unit), examples: up to `max_examples`
     {'subset': S's units, 'added': i}, smallest S first.
     """
-    bits = as_bool(subsets)
-    success = np.asarray(success, dtype=bool)
+    bits, success, _ = sweep_rows(subsets, success)
     masks = bitmasks(bits)
     order = np.argsort(masks)
     sorted_masks, sorted_success = masks[order], success[order]

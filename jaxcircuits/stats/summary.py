@@ -16,7 +16,7 @@ from jaxcircuits.stats.games import banzhaf, interactions, shapley
 from jaxcircuits.stats.rates import THRESHOLD_STATS, metric_by_size, rate_by_size, threshold
 from jaxcircuits.stats.sets import (inclusion_frequency, is_exhaustive, is_symmetric, linear_threshold_fit,
                                     maximal_insufficient, minimal_sufficient, monotonicity)
-from jaxcircuits.stats.tables import DENSE_MAX_UNITS, as_bool, jsonable
+from jaxcircuits.stats.tables import DENSE_MAX_UNITS, jsonable, sweep_rows
 
 MIN_UNITS = 3                 # a threshold or a linear fit over fewer units is not defined
 IMPORTANCE_OF = ("success", "metric")   # the value function of unit importance: 0/1 success or the metric
@@ -97,8 +97,7 @@ def summarize(subsets, success, metric=None, unit_names: Optional[Sequence[str]]
     """
     if options.importance_of == "metric" and metric is None:
         raise ValueError("importance_of='metric' needs a metric")
-    bits = as_bool(subsets)
-    success = np.asarray(success, dtype=bool)
+    bits, success, metric = sweep_rows(subsets, success, metric)
     criterion = None if criterion is None else Criterion.of(criterion)
     source, target = baselines or (None, None)
     n = bits.shape[1]

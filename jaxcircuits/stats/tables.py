@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxcircuits import checks
+
 DENSE_MAX_UNITS = 24          # tables indexed by bitmask (2^n entries) up to this n
 
 
@@ -53,6 +55,28 @@ def as_bool(subsets) -> np.ndarray:
         raise ValueError(f"subsets must be bool [N, n] or integer bitmasks [N], got {a.dtype} {a.shape}")
     n = max(1, int(a.max(initial=0)).bit_length())
     return from_bitmask(a, n)
+
+
+def sweep_rows(subsets, success=None, metric=None) -> tuple:
+    """(bits bool [N, n], success bool [N] or None, metric float64 [N] / [N, P] or None) of a sweep;
+    ValueError naming the argument for a sweep with no subsets, a success or metric whose first axis
+    is not N (or of another rank), or a metric with NaN or inf."""
+    bits = as_bool(subsets)
+    if not len(bits):
+        raise ValueError("the sweep has no subsets (subsets has shape "
+                         f"{np.shape(subsets)}): there is nothing to summarise")
+    if success is not None:
+        success = np.asarray(success)
+        if success.shape != (len(bits),):
+            raise ValueError(f"success has shape {success.shape}, expected ({len(bits)},): one per subset")
+        success = success.astype(bool)
+    if metric is not None:
+        metric = np.asarray(metric, dtype=np.float64)
+        if metric.ndim not in (1, 2) or metric.shape[0] != len(bits):
+            raise ValueError(f"metric has shape {metric.shape}, expected ({len(bits)},) or ({len(bits)}, P): "
+                             "one row per subset")
+        checks.within("metric", metric)
+    return bits, success, metric
 
 
 def per_subset(x) -> np.ndarray:
