@@ -97,7 +97,7 @@ TS = ("experiments.threshold_sweep", "--task=decimals", "--n_prompts=1", "--laye
 ])
 def test_flags_checked_against_the_model_in_one_line(tiny_dir, tmp_path, cmd, message):
     """Flags that do not fit the model's config stop before any weights load or anything compiles
-    (the report directory is never created), as one usage line without a traceback; positions,
+    (the report directory is never created), as one error line without a traceback; positions,
     which need the prompts, stop before anything compiles."""
     out = tmp_path / "out"
     r = _run(cmd[0], f"--model={tiny_dir}", *cmd[1:], f"--out={out}")

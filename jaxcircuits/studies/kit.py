@@ -8,7 +8,7 @@
                      layer patched together, layer by layer)
   options = flags    a study's `Options` is a frozen dataclass whose `flag` fields are its binary's
                      absl flags, declared once: `define_flags` defines them, `from_flags` builds the
-                     options by field name; groups: `StudyOptions` (model, dtype), `TaskOptions`
+                     options by field name; groups: `StudyOptions` (model, dtype, out), `TaskOptions`
                      (a registered task's flags); `run_binary` is every binary's main
   checks             `OptionError` (a flag that does not fit) and the library's other expected errors
                      (`EXPECTED`) end a binary with one line; a bug keeps its traceback
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -272,6 +272,12 @@ def _check_prompt_files(opts: TaskOptions) -> None:
             raise OptionError(f"prompt file {path} not found")
 
 
+def _answer_list(value: str) -> Tuple[str, ...]:
+    """--answers split at its commas, every space kept (an absl list flag strips them: ' Mary' would
+    silently become 'Mary', another first token)."""
+    return tuple(value.split(",")) if value else ()
+
+
 # task -> the check of the `TaskOptions` flags it reads (tasks not listed read none of them)
 TASK_FLAGS: Dict[str, Callable[[Any], None]] = {"decimals": _check_formats, "prompts": _check_prompt_files}
 
@@ -292,7 +298,7 @@ class TaskOptions(StudyOptions):
     answers: Tuple[str, ...] = flag("string", "", "prompts: good,bad answer strings, split at the comma with "
                                     "spaces kept (--answers=' Mary, John' is ' Mary' and ' John': the space "
                                     "usually belongs to a word's first token); metric = logit(good) - "
-                                    "logit(bad) of their first tokens.", parse=lambda v: tuple(v.split(",")) if v else ())
+                                    "logit(bad) of their first tokens.", parse=_answer_list)
 
     def check_flags(self) -> None:
         """The flags the task reads (`TASK_FLAGS`): formats known, prompt files and answers given."""
@@ -325,13 +331,14 @@ def _prog() -> str:
 
 
 def _message(e: BaseException) -> str:
-    """The one-line text of an error: 'file: reason' for an OSError about a file, else its message."""
+    """The text of an error: 'file: reason' for an OSError about a file, else its message."""
     text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
-    return " ".join((text or type(e).__name__).splitlines())
+    return text or type(e).__name__
 
 
-def _exit(e: BaseException) -> None:
-    sys.exit(f"{_prog()}: error: {_message(e)}")
+def _exit(text: str) -> NoReturn:
+    """End the binary with the one line '<binary>: error: <text>' on stderr, exit status 1."""
+    sys.exit(f"{_prog()}: error: {' '.join(text.splitlines())}")
 
 
 def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
@@ -339,7 +346,7 @@ def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _exit(ValueError(f"{e} (--helpshort lists the flags)"))
+        _exit(f"{e} (--helpshort lists the flags)")
 
 
 def check_out(opts: StudyOptions) -> None:
@@ -375,7 +382,7 @@ def run_binary(options: type, run: Callable[[Any], str]) -> None:
         except EXPECTED as e:
             if os.environ.get("JAXCIRCUITS_TRACEBACK", "0") not in ("", "0"):
                 raise
-            _exit(e)
+            _exit(_message(e))
     app.run(main, flags_parser=_parse_flags)
 
 
