@@ -37,9 +37,12 @@ def test_expected_errors_end_a_binary_in_one_line(tmp_path, fail, message):
     assert _one_line(r, "binary_worker") == message
 
 
-def test_a_bug_keeps_its_traceback(tmp_path):
+def test_a_bug_keeps_its_traceback_and_the_switch_shows_every_one(tmp_path, monkeypatch):
     r = run_binary(WORKER, "--fail=bug", f"--out={tmp_path / 'out'}")
     assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'a bug'" in r.stderr
+    monkeypatch.setenv("JAXCIRCUITS_TRACEBACK", "1")
+    r = run_binary(WORKER, "--fail=locked", f"--out={tmp_path / 'out'}")
+    assert r.returncode == 1 and "Traceback" in r.stderr and "LockedError: /r/sweep is in use" in r.stderr
 
 
 @pytest.fixture
