@@ -15,7 +15,8 @@ from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.interventions.sites import CACHE_SITES, Intervention
 from jaxcircuits.weights.tokenize import Tokenizer, load_tokenizer
-from jaxcircuits.weights.registry import ModelFiles, load_params
+from jaxcircuits.models.params import param_dtype
+from jaxcircuits.weights.registry import ModelFiles, load_config, load_params
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -103,9 +104,16 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32, cache: bool = Tru
 
     dtype: float32 (parity) or bfloat16 (speed on accelerators), or its name (`models.params.PARAM_DTYPES`); any other
     raises ValueError before anything is read. cache: keep converted params in the on-disk cache so
-    the next load is fast.
+    the next load is fast. A tokenizer with more ids than the model's vocabulary is a ValueError
+    naming both sizes (a model with more rows than the tokenizer has ids, padding, is fine).
     """
-    cfg, params, files = load_params(name_or_path, dtype, cache)
+    param_dtype(dtype)                                       # before anything is read
+    cfg, files = load_config(name_or_path)
     tokenizer = load_tokenizer(files.tokenizer_files[0] if files.format == "gguf" else files.path) \
         if files.tokenizer_files else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:    # before the weights are converted
+        raise ValueError(f"{files.path}: the tokenizer has {tokenizer.vocab_size} ids but the model's embedding "
+                         f"only {cfg.vocab_size} rows: ids >= {cfg.vocab_size} have no embedding; use the "
+                         "tokenizer the model was trained with")
+    cfg, params, files = load_params(name_or_path, dtype, cache)
     return Model(cfg, jax.tree.map(jnp.asarray, params), tokenizer, files)

@@ -12,8 +12,13 @@ Two switches, each an environment variable, a function and a flag of the binarie
   third-party logs   JAXCIRCUITS_THIRD_PARTY_LOGS=1, `show_third_party(True)`, --third_party_logs
   progress bars      JAXCIRCUITS_PROGRESS=0,         `set_progress(False)`,    --noprogress
 
+The flags' defaults are the environment variables, so a binary obeys them as the library does.
+
 Progress bars are `tqdm.auto` bars (widgets in a notebook, text on stderr elsewhere) with rate and
-ETA, for sweeps, `run_masks` batches, blend searches and params conversion (`progress`).
+ETA, for sweeps, `run_masks` batches, blend searches and params conversion (`progress`). Log lines
+on the console (the root and third-party loggers' handlers writing to stdout or stderr, absl's
+included) go through `tqdm.write`: an open bar is cleared, the line written, the bar redrawn, so a
+line never lands inside a bar.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import site
+import sys
 import sysconfig
 
 from tqdm.auto import tqdm
@@ -68,12 +74,44 @@ def _install() -> None:
     quiet_handlers()
 
 
+class _BarSafe:
+    """A console stream (None: the current sys.stderr) whose writes clear and redraw the open progress
+    bars (`tqdm.write`); equal to that stream (absl's handler compares its stream with sys.stderr)."""
+
+    def __init__(self, stream=None):
+        self._stream = stream
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
+
+    def write(self, text: str) -> None:
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __eq__(self, other) -> bool:
+        return other is self or other is self.stream
+
+    __hash__ = object.__hash__
+
+
 def quiet_handlers() -> None:
-    """Filter every handler of the root and third-party loggers, and Python's last-resort handler."""
+    """Filter every handler of the root and third-party loggers, and Python's last-resort handler;
+    route those writing to the console (absl's through its Python handler) around the bars."""
+    if logging.lastResort is not None and not isinstance(getattr(logging.lastResort, "stream", None), _BarSafe):
+        logging.lastResort = logging.StreamHandler(_BarSafe())
+        logging.lastResort.setLevel(logging.WARNING)
     handlers = [logging.lastResort, *(h for n in ("", *_FILTERED) for h in logging.getLogger(n).handlers)]
-    for handler in handlers:
-        if handler is not None and _FILTER not in handler.filters:
+    for handler in filter(None, handlers):
+        if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)
+        console = getattr(handler, "python_handler", handler)             # absl's ABSLHandler wraps one
+        stream = getattr(console, "stream", None)
+        if isinstance(console, logging.StreamHandler) and not isinstance(stream, _BarSafe) \
+                and any(stream is s for s in (sys.stdout, sys.stderr)):
+            console.setStream(_BarSafe(stream))
 
 
 def show_third_party(on: bool = True) -> None:
@@ -97,9 +135,10 @@ def progress(total=None, desc: str = "", unit: str = "it", initial: int = 0, lea
 def define_flags() -> None:
     """Define --progress and --third_party_logs for an absl binary (call at module level)."""
     from absl import flags
-    flags.DEFINE_bool("progress", True, "Show progress bars (tqdm) with rate and ETA on stderr.")
-    flags.DEFINE_bool("third_party_logs", False, "Show third-party INFO lines and warnings (orbax, jax, absl), "
-                      "hidden by default.")
+    flags.DEFINE_bool("progress", _state["progress"], "Show progress bars (tqdm) with rate and ETA on stderr "
+                      "(default: on unless JAXCIRCUITS_PROGRESS=0).")
+    flags.DEFINE_bool("third_party_logs", _state["third_party"], "Show third-party INFO lines and warnings "
+                      "(orbax, jax, absl), hidden by default (JAXCIRCUITS_THIRD_PARTY_LOGS=1 shows them).")
 
 
 def apply_flags() -> None:

@@ -241,3 +241,25 @@ def test_empty_prompt_names_its_index(tiny_dir):
     for build in (lambda: tok.batch(["a prompt", "", "another", ""]), lambda: tok.pad([[5, 6], [], [7], []])):
         with pytest.raises(ValueError, match=r"prompt\(s\) at index \[1, 3\] have no tokens"):
             build()
+
+
+@pytest.mark.parametrize("extra_rows", [-49088, 64])
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_at_load(tmp_path, monkeypatch, extra_rows):
+    """Tokenizer ids past the embedding are an error naming both sizes; more embedding rows than
+    tokenizer ids (padding, as many real checkpoints have) load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import SMOLLM2_GGUF
+    monkeypatch.setenv("JAXCIRCUITS_CACHE", str(tmp_path / "cache"))
+    tok = load_tokenizer(SMOLLM2_GGUF)
+    vocab = tok.vocab_size + extra_rows
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 intermediate_size=16, vocab_size=vocab, tie_word_embeddings=True)
+                     ).save_pretrained(tmp_path / "m")
+    tok.hf.save_pretrained(tmp_path / "m")
+    if extra_rows < 0:
+        with pytest.raises(ValueError, match=f"the tokenizer has {tok.vocab_size} ids but the model's embedding only "
+                                             f"{vocab} rows"):
+            jc.load(str(tmp_path / "m"))
+        assert not (tmp_path / "cache" / "params").exists()          # refused before the weights are converted
+    else:
+        assert jc.load(str(tmp_path / "m")).cfg.vocab_size == vocab

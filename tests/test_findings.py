@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from jaxcircuits.reports.findings import (FINDING_RULES, _sharpness, cell, contrast_findings, premise_findings,
-                                         report_markdown, sweep_findings)
+from jaxcircuits.reports.findings import (FINDING_RULES, _sharpness, cell, contrast_findings, layer_findings,
+                                         premise_findings, report_markdown, sweep_findings)
 from jaxcircuits.stats.bootstrap import bootstrap, prompt_intervals, prompt_table
 from jaxcircuits.stats.criteria import Criterion, recovery
 from jaxcircuits.stats.rates import threshold, threshold_stats
@@ -279,6 +279,34 @@ def test_layer_scan_picks_the_largest_movement_toward_the_source_not_the_largest
     t = prompt_table(layers, source, target)
     assert best_layers(t, 2) == [1, 3]                                   # recovery 0.9 and 0.5; layer 2 has -0.5
     assert best_layers(prompt_table(layers, target, target), 1) == [0]  # recovery not defined anywhere
+
+
+def _layers(recovery, lo, hi, n):
+    """A layer `prompt_table`'s recovery columns, by hand."""
+    return {"recovery": recovery, "recovery_lo": lo, "recovery_hi": hi, "n_prompts": n}
+
+
+def test_a_best_layer_is_named_only_when_its_interval_clears_the_others_and_zero():
+    wide = _layers([1.2, 0.1, -0.3], [-2.5, -0.2, -0.5], [4.9, 0.4, -0.1], 3)      # the issue's -2.5..+4.9
+    (text, rule), = layer_findings(wide, [0, 1, 2])
+    # to clear 0: 3 x (3.7 / 1.2)^2 = 28.5; to clear layer 1: 3 x ((3.7 + 0.3) / 1.1)^2 = 39.7
+    assert rule == "layer" and text == (
+        "No best layer resolved: layer 0, recovery +1.200 (-2.500..+4.900) over 3 pairs leads, but its interval "
+        "does not lie above 0 and it overlaps layer 1's (+0.100 (-0.200..+0.400)); about 40 pairs would resolve "
+        "it at these gaps.")
+    clear = _layers([0.9, 0.1, -0.3], [0.7, -0.2, -0.5], [1.1, 0.4, -0.1], 40)
+    (text, _), = layer_findings(clear, [0, 1, 2], "; swept: [0]")
+    assert text == ("Best layer by recovery: layer 0, recovery +0.900 (+0.700..+1.100) over 40 pairs, its interval "
+                    "above 0 and above every other layer's (next highest: layer 1, +0.100 (-0.200..+0.400)); "
+                    "swept: [0].")
+    below_zero = _layers([0.3, -0.5], [-0.1, -0.9], [0.7, -0.2], 10)               # clears layer 1, not 0
+    assert "does not lie above 0; about 18 pairs" in layer_findings(below_zero, [0, 1])[0][0]   # 10 x (0.4/0.3)^2
+    tie = _layers([0.5, 0.5], [0.2, 0.2], [0.8, 0.8], 10)
+    assert "more pairs would not resolve it" in layer_findings(tie, [0, 1])[0][0]
+    one = _layers([0.5, 0.1], [None, None], [None, None], 1)
+    assert layer_findings(one, [0, 1])[0][0] == ("No best layer resolved: layer 0, recovery +0.500 (-..-) over 1 "
+                                                 "pairs, and 1 pair(s) give no interval.")
+    assert layer_findings(_layers([None], [None], [None], 5), [0])[0][0].startswith("No best layer: recovery is not")
 
 
 # ----------------------------------------------------------------------------- the report

@@ -131,8 +131,12 @@ FINDING_RULES = {
     "premise": "Premise: the source answers right on average (the 95% prompt interval of its mean metric lies "
                "above 0) and beats the target (the interval of the paired difference source - target lies "
                "above 0). When it fails, that is the first finding.",
-    "layer": "Best layer: the largest recovery, i.e. movement of the mean metric toward the source, when all "
-             "heads of one layer are patched at once.",
+    "layer": "Best layer: the layer with the largest recovery (movement of the mean metric toward the source "
+             "when all heads of one layer are patched at once), named only when the 95% prompt interval of "
+             "its recovery lies above 0 and above every other layer's (its lower bound exceeds their upper "
+             "bounds). Otherwise none is resolved, and the pairs that would resolve it are estimated as n x "
+             "((sum of the two intervals' half-widths) / (gap of the recoveries))^2, the largest over the "
+             "other layers and 0 (intervals shrink as 1/sqrt(n)).",
     "threshold": f"Threshold: k* is the smallest size whose success rate reaches 0.5. The transition is sharp "
                  f"when the 95% prompt interval of its width k90 - k10 lies at or below {SHARP_WIDTH:g} size "
                  f"step, gradual when it lies above, else not resolved. It is not "
@@ -198,6 +202,42 @@ def sweep_findings(summary: dict, name: str) -> list:
         full = " (the full set of units included)" if k[-1] == summary["n_units"] and hits[-1] == 0 else ""
         out.append((f"{name}: no subset of size {_spans(k[hits == 0].tolist())} succeeds{full}.", "fails"))
     return out
+
+
+def _pairs_to_separate(table: dict, best: int, other: Optional[int]) -> float:
+    """Rough pairs for the recovery interval of row `best` to clear that of row `other` (None: 0):
+    n x ((half-width + half-width) / gap)^2; inf when the gap is not positive."""
+    half = lambda i: (table["recovery_hi"][i] - table["recovery_lo"][i]) / 2
+    rival, width = (0.0, 0.0) if other is None else (table["recovery"][other], half(other))
+    gap = table["recovery"][best] - rival
+    return table["n_prompts"] * ((half(best) + width) / gap) ** 2 if gap > 0 else math.inf
+
+
+def layer_findings(table: dict, order: Sequence[int], context: str = "") -> list:
+    """`FINDING_RULES['layer']` on a `prompt_table` whose rows are layers, `order` the layers by
+    recovery, best first (rows without a recovery last); `context` ends the statement (e.g. the
+    baselines). [(statement, rule)]."""
+    t, n, best = table, table["n_prompts"], order[0]
+    lead = f"layer {best}, recovery {cell(t, 'recovery', best)} over {n} pairs"
+    if t["recovery"][best] is None:
+        return [(f"No best layer: recovery is not defined (source and target runs score alike){context}.", "layer")]
+    if t["recovery_lo"][best] is None:
+        return [(f"No best layer resolved: {lead}, and {n} pair(s) give no interval{context}.", "layer")]
+    others = [l for l in order[1:] if t["recovery_hi"][l] is not None]
+    rival = max(others, key=lambda l: t["recovery_hi"][l], default=None)
+    clears = t["recovery_lo"][best] > max(0.0, *(t["recovery_hi"][l] for l in others))
+    if clears:
+        return [(f"Best layer by recovery: {lead}, its interval above 0"
+                 + (f" and above every other layer's (next highest: layer {rival}, {cell(t, 'recovery', rival)})"
+                    if rival is not None else "") + f"{context}.", "layer")]
+    need = max(_pairs_to_separate(t, best, l) for l in [None, *others])
+    lo = t["recovery_lo"][best]
+    why = " and ".join((["its interval does not lie above 0"] if lo <= 0 else [])
+                       + ([f"it overlaps layer {rival}'s ({cell(t, 'recovery', rival)})"]
+                          if rival is not None and t["recovery_hi"][rival] >= lo else []))
+    more = (f"about {math.ceil(need)} pairs would resolve it at these gaps" if math.isfinite(need)
+            else "more pairs would not resolve it: another layer recovers as much")
+    return [(f"No best layer resolved: {lead} leads, but {why}; {more}{context}.", "layer")]
 
 
 def premise_findings(table: dict, names: Sequence[str], source: int, target: int, contrast: int = 0,

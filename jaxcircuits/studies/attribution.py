@@ -27,7 +27,6 @@ from jaxcircuits.reports.report import Report, table
 from jaxcircuits.interventions.sites import unit_label
 from jaxcircuits.studies import kit
 from jaxcircuits.studies.kit import OptionError, flag
-from jaxcircuits.tasks import registry
 
 METHODS = ("DLA", "AP", "IG", "exact")
 
@@ -78,7 +77,7 @@ def run(opts: Options) -> str:
     report = Report(opts.out, "Attribution: DLA, attribution patching, integrated gradients and exact patching")
     model = kit.load(opts)
     cfg = model.cfg
-    task = registry.build(opts.task, model.tokenizer, opts)
+    task = kit.task_batches(model, opts)
     if not isinstance(task.metric, LogitDiff):
         raise OptionError(f"--task={opts.task}: DLA needs a logit-difference metric")
     # Both runs scored by the patched runs' metric: every map below is in its units.

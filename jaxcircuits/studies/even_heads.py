@@ -30,7 +30,7 @@ from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.interventions.positions import decode_intervention, source_at_position
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.engine.patching import run_masks
-from jaxcircuits.reports.findings import cell, contrast_findings, premise_findings, threshold_cell
+from jaxcircuits.reports.findings import cell, contrast_findings, layer_findings, premise_findings, threshold_cell
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.studies import kit
@@ -251,10 +251,10 @@ def _layer_scan(model, task: Task, opts, report) -> list:
                      [[l, cell(t, "mean", l), cell(t, "recovery", l)] for l in range(cfg.n_layers)]),
                report.figure(fig, "layer scan"))
     b = best[0]
-    report.finding(f"Best layer by recovery: layer {b}, recovery {cell(t, 'recovery', b)} over "
-                   f"{vals.shape[1]} pairs "
-                   f"(mean metric {t['mean'][b]:+.3f}; target {task.target.mean():+.3f}, source "
-                   f"{task.source.mean():+.3f}); swept: layer(s) {best}.", "layer")
+    for statement, rule in layer_findings(t, best_layers(t, cfg.n_layers),
+                                          f" (mean metric {t['mean'][b]:+.3f}; target {task.target.mean():+.3f}, "
+                                          f"source {task.source.mean():+.3f}); swept (largest recovery): layer(s) {best}"):
+        report.finding(statement, rule)
     report.results["layer_scan"] = {"metric": vals, "table": t, "best": best}
     return best
 

@@ -8,23 +8,25 @@
                      layer patched together, layer by layer)
   options = flags    a study's `Options` is a frozen dataclass whose `flag` fields are its binary's
                      absl flags, declared once: `define_flags` defines them, `from_flags` builds the
-                     options by field name; groups: `StudyOptions` (model, dtype), `TaskOptions`
+                     options by field name; groups: `StudyOptions` (model, dtype, out), `TaskOptions`
                      (a registered task's flags); `run_binary` is every binary's main
-  checks             `OptionError` (a flag that does not fit) becomes absl's one-line UsageError
+  checks             `OptionError` (a flag that does not fit) and the library's other expected errors
+                     (`EXPECTED`) end a binary with one line; a bug keeps its traceback
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
+import sys
+from typing import Any, Callable, Dict, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
 import jaxcircuits as jc
-from jaxcircuits import logs
+from jaxcircuits import logs, storage
 from jaxcircuits.bundle import DEFAULT_MODEL, Model
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.engine.patching import run_masks
@@ -34,7 +36,9 @@ from jaxcircuits.interventions.sites import get as get_site
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import PARAM_DTYPES
 from jaxcircuits.models.transformer import run_with_cache
+from jaxcircuits.reports.report import check_out_dir
 from jaxcircuits.tasks.formats import get_format
+from jaxcircuits.tasks import registry
 from jaxcircuits.tasks.registry import TaskBatches
 from jaxcircuits.weights.registry import load_config
 
@@ -226,11 +230,13 @@ def from_flags(options: type[O]) -> O:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StudyOptions:
-    """What every study's options hold (model, dtype) and check; a study's `Options` subclasses it,
-    adds its `flag` fields and overrides the checks."""
+    """What every study's options hold (model, dtype, its report directory) and check; a study's
+    `Options` subclasses it, adds its `flag` fields and overrides the checks. `out` is the study's
+    own flag (`out(study)`: its default differs)."""
 
     model: str = flag("string", DEFAULT_MODEL, "Embedded model, HF checkpoint dir, .gguf file or cached HF id.")
     dtype: str = flag("enum", "float32", "Parameter dtype.", enum_values=list(PARAM_DTYPES))
+    out: str
 
     def check_flags(self) -> None:
         """Raise OptionError (or a ValueError) naming the flag of a value wrong for any model; run
@@ -258,9 +264,18 @@ def _check_formats(opts: TaskOptions) -> None:
 def _check_prompt_files(opts: TaskOptions) -> None:
     if not (opts.source_prompts and opts.target_prompts and len(opts.answers) == 2):
         raise OptionError("--task=prompts needs --source_prompts, --target_prompts and --answers=good,bad")
+    if not all(opts.answers) or opts.answers[0] == opts.answers[1]:
+        raise OptionError(f"--answers={','.join(opts.answers)!r}: needs two different non-empty answers, good,bad "
+                          "(logit(good) - logit(bad) of equal answers is 0 whatever is patched)")
     for path in (opts.source_prompts, opts.target_prompts):
         if not os.path.isfile(path):
             raise OptionError(f"prompt file {path} not found")
+
+
+def _answer_list(value: str) -> Tuple[str, ...]:
+    """--answers split at its commas, every space kept (an absl list flag strips them: ' Mary' would
+    silently become 'Mary', another first token)."""
+    return tuple(value.split(",")) if value else ()
 
 
 # task -> the check of the `TaskOptions` flags it reads (tasks not listed read none of them)
@@ -280,52 +295,95 @@ class TaskOptions(StudyOptions):
     source_prompts: Optional[str] = flag("string", None, "prompts: file, one source prompt per line (\\n for "
                                          "newlines).")
     target_prompts: Optional[str] = flag("string", None, "prompts: file, one target prompt per line.")
-    answers: Tuple[str, ...] = flag("list", [], "prompts: good,bad answer strings; metric = logit(good) - "
-                                    "logit(bad) (first token).")
+    answers: Tuple[str, ...] = flag("string", "", "prompts: good,bad answer strings, split at the comma with "
+                                    "spaces kept (--answers=' Mary, John' is ' Mary' and ' John': the space "
+                                    "usually belongs to a word's first token); metric = logit(good) - "
+                                    "logit(bad) of their first tokens.", parse=_answer_list)
 
     def check_flags(self) -> None:
         """The flags the task reads (`TASK_FLAGS`): formats known, prompt files and answers given."""
         TASK_FLAGS.get(self.task, lambda opts: None)(self)
 
 
+def task_batches(model: Model, opts: TaskOptions) -> TaskBatches:
+    """The batches of the options' registered task (`registry.build`); answers that cannot score its
+    prompts (`registry.AnswerError`) are an OptionError naming --answers."""
+    try:
+        return registry.build(opts.task, model.tokenizer, opts)
+    except registry.AnswerError as e:
+        raise OptionError(f"--answers={','.join(opts.answers)!r}: {e} (spaces in --answers are kept: "
+                          "--answers=' Mary, John')") from None
+
+
 # ---- binaries ------------------------------------------------------------------------------------
 
-def checked(opts: O) -> O:
-    """The options checked against the model's config (`opts.check`), read before any weights are
-    converted or anything compiles; a bad flag, path or config becomes absl's one-line UsageError."""
+# What a binary reports in one line, "<binary>: error: <message>", exit status 1: the library's
+# expected errors, whose messages name the argument or file and what to do (bad values, and with
+# them OptionError, `storage.DamagedFileError` and a directory holding a different sweep; missing or
+# misplaced files; a directory in use; memory). Any other exception is a bug and keeps its
+# traceback; so does every error with JAXCIRCUITS_TRACEBACK=1.
+EXPECTED = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+            PermissionError, storage.LockedError, MemoryError)
+
+
+def _prog() -> str:
+    return os.path.splitext(os.path.basename(sys.argv[0]))[0]
+
+
+def _message(e: BaseException) -> str:
+    """The text of an error: 'file: reason' for an OSError about a file, else its message."""
+    text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+    return text or type(e).__name__
+
+
+def _exit(text: str) -> NoReturn:
+    """End the binary with the one line '<binary>: error: <text>' on stderr, exit status 1."""
+    sys.exit(f"{_prog()}: error: {' '.join(text.splitlines())}")
+
+
+def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
+    """absl's flag parsing, a malformed or unknown flag reported in one line."""
     try:
-        opts.check(load_config(opts.model)[0])
-    except (ValueError, FileNotFoundError) as e:
-        raise app.UsageError(str(e)) from None
-    return opts
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _exit(f"{e} (--helpshort lists the flags)")
 
 
-def run_reporting_usage(run: Callable[[O], str], opts: O) -> str:
-    """`run(opts)`, with an `OptionError` found only once the prompts exist (e.g. a position past
-    a prompt's end) reported as absl's one-line UsageError rather than a traceback."""
+def check_out(opts: StudyOptions) -> None:
+    """OptionError naming --out when it cannot become the report directory (a file is in the way)."""
     try:
-        return run(opts)
-    except OptionError as e:
-        raise app.UsageError(str(e)) from None
+        check_out_dir(opts.out)
+    except OSError as e:
+        raise OptionError(f"--out={opts.out}: {_message(e)}; choose another --out") from None
 
 
-def _main(options: type, run: Callable[[Any], str]) -> None:
+def _main(options: type, run: Callable[[Any], str], argv: Sequence[str]) -> None:
     logs.apply_flags()
-    try:
-        opts = from_flags(options)
-        opts.check_flags()
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    path = os.path.abspath(run_reporting_usage(run, checked(opts)))
+    if len(argv) > 1:
+        raise OptionError(f"unexpected argument(s) {argv[1:]}: flags are --name=value (quote a value that "
+                          "holds spaces)")
+    opts = from_flags(options)
+    opts.check_flags()
+    check_out(opts)
+    opts.check(load_config(opts.model)[0])              # before any weights are converted or anything compiles
+    path = os.path.abspath(run(opts))
     logging.info("report: %s", path)
     print(path)
 
 
 def run_binary(options: type, run: Callable[[Any], str]) -> None:
     """A study binary's main (after `define_flags(options)`): flags -> options (`from_flags`), the
-    checks that need no model (`check_flags`), then against the model's config (`checked`), then
-    `run(opts)`; prints the report's path. Every bad flag is absl's one-line UsageError."""
-    app.run(lambda argv: _main(options, run))
+    checks that need no model (`check_flags`, `check_out`), then against the model's config
+    (`opts.check`), then `run(opts)`; prints the report's path. Every bad flag, file or setup
+    (`EXPECTED`) ends the binary with one line naming it."""
+    def main(argv):
+        try:
+            _main(options, run, argv)
+        except EXPECTED as e:
+            if os.environ.get("JAXCIRCUITS_TRACEBACK", "0") not in ("", "0"):
+                raise
+            _exit(_message(e))
+    app.run(main, flags_parser=_parse_flags)
 
 
 def check_layers(flag_name: str, layers, cfg: ModelConfig) -> None:

@@ -24,7 +24,6 @@ from jaxcircuits.reports.findings import cell, premise_findings
 from jaxcircuits.reports.report import Report, add_sweep_analysis, table
 from jaxcircuits.studies import kit
 from jaxcircuits.studies.kit import OptionError, flag
-from jaxcircuits.tasks import registry
 
 TASKS = ("decimals", "ioi", "prompts")             # the registered tasks this study offers (--task)
 # --pool -> the units of each layer it keeps (else a comma list of unit indices)
@@ -225,7 +224,7 @@ def run(opts: Options) -> str:
     criterion = parse_success(opts.success, opts.aggregate)
     pool = make_pool(opts.site, opts.layers, cfg, opts.pool, opts.n_blocks)
     family = make_family(opts, pool, cfg)
-    task = registry.build(opts.task, model.tokenizer, opts)
+    task = kit.task_batches(model, opts)
     problem = kit.problem(model, task, (sites.get(opts.site).cache,), opts.align, parse_positions(opts.positions))
     res = jc.run_sweep(model.params, cfg, problem, pool, family, os.path.join(opts.out, "sweep"),
                        chunk_size=opts.chunk_size, resume=opts.resume,

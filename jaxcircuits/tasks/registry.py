@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from jaxcircuits.weights.tokenize import Tokenizer
 
 
+class AnswerError(ValueError):
+    """Answers that cannot score a prompt: they merge with its end, or good and bad share their first
+    token (logit(good) - logit(bad) would be 0 whatever is patched)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskBatches:
     """A patching task as token batches: source (good) and target (bad) runs, left-padded ids/mask
@@ -84,12 +89,24 @@ def text_batches(tokenizer: Tokenizer, texts: Tuple[Sequence[str], Sequence[str]
                  answers: Tuple[Sequence[str], Sequence[str]], names: Tuple[str, str] = ("source", "target"),
                  description: str = "") -> TaskBatches:
     """Source and target texts [B] each, scored by logit(good) - logit(bad) of the first token of
-    each prompt's answers (`answers`: good [B] and bad [B] strings) after that prompt."""
+    each prompt's answers (`answers`: good [B] and bad [B] strings) after that prompt; AnswerError
+    where they cannot score it (merged with the prompt's end, or the same first token)."""
     if len(texts[0]) != len(texts[1]):
         raise ValueError(f"texts: {len(texts[0])} source and {len(texts[1])} target prompts")
 
+    def first(answer, prompt):
+        try:
+            return tokenizer.answer_token_ids(answer, prompt=prompt)[:1]
+        except ValueError as e:
+            raise AnswerError(str(e)) from None
+
     def metric(prompts):
-        good, bad = ([tokenizer.answer_token_ids(a, prompt=t)[:1] for a, t in zip(side, prompts)] for side in answers)
+        good, bad = ([first(a, t) for a, t in zip(side, prompts)] for side in answers)
+        for i, (g, b) in enumerate(zip(good, bad)):
+            if g == b:
+                raise AnswerError(f"answers {answers[0][i]!r} and {answers[1][i]!r} share their first token "
+                                  f"{tokenizer.token_str(g[0])!r} (id {g[0]}) after prompt {i}: logit(good) - "
+                                  "logit(bad) is 0 whatever is patched; choose answers whose first tokens differ")
         return LogitDiff(good=jnp.asarray(pad_ids(good)), bad=jnp.asarray(pad_ids(bad)))
     (s_ids, s_attn_mask), (t_ids, t_attn_mask) = tokenizer.batch(list(texts[0])), tokenizer.batch(list(texts[1]))
     return TaskBatches(s_ids, s_attn_mask, t_ids, t_attn_mask, metric(texts[1]), metric(texts[0]), names,
