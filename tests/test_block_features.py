@@ -5,7 +5,8 @@ biases), Llama with GQA (RMSNorm, RoPE, gated MLP), and the parallel block of GP
 (`parallel_residual`: attention and MLP both read the layer's input), which changes the block's
 shape (its MLP no longer reads its own heads). That feature is a config field, one line of
 `models.block.block` and its row of `block.same_layer_reads`; nothing else in the package knows it,
-and these checks pass for it unchanged:
+and these checks pass for it unchanged, as they do with Mistral's sliding window (3 of the 6
+positions here):
 
   edges: every edge out of a node = the node patch    patched runs: vmapped = looped, the fast
   suffix path (from the cached z, KV-cached prefix, last layer's queries only) = the full recompute
@@ -40,7 +41,7 @@ LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidde
 FEATURES = {
     "gpt2": (GPT2, {}),
     "llama_gqa": (LLAMA, {}),
-    "parallel_llama_gqa": (LLAMA, {"parallel_residual": True}),
+    "parallel_window_llama_gqa": (LLAMA, {"parallel_residual": True, "sliding_window": 3}),
 }
 B, T = 2, 6
 GOOD, BAD = np.array([[5], [6]]), np.array([[7], [9]])
@@ -73,7 +74,7 @@ def test_parallel_block_wiring_by_hand(model):
     assert EDGE_MLP_READS_HEADS[name] == edges.EdgeGraph.of(cfg).mlp_reads_heads
 
 
-EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_llama_gqa": False}
+EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_window_llama_gqa": False}
 
 
 def test_every_edge_out_of_a_node_is_the_node_patch(model):

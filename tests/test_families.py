@@ -1,12 +1,14 @@
 """Model families as features (`config.LLAMA_FAMILIES`), each against HF transformers on a tiny random
 model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases, no o_proj bias,
-tied embeddings).
+tied embeddings), Mistral (sliding window, shorter than the prompts).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
 patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
 the field. The features' consistency checks (edges, fast paths, DLA, frozen norms, gradients) are
 in `test_block_features.py`.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +31,10 @@ COMMON = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=48, vocab_s
 FAMILIES = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True),
               dict(attn_bias=True, o_bias=False, tied_embeddings=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=4, head_dim=8),
+                dict(attn_bias=False, tied_embeddings=False, sliding_window=4)),
 }
-B, T = 3, 12
+B, T = 3, 12                                  # longer than Mistral's window
 PADS = [0, 5, 1]
 
 
@@ -66,6 +70,9 @@ def test_logits_match_hf(family):
     real = attn_mask.astype(bool)
     print(f"{name}: max |logit - HF logit| = {np.abs(got[real] - want[real]).max():.1e}")   # README's Models table
     np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
+    if cfg.sliding_window:                    # the window changes the logits past it
+        full = np.asarray(forward(params, dataclasses.replace(cfg, sliding_window=None), toks, attn_mask)[0])
+        assert np.abs(full[real] - want[real]).max() > 1e-2
 
 
 def test_greedy_generation_matches_hf(family):
@@ -112,7 +119,7 @@ def test_head_out_patch_matches_hf_pre_hook_on_o_proj(family):
 @pytest.mark.parametrize("model_type,field,value,match", [
     ("qwen2", "use_sliding_window", True, "use_sliding_window"),
     ("qwen2", "layer_types", ["sliding_attention", "full_attention"], "layer_types"),
-    ("qwen2", "mlp_bias", True, "mlp_bias"),                 # Llama's, not Qwen2's
+    ("mistral", "mlp_bias", True, "mlp_bias"),               # Llama's, not Mistral's
     ("qwen2", "hidden_act", "gelu", "hidden_act"),
 ])
 def test_unsupported_family_configs_name_the_field(model_type, field, value, match):

@@ -197,6 +197,16 @@ def project(p: dict, h: Array) -> Array:
     return dense(p, h, "btd,due->btue" if h.ndim == 3 else "ubtd,due->btue")
 
 
+def attention_mask(key_valid: Array, n_queries: int, write_index: int | Array = 0,
+                   window: Optional[int] = None) -> Array:
+    """allowed [B, T, S]: causal over slots (query t sits at slot write_index + t), real keys and,
+    with a sliding `window`, the keys of its last `window` slots only (slot > query slot - window, as HF)."""
+    S = key_valid.shape[1]
+    q_slot, k_slot = (write_index + jnp.arange(n_queries))[:, None], jnp.arange(S)[None, :]
+    near = k_slot > q_slot - (S if window is None else window)
+    return ((k_slot <= q_slot) & near)[None] & key_valid[:, None, :].astype(bool)
+
+
 def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Optional[Tuple[Array, Array]]:
     """cos, sin [B, T, Dh/2] (float32) for integer positions `pos_ids` [B, T]; None without RoPE."""
     if cfg.position_embedding != "rotary":

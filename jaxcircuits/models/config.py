@@ -82,7 +82,8 @@ class ModelConfig:
     n_kv_heads < n_heads is grouped-query attention: query head q reads KV head
     q // (n_heads // n_kv_heads), as in HF. parallel_residual: attention and MLP both read the
     layer's input, x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J), instead of the MLP reading
-    x + attn(norm1(x)).
+    x + attn(norm1(x)). sliding_window: a query reads only the keys of the last `sliding_window` slots
+    (its own included; Mistral).
     """
 
     checkpoint: str
@@ -104,6 +105,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     parallel_residual: bool = False
+    sliding_window: Optional[int] = None
     rope: Optional[RopeConfig] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -298,6 +300,7 @@ LLAMA_FAMILIES = {
     "llama": ({"attention_bias", "mlp_bias"},
               lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False)}),
     "qwen2": (_QWEN_WINDOW, lambda hf: {**_full_attention(hf), "attn_bias": True}),
+    "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
 }
 
 
