@@ -1,6 +1,7 @@
 """Model families as features (`config.LLAMA_FAMILIES`), each against HF transformers on a tiny random
 model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases, no o_proj bias,
-tied embeddings), Mistral (sliding window, shorter than the prompts).
+tied embeddings), Mistral (sliding window, shorter than the prompts), Qwen3 (RMSNorm of each head's
+queries and keys).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
 patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
@@ -18,6 +19,7 @@ import torch
 
 import jaxcircuits as jc
 from jaxcircuits.interventions.sites import Intervention, Mask
+from jaxcircuits.models.block import heads_of
 from jaxcircuits.models.config import ModelConfig, UnsupportedConfigError
 from jaxcircuits.models.generate import generate
 from jaxcircuits.models.transformer import forward, run_with_cache
@@ -33,6 +35,8 @@ FAMILIES = {
               dict(attn_bias=True, o_bias=False, tied_embeddings=True)),
     "mistral": ("MistralConfig", dict(sliding_window=4, head_dim=8),
                 dict(attn_bias=False, tied_embeddings=False, sliding_window=4)),
+    "qwen3": ("Qwen3Config", dict(head_dim=8),
+              dict(attn_bias=False, o_bias=False, qk_norm="head")),
 }
 B, T = 3, 12                                  # longer than Mistral's window
 PADS = [0, 5, 1]
@@ -116,9 +120,19 @@ def test_head_out_patch_matches_hf_pre_hook_on_o_proj(family):
     assert np.abs(got - np.asarray(forward(params, cfg, tgt)[0])).max() > 1e-2
 
 
+def test_per_unit_reads_are_each_units_own_read(family):
+    """Edge receivers read one residual per head: head u's query is the plain read of its own input."""
+    name, _, cfg, params = family
+    p = jax.tree.map(lambda a: a[0], params["layers"])
+    h = jnp.asarray(np.random.RandomState(0).normal(size=(cfg.n_heads, 2, 5, cfg.d_model)), jnp.float32)
+    got = heads_of(cfg, p, "q", h)
+    for u in range(cfg.n_heads):
+        np.testing.assert_allclose(got[:, :, u], heads_of(cfg, p, "q", h[u])[:, :, u], atol=1e-5)
+
+
 @pytest.mark.parametrize("model_type,field,value,match", [
     ("qwen2", "use_sliding_window", True, "use_sliding_window"),
-    ("qwen2", "layer_types", ["sliding_attention", "full_attention"], "layer_types"),
+    ("qwen3", "layer_types", ["sliding_attention", "full_attention"], "layer_types"),
     ("mistral", "mlp_bias", True, "mlp_bias"),               # Llama's, not Mistral's
     ("qwen2", "hidden_act", "gelu", "hidden_act"),
 ])

@@ -39,7 +39,7 @@ import numpy as np
 from flax import struct
 
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.layers import ACTIVATIONS, NORMS, norm_input_scale
+from jaxcircuits.models.layers import ACTIVATIONS, NORMS, QK_NORMS, norm_input_scale
 
 Array = jax.Array
 
@@ -143,12 +143,12 @@ def same_layer_reads(cfg: ModelConfig) -> Dict[str, Tuple[str, ...]]:
 def attention(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Array:
     """Head outputs z [B, Tq, H, Dh] of the layer input x [B, T, D]: keys and values of all T
     positions (after the cache's, `att.kv`), queries of the last Tq."""
-    normed = lambda h: named_norm(cfg, p, "norm1", h, io)
-    k = io.site("head_k", rotate(io.read("k", x, lambda h: project(p["k"], normed(h))), att.rope))
-    v = io.site("head_v", io.read("v", x, lambda h: project(p["v"], normed(h))))
+    heads = lambda name: lambda h: heads_of(cfg, p, name, named_norm(cfg, p, "norm1", h, io))
+    k = io.site("head_k", rotate(io.read("k", x, heads("k")), att.rope))
+    v = io.site("head_v", io.read("v", x, heads("v")))
     tq = att.n_queries or x.shape[1]
     rope_q = None if att.rope is None else tuple(a[:, a.shape[1] - tq:] for a in att.rope)
-    q = io.site("head_q", rotate(io.read("q", x[:, x.shape[1] - tq:], lambda h: project(p["q"], normed(h))), rope_q))
+    q = io.site("head_q", rotate(io.read("q", x[:, x.shape[1] - tq:], heads("q")), rope_q))
     k, v = _with_cache(att.kv, k, v)
     io.record("kv", lambda: (k, v) if not isinstance(k, tuple) else (jnp.concatenate(k, 1), jnp.concatenate(v, 1)))
     return attend(cfg, q, k, v, att.allowed, io)
@@ -195,6 +195,21 @@ def project(p: dict, h: Array) -> Array:
     """Per-head projection [B, T, U, Dh] (p['w'] [D, U, Dh]) of normed h: [B, T, D], read by every
     head, or [U, B, T, D], head u reading row u."""
     return dense(p, h, "btd,due->btue" if h.ndim == 3 else "ubtd,due->btue")
+
+
+def heads_of(cfg: ModelConfig, p: dict, name: str, h: Array) -> Array:
+    """Head values [B, T, U, Dh] of projection `name` ('q', 'k', 'v') of normed h (as `project`),
+    then its q/k norm p[name + '_norm'], where the config has one (`layers.QK_NORMS`)."""
+    leaves = p.get(f"{name}_norm")
+    if leaves is None:
+        return project(p[name], h)
+    return _qk_norm(cfg, leaves, project(p[name], h), QK_NORMS[cfg.qk_norm])
+
+
+def _qk_norm(cfg: ModelConfig, leaves: dict, x: Array, span: int) -> Array:
+    """The config's norm of x [..., U, Dh] over its last `span` axes, with leaves of their shape."""
+    flat = x.reshape(*x.shape[:x.ndim - span], -1)
+    return norm(cfg, {k: v.reshape(-1) for k, v in leaves.items()}, flat).reshape(x.shape)
 
 
 def attention_mask(key_valid: Array, n_queries: int, write_index: int | Array = 0,

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from jaxcircuits.models.layers import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS
+from jaxcircuits.models.layers import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, QK_NORMS
 
 
 class UnsupportedConfigError(ValueError):
@@ -83,7 +83,8 @@ class ModelConfig:
     q // (n_heads // n_kv_heads), as in HF. parallel_residual: attention and MLP both read the
     layer's input, x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J), instead of the MLP reading
     x + attn(norm1(x)). sliding_window: a query reads only the keys of the last `sliding_window` slots
-    (its own included; Mistral).
+    (its own included; Mistral). qk_norm: a row of `layers.QK_NORMS`, the config's norm on queries
+    and keys before RoPE, over each head (Qwen3); None: none.
     """
 
     checkpoint: str
@@ -106,6 +107,7 @@ class ModelConfig:
     mlp_bias: bool = False
     parallel_residual: bool = False
     sliding_window: Optional[int] = None
+    qk_norm: Optional[str] = None
     rope: Optional[RopeConfig] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -122,6 +124,9 @@ class ModelConfig:
             if getattr(self, field) not in table:
                 raise UnsupportedConfigError(
                     f"{field}={getattr(self, field)!r} is not supported (supported: {', '.join(table)})")
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise UnsupportedConfigError(
+                f"qk_norm={self.qk_norm!r} is not supported (supported: None, {', '.join(QK_NORMS)})")
         if (self.position_embedding == "rotary") != (self.rope is not None):
             raise UnsupportedConfigError("rope parameters are required exactly when position_embedding='rotary'")
         if self.n_heads % self.n_kv_heads:
@@ -288,7 +293,7 @@ _QWEN_WINDOW = {"use_sliding_window", "sliding_window", "max_window_layers", "la
 
 
 def _full_attention(hf: dict) -> dict:
-    """Qwen2 configs: sliding windows on some layers only (use_sliding_window) are not implemented."""
+    """Qwen2/Qwen3 configs: sliding windows on some layers only (use_sliding_window) are not implemented."""
     _require(hf, "use_sliding_window", lambda v: v is False, "per-layer sliding windows are not implemented")
     _require(hf, "layer_types", lambda v: isinstance(v, list) and set(v) <= {"full_attention"},
              "per-layer attention kinds are not implemented")
@@ -301,6 +306,7 @@ LLAMA_FAMILIES = {
               lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False)}),
     "qwen2": (_QWEN_WINDOW, lambda hf: {**_full_attention(hf), "attn_bias": True}),
     "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
+    "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
 }
 
 
