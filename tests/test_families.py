@@ -1,7 +1,7 @@
 """Model families as features (`config.LLAMA_FAMILIES`), each against HF transformers on a tiny random
 model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases, no o_proj bias,
 tied embeddings), Mistral (sliding window, shorter than the prompts), Qwen3 (RMSNorm of each head's
-queries and keys).
+queries and keys), OLMo-2 (norms after the sublayers, q/k norms over the whole projection).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
 patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
@@ -19,9 +19,11 @@ import torch
 
 import jaxcircuits as jc
 from jaxcircuits.interventions.sites import Intervention, Mask
+from jaxcircuits.methods.folding import fold_norms
 from jaxcircuits.models.block import heads_of
 from jaxcircuits.models.config import ModelConfig, UnsupportedConfigError
 from jaxcircuits.models.generate import generate
+from jaxcircuits.models.params import init_params
 from jaxcircuits.models.transformer import forward, run_with_cache
 from tests import hf_reference as ref
 from tests.conftest import VOCAB, left_padded_mask, random_tokens
@@ -37,6 +39,7 @@ FAMILIES = {
                 dict(attn_bias=False, tied_embeddings=False, sliding_window=4)),
     "qwen3": ("Qwen3Config", dict(head_dim=8),
               dict(attn_bias=False, o_bias=False, qk_norm="head")),
+    "olmo2": ("Olmo2Config", dict(), dict(attn_bias=False, qk_norm="proj", post_norms=True)),
 }
 B, T = 3, 12                                  # longer than Mistral's window
 PADS = [0, 5, 1]
@@ -121,7 +124,8 @@ def test_head_out_patch_matches_hf_pre_hook_on_o_proj(family):
 
 
 def test_per_unit_reads_are_each_units_own_read(family):
-    """Edge receivers read one residual per head: head u's query is the plain read of its own input."""
+    """Edge receivers read one residual per head: head u's query is the plain read of its own input
+    (OLMo-2's q/k norm over the whole projection norms every head's value of that input)."""
     name, _, cfg, params = family
     p = jax.tree.map(lambda a: a[0], params["layers"])
     h = jnp.asarray(np.random.RandomState(0).normal(size=(cfg.n_heads, 2, 5, cfg.d_model)), jnp.float32)
@@ -133,6 +137,7 @@ def test_per_unit_reads_are_each_units_own_read(family):
 @pytest.mark.parametrize("model_type,field,value,match", [
     ("qwen2", "use_sliding_window", True, "use_sliding_window"),
     ("qwen3", "layer_types", ["sliding_attention", "full_attention"], "layer_types"),
+    ("olmo2", "qk_layernorm", True, "qk_layernorm"),        # a field OLMo-2 does not have
     ("mistral", "mlp_bias", True, "mlp_bias"),               # Llama's, not Mistral's
     ("qwen2", "hidden_act", "gelu", "hidden_act"),
 ])
@@ -141,3 +146,11 @@ def test_unsupported_family_configs_name_the_field(model_type, field, value, mat
     ModelConfig.from_hf(hf)
     with pytest.raises(UnsupportedConfigError, match=match):
         ModelConfig.from_hf({**hf, field: value})
+
+
+def test_folding_refuses_post_norms():
+    """OLMo-2's norms scale the sublayers' outputs: nothing reads them linearly to fold into (edges and
+    DLA are refused in test_block_features)."""
+    cfg = ModelConfig.from_hf({"model_type": "olmo2", **COMMON})
+    with pytest.raises(ValueError, match="post_norms"):
+        fold_norms(init_params(cfg, jax.random.PRNGKey(0)), cfg)

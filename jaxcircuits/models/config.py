@@ -84,7 +84,9 @@ class ModelConfig:
     layer's input, x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J), instead of the MLP reading
     x + attn(norm1(x)). sliding_window: a query reads only the keys of the last `sliding_window` slots
     (its own included; Mistral). qk_norm: a row of `layers.QK_NORMS`, the config's norm on queries
-    and keys before RoPE, over each head (Qwen3); None: none.
+    and keys before RoPE, over each head (Qwen3) or over the whole projection (OLMo-2); None: none.
+    post_norms: norm1 and norm2 normalise the attention's and the MLP's outputs before they are
+    added to the residual, and nothing normalises their inputs (OLMo-2).
     """
 
     checkpoint: str
@@ -108,6 +110,7 @@ class ModelConfig:
     parallel_residual: bool = False
     sliding_window: Optional[int] = None
     qk_norm: Optional[str] = None
+    post_norms: bool = False
     rope: Optional[RopeConfig] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -307,6 +310,7 @@ LLAMA_FAMILIES = {
     "qwen2": (_QWEN_WINDOW, lambda hf: {**_full_attention(hf), "attn_bias": True}),
     "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
     "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
+    "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "post_norms": True}),
 }
 
 

@@ -91,5 +91,5 @@ ACTIVATIONS = {
 POSITION_EMBEDDINGS = ("learned", "rotary")
 
 # q/k norm kind -> how many trailing axes of the per-head values [..., U, Dh] one norm spans (its
-# scale has their shape): each head's Dh (Qwen3).
-QK_NORMS = {"head": 1}
+# scale has their shape): each head's Dh (Qwen3), or the whole projection U * Dh (OLMo-2).
+QK_NORMS = {"head": 1, "proj": 2}

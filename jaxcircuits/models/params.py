@@ -8,7 +8,8 @@
         'k':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
         'v':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
         'o':     {'w': [L, H, Dh, D],  'b': [L, D]       (if o_bias)},
-        'q_norm': {'scale': [L, Dh]}, 'k_norm': {'scale': [L, Dh]}   (if qk_norm: per head)
+        'q_norm': {'scale': [L, Dh] or [L, H, Dh]}, 'k_norm': {'scale': [L, Dh] or [L, K, Dh]}
+                                                   (if qk_norm: per head or whole projection)
         'norm2': {'scale': [L, D], 'bias': [L, D] (layernorm)},
         'gate':  {'w': [L, D, F]} (gated MLPs),
         'up':    {'w': [L, D, F],  'b': [L, F]  (if mlp_bias)},
@@ -53,7 +54,7 @@ def param_dtype(dtype) -> np.dtype:
 
 def norm_names(cfg: ModelConfig) -> tuple:
     """The norms of a layer, as leaves of `params['layers']`: norm1 before attention, norm2 before
-    the MLP."""
+    the MLP (with cfg.post_norms: after each)."""
     return ("norm1", "norm2")
 
 
