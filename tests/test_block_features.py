@@ -6,9 +6,9 @@ biases), Llama with GQA (RMSNorm, RoPE, gated MLP), and the parallel block of GP
 shape (its MLP no longer reads its own heads). That feature is a config field, one line of
 `models.block.block` and its row of `block.same_layer_reads`; nothing else in the package knows it,
 and these checks pass for it unchanged, as they do with Mistral's sliding window (3 of the 6
-positions here), and for OLMo-2 (norms after the sublayers, `post_norms`; q/k norms over the whole
-projection), except that its edges and DLA are refused, naming the feature (a norm after the heads'
-sum gives no per-head share):
+positions here) and Qwen3's per-head q/k norm on the same model, and for OLMo-2 (norms after the
+sublayers, `post_norms`; q/k norms over the whole projection), except that its edges and DLA are
+refused, naming the feature (a norm after the heads' sum gives no per-head share):
 
   edges: every edge out of a node = the node patch    patched runs: vmapped = looped, the fast
   suffix path (from the cached z, KV-cached prefix, last layer's queries only) = the full recompute
@@ -43,7 +43,7 @@ LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidde
 FEATURES = {
     "gpt2": (GPT2, {}),
     "llama_gqa": (LLAMA, {}),
-    "parallel_window_llama_gqa": (LLAMA, {"parallel_residual": True, "sliding_window": 3}),
+    "parallel_window_qknorm": (LLAMA, {"parallel_residual": True, "sliding_window": 3, "qk_norm": "head"}),
     "olmo2_window": ({**LLAMA, "model_type": "olmo2"}, {"sliding_window": 3}),
 }
 # model -> the feature its refusals of edges and DLA name
@@ -79,7 +79,7 @@ def test_parallel_block_wiring_by_hand(model):
     assert EDGE_MLP_READS_HEADS[name] == edges.EdgeGraph.of(cfg).mlp_reads_heads
 
 
-EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_window_llama_gqa": False, "olmo2_window": True}
+EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_window_qknorm": False, "olmo2_window": True}
 
 
 def refused(name):
