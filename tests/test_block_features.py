@@ -5,7 +5,10 @@ biases), Llama with GQA (RMSNorm, RoPE, gated MLP), and the parallel block of GP
 (`parallel_residual`: attention and MLP both read the layer's input), which changes the block's
 shape (its MLP no longer reads its own heads). That feature is a config field, one line of
 `models.block.block` and its row of `block.same_layer_reads`; nothing else in the package knows it,
-and these checks pass for it unchanged:
+and these checks pass for it unchanged, as they do with Mistral's sliding window (3 of the 6
+positions here) and Qwen3's per-head q/k norm on the same model, and for OLMo-2 (norms after the
+sublayers, `post_norms`; q/k norms over the whole projection), except that its edges and DLA are
+refused, naming the feature (a norm after the heads' sum gives no per-head share):
 
   edges: every edge out of a node = the node patch    patched runs: vmapped = looped, the fast
   suffix path (from the cached z, KV-cached prefix, last layer's queries only) = the full recompute
@@ -40,8 +43,11 @@ LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidde
 FEATURES = {
     "gpt2": (GPT2, {}),
     "llama_gqa": (LLAMA, {}),
-    "parallel_llama_gqa": (LLAMA, {"parallel_residual": True}),
+    "parallel_window_qknorm": (LLAMA, {"parallel_residual": True, "sliding_window": 3, "qk_norm": "head"}),
+    "olmo2_window": ({**LLAMA, "model_type": "olmo2"}, {"sliding_window": 3}),
 }
+# model -> the feature its refusals of edges and DLA name
+REFUSED = {"olmo2_window": "post_norms"}
 B, T = 2, 6
 GOOD, BAD = np.array([[5], [6]]), np.array([[7], [9]])
 
@@ -73,12 +79,21 @@ def test_parallel_block_wiring_by_hand(model):
     assert EDGE_MLP_READS_HEADS[name] == edges.EdgeGraph.of(cfg).mlp_reads_heads
 
 
-EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_llama_gqa": False}
+EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_window_qknorm": False, "olmo2_window": True}
+
+
+def refused(name):
+    """pytest.raises of what `name`'s feature refuses (`REFUSED`), else None."""
+    return pytest.raises(ValueError, match=REFUSED[name]) if name in REFUSED else None
 
 
 def test_every_edge_out_of_a_node_is_the_node_patch(model):
-    _, cfg, params, problem = model
+    name, cfg, params, problem = model
     graph = edges.EdgeGraph.of(cfg)
+    if refused(name):
+        with refused(name):
+            patched_metric(params, cfg, problem, Mask(edges=graph.path_mask(["L0H1"], ["L1MLP"])))
+        return
     L, H = cfg.n_layers, cfg.n_heads
     nodes = {"L0H1": Mask(head_out=jnp.zeros((L, H)).at[0, 1].set(1.0)),
              "L1MLP": Mask(mlp_out=jnp.zeros(L).at[1].set(1.0)),
@@ -122,8 +137,12 @@ def test_fast_paths_and_vmap_equal_the_full_recompute(model):
 
 
 def test_dla_components_sum_to_the_logit_difference(model):
-    _, cfg, params, problem = model
+    name, cfg, params, problem = model
     toks = problem.target.tokens
+    if refused(name):
+        with refused(name):
+            dla.decompose(params, cfg, toks, positions=(-1,))
+        return
     direction = dla.answer_direction(params, GOOD, BAD)
     out = dla.direct_logit_attribution(params, cfg, toks, direction=direction)
     logits = np.asarray(jc.forward(params, cfg, toks)[0])[:, -1]
@@ -150,7 +169,7 @@ def _finite_difference(f, f0, eps=1e-2):
 def test_gradients_equal_finite_differences(model):
     """Attribution patching of head outputs and of edges (the custom VJP) = finite differences of the
     exact patched metric, for the two units / edges of largest gradient."""
-    _, cfg, params, problem = model
+    name, cfg, params, problem = model
     mean = lambda mask: float(np.asarray(patched_metric(params, cfg, problem, mask)).mean())
     plain = float(np.asarray(_plain(params, cfg, problem)).mean())
     heads = attribution.attribution_patching(params, cfg, problem, "head_out")
@@ -159,6 +178,10 @@ def test_gradients_equal_finite_differences(model):
         fd = _finite_difference(lambda a: mean(Mask(head_out=a * unit)), plain)
         np.testing.assert_allclose(heads[l, h], fd, rtol=3e-2, atol=2e-4)
     graph = edges.EdgeGraph.of(cfg)
+    if refused(name):
+        with refused(name):
+            attribution.attribution_patching(params, cfg, problem, sites.EDGES)
+        return
     eap = attribution.attribution_patching(params, cfg, problem, sites.EDGES)
     for e in np.argsort(-np.abs(eap))[:2]:
         one = np.zeros(graph.n_edges, np.float32)

@@ -86,8 +86,12 @@ def fold_norms(params: Params, cfg: ModelConfig, *, center_reading: bool = True
     reading weight its mean over D, which changes nothing as x_hat has mean 0 over D.
 
     A LayerNorm bias needs a bias on the projections it folds into: ValueError when the config has
-    no attn_bias (norm1 -> q, k, v) or no mlp_bias (norm2 -> up, gate).
+    no attn_bias (norm1 -> q, k, v) or no mlp_bias (norm2 -> up, gate); ValueError for post_norms
+    (norms after the sublayers, OLMo-2).
     """
+    if cfg.post_norms:
+        raise ValueError("cannot fold the norms of a post_norms model (OLMo-2): norm1 and norm2 scale the "
+                         "sublayers' outputs, which no linear map reads before they join the residual")
     has_bias = "bias" in NORMS[cfg.norm].leaves
     if has_bias:
         for flag, norm_name, readers in (("attn_bias", "norm1", "q/k/v"), ("mlp_bias", "norm2", "up/gate")):

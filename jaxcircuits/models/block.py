@@ -39,7 +39,7 @@ import numpy as np
 from flax import struct
 
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.layers import ACTIVATIONS, NORMS, norm_input_scale
+from jaxcircuits.models.layers import ACTIVATIONS, NORMS, QK_NORMS, norm_input_scale
 
 Array = jax.Array
 
@@ -124,6 +124,7 @@ def block(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Array:
 
         a = attn(norm1(x));  x + a + mlp(norm2(x + a))          sequential (GPT-2, Llama)
         a = attn(norm1(x));  x + a + mlp(norm2(x))              cfg.parallel_residual (GPT-NeoX, GPT-J)
+        a = norm1(attn(x));  x + a + norm2(mlp(x + a))          cfg.post_norms (OLMo-2)
     """
     x = io.site("resid_pre", x)
     z = io.site("head_out", attention(cfg, p, x, io, att) if att.z is None else att.z)
@@ -143,32 +144,46 @@ def same_layer_reads(cfg: ModelConfig) -> Dict[str, Tuple[str, ...]]:
 def attention(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Array:
     """Head outputs z [B, Tq, H, Dh] of the layer input x [B, T, D]: keys and values of all T
     positions (after the cache's, `att.kv`), queries of the last Tq."""
-    normed = lambda h: named_norm(cfg, p, "norm1", h, io)
-    k = io.site("head_k", rotate(io.read("k", x, lambda h: project(p["k"], normed(h))), att.rope))
-    v = io.site("head_v", io.read("v", x, lambda h: project(p["v"], normed(h))))
+    heads = lambda name: lambda h: heads_of(cfg, p, name, sub_norm(cfg, p, "norm1", h, io, after=False))
+    k = io.site("head_k", rotate(io.read("k", x, heads("k")), att.rope))
+    v = io.site("head_v", io.read("v", x, heads("v")))
     tq = att.n_queries or x.shape[1]
     rope_q = None if att.rope is None else tuple(a[:, a.shape[1] - tq:] for a in att.rope)
-    q = io.site("head_q", rotate(io.read("q", x[:, x.shape[1] - tq:], lambda h: project(p["q"], normed(h))), rope_q))
+    q = io.site("head_q", rotate(io.read("q", x[:, x.shape[1] - tq:], heads("q")), rope_q))
     k, v = _with_cache(att.kv, k, v)
     io.record("kv", lambda: (k, v) if not isinstance(k, tuple) else (jnp.concatenate(k, 1), jnp.concatenate(v, 1)))
     return attend(cfg, q, k, v, att.allowed, io)
 
 
 def attn_output(cfg: ModelConfig, p: dict, z: Array, io: LayerIO) -> Parts:
-    """The attention's write: o_proj(z) [B, Tq, D] (sites 'attn_block', 'attn_out'); head h's share
-    z_h W_O[h], the o_proj bias shared by none."""
-    out = io.site("attn_out", io.site("attn_block", dense(p["o"], z, "bthe,hed->btd")))
+    """The attention's write: o_proj(z) [B, Tq, D] (site 'attn_block'), normed by norm1 with
+    cfg.post_norms (site 'attn_out'); head h's share z_h W_O[h], the o_proj bias shared by none.
+    A norm after the heads' sum mixes them: that write has no per-head share (`_unsplit`)."""
+    out = io.site("attn_out", sub_norm(cfg, p, "norm1", io.site("attn_block", dense(p["o"], z, "bthe,hed->btd")), io,
+                                       after=True))
+    if cfg.post_norms:
+        return Parts(out, z, _unsplit("heads", "post_norms (OLMo-2): norm1 normalises the sum of the heads' outputs"))
     return Parts(out, z, lambda z: jnp.einsum("bthe,hed->hbtd", z, p["o"]["w"]), p["o"].get("b"))
+
+
+def _unsplit(group: str, why: str) -> Callable[[Array], Array]:
+    """`Parts.of` of a write that has no share per unit: raises ValueError naming the feature."""
+    def of(act):
+        raise ValueError(f"the {group!r} write of this model has no share per unit ({why}), so edges and "
+                         "direct logit attribution of its units are not exact; they are refused")
+    return of
 
 
 def mlp(cfg: ModelConfig, p: dict, x: Array, io: LayerIO) -> Array:
     """MLP of the residual x [B, T, D]: down(act(gate(h)) * up(h)) when gated, else down(act(up(h))),
-    h = norm2(x); sites 'mlp_neuron' (the down-projection's input) and 'mlp_out'."""
-    h = named_norm(cfg, p, "norm2", x, io)
+    h = norm2(x) (with cfg.post_norms: h = x, and norm2 of the output); sites 'mlp_neuron' (the
+    down-projection's input) and 'mlp_out'."""
+    h = sub_norm(cfg, p, "norm2", x, io, after=False)
     act = ACTIVATIONS[cfg.activation]
     up = dense(p["up"], h, "btd,df->btf")
     hidden = act(dense(p["gate"], h, "btd,df->btf")) * up if cfg.gated_mlp else act(up)
-    return io.site("mlp_out", dense(p["down"], io.site("mlp_neuron", hidden), "btf,fd->btd"))
+    out = dense(p["down"], io.site("mlp_neuron", hidden), "btf,fd->btd")
+    return io.site("mlp_out", sub_norm(cfg, p, "norm2", out, io, after=True))
 
 
 # ---- pieces -------------------------------------------------------------------------------------
@@ -185,6 +200,12 @@ def named_norm(cfg: ModelConfig, p: dict, name: str, x: Array, io: LayerIO) -> A
     return norm(cfg, p[name], x)
 
 
+def sub_norm(cfg: ModelConfig, p: dict, name: str, x: Array, io: LayerIO, after: bool) -> Array:
+    """`named_norm` of a sublayer's input x (after=False) or output (after=True), where the config
+    puts that norm (cfg.post_norms: after); x unchanged at the other place."""
+    return named_norm(cfg, p, name, x, io) if after == cfg.post_norms else x
+
+
 def dense(p: dict, x: Array, spec: str) -> Array:
     """einsum(spec, x, p['w']) + p['b'] (when present)."""
     y = jnp.einsum(spec, x, p["w"])
@@ -195,6 +216,36 @@ def project(p: dict, h: Array) -> Array:
     """Per-head projection [B, T, U, Dh] (p['w'] [D, U, Dh]) of normed h: [B, T, D], read by every
     head, or [U, B, T, D], head u reading row u."""
     return dense(p, h, "btd,due->btue" if h.ndim == 3 else "ubtd,due->btue")
+
+
+def heads_of(cfg: ModelConfig, p: dict, name: str, h: Array) -> Array:
+    """Head values [B, T, U, Dh] of projection `name` ('q', 'k', 'v') of normed h (as `project`),
+    then its q/k norm p[name + '_norm'], where the config has one (`layers.QK_NORMS`). A norm over the
+    whole projection gives head u of per-unit h [U, B, T, D] from every head's value of row u."""
+    leaves = p.get(f"{name}_norm")
+    if leaves is None:
+        return project(p[name], h)
+    span = QK_NORMS[cfg.qk_norm]
+    if h.ndim == 3 or span == 1:
+        return _qk_norm(cfg, leaves, project(p[name], h), span)
+    every = dense(p[name], h, "ubtd,dve->ubtve")                        # each row's value of every head
+    return jnp.moveaxis(jnp.diagonal(_qk_norm(cfg, leaves, every, span), axis1=0, axis2=3), -1, 2)
+
+
+def _qk_norm(cfg: ModelConfig, leaves: dict, x: Array, span: int) -> Array:
+    """The config's norm of x [..., U, Dh] over its last `span` axes, with leaves of their shape."""
+    flat = x.reshape(*x.shape[:x.ndim - span], -1)
+    return norm(cfg, {k: v.reshape(-1) for k, v in leaves.items()}, flat).reshape(x.shape)
+
+
+def attention_mask(key_valid: Array, n_queries: int, write_index: int | Array = 0,
+                   window: Optional[int] = None) -> Array:
+    """allowed [B, T, S]: causal over slots (query t sits at slot write_index + t), real keys and,
+    with a sliding `window`, the keys of its last `window` slots only (slot > query slot - window, as HF)."""
+    S = key_valid.shape[1]
+    q_slot, k_slot = (write_index + jnp.arange(n_queries))[:, None], jnp.arange(S)[None, :]
+    near = k_slot > q_slot - (S if window is None else window)
+    return ((k_slot <= q_slot) & near)[None] & key_valid[:, None, :].astype(bool)
 
 
 def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Optional[Tuple[Array, Array]]:

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from jaxcircuits.models.layers import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS
+from jaxcircuits.models.layers import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, QK_NORMS
 
 
 class UnsupportedConfigError(ValueError):
@@ -82,7 +82,11 @@ class ModelConfig:
     n_kv_heads < n_heads is grouped-query attention: query head q reads KV head
     q // (n_heads // n_kv_heads), as in HF. parallel_residual: attention and MLP both read the
     layer's input, x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J), instead of the MLP reading
-    x + attn(norm1(x)).
+    x + attn(norm1(x)). sliding_window: a query reads only the keys of the last `sliding_window` slots
+    (its own included; Mistral). qk_norm: a row of `layers.QK_NORMS`, the config's norm on queries
+    and keys before RoPE, over each head (Qwen3) or over the whole projection (OLMo-2); None: none.
+    post_norms: norm1 and norm2 normalise the attention's and the MLP's outputs before they are
+    added to the residual, and nothing normalises their inputs (OLMo-2).
     """
 
     checkpoint: str
@@ -104,6 +108,9 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     parallel_residual: bool = False
+    sliding_window: Optional[int] = None
+    qk_norm: Optional[str] = None
+    post_norms: bool = False
     rope: Optional[RopeConfig] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -120,6 +127,9 @@ class ModelConfig:
             if getattr(self, field) not in table:
                 raise UnsupportedConfigError(
                     f"{field}={getattr(self, field)!r} is not supported (supported: {', '.join(table)})")
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise UnsupportedConfigError(
+                f"qk_norm={self.qk_norm!r} is not supported (supported: None, {', '.join(QK_NORMS)})")
         if (self.position_embedding == "rotary") != (self.rope is not None):
             raise UnsupportedConfigError("rope parameters are required exactly when position_embedding='rotary'")
         if self.n_heads % self.n_kv_heads:
@@ -128,7 +138,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], path: Optional[str] = None) -> "ModelConfig":
-        """Build from a parsed HF config dict (``model_type`` 'gpt2' or 'llama'); `path` (the file it
+        """Build from a parsed HF config dict (``model_type`` a key of `CHECKPOINTS`); `path` (the file it
         came from) prefixes every `UnsupportedConfigError`."""
         try:
             model_type = hf.get("model_type")
@@ -277,24 +287,52 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
         original_max_positions=values.get("original_max_position_embeddings", 8192))
 
 
+def _qkvo_bias(hf: dict) -> dict:
+    bias = _get(hf, "attention_bias", bool, False)
+    return {"attn_bias": bias, "o_bias": bias}
+
+
+_QWEN_WINDOW = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+
+
+def _full_attention(hf: dict) -> dict:
+    """Qwen2/Qwen3 configs: sliding windows on some layers only (use_sliding_window) are not implemented."""
+    _require(hf, "use_sliding_window", lambda v: v is False, "per-layer sliding windows are not implemented")
+    _require(hf, "layer_types", lambda v: isinstance(v, list) and set(v) <= {"full_attention"},
+             "per-layer attention kinds are not implemented")
+    return {}
+
+
+# HF model_type of a Llama-like family -> (config fields it reads besides the Llama core, hf -> its features)
+LLAMA_FAMILIES = {
+    "llama": ({"attention_bias", "mlp_bias"},
+              lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False)}),
+    "qwen2": (_QWEN_WINDOW, lambda hf: {**_full_attention(hf), "attn_bias": True}),
+    "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
+    "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
+    "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "post_norms": True}),
+}
+
+
 def _from_llama(hf: dict) -> ModelConfig:
+    """A Llama-like family (`LLAMA_FAMILIES`): RMSNorm, RoPE, SwiGLU, Llama's tensor names, and the
+    features of its model_type."""
+    fields, features = LLAMA_FAMILIES[hf["model_type"]]
     _check_known(hf, {
         "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-        "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act", "attention_bias", "mlp_bias",
-        "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters"})
-    _require(hf, "hidden_act", lambda v: v == "silu", "Llama MLP must use silu")
+        "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act",
+        "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", *fields})
+    _require(hf, "hidden_act", lambda v: v == "silu", "Llama-like MLPs must use silu")
     n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
-    bias = _get(hf, "attention_bias", bool, False)
     return ModelConfig(
         checkpoint="llama", n_layers=_get(hf, "num_hidden_layers", int), d_model=d, n_heads=n_heads,
         n_kv_heads=_get(hf, "num_key_value_heads", int, n_heads), d_head=_get(hf, "head_dim", int, d // n_heads),
         d_mlp=_get(hf, "intermediate_size", int), vocab_size=_get(hf, "vocab_size", int),
         max_positions=_get(hf, "max_position_embeddings", int, 2048), norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
         norm="rmsnorm", activation="silu", gated_mlp=True, position_embedding="rotary",
-        tied_embeddings=_get(hf, "tie_word_embeddings", bool, False),
-        attn_bias=bias, o_bias=bias, mlp_bias=_get(hf, "mlp_bias", bool, False), rope=_rope_from_hf(hf),
-        **_token_ids(hf))
+        tied_embeddings=_get(hf, "tie_word_embeddings", bool, False), rope=_rope_from_hf(hf),
+        **features(hf), **_token_ids(hf))
 
 
 # HF model_type -> reader of its config.json (the loaders map its tensor names).
-CHECKPOINTS = {"gpt2": _from_gpt2, "llama": _from_llama}
+CHECKPOINTS = {"gpt2": _from_gpt2, **{family: _from_llama for family in LLAMA_FAMILIES}}

@@ -1,4 +1,4 @@
-"""The tables a `ModelConfig` chooses from: norms and activations (HF's ``ACT2FN`` idea).
+"""The tables a `ModelConfig` chooses from: norms, activations, q/k norms (HF's ``ACT2FN`` idea).
 
 A config names a row of each table; `ModelConfig` rejects a name that is not a key here, so adding
 a norm or an activation is one row. Every norm reads a frozen 1/scale from its params when it has
@@ -89,3 +89,7 @@ ACTIVATIONS = {
 }
 
 POSITION_EMBEDDINGS = ("learned", "rotary")
+
+# q/k norm kind -> how many trailing axes of the per-head values [..., U, Dh] one norm spans (its
+# scale has their shape): each head's Dh (Qwen3), or the whole projection U * Dh (OLMo-2).
+QK_NORMS = {"head": 1, "proj": 2}

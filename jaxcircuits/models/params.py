@@ -8,6 +8,8 @@
         'k':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
         'v':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
         'o':     {'w': [L, H, Dh, D],  'b': [L, D]       (if o_bias)},
+        'q_norm': {'scale': [L, Dh] or [L, H, Dh]}, 'k_norm': {'scale': [L, Dh] or [L, K, Dh]}
+                                                   (if qk_norm: per head or whole projection)
         'norm2': {'scale': [L, D], 'bias': [L, D] (layernorm)},
         'gate':  {'w': [L, D, F]} (gated MLPs),
         'up':    {'w': [L, D, F],  'b': [L, F]  (if mlp_bias)},
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.layers import NORMS
+from jaxcircuits.models.layers import NORMS, QK_NORMS
 
 Params = Dict[str, Any]
 # Parameter dtypes by name: the ones the forward, the sweeps and the parity tests are built for.
@@ -52,7 +54,7 @@ def param_dtype(dtype) -> np.dtype:
 
 def norm_names(cfg: ModelConfig) -> tuple:
     """The norms of a layer, as leaves of `params['layers']`: norm1 before attention, norm2 before
-    the MLP."""
+    the MLP (with cfg.post_norms: after each)."""
     return ("norm1", "norm2")
 
 
@@ -62,8 +64,8 @@ def param_shapes(cfg: ModelConfig) -> Params:
                             cfg.d_mlp, cfg.vocab_size)
     norm_leaves = NORMS[cfg.norm].leaves
 
-    def norm(*lead):
-        return {leaf: (*lead, D) for leaf in norm_leaves}
+    def norm(*lead, shape=(D,)):
+        return {leaf: (*lead, *shape) for leaf in norm_leaves}
 
     def proj(w, b, has_bias):
         return {"w": w, **({"b": b} if has_bias else {})}
@@ -77,6 +79,9 @@ def param_shapes(cfg: ModelConfig) -> Params:
         "up": proj((L, D, F), (L, F), cfg.mlp_bias),
         "down": proj((L, F, D), (L, D), cfg.mlp_bias),
     }
+    if cfg.qk_norm is not None:
+        span = QK_NORMS[cfg.qk_norm]
+        layers.update(q_norm=norm(L, shape=(H, Dh)[-span:]), k_norm=norm(L, shape=(K, Dh)[-span:]))
     if cfg.gated_mlp:
         layers["gate"] = proj((L, D, F), (L, F), cfg.mlp_bias)
     shapes = {

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits.models.block import (Attn, KVCache, LayerIO, attend, block, dense, mlp, named_norm, norm,
-                                      one_unit, project, rope_tables, rotate)
+from jaxcircuits.models.block import (Attn, KVCache, LayerIO, attend, attention_mask, block, dense, mlp, named_norm,
+                                      norm, one_unit, project, rope_tables, rotate)
 from jaxcircuits.models.config import ModelConfig
 
 Array = jax.Array
@@ -77,13 +77,6 @@ class Context:
     n_queries: Optional[int] = struct.field(pytree_node=False, default=None)
 
 
-def attention_mask(key_valid: Array, n_queries: int, write_index: int | Array = 0) -> Array:
-    """allowed [B, T, S]: causal over slots (query t sits at slot write_index + t) and real keys."""
-    S = key_valid.shape[1]
-    q_slot = write_index + jnp.arange(n_queries)
-    return (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & key_valid[:, None, :].astype(bool)
-
-
 def run_layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Optional[Tap] = None, carry=None,
                collect: Sequence[str] = ()) -> Tuple[Array, object, Dict[str, Array]]:
     """Run the stacked `layers` (any contiguous range of the model) over x [B, T, D] under `tap`
@@ -102,7 +95,7 @@ def _layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Tap, ca
     T = x.shape[1]
     tq = ctx.n_queries or T
     write_index = 0 if ctx.kv is None else ctx.kv.write_index
-    allowed = attention_mask(ctx.key_valid, tq, write_index + T - tq)
+    allowed = attention_mask(ctx.key_valid, tq, write_index + T - tq, cfg.sliding_window)
     rope = rope_tables(cfg, ctx.pos_ids)
     names = set()
 

@@ -70,9 +70,17 @@ def _cols(lo: int, hi: int, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[
     return lambda a: fn(a[..., lo:hi])
 
 
+# cfg.post_norms -> (HF layer norm tensor, our norm) of the Llama-like families (OLMo-2 normalises outputs)
+LLAMA_NORMS = {False: (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")),
+               True: (("post_attention_layernorm", "norm1"), ("post_feedforward_layernorm", "norm2"))}
+
+
 def llama_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
-    """HF Llama tensor names (``prefix`` = 'model.' for *ForCausalLM, '' for a bare model) -> specs."""
+    """HF Llama tensor names (``prefix`` = 'model.' for *ForCausalLM, '' for a bare model) -> specs;
+    also Qwen2, Mistral, Qwen3 (q_norm, k_norm over Dh) and OLMo-2 (q_norm, k_norm over the whole
+    projection; norms after the sublayers, `LLAMA_NORMS`)."""
     D, H, K, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
+    shapes = param_shapes(cfg)["layers"]
     tensors = {
         f"{prefix}embed_tokens.weight": TensorSpec((V, D), ((("embed", "tokens"), None, _same),)),
         f"{prefix}norm.weight": TensorSpec((D,), ((("final_norm", "scale"), None, _same),)),
@@ -85,8 +93,12 @@ def llama_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
         def add(name, shape, leaf, fn):
             tensors[p + name] = TensorSpec(shape, ((("layers", *leaf), i, fn),))
 
-        add("input_layernorm.weight", (D,), ("norm1", "scale"), _same)
-        add("post_attention_layernorm.weight", (D,), ("norm2", "scale"), _same)
+        for name, norm in LLAMA_NORMS[cfg.post_norms]:
+            add(f"{name}.weight", (D,), (norm, "scale"), _same)
+        if cfg.qk_norm is not None:
+            for proj in ("q", "k"):
+                shape = shapes[f"{proj}_norm"]["scale"][1:]
+                add(f"self_attn.{proj}_norm.weight", (int(np.prod(shape)),), (f"{proj}_norm", "scale"), _reshape(*shape))
         for proj, n in (("q", H), ("k", K), ("v", K)):
             add(f"self_attn.{proj}_proj.weight", (n * Dh, D), (proj, "w"), _heads_in(n, Dh))
             if cfg.attn_bias:

@@ -1,0 +1,156 @@
+"""Model families as features (`config.LLAMA_FAMILIES`), each against HF transformers on a tiny random
+model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases, no o_proj bias,
+tied embeddings), Mistral (sliding window, shorter than the prompts), Qwen3 (RMSNorm of each head's
+queries and keys), OLMo-2 (norms after the sublayers, q/k norms over the whole projection).
+
+Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
+patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
+the field. The features' consistency checks (edges, fast paths, DLA, frozen norms, gradients) are
+in `test_block_features.py`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxcircuits as jc
+from jaxcircuits.interventions.sites import Intervention, Mask
+from jaxcircuits.methods.folding import fold_norms
+from jaxcircuits.models.block import heads_of
+from jaxcircuits.models.config import ModelConfig, UnsupportedConfigError
+from jaxcircuits.models.generate import generate
+from jaxcircuits.models.params import init_params
+from jaxcircuits.models.transformer import forward, run_with_cache
+from tests import hf_reference as ref
+from tests.conftest import VOCAB, left_padded_mask, random_tokens
+
+ATOL = 1e-4
+COMMON = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=48, vocab_size=VOCAB, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+# family -> (HF config class name, its arguments, the features `ModelConfig.from_hf` must read)
+FAMILIES = {
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True),
+              dict(attn_bias=True, o_bias=False, tied_embeddings=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=4, head_dim=8),
+                dict(attn_bias=False, tied_embeddings=False, sliding_window=4)),
+    "qwen3": ("Qwen3Config", dict(head_dim=8),
+              dict(attn_bias=False, o_bias=False, qk_norm="head")),
+    "olmo2": ("Olmo2Config", dict(), dict(attn_bias=False, qk_norm="proj", post_norms=True)),
+}
+B, T = 3, 12                                  # longer than Mistral's window
+PADS = [0, 5, 1]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, HF model, cfg, params): a tiny random HF model of the family and our load of its checkpoint."""
+    import transformers
+    name = request.param
+    cls, kwargs, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**COMMON, **kwargs),
+                                                          attn_implementation="eager").eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in n else p.normal_(0, 0.15)
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    m = jc.load(str(path), cache=False)
+    return name, model, m.cfg, m.params
+
+
+def test_config_reads_the_family_features(family):
+    name, _, cfg, params = family
+    assert {k: getattr(cfg, k) for k in FAMILIES[name][2]} == FAMILIES[name][2]
+    assert ("unembed" in params) == (not cfg.tied_embeddings)
+
+
+def test_logits_match_hf(family):
+    name, model, cfg, params = family
+    toks, attn_mask = random_tokens(1, B, T), left_padded_mask(B, T, PADS)
+    want = ref.run(model, toks, attn_mask).logits.numpy()
+    got = np.asarray(forward(params, cfg, toks, attn_mask)[0])
+    real = attn_mask.astype(bool)
+    print(f"{name}: max |logit - HF logit| = {np.abs(got[real] - want[real]).max():.1e}")   # README's Models table
+    np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
+    if cfg.sliding_window:                    # the window changes the logits past it
+        full = np.asarray(forward(params, dataclasses.replace(cfg, sliding_window=None), toks, attn_mask)[0])
+        assert np.abs(full[real] - want[real]).max() > 1e-2
+
+
+def test_greedy_generation_matches_hf(family):
+    _, model, cfg, params = family
+    toks, attn_mask = random_tokens(4, 2, 6), left_padded_mask(2, 6, [0, 2])
+    with torch.no_grad():
+        want = model.generate(torch.tensor(toks), attention_mask=torch.tensor(attn_mask), max_new_tokens=8,
+                              do_sample=False, eos_token_id=None, pad_token_id=0).numpy()[:, 6:]
+    np.testing.assert_array_equal(np.asarray(generate(params, cfg, toks, attn_mask, max_new_tokens=8, eos_id=-1)),
+                                  want)
+
+
+def test_cached_sites_match_hf_hooks(family):
+    """resid_pre, head_out (o_proj's input), the final norm and the pattern of real queries."""
+    _, model, cfg, params = family
+    toks, attn_mask = random_tokens(3, B, T), left_padded_mask(B, T, PADS)
+    want = ref.sites(model, toks, attn_mask)
+    _, cache = run_with_cache(params, cfg, toks, attn_mask)
+    real = attn_mask.astype(bool)
+    for site in ("resid_pre", "head_out"):
+        np.testing.assert_allclose(np.asarray(cache[site])[:, real], want[site][:, real], atol=ATOL, err_msg=site)
+    np.testing.assert_allclose(np.asarray(cache["final_norm"])[real], want["final_norm"][real], atol=ATOL)
+    for b in range(B):
+        q = np.flatnonzero(real[b])
+        np.testing.assert_allclose(np.asarray(cache["pattern"])[:, b][:, :, q], want["pattern"][:, b][:, :, q], atol=ATOL)
+
+
+def test_head_out_patch_matches_hf_pre_hook_on_o_proj(family):
+    _, model, cfg, params = family
+    tgt, src = random_tokens(5, 2, T), random_tokens(6, 2, T)
+    _, cache = run_with_cache(params, cfg, src, sites=("head_out",))
+    subset = {0: [1, 3], 1: [0]}
+    mask = jnp.zeros((cfg.n_layers, cfg.n_heads))
+    for l, heads in subset.items():
+        mask = mask.at[l, jnp.asarray(heads)].set(1.0)
+    iv = Intervention(mask=Mask(head_out=mask), source=cache, pos_w=jnp.ones(tgt.shape, jnp.float32))
+    got = np.asarray(forward(params, cfg, tgt, intervention=iv)[0])
+    with ref.patch_heads(model, subset, np.asarray(cache["head_out"]), list(range(T))):
+        want = ref.run(model, tgt).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    assert np.abs(got - np.asarray(forward(params, cfg, tgt)[0])).max() > 1e-2
+
+
+def test_per_unit_reads_are_each_units_own_read(family):
+    """Edge receivers read one residual per head: head u's query is the plain read of its own input
+    (OLMo-2's q/k norm over the whole projection norms every head's value of that input)."""
+    name, _, cfg, params = family
+    p = jax.tree.map(lambda a: a[0], params["layers"])
+    h = jnp.asarray(np.random.RandomState(0).normal(size=(cfg.n_heads, 2, 5, cfg.d_model)), jnp.float32)
+    got = heads_of(cfg, p, "q", h)
+    for u in range(cfg.n_heads):
+        np.testing.assert_allclose(got[:, :, u], heads_of(cfg, p, "q", h[u])[:, :, u], atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,field,value,match", [
+    ("qwen2", "use_sliding_window", True, "use_sliding_window"),
+    ("qwen3", "layer_types", ["sliding_attention", "full_attention"], "layer_types"),
+    ("olmo2", "qk_layernorm", True, "qk_layernorm"),        # a field OLMo-2 does not have
+    ("mistral", "mlp_bias", True, "mlp_bias"),               # Llama's, not Mistral's
+    ("qwen2", "hidden_act", "gelu", "hidden_act"),
+])
+def test_unsupported_family_configs_name_the_field(model_type, field, value, match):
+    hf = {"model_type": model_type, **COMMON}
+    ModelConfig.from_hf(hf)
+    with pytest.raises(UnsupportedConfigError, match=match):
+        ModelConfig.from_hf({**hf, field: value})
+
+
+def test_folding_refuses_post_norms():
+    """OLMo-2's norms scale the sublayers' outputs: nothing reads them linearly to fold into (edges and
+    DLA are refused in test_block_features)."""
+    cfg = ModelConfig.from_hf({"model_type": "olmo2", **COMMON})
+    with pytest.raises(ValueError, match="post_norms"):
+        fold_norms(init_params(cfg, jax.random.PRNGKey(0)), cfg)
