@@ -58,6 +58,7 @@ from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
 
+from benchmarks.timing import load_line, machine_load
 from benchmarks.sweep_vs_peers import (BAD, GOOD, REPO, SHAPES, build_hf_model, environment, first_call,
                                        load_into_jaxcircuits, prompts)
 
@@ -265,9 +266,9 @@ def markdown(result: dict) -> str:
     return "\n".join([
         "# Edge patching and EAP: jaxcircuits vs auto-circuit", "",
         f"Command: `{result['command']}` ({result['date']}).", "",
-        f"Machine: {env['cpu']}, {env['cores']} cores **shared with other agents' jobs** (load average "
-        f"{result['load_average']} at the start): wall times are inflated by the contention; CPU s (this "
-        f"process's CPU time, all threads) is the steadier measure. torch threads {env['torch_threads']}; "
+        load_line(result["load_start"], result["load_end"]), "",
+        f"Machine: {env['cpu']}, {env['cores']} cores; CPU s (this process's CPU time, all threads) is steadier "
+        f"than wall time under contention. torch threads {env['torch_threads']}; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".", "",
         f"Model: {result['shape']} shape, random weights (seed {f['seed']}), {result['n_edges']} edges; batch "
         f"{f['batch']} x {f['seq_len']} tokens, every position patched; metric logit(GOOD) - logit(BAD) at the "
@@ -295,11 +296,11 @@ def markdown(result: dict) -> str:
 def main(argv):
     del argv
     jax.config.update("jax_default_matmul_precision", "highest")
-    load = os.getloadavg()
+    load = machine_load()
     result = run()
     result.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python -m benchmarks.edges_vs_autocircuit " + " ".join(sys.argv[1:]),
-                  load_average=" ".join(f"{x:.1f}" for x in load), environment=environment(),
+                  load_start=load, load_end=machine_load(), environment=environment(),
                   flags={k: getattr(FLAGS, k) for k in ("seed", "batch", "seq_len", "n_masks", "ac_masks",
                                                         "edge_chunk", "density", "edge_atol")})
     result["environment"]["versions"]["auto-circuit"] = importlib.metadata.version("auto-circuit")

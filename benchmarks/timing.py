@@ -1,7 +1,8 @@
-"""Timing shared by the single-call benchmarks."""
+"""Timing and machine load shared by the benchmarks."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Tuple
 
@@ -22,3 +23,25 @@ def first_and_median(run: Callable[[], object], reps: int) -> Tuple[object, floa
         run()
         times.append(time.perf_counter() - t)
     return out, first, float(np.median(times))
+
+
+QUIET_LOAD = 0.5       # 1-minute load average (whole machine) at or below which a run starts quiet
+
+
+def machine_load() -> dict:
+    """The machine's load now: {'loadavg': [1, 5, 15 min], 'cores', 'quiet': 1-min load <= QUIET_LOAD}."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    return {"loadavg": load, "cores": os.cpu_count(), "quiet": load[0] <= QUIET_LOAD}
+
+
+def load_line(start: dict, end: dict) -> str:
+    """The header line of a benchmark's load: measured at its start and end, never a fixed phrase; a
+    loaded start says at the top that its ratios are not to be quoted (README and RESULTS quote quiet
+    runs only)."""
+    measured = (f"load average (1, 5, 15 min) {start['loadavg']} at the start, {end['loadavg']} at the end "
+                f"(which includes this benchmark's own load), {start['cores']} cores")
+    if start["quiet"]:
+        return f"Machine load: quiet at the start (1-min load average <= {QUIET_LOAD}): {measured}."
+    return (f"**LOADED MACHINE**: other processes ran at the start (1-min load average above {QUIET_LOAD}): "
+            f"{measured}. Wall times and ratios of this run are inflated or skewed by the contention; quote "
+            "quiet runs only.")

@@ -86,3 +86,16 @@ def test_peer_rejects_what_it_cannot_patch():
         peers.HFHook(None, problem, stack=0)
     with pytest.raises(ValueError, match=r"unknown peers \['tl_fast'\]"):
         peers.build_models(None, ["tl_fast"])
+
+
+def test_benchmark_headers_state_the_measured_load():
+    """The load line is a measurement, and a run that starts loaded says so first."""
+    from benchmarks.timing import QUIET_LOAD, load_line, machine_load
+    now = machine_load()
+    assert len(now["loadavg"]) == 3 and now["cores"] >= 1
+    quiet = {"loadavg": [0.1, 0.2, 0.3], "cores": 2, "quiet": True}
+    busy = {"loadavg": [10.9, 8.0, 6.0], "cores": 2, "quiet": False}
+    assert load_line(quiet, busy).startswith("Machine load: quiet") and "[0.1, 0.2, 0.3] at the start" in load_line(quiet, busy)
+    line = load_line(busy, quiet)
+    assert line.startswith("**LOADED MACHINE**") and "[10.9, 8.0, 6.0]" in line and "quote quiet runs only" in line
+    assert QUIET_LOAD < 1
