@@ -5,8 +5,8 @@ part of the Hub's HTTP API that huggingface_hub's `snapshot_download` uses (test
   GET /api/models/{repo}/tree/{rev}       the file listing: type, path, size, oid (one page)
   HEAD/GET /{repo}/resolve/{rev}/{file}   X-Repo-Commit, ETag, Content-Length; GET honours Range (206)
 
-A gated repo answers its files with 401 and X-Error-Code: GatedRepo (its metadata is public, as on
-the Hub); a private one answers everything with 401 and X-Error-Code: RepoNotFound (what the Hub
+A gated repo answers its files with 401 and X-Error-Code: GatedRepo unless the request carries the
+token `GRANTED` (its metadata is public, as on the Hub); a private one answers everything with 401 and X-Error-Code: RepoNotFound (what the Hub
 tells a client without access); an unknown repo or path answers 404 with X-Error-Code: RepoNotFound
 / EntryNotFound.
 `cut_once` names files whose first GET stops halfway (the connection closed) to test resuming;
@@ -22,6 +22,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Set
 from urllib.parse import unquote, urlsplit
+
+GRANTED = "hf_granted"                              # the token of an account that accepted the licences
 
 
 def repo_from_dir(path: str) -> Dict[str, bytes]:
@@ -109,7 +111,7 @@ def _handler(hub: FakeHub):
                                    for f, b in files.items()])
             if kind != "resolve":
                 return self._error(404, "EntryNotFound", "Entry not found", head)
-            if repo in hub.gated:
+            if repo in hub.gated and self.headers.get("Authorization") != f"Bearer {GRANTED}":
                 return self._error(401, "GatedRepo", f"Access to model {repo} is restricted. You must have access "
                                    "to it and be authenticated to access it. Please log in.", head)
             name = "/".join(parts[4:])

@@ -13,7 +13,7 @@ import jaxcircuits as jc
 from jaxcircuits import logs
 from jaxcircuits.weights import registry
 from tests.conftest import run_binary
-from tests.hub_server import FakeHub, repo_from_dir
+from tests.hub_server import GRANTED, FakeHub, repo_from_dir
 
 WORDS = ["<unk>", "<s>", "</s>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "."]
 
@@ -47,10 +47,13 @@ def hub(tiny_repo, tmp_path, monkeypatch):
     server = FakeHub({"org/tiny": files, "org/gated": files, "org/private": files}, gated={"org/gated"},
                      private={"org/private"})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("JAXCIRCUITS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_login"))      # not logged in
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))                         # the cache: $HF_HOME/hub
     yield server
     server.close()
 
@@ -62,7 +65,7 @@ def _logits(model):
 def test_download_loads_as_the_saved_dir_then_works_offline(hub, tiny_repo, monkeypatch):
     model = jc.load("org/tiny")
     np.testing.assert_array_equal(_logits(model), _logits(jc.load(tiny_repo)))
-    assert model.files.name == "org/tiny" and model.files.path.startswith(os.environ["HF_HUB_CACHE"])
+    assert model.files.name == "org/tiny" and model.files.path.startswith(os.path.join(os.environ["HF_HOME"], "hub"))
     shards = [f for f in os.listdir(tiny_repo) if f.startswith("model-")]
     assert len(shards) > 1
     assert sorted(hub.downloads("org/tiny")) == sorted(["config.json", "model.safetensors.index.json", *shards,
@@ -96,6 +99,12 @@ def test_an_alias_downloads_its_first_id(hub, monkeypatch):
     assert registry.resolve("TINY").name == "org/tiny"
 
 
+def test_a_gated_model_downloads_with_a_token(hub, monkeypatch):
+    """huggingface_hub sends HF_TOKEN (or `hf auth login`'s) with every request."""
+    monkeypatch.setenv("HF_TOKEN", GRANTED)
+    assert registry.resolve("org/gated").path.startswith(os.path.join(os.environ["HF_HOME"], "hub"))
+
+
 def test_progress_off_silences_the_hub_bars():
     logs.set_progress(False)
     try:
@@ -123,7 +132,7 @@ def test_errors_are_one_line(hub, monkeypatch, case):
         "no_network": ("org/tiny", ConnectionError, "cannot reach http://127.0.0.1:{port} to download HF model "
                        "'org/tiny': no network? set HF_HUB_OFFLINE=1 to use the cache only, or pass a local directory"),
         "offline": ("org/tiny", FileNotFoundError, "HF model 'org/tiny' is not in the local HF hub cache "
-                    f"{os.environ['HF_HUB_CACHE']} and HF_HUB_OFFLINE=1 is set"),
+                    f"{os.environ['HF_HOME']}/hub and HF_HUB_OFFLINE=1 is set"),
     }[case]
     if case == "no_network":
         port = _closed_port()

@@ -3,9 +3,10 @@
 `cached` finds a snapshot in `hub_cache_dir()`; `download` fetches the files that match the given
 names or patterns with huggingface_hub's `snapshot_download` from `endpoint()` (both read from the
 environment at call time), under its progress bars (off with the others: `logs.hub_tqdm_class`).
-huggingface_hub does the rest: the token (HF_TOKEN or `hf auth login`), whole files kept in the
-cache's blobs (a rerun fetches only what is missing) and a dropped connection resumed where the
-file stopped (HTTP Range). With HF_HUB_OFFLINE=1 nothing goes to the network.
+huggingface_hub does the rest: the token (HF_TOKEN or `hf auth login`), finished files kept in the
+cache's blobs (a rerun fetches only what is missing; a part-written file is dropped) and a dropped
+connection resumed from the last whole 10 MB chunk (HTTP Range, a few tries). With HF_HUB_OFFLINE=1
+nothing goes to the network.
 
 Failures are one-line errors naming the model and what to do: PermissionError (gated or private),
 FileNotFoundError (no such repo; not cached while offline), ConnectionError (the Hub unreachable
