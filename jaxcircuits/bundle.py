@@ -99,8 +99,8 @@ class Model:
 def load(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32, cache: bool = True) -> Model:
     """Load a model: the embedded default 'smollm2-135m-instruct', a local HF checkpoint directory,
     a .gguf file, an alias ('gpt2', 'llama-3.1-8b-instruct', ...: `weights.registry.ALIASES`) or an
-    HF model id already in the local HF hub cache (never downloaded: the error of a model that is
-    not there says how to fetch it).
+    HF model id 'org/name', from the local HF hub cache or else downloaded (`weights.hub`; not with
+    HF_HUB_OFFLINE=1).
 
     dtype: float32 (parity) or bfloat16 (speed on accelerators), or its name (`models.params.PARAM_DTYPES`); any other
     raises ValueError before anything is read. cache: keep converted params in the on-disk cache so

@@ -15,7 +15,8 @@ Two switches, each an environment variable, a function and a flag of the binarie
 The flags' defaults are the environment variables, so a binary obeys them as the library does.
 
 Progress bars are `tqdm.auto` bars (widgets in a notebook, text on stderr elsewhere) with rate and
-ETA, for sweeps, `run_masks` batches, blend searches and params conversion (`progress`). Log lines
+ETA, for sweeps, `run_masks` batches, blend searches and params conversion (`progress`); Hub
+downloads show huggingface_hub's own bars, off with the others (`hub_tqdm_class`). Log lines
 on the console (the root and third-party loggers' handlers writing to stdout or stderr, absl's
 included) go through `tqdm.write`: an open bar is cleared, the line written, the bar redrawn, so a
 line never lands inside a bar.
@@ -38,7 +39,8 @@ _INSTALLED = tuple({os.path.abspath(p) + os.sep for p in (*site.getsitepackages(
                                                          sysconfig.get_paths()["platlib"])})
 # Loggers that third-party code writes to: absl's (orbax and other absl users) and the roots of
 # libraries using plain `logging`.
-_FILTERED = ("absl", "jax", "orbax", "tensorstore", "etils", "transformers", "huggingface_hub")
+_FILTERED = ("absl", "jax", "orbax", "tensorstore", "etils", "transformers", "huggingface_hub", "httpx",
+             "httpx2", "httpcore", "httpcore2")
 _state = {"third_party": os.environ.get("JAXCIRCUITS_THIRD_PARTY_LOGS", "0") not in ("", "0"),
           "progress": os.environ.get("JAXCIRCUITS_PROGRESS", "1") not in ("", "0")}
 
@@ -130,6 +132,19 @@ def progress(total=None, desc: str = "", unit: str = "it", initial: int = 0, lea
     context manager, `.update(n)` it. kw go to tqdm."""
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=leave,
                 disable=disable or not _state["progress"], dynamic_ncols=True, **kw)
+
+
+class _Silent(tqdm):
+    """A bar that never shows."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **{**kw, "disable": True})
+
+
+def hub_tqdm_class():
+    """huggingface_hub's `tqdm_class` for downloads: None (its own bars, which also obey
+    HF_HUB_DISABLE_PROGRESS_BARS) while progress bars are on, else a silent one."""
+    return None if _state["progress"] else _Silent
 
 
 def define_flags() -> None:

@@ -7,6 +7,9 @@ import sys
 
 # Four virtual CPU devices for the sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# No test reaches the real Hugging Face Hub (huggingface_hub reads this at import; the tests of
+# downloads turn it off against their local stand-in, tests/hub_server.py); binaries inherit it.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

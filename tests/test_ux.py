@@ -153,9 +153,12 @@ def test_alias_resolves_in_the_local_hub_cache(tmp_path, monkeypatch, model_id):
     assert model.files.name == model_id and model.cfg.checkpoint == "gpt2" and model.cfg.n_layers == 3
 
 
-def test_absent_alias_says_how_to_get_it(tmp_path, monkeypatch):
+def test_absent_alias_offline_says_how_to_get_it(tmp_path, monkeypatch):
+    """Offline (as every test is: conftest), an alias not in the cache names its first HF id and how
+    to fetch it (online, it is downloaded: tests/test_hub.py)."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match=r"hf download meta-llama/Llama-3.1-8B-Instruct.*gated"):
+    with pytest.raises(FileNotFoundError, match=r"'meta-llama/Llama-3.1-8B-Instruct' is not in the local HF hub "
+                       r"cache .* HF_HUB_OFFLINE=1 is set.*`hf download meta-llama/Llama-3.1-8B-Instruct`"):
         jc.load("llama-3.1-8b-instruct")
     assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").iterdir())   # nothing downloaded
 

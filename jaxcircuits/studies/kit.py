@@ -234,7 +234,8 @@ class StudyOptions:
     `Options` subclasses it, adds its `flag` fields and overrides the checks. `out` is the study's
     own flag (`out(study)`: its default differs)."""
 
-    model: str = flag("string", DEFAULT_MODEL, "Embedded model, HF checkpoint dir, .gguf file or cached HF id.")
+    model: str = flag("string", DEFAULT_MODEL, "Embedded model, HF checkpoint dir, .gguf file, alias or HF "
+                                               "id 'org/name' (downloaded when not in the local HF hub cache).")
     dtype: str = flag("enum", "float32", "Parameter dtype.", enum_values=list(PARAM_DTYPES))
     out: str
 
@@ -320,10 +321,10 @@ def task_batches(model: Model, opts: TaskOptions) -> TaskBatches:
 # What a binary reports in one line, "<binary>: error: <message>", exit status 1: the library's
 # expected errors, whose messages name the argument or file and what to do (bad values, and with
 # them OptionError, `storage.DamagedFileError` and a directory holding a different sweep; missing or
-# misplaced files; a directory in use; memory). Any other exception is a bug and keeps its
-# traceback; so does every error with JAXCIRCUITS_TRACEBACK=1.
+# misplaced files; a directory in use; memory; a Hub download refused or cut off). Any other
+# exception is a bug and keeps its traceback; so does every error with JAXCIRCUITS_TRACEBACK=1.
 EXPECTED = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
-            PermissionError, storage.LockedError, MemoryError)
+            PermissionError, ConnectionError, storage.LockedError, MemoryError)
 
 
 def _prog() -> str:

@@ -192,15 +192,22 @@ def check_tensors(tensors: TensorMap, found: Mapping[str, Tuple[int, ...]], wher
         raise ValueError(f"{where} does not match its config:\n  " + "\n  ".join(errors))
 
 
+def index_shards(path: str) -> List[str]:
+    """The shard file names listed in the safetensors index of checkpoint directory `path` ([] without one)."""
+    index = os.path.join(path, INDEX_FILE)
+    if not os.path.isfile(index):
+        return []
+    weight_map = load_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no 'weight_map'")
+    return sorted(set(weight_map.values()))
+
+
 def weight_files(path: str) -> List[str]:
     """The safetensors files of HF checkpoint directory `path` (single file, or the shards of its index)."""
     single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        weight_map = load_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no 'weight_map'")
-        shards = sorted(set(weight_map.values()))
-        files = [os.path.join(path, s) for s in shards]
+        files = [os.path.join(path, s) for s in index_shards(path)]
         for fn in files:
             if not os.path.isfile(fn):
                 raise FileNotFoundError(f"{fn} (listed in {index}) does not exist")

