@@ -6,7 +6,8 @@ biases), Llama with GQA (RMSNorm, RoPE, gated MLP), and the parallel block of GP
 shape (its MLP no longer reads its own heads). That feature is a config field, one line of
 `models.block.block` and its row of `block.same_layer_reads`; nothing else in the package knows it,
 and these checks pass for it unchanged, as they do with Mistral's sliding window (3 of the 6
-positions here) and Qwen3's per-head q/k norm on the same model, and for OLMo-2 (norms after the
+positions here), Qwen3's per-head q/k norm and GPT-NeoX's partial RoPE (half of each head's dims
+rotate) on the same model, and for OLMo-2 (norms after the
 sublayers, `post_norms`; q/k norms over the whole projection), except that its edges and DLA are
 refused, naming the feature (a norm after the heads' sum gives no per-head share):
 
@@ -33,7 +34,7 @@ from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.methods import attribution, dla
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.block import LayerIO
-from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.config import ModelConfig, RopeConfig
 from jaxcircuits.models.params import init_params
 from tests.conftest import random_tokens
 
@@ -43,7 +44,8 @@ LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidde
 FEATURES = {
     "gpt2": (GPT2, {}),
     "llama_gqa": (LLAMA, {}),
-    "parallel_window_qknorm": (LLAMA, {"parallel_residual": True, "sliding_window": 3, "qk_norm": "head"}),
+    "parallel_window_qknorm": (LLAMA, {"parallel_residual": True, "sliding_window": 3, "qk_norm": "head",
+                                       "rope": RopeConfig(partial=0.5)}),
     "olmo2_window": ({**LLAMA, "model_type": "olmo2"}, {"sliding_window": 3}),
 }
 # model -> the feature its refusals of edges and DLA name

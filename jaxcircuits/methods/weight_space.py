@@ -244,7 +244,8 @@ def top_dims(profile: Array) -> Array:
 def zero_top_dims(params: Params, ranks: Dict[str, Array], n) -> Params:
     """params with the `n` largest dimensions (per layer and head, `ranks` = {'q': [L, H, Dh],
     'k': [L, K, Dh]} from `top_dims`) of queries and keys zeroed before RoPE: those columns of
-    W_Q / W_K (and their biases) set to 0. With RoPE, dims i and i + Dh/2 rotate together: rank
+    W_Q / W_K (and their biases) set to 0. With RoPE, dims i and i + R/2 rotate together (R = Dh,
+    or the rotating part of a partial RoPE, `RopeConfig.dims`): rank
     on a profile of pairs if both must go. n may be traced (vmap over it)."""
     layers = dict(params["layers"])
     for leaf, r in ranks.items():

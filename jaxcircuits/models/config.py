@@ -40,7 +40,9 @@ def load_json(path: str) -> dict:
 class RopeConfig:
     """Rotary embedding parameters (HF ``rope_theta`` + ``rope_scaling``/``rope_parameters``).
 
-    kind: 'default', 'linear' or 'llama3' (the keys of `_ROPE_FIELDS`).
+    kind: 'default', 'linear' or 'llama3' (the keys of `_ROPE_FIELDS`). partial: the fraction of each
+    head's dims that rotate (HF ``partial_rotary_factor``; GPT-NeoX's ``rotary_pct``): the first
+    `dims(head_dim)`, the rest pass through.
     """
 
     theta: float = 10000.0
@@ -49,6 +51,11 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
+    partial: float = 1.0
+
+    def dims(self, head_dim: int) -> int:
+        """How many of a head's `head_dim` dims rotate (as HF: int(head_dim * partial))."""
+        return int(head_dim * self.partial)
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies [head_dim // 2], float64, exactly as HF computes them."""
@@ -78,7 +85,7 @@ class ModelConfig:
     `layers.ACTIVATIONS`; gated_mlp: down(act(gate(h)) * up(h)) (SwiGLU) instead of down(act(up(h)));
     position_embedding: 'learned' (a [max_positions, D] table added to the token embeddings) or
     'rotary' (RoPE on queries and keys, parameters in `rope`); checkpoint: the HF ``model_type``
-    whose tensor names the loaders read ('gpt2' | 'llama'); the forward never reads it.
+    whose tensor names the loaders read ('gpt2' | 'llama' | 'gpt_neox'); the forward never reads it.
     n_kv_heads < n_heads is grouped-query attention: query head q reads KV head
     q // (n_heads // n_kv_heads), as in HF. parallel_residual: attention and MLP both read the
     layer's input, x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J), instead of the MLP reading
@@ -132,6 +139,10 @@ class ModelConfig:
                 f"qk_norm={self.qk_norm!r} is not supported (supported: None, {', '.join(QK_NORMS)})")
         if (self.position_embedding == "rotary") != (self.rope is not None):
             raise UnsupportedConfigError("rope parameters are required exactly when position_embedding='rotary'")
+        if self.rope is not None and (self.rope.dims(self.d_head) % 2 or not self.rope.dims(self.d_head)):
+            raise UnsupportedConfigError(
+                f"partial_rotary_factor={self.rope.partial} rotates {self.rope.dims(self.d_head)} of the "
+                f"{self.d_head} head dims: expected a positive even number")
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedConfigError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
@@ -261,9 +272,11 @@ _ROPE_FIELDS = {"default": (), "linear": ("factor",),
 _ROPE_INTS = {"original_max_position_embeddings"}
 
 
-def _rope_from_hf(hf: dict) -> RopeConfig:
+def _rope_from_hf(hf: dict, partial: Optional[float] = None) -> RopeConfig:
     """As transformers >= 5: the ``rope_scaling`` dict (< 5 writes rope_theta + rope_scaling) when it is
-    set, else ``rope_parameters`` (>= 5); theta from that dict, else the top-level ``rope_theta``."""
+    set, else ``rope_parameters`` (>= 5); theta from that dict, else the top-level ``rope_theta``.
+    partial: the family's default ``partial_rotary_factor`` (None: the family rotates whole heads,
+    and a factor other than 1 is refused)."""
     field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     params = hf.get(field) or {}
     if not isinstance(params, dict):
@@ -275,8 +288,12 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     if not isinstance(kind, str) or kind not in _ROPE_FIELDS:
         raise UnsupportedConfigError(
             f"config field {field!r} type {kind!r} is not supported (supported: {', '.join(_ROPE_FIELDS)})")
-    if params.pop("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedConfigError("config field 'partial_rotary_factor' != 1 is not supported")
+    fraction = _get(params, "partial_rotary_factor", float, 1.0 if partial is None else partial, field)
+    params.pop("partial_rotary_factor", None)
+    if partial is None and fraction != 1.0:
+        raise UnsupportedConfigError("config field 'partial_rotary_factor' != 1 is not supported for this model_type")
+    if not 0 < fraction <= 1:
+        raise UnsupportedConfigError(f"config field 'partial_rotary_factor'={fraction} is invalid: expected (0, 1]")
     extra = sorted(set(params) - set(_ROPE_FIELDS[kind]))
     if extra:
         raise UnsupportedConfigError(f"{field} field(s) {extra} are not supported for type {kind!r}")
@@ -284,7 +301,7 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     return RopeConfig(
         theta=theta, kind=kind, factor=values.get("factor", 1.0),
         low_freq_factor=values.get("low_freq_factor", 1.0), high_freq_factor=values.get("high_freq_factor", 4.0),
-        original_max_positions=values.get("original_max_position_embeddings", 8192))
+        original_max_positions=values.get("original_max_position_embeddings", 8192), partial=fraction)
 
 
 def _qkvo_bias(hf: dict) -> dict:
@@ -334,5 +351,35 @@ def _from_llama(hf: dict) -> ModelConfig:
         **features(hf), **_token_ids(hf))
 
 
+def _from_gpt_neox(hf: dict) -> ModelConfig:
+    """GPT-NeoX / Pythia: LayerNorm with biases, attention and MLP in parallel (use_parallel_residual),
+    RoPE on the first ``rotary_pct`` of each head's dims, q/k/v/dense biases (attention_bias), a GELU
+    MLP with biases, untied ``embed_out``. Dropout fields are training-only."""
+    _check_known(hf, {
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+        "layer_norm_eps", "hidden_act", "max_position_embeddings", "use_parallel_residual", "attention_bias",
+        "rotary_pct", "rotary_emb_base", "rope_scaling", "rope_parameters", "rope_theta", "hidden_dropout",
+        "classifier_dropout", "is_decoder"})
+    _require(hf, "hidden_act", lambda v: v in ACTIVATIONS, f"use one of {', '.join(ACTIVATIONS)}")
+    n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
+    if d % n_heads:
+        raise UnsupportedConfigError(f"hidden_size={d} is not a multiple of num_attention_heads={n_heads}")
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(field) or {}
+    if isinstance(rope, dict):                  # as HF: the legacy keys fill what the dict lacks
+        rope = {"rope_theta": hf.get("rotary_emb_base", hf.get("rope_theta")),
+                "partial_rotary_factor": hf.get("rotary_pct"), **rope}
+    bias = _get(hf, "attention_bias", bool, True)
+    return ModelConfig(
+        checkpoint="gpt_neox", n_layers=_get(hf, "num_hidden_layers", int), d_model=d, n_heads=n_heads,
+        n_kv_heads=n_heads, d_head=d // n_heads, d_mlp=_get(hf, "intermediate_size", int),
+        vocab_size=_get(hf, "vocab_size", int), max_positions=_get(hf, "max_position_embeddings", int, 2048),
+        norm_eps=_get(hf, "layer_norm_eps", float, 1e-5), norm="layernorm", activation=hf.get("hidden_act", "gelu"),
+        gated_mlp=False, position_embedding="rotary", tied_embeddings=_get(hf, "tie_word_embeddings", bool, False),
+        attn_bias=bias, o_bias=bias, mlp_bias=True,
+        parallel_residual=_get(hf, "use_parallel_residual", bool, True),
+        rope=_rope_from_hf({field: rope}, partial=0.25), **_token_ids(hf))
+
+
 # HF model_type -> reader of its config.json (the loaders map its tensor names).
-CHECKPOINTS = {"gpt2": _from_gpt2, **{family: _from_llama for family in LLAMA_FAMILIES}}
+CHECKPOINTS = {"gpt2": _from_gpt2, "gpt_neox": _from_gpt_neox, **{family: _from_llama for family in LLAMA_FAMILIES}}

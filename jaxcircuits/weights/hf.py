@@ -149,8 +149,52 @@ def gpt2_tensors(cfg: ModelConfig, prefix: str = "transformer.") -> TensorMap:
     return tensors
 
 
+def _fused_heads(n: int, j: int, dh: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Part j of a per-head fused projection [n*3*dh, ...] (GPT-NeoX: rows [n, 3 (q|k|v), dh]):
+    weight [n*3*dh, D] -> [D, n, dh], bias [n*3*dh] -> [n, dh]."""
+    def part(a):
+        p = a.reshape(n, 3, dh, *a.shape[1:])[:, j]
+        return np.moveaxis(p, -1, 0) if a.ndim == 2 else p
+    return part
+
+
+def gpt_neox_tensors(cfg: ModelConfig, prefix: str = "gpt_neox.") -> TensorMap:
+    """HF GPT-NeoX / Pythia tensor names (``prefix`` = 'gpt_neox.' for GPTNeoXForCausalLM, '' for a
+    bare model) -> specs. query_key_value is fused per head: its output rows are [H, 3, Dh]."""
+    D, H, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
+    tensors = {
+        f"{prefix}embed_in.weight": TensorSpec((V, D), ((("embed", "tokens"), None, _same),)),
+        f"{prefix}final_layer_norm.weight": TensorSpec((D,), ((("final_norm", "scale"), None, _same),)),
+        f"{prefix}final_layer_norm.bias": TensorSpec((D,), ((("final_norm", "bias"), None, _same),)),
+    }
+    if not cfg.tied_embeddings:
+        tensors["embed_out.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
+    for i in range(cfg.n_layers):
+        p = f"{prefix}layers.{i}."
+
+        def add(name, shape, *writes):
+            tensors[p + name] = TensorSpec(shape, tuple((("layers", *leaf), i, fn) for leaf, fn in writes))
+
+        for ln, norm in (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")):
+            add(f"{ln}.weight", (D,), ((norm, "scale"), _same))
+            add(f"{ln}.bias", (D,), ((norm, "bias"), _same))
+        add("attention.query_key_value.weight", (3 * D, D), *(((n, "w"), _fused_heads(H, j, Dh)) for j, n in enumerate("qkv")))
+        add("attention.dense.weight", (D, D), (("o", "w"), _heads_out(H, Dh)))
+        if cfg.attn_bias:
+            add("attention.query_key_value.bias", (3 * D,), *(((n, "b"), _fused_heads(H, j, Dh)) for j, n in enumerate("qkv")))
+            add("attention.dense.bias", (D,), (("o", "b"), _same))
+        for name, leaf, shape in (("dense_h_to_4h", "up", (F, D)), ("dense_4h_to_h", "down", (D, F))):
+            add(f"mlp.{name}.weight", shape, ((leaf, "w"), _linear))
+            add(f"mlp.{name}.bias", shape[:1], ((leaf, "b"), _same))
+    return tensors
+
+
 # checkpoint type -> (tensor map, name prefix of its *ForCausalLM checkpoints)
-TENSOR_MAPS = {"llama": (llama_tensors, "model."), "gpt2": (gpt2_tensors, "transformer.")}
+TENSOR_MAPS = {"llama": (llama_tensors, "model."), "gpt2": (gpt2_tensors, "transformer."),
+               "gpt_neox": (gpt_neox_tensors, "gpt_neox.")}
+# checkpoint type -> non-parameter buffers some of its checkpoints hold (causal masks, RoPE tables)
+BUFFERS = {"gpt2": r"(^|\.)h\.\d+\.attn\.(masked_)?bias$",
+           "gpt_neox": r"(^|\.)layers\.\d+\.attention\.((masked_)?bias|rotary_emb\.inv_freq)$"}
 
 
 def empty_params(cfg: ModelConfig, dtype) -> Params:
@@ -243,9 +287,9 @@ def _own_head(cfg: ModelConfig, where: Mapping[str, str]) -> bool:
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
-    """Non-parameter buffers (GPT-2 causal-mask buffers) and a tied lm_head copy."""
+    """Non-parameter buffers (`BUFFERS`) and a tied lm_head copy."""
     return (cfg.tied_embeddings and name == "lm_head.weight") or (
-        cfg.checkpoint == "gpt2" and re.search(r"(^|\.)h\.\d+\.attn\.(masked_)?bias$", name) is not None)
+        cfg.checkpoint in BUFFERS and re.search(BUFFERS[cfg.checkpoint], name) is not None)
 
 
 def _tensors_for(cfg: ModelConfig, names) -> TensorMap:
