@@ -2,7 +2,8 @@
 model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases, no o_proj bias,
 tied embeddings), Mistral (sliding window, shorter than the prompts), Qwen3 (RMSNorm of each head's
 queries and keys), OLMo-2 (norms after the sublayers, q/k norms over the whole projection), GPT-NeoX /
-Pythia (parallel attention and MLP, RoPE on a fraction of each head's dims, fused per-head q/k/v).
+Pythia (parallel attention and MLP, RoPE on a fraction of each head's dims, fused per-head q/k/v),
+Phi-3 (fused qkv_proj and gate_up_proj; partial RoPE and a sliding window as Phi-4-mini / Phi-3-mini).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
 patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
@@ -45,6 +46,8 @@ FAMILIES = {
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5),
                  dict(norm="layernorm", parallel_residual=True, attn_bias=True, mlp_bias=True, tied_embeddings=False,
                       rope=RopeConfig(partial=0.5))),
+    "phi3": ("Phi3Config", dict(GQA, partial_rotary_factor=0.5, sliding_window=4, pad_token_id=0),
+             dict(checkpoint="phi3", attn_bias=False, sliding_window=4, rope=RopeConfig(partial=0.5))),
 }
 B, T = 3, 12                                  # longer than Mistral's window
 PADS = [0, 5, 1]
@@ -158,6 +161,9 @@ def test_per_unit_reads_are_each_units_own_read(family):
     ("qwen2", "rope_parameters", {"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ("gpt_neox", "rotary_pct", 0.375, "partial_rotary_factor=0.375 rotates 3 of the 8"),   # an odd count
     ("gpt_neox", "num_key_value_heads", 2, "num_key_value_heads"),                      # GQA is not NeoX's
+    ("phi3", "rope_scaling", {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                              "factor": 32.0}, "'longrope' is not supported"),             # Phi-3-128k, Phi-3.5
+    ("phi3", "attention_bias", True, "attention_bias"),
 ])
 def test_unsupported_family_configs_name_the_field(model_type, field, value, match):
     hf = {"model_type": model_type, **COMMON}
@@ -166,8 +172,9 @@ def test_unsupported_family_configs_name_the_field(model_type, field, value, mat
         ModelConfig.from_hf({**hf, field: value})
 
 
-def test_pythia_config_json_as_hf_reads_it():
-    """Pythia's config.json (transformers 4 keys rotary_pct, rotary_emb_base; dropouts) reads as HF reads it."""
+def test_legacy_rope_keys_read_as_hf_reads_them():
+    """Pythia's config.json (transformers 4 keys rotary_pct, rotary_emb_base; dropouts) reads as HF reads
+    it; so does Phi-4-mini's top-level partial_rotary_factor."""
     from transformers import GPTNeoXConfig
     hf = {"model_type": "gpt_neox", **COMMON, "rotary_pct": 0.5, "rotary_emb_base": 500, "use_parallel_residual": False,
           "hidden_dropout": 0.0, "classifier_dropout": 0.1, "hidden_act": "gelu"}
@@ -175,6 +182,7 @@ def test_pythia_config_json_as_hf_reads_it():
     want = GPTNeoXConfig(**{k: v for k, v in hf.items() if k != "model_type"}).rope_parameters
     assert (cfg.rope.theta, cfg.rope.partial, cfg.parallel_residual) == (want["rope_theta"], want["partial_rotary_factor"], False)
     assert ModelConfig.from_hf({"model_type": "gpt_neox", **COMMON}).rope.partial == 0.25
+    assert ModelConfig.from_hf({"model_type": "phi3", **COMMON, "partial_rotary_factor": 0.75}).rope.dims(8) == 6
 
 
 def test_folding_refuses_post_norms():

@@ -85,7 +85,7 @@ class ModelConfig:
     `layers.ACTIVATIONS`; gated_mlp: down(act(gate(h)) * up(h)) (SwiGLU) instead of down(act(up(h)));
     position_embedding: 'learned' (a [max_positions, D] table added to the token embeddings) or
     'rotary' (RoPE on queries and keys, parameters in `rope`); checkpoint: the HF ``model_type``
-    whose tensor names the loaders read ('gpt2' | 'llama' | 'gpt_neox'); the forward never reads it.
+    whose tensor names the loaders read ('gpt2' | 'llama' | 'gpt_neox' | 'phi3'); the forward never reads it.
     n_kv_heads < n_heads is grouped-query attention: query head q reads KV head
     q // (n_heads // n_kv_heads), as in HF. parallel_residual: attention and MLP both read the
     layer's input, x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J), instead of the MLP reading
@@ -272,16 +272,17 @@ _ROPE_FIELDS = {"default": (), "linear": ("factor",),
 _ROPE_INTS = {"original_max_position_embeddings"}
 
 
-def _rope_from_hf(hf: dict, partial: Optional[float] = None) -> RopeConfig:
+def _rope_from_hf(hf: dict, partial: Optional[float] = None, legacy: Optional[dict] = None) -> RopeConfig:
     """As transformers >= 5: the ``rope_scaling`` dict (< 5 writes rope_theta + rope_scaling) when it is
     set, else ``rope_parameters`` (>= 5); theta from that dict, else the top-level ``rope_theta``.
     partial: the family's default ``partial_rotary_factor`` (None: the family rotates whole heads,
-    and a factor other than 1 is refused)."""
+    and a factor other than 1 is refused). legacy: top-level values of keys of that dict, filling
+    what it lacks (as HF reads GPT-NeoX's rotary_pct, Phi-3's partial_rotary_factor)."""
     field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     params = hf.get(field) or {}
     if not isinstance(params, dict):
         raise UnsupportedConfigError(f"config field {field!r}={params!r} is invalid: expected an object")
-    params = dict(params)
+    params = {**{k: v for k, v in (legacy or {}).items() if v is not None}, **params}
     theta = _get(params, "rope_theta", float, _get(hf, "rope_theta", float, 10000.0), field)
     params.pop("rope_theta", None)
     kind = params.pop("rope_type", params.pop("type", "default"))
@@ -309,6 +310,11 @@ def _qkvo_bias(hf: dict) -> dict:
     return {"attn_bias": bias, "o_bias": bias}
 
 
+def _no_bias(hf: dict) -> dict:
+    _require(hf, "attention_bias", lambda v: v is False, "this family's attention has no biases")
+    return {}
+
+
 _QWEN_WINDOW = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
 
 
@@ -328,12 +334,18 @@ LLAMA_FAMILIES = {
     "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
     "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
     "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "post_norms": True}),
+    # fused qkv_proj / gate_up_proj (its own tensor names); original_max_position_embeddings is read
+    # by longrope only (refused: a rope type not in _ROPE_FIELDS); auto_map names remote code HF replaces
+    "phi3": ({"sliding_window", "partial_rotary_factor", "attention_bias", "original_max_position_embeddings",
+              "auto_map"},
+             lambda hf: {**_no_bias(hf), "checkpoint": "phi3", "sliding_window": _get(hf, "sliding_window", int, None)}),
 }
 
 
 def _from_llama(hf: dict) -> ModelConfig:
     """A Llama-like family (`LLAMA_FAMILIES`): RMSNorm, RoPE, SwiGLU, Llama's tensor names, and the
-    features of its model_type."""
+    features of its model_type (which may name other tensors, `checkpoint`). A family that lists
+    ``partial_rotary_factor`` among its fields rotates that fraction of each head (default 1)."""
     fields, features = LLAMA_FAMILIES[hf["model_type"]]
     _check_known(hf, {
         "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -341,14 +353,16 @@ def _from_llama(hf: dict) -> ModelConfig:
         "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", *fields})
     _require(hf, "hidden_act", lambda v: v == "silu", "Llama-like MLPs must use silu")
     n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
-    return ModelConfig(
-        checkpoint="llama", n_layers=_get(hf, "num_hidden_layers", int), d_model=d, n_heads=n_heads,
-        n_kv_heads=_get(hf, "num_key_value_heads", int, n_heads), d_head=_get(hf, "head_dim", int, d // n_heads),
-        d_mlp=_get(hf, "intermediate_size", int), vocab_size=_get(hf, "vocab_size", int),
-        max_positions=_get(hf, "max_position_embeddings", int, 2048), norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
-        norm="rmsnorm", activation="silu", gated_mlp=True, position_embedding="rotary",
-        tied_embeddings=_get(hf, "tie_word_embeddings", bool, False), rope=_rope_from_hf(hf),
-        **features(hf), **_token_ids(hf))
+    partial = 1.0 if "partial_rotary_factor" in fields else None
+    return ModelConfig(**{
+        "checkpoint": "llama", "n_layers": _get(hf, "num_hidden_layers", int), "d_model": d, "n_heads": n_heads,
+        "n_kv_heads": _get(hf, "num_key_value_heads", int, n_heads), "d_head": _get(hf, "head_dim", int, d // n_heads),
+        "d_mlp": _get(hf, "intermediate_size", int), "vocab_size": _get(hf, "vocab_size", int),
+        "max_positions": _get(hf, "max_position_embeddings", int, 2048),
+        "norm_eps": _get(hf, "rms_norm_eps", float, 1e-6), "norm": "rmsnorm", "activation": "silu", "gated_mlp": True,
+        "position_embedding": "rotary", "tied_embeddings": _get(hf, "tie_word_embeddings", bool, False),
+        "rope": _rope_from_hf(hf, partial, {"partial_rotary_factor": hf.get("partial_rotary_factor")}),
+        **features(hf), **_token_ids(hf)})
 
 
 def _from_gpt_neox(hf: dict) -> ModelConfig:
@@ -364,11 +378,6 @@ def _from_gpt_neox(hf: dict) -> ModelConfig:
     n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
     if d % n_heads:
         raise UnsupportedConfigError(f"hidden_size={d} is not a multiple of num_attention_heads={n_heads}")
-    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    rope = hf.get(field) or {}
-    if isinstance(rope, dict):                  # as HF: the legacy keys fill what the dict lacks
-        rope = {"rope_theta": hf.get("rotary_emb_base", hf.get("rope_theta")),
-                "partial_rotary_factor": hf.get("rotary_pct"), **rope}
     bias = _get(hf, "attention_bias", bool, True)
     return ModelConfig(
         checkpoint="gpt_neox", n_layers=_get(hf, "num_hidden_layers", int), d_model=d, n_heads=n_heads,
@@ -378,7 +387,9 @@ def _from_gpt_neox(hf: dict) -> ModelConfig:
         gated_mlp=False, position_embedding="rotary", tied_embeddings=_get(hf, "tie_word_embeddings", bool, False),
         attn_bias=bias, o_bias=bias, mlp_bias=True,
         parallel_residual=_get(hf, "use_parallel_residual", bool, True),
-        rope=_rope_from_hf({field: rope}, partial=0.25), **_token_ids(hf))
+        rope=_rope_from_hf(hf, partial=0.25, legacy={"rope_theta": hf.get("rotary_emb_base"),
+                                                     "partial_rotary_factor": hf.get("rotary_pct")}),
+        **_token_ids(hf))
 
 
 # HF model_type -> reader of its config.json (the loaders map its tensor names).

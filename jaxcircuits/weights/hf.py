@@ -113,6 +113,31 @@ def llama_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
     return tensors
 
 
+def _rows(lo: int, hi: int, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Apply `fn` to the slice [lo:hi] of the first axis."""
+    return lambda a: fn(a[lo:hi])
+
+
+def _fuse(tensors: TensorMap, parts: Tuple[str, ...], name: str) -> None:
+    """Replace tensors `parts` of `tensors` by one tensor `name` that stacks them on axis 0, in order."""
+    specs = [tensors.pop(n) for n in parts]
+    bounds = np.cumsum([0] + [s.shape[0] for s in specs])
+    writes = tuple((leaf, layer, _rows(lo, hi, fn))
+                   for s, lo, hi in zip(specs, bounds, bounds[1:]) for leaf, layer, fn in s.writes)
+    tensors[name] = TensorSpec((int(bounds[-1]), *specs[0].shape[1:]), writes)
+
+
+def phi3_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
+    """HF Phi-3 tensor names: Llama's, with q|k|v fused as ``self_attn.qkv_proj`` and gate|up as
+    ``mlp.gate_up_proj`` (stacked on the output axis), split at load."""
+    tensors = llama_tensors(cfg, prefix)
+    for i in range(cfg.n_layers):
+        p = f"{prefix}layers.{i}."
+        _fuse(tensors, tuple(f"{p}self_attn.{n}_proj.weight" for n in "qkv"), f"{p}self_attn.qkv_proj.weight")
+        _fuse(tensors, (f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"), f"{p}mlp.gate_up_proj.weight")
+    return tensors
+
+
 def gpt2_tensors(cfg: ModelConfig, prefix: str = "transformer.") -> TensorMap:
     """HF GPT-2 tensor names (``prefix`` = 'transformer.' for GPT2LMHeadModel, '' for GPT2Model) -> specs.
 
@@ -191,7 +216,7 @@ def gpt_neox_tensors(cfg: ModelConfig, prefix: str = "gpt_neox.") -> TensorMap:
 
 # checkpoint type -> (tensor map, name prefix of its *ForCausalLM checkpoints)
 TENSOR_MAPS = {"llama": (llama_tensors, "model."), "gpt2": (gpt2_tensors, "transformer."),
-               "gpt_neox": (gpt_neox_tensors, "gpt_neox.")}
+               "gpt_neox": (gpt_neox_tensors, "gpt_neox."), "phi3": (phi3_tensors, "model.")}
 # checkpoint type -> non-parameter buffers some of its checkpoints hold (causal masks, RoPE tables)
 BUFFERS = {"gpt2": r"(^|\.)h\.\d+\.attn\.(masked_)?bias$",
            "gpt_neox": r"(^|\.)layers\.\d+\.attention\.((masked_)?bias|rotary_emb\.inv_freq)$"}
