@@ -3,7 +3,8 @@ model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases,
 tied embeddings), Mistral (sliding window, shorter than the prompts), Qwen3 (RMSNorm of each head's
 queries and keys), OLMo-2 (norms after the sublayers, q/k norms over the whole projection), GPT-NeoX /
 Pythia (parallel attention and MLP, RoPE on a fraction of each head's dims, fused per-head q/k/v),
-Phi-3 (fused qkv_proj and gate_up_proj; partial RoPE and a sliding window as Phi-4-mini / Phi-3-mini).
+Phi-3 (fused qkv_proj and gate_up_proj; partial RoPE and a sliding window as Phi-4-mini / Phi-3-mini),
+SmolLM3 (layers without RoPE, `rope_layers`).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
 patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
@@ -48,6 +49,8 @@ FAMILIES = {
                       rope=RopeConfig(partial=0.5))),
     "phi3": ("Phi3Config", dict(GQA, partial_rotary_factor=0.5, sliding_window=4, pad_token_id=0),
              dict(checkpoint="phi3", attn_bias=False, sliding_window=4, rope=RopeConfig(partial=0.5))),
+    "smollm3": ("SmolLM3Config", dict(GQA, no_rope_layer_interval=2, pad_token_id=0),
+                dict(rope_layers=(True, False), tied_embeddings=True, attn_bias=False)),
 }
 B, T = 3, 12                                  # longer than Mistral's window
 PADS = [0, 5, 1]
@@ -96,6 +99,8 @@ def _switched_off(cfg):
         yield dataclasses.replace(cfg, sliding_window=None)
     if cfg.parallel_residual:
         yield dataclasses.replace(cfg, parallel_residual=False)
+    if cfg.rope_layers:
+        yield dataclasses.replace(cfg, rope_layers=None)
     if cfg.rope.partial < 1:
         yield dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, partial=1.0))
 
@@ -164,6 +169,8 @@ def test_per_unit_reads_are_each_units_own_read(family):
     ("phi3", "rope_scaling", {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
                               "factor": 32.0}, "'longrope' is not supported"),             # Phi-3-128k, Phi-3.5
     ("phi3", "attention_bias", True, "attention_bias"),
+    ("smollm3", "use_sliding_window", True, "use_sliding_window"),
+    ("smollm3", "no_rope_layers", [1], "no_rope_layers"),                      # fewer flags than layers
 ])
 def test_unsupported_family_configs_name_the_field(model_type, field, value, match):
     hf = {"model_type": model_type, **COMMON}
@@ -183,6 +190,10 @@ def test_legacy_rope_keys_read_as_hf_reads_them():
     assert (cfg.rope.theta, cfg.rope.partial, cfg.parallel_residual) == (want["rope_theta"], want["partial_rotary_factor"], False)
     assert ModelConfig.from_hf({"model_type": "gpt_neox", **COMMON}).rope.partial == 0.25
     assert ModelConfig.from_hf({"model_type": "phi3", **COMMON, "partial_rotary_factor": 0.75}).rope.dims(8) == 6
+    from transformers import SmolLM3Config                   # no_rope_layers and rope_theta as HF fills them
+    smol = ModelConfig.from_hf({"model_type": "smollm3", **COMMON, "num_hidden_layers": 8})
+    want = SmolLM3Config(**{**COMMON, "num_hidden_layers": 8})
+    assert smol.rope_layers == tuple(map(bool, want.no_rope_layers)) and smol.rope.theta == want.rope_parameters["rope_theta"]
 
 
 def test_folding_refuses_post_norms():

@@ -258,6 +258,15 @@ def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Optional[Tuple[Array, Array
     return jnp.cos(ang), jnp.sin(ang)
 
 
+def layer_rope(cfg: ModelConfig, rope: Optional[Tuple[Array, Array]], layer: Array) -> Optional[Tuple[Array, Array]]:
+    """The rope tables of layer `layer` (an index, traced in the layer scan): `rope`, or the rotation
+    by 0 (cos 1, sin 0: `rotate` is the identity) on a layer without RoPE (cfg.rope_layers)."""
+    if rope is None or cfg.rope_layers is None:
+        return rope
+    on = jnp.asarray(cfg.rope_layers)[layer]
+    return jnp.where(on, rope[0], 1.0), jnp.where(on, rope[1], 0.0)
+
+
 def rotate(x: Array, rope: Optional[Tuple[Array, Array]]) -> Array:
     """HF's rotate-half RoPE on the first R dims of x [B, T, n, Dh] with cos/sin [B, T, R/2], the
     other Dh - R passing through (identity for None; the inverse rotation is (cos, -sin))."""

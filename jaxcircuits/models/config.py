@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -93,7 +93,8 @@ class ModelConfig:
     (its own included; Mistral). qk_norm: a row of `layers.QK_NORMS`, the config's norm on queries
     and keys before RoPE, over each head (Qwen3) or over the whole projection (OLMo-2); None: none.
     post_norms: norm1 and norm2 normalise the attention's and the MLP's outputs before they are
-    added to the residual, and nothing normalises their inputs (OLMo-2).
+    added to the residual, and nothing normalises their inputs (OLMo-2). rope_layers: per layer,
+    whether it applies RoPE (None: every layer; SmolLM3's NoPE layers do not).
     """
 
     checkpoint: str
@@ -118,6 +119,7 @@ class ModelConfig:
     sliding_window: Optional[int] = None
     qk_norm: Optional[str] = None
     post_norms: bool = False
+    rope_layers: Optional[Tuple[bool, ...]] = None
     rope: Optional[RopeConfig] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -139,6 +141,9 @@ class ModelConfig:
                 f"qk_norm={self.qk_norm!r} is not supported (supported: None, {', '.join(QK_NORMS)})")
         if (self.position_embedding == "rotary") != (self.rope is not None):
             raise UnsupportedConfigError("rope parameters are required exactly when position_embedding='rotary'")
+        if self.rope_layers is not None and (self.rope is None or len(self.rope_layers) != self.n_layers):
+            raise UnsupportedConfigError(f"rope_layers needs RoPE and one entry per layer ({self.n_layers}), "
+                                         f"got {self.rope_layers}")
         if self.rope is not None and (self.rope.dims(self.d_head) % 2 or not self.rope.dims(self.d_head)):
             raise UnsupportedConfigError(
                 f"partial_rotary_factor={self.rope.partial} rotates {self.rope.dims(self.d_head)} of the "
@@ -326,6 +331,22 @@ def _full_attention(hf: dict) -> dict:
     return {}
 
 
+def _nope_layers(hf: dict) -> dict:
+    """SmolLM3: ``no_rope_layers`` [>= L] (1: the layer applies RoPE, 0: NoPE), as HF fills it when
+    absent (every ``no_rope_layer_interval``-th layer NoPE); per-layer sliding windows refused."""
+    _require(hf, "use_sliding_window", lambda v: v is False, "per-layer sliding windows are not implemented")
+    _require(hf, "layer_types", lambda v: isinstance(v, list) and set(v) <= {"full_attention"},
+             "per-layer attention kinds are not implemented")
+    n, every = _get(hf, "num_hidden_layers", int), _get(hf, "no_rope_layer_interval", int, 4)
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        flags = [int((i + 1) % every != 0) for i in range(n)]
+    if not (isinstance(flags, list) and len(flags) >= n and all(f in (0, 1) for f in flags)):
+        raise UnsupportedConfigError(f"config field 'no_rope_layers'={flags!r} is invalid: expected {n} or more 0/1 flags")
+    rotates = tuple(bool(f) for f in flags[:n])
+    return {"rope_layers": None if all(rotates) else rotates}
+
+
 # HF model_type of a Llama-like family -> (config fields it reads besides the Llama core, hf -> its features)
 LLAMA_FAMILIES = {
     "llama": ({"attention_bias", "mlp_bias"},
@@ -339,6 +360,9 @@ LLAMA_FAMILIES = {
     "phi3": ({"sliding_window", "partial_rotary_factor", "attention_bias", "original_max_position_embeddings",
               "auto_map"},
              lambda hf: {**_no_bias(hf), "checkpoint": "phi3", "sliding_window": _get(hf, "sliding_window", int, None)}),
+    "smollm3": ({"attention_bias", "mlp_bias", "no_rope_layers", "no_rope_layer_interval", *_QWEN_WINDOW},
+                lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False), **_nope_layers(hf),
+                            "rope": _rope_from_hf({"rope_theta": 2e6, **hf})}),      # HF's default theta
 }
 
 
