@@ -3,7 +3,7 @@ model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases,
 tied embeddings), Mistral (sliding window, shorter than the prompts), Qwen3 (RMSNorm of each head's
 queries and keys), OLMo-2 (norms after the sublayers, q/k norms over the whole projection), GPT-NeoX /
 Pythia (parallel attention and MLP, RoPE on a fraction of each head's dims, fused per-head q/k/v),
-Phi-3 (fused qkv_proj and gate_up_proj; partial RoPE and a sliding window as Phi-4-mini / Phi-3-mini),
+Phi-3 (fused qkv_proj and gate_up_proj; partial RoPE, Phi-4-mini's field, and Phi-3-mini's sliding window),
 SmolLM3 (layers without RoPE, `rope_layers`).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
@@ -181,7 +181,7 @@ def test_unsupported_family_configs_name_the_field(model_type, field, value, mat
 
 def test_legacy_rope_keys_read_as_hf_reads_them():
     """Pythia's config.json (transformers 4 keys rotary_pct, rotary_emb_base; dropouts) reads as HF reads
-    it; so does Phi-4-mini's top-level partial_rotary_factor."""
+    it; so does a top-level partial_rotary_factor (Phi-4-mini)."""
     from transformers import GPTNeoXConfig
     hf = {"model_type": "gpt_neox", **COMMON, "rotary_pct": 0.5, "rotary_emb_base": 500, "use_parallel_residual": False,
           "hidden_dropout": 0.0, "classifier_dropout": 0.1, "hidden_act": "gelu"}

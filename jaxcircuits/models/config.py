@@ -324,7 +324,7 @@ _QWEN_WINDOW = {"use_sliding_window", "sliding_window", "max_window_layers", "la
 
 
 def _full_attention(hf: dict) -> dict:
-    """Qwen2/Qwen3 configs: sliding windows on some layers only (use_sliding_window) are not implemented."""
+    """Qwen2/Qwen3/SmolLM3 configs: sliding windows on some layers only (use_sliding_window) are not implemented."""
     _require(hf, "use_sliding_window", lambda v: v is False, "per-layer sliding windows are not implemented")
     _require(hf, "layer_types", lambda v: isinstance(v, list) and set(v) <= {"full_attention"},
              "per-layer attention kinds are not implemented")
@@ -333,10 +333,7 @@ def _full_attention(hf: dict) -> dict:
 
 def _nope_layers(hf: dict) -> dict:
     """SmolLM3: ``no_rope_layers`` [>= L] (1: the layer applies RoPE, 0: NoPE), as HF fills it when
-    absent (every ``no_rope_layer_interval``-th layer NoPE); per-layer sliding windows refused."""
-    _require(hf, "use_sliding_window", lambda v: v is False, "per-layer sliding windows are not implemented")
-    _require(hf, "layer_types", lambda v: isinstance(v, list) and set(v) <= {"full_attention"},
-             "per-layer attention kinds are not implemented")
+    absent (every ``no_rope_layer_interval``-th layer NoPE)."""
     n, every = _get(hf, "num_hidden_layers", int), _get(hf, "no_rope_layer_interval", int, 4)
     flags = hf.get("no_rope_layers")
     if flags is None:
@@ -361,7 +358,8 @@ LLAMA_FAMILIES = {
               "auto_map"},
              lambda hf: {**_no_bias(hf), "checkpoint": "phi3", "sliding_window": _get(hf, "sliding_window", int, None)}),
     "smollm3": ({"attention_bias", "mlp_bias", "no_rope_layers", "no_rope_layer_interval", *_QWEN_WINDOW},
-                lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False), **_nope_layers(hf),
+                lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False),
+                            **_nope_layers(hf),
                             "rope": _rope_from_hf({"rope_theta": 2e6, **hf})}),      # HF's default theta
 }
 

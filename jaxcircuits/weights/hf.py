@@ -138,6 +138,21 @@ def phi3_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
     return tensors
 
 
+def _adder(tensors: TensorMap, p: str, i: int) -> Callable:
+    """add(name, shape, *(leaf, fn)): tensor `p + name` of `shape` filling leaves ('layers', *leaf)
+    of layer i with fn(tensor)."""
+    def add(name, shape, *writes):
+        tensors[p + name] = TensorSpec(shape, tuple((("layers", *leaf), i, fn) for leaf, fn in writes))
+    return add
+
+
+def _layer_norms(add: Callable, names, d: int) -> None:
+    """A layer's LayerNorm weight and bias tensors [d]: names ((checkpoint name, our norm), ...)."""
+    for ln, norm in names:
+        add(f"{ln}.weight", (d,), ((norm, "scale"), _same))
+        add(f"{ln}.bias", (d,), ((norm, "bias"), _same))
+
+
 def gpt2_tensors(cfg: ModelConfig, prefix: str = "transformer.") -> TensorMap:
     """HF GPT-2 tensor names (``prefix`` = 'transformer.' for GPT2LMHeadModel, '' for GPT2Model) -> specs.
 
@@ -154,14 +169,8 @@ def gpt2_tensors(cfg: ModelConfig, prefix: str = "transformer.") -> TensorMap:
         tensors["lm_head.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
     qkv = tuple(zip(("q", "k", "v"), range(0, 3 * D, D)))
     for i in range(cfg.n_layers):
-        p = f"{prefix}h.{i}."
-
-        def add(name, shape, *writes):
-            tensors[p + name] = TensorSpec(shape, tuple((("layers", *leaf), i, fn) for leaf, fn in writes))
-
-        for ln, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            add(f"{ln}.weight", (D,), ((norm, "scale"), _same))
-            add(f"{ln}.bias", (D,), ((norm, "bias"), _same))
+        add = _adder(tensors, f"{prefix}h.{i}.", i)
+        _layer_norms(add, (("ln_1", "norm1"), ("ln_2", "norm2")), D)
         add("attn.c_attn.weight", (D, 3 * D),
             *(((n, "w"), _cols(lo, lo + D, _reshape(D, H, Dh))) for n, lo in qkv))
         add("attn.c_attn.bias", (3 * D,), *(((n, "b"), _cols(lo, lo + D, _reshape(H, Dh))) for n, lo in qkv))
@@ -195,14 +204,8 @@ def gpt_neox_tensors(cfg: ModelConfig, prefix: str = "gpt_neox.") -> TensorMap:
     if not cfg.tied_embeddings:
         tensors["embed_out.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
     for i in range(cfg.n_layers):
-        p = f"{prefix}layers.{i}."
-
-        def add(name, shape, *writes):
-            tensors[p + name] = TensorSpec(shape, tuple((("layers", *leaf), i, fn) for leaf, fn in writes))
-
-        for ln, norm in (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")):
-            add(f"{ln}.weight", (D,), ((norm, "scale"), _same))
-            add(f"{ln}.bias", (D,), ((norm, "bias"), _same))
+        add = _adder(tensors, f"{prefix}layers.{i}.", i)
+        _layer_norms(add, (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")), D)
         add("attention.query_key_value.weight", (3 * D, D), *(((n, "w"), _fused_heads(H, j, Dh)) for j, n in enumerate("qkv")))
         add("attention.dense.weight", (D, D), (("o", "w"), _heads_out(H, Dh)))
         if cfg.attn_bias:
