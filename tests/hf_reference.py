@@ -11,6 +11,8 @@ def blocks_of(model):
     """(decoder layers, attention-module attribute, o_proj attribute, final norm) of an HF model."""
     if model.config.model_type == "gpt2":
         return model.transformer.h, "attn", "c_proj", model.transformer.ln_f
+    if model.config.model_type == "gpt_neox":
+        return model.gpt_neox.layers, "attention", "dense", model.gpt_neox.final_layer_norm
     return model.model.layers, "self_attn", "o_proj", model.model.norm
 
 

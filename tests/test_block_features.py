@@ -6,7 +6,9 @@ biases), Llama with GQA (RMSNorm, RoPE, gated MLP), and the parallel block of GP
 shape (its MLP no longer reads its own heads). That feature is a config field, one line of
 `models.block.block` and its row of `block.same_layer_reads`; nothing else in the package knows it,
 and these checks pass for it unchanged, as they do with Mistral's sliding window (3 of the 6
-positions here) and Qwen3's per-head q/k norm on the same model, and for OLMo-2 (norms after the
+positions here), Qwen3's per-head q/k norm, GPT-NeoX's partial RoPE (half of each head's dims
+rotate) and a layer without RoPE (SmolLM3's NoPE layers; the middle one, which the fast paths start
+from) on the same model, and for OLMo-2 (norms after the
 sublayers, `post_norms`; q/k norms over the whole projection), except that its edges and DLA are
 refused, naming the feature (a norm after the heads' sum gives no per-head share):
 
@@ -32,8 +34,8 @@ from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.methods import attribution, dla
 from jaxcircuits.models import transformer as M
-from jaxcircuits.models.block import LayerIO
-from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.block import LayerIO, heads_of
+from jaxcircuits.models.config import ModelConfig, RopeConfig
 from jaxcircuits.models.params import init_params
 from tests.conftest import random_tokens
 
@@ -43,7 +45,9 @@ LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidde
 FEATURES = {
     "gpt2": (GPT2, {}),
     "llama_gqa": (LLAMA, {}),
-    "parallel_window_qknorm": (LLAMA, {"parallel_residual": True, "sliding_window": 3, "qk_norm": "head"}),
+    # GPT-NeoX's parallel block and partial RoPE, Mistral's window, Qwen3's q/k norm, a SmolLM3 NoPE layer
+    "parallel_mix": (LLAMA, {"parallel_residual": True, "sliding_window": 3, "qk_norm": "head",
+                             "rope": RopeConfig(partial=0.5), "rope_layers": (True, False, True)}),
     "olmo2_window": ({**LLAMA, "model_type": "olmo2"}, {"sliding_window": 3}),
 }
 # model -> the feature its refusals of edges and DLA name
@@ -79,7 +83,7 @@ def test_parallel_block_wiring_by_hand(model):
     assert EDGE_MLP_READS_HEADS[name] == edges.EdgeGraph.of(cfg).mlp_reads_heads
 
 
-EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_window_qknorm": False, "olmo2_window": True}
+EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_mix": False, "olmo2_window": True}
 
 
 def refused(name):
@@ -159,6 +163,21 @@ def test_frozen_norms_equal_the_plain_run_on_the_reference(model):
                                atol=1e-4)
     other = random_tokens(3, B, T, cfg.vocab_size)
     assert np.abs(np.asarray(jc.forward(frozen, cfg, other)[0]) - np.asarray(jc.forward(params, cfg, other)[0])).max() > 1e-3
+
+
+def test_qk_profile_unrotates_each_layer_as_it_rotated(model):
+    """weight_space.qk_profile: q / k before RoPE; equal to after RoPE on a layer without RoPE only."""
+    from jaxcircuits.methods import weight_space
+    _, cfg, params, problem = model
+    prof = weight_space.qk_profile(params, cfg, problem.target.tokens)
+    _, c = jc.run_with_cache(params, cfg, problem.target.tokens, sites=("resid_pre",))
+    for l in range(cfg.n_layers):
+        p = jax.tree.map(lambda w: w[l], params["layers"])
+        h = M.norm(cfg, p["norm1"], c["resid_pre"][l]) if not cfg.post_norms else c["resid_pre"][l]
+        want = np.abs(np.asarray(heads_of(cfg, p, "q", h))).mean((0, 1))
+        np.testing.assert_allclose(prof["q"][l], want, atol=1e-5)
+        rotates = cfg.position_embedding == "rotary" and (cfg.rope_layers or [True] * cfg.n_layers)[l]
+        assert bool(np.abs(prof["q"][l] - prof["q_rope"][l]).max() > 1e-4) == bool(rotates), l
 
 
 def _finite_difference(f, f0, eps=1e-2):

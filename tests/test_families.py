@@ -1,7 +1,10 @@
 """Model families as features (`config.LLAMA_FAMILIES`), each against HF transformers on a tiny random
 model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases, no o_proj bias,
 tied embeddings), Mistral (sliding window, shorter than the prompts), Qwen3 (RMSNorm of each head's
-queries and keys), OLMo-2 (norms after the sublayers, q/k norms over the whole projection).
+queries and keys), OLMo-2 (norms after the sublayers, q/k norms over the whole projection), GPT-NeoX /
+Pythia (parallel attention and MLP, RoPE on a fraction of each head's dims, fused per-head q/k/v),
+Phi-3 (fused qkv_proj and gate_up_proj; partial RoPE, Phi-4-mini's field, and Phi-3-mini's sliding window),
+SmolLM3 (layers without RoPE, `rope_layers`).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
 patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
@@ -21,7 +24,7 @@ import jaxcircuits as jc
 from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.methods.folding import fold_norms
 from jaxcircuits.models.block import heads_of
-from jaxcircuits.models.config import ModelConfig, UnsupportedConfigError
+from jaxcircuits.models.config import ModelConfig, RopeConfig, UnsupportedConfigError
 from jaxcircuits.models.generate import generate
 from jaxcircuits.models.params import init_params
 from jaxcircuits.models.transformer import forward, run_with_cache
@@ -30,16 +33,24 @@ from tests.conftest import VOCAB, left_padded_mask, random_tokens
 
 ATOL = 1e-4
 COMMON = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=48, vocab_size=VOCAB, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+              max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+GQA = dict(num_key_value_heads=2)
 # family -> (HF config class name, its arguments, the features `ModelConfig.from_hf` must read)
 FAMILIES = {
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True),
+    "qwen2": ("Qwen2Config", dict(GQA, tie_word_embeddings=True),
               dict(attn_bias=True, o_bias=False, tied_embeddings=True)),
-    "mistral": ("MistralConfig", dict(sliding_window=4, head_dim=8),
+    "mistral": ("MistralConfig", dict(GQA, sliding_window=4, head_dim=8),
                 dict(attn_bias=False, tied_embeddings=False, sliding_window=4)),
-    "qwen3": ("Qwen3Config", dict(head_dim=8),
+    "qwen3": ("Qwen3Config", dict(GQA, head_dim=8),
               dict(attn_bias=False, o_bias=False, qk_norm="head")),
-    "olmo2": ("Olmo2Config", dict(), dict(attn_bias=False, qk_norm="proj", post_norms=True)),
+    "olmo2": ("Olmo2Config", dict(GQA), dict(attn_bias=False, qk_norm="proj", post_norms=True)),
+    "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5),
+                 dict(norm="layernorm", parallel_residual=True, attn_bias=True, mlp_bias=True, tied_embeddings=False,
+                      rope=RopeConfig(partial=0.5))),
+    "phi3": ("Phi3Config", dict(GQA, partial_rotary_factor=0.5, sliding_window=4, pad_token_id=0),
+             dict(checkpoint="phi3", attn_bias=False, sliding_window=4, rope=RopeConfig(partial=0.5))),
+    "smollm3": ("SmolLM3Config", dict(GQA, no_rope_layer_interval=2, pad_token_id=0),
+                dict(rope_layers=(True, False), tied_embeddings=True, attn_bias=False)),
 }
 B, T = 3, 12                                  # longer than Mistral's window
 PADS = [0, 5, 1]
@@ -56,7 +67,7 @@ def family(request, tmp_path_factory):
                                                           attn_implementation="eager").eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in n else p.normal_(0, 0.15)
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm.weight" in n else p.normal_(0, 0.15)
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
     m = jc.load(str(path), cache=False)
@@ -77,9 +88,21 @@ def test_logits_match_hf(family):
     real = attn_mask.astype(bool)
     print(f"{name}: max |logit - HF logit| = {np.abs(got[real] - want[real]).max():.1e}")   # README's Models table
     np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
-    if cfg.sliding_window:                    # the window changes the logits past it
-        full = np.asarray(forward(params, dataclasses.replace(cfg, sliding_window=None), toks, attn_mask)[0])
-        assert np.abs(full[real] - want[real]).max() > 1e-2
+    for off in _switched_off(cfg):            # each feature changes the logits (the window: past it)
+        other = np.asarray(forward(params, off, toks, attn_mask)[0])
+        assert np.abs(other[real] - want[real]).max() > 1e-2, off
+
+
+def _switched_off(cfg):
+    """cfg without each of its features that keep the params' shapes."""
+    if cfg.sliding_window:
+        yield dataclasses.replace(cfg, sliding_window=None)
+    if cfg.parallel_residual:
+        yield dataclasses.replace(cfg, parallel_residual=False)
+    if cfg.rope_layers:
+        yield dataclasses.replace(cfg, rope_layers=None)
+    if cfg.rope.partial < 1:
+        yield dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, partial=1.0))
 
 
 def test_greedy_generation_matches_hf(family):
@@ -140,12 +163,37 @@ def test_per_unit_reads_are_each_units_own_read(family):
     ("olmo2", "qk_layernorm", True, "qk_layernorm"),        # a field OLMo-2 does not have
     ("mistral", "mlp_bias", True, "mlp_bias"),               # Llama's, not Mistral's
     ("qwen2", "hidden_act", "gelu", "hidden_act"),
+    ("qwen2", "rope_parameters", {"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("gpt_neox", "rotary_pct", 0.375, "partial_rotary_factor=0.375 rotates 3 of the 8"),   # an odd count
+    ("gpt_neox", "num_key_value_heads", 2, "num_key_value_heads"),                      # GQA is not NeoX's
+    ("phi3", "rope_scaling", {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                              "factor": 32.0}, "'longrope' is not supported"),             # Phi-3-128k, Phi-3.5
+    ("phi3", "attention_bias", True, "attention_bias"),
+    ("smollm3", "use_sliding_window", True, "use_sliding_window"),
+    ("smollm3", "no_rope_layers", [1], "no_rope_layers"),                      # fewer flags than layers
 ])
 def test_unsupported_family_configs_name_the_field(model_type, field, value, match):
     hf = {"model_type": model_type, **COMMON}
     ModelConfig.from_hf(hf)
     with pytest.raises(UnsupportedConfigError, match=match):
         ModelConfig.from_hf({**hf, field: value})
+
+
+def test_legacy_rope_keys_read_as_hf_reads_them():
+    """Pythia's config.json (transformers 4 keys rotary_pct, rotary_emb_base; dropouts) reads as HF reads
+    it; so does a top-level partial_rotary_factor (Phi-4-mini)."""
+    from transformers import GPTNeoXConfig
+    hf = {"model_type": "gpt_neox", **COMMON, "rotary_pct": 0.5, "rotary_emb_base": 500, "use_parallel_residual": False,
+          "hidden_dropout": 0.0, "classifier_dropout": 0.1, "hidden_act": "gelu"}
+    cfg = ModelConfig.from_hf(hf)
+    want = GPTNeoXConfig(**{k: v for k, v in hf.items() if k != "model_type"}).rope_parameters
+    assert (cfg.rope.theta, cfg.rope.partial, cfg.parallel_residual) == (want["rope_theta"], want["partial_rotary_factor"], False)
+    assert ModelConfig.from_hf({"model_type": "gpt_neox", **COMMON}).rope.partial == 0.25
+    assert ModelConfig.from_hf({"model_type": "phi3", **COMMON, "partial_rotary_factor": 0.75}).rope.dims(8) == 6
+    from transformers import SmolLM3Config                   # no_rope_layers and rope_theta as HF fills them
+    smol = ModelConfig.from_hf({"model_type": "smollm3", **COMMON, "num_hidden_layers": 8})
+    want = SmolLM3Config(**{**COMMON, "num_hidden_layers": 8})
+    assert smol.rope_layers == tuple(map(bool, want.no_rope_layers)) and smol.rope.theta == want.rope_parameters["rope_theta"]
 
 
 def test_folding_refuses_post_norms():

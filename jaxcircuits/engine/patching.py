@@ -134,12 +134,13 @@ def _node_hidden(params, cfg: ModelConfig, problem: PatchingProblem, mask: Mask,
     x = target.resid_pre[L0][:, first:]
     if plan.from_z:
         z = target.head_out[L0:L0 + 1, :, first:]
-        x, _, _ = M.run_layers(layers.first, cfg, x, M.Context(pos, valid, z=z), iv.layers(L0, L0 + 1))
+        x, _, _ = M.run_layers(layers.first, cfg, x, M.Context(pos, valid, z=z, first_layer=L0), iv.layers(L0, L0 + 1))
     start, split = _bounds(cfg, plan, n_out)
     if layers.mid is not None:
-        x, _, _ = M.run_layers(layers.mid, cfg, x, M.Context(pos, valid, prefix(start, split)), iv.layers(start, split))
+        x, _, _ = M.run_layers(layers.mid, cfg, x, M.Context(pos, valid, prefix(start, split), first_layer=start),
+                               iv.layers(start, split))
     if layers.last is not None:
-        ctx = M.Context(pos, valid, prefix(L - 1, L), n_queries=n_out)
+        ctx = M.Context(pos, valid, prefix(L - 1, L), n_queries=n_out, first_layer=L - 1)
         x, _, _ = M.run_layers(layers.last, cfg, x, ctx, iv.layers(L - 1, L))
     return M.final_norm(params, cfg, x[:, -n_out:])
 

@@ -230,7 +230,9 @@ def _mean_abs(x: Array, w: Array) -> Array:
 def _profile(cfg: ModelConfig, cache: dict, pos_ids: Array, attn_mask: Array) -> Dict[str, Array]:
     """`qk_profile` from a cache with head_q, head_k [L, B, T, n, Dh] and the run's positions [B, T]."""
     rope = transformer.rope_tables(cfg, pos_ids)
-    unrotate = jax.vmap(lambda a: transformer.rotate(a, None if rope is None else (rope[0], -rope[1])))
+    inverse = lambda r: None if r is None else (r[0], -r[1])
+    unrotate = lambda x: jax.vmap(lambda a, i: transformer.rotate(a, inverse(transformer.layer_rope(cfg, rope, i))))(
+        x, jnp.arange(x.shape[0]))
     w = jnp.asarray(attn_mask, jnp.float32)
     return {"q": _mean_abs(unrotate(cache["head_q"]), w), "k": _mean_abs(unrotate(cache["head_k"]), w),
             "q_rope": _mean_abs(cache["head_q"], w), "k_rope": _mean_abs(cache["head_k"], w)}
@@ -244,7 +246,8 @@ def top_dims(profile: Array) -> Array:
 def zero_top_dims(params: Params, ranks: Dict[str, Array], n) -> Params:
     """params with the `n` largest dimensions (per layer and head, `ranks` = {'q': [L, H, Dh],
     'k': [L, K, Dh]} from `top_dims`) of queries and keys zeroed before RoPE: those columns of
-    W_Q / W_K (and their biases) set to 0. With RoPE, dims i and i + Dh/2 rotate together: rank
+    W_Q / W_K (and their biases) set to 0. With RoPE, dims i and i + R/2 rotate together (R = Dh,
+    or the rotating part of a partial RoPE, `RopeConfig.dims`): rank
     on a profile of pairs if both must go. n may be traced (vmap over it)."""
     layers = dict(params["layers"])
     for leaf, r in ranks.items():

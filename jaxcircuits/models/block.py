@@ -105,7 +105,7 @@ class KVCache:
 
 @struct.dataclass
 class Attn:
-    """One layer's attention context: rope, cos and sin [B, T, Dh/2] of the call's positions (None
+    """One layer's attention context: rope, cos and sin [B, T, R/2] of the call's positions (None
     without RoPE); allowed [B, Tq, S], the key slots each query reads; kv, this layer's `KVCache`
     (None: the call's own keys, S = T); z, head outputs [B, Tq, H, Dh] already known (attention is
     then not computed); n_queries, Tq (None: every position has a query)."""
@@ -249,24 +249,34 @@ def attention_mask(key_valid: Array, n_queries: int, write_index: int | Array = 
 
 
 def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Optional[Tuple[Array, Array]]:
-    """cos, sin [B, T, Dh/2] (float32) for integer positions `pos_ids` [B, T]; None without RoPE."""
+    """cos, sin [B, T, R/2] (float32) for integer positions `pos_ids` [B, T], R = the head dims that
+    rotate (`RopeConfig.dims`: Dh, or its partial fraction); None without RoPE."""
     if cfg.position_embedding != "rotary":
         return None
-    inv = jnp.asarray(cfg.rope.inv_freq(cfg.d_head), jnp.float32)
+    inv = jnp.asarray(cfg.rope.inv_freq(cfg.rope.dims(cfg.d_head)), jnp.float32)
     ang = pos_ids.astype(jnp.float32)[..., None] * inv
     return jnp.cos(ang), jnp.sin(ang)
 
 
+def layer_rope(cfg: ModelConfig, rope: Optional[Tuple[Array, Array]], layer: Array) -> Optional[Tuple[Array, Array]]:
+    """The rope tables of layer `layer` (an index, traced in the layer scan): `rope`, or the rotation
+    by 0 (cos 1, sin 0: `rotate` is the identity) on a layer without RoPE (cfg.rope_layers)."""
+    if rope is None or cfg.rope_layers is None:
+        return rope
+    on = jnp.asarray(cfg.rope_layers)[layer]
+    return jnp.where(on, rope[0], 1.0), jnp.where(on, rope[1], 0.0)
+
+
 def rotate(x: Array, rope: Optional[Tuple[Array, Array]]) -> Array:
-    """HF's rotate-half RoPE on x [B, T, n, Dh] with cos/sin [B, T, Dh/2] (identity for None; the
-    inverse rotation is (cos, -sin))."""
+    """HF's rotate-half RoPE on the first R dims of x [B, T, n, Dh] with cos/sin [B, T, R/2], the
+    other Dh - R passing through (identity for None; the inverse rotation is (cos, -sin))."""
     if rope is None:
         return x
     cos, sin = rope
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:2 * half].astype(jnp.float32)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1).astype(x.dtype)
+    return jnp.concatenate([(x1 * c - x2 * s).astype(x.dtype), (x2 * c + x1 * s).astype(x.dtype), x[..., 2 * half:]], -1)
 
 
 def _with_cache(kv: Optional[KVCache], k: Array, v: Array):

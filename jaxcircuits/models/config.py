@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -40,7 +40,9 @@ def load_json(path: str) -> dict:
 class RopeConfig:
     """Rotary embedding parameters (HF ``rope_theta`` + ``rope_scaling``/``rope_parameters``).
 
-    kind: 'default', 'linear' or 'llama3' (the keys of `_ROPE_FIELDS`).
+    kind: 'default', 'linear' or 'llama3' (the keys of `_ROPE_FIELDS`). partial: the fraction of each
+    head's dims that rotate (HF ``partial_rotary_factor``; GPT-NeoX's ``rotary_pct``): the first
+    `dims(head_dim)`, the rest pass through.
     """
 
     theta: float = 10000.0
@@ -49,6 +51,11 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
+    partial: float = 1.0
+
+    def dims(self, head_dim: int) -> int:
+        """How many of a head's `head_dim` dims rotate (as HF: int(head_dim * partial))."""
+        return int(head_dim * self.partial)
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies [head_dim // 2], float64, exactly as HF computes them."""
@@ -78,7 +85,7 @@ class ModelConfig:
     `layers.ACTIVATIONS`; gated_mlp: down(act(gate(h)) * up(h)) (SwiGLU) instead of down(act(up(h)));
     position_embedding: 'learned' (a [max_positions, D] table added to the token embeddings) or
     'rotary' (RoPE on queries and keys, parameters in `rope`); checkpoint: the HF ``model_type``
-    whose tensor names the loaders read ('gpt2' | 'llama'); the forward never reads it.
+    whose tensor names the loaders read ('gpt2' | 'llama' | 'gpt_neox' | 'phi3'); the forward never reads it.
     n_kv_heads < n_heads is grouped-query attention: query head q reads KV head
     q // (n_heads // n_kv_heads), as in HF. parallel_residual: attention and MLP both read the
     layer's input, x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J), instead of the MLP reading
@@ -86,7 +93,8 @@ class ModelConfig:
     (its own included; Mistral). qk_norm: a row of `layers.QK_NORMS`, the config's norm on queries
     and keys before RoPE, over each head (Qwen3) or over the whole projection (OLMo-2); None: none.
     post_norms: norm1 and norm2 normalise the attention's and the MLP's outputs before they are
-    added to the residual, and nothing normalises their inputs (OLMo-2).
+    added to the residual, and nothing normalises their inputs (OLMo-2). rope_layers: per layer,
+    whether it applies RoPE (None: every layer; SmolLM3's NoPE layers do not).
     """
 
     checkpoint: str
@@ -111,6 +119,7 @@ class ModelConfig:
     sliding_window: Optional[int] = None
     qk_norm: Optional[str] = None
     post_norms: bool = False
+    rope_layers: Optional[Tuple[bool, ...]] = None
     rope: Optional[RopeConfig] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -132,6 +141,13 @@ class ModelConfig:
                 f"qk_norm={self.qk_norm!r} is not supported (supported: None, {', '.join(QK_NORMS)})")
         if (self.position_embedding == "rotary") != (self.rope is not None):
             raise UnsupportedConfigError("rope parameters are required exactly when position_embedding='rotary'")
+        if self.rope_layers is not None and (self.rope is None or len(self.rope_layers) != self.n_layers):
+            raise UnsupportedConfigError(f"rope_layers needs RoPE and one entry per layer ({self.n_layers}), "
+                                         f"got {self.rope_layers}")
+        if self.rope is not None and (self.rope.dims(self.d_head) % 2 or not self.rope.dims(self.d_head)):
+            raise UnsupportedConfigError(
+                f"partial_rotary_factor={self.rope.partial} rotates {self.rope.dims(self.d_head)} of the "
+                f"{self.d_head} head dims: expected a positive even number")
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedConfigError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
@@ -261,22 +277,29 @@ _ROPE_FIELDS = {"default": (), "linear": ("factor",),
 _ROPE_INTS = {"original_max_position_embeddings"}
 
 
-def _rope_from_hf(hf: dict) -> RopeConfig:
+def _rope_from_hf(hf: dict, partial: Optional[float] = None, legacy: Optional[dict] = None) -> RopeConfig:
     """As transformers >= 5: the ``rope_scaling`` dict (< 5 writes rope_theta + rope_scaling) when it is
-    set, else ``rope_parameters`` (>= 5); theta from that dict, else the top-level ``rope_theta``."""
+    set, else ``rope_parameters`` (>= 5); theta from that dict, else the top-level ``rope_theta``.
+    partial: the family's default ``partial_rotary_factor`` (None: the family rotates whole heads,
+    and a factor other than 1 is refused). legacy: top-level values of keys of that dict, filling
+    what it lacks (as HF reads GPT-NeoX's rotary_pct, Phi-3's partial_rotary_factor)."""
     field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     params = hf.get(field) or {}
     if not isinstance(params, dict):
         raise UnsupportedConfigError(f"config field {field!r}={params!r} is invalid: expected an object")
-    params = dict(params)
+    params = {**{k: v for k, v in (legacy or {}).items() if v is not None}, **params}
     theta = _get(params, "rope_theta", float, _get(hf, "rope_theta", float, 10000.0), field)
     params.pop("rope_theta", None)
     kind = params.pop("rope_type", params.pop("type", "default"))
     if not isinstance(kind, str) or kind not in _ROPE_FIELDS:
         raise UnsupportedConfigError(
             f"config field {field!r} type {kind!r} is not supported (supported: {', '.join(_ROPE_FIELDS)})")
-    if params.pop("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedConfigError("config field 'partial_rotary_factor' != 1 is not supported")
+    fraction = _get(params, "partial_rotary_factor", float, 1.0 if partial is None else partial, field)
+    params.pop("partial_rotary_factor", None)
+    if partial is None and fraction != 1.0:
+        raise UnsupportedConfigError("config field 'partial_rotary_factor' != 1 is not supported for this model_type")
+    if not 0 < fraction <= 1:
+        raise UnsupportedConfigError(f"config field 'partial_rotary_factor'={fraction} is invalid: expected (0, 1]")
     extra = sorted(set(params) - set(_ROPE_FIELDS[kind]))
     if extra:
         raise UnsupportedConfigError(f"{field} field(s) {extra} are not supported for type {kind!r}")
@@ -284,7 +307,7 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     return RopeConfig(
         theta=theta, kind=kind, factor=values.get("factor", 1.0),
         low_freq_factor=values.get("low_freq_factor", 1.0), high_freq_factor=values.get("high_freq_factor", 4.0),
-        original_max_positions=values.get("original_max_position_embeddings", 8192))
+        original_max_positions=values.get("original_max_position_embeddings", 8192), partial=fraction)
 
 
 def _qkvo_bias(hf: dict) -> dict:
@@ -292,15 +315,33 @@ def _qkvo_bias(hf: dict) -> dict:
     return {"attn_bias": bias, "o_bias": bias}
 
 
+def _no_bias(hf: dict) -> dict:
+    _require(hf, "attention_bias", lambda v: v is False, "this family's attention has no biases")
+    return {}
+
+
 _QWEN_WINDOW = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
 
 
 def _full_attention(hf: dict) -> dict:
-    """Qwen2/Qwen3 configs: sliding windows on some layers only (use_sliding_window) are not implemented."""
+    """Qwen2/Qwen3/SmolLM3 configs: sliding windows on some layers only (use_sliding_window) are not implemented."""
     _require(hf, "use_sliding_window", lambda v: v is False, "per-layer sliding windows are not implemented")
     _require(hf, "layer_types", lambda v: isinstance(v, list) and set(v) <= {"full_attention"},
              "per-layer attention kinds are not implemented")
     return {}
+
+
+def _nope_layers(hf: dict) -> dict:
+    """SmolLM3: ``no_rope_layers`` [>= L] (1: the layer applies RoPE, 0: NoPE), as HF fills it when
+    absent (every ``no_rope_layer_interval``-th layer NoPE)."""
+    n, every = _get(hf, "num_hidden_layers", int), _get(hf, "no_rope_layer_interval", int, 4)
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        flags = [int((i + 1) % every != 0) for i in range(n)]
+    if not (isinstance(flags, list) and len(flags) >= n and all(f in (0, 1) for f in flags)):
+        raise UnsupportedConfigError(f"config field 'no_rope_layers'={flags!r} is invalid: expected {n} or more 0/1 flags")
+    rotates = tuple(bool(f) for f in flags[:n])
+    return {"rope_layers": None if all(rotates) else rotates}
 
 
 # HF model_type of a Llama-like family -> (config fields it reads besides the Llama core, hf -> its features)
@@ -311,12 +352,22 @@ LLAMA_FAMILIES = {
     "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
     "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
     "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "post_norms": True}),
+    # fused qkv_proj / gate_up_proj (its own tensor names); original_max_position_embeddings is read
+    # by longrope only (refused: a rope type not in _ROPE_FIELDS); auto_map names remote code HF replaces
+    "phi3": ({"sliding_window", "partial_rotary_factor", "attention_bias", "original_max_position_embeddings",
+              "auto_map"},
+             lambda hf: {**_no_bias(hf), "checkpoint": "phi3", "sliding_window": _get(hf, "sliding_window", int, None)}),
+    "smollm3": ({"attention_bias", "mlp_bias", "no_rope_layers", "no_rope_layer_interval", *_QWEN_WINDOW},
+                lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False),
+                            **_nope_layers(hf),
+                            "rope": _rope_from_hf({"rope_theta": 2e6, **hf})}),      # HF's default theta
 }
 
 
 def _from_llama(hf: dict) -> ModelConfig:
     """A Llama-like family (`LLAMA_FAMILIES`): RMSNorm, RoPE, SwiGLU, Llama's tensor names, and the
-    features of its model_type."""
+    features of its model_type (which may name other tensors, `checkpoint`). A family that lists
+    ``partial_rotary_factor`` among its fields rotates that fraction of each head (default 1)."""
     fields, features = LLAMA_FAMILIES[hf["model_type"]]
     _check_known(hf, {
         "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -324,15 +375,44 @@ def _from_llama(hf: dict) -> ModelConfig:
         "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", *fields})
     _require(hf, "hidden_act", lambda v: v == "silu", "Llama-like MLPs must use silu")
     n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
+    partial = 1.0 if "partial_rotary_factor" in fields else None
+    return ModelConfig(**{
+        "checkpoint": "llama", "n_layers": _get(hf, "num_hidden_layers", int), "d_model": d, "n_heads": n_heads,
+        "n_kv_heads": _get(hf, "num_key_value_heads", int, n_heads), "d_head": _get(hf, "head_dim", int, d // n_heads),
+        "d_mlp": _get(hf, "intermediate_size", int), "vocab_size": _get(hf, "vocab_size", int),
+        "max_positions": _get(hf, "max_position_embeddings", int, 2048),
+        "norm_eps": _get(hf, "rms_norm_eps", float, 1e-6), "norm": "rmsnorm", "activation": "silu", "gated_mlp": True,
+        "position_embedding": "rotary", "tied_embeddings": _get(hf, "tie_word_embeddings", bool, False),
+        "rope": _rope_from_hf(hf, partial, {"partial_rotary_factor": hf.get("partial_rotary_factor")}),
+        **features(hf), **_token_ids(hf)})
+
+
+def _from_gpt_neox(hf: dict) -> ModelConfig:
+    """GPT-NeoX / Pythia: LayerNorm with biases, attention and MLP in parallel (use_parallel_residual),
+    RoPE on the first ``rotary_pct`` of each head's dims, q/k/v/dense biases (attention_bias), a GELU
+    MLP with biases, untied ``embed_out``. Dropout fields are training-only."""
+    _check_known(hf, {
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+        "layer_norm_eps", "hidden_act", "max_position_embeddings", "use_parallel_residual", "attention_bias",
+        "rotary_pct", "rotary_emb_base", "rope_scaling", "rope_parameters", "rope_theta", "hidden_dropout",
+        "classifier_dropout", "is_decoder"})
+    _require(hf, "hidden_act", lambda v: v in ACTIVATIONS, f"use one of {', '.join(ACTIVATIONS)}")
+    n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
+    if d % n_heads:
+        raise UnsupportedConfigError(f"hidden_size={d} is not a multiple of num_attention_heads={n_heads}")
+    bias = _get(hf, "attention_bias", bool, True)
     return ModelConfig(
-        checkpoint="llama", n_layers=_get(hf, "num_hidden_layers", int), d_model=d, n_heads=n_heads,
-        n_kv_heads=_get(hf, "num_key_value_heads", int, n_heads), d_head=_get(hf, "head_dim", int, d // n_heads),
-        d_mlp=_get(hf, "intermediate_size", int), vocab_size=_get(hf, "vocab_size", int),
-        max_positions=_get(hf, "max_position_embeddings", int, 2048), norm_eps=_get(hf, "rms_norm_eps", float, 1e-6),
-        norm="rmsnorm", activation="silu", gated_mlp=True, position_embedding="rotary",
-        tied_embeddings=_get(hf, "tie_word_embeddings", bool, False), rope=_rope_from_hf(hf),
-        **features(hf), **_token_ids(hf))
+        checkpoint="gpt_neox", n_layers=_get(hf, "num_hidden_layers", int), d_model=d, n_heads=n_heads,
+        n_kv_heads=n_heads, d_head=d // n_heads, d_mlp=_get(hf, "intermediate_size", int),
+        vocab_size=_get(hf, "vocab_size", int), max_positions=_get(hf, "max_position_embeddings", int, 2048),
+        norm_eps=_get(hf, "layer_norm_eps", float, 1e-5), norm="layernorm", activation=hf.get("hidden_act", "gelu"),
+        gated_mlp=False, position_embedding="rotary", tied_embeddings=_get(hf, "tie_word_embeddings", bool, False),
+        attn_bias=bias, o_bias=bias, mlp_bias=True,
+        parallel_residual=_get(hf, "use_parallel_residual", bool, True),
+        rope=_rope_from_hf(hf, partial=0.25, legacy={"rope_theta": hf.get("rotary_emb_base"),
+                                                     "partial_rotary_factor": hf.get("rotary_pct")}),
+        **_token_ids(hf))
 
 
 # HF model_type -> reader of its config.json (the loaders map its tensor names).
-CHECKPOINTS = {"gpt2": _from_gpt2, **{family: _from_llama for family in LLAMA_FAMILIES}}
+CHECKPOINTS = {"gpt2": _from_gpt2, "gpt_neox": _from_gpt_neox, **{family: _from_llama for family in LLAMA_FAMILIES}}

@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits.models.block import (Attn, KVCache, LayerIO, attend, attention_mask, block, dense, mlp, named_norm,
-                                      norm, one_unit, project, rope_tables, rotate)
+from jaxcircuits.models.block import (Attn, KVCache, LayerIO, attend, attention_mask, block, dense, layer_rope, mlp,
+                                      named_norm, norm, one_unit, project, rope_tables, rotate)
 from jaxcircuits.models.config import ModelConfig
 
 Array = jax.Array
 Params = dict
-__all__ = ["Attn", "KVCache", "LayerIO", "attend", "block", "dense", "mlp", "norm", "project", "rope_tables",
+__all__ = ["Attn", "KVCache", "LayerIO", "attend", "block", "dense", "layer_rope", "mlp", "norm", "project", "rope_tables",
            "rotate", "Tap", "Context", "run_layers", "run", "forward_fn", "forward", "run_with_cache", "embed",
            "final_norm", "logits_of", "unembed_matrix", "check_inputs", "default_positions", "attention_mask"]
 
@@ -68,13 +68,15 @@ class Context:
     """What the layers of a call read besides x [B, T, D]: pos_ids [B, T] (RoPE); key_valid [B, S],
     the key slots holding real tokens; kv, caches of S slots (`KVCache`; None: S = T, slot t holds
     position t); z, head outputs [L, B, T, H, Dh] already known (their attention is skipped);
-    n_queries, only the last n_queries positions get queries and outputs (one layer only)."""
+    n_queries, only the last n_queries positions get queries and outputs (one layer only);
+    first_layer, the model's index of the call's first layer (per-layer features read it)."""
 
     pos_ids: Array
     key_valid: Array
     kv: Optional[KVCache] = None
     z: Optional[Array] = None
     n_queries: Optional[int] = struct.field(pytree_node=False, default=None)
+    first_layer: int = struct.field(pytree_node=False, default=0)
 
 
 def run_layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Optional[Tap] = None, carry=None,
@@ -101,17 +103,19 @@ def _layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Tap, ca
 
     def body(state, xs):
         x, carry = state
-        p, kv, z, layer = xs
+        p, kv, z, layer, i = xs
         io = tap.io(layer, carry, collect)
-        x = block(cfg, p, x, io, Attn(rope, allowed, None if kv is None else KVCache(*kv, write_index), z, ctx.n_queries))
+        kv = None if kv is None else KVCache(*kv, write_index)
+        x = block(cfg, p, x, io, Attn(layer_rope(cfg, rope, i), allowed, kv, z, ctx.n_queries))
         names.update(io.names)
         return (x, io.carry), io.cache
 
-    xs = (layers, None if ctx.kv is None else (ctx.kv.k, ctx.kv.v), ctx.z, tap.per_layer())
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    xs = (layers, None if ctx.kv is None else (ctx.kv.k, ctx.kv.v), ctx.z, tap.per_layer(),
+          ctx.first_layer + jnp.arange(n_layers))
     if tq == T:
         (x, carry), cache = jax.lax.scan(body, (x, carry), xs)
     else:                                   # the output has fewer positions than the input: no scan carry
-        n_layers = jax.tree.leaves(layers)[0].shape[0]
         if n_layers != 1:
             raise ValueError(f"n_queries={tq} < {T} positions needs one layer, got {n_layers}")
         (x, carry), cache = body((x, carry), jax.tree.map(lambda a: a[0], xs))

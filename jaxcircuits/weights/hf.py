@@ -113,6 +113,46 @@ def llama_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
     return tensors
 
 
+def _rows(lo: int, hi: int, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Apply `fn` to the slice [lo:hi] of the first axis."""
+    return lambda a: fn(a[lo:hi])
+
+
+def _fuse(tensors: TensorMap, parts: Tuple[str, ...], name: str) -> None:
+    """Replace tensors `parts` of `tensors` by one tensor `name` that stacks them on axis 0, in order."""
+    specs = [tensors.pop(n) for n in parts]
+    bounds = np.cumsum([0] + [s.shape[0] for s in specs])
+    writes = tuple((leaf, layer, _rows(lo, hi, fn))
+                   for s, lo, hi in zip(specs, bounds, bounds[1:]) for leaf, layer, fn in s.writes)
+    tensors[name] = TensorSpec((int(bounds[-1]), *specs[0].shape[1:]), writes)
+
+
+def phi3_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
+    """HF Phi-3 tensor names: Llama's, with q|k|v fused as ``self_attn.qkv_proj`` and gate|up as
+    ``mlp.gate_up_proj`` (stacked on the output axis), split at load."""
+    tensors = llama_tensors(cfg, prefix)
+    for i in range(cfg.n_layers):
+        p = f"{prefix}layers.{i}."
+        _fuse(tensors, tuple(f"{p}self_attn.{n}_proj.weight" for n in "qkv"), f"{p}self_attn.qkv_proj.weight")
+        _fuse(tensors, (f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"), f"{p}mlp.gate_up_proj.weight")
+    return tensors
+
+
+def _adder(tensors: TensorMap, p: str, i: int) -> Callable:
+    """add(name, shape, *(leaf, fn)): tensor `p + name` of `shape` filling leaves ('layers', *leaf)
+    of layer i with fn(tensor)."""
+    def add(name, shape, *writes):
+        tensors[p + name] = TensorSpec(shape, tuple((("layers", *leaf), i, fn) for leaf, fn in writes))
+    return add
+
+
+def _layer_norms(add: Callable, names, d: int) -> None:
+    """A layer's LayerNorm weight and bias tensors [d]: names ((checkpoint name, our norm), ...)."""
+    for ln, norm in names:
+        add(f"{ln}.weight", (d,), ((norm, "scale"), _same))
+        add(f"{ln}.bias", (d,), ((norm, "bias"), _same))
+
+
 def gpt2_tensors(cfg: ModelConfig, prefix: str = "transformer.") -> TensorMap:
     """HF GPT-2 tensor names (``prefix`` = 'transformer.' for GPT2LMHeadModel, '' for GPT2Model) -> specs.
 
@@ -129,14 +169,8 @@ def gpt2_tensors(cfg: ModelConfig, prefix: str = "transformer.") -> TensorMap:
         tensors["lm_head.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
     qkv = tuple(zip(("q", "k", "v"), range(0, 3 * D, D)))
     for i in range(cfg.n_layers):
-        p = f"{prefix}h.{i}."
-
-        def add(name, shape, *writes):
-            tensors[p + name] = TensorSpec(shape, tuple((("layers", *leaf), i, fn) for leaf, fn in writes))
-
-        for ln, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            add(f"{ln}.weight", (D,), ((norm, "scale"), _same))
-            add(f"{ln}.bias", (D,), ((norm, "bias"), _same))
+        add = _adder(tensors, f"{prefix}h.{i}.", i)
+        _layer_norms(add, (("ln_1", "norm1"), ("ln_2", "norm2")), D)
         add("attn.c_attn.weight", (D, 3 * D),
             *(((n, "w"), _cols(lo, lo + D, _reshape(D, H, Dh))) for n, lo in qkv))
         add("attn.c_attn.bias", (3 * D,), *(((n, "b"), _cols(lo, lo + D, _reshape(H, Dh))) for n, lo in qkv))
@@ -149,8 +183,46 @@ def gpt2_tensors(cfg: ModelConfig, prefix: str = "transformer.") -> TensorMap:
     return tensors
 
 
+def _fused_heads(n: int, j: int, dh: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Part j of a per-head fused projection [n*3*dh, ...] (GPT-NeoX: rows [n, 3 (q|k|v), dh]):
+    weight [n*3*dh, D] -> [D, n, dh], bias [n*3*dh] -> [n, dh]."""
+    def part(a):
+        p = a.reshape(n, 3, dh, *a.shape[1:])[:, j]
+        return np.moveaxis(p, -1, 0) if a.ndim == 2 else p
+    return part
+
+
+def gpt_neox_tensors(cfg: ModelConfig, prefix: str = "gpt_neox.") -> TensorMap:
+    """HF GPT-NeoX / Pythia tensor names (``prefix`` = 'gpt_neox.' for GPTNeoXForCausalLM, '' for a
+    bare model) -> specs. query_key_value is fused per head: its output rows are [H, 3, Dh]."""
+    D, H, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
+    tensors = {
+        f"{prefix}embed_in.weight": TensorSpec((V, D), ((("embed", "tokens"), None, _same),)),
+        f"{prefix}final_layer_norm.weight": TensorSpec((D,), ((("final_norm", "scale"), None, _same),)),
+        f"{prefix}final_layer_norm.bias": TensorSpec((D,), ((("final_norm", "bias"), None, _same),)),
+    }
+    if not cfg.tied_embeddings:
+        tensors["embed_out.weight"] = TensorSpec((V, D), ((("unembed", "w"), None, _linear),))
+    for i in range(cfg.n_layers):
+        add = _adder(tensors, f"{prefix}layers.{i}.", i)
+        _layer_norms(add, (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")), D)
+        add("attention.query_key_value.weight", (3 * D, D), *(((n, "w"), _fused_heads(H, j, Dh)) for j, n in enumerate("qkv")))
+        add("attention.dense.weight", (D, D), (("o", "w"), _heads_out(H, Dh)))
+        if cfg.attn_bias:
+            add("attention.query_key_value.bias", (3 * D,), *(((n, "b"), _fused_heads(H, j, Dh)) for j, n in enumerate("qkv")))
+            add("attention.dense.bias", (D,), (("o", "b"), _same))
+        for name, leaf, shape in (("dense_h_to_4h", "up", (F, D)), ("dense_4h_to_h", "down", (D, F))):
+            add(f"mlp.{name}.weight", shape, ((leaf, "w"), _linear))
+            add(f"mlp.{name}.bias", shape[:1], ((leaf, "b"), _same))
+    return tensors
+
+
 # checkpoint type -> (tensor map, name prefix of its *ForCausalLM checkpoints)
-TENSOR_MAPS = {"llama": (llama_tensors, "model."), "gpt2": (gpt2_tensors, "transformer.")}
+TENSOR_MAPS = {"llama": (llama_tensors, "model."), "gpt2": (gpt2_tensors, "transformer."),
+               "gpt_neox": (gpt_neox_tensors, "gpt_neox."), "phi3": (phi3_tensors, "model.")}
+# checkpoint type -> non-parameter buffers some of its checkpoints hold (causal masks, RoPE tables)
+BUFFERS = {"gpt2": r"(^|\.)h\.\d+\.attn\.(masked_)?bias$",
+           "gpt_neox": r"(^|\.)layers\.\d+\.attention\.((masked_)?bias|rotary_emb\.inv_freq)$"}
 
 
 def empty_params(cfg: ModelConfig, dtype) -> Params:
@@ -250,9 +322,9 @@ def _own_head(cfg: ModelConfig, where: Mapping[str, str]) -> bool:
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
-    """Non-parameter buffers (GPT-2 causal-mask buffers) and a tied lm_head copy."""
+    """Non-parameter buffers (`BUFFERS`) and a tied lm_head copy."""
     return (cfg.tied_embeddings and name == "lm_head.weight") or (
-        cfg.checkpoint == "gpt2" and re.search(r"(^|\.)h\.\d+\.attn\.(masked_)?bias$", name) is not None)
+        cfg.checkpoint in BUFFERS and re.search(BUFFERS[cfg.checkpoint], name) is not None)
 
 
 def _tensors_for(cfg: ModelConfig, names) -> TensorMap:
