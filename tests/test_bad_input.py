@@ -10,7 +10,9 @@ import jaxcircuits as jc
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions.edges import EdgeGraph
 from jaxcircuits.interventions.metrics import LogitDiff
+from jaxcircuits.engine.subsets import of_size, sampled_per_size, strided
 from jaxcircuits.methods import attribution, dla, learned, weight_space
+from jaxcircuits.stats.summary import SummaryOptions
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.engine.patching import patched_metric, run_masks
 from jaxcircuits.interventions.sites import Intervention, Mask
@@ -363,8 +365,14 @@ def test_counts_are_integers_at_or_above_their_minimum(gqa, value):
     if value != 0:
         calls["steps "] = lambda: attribution.integrated_gradients(params, cfg, _problem(gqa), "head_out", steps=value)
     calls["k "] = lambda: weight_space.top_pairs(jnp.ones((2, 2)), jnp.zeros((2, 2)), k=value)
+    calls["samples_per_size"] = lambda: sampled_per_size(8, [2], value, seed=0)
+    calls["stride"] = lambda: strided(8, value)
+    for name in ("top", "max_sets", "n_resamples"):
+        calls[name] = lambda name=name: SummaryOptions(**{name: value})
+    if value != 0:                                                  # sizes start at 0
+        calls["k  "] = lambda: of_size(8, value)
     for name, call in calls.items():
-        with pytest.raises(ValueError, match=rf"{name.strip()}=.*: expected an integer >= 1"):
+        with pytest.raises(ValueError, match=rf"{name.strip()}=.*: expected an integer >= [01]"):
             call()
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcircuits import checks
 from jaxcircuits.interventions import sites
 from jaxcircuits.stats.tables import from_bitmask, to_bitmask
 
@@ -59,8 +60,9 @@ class Family:
     def __post_init__(self):
         if self.kind not in FAMILY_KINDS:
             raise ValueError(f"kind must be one of {FAMILY_KINDS}, got {self.kind!r}")
-        if not 1 <= self.n <= MAX_UNITS:
+        if not 1 <= checks.count("n", self.n) <= MAX_UNITS:
             raise ValueError(f"n must be in [1, {MAX_UNITS}], got {self.n}")
+        object.__setattr__(self, "ks", tuple(checks.count("k", k, 0) for k in self.ks))
         if self.kind == "size_k":
             if not self.ks or any(not 0 <= k <= self.n for k in self.ks) or len(set(self.ks)) < len(self.ks):
                 raise ValueError(f"ks must be distinct sizes in [0, {self.n}], got {self.ks}")
@@ -100,7 +102,7 @@ def of_size(n: int, k: int) -> Family:
 
 def of_sizes(n: int, ks: Iterable[int]) -> Family:
     """The size-k families for each k in `ks`, concatenated in that order."""
-    return Family("size_k", n, ks=tuple(int(k) for k in ks))
+    return Family("size_k", n, ks=tuple(ks))
 
 
 def explicit(n: int, subsets) -> Family:
@@ -128,9 +130,9 @@ def sampled_per_size(n: int, sizes: Iterable[int], samples_per_size: int, seed: 
     only on (seed, n, k), so it is deterministic and unchanged by which other sizes are asked
     for. Returns an 'explicit' family ordered by the given sizes, then by colex rank.
     """
-    masks = []
+    masks, samples_per_size = [], checks.count("samples_per_size", samples_per_size)
     for k in sizes:
-        total = math.comb(n, k)
+        total = math.comb(n, checks.count("k", k, 0))
         if samples_per_size >= total:
             ranks = np.arange(total, dtype=np.uint64)
         else:
@@ -142,7 +144,7 @@ def sampled_per_size(n: int, sizes: Iterable[int], samples_per_size: int, seed: 
 
 def strided(n: int, stride: int, offset: int = 0) -> Family:
     """One subset: units offset, offset + stride, ... (< n)."""
-    return explicit(n, [range(offset, n, stride)])
+    return explicit(n, [range(checks.count("offset", offset, 0), n, checks.count("stride", stride))])
 
 
 def even(n: int) -> Family:

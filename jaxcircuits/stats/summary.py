@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from jaxcircuits import checks
 from jaxcircuits.stats.bootstrap import RESAMPLES, prompt_intervals
 from jaxcircuits.stats.criteria import Criterion
 from jaxcircuits.stats.games import banzhaf, interactions, shapley
@@ -37,6 +38,8 @@ class SummaryOptions:
     def __post_init__(self):
         if self.importance_of not in IMPORTANCE_OF:
             raise ValueError(f"importance_of must be one of {IMPORTANCE_OF}, got {self.importance_of!r}")
+        for name in ("top", "max_sets", "n_resamples"):
+            object.__setattr__(self, name, checks.count(name, getattr(self, name)))
 
 
 def braces(units, names) -> str:
