@@ -9,6 +9,8 @@
 - `fingerprint(*trees)`: a short digest of what made a resumable artifact (arrays' shapes, dtypes
   and bytes; other leaves' text); each artifact stores it and is refused when read back by a run
   with another.
+- `check_dir(path)`: the path is, or can be made, a writable directory (else an error naming the
+  file in the way or the directory that cannot be written).
 - `DirLock(directory)`: an exclusive `fcntl.flock` on `directory/.lock`; a second process gets
   `LockedError` naming the holder's pid and host; the kernel drops the lock when its holder dies,
   so a stale lock from a killed process is taken over without a word. (flock is per machine: on
@@ -47,10 +49,11 @@ class LockedError(RuntimeError):
 
 
 def fingerprint(*trees) -> str:
-    """16 hex digits of SHA-256 over the leaves of `trees` in order: each array's shape, dtype and
-    bytes, each other leaf's repr (strings, numbers)."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(trees):
+    """16 hex digits of SHA-256 over the structure of `trees` (containers, keys, None) and their
+    leaves in order: each array's shape, dtype and bytes, each other leaf's repr (strings, numbers)."""
+    leaves, treedef = jax.tree.flatten(trees)
+    h = hashlib.sha256(str(treedef).encode())
+    for leaf in leaves:
         if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
             a = np.ascontiguousarray(np.asarray(leaf))
             h.update(str((a.shape, a.dtype.str)).encode())
@@ -165,13 +168,16 @@ def remove_temps(directory: str) -> List[str]:
     return stale
 
 
-def _ancestors(path: str) -> List[str]:
-    """path and the directories above it, nearest first."""
-    out, path = [], os.path.abspath(path)
-    while path not in out:
-        out.append(path)
-        path = os.path.dirname(path)
-    return out
+def check_dir(path: str) -> None:
+    """NotADirectoryError naming the file in the way, or PermissionError naming the directory that
+    cannot be written, unless `path` is, or can be made, a writable directory."""
+    found = os.path.abspath(path)
+    while not os.path.exists(found):
+        found = os.path.dirname(found)
+    if not os.path.isdir(found):
+        raise NotADirectoryError(f"{path} cannot be a directory: {found} is a file")
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise PermissionError(f"{found} is not writable")
 
 
 class DirLock:
@@ -183,9 +189,7 @@ class DirLock:
 
     def __enter__(self) -> "DirLock":
         directory = os.path.dirname(self.path)
-        blocked = next((p for p in _ancestors(directory) if os.path.exists(p) and not os.path.isdir(p)), None)
-        if blocked:
-            raise NotADirectoryError(f"{directory} cannot be a directory: {blocked} is a file; choose another directory")
+        check_dir(directory)
         os.makedirs(directory, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -59,8 +59,9 @@ def test_bad_setups_stop_before_the_model_in_one_line(tmp_path, answer_files, ca
     file = tmp_path / "a_file"
     file.write_text("x")
     flags_, expected = {
-        "out_is_a_file": ([f"--out={file}"], f"--out={file}: {file} is a file, not a directory; choose another --out"),
-        "out_under_a_file": ([f"--out={file}/sub"], f"--out={file}/sub: {file} is a file, not a directory"),
+        "out_is_a_file": ([f"--out={file}"], f"--out={file}: {file} cannot be a directory: {file} is a file; "
+                                            "choose another --out"),
+        "out_under_a_file": ([f"--out={file}/sub"], f"--out={file}/sub: {file}/sub cannot be a directory: {file} is a file"),
         "unknown_flag": (["--nosuchflag=1"], "Unknown command line flag 'nosuchflag'"),
         "stray_argument": (["--task=prompts", "Mary,"], "unexpected argument(s) ['Mary,']: flags are --name=value"),
         "equal_answers": (["--task=prompts", *answer_files, "--answers= Mary, Mary"],
@@ -131,5 +132,5 @@ def test_answers_with_one_first_token_are_refused_naming_the_flag(tmp_path):
 
 def test_a_report_directory_that_is_a_file_is_named(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'f'} is a file, not a directory"):
+    with pytest.raises(NotADirectoryError, match=f"report cannot be a directory: {tmp_path / 'f'} is a file"):
         Report(str(tmp_path / "f" / "report"), "t")

@@ -1,6 +1,7 @@
 """A bad-input catalogue: each case raises a ValueError naming the argument before any work
 starts, or gives a documented correct result; never a silent wrong number."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 import jaxcircuits as jc
 from jaxcircuits.interventions import positions as P
+from jaxcircuits.interventions import edges
 from jaxcircuits.interventions.edges import EdgeGraph
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.engine.subsets import of_size, sampled_per_size, strided
@@ -382,8 +384,12 @@ def test_a_path_from_a_sender_to_an_earlier_receiver_is_refused(gqa):
     graph.path_mask(["L0H1"], ["L1H0"])                             # forward: fine
     with pytest.raises(ValueError, match=r"sender\(s\) \['L1H1'\] have no edge into the receivers \['L0H0'\]"):
         graph.path_mask(["L1H1"], ["L0H0"])
-    with pytest.raises(ValueError, match=r"\['L1MLP'\] have no edge"):
-        graph.path_mask(["L0H1", "L1MLP"], ["L1H0"])
+    with pytest.raises(ValueError, match=r"\['L1H1', 'L1MLP'\] have no edge"):
+        edges.path_masks(graph, ["L1H1", "L1MLP"], ["L1H0"], np.eye(2))
+    # a sender subset sweep may hold senders without a path: their rows patch nothing
+    both = edges.path_masks(graph, ["L0H1", "L1MLP"], ["L1H0"], np.eye(2))
+    chex.assert_trees_all_equal(jax.tree.map(lambda a: a[0], both), graph.path_mask(["L0H1"], ["L1H0"]))
+    assert not np.asarray(both.layers[1]).any() and not np.asarray(both.final[1]).any()
 
 
 @pytest.mark.parametrize("case", ["no subsets", "success too short", "metric rows", "metric nan"])
@@ -411,7 +417,7 @@ def test_an_output_path_that_is_a_file_is_named(gqa, tmp_path):
     path = tmp_path / "taken"
     path.write_text("not a directory")
     for out in (path, path / "sub"):
-        with pytest.raises(NotADirectoryError, match=f"{out} cannot be a directory: {path} is a file"):
+        with pytest.raises(NotADirectoryError, match=f"{out} cannot be a directory: {path} is a file$"):
             jc.run_sweep(params, cfg, _problem(gqa), Pool.heads(1, cfg.n_heads), of_size(cfg.n_heads, 1), str(out))
     with pytest.raises(NotADirectoryError, match=f"{path} is a file"):
         learned.fit(learned.head_objective(params, cfg, _problem(gqa)), [0.1], spec=learned.Spec(steps=2, checkpoint_every=1),
@@ -419,10 +425,12 @@ def test_an_output_path_that_is_a_file_is_named(gqa, tmp_path):
 
 
 def test_a_learned_mask_with_baselines_equal_within_float_noise_has_nothing_to_learn():
-    planted = lambda w, data: data @ (1.0 - w)
-    obj = learned.Objective(planted, jnp.full((2, 3), 1e-8), ("a", "b", "c"))     # moves the metric by 3e-8
+    planted = lambda w, data: 5.0 + data @ (1.0 - w)          # a metric of 5 that patching moves by 3e-8
+    obj = learned.Objective(planted, jnp.full((2, 3), 1e-8), ("a", "b", "c"))
     with pytest.raises(ValueError, match="same within float noise .*: nothing to learn"):
         learned.fit(obj, [0.1])
+    small = learned.Objective(lambda w, data: data @ (1.0 - w), jnp.full((2, 3), 1e-8), ("a", "b", "c"))
+    learned.baselines(small)                                   # a metric of 3e-8 that patching moves to 0: real
 
 
 def test_a_checkpoint_of_other_prompts_is_not_resumed(gqa, tmp_path):
@@ -442,8 +450,9 @@ def test_a_chunk_predicted_not_to_fit_is_refused_before_it_runs(gqa, monkeypatch
     from jaxcircuits.engine import memory
     mem = memory.ChunkMemory(per_item=3e9, fixed=1e9, runtime=1.0)
     assert mem.chunk_size(free=20e9) == 2                            # (0.5 x 20 - 1) / 3 -> 3 -> a power of two
-    with pytest.raises(MemoryError, match=r"one item per device is predicted to need 4 GB .* of 3.5 GB free"):
-        mem.chunk_size(free=3.5e9)
+    assert mem.chunk_size(free=3.5e9) == 1                           # fits all the free memory: a warning
+    with pytest.raises(MemoryError, match=r"one item per device is predicted to need 3 GB \(\+ 1 GB fixed\) of 2.5 GB free"):
+        mem.chunk_size(free=2.5e9)
     cfg, params, _, _ = gqa                                          # through run_masks: refused, nothing runs
     monkeypatch.setattr(memory, "free_bytes", lambda n_devices=1: 1000)
     with pytest.raises(MemoryError, match="predicted to need"):

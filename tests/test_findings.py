@@ -52,12 +52,26 @@ def test_criteria_parse_and_agree_with_their_definitions():
     with pytest.raises(ValueError, match=r"recovery is undefined: .* equal within float noise"):
         rec.success(metric, target, target)                           # not defined: an error, not a failure
     with pytest.raises(ValueError, match=r"recovery is undefined"):
-        rec.success(metric, target + 1e-7, target)                     # nor within float noise
+        rec.success(metric, target + 1e-6, target)                     # nor within float noise of the metric
+    # per-prompt or resampled baselines that tie on some rows are data, not an error: those rows fail
+    tied = source.copy()
+    tied[2] = target[2]
+    per_prompt = rec.success_fraction(metric, tied, target)
+    np.testing.assert_array_equal(per_prompt, rec.success_fraction(metric[:, [0, 1, 3, 4]], tied[[0, 1, 3, 4]],
+                                                                  target[[0, 1, 3, 4]]) * 4 / 5)
     with pytest.raises(ValueError, match="needs the source and target"):
         rec.success(metric)
     for bad in ("recovery", "recovery=>0.5", "ratio>1", "metric>x"):
         with pytest.raises(ValueError, match="recovery>=X, metric>X or fraction>=X"):
             Criterion.parse(bad)
+
+
+def test_resamples_whose_baselines_tie_are_not_an_error():
+    """Only the prompts' own baselines must define recovery; a resample of tied prompts fails."""
+    metric = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])     # [4 subsets, 3 prompts]
+    out = prompt_intervals(cube(2), metric, Criterion.parse("recovery>=0.5"), np.array([2.0, 0, 0]), np.zeros(3),
+                           n_resamples=200)
+    assert out is not None and out["n_resamples"] == 200
 
 
 def test_one_grammar_covers_below_all_prompts_and_counted_prompts():

@@ -68,14 +68,15 @@ class ChunkMemory:
         """Items per chunk split over n_devices: the largest power of two per device whose `bytes`
         fit in fraction x `free` (bytes free per device, default `free_bytes(n_devices)`), times
         n_devices, at most max(max_chunk, n_devices). At least one per device, with a warning when
-        that is predicted to exceed fraction x free; MemoryError, before anything runs, when it is
-        predicted to exceed all the free memory."""
+        that is predicted to exceed fraction x free; MemoryError, before anything runs, when one
+        item's own bytes exceed all the free memory (`fixed` is left out there: free memory may
+        already hold what it counts)."""
         free = free_bytes(n_devices) if free is None else free
         fits = int((fraction * free - self.fixed) // max(self.per_item * self.runtime, 1.0))
-        if self.bytes(1) > free:
-            raise MemoryError(f"one item per device is predicted to need {self.bytes(1) / 1e9:.3g} GB "
-                              f"({self.per_item * self.runtime / 1e9:.3g} GB per item + {self.fixed / 1e9:.3g} GB fixed) "
-                              f"of {free / 1e9:.3g} GB free: use fewer or shorter prompts, or a device with more memory")
+        if self.per_item * self.runtime > free:
+            raise MemoryError(f"one item per device is predicted to need {self.per_item * self.runtime / 1e9:.3g} GB "
+                              f"(+ {self.fixed / 1e9:.3g} GB fixed) of {free / 1e9:.3g} GB free: use fewer or shorter "
+                              "prompts, or a device with more memory")
         if fits < 1:
             logging.warning("memory: one item is predicted to need %.3g GB (+ %.3g GB fixed) of %.3g GB free; "
                             "running one per device per chunk", self.per_item * self.runtime / 1e9,

@@ -164,8 +164,9 @@ class EdgeGraph:
     def path_mask(self, senders: Sequence[str], receivers: Sequence[str]) -> EdgeMask:
         """float32 EdgeMask with 1 on every valid edge from a sender in `senders` to a receiver in
         `receivers` (labels of `sender_labels` / `receiver_labels`; a head's label 'LlHh' as a receiver
-        means its q, k and v inputs, and its KV head's for k and v). ValueError for a sender with no
-        valid edge into any of the receivers (they all come before it: it has no path to patch)."""
+        means its q, k and v inputs, and its KV head's for k and v). ValueError when no sender has a
+        valid edge into the receivers (they all come before them: there is no path to patch; no
+        senders: the mask that patches nothing)."""
         snd, rcv = self.sender_labels, self.receiver_labels
         unknown = [s for s in senders if s not in snd]
         if unknown:
@@ -183,10 +184,9 @@ class EdgeGraph:
         full = s[:, None] & m[None, :]                                              # [S, L R + 1]
         lay = full[:, :-1].reshape(self.n_senders, self.n_layers, self.n_receivers).transpose(1, 0, 2)
         lay, final = lay & self.valid().layers, full[:, -1]
-        dead = [snd[i] for i in np.flatnonzero(s) if not (lay[:, i].any() or final[i])]
-        if dead:
-            raise ValueError(f"sender(s) {dead} have no edge into the receivers {list(receivers)}: every receiver named "
-                             "comes before it (`EdgeGraph.valid`), so no path runs there")
+        if len(senders) and not (lay.any() or final.any()):
+            raise ValueError(f"sender(s) {list(senders)} have no edge into the receivers {list(receivers)}: every "
+                             "receiver named comes before them (`EdgeGraph.valid`), so no path runs there")
         return EdgeMask(jnp.asarray(lay, jnp.float32), jnp.asarray(final, jnp.float32))
 
     def _receivers_of(self, label: str) -> set:
@@ -210,12 +210,11 @@ def path_masks(graph: EdgeGraph, senders: Sequence[str], receivers: Sequence[str
     subsets = np.asarray(subsets)
     if subsets.ndim != 2 or subsets.shape[1] != len(senders) or not np.isin(subsets, (0, 1)).all():
         raise ValueError(f"subsets has shape {subsets.shape}, expected 0/1 [N, {len(senders)}] (one column per sender)")
-    one = [graph.path_mask([s], receivers) for s in senders]
-    stack = lambda leaves: np.stack([np.asarray(a).ravel() for a in leaves])          # [U, n]
-    w = subsets.astype(np.float32)
-    layers = np.minimum(w @ stack([m.layers for m in one]), 1.0)
-    final = np.minimum(w @ stack([m.final for m in one]), 1.0)
-    return EdgeMask(layers.reshape(len(w), *one[0].layers.shape) if one else np.zeros((len(w), 0)), final)
+    union = graph.path_mask(senders, receivers)                  # every sender's edges, in its own row
+    pick = np.zeros((len(senders), graph.n_senders), np.float32)
+    pick[np.arange(len(senders)), [graph.sender_labels.index(s) for s in senders]] = 1.0
+    on = np.minimum(subsets.astype(np.float32) @ pick, 1.0)                          # [N, S] senders patched
+    return EdgeMask(np.asarray(union.layers)[None] * on[:, None, :, None], np.asarray(union.final)[None] * on)
 
 
 def check_edge_mask(mask: EdgeMask, graph: EdgeGraph, batched: bool = False) -> None:

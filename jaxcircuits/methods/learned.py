@@ -313,11 +313,12 @@ def fit(obj: Objective, lambdas, seeds=0, spec: Spec = Spec(), checkpoint_dir: O
         raise ValueError("the objective has no units")
     baseline = baselines(obj)
     meta = {"lambdas": lambdas.tolist(), "seeds": seeds.tolist(), "n_units": obj.n_units,
-            "spec": dataclasses.asdict(spec), "objective": _fingerprint(obj)}
+            "spec": dataclasses.asdict(spec)}
     state = init_state(spec, obj.n_units, seeds)
     start, hist = 0, np.zeros((0, len(HISTORY), len(lambdas)), np.float32)
     with _maybe_lock(checkpoint_dir):
         if checkpoint_dir:
+            meta["objective"] = _fingerprint(obj)                  # hashing params and problem: only to resume
             start, state, hist = _restore(checkpoint_dir, meta, state, hist)
         with logs.progress(end, f"learned masks ({len(lambdas)} runs)", "step", initial=start) as bar:
             step = start

@@ -206,7 +206,8 @@ def sweep_findings(summary: dict, name: str) -> list:
 
 def _pairs_to_separate(table: dict, best: int, other: Optional[int]) -> float:
     """Rough pairs for the recovery interval of row `best` to clear that of row `other` (None: 0):
-    n x ((half-width + half-width) / gap)^2; inf when the gap is not positive."""
+    n x ((half-width + half-width) / gap)^2 (callers ask for at least n + 1: bootstrap intervals are
+    not symmetric); inf when the gap is not positive."""
     half = lambda i: (table["recovery_hi"][i] - table["recovery_lo"][i]) / 2
     rival, width = (0.0, 0.0) if other is None else (table["recovery"][other], half(other))
     gap = table["recovery"][best] - rival
@@ -235,7 +236,7 @@ def layer_findings(table: dict, order: Sequence[int], context: str = "") -> list
     why = " and ".join((["its interval does not lie above 0"] if lo <= 0 else [])
                        + ([f"it overlaps layer {rival}'s ({cell(t, 'recovery', rival)})"]
                           if rival is not None and t["recovery_hi"][rival] >= lo else []))
-    more = (f"about {math.ceil(need)} pairs would resolve it at these gaps" if math.isfinite(need)
+    more = (f"about {max(math.ceil(need), n + 1)} pairs would resolve it at these gaps" if math.isfinite(need)
             else "more pairs would not resolve it: another layer recovers as much")
     return [(f"No best layer resolved: {lead} leads, but {why}; {more}{context}.", "layer")]
 

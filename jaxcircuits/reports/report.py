@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from jaxcircuits import storage
 from jaxcircuits.reports import plots
 from jaxcircuits.reports.findings import FINDING_RULES, report_markdown, sweep_findings
 from jaxcircuits.stats.criteria import Criterion
@@ -31,25 +32,13 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3)
     return "\n".join(lines)
 
 
-def check_out_dir(path: str) -> None:
-    """NotADirectoryError naming the file in the way, or PermissionError naming the directory that
-    cannot be written, unless `path` is or can be made a writable directory."""
-    found = os.path.abspath(path)
-    while not os.path.exists(found):
-        found = os.path.dirname(found)
-    if not os.path.isdir(found):
-        raise NotADirectoryError(f"{found} is a file, not a directory")
-    if not os.access(found, os.W_OK | os.X_OK):
-        raise PermissionError(f"{found} is not writable")
-
-
 class Report:
     """Collects markdown sections, findings and JSON results; `write()` saves them under `out_dir`,
     the findings first (after the title and the command), each rule they follow listed below them."""
 
     def __init__(self, out_dir: str, title: str):
         self.out_dir = out_dir
-        check_out_dir(out_dir)
+        storage.check_dir(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         self.command = "python -m " + " ".join(
             [os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, ".")] + [shlex.quote(a) for a in sys.argv[1:]])

@@ -25,12 +25,20 @@ from jaxcircuits import checks
 OPS = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal}
 
 
-NOISE = {"rtol": 1e-5, "atol": 1e-6}      # float32 metrics this close are one number (`np.isclose`)
+NOISE = 1e-5      # float32 metrics closer than NOISE x the largest magnitude in play are one number
 
 
-def indistinguishable(a, b) -> np.ndarray:
-    """bool, broadcast: a and b are equal within float32 noise (`NOISE`)."""
-    return np.isclose(np.asarray(a, np.float64), np.asarray(b, np.float64), **NOISE)
+def indistinguishable(a, b, scale=0.0) -> np.ndarray:
+    """bool, broadcast: |a - b| <= NOISE x max(|a|, |b|, scale), equal within float32 noise; scale:
+    the largest magnitude of the values computed alongside (a metric's), whose rounding the
+    difference may carry."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b) <= NOISE * np.maximum(np.maximum(np.abs(a), np.abs(b)), scale)
+
+
+def _scale(metric) -> float:
+    m = np.abs(np.asarray(metric, np.float64))
+    return float(np.nanmax(m)) if m.size and not np.isnan(m).all() else 0.0
 
 
 def recovery(metric, source, target) -> np.ndarray:
@@ -40,32 +48,32 @@ def recovery(metric, source, target) -> np.ndarray:
     metric [..., P] (e.g. [N, P]: N subsets; [N, R, P]: R resamples of the prompts), source and
     target [..., P] broadcasting against it. Returns [...]: 0 = the unpatched target, 1 = the
     source; NaN (not defined) where the two baselines' means are equal within float noise
-    (`indistinguishable`).
+    (`indistinguishable`, on the scale of the metric).
     """
     s, t = np.mean(source, -1), np.mean(target, -1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(indistinguishable(s, t), np.nan, (np.mean(metric, -1) - t) / (s - t))
+        return np.where(indistinguishable(s, t, _scale(metric)), np.nan, (np.mean(metric, -1) - t) / (s - t))
 
 
-def check_recovery_defined(source, target) -> None:
-    """ValueError unless the means over prompts of baselines source, target [..., P] differ beyond
-    float noise everywhere (else recovery is not defined: the source does not move the metric)."""
-    s, t = np.mean(source, -1), np.mean(target, -1)
-    same = indistinguishable(s, t)
-    if np.any(same):
-        where = f"source {float(s):g}, target {float(t):g}" if np.ndim(same) == 0 else \
-            f"on {int(np.sum(same))} of {np.size(same)} rows of baselines shaped {np.shape(same)}"
+def check_recovery_defined(source, target, metric=None) -> None:
+    """ValueError unless the means over prompts of the baselines source, target [P] differ beyond
+    float noise (on the scale of `metric` too, if given): else recovery is not defined, the source
+    does not move the metric."""
+    s, t = float(np.mean(source)), float(np.mean(target))
+    if indistinguishable(s, t, 0.0 if metric is None else _scale(metric)):
         raise ValueError(f"recovery is undefined: the source and target baselines are equal within float noise "
-                         f"({where}); judge by the metric (metric>X, fraction>=X) or choose a source that changes it")
+                         f"(mean source {s:g}, mean target {t:g}); judge by the metric (metric>X, fraction>=X) or "
+                         "choose a source that changes it")
 
 
-# name -> (what the criterion compares, value(criterion, metric [..., P], source, target) -> [...])
+# name -> (what the criterion compares, value(criterion, metric [..., P], source, target) -> [...],
+#          the range of its threshold)
 QUANTITIES = {
     "recovery": ("normalised recovery (patched - target) / (source - target) of the mean metric over prompts",
-                 lambda c, m, s, t: recovery(m, s, t)),
-    "metric": ("mean metric over prompts", lambda c, m, s, t: np.mean(m, -1)),
+                 lambda c, m, s, t: recovery(m, s, t), (-np.inf, np.inf)),
+    "metric": ("mean metric over prompts", lambda c, m, s, t: np.mean(m, -1), (-np.inf, np.inf)),
     "fraction": ("fraction of prompts whose metric is {prompt_op} {prompt_threshold:g}",
-                 lambda c, m, s, t: OPS[c.prompt_op](m, c.prompt_threshold).mean(-1)),
+                 lambda c, m, s, t: OPS[c.prompt_op](m, c.prompt_threshold).mean(-1), (0.0, 1.0)),
 }
 _OP = "(>=|<=|>|<)"
 _SPEC = re.compile(rf"\s*(?:fraction\s*\(\s*metric\s*{_OP}\s*([^\s()]+)\s*\)|(\w+))\s*{_OP}\s*(\S+)\s*")
@@ -92,7 +100,7 @@ class Criterion:
         if self.quantity not in QUANTITIES or self.op not in OPS or self.prompt_op not in OPS:
             raise ValueError(f"a criterion compares one of {sorted(QUANTITIES)} with one of {sorted(OPS)}, "
                              f"got {self.quantity!r} {self.op!r} (prompts {self.prompt_op!r})")
-        checks.within("threshold", self.threshold, *((0, 1) if self.quantity == "fraction" else ()))
+        checks.within("threshold", self.threshold, *QUANTITIES[self.quantity][2])
         checks.within("prompt_threshold", self.prompt_threshold)
         if self.quantity != "fraction" and self._prompts_written:
             raise ValueError(f"only 'fraction' counts prompts by (prompt_op, prompt_threshold), got "
@@ -142,11 +150,14 @@ class Criterion:
 
     def value(self, metric, source=None, target=None) -> np.ndarray:
         """The compared quantity: metric [..., P] (source, target [..., P]) -> [...]; metric [N] is
-        one prompt per subset."""
+        one prompt per subset. Baselines [P], the prompts' own, must define recovery
+        (`check_recovery_defined`: else ValueError); resampled or per-prompt ones (more axes) give
+        NaN where they do not, which fails."""
         if self.needs_baselines:
             if source is None or target is None:
                 raise ValueError(f"the criterion {self} needs the source and target baselines")
-            check_recovery_defined(source, target)
+            if np.ndim(source) == 1 and np.ndim(target) == 1:
+                check_recovery_defined(source, target, metric)
         m = np.asarray(metric, dtype=np.float64)
         return QUANTITIES[self.quantity][1](self, m[:, None] if m.ndim == 1 else m, source, target)
 

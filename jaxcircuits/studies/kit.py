@@ -36,7 +36,6 @@ from jaxcircuits.interventions.sites import get as get_site
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.params import PARAM_DTYPES
 from jaxcircuits.models.transformer import run_with_cache
-from jaxcircuits.reports.report import check_out_dir
 from jaxcircuits.tasks.formats import get_format
 from jaxcircuits.tasks import registry
 from jaxcircuits.tasks.registry import TaskBatches
@@ -353,7 +352,7 @@ def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
 def check_out(opts: StudyOptions) -> None:
     """OptionError naming --out when it cannot become the report directory (a file is in the way)."""
     try:
-        check_out_dir(opts.out)
+        storage.check_dir(opts.out)
     except OSError as e:
         raise OptionError(f"--out={opts.out}: {_message(e)}; choose another --out") from None
 
