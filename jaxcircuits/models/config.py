@@ -92,9 +92,15 @@ class ModelConfig:
     x + attn(norm1(x)). sliding_window: a query reads only the keys of the last `sliding_window` slots
     (its own included; Mistral). qk_norm: a row of `layers.QK_NORMS`, the config's norm on queries
     and keys before RoPE, over each head (Qwen3) or over the whole projection (OLMo-2); None: none.
-    post_norms: norm1 and norm2 normalise the attention's and the MLP's outputs before they are
-    added to the residual, and nothing normalises their inputs (OLMo-2). rope_layers: per layer,
-    whether it applies RoPE (None: every layer; SmolLM3's NoPE layers do not).
+    pre_norms: norm1 and norm2 normalise the attention's and the MLP's inputs (off: OLMo-2);
+    post_norms: post_norm1 and post_norm2 normalise their outputs before they are added to the
+    residual (OLMo-2, Gemma-2: both). rope_layers: per layer, whether it applies RoPE (None: every
+    layer; SmolLM3's NoPE layers do not). window_layers: per layer, whether its attention has the
+    sliding window (None: every layer; Gemma-2 alternates). query_pre_attn_scalar: scores are scaled
+    by its -1/2 power (None: d_head's). attn_logit_softcap, final_logit_softcap: c * tanh(s / c) of
+    the attention scores before the mask, of the logits (Gemma-2; the loader puts the logits' cap in
+    the params, `params.config_leaves`). scaled_embeddings: token embeddings times sqrt(d_model)
+    (in their dtype, as HF Gemma).
     """
 
     checkpoint: str
@@ -118,8 +124,14 @@ class ModelConfig:
     parallel_residual: bool = False
     sliding_window: Optional[int] = None
     qk_norm: Optional[str] = None
+    pre_norms: bool = True
     post_norms: bool = False
     rope_layers: Optional[Tuple[bool, ...]] = None
+    window_layers: Optional[Tuple[bool, ...]] = None
+    query_pre_attn_scalar: Optional[float] = None
+    attn_logit_softcap: Optional[float] = None
+    final_logit_softcap: Optional[float] = None
+    scaled_embeddings: bool = False
     rope: Optional[RopeConfig] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -144,6 +156,11 @@ class ModelConfig:
         if self.rope_layers is not None and (self.rope is None or len(self.rope_layers) != self.n_layers):
             raise UnsupportedConfigError(f"rope_layers needs RoPE and one entry per layer ({self.n_layers}), "
                                          f"got {self.rope_layers}")
+        if self.window_layers is not None and (self.sliding_window is None or len(self.window_layers) != self.n_layers):
+            raise UnsupportedConfigError(f"window_layers needs a sliding_window and one entry per layer "
+                                         f"({self.n_layers}), got {self.window_layers}")
+        if not (self.pre_norms or self.post_norms):
+            raise UnsupportedConfigError("a layer needs norms before (pre_norms) or after (post_norms) its sublayers")
         if self.rope is not None and (self.rope.dims(self.d_head) % 2 or not self.rope.dims(self.d_head)):
             raise UnsupportedConfigError(
                 f"partial_rotary_factor={self.rope.partial} rotates {self.rope.dims(self.d_head)} of the "
@@ -351,7 +368,8 @@ LLAMA_FAMILIES = {
     "qwen2": (_QWEN_WINDOW, lambda hf: {**_full_attention(hf), "attn_bias": True}),
     "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
     "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
-    "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "post_norms": True}),
+    "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "pre_norms": False,
+                                              "post_norms": True}),
     # fused qkv_proj / gate_up_proj (its own tensor names); original_max_position_embeddings is read
     # by longrope only (refused: a rope type not in _ROPE_FIELDS); auto_map names remote code HF replaces
     "phi3": ({"sliding_window", "partial_rotary_factor", "attention_bias", "original_max_position_embeddings",
@@ -361,7 +379,46 @@ LLAMA_FAMILIES = {
                 lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False),
                             **_nope_layers(hf),
                             "rope": _rope_from_hf({"rope_theta": 2e6, **hf})}),      # HF's default theta
+    # cache_implementation ('hybrid', in Google's config.json) only chooses HF's generation cache
+    "gemma2": ({"attention_bias", "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
+                "final_logit_softcapping", "sliding_window", "layer_types", "use_bidirectional_attention",
+                "cache_implementation"},
+               lambda hf: {**_qkvo_bias(hf), **_gemma2(hf)}),
 }
+
+
+def _cap(hf: dict, field: str, default: float) -> Optional[float]:
+    """A soft cap: hf[field] (null: none), or `default` when absent."""
+    return None if field in hf and hf[field] is None else _get(hf, field, float, default)
+
+
+def _window_layers(hf: dict, default) -> Optional[Tuple[bool, ...]]:
+    """Per layer, whether it has the sliding window: ``layer_types`` ('sliding_attention' or
+    'full_attention', one per layer), else `default(i)` as HF fills it; None when every layer has it."""
+    n = _get(hf, "num_hidden_layers", int)
+    kinds = hf.get("layer_types") or ["sliding_attention" if default(i) else "full_attention" for i in range(n)]
+    if not (isinstance(kinds, list) and len(kinds) == n and set(kinds) <= {"sliding_attention", "full_attention"}):
+        raise UnsupportedConfigError(f"config field 'layer_types'={kinds!r} is invalid: expected {n} of "
+                                     "'sliding_attention' / 'full_attention'")
+    sliding = tuple(k == "sliding_attention" for k in kinds)
+    return None if all(sliding) else sliding
+
+
+def _gemma2(hf: dict) -> dict:
+    """Gemma-2: RMSNorm times (1 + w) before and after attention and the MLP, GeGLU (tanh GELU),
+    embeddings times sqrt(d_model), attention scaled by query_pre_attn_scalar and soft-capped, soft-capped
+    logits, a sliding window on every other layer (the even ones by default), tied embeddings; HF's defaults."""
+    _require(hf, "use_bidirectional_attention", lambda v: v is False, "only causal attention is implemented")
+    act = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    _require(hf, "hidden_activation", lambda v: v in ACTIVATIONS, f"use one of {', '.join(ACTIVATIONS)}")
+    window = None if "sliding_window" in hf and hf["sliding_window"] is None else _get(hf, "sliding_window", int, 4096)
+    return {"norm": "rmsnorm_unit_offset", "activation": act, "post_norms": True, "scaled_embeddings": True,
+            "d_head": _get(hf, "head_dim", int, 256), "n_kv_heads": _get(hf, "num_key_value_heads", int, 4),
+            "tied_embeddings": _get(hf, "tie_word_embeddings", bool, True),
+            "query_pre_attn_scalar": _get(hf, "query_pre_attn_scalar", float, 256.0),
+            "attn_logit_softcap": _cap(hf, "attn_logit_softcapping", 50.0),
+            "final_logit_softcap": _cap(hf, "final_logit_softcapping", 30.0), "sliding_window": window,
+            "window_layers": window and _window_layers(hf, lambda i: (i + 1) % 2)}
 
 
 def _from_llama(hf: dict) -> ModelConfig:
@@ -373,7 +430,8 @@ def _from_llama(hf: dict) -> ModelConfig:
         "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
         "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act",
         "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", *fields})
-    _require(hf, "hidden_act", lambda v: v == "silu", "Llama-like MLPs must use silu")
+    if "hidden_activation" not in fields:            # Gemma-2's MLP reads it (HF ignores its hidden_act)
+        _require(hf, "hidden_act", lambda v: v == "silu", "Llama-like MLPs must use silu")
     n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
     partial = 1.0 if "partial_rotary_factor" in fields else None
     return ModelConfig(**{
