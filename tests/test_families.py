@@ -1,12 +1,13 @@
 """Model families as features (`config.LLAMA_FAMILIES`), each against HF transformers on a tiny random
 model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases, no o_proj bias,
 tied embeddings), Mistral (sliding window, shorter than the prompts), Qwen3 (RMSNorm of each head's
-queries and keys), OLMo-2 (norms after the sublayers, q/k norms over the whole projection), GPT-NeoX /
-Pythia (parallel attention and MLP, RoPE on a fraction of each head's dims, fused per-head q/k/v),
-Phi-3 (fused qkv_proj and gate_up_proj; partial RoPE, Phi-4-mini's field, and Phi-3-mini's sliding window),
-SmolLM3 (layers without RoPE, `rope_layers`), Gemma-2 (RMSNorm times 1 + w before and after both
-sublayers, GeGLU, scaled embeddings, query_pre_attn_scalar, soft-capped attention scores and logits, a
-sliding window on every other layer).
+queries and keys; the window on its last layer, `window_layers`), OLMo-2 (norms after the sublayers,
+q/k norms over the whole projection), GPT-NeoX / Pythia (parallel attention and MLP, RoPE on a
+fraction of each head's dims, fused per-head q/k/v), Phi-3 (fused qkv_proj and gate_up_proj; partial
+RoPE, Phi-4-mini's field, and Phi-3-mini's sliding window), SmolLM3 (layers without RoPE,
+`rope_layers`; the window on them), Gemma-2 (RMSNorm times 1 + w before and after both sublayers,
+GeGLU, scaled embeddings, query_pre_attn_scalar, soft-capped attention scores and logits, a sliding
+window on every other layer).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
 patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
@@ -46,16 +47,17 @@ FAMILIES = {
               dict(attn_bias=True, o_bias=False, tied_embeddings=True)),
     "mistral": ("MistralConfig", dict(GQA, sliding_window=4, head_dim=8),
                 dict(attn_bias=False, tied_embeddings=False, sliding_window=4)),
-    "qwen3": ("Qwen3Config", dict(GQA, head_dim=8),
-              dict(attn_bias=False, o_bias=False, qk_norm="head")),
+    "qwen3": ("Qwen3Config", dict(GQA, head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+              dict(attn_bias=False, o_bias=False, qk_norm="head", sliding_window=4, window_layers=(False, True))),
     "olmo2": ("Olmo2Config", dict(GQA), dict(attn_bias=False, qk_norm="proj", post_norms=True)),
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5),
                  dict(norm="layernorm", parallel_residual=True, attn_bias=True, mlp_bias=True, tied_embeddings=False,
                       rope=RopeConfig(partial=0.5))),
     "phi3": ("Phi3Config", dict(GQA, partial_rotary_factor=0.5, sliding_window=4, pad_token_id=0),
              dict(checkpoint="phi3", attn_bias=False, sliding_window=4, rope=RopeConfig(partial=0.5))),
-    "smollm3": ("SmolLM3Config", dict(GQA, no_rope_layer_interval=2, pad_token_id=0),
-                dict(rope_layers=(True, False), tied_embeddings=True, attn_bias=False)),
+    "smollm3": ("SmolLM3Config", dict(GQA, no_rope_layer_interval=2, pad_token_id=0, use_sliding_window=True,
+                                      sliding_window=4),                      # the window on the NoPE layer
+                dict(rope_layers=(True, False), tied_embeddings=True, attn_bias=False, window_layers=(False, True))),
     # caps small enough to matter at these weights
     "gemma2": ("Gemma2Config", dict(GQA, head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
                                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=0),
@@ -185,8 +187,8 @@ def test_per_unit_reads_are_each_units_own_read(family):
 
 
 @pytest.mark.parametrize("model_type,field,value,match", [
-    ("qwen2", "use_sliding_window", True, "use_sliding_window"),
-    ("qwen3", "layer_types", ["sliding_attention", "full_attention"], "layer_types"),
+    ("qwen2", "use_sliding_window", 1, "use_sliding_window"),
+    ("qwen3", "layer_types", ["sliding_attention"], "layer_types"),             # fewer kinds than layers
     ("olmo2", "qk_layernorm", True, "qk_layernorm"),        # a field OLMo-2 does not have
     ("mistral", "mlp_bias", True, "mlp_bias"),               # Llama's, not Mistral's
     ("qwen2", "hidden_act", "gelu", "hidden_act"),
@@ -196,10 +198,8 @@ def test_per_unit_reads_are_each_units_own_read(family):
     ("phi3", "rope_scaling", {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
                               "factor": 32.0}, "'longrope' is not supported"),             # Phi-3-128k, Phi-3.5
     ("phi3", "attention_bias", True, "attention_bias"),
-    ("smollm3", "use_sliding_window", True, "use_sliding_window"),
     ("smollm3", "no_rope_layers", [1], "no_rope_layers"),                      # fewer flags than layers
     ("gemma2", "use_bidirectional_attention", True, "use_bidirectional_attention"),
-    ("gemma2", "layer_types", ["sliding_attention"], "layer_types"),
     ("gemma2", "layer_types", ["chunked_attention", "full_attention"], "layer_types"),
     ("gemma2", "hidden_activation", "swish", "hidden_activation"),
 ])
@@ -253,6 +253,21 @@ def test_gemma2_defaults_read_as_hf_fills_them():
     assert google.final_logit_softcap is None and "logit_softcap" not in init_params(google, jax.random.PRNGKey(0))
     assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg      # the params cache's round trip
 
+
+@pytest.mark.parametrize("model_type,cls,window", [
+    ("qwen2", "Qwen2Config", dict(use_sliding_window=True, max_window_layers=3)),
+    ("qwen3", "Qwen3Config", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    ("qwen3", "Qwen3Config", dict(use_sliding_window=False, max_window_layers=1)),
+    ("smollm3", "SmolLM3Config", dict(use_sliding_window=True, sliding_window=6)),
+])
+def test_per_layer_windows_read_as_hf_fills_them(model_type, cls, window):
+    """Qwen2 / Qwen3: the window from layer max_window_layers on; SmolLM3: on its NoPE layers (HF's layer_types)."""
+    import transformers
+    hf = {**COMMON, "num_hidden_layers": 5, **window}
+    want, cfg = getattr(transformers, cls)(**hf), ModelConfig.from_hf({"model_type": model_type, **hf})
+    sliding = tuple(t == "sliding_attention" for t in want.layer_types)
+    on = want.sliding_window if want.sliding_window and any(sliding) else None
+    assert (cfg.sliding_window, cfg.window_layers) == (on, None if on is None or all(sliding) else sliding)
 
 def test_dla_refuses_final_logit_softcapping():
     """Soft-capped logits are not linear in the final residual: DLA names the feature (Gemma-2's heads

@@ -96,11 +96,12 @@ class ModelConfig:
     post_norms: post_norm1 and post_norm2 normalise their outputs before they are added to the
     residual (OLMo-2, Gemma-2: both). rope_layers: per layer, whether it applies RoPE (None: every
     layer; SmolLM3's NoPE layers do not). window_layers: per layer, whether its attention has the
-    sliding window (None: every layer; Gemma-2 alternates). query_pre_attn_scalar: scores are scaled
-    by its -1/2 power (None: d_head's). attn_logit_softcap, final_logit_softcap: c * tanh(s / c) of
-    the attention scores before the mask, of the logits (Gemma-2; the loader puts the logits' cap in
-    the params, `params.config_leaves`). scaled_embeddings: token embeddings times sqrt(d_model)
-    (in their dtype, as HF Gemma).
+    sliding window (None: every layer; Gemma-2 alternates, Qwen2/Qwen3 have it from max_window_layers
+    on, SmolLM3 on its NoPE layers). query_pre_attn_scalar: scores are scaled by its -1/2 power
+    (None: d_head's). attn_logit_softcap, final_logit_softcap: c * tanh(s / c) of the attention
+    scores before the mask, of the logits (Gemma-2; the loader puts the logits' cap in the params,
+    `params.config_leaves`). scaled_embeddings: token embeddings times sqrt(d_model) (in their
+    dtype, as HF Gemma).
     """
 
     checkpoint: str
@@ -340,17 +341,37 @@ def _no_bias(hf: dict) -> dict:
 _QWEN_WINDOW = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
 
 
-def _full_attention(hf: dict) -> dict:
-    """Qwen2/Qwen3/SmolLM3 configs: sliding windows on some layers only (use_sliding_window) are not implemented."""
-    _require(hf, "use_sliding_window", lambda v: v is False, "per-layer sliding windows are not implemented")
-    _require(hf, "layer_types", lambda v: isinstance(v, list) and set(v) <= {"full_attention"},
-             "per-layer attention kinds are not implemented")
-    return {}
+def _optional(hf: dict, field: str, kind: type, default):
+    """`_get`, but None when the config sets the field to null (a feature switched off)."""
+    return None if field in hf and hf[field] is None else _get(hf, field, kind, default)
+
+
+def _windows(hf: dict, window: Optional[int], default) -> dict:
+    """sliding_window and window_layers: `window` (None: no window) on the layers ``layer_types``
+    names 'sliding_attention' (the others 'full_attention'), else on those where default(i), as HF
+    fills it; window_layers None when every layer has the window, no window when none has it."""
+    n = _get(hf, "num_hidden_layers", int)
+    kinds = hf.get("layer_types") or ["sliding_attention" if default(i) else "full_attention" for i in range(n)]
+    if not (isinstance(kinds, list) and len(kinds) == n and set(kinds) <= {"sliding_attention", "full_attention"}):
+        raise UnsupportedConfigError(f"config field 'layer_types'={kinds!r} is invalid: expected {n} of "
+                                     "'sliding_attention' / 'full_attention'")
+    sliding = tuple(k == "sliding_attention" for k in kinds)
+    if window is None or not any(sliding):
+        return {"sliding_window": None, "window_layers": None}
+    return {"sliding_window": window, "window_layers": None if all(sliding) else sliding}
+
+
+def _qwen_windows(hf: dict) -> dict:
+    """Qwen2/Qwen3: with use_sliding_window, the window on layers max_window_layers.. (HF's layer_types)."""
+    window = _optional(hf, "sliding_window", int, 4096) if _get(hf, "use_sliding_window", bool, False) else None
+    first = _get(hf, "max_window_layers", int, 28)
+    return _windows(hf, window, lambda i: i >= first)
 
 
 def _nope_layers(hf: dict) -> dict:
     """SmolLM3: ``no_rope_layers`` [>= L] (1: the layer applies RoPE, 0: NoPE), as HF fills it when
-    absent (every ``no_rope_layer_interval``-th layer NoPE)."""
+    absent (every ``no_rope_layer_interval``-th layer NoPE); with use_sliding_window, its window on
+    the layers layer_types names, by default the NoPE ones."""
     n, every = _get(hf, "num_hidden_layers", int), _get(hf, "no_rope_layer_interval", int, 4)
     flags = hf.get("no_rope_layers")
     if flags is None:
@@ -358,16 +379,18 @@ def _nope_layers(hf: dict) -> dict:
     if not (isinstance(flags, list) and len(flags) >= n and all(f in (0, 1) for f in flags)):
         raise UnsupportedConfigError(f"config field 'no_rope_layers'={flags!r} is invalid: expected {n} or more 0/1 flags")
     rotates = tuple(bool(f) for f in flags[:n])
-    return {"rope_layers": None if all(rotates) else rotates}
+    window = _optional(hf, "sliding_window", int, None) if _get(hf, "use_sliding_window", bool, False) else None
+    return {"rope_layers": None if all(rotates) else rotates,
+            **_windows(hf, window, lambda i: not rotates[i])}          # HF: the window on the NoPE layers
 
 
 # HF model_type of a Llama-like family -> (config fields it reads besides the Llama core, hf -> its features)
 LLAMA_FAMILIES = {
     "llama": ({"attention_bias", "mlp_bias"},
               lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False)}),
-    "qwen2": (_QWEN_WINDOW, lambda hf: {**_full_attention(hf), "attn_bias": True}),
+    "qwen2": (_QWEN_WINDOW, lambda hf: {**_qwen_windows(hf), "attn_bias": True}),
     "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
-    "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
+    "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_qwen_windows(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
     "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "pre_norms": False,
                                               "post_norms": True}),
     # fused qkv_proj / gate_up_proj (its own tensor names); original_max_position_embeddings is read
@@ -376,7 +399,7 @@ LLAMA_FAMILIES = {
               "auto_map"},
              lambda hf: {**_no_bias(hf), "checkpoint": "phi3", "sliding_window": _get(hf, "sliding_window", int, None)}),
     "smollm3": ({"attention_bias", "mlp_bias", "no_rope_layers", "no_rope_layer_interval", *_QWEN_WINDOW},
-                lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False),
+                lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False),
                             **_nope_layers(hf),
                             "rope": _rope_from_hf({"rope_theta": 2e6, **hf})}),      # HF's default theta
     # cache_implementation ('hybrid', in Google's config.json) only chooses HF's generation cache
@@ -387,23 +410,6 @@ LLAMA_FAMILIES = {
 }
 
 
-def _cap(hf: dict, field: str, default: float) -> Optional[float]:
-    """A soft cap: hf[field] (null: none), or `default` when absent."""
-    return None if field in hf and hf[field] is None else _get(hf, field, float, default)
-
-
-def _window_layers(hf: dict, default) -> Optional[Tuple[bool, ...]]:
-    """Per layer, whether it has the sliding window: ``layer_types`` ('sliding_attention' or
-    'full_attention', one per layer), else `default(i)` as HF fills it; None when every layer has it."""
-    n = _get(hf, "num_hidden_layers", int)
-    kinds = hf.get("layer_types") or ["sliding_attention" if default(i) else "full_attention" for i in range(n)]
-    if not (isinstance(kinds, list) and len(kinds) == n and set(kinds) <= {"sliding_attention", "full_attention"}):
-        raise UnsupportedConfigError(f"config field 'layer_types'={kinds!r} is invalid: expected {n} of "
-                                     "'sliding_attention' / 'full_attention'")
-    sliding = tuple(k == "sliding_attention" for k in kinds)
-    return None if all(sliding) else sliding
-
-
 def _gemma2(hf: dict) -> dict:
     """Gemma-2: RMSNorm times (1 + w) before and after attention and the MLP, GeGLU (tanh GELU),
     embeddings times sqrt(d_model), attention scaled by query_pre_attn_scalar and soft-capped, soft-capped
@@ -411,14 +417,13 @@ def _gemma2(hf: dict) -> dict:
     _require(hf, "use_bidirectional_attention", lambda v: v is False, "only causal attention is implemented")
     act = hf.get("hidden_activation", "gelu_pytorch_tanh")
     _require(hf, "hidden_activation", lambda v: v in ACTIVATIONS, f"use one of {', '.join(ACTIVATIONS)}")
-    window = None if "sliding_window" in hf and hf["sliding_window"] is None else _get(hf, "sliding_window", int, 4096)
     return {"norm": "rmsnorm_unit_offset", "activation": act, "post_norms": True, "scaled_embeddings": True,
             "d_head": _get(hf, "head_dim", int, 256), "n_kv_heads": _get(hf, "num_key_value_heads", int, 4),
             "tied_embeddings": _get(hf, "tie_word_embeddings", bool, True),
             "query_pre_attn_scalar": _get(hf, "query_pre_attn_scalar", float, 256.0),
-            "attn_logit_softcap": _cap(hf, "attn_logit_softcapping", 50.0),
-            "final_logit_softcap": _cap(hf, "final_logit_softcapping", 30.0), "sliding_window": window,
-            "window_layers": window and _window_layers(hf, lambda i: (i + 1) % 2)}
+            "attn_logit_softcap": _optional(hf, "attn_logit_softcapping", float, 50.0),
+            "final_logit_softcap": _optional(hf, "final_logit_softcapping", float, 30.0),
+            **_windows(hf, _optional(hf, "sliding_window", int, 4096), lambda i: (i + 1) % 2)}
 
 
 def _from_llama(hf: dict) -> ModelConfig:
