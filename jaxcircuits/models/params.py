@@ -17,7 +17,8 @@
       },
       'final_norm': {'scale': [D], 'bias': [D] (layernorm)},
       'unembed': {'w': [D, V]} (absent when embeddings are tied: logits use embed.tokens.T),
-      'logit_softcap': [] (cfg.final_logit_softcap, set by the loader: `config_leaves`),
+      'logit_softcap': [] (cfg.final_logit_softcap, set by the loader: `config_leaves`; in the
+                       params' dtype: Gemma-2's 30 is exact in bfloat16),
     }
 
 H query heads, K KV heads, Dh head dim; head h of `q.w` is HF's output rows
