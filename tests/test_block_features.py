@@ -9,8 +9,10 @@ and these checks pass for it unchanged, as they do with Mistral's sliding window
 positions here), Qwen3's per-head q/k norm, GPT-NeoX's partial RoPE (half of each head's dims
 rotate) and a layer without RoPE (SmolLM3's NoPE layers; the middle one, which the fast paths start
 from) on the same model, and for OLMo-2 (norms after the
-sublayers, `post_norms`; q/k norms over the whole projection), except that its edges and DLA are
-refused, naming the feature (a norm after the heads' sum gives no per-head share):
+sublayers, `post_norms`; q/k norms over the whole projection) and Gemma-2 (norms before and after
+both sublayers, times 1 + w; soft-capped scores and logits; the window on every other layer), except
+that their edges and DLA are refused, naming the feature (a norm after the heads' sum gives no
+per-head share):
 
   edges: every edge out of a node = the node patch    patched runs: vmapped = looped, the fast
   suffix path (from the cached z, KV-cached prefix, last layer's queries only) = the full recompute
@@ -49,9 +51,12 @@ FEATURES = {
     "parallel_mix": (LLAMA, {"parallel_residual": True, "sliding_window": 3, "qk_norm": "head",
                              "rope": RopeConfig(partial=0.5), "rope_layers": (True, False, True)}),
     "olmo2_window": ({**LLAMA, "model_type": "olmo2"}, {"sliding_window": 3}),
+    # norms before and after both sublayers, times 1 + w; soft caps; the window on layers 0 and 2 only
+    "gemma2": ({**LLAMA, "model_type": "gemma2", "head_dim": 8, "sliding_window": 3, "attn_logit_softcapping": 1.0,
+                "final_logit_softcapping": 2.0}, {}),
 }
 # model -> the feature its refusals of edges and DLA name
-REFUSED = {"olmo2_window": "post_norms"}
+REFUSED = {"olmo2_window": "post_norms", "gemma2": "post_norms"}
 B, T = 2, 6
 GOOD, BAD = np.array([[5], [6]]), np.array([[7], [9]])
 
@@ -83,7 +88,7 @@ def test_parallel_block_wiring_by_hand(model):
     assert EDGE_MLP_READS_HEADS[name] == edges.EdgeGraph.of(cfg).mlp_reads_heads
 
 
-EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_mix": False, "olmo2_window": True}
+EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_mix": False, "olmo2_window": True, "gemma2": True}
 
 
 def refused(name):
@@ -173,7 +178,7 @@ def test_qk_profile_unrotates_each_layer_as_it_rotated(model):
     _, c = jc.run_with_cache(params, cfg, problem.target.tokens, sites=("resid_pre",))
     for l in range(cfg.n_layers):
         p = jax.tree.map(lambda w: w[l], params["layers"])
-        h = M.norm(cfg, p["norm1"], c["resid_pre"][l]) if not cfg.post_norms else c["resid_pre"][l]
+        h = M.norm(cfg, p["norm1"], c["resid_pre"][l]) if cfg.pre_norms else c["resid_pre"][l]
         want = np.abs(np.asarray(heads_of(cfg, p, "q", h))).mean((0, 1))
         np.testing.assert_allclose(prof["q"][l], want, atol=1e-5)
         rotates = cfg.position_embedding == "rotary" and (cfg.rope_layers or [True] * cfg.n_layers)[l]

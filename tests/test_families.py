@@ -1,10 +1,13 @@
 """Model families as features (`config.LLAMA_FAMILIES`), each against HF transformers on a tiny random
 model saved with `save_pretrained` and loaded by `jc.load`: Qwen2 (q/k/v biases, no o_proj bias,
 tied embeddings), Mistral (sliding window, shorter than the prompts), Qwen3 (RMSNorm of each head's
-queries and keys), OLMo-2 (norms after the sublayers, q/k norms over the whole projection), GPT-NeoX /
-Pythia (parallel attention and MLP, RoPE on a fraction of each head's dims, fused per-head q/k/v),
-Phi-3 (fused qkv_proj and gate_up_proj; partial RoPE, Phi-4-mini's field, and Phi-3-mini's sliding window),
-SmolLM3 (layers without RoPE, `rope_layers`).
+queries and keys; the window on its last layer, `window_layers`), OLMo-2 (norms after the sublayers,
+q/k norms over the whole projection), GPT-NeoX / Pythia (parallel attention and MLP, RoPE on a
+fraction of each head's dims, fused per-head q/k/v), Phi-3 (fused qkv_proj and gate_up_proj; partial
+RoPE, Phi-4-mini's field, and Phi-3-mini's sliding window), SmolLM3 (layers without RoPE,
+`rope_layers`; the window on them), Gemma-2 (RMSNorm times 1 + w before and after both sublayers,
+GeGLU, scaled embeddings, query_pre_attn_scalar, soft-capped attention scores and logits, a sliding
+window on every other layer).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
 patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
@@ -13,6 +16,7 @@ in `test_block_features.py`.
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +26,14 @@ import torch
 
 import jaxcircuits as jc
 from jaxcircuits.interventions.sites import Intervention, Mask
+from jaxcircuits.methods import dla
 from jaxcircuits.methods.folding import fold_norms
 from jaxcircuits.models.block import heads_of
 from jaxcircuits.models.config import ModelConfig, RopeConfig, UnsupportedConfigError
 from jaxcircuits.models.generate import generate
 from jaxcircuits.models.params import init_params
 from jaxcircuits.models.transformer import forward, run_with_cache
+from jaxcircuits.weights.cache import config_from_json, config_to_json
 from tests import hf_reference as ref
 from tests.conftest import VOCAB, left_padded_mask, random_tokens
 
@@ -41,16 +47,23 @@ FAMILIES = {
               dict(attn_bias=True, o_bias=False, tied_embeddings=True)),
     "mistral": ("MistralConfig", dict(GQA, sliding_window=4, head_dim=8),
                 dict(attn_bias=False, tied_embeddings=False, sliding_window=4)),
-    "qwen3": ("Qwen3Config", dict(GQA, head_dim=8),
-              dict(attn_bias=False, o_bias=False, qk_norm="head")),
+    "qwen3": ("Qwen3Config", dict(GQA, head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+              dict(attn_bias=False, o_bias=False, qk_norm="head", sliding_window=4, window_layers=(False, True))),
     "olmo2": ("Olmo2Config", dict(GQA), dict(attn_bias=False, qk_norm="proj", post_norms=True)),
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5),
                  dict(norm="layernorm", parallel_residual=True, attn_bias=True, mlp_bias=True, tied_embeddings=False,
                       rope=RopeConfig(partial=0.5))),
     "phi3": ("Phi3Config", dict(GQA, partial_rotary_factor=0.5, sliding_window=4, pad_token_id=0),
              dict(checkpoint="phi3", attn_bias=False, sliding_window=4, rope=RopeConfig(partial=0.5))),
-    "smollm3": ("SmolLM3Config", dict(GQA, no_rope_layer_interval=2, pad_token_id=0),
-                dict(rope_layers=(True, False), tied_embeddings=True, attn_bias=False)),
+    "smollm3": ("SmolLM3Config", dict(GQA, no_rope_layer_interval=2, pad_token_id=0, use_sliding_window=True,
+                                      sliding_window=4),                      # the window on the NoPE layer
+                dict(rope_layers=(True, False), tied_embeddings=True, attn_bias=False, window_layers=(False, True))),
+    # caps small enough to matter at these weights
+    "gemma2": ("Gemma2Config", dict(GQA, head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=0),
+               dict(norm="rmsnorm_unit_offset", activation="gelu_pytorch_tanh", pre_norms=True, post_norms=True,
+                    scaled_embeddings=True, tied_embeddings=True, sliding_window=4, window_layers=(True, False),
+                    query_pre_attn_scalar=12.0, attn_logit_softcap=2.0, final_logit_softcap=3.0)),
 }
 B, T = 3, 12                                  # longer than Mistral's window
 PADS = [0, 5, 1]
@@ -66,8 +79,8 @@ def family(request, tmp_path_factory):
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**COMMON, **kwargs),
                                                           attn_implementation="eager").eval()
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm.weight" in n else p.normal_(0, 0.15)
+        for n, p in model.named_parameters():                  # Gemma-2's norms multiply by 1 + weight
+            p.copy_(float(name != "gemma2") + 0.1 * torch.randn_like(p)) if "norm.weight" in n else p.normal_(0, 0.15)
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
     m = jc.load(str(path), cache=False)
@@ -88,15 +101,31 @@ def test_logits_match_hf(family):
     real = attn_mask.astype(bool)
     print(f"{name}: max |logit - HF logit| = {np.abs(got[real] - want[real]).max():.1e}")   # README's Models table
     np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
-    for off in _switched_off(cfg):            # each feature changes the logits (the window: past it)
-        other = np.asarray(forward(params, off, toks, attn_mask)[0])
+    for off, p in _switched_off(cfg, params):     # each feature changes the logits (the window: past it)
+        other = np.asarray(forward(p, off, toks, attn_mask)[0])
         assert np.abs(other[real] - want[real]).max() > 1e-2, off
 
 
-def _switched_off(cfg):
-    """cfg without each of its features that keep the params' shapes."""
+def _switched_off(cfg, params):
+    """(cfg, params) without each of their features that keep the layer params' shapes."""
+    for cfg in _switched_off_cfg(cfg):
+        yield cfg, params
+    if "logit_softcap" in params:
+        yield cfg, {k: v for k, v in params.items() if k != "logit_softcap"}
+
+
+def _switched_off_cfg(cfg):
     if cfg.sliding_window:
-        yield dataclasses.replace(cfg, sliding_window=None)
+        yield dataclasses.replace(cfg, sliding_window=None, window_layers=None)
+    if cfg.window_layers:
+        yield dataclasses.replace(cfg, window_layers=None)
+    for field in ("query_pre_attn_scalar", "attn_logit_softcap"):
+        if getattr(cfg, field) is not None:
+            yield dataclasses.replace(cfg, **{field: None})
+    if cfg.scaled_embeddings:
+        yield dataclasses.replace(cfg, scaled_embeddings=False)
+    if cfg.norm == "rmsnorm_unit_offset":
+        yield dataclasses.replace(cfg, norm="rmsnorm")
     if cfg.parallel_residual:
         yield dataclasses.replace(cfg, parallel_residual=False)
     if cfg.rope_layers:
@@ -158,8 +187,8 @@ def test_per_unit_reads_are_each_units_own_read(family):
 
 
 @pytest.mark.parametrize("model_type,field,value,match", [
-    ("qwen2", "use_sliding_window", True, "use_sliding_window"),
-    ("qwen3", "layer_types", ["sliding_attention", "full_attention"], "layer_types"),
+    ("qwen2", "use_sliding_window", 1, "use_sliding_window"),
+    ("qwen3", "layer_types", ["sliding_attention"], "layer_types"),             # fewer kinds than layers
     ("olmo2", "qk_layernorm", True, "qk_layernorm"),        # a field OLMo-2 does not have
     ("mistral", "mlp_bias", True, "mlp_bias"),               # Llama's, not Mistral's
     ("qwen2", "hidden_act", "gelu", "hidden_act"),
@@ -169,8 +198,10 @@ def test_per_unit_reads_are_each_units_own_read(family):
     ("phi3", "rope_scaling", {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
                               "factor": 32.0}, "'longrope' is not supported"),             # Phi-3-128k, Phi-3.5
     ("phi3", "attention_bias", True, "attention_bias"),
-    ("smollm3", "use_sliding_window", True, "use_sliding_window"),
     ("smollm3", "no_rope_layers", [1], "no_rope_layers"),                      # fewer flags than layers
+    ("gemma2", "use_bidirectional_attention", True, "use_bidirectional_attention"),
+    ("gemma2", "layer_types", ["chunked_attention", "full_attention"], "layer_types"),
+    ("gemma2", "hidden_activation", "swish", "hidden_activation"),
 ])
 def test_unsupported_family_configs_name_the_field(model_type, field, value, match):
     hf = {"model_type": model_type, **COMMON}
@@ -196,9 +227,56 @@ def test_legacy_rope_keys_read_as_hf_reads_them():
     assert smol.rope_layers == tuple(map(bool, want.no_rope_layers)) and smol.rope.theta == want.rope_parameters["rope_theta"]
 
 
-def test_folding_refuses_post_norms():
-    """OLMo-2's norms scale the sublayers' outputs: nothing reads them linearly to fold into (edges and
-    DLA are refused in test_block_features)."""
-    cfg = ModelConfig.from_hf({"model_type": "olmo2", **COMMON})
+@pytest.mark.parametrize("model_type", ["olmo2", "gemma2"])
+def test_folding_refuses_post_norms(model_type):
+    """OLMo-2's and Gemma-2's norms scale the sublayers' outputs: nothing reads them linearly to fold
+    into (edges and DLA are refused in test_block_features)."""
+    cfg = ModelConfig.from_hf({"model_type": model_type, **COMMON})
     with pytest.raises(ValueError, match="post_norms"):
         fold_norms(init_params(cfg, jax.random.PRNGKey(0)), cfg)
+
+
+def test_gemma2_defaults_read_as_hf_fills_them():
+    """Absent fields read as Gemma2Config fills them (sliding window on the even layers, caps, scalar);
+    Google's config.json keys (hidden_act beside hidden_activation, cache_implementation) load; a null
+    cap is no cap."""
+    from transformers import Gemma2Config
+    hf = {**COMMON, "num_hidden_layers": 5}
+    want, cfg = Gemma2Config(**hf), ModelConfig.from_hf({"model_type": "gemma2", **hf})
+    assert cfg.window_layers == tuple(t == "sliding_attention" for t in want.layer_types)
+    assert (cfg.sliding_window, cfg.attn_logit_softcap, cfg.final_logit_softcap, cfg.query_pre_attn_scalar,
+            cfg.d_head, cfg.tied_embeddings) == (want.sliding_window, want.attn_logit_softcapping,
+                                                 want.final_logit_softcapping, want.query_pre_attn_scalar,
+                                                 want.head_dim, want.tie_word_embeddings)
+    google = ModelConfig.from_hf({"model_type": "gemma2", **hf, "hidden_act": "gelu_pytorch_tanh",
+                                  "cache_implementation": "hybrid", "final_logit_softcapping": None})
+    assert google.final_logit_softcap is None and "logit_softcap" not in init_params(google, jax.random.PRNGKey(0))
+    assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg      # the params cache's round trip
+
+
+@pytest.mark.parametrize("model_type,cls,window", [
+    ("qwen2", "Qwen2Config", dict(use_sliding_window=True, max_window_layers=3)),
+    ("qwen3", "Qwen3Config", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    ("qwen3", "Qwen3Config", dict(use_sliding_window=False, max_window_layers=1)),
+    ("smollm3", "SmolLM3Config", dict(use_sliding_window=True, sliding_window=6)),
+])
+def test_per_layer_windows_read_as_hf_fills_them(model_type, cls, window):
+    """Qwen2 / Qwen3: the window from layer max_window_layers on; SmolLM3: on its NoPE layers (HF's layer_types)."""
+    import transformers
+    hf = {**COMMON, "num_hidden_layers": 5, **window}
+    want, cfg = getattr(transformers, cls)(**hf), ModelConfig.from_hf({"model_type": model_type, **hf})
+    sliding = tuple(t == "sliding_attention" for t in want.layer_types)
+    on = want.sliding_window if want.sliding_window and any(sliding) else None
+    assert (cfg.sliding_window, cfg.window_layers) == (on, None if on is None or all(sliding) else sliding)
+
+def test_dla_refuses_final_logit_softcapping():
+    """Soft-capped logits are not linear in the final residual: DLA names the feature (Gemma-2's heads
+    are refused first, for their post-norm)."""
+    cfg = dataclasses.replace(ModelConfig.from_hf({"model_type": "llama", **COMMON}), final_logit_softcap=5.0)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    toks = random_tokens(0, 2, 5)
+    with pytest.raises(ValueError, match="final-logit soft-capping"):
+        dla.direct_logit_attribution(params, cfg, toks, direction=jnp.ones(cfg.d_model))
+    gemma = ModelConfig.from_hf({"model_type": "gemma2", **COMMON, **GQA, "head_dim": 8})
+    with pytest.raises(ValueError, match="post_norms"):
+        dla.direct_logit_attribution(init_params(gemma, jax.random.PRNGKey(0)), gemma, toks, direction=jnp.ones(32))

@@ -38,7 +38,7 @@ from jaxcircuits.interventions.metrics import AnswerProb, LogitDiff, check_metri
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.block import LayerIO, Parts
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.layers import NORMS, norm_input_scale
+from jaxcircuits.models.layers import NORMS, norm_input_scale, norm_weight
 from jaxcircuits.models.params import norm_names
 
 Array = jax.Array
@@ -108,14 +108,18 @@ def decompose_fn(params, cfg: ModelConfig, tokens: Array, attn_mask: Array, posi
 
 def final_norm_map(params, cfg: ModelConfig, comps: Components):
     """(read, bias): read(c [..., B, P, D]) = scale * N(c) / s, the final norm's linear part in the
-    mode the params and config give (module doc); bias [D] its constant part (zeros for RMSNorm)."""
+    mode the params and config give (module doc); bias [D] its constant part (zeros for RMSNorm).
+    ValueError for soft-capped logits (a 'logit_softcap' leaf: Gemma-2), which are not linear in it."""
+    if "logit_softcap" in params:
+        raise ValueError("direct logit attribution is refused for final-logit soft-capping (final_logit_softcap "
+                         "c, Gemma-2): the logits c * tanh(l / c) are not linear in the final residual")
     p, kind = params["final_norm"], NORMS[cfg.norm]
     if "inv_scale" in p:                                                  # frozen
         inv = p["inv_scale"][:, jnp.asarray(comps.positions)].astype(jnp.float32)
     else:                                                                 # run / ln_free
         inv = norm_input_scale(cfg.norm, comps.final, cfg.norm_eps)
     centre = (lambda c: c - c.mean(-1, keepdims=True)) if kind.centred else (lambda c: c)
-    read = lambda c: centre(c.astype(jnp.float32)) * inv * p["scale"].astype(jnp.float32)
+    read = lambda c: centre(c.astype(jnp.float32)) * inv * norm_weight(cfg.norm, p)
     bias = p["bias"].astype(jnp.float32) if "bias" in p else jnp.zeros((cfg.d_model,), jnp.float32)
     return read, bias
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.layers import NORMS
+from jaxcircuits.models.layers import NORMS, norm_weight
 from jaxcircuits.models.params import Params
 
 Array = jax.Array
@@ -47,12 +47,12 @@ def untie_embeddings(params: Params, cfg: ModelConfig) -> Tuple[Params, ModelCon
             dataclasses.replace(cfg, tied_embeddings=False))
 
 
-def _fold(norm: dict, proj: dict, center: bool) -> dict:
-    """One norm (scale s, bias b [L, D]) folded into one projection reading it (w [L, D, ...],
-    optional b [L, ...]): y = (x_hat s + b) W + c = x_hat (diag(s) W) + (b W + c).
+def _fold(kind: str, norm: dict, proj: dict, center: bool) -> dict:
+    """One norm of `kind` (weight s = `layers.norm_weight`, bias b [L, D]) folded into one projection
+    reading it (w [L, D, ...], optional b [L, ...]): y = (x_hat s + b) W + c = x_hat (diag(s) W) + (b W + c).
     center: also subtract the mean over D of diag(s) W (exact when x_hat is mean-zero: LayerNorm)."""
     w = proj["w"].astype(jnp.float32)
-    s = norm["scale"].astype(jnp.float32)
+    s = norm_weight(kind, norm)
     folded = w * s.reshape(s.shape + (1,) * (w.ndim - s.ndim))
     if center:
         folded = folded - folded.mean(axis=1, keepdims=True)
@@ -65,9 +65,9 @@ def _fold(norm: dict, proj: dict, center: bool) -> dict:
     return out
 
 
-def _identity_norm(norm: dict) -> dict:
-    """The norm's leaves with scale 1 and bias 0 (the affine part removed)."""
-    return {"scale": jnp.ones_like(norm["scale"]),
+def _identity_norm(kind: str, norm: dict) -> dict:
+    """The leaves of a norm of `kind` with weight 1 and bias 0 (the affine part removed)."""
+    return {"scale": jnp.ones_like(norm["scale"]) - NORMS[kind].offset,
             **({"bias": jnp.zeros_like(norm["bias"])} if "bias" in norm else {})}
 
 
@@ -90,8 +90,8 @@ def fold_norms(params: Params, cfg: ModelConfig, *, center_reading: bool = True
     (norms after the sublayers, OLMo-2).
     """
     if cfg.post_norms:
-        raise ValueError("cannot fold the norms of a post_norms model (OLMo-2): norm1 and norm2 scale the "
-                         "sublayers' outputs, which no linear map reads before they join the residual")
+        raise ValueError("cannot fold the norms of a post_norms model (OLMo-2, Gemma-2): post_norm1 and post_norm2 "
+                         "scale the sublayers' outputs, which no linear map reads before they join the residual")
     has_bias = "bias" in NORMS[cfg.norm].leaves
     if has_bias:
         for flag, norm_name, readers in (("attn_bias", "norm1", "q/k/v"), ("mlp_bias", "norm2", "up/gate")):
@@ -103,16 +103,16 @@ def fold_norms(params: Params, cfg: ModelConfig, *, center_reading: bool = True
     for norm_name, readers in (("norm1", ("q", "k", "v")), ("norm2", ("gate", "up"))):
         for r in readers:
             if r in layers:
-                layers[r] = _fold(layers[norm_name], layers[r], center)
-        layers[norm_name] = _identity_norm(layers[norm_name])
+                layers[r] = _fold(cfg.norm, layers[norm_name], layers[r], center)
+        layers[norm_name] = _identity_norm(cfg.norm, layers[norm_name])
     params = {**params, "layers": layers}
     if has_bias:                      # the final LayerNorm stays: its bias b W_U would be a logit bias
         return params, cfg
     params, cfg = untie_embeddings(params, cfg)
-    w_u, s = params["unembed"]["w"], params["final_norm"]["scale"]
-    unembed = (s.astype(jnp.float32)[:, None] * w_u.astype(jnp.float32)).astype(w_u.dtype)
+    w_u, s = params["unembed"]["w"], norm_weight(cfg.norm, params["final_norm"])
+    unembed = (s[:, None] * w_u.astype(jnp.float32)).astype(w_u.dtype)
     return {**params, "unembed": {"w": unembed},
-            "final_norm": _identity_norm(params["final_norm"])}, cfg
+            "final_norm": _identity_norm(cfg.norm, params["final_norm"])}, cfg
 
 
 def _centered(x: Array) -> Array:

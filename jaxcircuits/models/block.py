@@ -39,7 +39,8 @@ import numpy as np
 from flax import struct
 
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.layers import ACTIVATIONS, NORMS, QK_NORMS, norm_input_scale
+from jaxcircuits.models.layers import ACTIVATIONS, NORMS, QK_NORMS, norm_input_scale, soft_cap
+from jaxcircuits.models.params import sublayer_norm
 
 Array = jax.Array
 
@@ -122,9 +123,10 @@ class Attn:
 def block(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Array:
     """One layer on x [B, T, D] -> [B, Tq, D]:
 
-        a = attn(norm1(x));  x + a + mlp(norm2(x + a))          sequential (GPT-2, Llama)
-        a = attn(norm1(x));  x + a + mlp(norm2(x))              cfg.parallel_residual (GPT-NeoX, GPT-J)
-        a = norm1(attn(x));  x + a + norm2(mlp(x + a))          cfg.post_norms (OLMo-2)
+        a = attn(norm1(x));  x + a + mlp(norm2(x + a))                           sequential (GPT-2, Llama)
+        a = attn(norm1(x));  x + a + mlp(norm2(x))                               cfg.parallel_residual (GPT-NeoX)
+        a = post_norm1(attn(x));  x + a + post_norm2(mlp(x + a))                 cfg.post_norms only (OLMo-2)
+        a = post_norm1(attn(norm1(x)));  x + a + post_norm2(mlp(norm2(x + a)))   pre_ and post_norms (Gemma-2)
     """
     x = io.site("resid_pre", x)
     z = io.site("head_out", attention(cfg, p, x, io, att) if att.z is None else att.z)
@@ -156,13 +158,14 @@ def attention(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Ar
 
 
 def attn_output(cfg: ModelConfig, p: dict, z: Array, io: LayerIO) -> Parts:
-    """The attention's write: o_proj(z) [B, Tq, D] (site 'attn_block'), normed by norm1 with
+    """The attention's write: o_proj(z) [B, Tq, D] (site 'attn_block'), normed by post_norm1 with
     cfg.post_norms (site 'attn_out'); head h's share z_h W_O[h], the o_proj bias shared by none.
     A norm after the heads' sum mixes them: that write has no per-head share (`_unsplit`)."""
     out = io.site("attn_out", sub_norm(cfg, p, "norm1", io.site("attn_block", dense(p["o"], z, "bthe,hed->btd")), io,
                                        after=True))
     if cfg.post_norms:
-        return Parts(out, z, _unsplit("heads", "post_norms (OLMo-2): norm1 normalises the sum of the heads' outputs"))
+        return Parts(out, z, _unsplit("heads", "post_norms (OLMo-2, Gemma-2): post_norm1 normalises the sum of "
+                                               "the heads' outputs"))
     return Parts(out, z, lambda z: jnp.einsum("bthe,hed->hbtd", z, p["o"]["w"]), p["o"].get("b"))
 
 
@@ -176,8 +179,8 @@ def _unsplit(group: str, why: str) -> Callable[[Array], Array]:
 
 def mlp(cfg: ModelConfig, p: dict, x: Array, io: LayerIO) -> Array:
     """MLP of the residual x [B, T, D]: down(act(gate(h)) * up(h)) when gated, else down(act(up(h))),
-    h = norm2(x) (with cfg.post_norms: h = x, and norm2 of the output); sites 'mlp_neuron' (the
-    down-projection's input) and 'mlp_out'."""
+    h = norm2(x) (cfg.pre_norms; else h = x), then post_norm2 of the output (cfg.post_norms); sites
+    'mlp_neuron' (the down-projection's input) and 'mlp_out'."""
     h = sub_norm(cfg, p, "norm2", x, io, after=False)
     act = ACTIVATIONS[cfg.activation]
     up = dense(p["up"], h, "btd,df->btf")
@@ -201,9 +204,10 @@ def named_norm(cfg: ModelConfig, p: dict, name: str, x: Array, io: LayerIO) -> A
 
 
 def sub_norm(cfg: ModelConfig, p: dict, name: str, x: Array, io: LayerIO, after: bool) -> Array:
-    """`named_norm` of a sublayer's input x (after=False) or output (after=True), where the config
-    puts that norm (cfg.post_norms: after); x unchanged at the other place."""
-    return named_norm(cfg, p, name, x, io) if after == cfg.post_norms else x
+    """`named_norm` of a sublayer's input x (after=False) or output (after=True) by sublayer norm
+    `name` ('norm1', 'norm2') there (`params.sublayer_norm`); x unchanged where the config has none."""
+    leaf = sublayer_norm(cfg, name, after)
+    return x if leaf is None else named_norm(cfg, p, leaf, x, io)
 
 
 def dense(p: dict, x: Array, spec: str) -> Array:
@@ -246,6 +250,15 @@ def attention_mask(key_valid: Array, n_queries: int, write_index: int | Array = 
     q_slot, k_slot = (write_index + jnp.arange(n_queries))[:, None], jnp.arange(S)[None, :]
     near = k_slot > q_slot - (S if window is None else window)
     return ((k_slot <= q_slot) & near)[None] & key_valid[:, None, :].astype(bool)
+
+
+def layer_allowed(cfg: ModelConfig, allowed: Tuple[Array, Optional[Array]], layer: Array) -> Array:
+    """allowed [B, Tq, S] of layer `layer` (an index, traced in the layer scan) from allowed = (with
+    cfg.sliding_window, without it (None without cfg.window_layers)): the first on a layer with the
+    window (cfg.window_layers; every layer when None)."""
+    if cfg.window_layers is None:
+        return allowed[0]
+    return jnp.where(jnp.asarray(cfg.window_layers)[layer], *allowed)
 
 
 def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Optional[Tuple[Array, Array]]:
@@ -293,12 +306,16 @@ def _with_cache(kv: Optional[KVCache], k: Array, v: Array):
 def attend(cfg: ModelConfig, q: Array, k, v, allowed: Array, io: LayerIO) -> Array:
     """Softmax attention of q [B, T, H, Dh] over k, v [B, S, K, Dh] (or tuples of parts along S, read
     in place) (GQA: query head h reads KV head h // n_groups) where allowed [B, T, S]: z [B, T, H, Dh];
-    site 'pattern'."""
+    site 'pattern'. Scores scaled by (cfg.query_pre_attn_scalar or Dh)^-1/2, then soft-capped
+    (cfg.attn_logit_softcap: c * tanh(s / c)) before the mask."""
     B, T = q.shape[:2]
     ks, vs = (k, v) if isinstance(k, tuple) else ((k,), (v,))
     qg = q.reshape(B, T, cfg.n_kv_heads, cfg.n_groups, cfg.d_head)
     scores = jnp.concatenate([jnp.einsum("btkge,bske->bkgts", qg, kp) for kp in ks], -1)
-    scores = scores.astype(jnp.float32).reshape(B, cfg.n_heads, T, -1) / math.sqrt(cfg.d_head)
+    scale = math.sqrt(cfg.query_pre_attn_scalar or cfg.d_head)
+    scores = scores.astype(jnp.float32).reshape(B, cfg.n_heads, T, -1) / scale
+    if cfg.attn_logit_softcap is not None:
+        scores = soft_cap(scores, cfg.attn_logit_softcap)
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
     pattern = io.site("pattern", jax.nn.softmax(scores, axis=-1))
     pg = pattern.astype(vs[0].dtype).reshape(B, cfg.n_kv_heads, cfg.n_groups, T, -1)

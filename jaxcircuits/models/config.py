@@ -92,9 +92,16 @@ class ModelConfig:
     x + attn(norm1(x)). sliding_window: a query reads only the keys of the last `sliding_window` slots
     (its own included; Mistral). qk_norm: a row of `layers.QK_NORMS`, the config's norm on queries
     and keys before RoPE, over each head (Qwen3) or over the whole projection (OLMo-2); None: none.
-    post_norms: norm1 and norm2 normalise the attention's and the MLP's outputs before they are
-    added to the residual, and nothing normalises their inputs (OLMo-2). rope_layers: per layer,
-    whether it applies RoPE (None: every layer; SmolLM3's NoPE layers do not).
+    pre_norms: norm1 and norm2 normalise the attention's and the MLP's inputs (off: OLMo-2);
+    post_norms: post_norm1 and post_norm2 normalise their outputs before they are added to the
+    residual (OLMo-2, Gemma-2: both). rope_layers: per layer, whether it applies RoPE (None: every
+    layer; SmolLM3's NoPE layers do not). window_layers: per layer, whether its attention has the
+    sliding window (None: every layer; Gemma-2 alternates, Qwen2/Qwen3 have it from max_window_layers
+    on, SmolLM3 on its NoPE layers). query_pre_attn_scalar: scores are scaled by its -1/2 power
+    (None: d_head's). attn_logit_softcap, final_logit_softcap: c * tanh(s / c) of the attention
+    scores before the mask, of the logits (Gemma-2; the loader puts the logits' cap in the params,
+    `params.config_leaves`). scaled_embeddings: token embeddings times sqrt(d_model) (in their
+    dtype, as HF Gemma).
     """
 
     checkpoint: str
@@ -118,8 +125,14 @@ class ModelConfig:
     parallel_residual: bool = False
     sliding_window: Optional[int] = None
     qk_norm: Optional[str] = None
+    pre_norms: bool = True
     post_norms: bool = False
     rope_layers: Optional[Tuple[bool, ...]] = None
+    window_layers: Optional[Tuple[bool, ...]] = None
+    query_pre_attn_scalar: Optional[float] = None
+    attn_logit_softcap: Optional[float] = None
+    final_logit_softcap: Optional[float] = None
+    scaled_embeddings: bool = False
     rope: Optional[RopeConfig] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -144,6 +157,11 @@ class ModelConfig:
         if self.rope_layers is not None and (self.rope is None or len(self.rope_layers) != self.n_layers):
             raise UnsupportedConfigError(f"rope_layers needs RoPE and one entry per layer ({self.n_layers}), "
                                          f"got {self.rope_layers}")
+        if self.window_layers is not None and (self.sliding_window is None or len(self.window_layers) != self.n_layers):
+            raise UnsupportedConfigError(f"window_layers needs a sliding_window and one entry per layer "
+                                         f"({self.n_layers}), got {self.window_layers}")
+        if not (self.pre_norms or self.post_norms):
+            raise UnsupportedConfigError("a layer needs norms before (pre_norms) or after (post_norms) its sublayers")
         if self.rope is not None and (self.rope.dims(self.d_head) % 2 or not self.rope.dims(self.d_head)):
             raise UnsupportedConfigError(
                 f"partial_rotary_factor={self.rope.partial} rotates {self.rope.dims(self.d_head)} of the "
@@ -323,17 +341,37 @@ def _no_bias(hf: dict) -> dict:
 _QWEN_WINDOW = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
 
 
-def _full_attention(hf: dict) -> dict:
-    """Qwen2/Qwen3/SmolLM3 configs: sliding windows on some layers only (use_sliding_window) are not implemented."""
-    _require(hf, "use_sliding_window", lambda v: v is False, "per-layer sliding windows are not implemented")
-    _require(hf, "layer_types", lambda v: isinstance(v, list) and set(v) <= {"full_attention"},
-             "per-layer attention kinds are not implemented")
-    return {}
+def _optional(hf: dict, field: str, kind: type, default):
+    """`_get`, but None when the config sets the field to null (a feature switched off)."""
+    return None if field in hf and hf[field] is None else _get(hf, field, kind, default)
+
+
+def _windows(hf: dict, window: Optional[int], default) -> dict:
+    """sliding_window and window_layers: `window` (None: no window) on the layers ``layer_types``
+    names 'sliding_attention' (the others 'full_attention'), else on those where default(i), as HF
+    fills it; window_layers None when every layer has the window, no window when none has it."""
+    n = _get(hf, "num_hidden_layers", int)
+    kinds = hf.get("layer_types") or ["sliding_attention" if default(i) else "full_attention" for i in range(n)]
+    if not (isinstance(kinds, list) and len(kinds) == n and set(kinds) <= {"sliding_attention", "full_attention"}):
+        raise UnsupportedConfigError(f"config field 'layer_types'={kinds!r} is invalid: expected {n} of "
+                                     "'sliding_attention' / 'full_attention'")
+    sliding = tuple(k == "sliding_attention" for k in kinds)
+    if window is None or not any(sliding):
+        return {"sliding_window": None, "window_layers": None}
+    return {"sliding_window": window, "window_layers": None if all(sliding) else sliding}
+
+
+def _qwen_windows(hf: dict) -> dict:
+    """Qwen2/Qwen3: with use_sliding_window, the window on layers max_window_layers.. (HF's layer_types)."""
+    window = _optional(hf, "sliding_window", int, 4096) if _get(hf, "use_sliding_window", bool, False) else None
+    first = _get(hf, "max_window_layers", int, 28)
+    return _windows(hf, window, lambda i: i >= first)
 
 
 def _nope_layers(hf: dict) -> dict:
     """SmolLM3: ``no_rope_layers`` [>= L] (1: the layer applies RoPE, 0: NoPE), as HF fills it when
-    absent (every ``no_rope_layer_interval``-th layer NoPE)."""
+    absent (every ``no_rope_layer_interval``-th layer NoPE); with use_sliding_window, its window on
+    the layers layer_types names, by default the NoPE ones."""
     n, every = _get(hf, "num_hidden_layers", int), _get(hf, "no_rope_layer_interval", int, 4)
     flags = hf.get("no_rope_layers")
     if flags is None:
@@ -341,27 +379,51 @@ def _nope_layers(hf: dict) -> dict:
     if not (isinstance(flags, list) and len(flags) >= n and all(f in (0, 1) for f in flags)):
         raise UnsupportedConfigError(f"config field 'no_rope_layers'={flags!r} is invalid: expected {n} or more 0/1 flags")
     rotates = tuple(bool(f) for f in flags[:n])
-    return {"rope_layers": None if all(rotates) else rotates}
+    window = _optional(hf, "sliding_window", int, None) if _get(hf, "use_sliding_window", bool, False) else None
+    return {"rope_layers": None if all(rotates) else rotates,
+            **_windows(hf, window, lambda i: not rotates[i])}          # HF: the window on the NoPE layers
 
 
 # HF model_type of a Llama-like family -> (config fields it reads besides the Llama core, hf -> its features)
 LLAMA_FAMILIES = {
     "llama": ({"attention_bias", "mlp_bias"},
               lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False)}),
-    "qwen2": (_QWEN_WINDOW, lambda hf: {**_full_attention(hf), "attn_bias": True}),
+    "qwen2": (_QWEN_WINDOW, lambda hf: {**_qwen_windows(hf), "attn_bias": True}),
     "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
-    "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
-    "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "post_norms": True}),
+    "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_qwen_windows(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
+    "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "pre_norms": False,
+                                              "post_norms": True}),
     # fused qkv_proj / gate_up_proj (its own tensor names); original_max_position_embeddings is read
     # by longrope only (refused: a rope type not in _ROPE_FIELDS); auto_map names remote code HF replaces
     "phi3": ({"sliding_window", "partial_rotary_factor", "attention_bias", "original_max_position_embeddings",
               "auto_map"},
              lambda hf: {**_no_bias(hf), "checkpoint": "phi3", "sliding_window": _get(hf, "sliding_window", int, None)}),
     "smollm3": ({"attention_bias", "mlp_bias", "no_rope_layers", "no_rope_layer_interval", *_QWEN_WINDOW},
-                lambda hf: {**_full_attention(hf), **_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False),
+                lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False),
                             **_nope_layers(hf),
                             "rope": _rope_from_hf({"rope_theta": 2e6, **hf})}),      # HF's default theta
+    # cache_implementation ('hybrid', in Google's config.json) only chooses HF's generation cache
+    "gemma2": ({"attention_bias", "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
+                "final_logit_softcapping", "sliding_window", "layer_types", "use_bidirectional_attention",
+                "cache_implementation"},
+               lambda hf: {**_qkvo_bias(hf), **_gemma2(hf)}),
 }
+
+
+def _gemma2(hf: dict) -> dict:
+    """Gemma-2: RMSNorm times (1 + w) before and after attention and the MLP, GeGLU (tanh GELU),
+    embeddings times sqrt(d_model), attention scaled by query_pre_attn_scalar and soft-capped, soft-capped
+    logits, a sliding window on every other layer (the even ones by default), tied embeddings; HF's defaults."""
+    _require(hf, "use_bidirectional_attention", lambda v: v is False, "only causal attention is implemented")
+    act = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    _require(hf, "hidden_activation", lambda v: v in ACTIVATIONS, f"use one of {', '.join(ACTIVATIONS)}")
+    return {"norm": "rmsnorm_unit_offset", "activation": act, "post_norms": True, "scaled_embeddings": True,
+            "d_head": _get(hf, "head_dim", int, 256), "n_kv_heads": _get(hf, "num_key_value_heads", int, 4),
+            "tied_embeddings": _get(hf, "tie_word_embeddings", bool, True),
+            "query_pre_attn_scalar": _get(hf, "query_pre_attn_scalar", float, 256.0),
+            "attn_logit_softcap": _optional(hf, "attn_logit_softcapping", float, 50.0),
+            "final_logit_softcap": _optional(hf, "final_logit_softcapping", float, 30.0),
+            **_windows(hf, _optional(hf, "sliding_window", int, 4096), lambda i: (i + 1) % 2)}
 
 
 def _from_llama(hf: dict) -> ModelConfig:
@@ -373,7 +435,8 @@ def _from_llama(hf: dict) -> ModelConfig:
         "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
         "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act",
         "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", *fields})
-    _require(hf, "hidden_act", lambda v: v == "silu", "Llama-like MLPs must use silu")
+    if "hidden_activation" not in fields:            # Gemma-2's MLP reads it (HF ignores its hidden_act)
+        _require(hf, "hidden_act", lambda v: v == "silu", "Llama-like MLPs must use silu")
     n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
     partial = 1.0 if "partial_rotary_factor" in fields else None
     return ModelConfig(**{

@@ -55,14 +55,23 @@ def rms_norm(p: dict, x: Array, eps: float) -> Array:
     return p["scale"] * h.astype(x.dtype)
 
 
+def unit_offset_rms_norm(p: dict, x: Array, eps: float) -> Array:
+    """RMSNorm times (1 + scale), all in float32, then cast back (as HF Gemma-2)."""
+    h = x.astype(jnp.float32)
+    h = h * _inv_scale(p, h, lambda h: mean_square_inv(h, eps))
+    return (h * (1.0 + p["scale"].astype(jnp.float32))).astype(x.dtype)
+
+
 class NormKind(NamedTuple):
     """fn(params, x, eps); the names of its parameter leaves (each [D]); inv(h, eps): its 1/scale
-    of a float32 input h [..., D] (centred first when `centred`), which freezing fixes."""
+    of a float32 input h [..., D] (centred first when `centred`), which freezing fixes; offset: the
+    norm multiplies by scale + offset (`norm_weight`)."""
 
     fn: Callable[[dict, Array, float], Array]
     leaves: Tuple[str, ...]
     inv: Callable[[Array, float], Array]
     centred: bool
+    offset: float = 0.0
 
 
 NORMS = {
@@ -71,7 +80,14 @@ NORMS = {
     # LN-free checkpoints (GPT-2 with its norms fine-tuned away, published as eps 1e12, scale 1e6):
     # (x - mean) / sqrt(eps), then the affine part: linear in x.
     "ln_free": NormKind(functools.partial(layer_norm, inv=ln_free_inv), ("scale", "bias"), ln_free_inv, True),
+    # Gemma-2: weights stored as offsets from 1
+    "rmsnorm_unit_offset": NormKind(unit_offset_rms_norm, ("scale",), mean_square_inv, False, offset=1.0),
 }
+
+
+def norm_weight(kind: str, p: dict) -> Array:
+    """The float32 weight [..., D] norm `kind` multiplies its normalised input by: p['scale'] + its offset."""
+    return p["scale"].astype(jnp.float32) + NORMS[kind].offset
 
 
 def norm_input_scale(kind: str, x: Array, eps: float) -> Array:
@@ -81,8 +97,15 @@ def norm_input_scale(kind: str, x: Array, eps: float) -> Array:
     return k.inv(h, eps)
 
 
+def soft_cap(x: Array, cap: float) -> Array:
+    """cap * tanh(x / cap): x squashed into (-cap, cap) (Gemma-2's attention scores and logits)."""
+    return cap * jnp.tanh(x / cap)
+
+
+_gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)
 ACTIVATIONS = {
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,

@@ -3,7 +3,7 @@
     params = {
       'embed':   {'tokens': [V, D], 'positions': [P, D] (learned position embeddings)},
       'layers':  {                                 # every leaf has a leading [L] axis
-        'norm1': {'scale': [L, D], 'bias': [L, D] (layernorm)},
+        'norm1': {'scale': [L, D], 'bias': [L, D] (layernorm)}        (norms: `norm_names`),
         'q':     {'w': [L, D, H, Dh],  'b': [L, H, Dh]   (if attn_bias)},
         'k':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
         'v':     {'w': [L, D, K, Dh],  'b': [L, K, Dh]   (if attn_bias)},
@@ -17,6 +17,8 @@
       },
       'final_norm': {'scale': [D], 'bias': [D] (layernorm)},
       'unembed': {'w': [D, V]} (absent when embeddings are tied: logits use embed.tokens.T),
+      'logit_softcap': [] (cfg.final_logit_softcap, set by the loader: `config_leaves`; in the
+                       params' dtype: Gemma-2's 30 is exact in bfloat16),
     }
 
 H query heads, K KV heads, Dh head dim; head h of `q.w` is HF's output rows
@@ -52,10 +54,25 @@ def param_dtype(dtype) -> np.dtype:
     return dt
 
 
+def sublayer_norm(cfg: ModelConfig, name: str, after: bool):
+    """The leaf of `params['layers']` of sublayer norm `name` ('norm1': attention's, 'norm2': the
+    MLP's) before (after=False) or after its sublayer: name (cfg.pre_norms), 'post_' + name
+    (cfg.post_norms), None where the config has no norm."""
+    if after:
+        return f"post_{name}" if cfg.post_norms else None
+    return name if cfg.pre_norms else None
+
+
 def norm_names(cfg: ModelConfig) -> tuple:
-    """The norms of a layer, as leaves of `params['layers']`: norm1 before attention, norm2 before
-    the MLP (with cfg.post_norms: after each)."""
-    return ("norm1", "norm2")
+    """The norms of a layer, as leaves of `params['layers']` (`sublayer_norm`)."""
+    names = (sublayer_norm(cfg, name, after) for after in (False, True) for name in ("norm1", "norm2"))
+    return tuple(n for n in names if n)
+
+
+def config_leaves(cfg: ModelConfig) -> dict:
+    """{leaf: value} of the top-level leaves the config gives (not the checkpoint): 'logit_softcap',
+    the final-logit soft cap (`transformer.logits_of` reads it from the params, as metrics do)."""
+    return {} if cfg.final_logit_softcap is None else {"logit_softcap": cfg.final_logit_softcap}
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -92,7 +109,7 @@ def param_shapes(cfg: ModelConfig) -> Params:
     }
     if not cfg.tied_embeddings:
         shapes["unembed"] = {"w": (D, V)}
-    return shapes
+    return {**shapes, **{leaf: () for leaf in config_leaves(cfg)}}
 
 
 def _is_shape(x) -> bool:
@@ -131,7 +148,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
         if name.endswith("['scale']"):
             x = 1.0 + x
         leaves.append(x)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    return {**params, **{k: jnp.asarray(v, dtype) for k, v in config_leaves(cfg).items()}}
 
 
 def cast_params(params: Params, dtype) -> Params:

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits.models.block import (Attn, KVCache, LayerIO, attend, attention_mask, block, dense, layer_rope, mlp,
-                                      named_norm, norm, one_unit, project, rope_tables, rotate)
+from jaxcircuits.models.block import (Attn, KVCache, LayerIO, attend, attention_mask, block, dense, layer_allowed,
+                                      layer_rope, mlp, named_norm, norm, one_unit, project, rope_tables, rotate)
 from jaxcircuits.models.config import ModelConfig
+from jaxcircuits.models.layers import soft_cap
 
 Array = jax.Array
 Params = dict
@@ -97,7 +98,8 @@ def _layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Tap, ca
     T = x.shape[1]
     tq = ctx.n_queries or T
     write_index = 0 if ctx.kv is None else ctx.kv.write_index
-    allowed = attention_mask(ctx.key_valid, tq, write_index + T - tq, cfg.sliding_window)
+    mask = lambda window: attention_mask(ctx.key_valid, tq, write_index + T - tq, window)
+    allowed = (mask(cfg.sliding_window), None if cfg.window_layers is None else mask(None))
     rope = rope_tables(cfg, ctx.pos_ids)
     names = set()
 
@@ -106,7 +108,7 @@ def _layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Tap, ca
         p, kv, z, layer, i = xs
         io = tap.io(layer, carry, collect)
         kv = None if kv is None else KVCache(*kv, write_index)
-        x = block(cfg, p, x, io, Attn(layer_rope(cfg, rope, i), allowed, kv, z, ctx.n_queries))
+        x = block(cfg, p, x, io, Attn(layer_rope(cfg, rope, i), layer_allowed(cfg, allowed, i), kv, z, ctx.n_queries))
         names.update(io.names)
         return (x, io.carry), io.cache
 
@@ -150,8 +152,11 @@ def run(params: Params, cfg: ModelConfig, tokens: Array, ctx: Context, tap: Opti
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: Array, pos_ids: Array) -> Array:
-    """Token (+ learned position) embeddings: tokens [B, T] -> [B, T, D]."""
+    """Token (+ learned position) embeddings: tokens [B, T] -> [B, T, D]; the token embeddings times
+    sqrt(D) in their dtype with cfg.scaled_embeddings (as HF Gemma: the float32 factor cast to it)."""
     x = params["embed"]["tokens"][tokens]
+    if cfg.scaled_embeddings:
+        x = x * jnp.asarray(np.float32(cfg.d_model ** 0.5), x.dtype)
     if cfg.position_embedding == "learned":
         x = x + params["embed"]["positions"][pos_ids]
     return x
@@ -168,13 +173,15 @@ def unembed_matrix(params: Params) -> Array:
 
 
 def logits_of(params: Params, h: Array, vocab_ids: Optional[Array] = None) -> Array:
-    """float32 logits of final-normed h [..., D]: [..., V], or only columns `vocab_ids` [..., n]."""
+    """float32 logits of final-normed h [..., D]: [..., V], or only columns `vocab_ids` [..., n];
+    soft-capped when the params carry a 'logit_softcap' (Gemma-2, `params.config_leaves`)."""
     w = unembed_matrix(params)
     if vocab_ids is None:
-        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
-    cols = jnp.take(w, vocab_ids, axis=1)                     # [D, *vocab_ids.shape]
-    cols = jnp.moveaxis(cols, 0, -1)                          # [*vocab_ids.shape, D]
-    return jnp.einsum("...d,...nd->...n", h.astype(jnp.float32), cols.astype(jnp.float32))
+        logits = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    else:
+        cols = jnp.moveaxis(jnp.take(w, vocab_ids, axis=1), 0, -1)       # [*vocab_ids.shape, D]
+        logits = jnp.einsum("...d,...nd->...n", h.astype(jnp.float32), cols.astype(jnp.float32))
+    return logits if "logit_softcap" not in params else soft_cap(logits, params["logit_softcap"].astype(jnp.float32))
 
 
 def default_positions(attn_mask: Array) -> Array:

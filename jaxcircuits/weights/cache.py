@@ -66,7 +66,9 @@ def config_to_json(cfg: ModelConfig) -> dict:
 
 
 def config_from_json(d: dict) -> ModelConfig:
-    return ModelConfig(**{**d, "rope": RopeConfig(**d["rope"]) if d["rope"] else None})
+    """Inverse of `config_to_json` (JSON lists back to the tuples of per-layer fields, so the config hashes)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return ModelConfig(**{**fields, "rope": RopeConfig(**d["rope"]) if d["rope"] else None})
 
 
 def _checkpointer() -> ocp.Checkpointer:

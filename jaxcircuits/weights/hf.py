@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jaxcircuits.models.config import ModelConfig, load_json
-from jaxcircuits.models.params import Params, check_params, param_dtype, param_shapes
+from jaxcircuits.models.params import Params, check_params, config_leaves, param_dtype, param_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,15 +70,19 @@ def _cols(lo: int, hi: int, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[
     return lambda a: fn(a[..., lo:hi])
 
 
-# cfg.post_norms -> (HF layer norm tensor, our norm) of the Llama-like families (OLMo-2 normalises outputs)
-LLAMA_NORMS = {False: (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")),
-               True: (("post_attention_layernorm", "norm1"), ("post_feedforward_layernorm", "norm2"))}
+# (cfg.pre_norms, cfg.post_norms) -> (HF layer norm tensor, our norm) of the Llama-like families (OLMo-2
+# normalises the sublayers' outputs, Gemma-2 their inputs and outputs)
+LLAMA_NORMS = {(True, False): (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")),
+               (False, True): (("post_attention_layernorm", "post_norm1"),
+                               ("post_feedforward_layernorm", "post_norm2")),
+               (True, True): (("input_layernorm", "norm1"), ("post_attention_layernorm", "post_norm1"),
+                              ("pre_feedforward_layernorm", "norm2"), ("post_feedforward_layernorm", "post_norm2"))}
 
 
 def llama_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
     """HF Llama tensor names (``prefix`` = 'model.' for *ForCausalLM, '' for a bare model) -> specs;
-    also Qwen2, Mistral, Qwen3 (q_norm, k_norm over Dh) and OLMo-2 (q_norm, k_norm over the whole
-    projection; norms after the sublayers, `LLAMA_NORMS`)."""
+    also Qwen2, Mistral, Qwen3 (q_norm, k_norm over Dh), OLMo-2 (q_norm, k_norm over the whole
+    projection; norms after the sublayers, `LLAMA_NORMS`) and Gemma-2 (norms before and after)."""
     D, H, K, Dh, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp, cfg.vocab_size
     shapes = param_shapes(cfg)["layers"]
     tensors = {
@@ -93,7 +97,7 @@ def llama_tensors(cfg: ModelConfig, prefix: str = "model.") -> TensorMap:
         def add(name, shape, leaf, fn):
             tensors[p + name] = TensorSpec(shape, ((("layers", *leaf), i, fn),))
 
-        for name, norm in LLAMA_NORMS[cfg.post_norms]:
+        for name, norm in LLAMA_NORMS[cfg.pre_norms, cfg.post_norms]:
             add(f"{name}.weight", (D,), (norm, "scale"), _same)
         if cfg.qk_norm is not None:
             for proj in ("q", "k"):
@@ -226,9 +230,11 @@ BUFFERS = {"gpt2": r"(^|\.)h\.\d+\.attn\.(masked_)?bias$",
 
 
 def empty_params(cfg: ModelConfig, dtype) -> Params:
-    """Uninitialised numpy arrays of `dtype` (see `param_dtype`) in the layout of `param_shapes(cfg)`."""
+    """Uninitialised numpy arrays of `dtype` (see `param_dtype`) in the layout of `param_shapes(cfg)`,
+    but the leaves the config gives (`params.config_leaves`) set."""
     dt = param_dtype(dtype)
-    return jax.tree.map(lambda s: np.empty(s, dt), param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    params = jax.tree.map(lambda s: np.empty(s, dt), param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return {**params, **{leaf: np.asarray(value, dt) for leaf, value in config_leaves(cfg).items()}}
 
 
 def _count_nonfinite(a: np.ndarray, chunk: int = 1 << 24) -> int:
