@@ -280,3 +280,12 @@ def test_dla_refuses_final_logit_softcapping():
     gemma = ModelConfig.from_hf({"model_type": "gemma2", **COMMON, **GQA, "head_dim": 8})
     with pytest.raises(ValueError, match="post_norms"):
         dla.direct_logit_attribution(init_params(gemma, jax.random.PRNGKey(0)), gemma, toks, direction=jnp.ones(32))
+
+
+@pytest.mark.parametrize("family, field, want", [("mistral", {}, 4096), ("mistral", {"sliding_window": None}, None),
+                                                 ("phi3", {}, None)])
+def test_an_absent_window_takes_hfs_default(family, field, want):
+    from transformers import AutoConfig
+    hf = {"model_type": family, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "intermediate_size": 48, "vocab_size": 50, **field}
+    assert ModelConfig.from_hf(hf).sliding_window == want == AutoConfig.for_model(**hf).sliding_window

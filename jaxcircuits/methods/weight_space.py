@@ -124,7 +124,9 @@ def composition_scores(params: Params, cfg: ModelConfig, batch_size: int = 8) ->
     Every writer's OV `writer_form` [Dh, D] multiplies every reader's `reader_form` [D, Dh] (QK for
     Q, QK^T for K, OV for V) in one batched matmul per block of `batch_size` writer heads (a
     `lax.map` over blocks, vmapped inside), each block [b, Dh, D] @ [D, 3 L H Dh]. Traceable; jit
-    with cfg static (`jax.jit(composition_scores, static_argnums=(1, 2))`) for one compiled call."""
+    with cfg static (`jax.jit(composition_scores, static_argnums=(1, 2))`) for one compiled call.
+    Weights only, as Elhage et al.'s scores: no norm enters them (pre-norms, and also q/k norms and
+    norms after the sublayers where a family has them)."""
     L, H, Dh = cfg.n_layers, cfg.n_heads, cfg.d_head
     ov, qk = head_factors(params, cfg, "ov"), head_factors(params, cfg, "qk")
     w = writer_form(ov).reshape(L * H, Dh, -1)                                          # [N, Dh, D]

@@ -346,6 +346,12 @@ def _optional(hf: dict, field: str, kind: type, default):
     return None if field in hf and hf[field] is None else _get(hf, field, kind, default)
 
 
+def _window(hf: dict, default: Optional[int]) -> dict:
+    """One sliding window on every layer: config.json's ``sliding_window``, HF's `default` when absent,
+    none when null."""
+    return {"sliding_window": _optional(hf, "sliding_window", int, default)}
+
+
 def _windows(hf: dict, window: Optional[int], default) -> dict:
     """sliding_window and window_layers: `window` (None: no window) on the layers ``layer_types``
     names 'sliding_attention' (the others 'full_attention'), else on those where default(i), as HF
@@ -389,7 +395,7 @@ LLAMA_FAMILIES = {
     "llama": ({"attention_bias", "mlp_bias"},
               lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False)}),
     "qwen2": (_QWEN_WINDOW, lambda hf: {**_qwen_windows(hf), "attn_bias": True}),
-    "mistral": ({"sliding_window"}, lambda hf: {"sliding_window": _get(hf, "sliding_window", int, None)}),
+    "mistral": ({"sliding_window"}, lambda hf: _window(hf, 4096)),
     "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_qwen_windows(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
     "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "pre_norms": False,
                                               "post_norms": True}),
@@ -397,7 +403,7 @@ LLAMA_FAMILIES = {
     # by longrope only (refused: a rope type not in _ROPE_FIELDS); auto_map names remote code HF replaces
     "phi3": ({"sliding_window", "partial_rotary_factor", "attention_bias", "original_max_position_embeddings",
               "auto_map"},
-             lambda hf: {**_no_bias(hf), "checkpoint": "phi3", "sliding_window": _get(hf, "sliding_window", int, None)}),
+             lambda hf: {**_no_bias(hf), "checkpoint": "phi3", **_window(hf, None)}),
     "smollm3": ({"attention_bias", "mlp_bias", "no_rope_layers", "no_rope_layer_interval", *_QWEN_WINDOW},
                 lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False),
                             **_nope_layers(hf),
