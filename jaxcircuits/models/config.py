@@ -346,10 +346,10 @@ def _optional(hf: dict, field: str, kind: type, default):
     return None if field in hf and hf[field] is None else _get(hf, field, kind, default)
 
 
-def _window(hf: dict, default: Optional[int]) -> dict:
-    """One sliding window on every layer: config.json's ``sliding_window``, HF's `default` when absent,
-    none when null."""
-    return {"sliding_window": _optional(hf, "sliding_window", int, default)}
+def _window(hf: dict) -> dict:
+    """One sliding window on every layer: ``sliding_window`` (none when null or absent; a family's HF
+    default, `HF_DEFAULTS`, fills it when absent)."""
+    return {"sliding_window": _get(hf, "sliding_window", int, None)}
 
 
 def _windows(hf: dict, window: Optional[int], default) -> dict:
@@ -391,11 +391,20 @@ def _nope_layers(hf: dict) -> dict:
 
 
 # HF model_type of a Llama-like family -> (config fields it reads besides the Llama core, hf -> its features)
+# HF's defaults of fields a family's config.json may leave out, where they differ from the Llama
+# reader's: read as if config.json held them (a null there still switches the feature off).
+HF_DEFAULTS = {
+    "mistral": {"sliding_window": 4096},
+    "smollm3": {"rope_theta": 2e6},
+    "gemma2": {"head_dim": 256, "num_key_value_heads": 4, "tie_word_embeddings": True, "query_pre_attn_scalar": 256.0,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 4096},
+}
+
 LLAMA_FAMILIES = {
     "llama": ({"attention_bias", "mlp_bias"},
               lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False)}),
     "qwen2": (_QWEN_WINDOW, lambda hf: {**_qwen_windows(hf), "attn_bias": True}),
-    "mistral": ({"sliding_window"}, lambda hf: _window(hf, 4096)),
+    "mistral": ({"sliding_window"}, _window),
     "qwen3": ({"attention_bias", *_QWEN_WINDOW}, lambda hf: {**_qwen_windows(hf), **_qkvo_bias(hf), "qk_norm": "head"}),
     "olmo2": ({"attention_bias"}, lambda hf: {**_qkvo_bias(hf), "qk_norm": "proj", "pre_norms": False,
                                               "post_norms": True}),
@@ -403,11 +412,9 @@ LLAMA_FAMILIES = {
     # by longrope only (refused: a rope type not in _ROPE_FIELDS); auto_map names remote code HF replaces
     "phi3": ({"sliding_window", "partial_rotary_factor", "attention_bias", "original_max_position_embeddings",
               "auto_map"},
-             lambda hf: {**_no_bias(hf), "checkpoint": "phi3", **_window(hf, None)}),
+             lambda hf: {**_no_bias(hf), "checkpoint": "phi3", **_window(hf)}),
     "smollm3": ({"attention_bias", "mlp_bias", "no_rope_layers", "no_rope_layer_interval", *_QWEN_WINDOW},
-                lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False),
-                            **_nope_layers(hf),
-                            "rope": _rope_from_hf({"rope_theta": 2e6, **hf})}),      # HF's default theta
+                lambda hf: {**_qkvo_bias(hf), "mlp_bias": _get(hf, "mlp_bias", bool, False), **_nope_layers(hf)}),
     # cache_implementation ('hybrid', in Google's config.json) only chooses HF's generation cache
     "gemma2": ({"attention_bias", "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
                 "final_logit_softcapping", "sliding_window", "layer_types", "use_bidirectional_attention",
@@ -419,17 +426,15 @@ LLAMA_FAMILIES = {
 def _gemma2(hf: dict) -> dict:
     """Gemma-2: RMSNorm times (1 + w) before and after attention and the MLP, GeGLU (tanh GELU),
     embeddings times sqrt(d_model), attention scaled by query_pre_attn_scalar and soft-capped, soft-capped
-    logits, a sliding window on every other layer (the even ones by default), tied embeddings; HF's defaults."""
+    logits, a sliding window on every other layer (the even ones by default); HF's defaults in `HF_DEFAULTS`."""
     _require(hf, "use_bidirectional_attention", lambda v: v is False, "only causal attention is implemented")
     act = hf.get("hidden_activation", "gelu_pytorch_tanh")
     _require(hf, "hidden_activation", lambda v: v in ACTIVATIONS, f"use one of {', '.join(ACTIVATIONS)}")
     return {"norm": "rmsnorm_unit_offset", "activation": act, "post_norms": True, "scaled_embeddings": True,
-            "d_head": _get(hf, "head_dim", int, 256), "n_kv_heads": _get(hf, "num_key_value_heads", int, 4),
-            "tied_embeddings": _get(hf, "tie_word_embeddings", bool, True),
-            "query_pre_attn_scalar": _get(hf, "query_pre_attn_scalar", float, 256.0),
-            "attn_logit_softcap": _optional(hf, "attn_logit_softcapping", float, 50.0),
-            "final_logit_softcap": _optional(hf, "final_logit_softcapping", float, 30.0),
-            **_windows(hf, _optional(hf, "sliding_window", int, 4096), lambda i: (i + 1) % 2)}
+            "query_pre_attn_scalar": _get(hf, "query_pre_attn_scalar", float),
+            "attn_logit_softcap": _get(hf, "attn_logit_softcapping", float, None),
+            "final_logit_softcap": _get(hf, "final_logit_softcapping", float, None),
+            **_windows(hf, _window(hf)["sliding_window"], lambda i: (i + 1) % 2)}
 
 
 def _from_llama(hf: dict) -> ModelConfig:
@@ -437,6 +442,7 @@ def _from_llama(hf: dict) -> ModelConfig:
     features of its model_type (which may name other tensors, `checkpoint`). A family that lists
     ``partial_rotary_factor`` among its fields rotates that fraction of each head (default 1)."""
     fields, features = LLAMA_FAMILIES[hf["model_type"]]
+    hf = {**HF_DEFAULTS.get(hf["model_type"], {}), **hf}
     _check_known(hf, {
         "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
         "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act",
