@@ -1,0 +1,1 @@
+"""Sparse feature dictionaries (SAEs, transcoders): their math (`core`), files, splicing, training."""
