@@ -10,7 +10,8 @@ An SAE has d_out = d_in and reconstructs x; a transcoder reads an MLP's input an
 output. Params are a dict of arrays (a pytree; `DictConfig.param_shapes` lists them):
 
   w_enc [d_in, F], b_enc [F], w_dec [F, d_out], b_dec [d_out]
-  threshold [F]                       'jumprelu': f = pre where pre > threshold, else 0
+  threshold [F]                       'jumprelu': f = relu(pre) where pre > threshold, else 0 (SAELens,
+                                      Gemma Scope)
   r_mag [F], b_mag [F]                'gated': f = 1[pre > 0] * relu(x (w_enc * exp(r_mag)) + b_mag), b_enc
                                       being the gate's bias (SAELens' b_gate)
   w_skip [d_in, d_out]                a transcoder's linear skip (`DictConfig.skip`)
@@ -45,7 +46,7 @@ def _topk(dc: "DictConfig", p: Params, pre: Array, x: Array) -> Array:
 
 
 def _jumprelu(dc: "DictConfig", p: Params, pre: Array, x: Array) -> Array:
-    return jnp.where(pre > p["threshold"], pre, 0)
+    return jnp.where(pre > p["threshold"], jax.nn.relu(pre), 0)
 
 
 def _gated(dc: "DictConfig", p: Params, pre: Array, x: Array) -> Array:
