@@ -28,7 +28,9 @@ setup(
         # listed: its declared deps pull tracr-pypi (jax/haiku), kaleido, word2word and vscode-tqdm (a tqdm
         # fork). Install it with `pip install --no-deps auto-circuit==1.0.1`; the packages below are all
         # that its imports used there need.
-        "bench": ["torch==2.13.0", "transformer-lens==3.9.0", "nnsight==0.8.1",
+        # sae-lens 6.54.12 (tests/test_dictionary_files.py's reference encode/decode and file round trip,
+        # the SAE benchmarks) resolves to transformer-lens 3.9.0, transformers 5.24 and torch 2.13 CPU too.
+        "bench": ["torch==2.13.0", "transformer-lens==3.9.0", "nnsight==0.8.1", "sae-lens==6.54.12",
                   "einops>=0.6.1", "ordered-set>=4.1.0", "plotly>=5.18.0", "attrs", "blobfile>=2.0.2"],
     },
 )

@@ -57,43 +57,53 @@ WHOLE_RUN = ("resid_final", "final_norm")
 
 
 def _templates(cfg) -> Dict[str, str]:
-    """Our entry -> hook name template on model `cfg` (whole-run entries fully formatted)."""
+    """Our entry -> hook name template on model `cfg` (whole-run entries fully formatted); cfg None
+    (no model at hand): the per-layer entries only, under their plain (non-rotary) names."""
+    if cfg is None:
+        return {e: t for t, e in HOOKS.items() if e not in WHOLE_RUN}
     replaced = {plain: rot for rot, plain in ROTARY_HOOKS.items()} if cfg.position_embedding == "rotary" else {}
     return {e: replaced.get(t, t).format(last=cfg.n_layers - 1) if e in WHOLE_RUN else replaced.get(t, t)
             for t, e in HOOKS.items()}
 
 
-def hook_name(name: str, layer: Optional[int], cfg) -> str:
+def split_layer(hook: str) -> Tuple[str, Optional[int]]:
+    """(template, layer) of TransformerLens hook name `hook`: 'blocks.3.attn.hook_z' ->
+    ('blocks.{layer}.attn.hook_z', 3); a hook outside the blocks -> (hook, None)."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
+    return (f"blocks.{{layer}}.{m.group(2)}", int(m.group(1))) if m else (hook, None)
+
+
+def hook_name(name: str, layer: Optional[int], cfg=None) -> str:
     """The TransformerLens hook name of our cache entry or site `name` at `layer` (None for the
     whole-run entries `WHOLE_RUN`) on model `cfg`; a site that reads another entry (attn_block)
-    maps to that entry's."""
+    maps to that entry's. cfg None: per-layer entries only, plain names, the layer unchecked."""
     entry = sites.get(name).cache if name in sites.NAMES else name
     templates = _templates(cfg)
     if entry not in templates:
         raise ValueError(f"{name!r} has no TransformerLens hook; mapped: {sorted(templates)}")
     if (layer is None) != (entry in WHOLE_RUN):
         raise ValueError(f"{name!r}: pass a layer for a per-layer entry and None for {WHOLE_RUN}, got {layer}")
-    if layer is not None and not 0 <= layer < cfg.n_layers:
+    if layer is not None and cfg is not None and not 0 <= layer < cfg.n_layers:
         raise ValueError(f"layer {layer} out of range [0, {cfg.n_layers})")
     return templates[entry].format(layer=layer)
 
 
-def parse_hook_name(hook: str, cfg) -> Tuple[str, Optional[int]]:
+def parse_hook_name(hook: str, cfg=None) -> Tuple[str, Optional[int]]:
     """(our cache entry, layer or None) holding TransformerLens hook `hook` on model `cfg`;
     blocks.{l}.hook_resid_post is resid_pre of layer l + 1 (resid_final after the last layer).
-    ValueError for a hook we do not cache."""
+    ValueError for a hook we do not cache. cfg None (no model at hand): per-layer hooks only, their
+    layers unchecked (the last layer's hook_resid_post reads as resid_pre of layer L)."""
     templates = {t: e for e, t in _templates(cfg).items()}
     if hook in templates:                                  # a whole-run entry
         return templates[hook], None
     templates[RESID_POST] = "resid_pre"
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
-    template = f"blocks.{{layer}}.{m.group(2)}" if m else hook
+    template, layer = split_layer(hook)
     if template not in templates:
         pre_rope = {plain: rot for rot, plain in ROTARY_HOOKS.items()}.get(template)
         why = f" (the queries/keys before RoPE; ours are after it: {pre_rope})" if pre_rope else ""
         raise ValueError(f"hook {hook!r} is not cached by jaxcircuits{why}; mapped: {sorted(templates)}")
-    layer = int(m.group(1)) + (template == RESID_POST)
-    if not 0 <= layer < cfg.n_layers:
+    layer += template == RESID_POST
+    if cfg is not None and not 0 <= layer < cfg.n_layers:
         raise ValueError(f"hook {hook!r}: layer out of range for {cfg.n_layers} layers")
     return templates[template], layer
 
