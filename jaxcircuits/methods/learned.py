@@ -33,19 +33,14 @@ problem, level)` builds one over every unit of a level of `sites.LEVELS` (heads,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import logging
-import os
-import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import struct
 
 from jaxcircuits import checks, logs, storage
@@ -59,7 +54,6 @@ from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.stats.criteria import indistinguishable
 
 Array = jax.Array
-_log = logging.getLogger(__name__)
 
 # ---- relaxations --------------------------------------------------------------------------------
 
@@ -316,10 +310,10 @@ def fit(obj: Objective, lambdas, seeds=0, spec: Spec = Spec(), checkpoint_dir: O
             "spec": dataclasses.asdict(spec)}
     state = init_state(spec, obj.n_units, seeds)
     start, hist = 0, np.zeros((0, len(HISTORY), len(lambdas)), np.float32)
-    with _maybe_lock(checkpoint_dir):
+    with storage.maybe_lock(checkpoint_dir):
         if checkpoint_dir:
             meta["objective"] = _fingerprint(obj)                  # hashing params and problem: only to resume
-            start, state, hist = _restore(checkpoint_dir, meta, state, hist)
+            start, state, hist = storage.restore_checkpoint(checkpoint_dir, meta, state, hist)
         with logs.progress(end, f"learned masks ({len(lambdas)} runs)", "step", initial=start) as bar:
             step = start
             while step < end:
@@ -332,82 +326,16 @@ def fit(obj: Objective, lambdas, seeds=0, spec: Spec = Spec(), checkpoint_dir: O
                 bar.set_postfix_str(f"loss {last[0].mean():.4g} kept {last[1].min():.3g}..{last[1].max():.3g} "
                                     f"metric {last[2].mean():.4g}")
                 if checkpoint_dir:
-                    _save(checkpoint_dir, step, state, hist, meta)
+                    storage.save_checkpoint(checkpoint_dir, step, state, hist, meta)
     history = {k: hist[:, i] for i, k in enumerate(HISTORY)}
     return Training(spec, lambdas, seeds, step, state, history, baseline)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_ADVICE = "delete it (training resumes from the previous checkpoint) or choose another checkpoint_dir"
-
-
 def _fingerprint(obj: Objective) -> str:
     """What an objective trains on: its metric's type, its data's arrays (params, problem) and its labels."""
     return storage.fingerprint(type(obj.metric).__qualname__, obj.data, obj.labels)
-
-
-def _maybe_lock(directory: Optional[str]):
-    return storage.DirLock(directory) if directory else contextlib.nullcontext()
-
-
-def _checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-
-
-def _steps(directory: str) -> list:
-    """Checkpoint steps in `directory`, newest first."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted((int(m.group(1)) for n in os.listdir(directory) if (m := _STEP_DIR.match(n))), reverse=True)
-
-
-def _save(directory: str, step: int, state: TrainState, hist: np.ndarray, meta: dict) -> None:
-    """Write step_<step> (orbax: temp dir + rename), its checksum, then keep only the newest two."""
-    path = os.path.join(os.path.abspath(directory), f"step_{step}")
-    arrays = {"state": {f"{i:04d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
-              "history": np.asarray(hist)}
-    storage.discard(path)
-    with _checkpointer() as ckpt:
-        ckpt.save(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays),
-                                                meta=ocp.args.JsonSave({**meta, "step": step})))
-    storage.write_sidecar(path)
-    for old in _steps(directory)[2:]:
-        storage.discard(os.path.join(directory, f"step_{old}"))
-
-
-def _read(path: str, template: TrainState) -> Tuple[dict, TrainState, np.ndarray]:
-    with _checkpointer() as ckpt:
-        got = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(),
-                                                         meta=ocp.args.JsonRestore()))
-    leaves, treedef = jax.tree.flatten(template)
-    saved = [np.asarray(got["arrays"]["state"][k]) for k in sorted(got["arrays"]["state"])]
-    if [(a.shape, a.dtype) for a in saved] != [(np.shape(a), np.asarray(a).dtype) for a in leaves]:
-        raise ValueError("saved state leaves do not match this run's shapes and dtypes")
-    return got["meta"], jax.tree.unflatten(treedef, saved), np.asarray(got["arrays"]["history"])
-
-
-def _restore(directory: str, meta: dict, state: TrainState, hist: np.ndarray):
-    """(step, state, history) from the newest intact checkpoint of `directory`, else the fresh ones.
-    A damaged checkpoint is skipped with a warning; one of other runs or settings is a ValueError."""
-    storage.remove_temps(directory)
-    for name in os.listdir(directory):                      # writes of a killed run (orbax's temp dirs)
-        if ocp.utils.TMP_DIR_SUFFIX in name:
-            storage.discard(os.path.join(directory, name))
-    for step in _steps(directory):
-        path = os.path.join(directory, f"step_{step}")
-        try:
-            got, restored, h = storage.read_verified(path, lambda p: _read(p, state), _ADVICE)
-        except storage.DamagedFileError as e:
-            _log.warning("skipping checkpoint: %s", e)
-            continue
-        for key, want in meta.items():
-            if got.get(key) != want:
-                raise ValueError(f"checkpoint {path} was written for {key}={got.get(key)}, this run has "
-                                 f"{key}={want}; use another checkpoint_dir")
-        return step, restored, h
-    return 0, state, hist
 
 
 # ---- binary circuits ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Looking at a run: attention patterns of chosen heads and per-head maps, as interactive HTML
-(treescope, which comes with flax: hover for values, a slider over heads) and as PNG (matplotlib).
+(treescope, which comes with flax: hover for values, a slider over heads) and as PNG (matplotlib);
+dictionary features' top activating contexts as a plain HTML page (tokens shaded by activation).
 
 In a notebook the HTML shows inline (`IPython.display.HTML(html)`); elsewhere pass `path` and open
 the file in a browser (it is self-contained).
@@ -7,8 +8,9 @@ the file in a browser (it is self-contained).
 
 from __future__ import annotations
 
+import html
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -85,3 +87,34 @@ def head_map_html(values, path: Optional[str] = None, value_name: str = "value")
                                  pixels_per_cell=20)
     html = f"<p>{value_name} per head (rows: layers, columns: heads)</p>" + treescope.lowering.render_to_html_as_root(fig.treescope_part, compressed=False)
     return _write(path, html)
+
+
+_CONTEXT_STYLE = ("body{font-family:sans-serif;margin:1.5em}h2{font-size:1.05em;margin:1.2em 0 .3em}"
+                  ".ctx{font-family:monospace;white-space:pre;margin:.15em 0}.v{color:#666;display:inline-block;"
+                  "width:6em}.t{border-radius:2px}.top{outline:1px solid #c33}")
+
+
+def feature_contexts_html(contexts: Mapping[int, Sequence], token_str: Callable[[int], str],
+                          path: Optional[str] = None, title: str = "Top activating contexts") -> str:
+    """A self-contained HTML page of features' top activating contexts ({feature: [Context]} of
+    `dictionaries.evaluate.top_contexts`): one line per context, its value, then its tokens shaded
+    by the feature's activation (relative to the feature's largest; the value on hover), the top
+    token outlined. token_str: token id -> text (`Tokenizer.token_str`). Written to `path` if given;
+    returned."""
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{_CONTEXT_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for feature, ctxs in contexts.items():
+        out.append(f"<h2>feature {int(feature)}</h2>")
+        if not ctxs:
+            out.append("<p>never active on these tokens</p>")
+        peak = max((float(c.value) for c in ctxs), default=0.0) or 1.0
+        for c in ctxs:
+            spans = []
+            for i, (tok, a) in enumerate(zip(c.tokens, c.acts)):
+                alpha = min(max(float(a) / peak, 0.0), 1.0)
+                cls = "t top" if i == c.focus else "t"
+                spans.append(f"<span class='{cls}' style='background:rgba(255,140,0,{alpha:.3f})' "
+                             f"title='{float(a):.4g}'>{html.escape(token_str(int(tok)))}</span>")
+            out.append(f"<div class='ctx'><span class='v'>{float(c.value):.4g}</span>{''.join(spans)}</div>")
+    out.append("</body></html>")
+    return _write(path, "\n".join(out))
