@@ -9,8 +9,9 @@ and these checks pass for it unchanged, as they do with Mistral's sliding window
 positions here), Qwen3's per-head q/k norm, GPT-NeoX's partial RoPE (half of each head's dims
 rotate) and a layer without RoPE (SmolLM3's NoPE layers; the middle one, which the fast paths start
 from) on the same model, and for OLMo-2 (norms after the
-sublayers, `post_norms`; q/k norms over the whole projection) and Gemma-2 (norms before and after
-both sublayers, times 1 + w; soft-capped scores and logits; the window on every other layer), except
+sublayers, `post_norms`; q/k norms over the whole projection) and Gemma-2 / Gemma-3 (norms before and
+after both sublayers, times 1 + w; soft-capped scores and logits; the window on every other layer, with
+its own RoPE base, `local_rope`, which fast paths from a global layer read by the layer's index), except
 that their edges and DLA are refused, naming the feature (a norm after the heads' sum gives no
 per-head share):
 
@@ -51,12 +52,13 @@ FEATURES = {
     "parallel_mix": (LLAMA, {"parallel_residual": True, "sliding_window": 3, "qk_norm": "head",
                              "rope": RopeConfig(partial=0.5), "rope_layers": (True, False, True)}),
     "olmo2_window": ({**LLAMA, "model_type": "olmo2"}, {"sliding_window": 3}),
-    # norms before and after both sublayers, times 1 + w; soft caps; the window on layers 0 and 2 only
-    "gemma2": ({**LLAMA, "model_type": "gemma2", "head_dim": 8, "sliding_window": 3, "attn_logit_softcapping": 1.0,
-                "final_logit_softcapping": 2.0}, {}),
+    # Gemma-3 with Gemma-2's attention soft cap (which HF's Gemma-3 does not apply): norms before and after
+    # both sublayers, times 1 + w; q/k norms; soft caps; the window and the local RoPE base on layers 0 and 2
+    "gemma": ({**LLAMA, "model_type": "gemma3_text", "head_dim": 8, "sliding_window": 3, "sliding_window_pattern": 2,
+               "final_logit_softcapping": 2.0}, {"attn_logit_softcap": 1.0}),
 }
 # model -> the feature its refusals of edges and DLA name
-REFUSED = {"olmo2_window": "post_norms", "gemma2": "post_norms"}
+REFUSED = {"olmo2_window": "post_norms", "gemma": "post_norms"}
 B, T = 2, 6
 GOOD, BAD = np.array([[5], [6]]), np.array([[7], [9]])
 
@@ -88,7 +90,7 @@ def test_parallel_block_wiring_by_hand(model):
     assert EDGE_MLP_READS_HEADS[name] == edges.EdgeGraph.of(cfg).mlp_reads_heads
 
 
-EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_mix": False, "olmo2_window": True, "gemma2": True}
+EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_mix": False, "olmo2_window": True, "gemma": True}
 
 
 def refused(name):

@@ -39,7 +39,7 @@ def _reference(params, cfg, problem, mask):
     x = M.embed(params, cfg, tgt.tokens, tgt.pos_ids)
     cur, source = [x], [src["resid_pre"][0]]
     H, K, n_g = cfg.n_heads, cfg.n_kv_heads, cfg.n_groups
-    rope, allowed = M.rope_tables(cfg, tgt.pos_ids), M.attention_mask(tgt.attn_mask, T)
+    allowed = M.attention_mask(tgt.attn_mask, T)
     read = lambda m_r: x + sum(m_r[s] * w * (source[s] - cur[s]) for s in range(len(cur)))
     for l in range(cfg.n_layers):
         p = jax.tree.map(lambda a: a[l], params["layers"])
@@ -49,6 +49,7 @@ def _reference(params, cfg, problem, mask):
         q = jnp.stack([proj("q", h, h) for h in range(H)], 2)
         k = jnp.stack([proj("k", H + g, g) for g in range(K)], 2)
         v = jnp.stack([proj("v", H + K + g, g) for g in range(K)], 2)
+        rope = M.rope_tables(cfg, tgt.pos_ids, l)
         z = M.attend(cfg, M.rotate(q, rope), M.rotate(k, rope), v, allowed, LayerIO())
         outs = [z[:, :, h] @ p["o"]["w"][h] for h in range(H)]
         x = x + sum(outs) + p["o"].get("b", 0.0)

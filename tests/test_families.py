@@ -7,7 +7,8 @@ fraction of each head's dims, fused per-head q/k/v), Phi-3 (fused qkv_proj and g
 RoPE, Phi-4-mini's field, and Phi-3-mini's sliding window), SmolLM3 (layers without RoPE,
 `rope_layers`; the window on them), Gemma-2 (RMSNorm times 1 + w before and after both sublayers,
 GeGLU, scaled embeddings, query_pre_attn_scalar, soft-capped attention scores and logits, a sliding
-window on every other layer).
+window on every other layer), Gemma-3 (Gemma-2's block with per-head q/k norms and its own RoPE base on
+the windowed layers, `local_rope`).
 
 Logits (fp32, left padding), greedy generation through the KV cache, cached sites and head_out
 patches (`hf_reference` hooks) match HF; unsupported variants of the families are refused, naming
@@ -64,6 +65,14 @@ FAMILIES = {
                dict(norm="rmsnorm_unit_offset", activation="gelu_pytorch_tanh", pre_norms=True, post_norms=True,
                     scaled_embeddings=True, tied_embeddings=True, sliding_window=4, window_layers=(True, False),
                     query_pre_attn_scalar=12.0, attn_logit_softcap=2.0, final_logit_softcap=3.0)),
+    # the window (and the local base, 1e4) on layer 0, the global base 1e6 with linear scaling on layer 1
+    "gemma3_text": ("Gemma3TextConfig", dict(GQA, head_dim=8, sliding_window=4, sliding_window_pattern=2,
+                                             query_pre_attn_scalar=12, final_logit_softcapping=3.0, pad_token_id=0,
+                                             rope_scaling=dict(rope_type="linear", factor=8.0)),
+                    dict(norm="rmsnorm_unit_offset", qk_norm="head", post_norms=True, scaled_embeddings=True,
+                         sliding_window=4, window_layers=(True, False), query_pre_attn_scalar=12.0,
+                         attn_logit_softcap=None, final_logit_softcap=3.0,
+                         rope=RopeConfig(theta=1e6, kind="linear", factor=8.0), local_rope=RopeConfig(theta=1e4))),
 }
 B, T = 3, 12                                  # longer than Mistral's window
 PADS = [0, 5, 1]
@@ -80,7 +89,7 @@ def family(request, tmp_path_factory):
                                                           attn_implementation="eager").eval()
     with torch.no_grad():
         for n, p in model.named_parameters():                  # Gemma-2's norms multiply by 1 + weight
-            p.copy_(float(name != "gemma2") + 0.1 * torch.randn_like(p)) if "norm.weight" in n else p.normal_(0, 0.15)
+            p.copy_(float(not name.startswith("gemma")) + 0.1 * torch.randn_like(p)) if "norm.weight" in n else p.normal_(0, 0.15)
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
     m = jc.load(str(path), cache=False)
@@ -116,7 +125,7 @@ def _switched_off(cfg, params):
 
 def _switched_off_cfg(cfg):
     if cfg.sliding_window:
-        yield dataclasses.replace(cfg, sliding_window=None, window_layers=None)
+        yield dataclasses.replace(cfg, sliding_window=T)                 # every key of the prompts
     if cfg.window_layers:
         yield dataclasses.replace(cfg, window_layers=None)
     for field in ("query_pre_attn_scalar", "attn_logit_softcap"):
@@ -130,6 +139,8 @@ def _switched_off_cfg(cfg):
         yield dataclasses.replace(cfg, parallel_residual=False)
     if cfg.rope_layers:
         yield dataclasses.replace(cfg, rope_layers=None)
+    if cfg.local_rope:
+        yield dataclasses.replace(cfg, local_rope=None)
     if cfg.rope.partial < 1:
         yield dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, partial=1.0))
 
@@ -202,6 +213,9 @@ def test_per_unit_reads_are_each_units_own_read(family):
     ("gemma2", "use_bidirectional_attention", True, "use_bidirectional_attention"),
     ("gemma2", "layer_types", ["chunked_attention", "full_attention"], "layer_types"),
     ("gemma2", "hidden_activation", "swish", "hidden_activation"),
+    ("gemma3_text", "attn_logit_softcapping", 50.0, "attn_logit_softcapping"),     # HF's Gemma-3 ignores it
+    ("gemma3_text", "sliding_window", None, "sliding_window"),
+    ("gemma3_text", "rope_parameters", {"rope_type": "default", "rope_theta": 1.0}, "rope_parameters"),  # not by type
 ])
 def test_unsupported_family_configs_name_the_field(model_type, field, value, match):
     hf = {"model_type": model_type, **COMMON}
@@ -251,6 +265,23 @@ def test_gemma2_defaults_read_as_hf_fills_them():
     google = ModelConfig.from_hf({"model_type": "gemma2", **hf, "hidden_act": "gelu_pytorch_tanh",
                                   "cache_implementation": "hybrid", "final_logit_softcapping": None})
     assert google.final_logit_softcap is None and "logit_softcap" not in init_params(google, jax.random.PRNGKey(0))
+    assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg      # the params cache's round trip
+
+
+def test_gemma3_config_reads_as_hf_fills_it():
+    """Google's config.json (transformers 4 keys: rope_theta with rope_scaling, rope_local_base_freq,
+    sliding_window_pattern; no layer_types) reads as Gemma3TextConfig fills it: the window on all but
+    every 6th layer, their RoPE frequencies HF's local ones, the others' HF's global ones."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+    hf = {**COMMON, "num_hidden_layers": 7, "head_dim": 8, "rope_theta": 5e5, "rope_local_base_freq": 100.0,
+          "rope_scaling": {"rope_type": "linear", "factor": 4.0}, "cache_implementation": "hybrid",
+          "attn_logit_softcapping": None}
+    want, cfg = Gemma3TextConfig(**hf), ModelConfig.from_hf({"model_type": "gemma3_text", **hf})
+    assert cfg.window_layers == tuple(t == "sliding_attention" for t in want.layer_types) != (True,) * 7
+    rotary = Gemma3RotaryEmbedding(want)
+    for rope, kind in ((cfg.rope, "full_attention"), (cfg.local_rope, "sliding_attention")):
+        np.testing.assert_allclose(rope.inv_freq(8), getattr(rotary, f"{kind}_inv_freq").numpy(), rtol=1e-6)  # pow's ulp
     assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg      # the params cache's round trip
 
 

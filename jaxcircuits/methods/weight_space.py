@@ -231,9 +231,8 @@ def _mean_abs(x: Array, w: Array) -> Array:
 
 def _profile(cfg: ModelConfig, cache: dict, pos_ids: Array, attn_mask: Array) -> Dict[str, Array]:
     """`qk_profile` from a cache with head_q, head_k [L, B, T, n, Dh] and the run's positions [B, T]."""
-    rope = transformer.rope_tables(cfg, pos_ids)
     inverse = lambda r: None if r is None else (r[0], -r[1])
-    unrotate = lambda x: jax.vmap(lambda a, i: transformer.rotate(a, inverse(transformer.layer_rope(cfg, rope, i))))(
+    unrotate = lambda x: jax.vmap(lambda a, i: transformer.rotate(a, inverse(transformer.rope_tables(cfg, pos_ids, i))))(
         x, jnp.arange(x.shape[0]))
     w = jnp.asarray(attn_mask, jnp.float32)
     return {"q": _mean_abs(unrotate(cache["head_q"]), w), "k": _mean_abs(unrotate(cache["head_k"]), w),

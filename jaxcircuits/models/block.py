@@ -261,23 +261,25 @@ def layer_allowed(cfg: ModelConfig, allowed: Tuple[Array, Optional[Array]], laye
     return jnp.where(jnp.asarray(cfg.window_layers)[layer], *allowed)
 
 
-def rope_tables(cfg: ModelConfig, pos_ids: Array) -> Optional[Tuple[Array, Array]]:
-    """cos, sin [B, T, R/2] (float32) for integer positions `pos_ids` [B, T], R = the head dims that
-    rotate (`RopeConfig.dims`: Dh, or its partial fraction); None without RoPE."""
+def rope_tables(cfg: ModelConfig, pos_ids: Array, layer: Array) -> Optional[Tuple[Array, Array]]:
+    """cos, sin [B, T, R/2] (float32) of layer `layer` (an index, traced in the layer scan) for integer
+    positions `pos_ids` [B, T], R = the head dims that rotate (`RopeConfig.dims`: Dh, or its partial
+    fraction), at the layer's frequencies (`layer_inv_freqs`); None without RoPE."""
     if cfg.position_embedding != "rotary":
         return None
-    inv = jnp.asarray(cfg.rope.inv_freq(cfg.rope.dims(cfg.d_head)), jnp.float32)
-    ang = pos_ids.astype(jnp.float32)[..., None] * inv
+    ang = pos_ids.astype(jnp.float32)[..., None] * jnp.asarray(layer_inv_freqs(cfg), jnp.float32)[layer]
     return jnp.cos(ang), jnp.sin(ang)
 
 
-def layer_rope(cfg: ModelConfig, rope: Optional[Tuple[Array, Array]], layer: Array) -> Optional[Tuple[Array, Array]]:
-    """The rope tables of layer `layer` (an index, traced in the layer scan): `rope`, or the rotation
-    by 0 (cos 1, sin 0: `rotate` is the identity) on a layer without RoPE (cfg.rope_layers)."""
-    if rope is None or cfg.rope_layers is None:
-        return rope
-    on = jnp.asarray(cfg.rope_layers)[layer]
-    return jnp.where(on, rope[0], 1.0), jnp.where(on, rope[1], 0.0)
+def layer_inv_freqs(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies of each layer [L, R/2]: cfg.local_rope's on a layer with the sliding window
+    (cfg.window_layers; every layer when None), cfg.rope's on the others, 0 (a rotation by 0: `rotate`
+    is the identity) on a layer without RoPE (cfg.rope_layers)."""
+    dims = cfg.rope.dims(cfg.d_head)
+    local = cfg.window_layers or (True,) * cfg.n_layers
+    rotates = cfg.rope_layers or (True,) * cfg.n_layers
+    rope = lambda i: cfg.local_rope if cfg.local_rope is not None and local[i] else cfg.rope
+    return np.stack([rope(i).inv_freq(dims) * rotates[i] for i in range(cfg.n_layers)])
 
 
 def rotate(x: Array, rope: Optional[Tuple[Array, Array]]) -> Array:

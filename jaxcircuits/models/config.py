@@ -97,7 +97,8 @@ class ModelConfig:
     residual (OLMo-2, Gemma-2: both). rope_layers: per layer, whether it applies RoPE (None: every
     layer; SmolLM3's NoPE layers do not). window_layers: per layer, whether its attention has the
     sliding window (None: every layer; Gemma-2 alternates, Qwen2/Qwen3 have it from max_window_layers
-    on, SmolLM3 on its NoPE layers). query_pre_attn_scalar: scores are scaled by its -1/2 power
+    on, SmolLM3 on its NoPE layers). local_rope: the RoPE of the layers with the sliding window, `rope`
+    that of the others (None: `rope` on every layer; Gemma-3's local and global bases). query_pre_attn_scalar: scores are scaled by its -1/2 power
     (None: d_head's). attn_logit_softcap, final_logit_softcap: c * tanh(s / c) of the attention
     scores before the mask, of the logits (Gemma-2; the loader puts the logits' cap in the params,
     `params.config_leaves`). scaled_embeddings: token embeddings times sqrt(d_model) (in their
@@ -129,6 +130,7 @@ class ModelConfig:
     post_norms: bool = False
     rope_layers: Optional[Tuple[bool, ...]] = None
     window_layers: Optional[Tuple[bool, ...]] = None
+    local_rope: Optional[RopeConfig] = None
     query_pre_attn_scalar: Optional[float] = None
     attn_logit_softcap: Optional[float] = None
     final_logit_softcap: Optional[float] = None
@@ -160,6 +162,10 @@ class ModelConfig:
         if self.window_layers is not None and (self.sliding_window is None or len(self.window_layers) != self.n_layers):
             raise UnsupportedConfigError(f"window_layers needs a sliding_window and one entry per layer "
                                          f"({self.n_layers}), got {self.window_layers}")
+        if self.local_rope is not None and (self.rope is None or self.sliding_window is None or
+                                            self.local_rope.dims(self.d_head) != self.rope.dims(self.d_head)):
+            raise UnsupportedConfigError("local_rope needs RoPE rotating as many dims and a sliding_window, got "
+                                         f"{self.local_rope} beside {self.rope}, window {self.sliding_window}")
         if not (self.pre_norms or self.post_norms):
             raise UnsupportedConfigError("a layer needs norms before (pre_norms) or after (post_norms) its sublayers")
         if self.rope is not None and (self.rope.dims(self.d_head) % 2 or not self.rope.dims(self.d_head)):
@@ -398,6 +404,9 @@ HF_DEFAULTS = {
     "smollm3": {"rope_theta": 2e6},
     "gemma2": {"head_dim": 256, "num_key_value_heads": 4, "tie_word_embeddings": True, "query_pre_attn_scalar": 256.0,
                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 4096},
+    "gemma3_text": {"head_dim": 256, "num_key_value_heads": 4, "tie_word_embeddings": True, "query_pre_attn_scalar": 256.0,
+                    "sliding_window": 4096, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                    "max_position_embeddings": 131072},
 }
 
 LLAMA_FAMILIES = {
@@ -419,14 +428,20 @@ LLAMA_FAMILIES = {
     "gemma2": ({"attention_bias", "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
                 "final_logit_softcapping", "sliding_window", "layer_types", "use_bidirectional_attention",
                 "cache_implementation"},
-               lambda hf: {**_qkvo_bias(hf), **_gemma2(hf)}),
+               lambda hf: {**_qkvo_bias(hf), **_gemma(hf, lambda i: (i + 1) % 2)}),
+    # HF reads sliding_window_pattern only where layer_types is absent, and never _sliding_window_pattern
+    "gemma3_text": ({"attention_bias", "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
+                     "final_logit_softcapping", "sliding_window", "layer_types", "use_bidirectional_attention",
+                     "cache_implementation", "rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern"},
+                    lambda hf: {**_qkvo_bias(hf), **_gemma3(hf)}),
 }
 
 
-def _gemma2(hf: dict) -> dict:
-    """Gemma-2: RMSNorm times (1 + w) before and after attention and the MLP, GeGLU (tanh GELU),
-    embeddings times sqrt(d_model), attention scaled by query_pre_attn_scalar and soft-capped, soft-capped
-    logits, a sliding window on every other layer (the even ones by default); HF's defaults in `HF_DEFAULTS`."""
+def _gemma(hf: dict, sliding) -> dict:
+    """Gemma-2 and Gemma-3: RMSNorm times (1 + w) before and after attention and the MLP, GeGLU (tanh
+    GELU), embeddings times sqrt(d_model), attention scaled by query_pre_attn_scalar and soft-capped,
+    soft-capped logits, the sliding window on the layers layer_types names, else where sliding(i) (Gemma-2:
+    the even ones); HF's defaults in `HF_DEFAULTS`."""
     _require(hf, "use_bidirectional_attention", lambda v: v is False, "only causal attention is implemented")
     act = hf.get("hidden_activation", "gelu_pytorch_tanh")
     _require(hf, "hidden_activation", lambda v: v in ACTIVATIONS, f"use one of {', '.join(ACTIVATIONS)}")
@@ -434,12 +449,40 @@ def _gemma2(hf: dict) -> dict:
             "query_pre_attn_scalar": _get(hf, "query_pre_attn_scalar", float),
             "attn_logit_softcap": _get(hf, "attn_logit_softcapping", float, None),
             "final_logit_softcap": _get(hf, "final_logit_softcapping", float, None),
-            **_windows(hf, _window(hf)["sliding_window"], lambda i: (i + 1) % 2)}
+            **_windows(hf, _window(hf)["sliding_window"], sliding)}
+
+
+def _gemma3(hf: dict) -> dict:
+    """Gemma-3 (text): Gemma-2's block (`_gemma`) with a per-head q/k norm, the window on all but every
+    ``sliding_window_pattern``-th layer (HF's default 6; HF needs a window), its own RoPE on the windowed
+    layers (`local_rope`, `_gemma3_ropes`); no attention soft cap (HF's Gemma-3 does not apply one)."""
+    if hf.get("sliding_window") is None:
+        raise UnsupportedConfigError("config field 'sliding_window'=None is not supported: HF's Gemma-3 needs a window")
+    _require(hf, "attn_logit_softcapping", lambda v: False, "HF's Gemma-3 attention does not apply it")
+    every = _get(hf, "sliding_window_pattern", int, 6)
+    features = _gemma(hf, lambda i: (i + 1) % every != 0)
+    rope, local = _gemma3_ropes(hf)
+    return {**features, "qk_norm": "head", "rope": rope,
+            "local_rope": None if features["sliding_window"] is None or local == rope else local}
+
+
+def _gemma3_ropes(hf: dict) -> Tuple[RopeConfig, RopeConfig]:
+    """Gemma-3's RoPE of its full-attention layers and of its sliding ones, as HF fills them:
+    ``rope_parameters`` by layer type ('full_attention', 'sliding_attention'; transformers >= 5), the
+    first updated by ``rope_scaling`` (< 5); where a type's dict has no rope_theta, ``rope_theta`` (the
+    global base) and ``rope_local_base_freq`` (the local one)."""
+    by_type = hf.get("rope_parameters") or {}
+    if not (isinstance(by_type, dict) and set(by_type) <= {"full_attention", "sliding_attention"}):
+        raise UnsupportedConfigError(f"config field 'rope_parameters'={by_type!r} is invalid: expected an object "
+                                     "per layer type ('full_attention', 'sliding_attention')")
+    full = {**(by_type.get("full_attention") or {}), **(hf.get("rope_scaling") or {})}
+    return tuple(_rope_from_hf({"rope_parameters": params, "rope_theta": hf.get(theta)})
+                 for params, theta in ((full, "rope_theta"), (by_type.get("sliding_attention") or {}, "rope_local_base_freq")))
 
 
 def _from_llama(hf: dict) -> ModelConfig:
     """A Llama-like family (`LLAMA_FAMILIES`): RMSNorm, RoPE, SwiGLU, Llama's tensor names, and the
-    features of its model_type (which may name other tensors, `checkpoint`). A family that lists
+    features of its model_type (which may name other tensors, `checkpoint`, or set `rope`). A family that lists
     ``partial_rotary_factor`` among its fields rotates that fraction of each head (default 1)."""
     fields, features = LLAMA_FAMILIES[hf["model_type"]]
     hf = {**HF_DEFAULTS.get(hf["model_type"], {}), **hf}
@@ -451,6 +494,9 @@ def _from_llama(hf: dict) -> ModelConfig:
         _require(hf, "hidden_act", lambda v: v == "silu", "Llama-like MLPs must use silu")
     n_heads, d = _get(hf, "num_attention_heads", int), _get(hf, "hidden_size", int)
     partial = 1.0 if "partial_rotary_factor" in fields else None
+    family = features(hf)                                              # Gemma-3 reads its own RoPEs
+    rope = family.pop("rope") if "rope" in family else _rope_from_hf(
+        hf, partial, {"partial_rotary_factor": hf.get("partial_rotary_factor")})
     return ModelConfig(**{
         "checkpoint": "llama", "n_layers": _get(hf, "num_hidden_layers", int), "d_model": d, "n_heads": n_heads,
         "n_kv_heads": _get(hf, "num_key_value_heads", int, n_heads), "d_head": _get(hf, "head_dim", int, d // n_heads),
@@ -458,8 +504,7 @@ def _from_llama(hf: dict) -> ModelConfig:
         "max_positions": _get(hf, "max_position_embeddings", int, 2048),
         "norm_eps": _get(hf, "rms_norm_eps", float, 1e-6), "norm": "rmsnorm", "activation": "silu", "gated_mlp": True,
         "position_embedding": "rotary", "tied_embeddings": _get(hf, "tie_word_embeddings", bool, False),
-        "rope": _rope_from_hf(hf, partial, {"partial_rotary_factor": hf.get("partial_rotary_factor")}),
-        **features(hf), **_token_ids(hf)})
+        "rope": rope, **family, **_token_ids(hf)})
 
 
 def _from_gpt_neox(hf: dict) -> ModelConfig:

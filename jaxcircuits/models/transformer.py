@@ -23,13 +23,13 @@ import numpy as np
 from flax import struct
 
 from jaxcircuits.models.block import (Attn, KVCache, LayerIO, attend, attention_mask, block, dense, layer_allowed,
-                                      layer_rope, mlp, named_norm, norm, one_unit, project, rope_tables, rotate)
+                                      mlp, named_norm, norm, one_unit, project, rope_tables, rotate)
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.layers import soft_cap
 
 Array = jax.Array
 Params = dict
-__all__ = ["Attn", "KVCache", "LayerIO", "attend", "block", "dense", "layer_rope", "mlp", "norm", "project", "rope_tables",
+__all__ = ["Attn", "KVCache", "LayerIO", "attend", "block", "dense", "mlp", "norm", "project", "rope_tables",
            "rotate", "Tap", "Context", "run_layers", "run", "forward_fn", "forward", "run_with_cache", "embed",
            "final_norm", "logits_of", "unembed_matrix", "check_inputs", "default_positions", "attention_mask"]
 
@@ -100,7 +100,6 @@ def _layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Tap, ca
     write_index = 0 if ctx.kv is None else ctx.kv.write_index
     mask = lambda window: attention_mask(ctx.key_valid, tq, write_index + T - tq, window)
     allowed = (mask(cfg.sliding_window), None if cfg.window_layers is None else mask(None))
-    rope = rope_tables(cfg, ctx.pos_ids)
     names = set()
 
     def body(state, xs):
@@ -108,7 +107,7 @@ def _layers(layers: dict, cfg: ModelConfig, x: Array, ctx: Context, tap: Tap, ca
         p, kv, z, layer, i = xs
         io = tap.io(layer, carry, collect)
         kv = None if kv is None else KVCache(*kv, write_index)
-        x = block(cfg, p, x, io, Attn(layer_rope(cfg, rope, i), layer_allowed(cfg, allowed, i), kv, z, ctx.n_queries))
+        x = block(cfg, p, x, io, Attn(rope_tables(cfg, ctx.pos_ids, i), layer_allowed(cfg, allowed, i), kv, z, ctx.n_queries))
         names.update(io.names)
         return (x, io.carry), io.cache
 

@@ -68,7 +68,7 @@ def config_to_json(cfg: ModelConfig) -> dict:
 def config_from_json(d: dict) -> ModelConfig:
     """Inverse of `config_to_json` (JSON lists back to the tuples of per-layer fields, so the config hashes)."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    return ModelConfig(**{**fields, "rope": RopeConfig(**d["rope"]) if d["rope"] else None})
+    return ModelConfig(**{**fields, **{k: RopeConfig(**d[k]) if d.get(k) else None for k in ("rope", "local_rope")}})
 
 
 def _checkpointer() -> ocp.Checkpointer:
