@@ -10,12 +10,23 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # No test reaches the real Hugging Face Hub (huggingface_hub reads this at import; the tests of
 # downloads turn it off against their local stand-in, tests/hub_server.py); binaries inherit it.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One on-disk cache of compiled programs for the whole suite: its two workers, every module (each ends by
+# clearing the in-memory caches, below) and the binaries it runs as subprocesses compile the same
+# programs of the same tiny models; a hit loads the executable instead (JAX keys it on the program,
+# its options and the jax version, so nothing stale is read). Binaries inherit these variables.
+_CACHE_ROOT = os.path.expanduser(os.environ.get("JAXCIRCUITS_CACHE") or "~/.cache/jaxcircuits")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE_ROOT, "jax-compilation-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 VOCAB = 101
 
