@@ -346,11 +346,14 @@ EDGES = "edges"
 
 
 def every_unit(cfg, site: str, n_blocks: Optional[int] = None) -> Mask:
-    """The float32 mask with every unit of `site` at 1: [L, *units] (`Site.shape`), or every valid
-    edge of `EdgeGraph.of(cfg)` for site 'edges'."""
+    """The float32 mask with every unit of `site` at 1: [L, *units] (`Site.shape`; 0 on layers that
+    lack the site, `Site.layers`), or every valid edge of `EdgeGraph.of(cfg)` for site 'edges'."""
     if site == EDGES:
         return Mask(edges=jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), EdgeGraph.of(cfg).valid()))
-    return Mask(**{site: jnp.ones(get(site).shape(cfg, n_blocks), jnp.float32)})
+    row = get(site)
+    shape = row.shape(cfg, n_blocks)
+    on = np.isin(np.arange(cfg.n_layers), row.layers(cfg)).astype(np.float32)
+    return Mask(**{site: jnp.asarray(np.broadcast_to(on.reshape(-1, *[1] * (len(shape) - 1)), shape))})
 
 
 def unit_values(cfg, mask: Mask, site: str):
