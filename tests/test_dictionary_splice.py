@@ -18,12 +18,13 @@ from jaxcircuits.dictionaries.core import HOSTS, KINDS, DictConfig, Dictionary
 from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.engine.subsets import Pool, all_subsets, unrank_np
 from jaxcircuits.engine.sweep import run_sweep
-from jaxcircuits.interventions import ablation, sites
+from jaxcircuits.interventions import ablation, hooknames, sites
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.interventions.sites import Intervention, Mask
 from jaxcircuits.methods import attribution, circuits, dla, folding, learned
+from jaxcircuits.models.config import SpliceConfig
 from jaxcircuits.models.transformer import forward, logits_of, run_with_cache
 from tests import hf_reference as ref
 from tests.conftest import random_tokens
@@ -102,7 +103,8 @@ def _torch_encode(dc, p, x):
 
 def _hf_spliced(model, dicts, patch=None):
     """Hooks applying `dicts` to the HF model: x + (f' - f) W_dec at the host, f' = f except features
-    patch = (source {layer: f [B, T, F]}, positions, feature ids); returns {layer: f} recorded."""
+    patch = (source {layer: f [B, T, F]}, positions, feature ids); returns {layer: (f, the input r
+    it encodes [B, T, d_in])} recorded."""
     layers, attn_name, o_name, _ = ref.blocks_of(model)
     recorded, handles = {}, []
     for d in dicts:
@@ -110,8 +112,9 @@ def _hf_spliced(model, dicts, patch=None):
 
         def apply(x, r, l=d.layer, p=p, dc=d.config):
             flat = x.reshape(*x.shape[:2], -1)
-            f = _torch_encode(dc, p, r.reshape(*r.shape[:2], -1))
-            recorded[l] = f.numpy().copy()
+            r = r.reshape(*r.shape[:2], -1)
+            f = _torch_encode(dc, p, r)
+            recorded[l] = f.numpy().copy(), r.numpy().copy()
             f2 = f.clone()
             if patch is not None:
                 src, positions, ids = patch
@@ -155,14 +158,18 @@ def _hf_logits(model, tokens, dicts, patch=None):
                                                    ("gpt2", "attn_out", "relu", (1,))])
 def test_feature_patching_equals_hf_forward_hooks(tiny, name, host, kind, layers):
     """Features patched from a source prompt at chosen positions and ids = the same dictionary applied
-    and patched by torch hooks in the HF model (source features and logits, fp32)."""
+    and patched by torch hooks in the HF model (what it reads, e.g. 'mlp_in' for the transcoder, the
+    source features and the logits, fp32)."""
     model, cfg, params = tiny(name)
     dicts = _dictionaries(cfg, host, kind, layers, seed=1)
     p2, c2 = splice.attach(params, cfg, dicts)
     tgt, src = random_tokens(1, 2, 7), random_tokens(2, 2, 7)
-    _, cache = run_with_cache(p2, c2, src, sites=("features",))
-    _, hf_src = _hf_logits(model, src, dicts)
+    read = HOSTS[host][0]
+    _, cache = run_with_cache(p2, c2, src, sites=("features", read))
+    _, recorded = _hf_logits(model, src, dicts)
+    hf_src = {l: f for l, (f, _) in recorded.items()}
     for l in layers:
+        np.testing.assert_allclose(np.asarray(cache[read][l]).reshape(recorded[l][1].shape), recorded[l][1], atol=1e-4)
         np.testing.assert_allclose(np.asarray(cache["features"][l]), hf_src[l], atol=1e-4)
     positions, ids = [2, 5, 6], [0, 3, 4, 7, 9, 11]
     m = np.zeros((cfg.n_layers, F), np.float32)
@@ -294,6 +301,19 @@ def test_head_out_splice_without_error_keeps_dla_exact(tiny):
     p2, c2 = _spliced(tiny, "gpt2", "head_out", "relu", (0, 1), keep_error=False)
     comps = dla.decompose(p2, c2, random_tokens(6, 2, 6), positions=(-1, -3))
     np.testing.assert_allclose(np.asarray(comps.total()), np.asarray(comps.final), atol=1e-4)
+
+
+def test_feature_hook_names(tiny):
+    """'features' maps to HookedSAETransformer's hook_sae_acts_post at the host's read hook, both ways."""
+    _, cfg, _ = tiny("gpt2")
+    for host, hook in (("resid_pre", "blocks.1.hook_resid_pre"), ("transcoder", "blocks.1.ln2.hook_normalized"),
+                       ("head_out", "blocks.1.attn.hook_z")):
+        width = cfg.d_model if host != "head_out" else cfg.n_heads * cfg.d_head
+        c2 = dataclasses.replace(cfg, splice=SpliceConfig(host, DictConfig("relu", width, F), (1,)))
+        name = hooknames.hook_name("features", 1, c2)
+        assert name == hook + ".hook_sae_acts_post" and hooknames.parse_hook_name(name, c2) == ("features", 1)
+    with pytest.raises(ValueError, match="no TransformerLens hook"):
+        hooknames.hook_name("features", 1, cfg)
 
 
 # ---- bad input ----------------------------------------------------------------------------------
