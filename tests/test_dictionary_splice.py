@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import jaxcircuits as jc
 from jaxcircuits.dictionaries import splice
 from jaxcircuits.dictionaries.core import HOSTS, KINDS, DictConfig, Dictionary
 from jaxcircuits.engine.patching import run_masks
@@ -82,6 +83,10 @@ def test_splice_with_error_kept_is_the_plain_model_bit_for_bit(tiny, host, kind)
     if host == "attn_out":
         p3, c3 = splice.attach(params, cfg, dicts, keep_error=False)
         assert np.abs(np.asarray(forward(p3, c3, tokens)[0]) - plain).max() > 1e-2
+    if host == "transcoder":                       # a Model's default cache: every entry the model records
+        _, every = jc.Model(c2, p2, None, None).run_with_cache(tokens, hook_names=True)
+        assert "blocks.2.ln2.hook_normalized.hook_sae_acts_post" in every and "blocks.0.ln2.hook_normalized" in every
+        assert "features" not in sites.cache_entries(cfg) and "features" in sites.cache_entries(c2)
 
 
 # ---- feature patching against HF forward hooks --------------------------------------------------

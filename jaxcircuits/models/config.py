@@ -96,9 +96,10 @@ class SpliceConfig:
         if not isinstance(self.dictionary, DictConfig):
             raise ValueError(f"dictionary must be a DictConfig, got {type(self.dictionary).__name__}")
         layers = tuple(self.layers)
-        if not layers or any(not isinstance(l, int) or isinstance(l, bool) or l < 0 for l in layers) \
+        if not layers or any(not isinstance(l, (int, np.integer)) or isinstance(l, bool) or l < 0 for l in layers) \
                 or list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be distinct layer indices in ascending order, got {self.layers}")
+        object.__setattr__(self, "layers", tuple(int(l) for l in layers))
 
     def host_widths(self, cfg: "ModelConfig") -> Tuple[int, int]:
         """(d_in, d_out) a dictionary at `host` reads and writes on model `cfg`: D (resid_pre,
