@@ -84,7 +84,8 @@ def test_no_study_imports_another_study():
 
 # The subpackages along the data's way: each may import the ones before it, the shared modules, and
 # the top-level modules at or before its layer.
-LAYERS = ("models", "weights", "interventions", "stats", "engine", "methods", "reports", "tasks", "studies")
+LAYERS = ("models", "weights", "interventions", "stats", "engine", "methods", "dictionaries", "reports", "tasks",
+          "studies")
 # dictionaries.core (a sparse dictionary's math, imported by models/ for splices) imports only checks.
 SHARED = {"checks", "logs", "storage", "dictionaries.core"}
 TOP_LEVEL = {"bundle": "interventions"}          # jc.load's Model: params, config, tokenizer, hook names
