@@ -2,12 +2,12 @@
 Scope npz, circuit-tracer transcoder directories, every bad-file error, and sae-lens's own
 encode/decode (skipped without the bench extra)."""
 
+import dataclasses
 import json
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import yaml
@@ -95,11 +95,19 @@ def test_save_refuses_what_saelens_cannot_hold(tmp_path):
     mixed = {**_random(dc, 0), "b_dec": jnp.zeros(D, jnp.bfloat16)}
     with pytest.raises(ValueError, match="share one dtype"):
         files.save(str(tmp_path), Dictionary(dc, mixed, "resid_pre", 0))
+    assert not os.listdir(tmp_path)
+
+
+def test_negative_thresholds_round_trip_and_act_as_zero(tmp_path):
+    """relu(pre) * (pre > t), as SAELens: a threshold below 0 is saved as it is and acts as 0."""
     jump = DictConfig("jumprelu", D, F)
     negative = {**_random(jump, 0), "threshold": -jnp.ones(F)}
-    with pytest.raises(ValueError, match="negative JumpReLU threshold"):
-        files.save(str(tmp_path), Dictionary(jump, negative, "resid_pre", 0))
-    assert not os.listdir(tmp_path)
+    files.save(str(tmp_path), Dictionary(jump, negative, "resid_pre", 0))
+    back = files.load(str(tmp_path))
+    np.testing.assert_array_equal(back.params["threshold"], negative["threshold"])
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, D))
+    zero = {**negative, "threshold": jnp.zeros(F)}
+    np.testing.assert_array_equal(core.encode(jump, back.params, x), core.encode(jump, zero, x))
 
 
 # ---- SAELens formulas by hand ---------------------------------------------------------------------
@@ -136,7 +144,7 @@ HAND = [("standard", "blocks.1.hook_resid_pre", (), {}),
         ("topk", "blocks.0.hook_mlp_out", (), {"k": 3}),
         ("jumprelu", "blocks.2.hook_attn_out", ("threshold",), {}),
         ("gated", "blocks.1.hook_resid_pre", ("b_gate", "r_mag", "b_mag"), {}),
-        ("skip_transcoder", "blocks.1.ln2.hook_normalized", ("W_skip",), {"d_out": D}),
+        ("skip_transcoder", "blocks.1.mlp.hook_in", ("W_skip",), {"d_out": D}),
         ("jumprelu_transcoder", "blocks.0.mlp.hook_in", ("threshold",), {"d_out": D})]
 
 
@@ -219,13 +227,23 @@ def test_saes_that_do_not_fit_the_model(tmp_path, hook, d_in, match):
 @pytest.mark.parametrize("hook_in,hook_out,match", [
     ("blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out", "un-normed residual"),
     ("blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out", "reads the MLP's normed input"),
-    ("blocks.1.ln2.hook_normalized", "blocks.2.hook_mlp_out", "writes that layer's MLP output"),
+    ("blocks.1.mlp.hook_in", "blocks.2.hook_mlp_out", "writes that layer's MLP output"),
+    ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", "before its weight and bias"),
+    ("blocks.1.mlp.hook_in", "blocks.1.mlp.hook_out", "before the norm that follows this model's MLP"),
 ])
 def test_transcoder_hooks(tmp_path, hook_in, hook_out, match):
     t = _sae_tensors(np.random.default_rng(5))
     cfg = _v6("transcoder", hook_in, d_out=D, apply_b_dec_to_input=False, metadata={"hook_name_out": hook_out})
     with pytest.raises(ValueError, match=match):
-        files.load(_write_saelens(tmp_path, cfg, t))
+        files.load(_write_saelens(tmp_path, cfg, t), dataclasses.replace(CFG, post_norms=True))
+
+
+def test_transcoders_ignore_apply_b_dec_to_input(tmp_path):
+    """SAELens' transcoders encode x itself whatever apply_b_dec_to_input says (its default is true)."""
+    t = _sae_tensors(np.random.default_rng(5))
+    cfg = _v6("transcoder", "blocks.1.mlp.hook_in", d_out=D, apply_b_dec_to_input=True,
+              metadata={"hook_name_out": "blocks.1.hook_mlp_out"})
+    assert not files.load(_write_saelens(tmp_path, cfg, t)).config.subtract_b_dec
 
 
 # ---- bad files ------------------------------------------------------------------------------------
@@ -264,7 +282,6 @@ BAD = {
     "int_tensor": (_bad(tensor_change=lambda t: t.update(b_dec=np.ones(D, np.int32))), "not floating point"),
     "no_hook": (_bad(lambda c: c["metadata"].pop("hook_name")), "'hook_name'"),
     "topk_k": (_bad(lambda c: c.update(architecture="topk")), "'k'"),
-    "transcoder_b_dec": (_bad(lambda c: c.update(architecture="transcoder", d_out=D)), "'apply_b_dec_to_input'"),
     "activation_fn": (_bad(lambda c: (c.pop("metadata"), c.update(activation_fn_str="tanh"))), "activation_fn 'tanh'"),
     "corrupt": (_corrupt, "sae_weights.safetensors is not a valid safetensors"),
 }
@@ -343,7 +360,7 @@ def _write_ct(path, config, layers):
 def test_circuit_tracer_transcoders(tmp_path):
     rng = np.random.default_rng(8)
     layers = {"layer_0.safetensors": _ct_layer(rng), "layer_1.safetensors": _ct_layer(rng, dec_transposed=True)}
-    config = {"model_kind": "transcoder_set", "model_name": "m", "feature_input_hook": "ln2.hook_normalized",
+    config = {"model_kind": "transcoder_set", "model_name": "m", "feature_input_hook": "mlp.hook_in",
               "feature_output_hook": "hook_mlp_out",
               "transcoders": ["hf://owner/repo/layer_0.safetensors", "layer_1.safetensors"]}
     dicts = files.load(_write_ct(tmp_path / "new", config, layers), CFG)
@@ -371,7 +388,7 @@ def test_circuit_tracer_transcoders(tmp_path):
 ])
 def test_bad_circuit_tracer_dirs(tmp_path, change, match):
     rng = np.random.default_rng(9)
-    config = {"feature_input_hook": "ln2.hook_normalized", "feature_output_hook": "hook_mlp_out", **change}
+    config = {"feature_input_hook": "mlp.hook_in", "feature_output_hook": "hook_mlp_out", **change}
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         files.load(_write_ct(tmp_path, config, {"layer_0.safetensors": _ct_layer(rng),
                                                 "layer_1.safetensors": _ct_layer(rng)}))
@@ -390,7 +407,7 @@ def test_agrees_with_sae_lens(tmp_path, arch):
     pytest.importorskip("sae_lens")
     import torch
     from sae_lens import SAE
-    hook = "blocks.1.ln2.hook_normalized" if "transcoder" in arch else "blocks.1.hook_resid_pre"
+    hook = "blocks.1.mlp.hook_in" if "transcoder" in arch else "blocks.1.hook_resid_pre"
     meta = {"hook_name": hook, "model_name": "m"}
     if "transcoder" in arch:
         meta["hook_name_out"] = "blocks.1.hook_mlp_out"

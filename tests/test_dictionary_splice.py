@@ -367,3 +367,14 @@ def test_bad_splices_and_feature_masks_are_refused(tiny):
     p4, c4 = splice.attach(params, cfg, _dictionaries(cfg, "attn_out", "relu", (1,)), keep_error=False)
     with pytest.raises(ValueError, match="attn_out dictionary spliced without its error"):
         dla.decompose(p4, c4, random_tokens(0, 1, 4))
+    # without its error a dictionary writes its reconstruction: edges (whose sources hold the raw write)
+    # and a transcoder layer's MLP patches (thrown away) are refused
+    for host in ("head_out", "mlp_out", "transcoder"):
+        _, c5 = splice.attach(params, cfg, _dictionaries(cfg, host, "relu", (1,)), keep_error=False)
+        with pytest.raises(ValueError, match=f"edges: a '{host}' dictionary spliced without its error"):
+            sites.check_mask(sites.every_unit(c5, sites.EDGES), c5)
+    for site in ("mlp_out", "mlp_neuron"):
+        leaf = jnp.zeros(sites.get(site).shape(c5))
+        sites.check_mask(Mask(**{site: leaf.at[0].set(1.0)}), c5)                  # layer 0 has no transcoder
+        with pytest.raises(ValueError, match=rf"'{site}' is nonzero on layer\(s\) \[1\], where a 'transcoder'"):
+            sites.check_mask(Mask(**{site: leaf.at[1].set(1.0)}), c5)

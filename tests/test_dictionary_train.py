@@ -17,7 +17,6 @@ import pytest
 
 from jaxcircuits import storage
 from jaxcircuits.dictionaries import core, corpus, evaluate, stream, train
-from jaxcircuits.interventions import sites
 from jaxcircuits.models import transformer
 from jaxcircuits.models.params import param_shapes
 from jaxcircuits.reports import viz
@@ -180,9 +179,10 @@ def test_streamed_activations_are_the_sites_values(model):
         stream.Buffer(src, size=15, batch=10)
     with pytest.raises(ValueError, match="unknown dictionary host 'resid'"):
         stream.ModelActivations(params, CFG, tokens, "resid", 1, separator=1)
+    with pytest.raises(ValueError, match="no real position other than the separator 1"):
+        stream.ModelActivations(params, CFG, np.ones_like(tokens), "resid_pre", 1, separator=1)
 
 
-@pytest.mark.skipif("mlp_in" not in sites.CACHE_SITES, reason="'mlp_in' is not a cache entry yet (the splice adds it)")
 def test_streamed_transcoder_pairs(model):
     params, tokens, mask = model
     src = stream.ModelActivations(params, CFG, tokens, "transcoder", 0, separator=1, rows_per_chunk=6, attn_mask=mask)

@@ -11,14 +11,15 @@ SAELens tensors (`W_enc` [d_in, d_sae], `b_enc`, `W_dec` [d_sae, d_out], `b_dec`
 `b_enc`; `w_skip` is `W_skip` transposed). Both cfg.json layouts are read: sae-lens 6's (hook name,
 head index and output hook under `metadata`) and the older flat one (`hook_point`,
 `activation_fn_str` 'topk' with `activation_fn_kwargs.k`). A TopK file trained with
-`rescale_acts_by_decoder_norm` is folded into plain TopK (same features and outputs). SAELens and
-Gemma Scope JumpReLU is relu(pre) * (pre > threshold): a negative threshold loads as 0, the same
-function under `core`'s pre * (pre > threshold).
+`rescale_acts_by_decoder_norm` is folded into plain TopK (same features and outputs). JumpReLU is
+relu(pre) * (pre > threshold), as in SAELens, Gemma Scope and `core`.
 
 Hooks map to hosts (`core.HOSTS`) through `hooknames` (hook_resid_pre, hook_resid_post = resid_pre
 of the next layer, attn.hook_z = head_out with d_in = H * Dh, hook_attn_out, hook_mlp_out); a
-transcoder reads the MLP's normed input (`MLP_INPUTS`) and writes hook_mlp_out / mlp.hook_out of the
-same layer. Given the model's config, `check_fit` refuses a layer or width that does not fit.
+transcoder reads the MLP's input (`MLP_INPUTS`, after the norm's weight: our 'mlp_in') and writes
+hook_mlp_out (or mlp.hook_out, the same where no norm follows the MLP) of the same layer. Transcoders
+reading TransformerLens' ln2.hook_normalized (the norm's output before its weight and bias) or the
+un-normed residual are refused: no site of ours holds those inputs. Given the model's config, `check_fit` refuses a layer or width that does not fit.
 
 `save(directory, dictionary)` writes SAELens 6 files (cfg.json + sae_weights.safetensors, through
 `storage`'s atomic writes, each with its checksum sidecar) that `load` reads back bit-exactly and
@@ -65,10 +66,12 @@ ARCHITECTURES: Dict[str, Tuple[str, bool, bool]] = {
 DTYPES = {name: dt for base, dt in (("float32", np.float32), ("float64", np.float64), ("float16", np.float16),
                                     ("bfloat16", ml_dtypes.bfloat16)) for name in (base, f"torch.{base}")}
 
-# TransformerLens hooks (in a layer) of the MLP's normed input, which a transcoder host reads
-# ('mlp_in'). `RESID_MID` hooks hold the un-normed residual stream before the MLP, which no site of
-# ours holds: transcoders reading it are refused.
-MLP_INPUTS = ("blocks.{layer}.ln2.hook_normalized", "blocks.{layer}.mlp.hook_in")
+# Hooks (in a layer) of the MLP's input, after the norm and its weight, which a transcoder host reads
+# ('mlp_in'; circuit-tracer's mlp.hook_in). `PRE_WEIGHT` hooks hold the norm's output before its weight
+# and bias (TransformerLens' hook_normalized) and `RESID_MID` hooks the un-normed residual stream
+# before the MLP, which no site of ours holds: transcoders reading them are refused.
+MLP_INPUTS = ("blocks.{layer}.mlp.hook_in",)
+PRE_WEIGHT = ("blocks.{layer}.ln2.hook_normalized",)
 MLP_OUTPUTS = ("blocks.{layer}.hook_mlp_out", "blocks.{layer}.mlp.hook_out")
 RESID_MID = ("blocks.{layer}.hook_resid_mid", "blocks.{layer}.hook_mlp_in")
 
@@ -102,9 +105,15 @@ def _sae_host(hook: str, cfg, where: str) -> _Placed:
     return _Placed(hosts[entry], layer)
 
 
-def _transcoder_host(hook_in: str, hook_out: str, where: str) -> _Placed:
-    """The transcoder host's layer, for a transcoder reading `hook_in` and writing `hook_out`."""
+def _transcoder_host(hook_in: str, hook_out: str, where: str, cfg=None) -> _Placed:
+    """The transcoder host's layer, for a transcoder reading `hook_in` and writing `hook_out` (on model
+    `cfg`, when given: mlp.hook_out is before a norm that follows the MLP, cfg.post_norms)."""
     template, layer = hooknames.split_layer(hook_in)
+    if template in PRE_WEIGHT:
+        raise ValueError(f"{where}: input hook {hook_in!r} is the MLP's norm output before its weight and bias "
+                         f"(TransformerLens' hook_normalized), while our 'mlp_in' (what a transcoder host reads, "
+                         f"{MLP_INPUTS}) is after them; folding the norm's weight into the encoder is not "
+                         "supported, so it is refused")
     if template in RESID_MID:
         raise ValueError(f"{where}: input hook {hook_in!r} is the un-normed residual stream before the MLP, which "
                          f"no site of ours holds (transcoders read the MLP's normed input: {MLP_INPUTS})")
@@ -113,6 +122,9 @@ def _transcoder_host(hook_in: str, hook_out: str, where: str) -> _Placed:
     if hook_out not in [_hook(t, layer) for t in MLP_OUTPUTS]:
         raise ValueError(f"{where}: a transcoder reading {hook_in!r} writes that layer's MLP output "
                          f"{[_hook(t, layer) for t in MLP_OUTPUTS]}, not {hook_out!r}")
+    if cfg is not None and cfg.post_norms and hook_out == _hook(MLP_OUTPUTS[1], layer):
+        raise ValueError(f"{where}: output hook {hook_out!r} is before the norm that follows this model's MLP "
+                         "(post_norms), while our 'mlp_out' (what a transcoder host writes) is after it; refused")
     return _Placed("transcoder", layer)
 
 
@@ -171,14 +183,6 @@ def _params(tensors: Dict[str, np.ndarray], dc: DictConfig, names: Names, where:
             raise ValueError(f"{where}: tensor {theirs!r} has {bad} NaN or infinite value(s): the file is damaged")
         out[ours] = jnp.asarray(a)
     return out
-
-
-def _relu_threshold(params: Dict) -> Dict:
-    """JumpReLU of files computing relu(pre) * (pre > t): thresholds below 0 act as 0."""
-    if "threshold" in params:
-        t = params["threshold"]
-        params = {**params, "threshold": jnp.where(t < 0, jnp.zeros_like(t), t)}
-    return params
 
 
 def _safetensors(path: str) -> Dict[str, np.ndarray]:
@@ -248,8 +252,7 @@ def _saelens_config(c: dict, where: str) -> Tuple[DictConfig, str, bool]:
     _field(c, "finetuning_scaling_factor", where, lambda v: not v, "false (no finetuning scaling factor)")
     dtype = _field(c, "dtype", where, DTYPES.__contains__, f"one of {sorted(DTYPES)}", "float32")
     b_dec_in = _field(c, "apply_b_dec_to_input", where, lambda v: isinstance(v, bool), "true or false", True)
-    if transcoder and b_dec_in:
-        raise ValueError(f"{where}: field 'apply_b_dec_to_input' is true; a transcoder ({arch!r}) encodes x itself")
+    b_dec_in = b_dec_in and not transcoder                # SAELens' transcoders ignore it: they encode x itself
     d_in = _field(c, "d_in", where, _positive, "a positive integer")
     width = _field(c, "d_sae", where, _positive, "a positive integer")
     d_out = _field(c, "d_out", where, _positive, "a positive integer") if transcoder else None
@@ -279,7 +282,7 @@ def _read_saelens(directory: str, placed: Optional[_Placed], cfg) -> List[Dictio
                   "a TransformerLens hook name (or pass host= and layer=)")
     if hook is not None:
         found = (_transcoder_host(hook, _field(c, "hook_name_out", cfg_path, lambda v: isinstance(v, str),
-                                               "the transcoder's output hook name"), cfg_path)
+                                               "the transcoder's output hook name"), cfg_path, cfg)
                  if dc.d_out is not None else _sae_host(hook, cfg, cfg_path))
         if placed is not None and placed != found:
             raise ValueError(f"{cfg_path} places its dictionary at {found}, not host={placed.host}, layer={placed.layer}")
@@ -287,7 +290,7 @@ def _read_saelens(directory: str, placed: Optional[_Placed], cfg) -> List[Dictio
     tensors = _safetensors(weights)
     if "scaling_factor" in tensors and np.all(tensors["scaling_factor"] == 1):
         del tensors["scaling_factor"]                     # an all-ones leftover of older SAELens files
-    params = _relu_threshold(_params(tensors, dc, _saelens_names(dc), weights, DTYPES[dtype]))
+    params = _params(tensors, dc, _saelens_names(dc), weights, DTYPES[dtype])
     if rescale:
         params = _fold_decoder_norm(params)
     return [Dictionary(dc, params, placed.host, placed.layer)]
@@ -307,7 +310,7 @@ def _gemma_scope(path: str, placed: _Placed) -> Dictionary:
             raise ValueError(f"{path}: needs a 2-d tensor {name!r}; found {sorted(tensors)}")
     (d_in, width), d_out = tensors["W_enc"].shape, tensors["W_dec"].shape[1]
     dc = DictConfig("jumprelu", d_in, width, d_out=d_out if placed.host == "transcoder" else None)
-    return Dictionary(dc, _relu_threshold(_params(tensors, dc, _GEMMA_SCOPE, path)), placed.host, placed.layer)
+    return Dictionary(dc, _params(tensors, dc, _GEMMA_SCOPE, path), placed.host, placed.layer)
 
 
 def _read_gemma_scope(directory: str, placed: Optional[_Placed], cfg) -> List[Dictionary]:
@@ -395,7 +398,7 @@ def _read_circuit_tracer(directory: str, placed: Optional[_Placed], cfg) -> List
                     "a TransformerLens hook name inside a block") for io in ("input", "output")]
     out = []
     for layer, path in sorted(_layer_files(directory, config, where).items()):
-        _transcoder_host(*(f"blocks.{layer}.{h}" for h in hooks), where)
+        _transcoder_host(*(f"blocks.{layer}.{h}" for h in hooks), where, cfg)
         out.append(_circuit_tracer_layer(path, layer))
     return out
 
@@ -463,9 +466,6 @@ def save(directory: str, dictionary: Dictionary, model_name: str = "") -> None:
     if transcoder and dc.subtract_b_dec:
         raise ValueError("a transcoder with subtract_b_dec has no SAELens form (apply_b_dec_to_input is SAE-only)")
     arrays = {n: np.asarray(a) for n, a in d.params.items()}
-    if "threshold" in arrays and np.any(arrays["threshold"] < 0):
-        raise ValueError("a negative JumpReLU threshold has no SAELens form: SAELens computes relu(pre) * "
-                         "(pre > threshold), which differs from pre * (pre > threshold) below 0")
     dtypes = {a.dtype for a in arrays.values()}
     names = [n for n, dt in DTYPES.items() if not n.startswith("torch.") and dtypes == {np.dtype(dt)}]
     if not names:

@@ -124,6 +124,9 @@ class ModelActivations:
         tokens, mask, _ = transformer.check_inputs(self.cfg, self.tokens, self.attn_mask)
         object.__setattr__(self, "tokens", np.asarray(tokens))
         object.__setattr__(self, "attn_mask", np.asarray(mask))
+        if not ((self.attn_mask > 0) & (self.tokens != self.separator)).any():
+            raise ValueError(f"tokens (shape {self.tokens.shape}) hold no real position other than the separator "
+                             f"{self.separator}: the stream would yield no activations")
         widths = [self._width(s) for s in self.sites]
         object.__setattr__(self, "_widths", widths)
 

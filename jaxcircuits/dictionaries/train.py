@@ -352,7 +352,7 @@ def train(source, options: Options, checkpoint_dir: Optional[str] = None) -> Tra
     state = TrainState(params, optimizer(o).init(params), jnp.zeros(dc.width, jnp.int32))
     buf = BufferState(np.zeros((o.buffer, source.d_in + source.d_out), np.float32), np.zeros(3, np.int64))
     start, hist = 0, np.zeros((0, len(HISTORY)), np.float32)
-    meta = {"options": dataclasses.asdict(o), "d_in": source.d_in, "d_out": source.d_out}
+    meta = {"options": dataclasses.asdict(o), "d_in": source.d_in, "d_out": source.d_out, "devices": mesh.devices.size}
     with storage.maybe_lock(checkpoint_dir):
         if checkpoint_dir:
             meta["source"] = source.fingerprint()

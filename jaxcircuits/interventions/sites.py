@@ -490,6 +490,10 @@ def check_mask(mask: Mask, cfg, batched: bool = False) -> None:
         raise ValueError("the mask touches no site")
     if mask.edges is not None:
         check_writes_sum(cfg, "edges")
+        if cfg.splice is not None and not cfg.splice.keep_error:
+            raise ValueError(f"edges: a {cfg.splice.host!r} dictionary spliced without its error (keep_error=False) "
+                             "writes its reconstruction, not the output a sender's source holds, so edge patches "
+                             "are not exact; they are refused (splice with keep_error=True)")
         check_edge_mask(mask.edges, EdgeGraph.of(cfg), batched)
     sizes = sorted({jnp.shape(a)[0] for a in jax.tree.leaves(mask)})
     if batched and len(sizes) > 1:
@@ -500,6 +504,7 @@ def check_mask(mask: Mask, cfg, batched: bool = False) -> None:
         v = np.asarray(a, np.float64) if concrete(a) else None
         if v is not None and v.size and not (v.min() >= 0 and v.max() <= 1):          # NaN fails both
             raise ValueError(f"mask site {s!r} has values outside [0, 1] or NaN: min {v.min()}, max {v.max()}")
+        _check_not_discarded(s, v, cfg, batched)
         layers = get(s).layers(cfg)
         if v is not None and len(layers) < cfg.n_layers:
             nonzero = np.flatnonzero(np.moveaxis(v, int(batched), 0).reshape(cfg.n_layers, -1).any(1))
@@ -507,6 +512,25 @@ def check_mask(mask: Mask, cfg, batched: bool = False) -> None:
             if off:
                 raise ValueError(f"mask site {s!r} is nonzero on layer(s) {off}, which lack it (only layers "
                                  f"{layers} have it: the spliced dictionaries')")
+
+
+# Sites whose patches a dictionary spliced without its error (keep_error=False) throws away on its layers:
+# a transcoder replaces the MLP's output by its reconstruction from the MLP's input.
+DISCARDED = {"transcoder": ("mlp_neuron", "mlp_out")}
+
+
+def _check_not_discarded(site: str, v, cfg, batched: bool) -> None:
+    """ValueError if mask values v ([N,] L, *units; None: traced) of `site` are nonzero on a layer whose
+    spliced dictionary discards that site's value (`DISCARDED`)."""
+    sp = cfg.splice
+    if v is None or sp is None or sp.keep_error or site not in DISCARDED.get(sp.host, ()):
+        return
+    hit = sorted(set(np.flatnonzero(np.moveaxis(v, int(batched), 0).reshape(cfg.n_layers, -1).any(1)).tolist())
+                 & set(sp.layers))
+    if hit:
+        raise ValueError(f"mask site {site!r} is nonzero on layer(s) {hit}, where a {sp.host!r} dictionary spliced "
+                         "without its error replaces the MLP's output by its reconstruction: the patch would do "
+                         "nothing (splice with keep_error=True, or patch 'features')")
 
 
 def check_pos_w(pos_w, batch: int, n_pos: int) -> Array:
