@@ -50,9 +50,11 @@ def _jumprelu(dc: "DictConfig", p: Params, pre: Array, x: Array) -> Array:
 
 
 def _gated(dc: "DictConfig", p: Params, pre: Array, x: Array) -> Array:
-    """`pre` is the gate's pre-activation x W + b_enc with b_enc = b_gate; the magnitude path
-    rescales W's columns by exp(r_mag)."""
-    mag = (pre - p["b_enc"]) * jnp.exp(p["r_mag"]) + p["b_mag"]
+    """`pre` is the gate's pre-activation x W + b_enc with b_enc = b_gate; the magnitude path reads
+    x through W's columns rescaled by exp(r_mag) (as SAELens: x W computed again, not pre - b_gate,
+    which would lose x W's low bits in bf16 when |b_gate| >> |x W|)."""
+    xw = pre_acts(dc, {**p, "b_enc": jnp.zeros_like(p["b_enc"])}, x)
+    mag = xw * jnp.exp(p["r_mag"]).astype(xw.dtype) + p["b_mag"].astype(xw.dtype)
     return jnp.where(pre > 0, jax.nn.relu(mag), 0)
 
 
