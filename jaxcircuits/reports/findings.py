@@ -147,8 +147,8 @@ FINDING_RULES = {
             f"{FIT_ACCURACY:.0%} of the subsets, its largest weights are named.",
     "contrast": "Families: one family moves the target more than another when the 95% prompt interval of the "
                 "paired difference of their mean metrics excludes 0.",
-    "dictionary": "Dictionary: explained variance, L0 and dead fraction of the SAE on held-out corpus tokens, and the CE "
-                  "loss recovered, (zero-ablated - spliced) / (zero-ablated - clean), on the same rows (measured on "
+    "dictionary": "Dictionary: explained variance, L0 and dead fraction of the SAE on held-out corpus tokens, and the "
+                  "CE loss recovered, (zero-ablated - spliced) / (zero-ablated - clean), on the same rows (measured on "
                   "tokens, not prompts: no interval).",
     "features": "Features: at each position, the feature whose mean activation differs most between clean and "
                 "corrupted prompts; it differs when the 95% prompt interval of the paired difference excludes 0. Its "

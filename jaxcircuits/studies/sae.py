@@ -18,6 +18,7 @@ from jaxcircuits.dictionaries.attention import head_parts
 from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.interventions.problem import PatchingProblem
 from jaxcircuits.interventions.sites import Mask, unit_label
+from jaxcircuits.methods.attribution import attribution_patching
 from jaxcircuits.models import transformer
 from jaxcircuits.reports import viz
 from jaxcircuits.reports.findings import cell, premise_findings
@@ -34,7 +35,7 @@ ROWS_PER_CHUNK = 8                # corpus rows per streamed chunk
 # there (L23H3, L23H0, L23H7 patched alone recover 0.67, 0.28, 0.12 of the logit difference; no other
 # layer's head recovers more than 0.06 but L29H1, 0.28).
 PRESETS: Dict[str, Dict[str, object]] = {
-    "quick": dict(layer=23, width=2048, k=32, steps=300, batch=256, lr=1e-3, documents=1000, eval_rows=16,
+    "quick": dict(layer=23, width=2048, k=32, steps=400, batch=256, lr=1e-3, documents=1200, eval_rows=16,
                   n_prompts=16),
     "full": dict(layer=23, width=9216, k=32, steps=2000, batch=2048, lr=3e-4, documents=0, eval_rows=64,
                  n_prompts=64),
@@ -188,12 +189,12 @@ def _at(cache_entry, layer: int, slots: np.ndarray) -> np.ndarray:
     return np.asarray(cache_entry[layer])[np.arange(len(slots)), slots]
 
 
-def feature_differences(model, dictionary, task, slots: Dict[str, np.ndarray], top: int, seed: int) -> dict:
-    """Per IOI position: the `top` features with the largest |mean clean - corrupted| activation, the
-    difference's `prompt_table` (intervals over prompts), their mean activations, and each feature's
-    direct attribution by head on the clean prompts (mean `head_parts` [H] over prompts)."""
-    params, cfg = splice.attach(model.params, model.cfg, [dictionary])
-    runs = [jc.run_with_cache(params, cfg, ids, np.asarray(mask), sites=("features", HOST))[1]
+def feature_differences(spliced, dictionary, task, slots: Dict[str, np.ndarray], top: int, seed: int) -> dict:
+    """Per IOI position (`spliced`: the model with `dictionary` spliced in, error kept): the `top`
+    features with the largest |mean clean - corrupted| activation, the difference's `prompt_table`
+    (intervals over prompts), their mean activations, and each feature's direct attribution by head
+    on the clean prompts (mean `head_parts` [H] over prompts)."""
+    runs = [jc.run_with_cache(spliced.params, spliced.cfg, ids, np.asarray(mask), sites=("features", HOST))[1]
             for ids, mask in ((task.source_ids, task.source_attn_mask), (task.target_ids, task.target_attn_mask))]
     dc, p, layer = dictionary.config, dictionary.params, dictionary.layer
     out = {}
@@ -202,7 +203,8 @@ def feature_differences(model, dictionary, task, slots: Dict[str, np.ndarray], t
         diff = clean - corrupted
         order = np.argsort(-np.abs(diff.mean(0)), kind="stable")[:top]
         parts = np.asarray(head_parts(dc, p, _at(runs[0][HOST], layer, s))[0]).mean(0)    # [H, F]
-        out[name] = {"features": order.tolist(), "clean": clean[:, order].mean(0), "corrupted": corrupted[:, order].mean(0),
+        out[name] = {"features": order.tolist(), "clean": clean[:, order].mean(0),
+                     "corrupted": corrupted[:, order].mean(0),
                      "difference": prompt_table(diff[:, order].T, seed=seed), "heads": parts[:, order].T}
     return out
 
@@ -230,44 +232,73 @@ def _features_section(report: Report, diffs: dict, layer: int, top_tokens: Dict[
     report.results["ioi_features"] = diffs
 
 
-def patching_rows(model, dictionary, task, slots: Dict[str, np.ndarray], diffs: dict) -> Dict[str, list]:
-    """Feature patching clean -> corrupted through the spliced model (error kept), per position set
-    (each position alone, then all): {set: [(row name, metric [B])]} for its top features and for every
-    feature of the layer, patched at those slots only."""
-    params, cfg = splice.attach(model.params, model.cfg, [dictionary])
-    base = kit.problem(dataclasses.replace(model, params=params, cfg=cfg), task, ("features",))
-    layer, F = dictionary.layer, dictionary.config.width
+def position_problems(spliced, task, slots: Dict[str, np.ndarray]) -> Dict[str, PatchingProblem]:
+    """{position set: the IOI patching problem of the spliced model's 'features' (clean -> corrupted)
+    with weight 1 at those slots only}: each position alone, then all of them."""
+    base = kit.problem(spliced, task, ("features",))
     sets = {**{n: [n] for n in slots}, " + ".join(slots): list(slots)}
     out = {}
     for label, names in sets.items():
         pos_w = np.zeros(base.pos_w.shape, np.float32)
         for n in names:
             pos_w[np.arange(len(pos_w)), slots[n]] = 1
-        problem = PatchingProblem.make(base.target, base.source, pos_w, base.metric)
-        masks = np.zeros((2, cfg.n_layers, F), np.float32)
-        masks[0, layer, sorted({f for n in names for f in diffs[n]["features"]})] = 1
-        masks[1, layer] = 1
-        metric = run_masks(params, cfg, problem, Mask(features=masks))
-        out[label] = [(f"top features at {label}", metric[0]), (f"all {F} features at {label}", metric[1])]
+        out[label] = PatchingProblem.make(base.target, base.source, pos_w, base.metric)
     return out
 
 
-def _patching_section(report: Report, rows: Dict[str, list], baselines, seed: int) -> dict:
-    names = [name for rs in rows.values() for name, _ in rs]
+def attributed(spliced, problems: Dict[str, PatchingProblem], layer: int, top: int, gap: float) -> Dict[str, tuple]:
+    """{position set: (the `top` features with the largest attribution-patching estimate of their
+    recovery, the estimates)}: the estimated change of the mean logit difference over the gap
+    clean - corrupted (one backward pass per set)."""
+    out = {}
+    for label, problem in problems.items():
+        est = attribution_patching(spliced.params, spliced.cfg, problem, "features")[layer] / gap
+        order = np.argsort(-est, kind="stable")[:top]
+        out[label] = (order.tolist(), est[order])
+    return out
+
+
+def patching_rows(spliced, problems: Dict[str, PatchingProblem], layer: int,
+                  selections: Dict[str, Dict[str, Sequence[int]]]) -> Dict[str, list]:
+    """Feature patching clean -> corrupted through the spliced model (error kept): {position set:
+    [(row name, metric [B])]} for each selection of features {name: features} of that set and for
+    every feature of the layer, patched at the set's slots only (one batched call per set)."""
+    cfg = spliced.cfg
+    out = {}
+    for label, problem in problems.items():
+        chosen = selections[label]
+        masks = np.zeros((len(chosen) + 1, cfg.n_layers, cfg.dict_width), np.float32)
+        for i, features in enumerate(chosen.values()):
+            masks[i, layer, list(features)] = 1
+        masks[-1, layer] = 1
+        metric = run_masks(spliced.params, cfg, problem, Mask(features=masks))
+        names = [f"top features by {how}" for how in chosen] + [f"all {cfg.dict_width} features"]
+        out[label] = list(zip(names, metric))
+    return out
+
+
+def _patching_section(report: Report, rows: Dict[str, list], baselines, ranked: Dict[str, tuple],
+                      top_tokens: Dict[int, str], seed: int) -> dict:
+    names = [(label, name) for label, rs in rows.items() for name, _ in rs]
     t = prompt_table(np.stack([m for rs in rows.values() for _, m in rs]), *baselines, seed=seed)
+    est = "; ".join(f"{label}: " + ", ".join(f"{f} ({e:+.2f}; {top_tokens[f]})" for f, e in zip(*fe))
+                    for label, fe in ranked.items())
     report.add("Feature patching (confirmation)",
-               "On the spliced model (the SAE's error kept, so the unpatched run is the model's own), the top "
-               "features' activations patched from each clean prompt into its corrupted twin at the named "
-               "positions only; recovery = (patched - corrupted) / (clean - corrupted) of the mean logit "
-               "difference IO - S. 'All features' patches the whole reconstruction there (the error stays "
-               "corrupted): the most a feature patch can recover.",
-               table(["patch", "mean logit difference (95% prompts)", "recovery (95% prompts)"],
-                     [[n, cell(t, "mean", i), cell(t, "recovery", i, ".2f")] for i, n in enumerate(names)]))
-    report.results["feature_patching"] = {"rows": names, **t}
-    return {"names": names, **t}
+               "On the spliced model (the SAE's error kept, so the unpatched run is the model's own), features' "
+               "activations patched from each clean prompt into its corrupted twin at the named positions only; "
+               "recovery = (patched - corrupted) / (clean - corrupted) of the mean logit difference IO - S. "
+               "Top features by difference: those of the section above (both positions' for the set of both). By "
+               "attribution: the largest attribution-patching estimates of their recovery (the gradient of the "
+               f"mean logit difference in the feature mask, over the gap; then their top corpus tokens), {est}. "
+               "'All features' patches the whole reconstruction there (the error stays corrupted): the most a "
+               "feature patch can recover.",
+               table(["positions", "patch", "mean logit difference (95% prompts)", "recovery (95% prompts)"],
+                     [[*n, cell(t, "mean", i), cell(t, "recovery", i, ".2f")] for i, n in enumerate(names)]))
+    report.results["feature_patching"] = {"rows": names, "attribution": ranked, **t}
+    return t
 
 
-def _findings(report: Report, ev: dict, diffs: dict, patch: dict, layer: int) -> None:
+def _findings(report: Report, ev: dict, diffs: dict, rows: Dict[str, list], patch: dict, layer: int) -> None:
     ce = ev["ce"]
     report.finding(f"The SAE at layer {layer} explains {ev['explained_variance']:.1%} of the held-out head-output "
                    f"variance with L0 {ev['l0']:.1f}; spliced in, it recovers {ce['recovered']:.1%} of the CE loss "
@@ -280,12 +311,15 @@ def _findings(report: Report, ev: dict, diffs: dict, patch: dict, layer: int) ->
         report.finding(f"At the {name} position, feature {f} moves most between clean and corrupted prompts: "
                        f"{cell(t, 'mean', 0)} ({verdict}); it reads mostly from {_heads(d['heads'][0], layer)}.",
                        "features")
-    for i, n in enumerate(patch["names"]):
-        if n.startswith("top"):
-            lo = patch["recovery_lo"][i]
-            verdict = "confirmed" if lo is not None and lo > 0 else "not confirmed"
-            report.finding(f"Patching the {n} recovers {cell(patch, 'recovery', i, '.2f')} of the logit difference "
-                           f"({verdict}; all features there: {cell(patch, 'recovery', i + 1, '.2f')}).", "feature_patch")
+    rec = lambda i: cell(patch, "recovery", i, ".2f")
+    above = lambda i: patch["recovery_lo"][i] is not None and patch["recovery_lo"][i] > 0
+    i = 0
+    for label, rs in rows.items():
+        parts = [f"the {name} recover {rec(i + j)} of the logit difference "
+                 f"({'confirmed' if above(i + j) else 'not confirmed'})" for j, (name, _) in enumerate(rs[:-1])]
+        i += len(rs)
+        report.finding(f"At {label}, patching " + "; ".join(parts) + f"; all features there: {rec(i - 1)}.",
+                       "feature_patch")
 
 
 def _contexts(model, dictionary, held_out, features: Sequence[int], report: Report) -> Dict[int, str]:
@@ -327,10 +361,17 @@ def run(opts: Options) -> str:
     for statement, rule in premise_findings(base, ["clean", "corrupted"], 0, 1, kind="runs")[1]:
         report.finding(statement, rule)
     slots = ioi_positions(task)
-    diffs = feature_differences(model, dictionary, task, slots, opts.top_features, opts.seed)
-    features = sorted({f for d in diffs.values() for f in d["features"]})
-    _features_section(report, diffs, opts.layer, _contexts(model, dictionary, held_out, features, report))
-    patch = _patching_section(report, patching_rows(model, dictionary, task, slots, diffs), (clean_m, corrupted_m),
-                              opts.seed)
-    _findings(report, ev, diffs, patch, opts.layer)
+    params, cfg = splice.attach(model.params, model.cfg, [dictionary])
+    spliced = dataclasses.replace(model, params=params, cfg=cfg)
+    diffs = feature_differences(spliced, dictionary, task, slots, opts.top_features, opts.seed)
+    problems = position_problems(spliced, task, slots)
+    ranked = attributed(spliced, problems, opts.layer, opts.top_features, float(clean_m.mean() - corrupted_m.mean()))
+    features = sorted({f for d in diffs.values() for f in d["features"]} | {f for fs, _ in ranked.values() for f in fs})
+    top_tokens = _contexts(model, dictionary, held_out, features, report)
+    _features_section(report, diffs, opts.layer, top_tokens)
+    selections = {label: {"difference": sorted({f for n in label.split(" + ") for f in diffs[n]["features"]}),
+                          "attribution": ranked[label][0]} for label in problems}
+    rows = patching_rows(spliced, problems, opts.layer, selections)
+    patch = _patching_section(report, rows, (clean_m, corrupted_m), ranked, top_tokens, opts.seed)
+    _findings(report, ev, diffs, rows, patch, opts.layer)
     return report.write()
