@@ -13,6 +13,7 @@ from jaxcircuits.stats.summary import MIN_UNITS, braces
 
 SHARP_WIDTH = 1.0             # a 10%->90% transition this narrow (one size step) is "sharp"
 FIT_ACCURACY = 0.95           # a linear threshold fit this accurate is named among the findings
+MIN_FEATURE_RECOVERY = 0.01   # a feature patch confirms its features when its recovery's interval lies above this
 
 
 # ----------------------------------------------------------------------------- markdown of a summary
@@ -154,7 +155,8 @@ FINDING_RULES = {
                 "corrupted prompts; it differs when the 95% prompt interval of the paired difference excludes 0. Its "
                 "heads: the largest per-head parts of its pre-activation on the clean prompts.",
     "feature_patch": "Feature patching: patching the top features clean -> corrupted at a position set confirms "
-                     "them when the 95% prompt interval of the recovery of the mean logit difference lies above 0.",
+                     "them when the 95% prompt interval of the recovery of the mean logit difference lies above "
+                     f"{MIN_FEATURE_RECOVERY:g} (of the clean - corrupted gap).",
     "fails": "What fails: the sizes at which no subset succeeds, the full set when it fails, and families that "
              "miss the criterion.",
 }

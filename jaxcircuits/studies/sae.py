@@ -21,7 +21,7 @@ from jaxcircuits.interventions.sites import Mask, unit_label
 from jaxcircuits.methods.attribution import attribution_patching
 from jaxcircuits.models import transformer
 from jaxcircuits.reports import viz
-from jaxcircuits.reports.findings import cell, premise_findings
+from jaxcircuits.reports.findings import MIN_FEATURE_RECOVERY, cell, premise_findings
 from jaxcircuits.reports.report import Report, table
 from jaxcircuits.stats.bootstrap import prompt_table
 from jaxcircuits.studies import kit
@@ -312,7 +312,7 @@ def _findings(report: Report, ev: dict, diffs: dict, rows: Dict[str, list], patc
                        f"{cell(t, 'mean', 0)} ({verdict}); it reads mostly from {_heads(d['heads'][0], layer)}.",
                        "features")
     rec = lambda i: cell(patch, "recovery", i, ".2f")
-    above = lambda i: patch["recovery_lo"][i] is not None and patch["recovery_lo"][i] > 0
+    above = lambda i: patch["recovery_lo"][i] is not None and patch["recovery_lo"][i] > MIN_FEATURE_RECOVERY
     i = 0
     for label, rs in rows.items():
         parts = [f"the {name} recover {rec(i + j)} of the logit difference "
