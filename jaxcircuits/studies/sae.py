@@ -50,10 +50,10 @@ def _unset(help: str, kind: str = "integer") -> object:
 class Options(kit.StudyOptions):
     """The study's options: its binary's flags (`kit.flag` fields); those left None take the preset's value."""
 
-    preset: str = flag("enum", "quick", "Values of the flags left unset. quick: SmolLM2-135M on 2 CPU cores in "
-                       "under 15 minutes, at layer 23, where its IOI name-mover "
-                       "candidates are (experiments.ioi: L23H3, L23H0 and L23H7 patched alone recover 0.67, 0.28 and "
-                       "0.12 of the logit difference); full: a GPU-sized run over the whole corpus.",
+    preset: str = flag("enum", "quick", "Values of the flags left unset. quick: SmolLM2-135M in 8 minutes on 2 "
+                       "CPU cores, at layer 23, where its IOI name-mover candidates are (experiments.ioi: L23H3, L23H0 "
+                       "and L23H7 patched alone recover 0.67, 0.28 and 0.12 of the logit difference); full: a "
+                       "GPU-sized run over the whole corpus.",
                        enum_values=list(PRESETS))
     layer: Optional[int] = _unset("Layer of the SAE.")
     kind: str = flag("enum", "topk", "Dictionary kind (`dictionaries.train.LOSSES`).", enum_values=sorted(train.LOSSES))
@@ -67,8 +67,8 @@ class Options(kit.StudyOptions):
     seq_len: int = flag("integer", 128, "Tokens per corpus row (the first is the separator).")
     eval_rows: Optional[int] = _unset("Corpus rows held out for evaluation (the last ones).")
     n_prompts: Optional[int] = _unset("Clean IOI prompts (each with its corrupted twin; >= 2 for intervals).")
-    top_features: int = flag("integer", 4, "Features analysed at each IOI position (largest clean - corrupted "
-                             "difference).")
+    top_features: int = flag("integer", 4, "Features analysed and patched at each IOI position, twice: those of "
+                             "the largest clean - corrupted difference and of the largest attribution estimate.")
     seed: int = flag("integer", 0, "Seed of the training and of the prompts.")
     out: str = kit.out("sae")
     resume: bool = flag("bool", True, "Continue the training checkpointed in --out/checkpoints (else restart it).")
@@ -140,7 +140,7 @@ def _training_section(report: Report, tr: train.Training, rows: int) -> None:
                f"({train.LOSSES[tr.options.kind].penalty} as its second term).",
                table(["step", "loss", "MSE", "penalty", "L0", "dead fraction"],
                      [[s + 1, *(float(h[k][s]) for k in train.HISTORY)] for s in steps]))
-    report.results["training"] = {k: v for k, v in h.items()}
+    report.results["training"] = dict(h)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
