@@ -13,7 +13,7 @@ from jaxcircuits.interventions import hooknames
 from jaxcircuits.models.generate import generate
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.interventions.sites import CACHE_SITES, Intervention
+from jaxcircuits.interventions.sites import Intervention, cache_entries
 from jaxcircuits.weights.tokenize import Tokenizer, load_tokenizer
 from jaxcircuits.models.params import param_dtype
 from jaxcircuits.weights.registry import ModelFiles, load_config, load_params
@@ -55,14 +55,16 @@ class Model:
         ids = np.asarray(text)
         return [tok.token_str(int(i)) for i in ids] if ids.ndim == 1 else [self.to_str_tokens(r) for r in ids]
 
-    def run_with_cache(self, inputs, attn_mask=None, sites: Sequence[str] = CACHE_SITES,
+    def run_with_cache(self, inputs, attn_mask=None, sites: Optional[Sequence[str]] = None,
                        hook_names: bool = False) -> Tuple[jax.Array, dict]:
         """(logits [B, T, V], cache) of a plain run (`jaxcircuits.run_with_cache`, inputs checked) of a
         string, a list of strings (left-padded, with their mask) or ids [B, T] (attn_mask defaults to
         all ones: padded ids from `to_tokens` of several prompts need theirs, `tokenizer.batch(...)[1]`).
-        The cache holds `sites` stacked [L, B, ...] under our names, or with hook_names=True one array
+        The cache holds `sites` (default: every entry the model records, `sites.cache_entries`) stacked
+        [L, B, ...] under our names, or with hook_names=True one array
         per layer under TransformerLens hook names (`hooknames.to_hook_dict`; 'kv' left out)."""
-        logits, cache = M.run_with_cache(self.params, self.cfg, *self._batch(inputs, attn_mask), sites=tuple(sites))
+        entries = cache_entries(self.cfg) if sites is None else tuple(sites)
+        logits, cache = M.run_with_cache(self.params, self.cfg, *self._batch(inputs, attn_mask), sites=entries)
         return logits, hooknames.to_hook_dict(cache, self.cfg) if hook_names else cache
 
     def patched(self, inputs, intervention: Intervention, attn_mask=None,

@@ -242,6 +242,18 @@ def test_ce_losses_against_a_zeroed_mlp(model):
     assert seen == [(6, 10)] and out.spliced == 3.5
     np.testing.assert_allclose(out.recovered, (out.ablated - 3.5) / (out.ablated - out.clean))
     assert evaluate.ce_losses(params, CFG, d, tokens, out.clean, mask, separator=1).recovered == 1.0
+    # Spliced by default (without its error): a dictionary writing 0 is the ablation; one reconstructing
+    # x exactly (relu(x) - relu(-x) through features [I, -I]) is the clean run.
+    D = CFG.d_model
+    dc = core.DictConfig("relu", D, 2 * D)
+    zero = core.Dictionary(dc, jax.tree.map(jnp.zeros_like, core.init(dc, jax.random.PRNGKey(0))), "mlp_out", 1)
+    np.testing.assert_allclose(evaluate.ce_losses(params, CFG, zero, tokens, attn_mask=mask, separator=1).spliced,
+                               out.ablated, rtol=1e-6)
+    eye = jnp.concatenate([jnp.eye(D), -jnp.eye(D)], 1)
+    exact = core.Dictionary(dc, {"w_enc": eye, "b_enc": jnp.zeros(2 * D), "w_dec": eye.T, "b_dec": jnp.zeros(D)},
+                            "mlp_out", 1)
+    np.testing.assert_allclose(evaluate.ce_losses(params, CFG, exact, tokens, attn_mask=mask, separator=1).spliced,
+                               out.clean, rtol=1e-5)
 
 
 def test_top_contexts_and_their_page(model, tmp_path):

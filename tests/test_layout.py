@@ -14,7 +14,8 @@ def _modules():
 
 def test_sites_are_listed_only_in_the_registry():
     """No module but sites.py holds a tuple/list/set/dict of three or more site names, except as the
-    entries a run collects (a `collect=` / `sites=` argument: a use, not a list of sites)."""
+    entries a run collects (a `collect=` / `sites=` argument: a use, not a list of sites) and
+    `dictionaries.core.HOSTS` (where a dictionary reads and writes: models/ reads it, below sites)."""
     names = set(sites.NAMES)
     offenders = []
     for path, tree in _modules():
@@ -22,6 +23,8 @@ def test_sites_are_listed_only_in_the_registry():
             continue
         uses = {id(k.value) for n in ast.walk(tree) if isinstance(n, ast.Call) for k in n.keywords
                 if k.arg in ("collect", "sites")}
+        uses |= {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.AnnAssign)
+                 and getattr(n.target, "id", None) == "HOSTS" and path.parent.name == "dictionaries"}
         for node in ast.walk(tree):
             if id(node) in uses:
                 continue
@@ -81,8 +84,10 @@ def test_no_study_imports_another_study():
 
 # The subpackages along the data's way: each may import the ones before it, the shared modules, and
 # the top-level modules at or before its layer.
-LAYERS = ("models", "weights", "interventions", "stats", "engine", "methods", "reports", "tasks", "studies")
-SHARED = {"checks", "logs", "storage"}
+LAYERS = ("models", "weights", "interventions", "stats", "engine", "methods", "dictionaries", "reports", "tasks",
+          "studies")
+# dictionaries.core (a sparse dictionary's math, imported by models/ for splices) imports only checks.
+SHARED = {"checks", "logs", "storage", "dictionaries.core"}
 TOP_LEVEL = {"bundle": "interventions"}          # jc.load's Model: params, config, tokenizer, hook names
 
 
@@ -92,7 +97,8 @@ def _imported_packages(tree) -> set:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxcircuits") and not node.level:
             parts = node.module.split(".")
-            out |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+            module = ".".join(parts[1:3])
+            out |= {module if module in SHARED else parts[1]} if len(parts) > 1 else {a.name for a in node.names}
         elif isinstance(node, ast.Import):
             out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("jaxcircuits.")}
     return out
@@ -111,4 +117,15 @@ def test_subpackages_import_only_the_layers_before_them():
         bad = _imported_packages(tree) - allowed
         if bad:
             offenders.append(f"{'/'.join(rel)} imports {sorted(bad)}")
+    assert not offenders, offenders
+
+
+def test_shared_modules_import_only_shared_modules():
+    """The shared modules (`SHARED`) import no subpackage but each other: every layer may import them."""
+    offenders = []
+    for path, tree in _modules():
+        name = ".".join(path.relative_to(LIB).with_suffix("").parts)
+        bad = _imported_packages(tree) - SHARED if name in SHARED else set()
+        if bad:
+            offenders.append(f"{name} imports {sorted(bad)}")
     assert not offenders, offenders

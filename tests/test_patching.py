@@ -19,14 +19,13 @@ from jaxcircuits.interventions.sites import Intervention, Mask
 from tests import hf_reference as ref
 from tests.conftest import random_tokens
 
-SITES = sites.CACHE_SITES[:-len(sites.EXTRA_CACHE)]       # every entry a mask site reads
 
 
 def _setup(tiny, name, batch=2, length=8, seed=0):
     model, cfg, params = tiny(name)
     tgt = random_tokens(seed, batch, length)
     src = random_tokens(seed + 100, batch, length)
-    _, cache = run_with_cache(params, cfg, src, sites=SITES)
+    _, cache = run_with_cache(params, cfg, src, sites=sites.cache_entries(cfg)[:-len(sites.EXTRA_CACHE)])
     return model, cfg, params, tgt, src, cache
 
 
@@ -48,7 +47,7 @@ def _logits(params, cfg, tokens, mask, source, pos_w):
 
 def test_zero_mask_is_bitwise_identity(tiny):
     _, cfg, params, tgt, _, cache = _setup(tiny, "llama_gqa")
-    zero = Mask(**{s.name: jnp.zeros(s.shape(cfg, 4)) for s in sites.SITES})
+    zero = Mask(**{s.name: jnp.zeros(s.shape(cfg, 4)) for s in sites.present(cfg)})
     got = _logits(params, cfg, tgt, zero, cache, np.ones(tgt.shape))
     want = np.asarray(forward(params, cfg, jnp.asarray(tgt))[0])
     np.testing.assert_array_equal(got, want)
@@ -187,7 +186,7 @@ def _random_site_masks(cfg, names, n, first, seed):
 def test_every_site_fast_path_equals_looped_full_forward(tiny, where, first):
     """Blend weights in (0, 1) at every site of layers >= first (the last layer included)."""
     _, cfg, params, tgt, _, cache = _setup(tiny, "llama_gqa")
-    masks = _random_site_masks(cfg, sites.NAMES, 4, first, seed=first)
+    masks = _random_site_masks(cfg, [s.name for s in sites.present(cfg)], 4, first, seed=first)
     pos_w = P.select(where, np.ones(tgt.shape))
     metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
     got = run_masks(params, cfg, _problem(params, cfg, tgt, cache, pos_w, metric), masks, shard=False)

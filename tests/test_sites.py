@@ -1,5 +1,7 @@
 """The site registry's four newest sites against HF forward hooks, on a random GPT-2 and on SmolLM2."""
 
+import dataclasses
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,9 @@ import torch
 
 import jaxcircuits as jc
 from jaxcircuits.interventions import positions as P
+from jaxcircuits.dictionaries.core import DictConfig
 from jaxcircuits.interventions import sites
+from jaxcircuits.models.config import SpliceConfig
 from tests import hf_reference as ref
 from tests.conftest import random_tokens
 
@@ -116,6 +120,8 @@ def test_select_source_keeps_exactly_what_the_blend_reads(tiny, site):
     """`select_source` keeps a source element iff `apply` gives it a nonzero weight (x = 0, s = 1
     makes the blend the weight itself), for random units and positions."""
     _, cfg, _ = tiny("llama_gqa")
+    if site == "features":                 # a site of models with a spliced dictionary only
+        cfg = dataclasses.replace(cfg, splice=SpliceConfig("resid_pre", DictConfig("relu", cfg.d_model, 6), (1, 2)))
     rng = np.random.RandomState(sites.NAMES.index(site))
     B, T, row = 2, 5, sites.get(site)
     m = (rng.rand(*row.shape(cfg, 4)) < 0.5).astype(np.float32)

@@ -217,7 +217,7 @@ def test_model_patched_on_text(smol_tiny):
 def test_hook_names_two_way(tiny, variant):
     _, cfg, params = tiny(variant)
     rotary = cfg.position_embedding == "rotary"
-    for entry in [e for e in sites.CACHE_SITES if e != "kv"]:
+    for entry in [e for e in sites.cache_entries(cfg) if e != "kv"]:
         layers = [None] if entry in hooknames.WHOLE_RUN else range(cfg.n_layers)
         for layer in layers:
             name = hooknames.hook_name(entry, layer, cfg)
@@ -233,7 +233,7 @@ def test_hook_names_two_way(tiny, variant):
     if rotary:
         with pytest.raises(ValueError, match="before RoPE"):
             hooknames.parse_hook_name("blocks.0.attn.hook_q", cfg)
-    entries = tuple(e for e in sites.CACHE_SITES if e != "kv")
+    entries = tuple(e for e in sites.cache_entries(cfg) if e != "kv")
     _, cache = jc.run_with_cache(params, cfg, np.arange(3, 9)[None], sites=entries)
     back = hooknames.from_hook_dict(hooknames.to_hook_dict(cache, cfg), cfg)
     assert sorted(back) == sorted(entries)
@@ -244,7 +244,7 @@ def test_hook_names_two_way(tiny, variant):
 def test_hook_table_in_the_docstring_is_the_mapping():
     rows = dict(re.findall(r"^  (\w+)\s+(\S+hook_\w+)", hooknames.__doc__, re.M))
     assert rows == {e: t.replace("{layer}", "{l}").replace("{last}", "{L-1}") for t, e in hooknames.HOOKS.items()}
-    assert sorted(hooknames.HOOKS.values()) == sorted(set(sites.CACHE_SITES) - {"kv"})
+    assert sorted(hooknames.HOOKS.values()) == sorted(set(sites.CACHE_SITES) - {"kv", "features"})  # features: FEATURES_HOOK
 
 
 # ---- provenance -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcircuits import checks
-from jaxcircuits.dictionaries import core
+from jaxcircuits.dictionaries import core, splice
 from jaxcircuits.dictionaries.stream import ModelActivations, host_sites
 from jaxcircuits.interventions import sites
 from jaxcircuits.interventions.ablation import zeros_like_source
@@ -112,13 +112,15 @@ def ablation_intervention(cfg: ModelConfig, site: str, layer: int, cache, attn_m
 
 
 def ce_losses(params, cfg: ModelConfig, dictionary: core.Dictionary, tokens,
-              spliced: Union[float, Callable[..., float]], attn_mask=None, separator: Optional[int] = None) -> CELosses:
+              spliced: Union[None, float, Callable[..., float]] = None, attn_mask=None,
+              separator: Optional[int] = None) -> CELosses:
     """The clean, zero-ablated and spliced next-token losses of tokens [B, T] (attn_mask [B, T],
     default all real; targets equal to `separator` excluded) and the CE loss recovered.
 
-    spliced: the loss with `dictionary` spliced in at its host and layer, as a number or as a
-    function spliced(tokens, attn_mask) -> loss that computes it (`next_token_loss` of the spliced
-    run). The ablated run zeroes the host's write site (`core.HOSTS`) at the dictionary's layer.
+    spliced: the loss with `dictionary` spliced in at its host and layer without its error
+    (`splice.attach`, keep_error=False), or that loss given as a number or as a function
+    spliced(tokens, attn_mask) -> loss. The ablated run zeroes the host's write site (`core.HOSTS`)
+    at the dictionary's layer.
     """
     tokens, attn_mask, _ = transformer.check_inputs(cfg, tokens, attn_mask)
     _, write = host_sites(dictionary.host)
@@ -129,6 +131,9 @@ def ce_losses(params, cfg: ModelConfig, dictionary: core.Dictionary, tokens,
     iv = ablation_intervention(cfg, write, dictionary.layer, cache, attn_mask)
     ablated = next_token_loss(transformer.forward(params, cfg, tokens, attn_mask, intervention=iv)[0],
                               tokens, attn_mask, separator)
+    if spliced is None:
+        sp, scfg = splice.attach(params, cfg, [dictionary], keep_error=False)
+        spliced = next_token_loss(transformer.forward(sp, scfg, tokens, attn_mask)[0], tokens, attn_mask, separator)
     spliced = float(spliced(tokens, attn_mask) if callable(spliced) else spliced)
     return CELosses(clean, ablated, spliced, ce_loss_recovered(clean, spliced, ablated))
 

@@ -11,18 +11,23 @@ TransformerLens cache holds one array per layer and hook. Entry by entry, with t
   pattern      blocks.{l}.attn.hook_pattern   [B, H, T, S]
   head_out     blocks.{l}.attn.hook_z         [B, T, H, Dh]
   attn_out     blocks.{l}.hook_attn_out       [B, T, D]   (the `attn_block` site patches blocks of it)
+  mlp_in       blocks.{l}.ln2.hook_normalized [B, T, D]   (the MLP's normed input; see final_norm)
   mlp_neuron   blocks.{l}.mlp.hook_post       [B, T, F]   (gated MLPs: act(gate) * up, as TL's)
   mlp_out      blocks.{l}.hook_mlp_out        [B, T, D]
   final_norm   ln_final.hook_normalized       [B, T, D]
 
 `kv` (keys after RoPE and values, for KV caching) has no hook of its own: `head_k`/`head_v` are
-its parts. Values agree with a TransformerLens model loaded without weight processing
+its parts. `features` (a spliced dictionary's, [B, T, F]; on a model with a splice only) is
+HookedSAETransformer's `FEATURES_HOOK` at the hook of the host's read site, e.g.
+blocks.{l}.hook_resid_pre.hook_sae_acts_post for a resid_pre SAE.
+
+Values agree with a TransformerLens model loaded without weight processing
 (`HookedTransformer.from_pretrained_no_processing`); its default `from_pretrained` processes the
 weights (folds the norms' weights into the next layer, centres what writes to the residual
 stream, folds value biases into the output bias), which changes some activations: the residual
-stream, attn_out and mlp_out, and v and z where there are value biases. `final_norm` is the final
-norm's output after its weight (and bias), while TransformerLens' `ln_final.hook_normalized` is
-before them.
+stream, attn_out and mlp_out, and v and z where there are value biases. `final_norm` and
+`mlp_in` are the norm's output after its weight (and bias), while TransformerLens'
+`hook_normalized` is before them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Dict, Optional, Tuple
 
 import jax.numpy as jnp
 
+from jaxcircuits.dictionaries.core import HOSTS
 from jaxcircuits.interventions import sites
 
 # TransformerLens hook name templates -> our cache entry ({layer}: a layer, {last}: the last layer).
@@ -44,6 +50,7 @@ HOOKS: Dict[str, str] = {
     "blocks.{layer}.attn.hook_pattern": "pattern",
     "blocks.{layer}.attn.hook_z": "head_out",
     "blocks.{layer}.hook_attn_out": "attn_out",
+    "blocks.{layer}.ln2.hook_normalized": "mlp_in",
     "blocks.{layer}.mlp.hook_post": "mlp_neuron",
     "blocks.{layer}.hook_mlp_out": "mlp_out",
     "ln_final.hook_normalized": "final_norm",
@@ -52,6 +59,8 @@ HOOKS: Dict[str, str] = {
 ROTARY_HOOKS: Dict[str, str] = {"blocks.{layer}.attn.hook_rot_q": "blocks.{layer}.attn.hook_q",
                                 "blocks.{layer}.attn.hook_rot_k": "blocks.{layer}.attn.hook_k"}
 RESID_POST = "blocks.{layer}.hook_resid_post"
+# A spliced dictionary's features: under the hook of its host's read site (HookedSAETransformer's name).
+FEATURES_HOOK = "{read}.hook_sae_acts_post"
 # Entries of a whole run, without a layer axis.
 WHOLE_RUN = ("resid_final", "final_norm")
 
@@ -62,8 +71,11 @@ def _templates(cfg) -> Dict[str, str]:
     if cfg is None:
         return {e: t for t, e in HOOKS.items() if e not in WHOLE_RUN}
     replaced = {plain: rot for rot, plain in ROTARY_HOOKS.items()} if cfg.position_embedding == "rotary" else {}
-    return {e: replaced.get(t, t).format(last=cfg.n_layers - 1) if e in WHOLE_RUN else replaced.get(t, t)
-            for t, e in HOOKS.items()}
+    out = {e: replaced.get(t, t).format(last=cfg.n_layers - 1) if e in WHOLE_RUN else replaced.get(t, t)
+           for t, e in HOOKS.items()}
+    if cfg.splice is not None:
+        out["features"] = FEATURES_HOOK.format(read=out[HOSTS[cfg.splice.host][0]])
+    return out
 
 
 def split_layer(hook: str) -> Tuple[str, Optional[int]]:

@@ -28,9 +28,13 @@ width, Dh head dim, F MLP width; activations per layer, B batch, T positions, S 
                         coordinates, not heads (what the original "even heads" code patched);
                         its replacement is the source's `attn_out`
   attn_out    [L]       the whole attention output (after o_proj), [B, T, D]
+  mlp_in      [L]       the MLP's normed input h = norm2(x) (what a transcoder reads), [B, T, D]
   mlp_neuron  [L, F]    the MLP hidden activation after the nonlinearity (the down-projection
                         input; act(gate) * up for gated MLPs), [B, T, F]
   mlp_out     [L]       the MLP output, [B, T, D]
+  features    [L, Fd]   the feature activations of a spliced dictionary (`ModelConfig.splice`,
+                        Fd = cfg.dict_width), [B, T, Fd]; only models with a splice have it, and
+                        only its spliced layers may be patched (zeros elsewhere in the cache)
 
 A run can cache every site whose `cache` is itself, plus `EXTRA_CACHE`: 'kv' ((k, v), each
 [L, B, S, K, Dh]), 'resid_final' ([B, T, D], the residual stream after the last layer) and
@@ -41,7 +45,7 @@ Replacements (`Source`) are cache dicts aligned to the target's positions (`posi
 The public runs check what they read outside jit, where values are concrete (`check_mask`,
 `check_pos_w`, `check_source`), and `select_source` zeroes a source outside the footprint its
 masks can patch: NaN or inf there is harmless, inside it a ValueError. To add a site: one `Site`
-row here and one `hooks(name, x)` call at its place in `models/transformer.py`; masks,
+row here and one `io.site(name, x)` call at its place in `models/block.py`; masks,
 validation, plans, sweeps, alignment, ablation sources, generation and the binaries read the row.
 """
 
@@ -58,7 +62,7 @@ from flax import struct
 
 from jaxcircuits import checks
 from jaxcircuits.interventions.edges import EdgeGraph, EdgeIO, EdgeMask, check_edge_mask
-from jaxcircuits.models.block import LayerIO
+from jaxcircuits.models.block import LayerIO, check_writes_sum
 from jaxcircuits.models.transformer import Tap
 
 Array = jax.Array
@@ -79,6 +83,8 @@ class Site:
                positions, 'S' key positions, else `ModelConfig` attributes; its unit axes are named
                as in `units` (blocked sites: the last axis is split into blocks).
     tag:       letter of unit labels ('L3H5'); None labels units by their coordinates.
+    on_layers: a `ModelConfig` attribute listing the layers that have the site (None: every layer);
+               a model where it is empty lacks the site (`present`).
     """
 
     name: str
@@ -87,6 +93,11 @@ class Site:
     before_z: bool
     dims: Tuple[str, ...]
     tag: Optional[str] = None
+    on_layers: Optional[str] = None
+
+    def layers(self, cfg) -> Tuple[int, ...]:
+        """The layers of model `cfg` that have this site."""
+        return tuple(range(cfg.n_layers)) if self.on_layers is None else tuple(getattr(cfg, self.on_layers))
 
     @property
     def pos_axes(self) -> Tuple[int, ...]:
@@ -164,14 +175,28 @@ SITES: Tuple[Site, ...] = (
     Site("head_out", ("n_heads",), "head_out", before_z=False, dims=("T", "n_heads", "d_head"), tag="H"),
     Site("attn_block", ("n_blocks",), "attn_out", before_z=False, dims=("T", "d_model"), tag="B"),
     Site("attn_out", (), "attn_out", before_z=False, dims=("T", "d_model")),
+    Site("mlp_in", (), "mlp_in", before_z=False, dims=("T", "d_model")),
     Site("mlp_neuron", ("d_mlp",), "mlp_neuron", before_z=False, dims=("T", "d_mlp"), tag="N"),
     Site("mlp_out", (), "mlp_out", before_z=False, dims=("T", "d_model")),
+    # before_z: conservative (a resid_pre dictionary reads before z; the others after it)
+    Site("features", ("dict_width",), "features", before_z=True, dims=("T", "dict_width"), tag="F",
+         on_layers="spliced_layers"),
 )
 BY_NAME: Dict[str, Site] = {s.name: s for s in SITES}
 NAMES: Tuple[str, ...] = tuple(BY_NAME)
 # Cache entries that are not mask sites.
 EXTRA_CACHE = ("kv", "resid_final", "final_norm")
 CACHE_SITES: Tuple[str, ...] = tuple(s.name for s in SITES if s.cache == s.name) + EXTRA_CACHE
+
+
+def present(cfg) -> Tuple[Site, ...]:
+    """The `SITES` rows model `cfg` has (every row but those on no layer of it: 'features' without a splice)."""
+    return tuple(s for s in SITES if s.layers(cfg))
+
+
+def cache_entries(cfg) -> Tuple[str, ...]:
+    """The `CACHE_SITES` a run of model `cfg` records."""
+    return tuple(s.name for s in present(cfg) if s.cache == s.name) + EXTRA_CACHE
 # The cache entries an edge-patched run (`jaxcircuits.interventions.edges`) reads its senders' source outputs from:
 # the embeddings (`resid_pre` of layer 0), each head's z (times its o_proj slice) and each MLP output.
 EDGE_SOURCE = ("resid_pre", "head_out", "mlp_out")
@@ -179,7 +204,8 @@ EDGE_SOURCE = ("resid_pre", "head_out", "mlp_out")
 # axis (sliced per layer with the source; a site without one blends plainly; see `apply`):
 #   'subspace:<site>' [L, *units, k, d] orthonormal rows (zero rows allowed, so ranks pad to one
 #                     k): blend only within their span, x + m * w_pos * P (s - x), P = B^T B
-#   'steer:<site>'    [L, *units, d]: additive, x + m * w_pos * v (no replacement is read)
+#   'steer:<site>'    [L, *units, d]: additive, x + m * w_pos * v (no replacement is read); [L, *units]
+#                     at a site of scalar units (mlp_neuron, features: v is the number added)
 # d is the activation's last axis (the unit's own width: Dh for heads, D for the residual).
 TRANSFORMS = ("subspace", "steer")
 
@@ -202,10 +228,13 @@ def _transform_shape(key: str, cfg) -> Tuple[str, ...]:
     """The expected axes of transform entry `key` after [L]: units, then ('k', 'd') or ('d',)."""
     kind, name = split_key(key)
     site = get(name)
+    units = tuple(str(getattr(cfg, u, u)) for u in site.units)
+    if kind == "steer" and site.units and not site.blocked and site.unit_axis + len(site.units) == len(site.dims) + 1:
+        return units                                               # scalar units: one number each
     if site.blocked or (site.units and site.unit_axis + len(site.units) != len(site.dims)):
         raise ValueError(f"site {name!r} has no per-unit vector axis: {kind} transforms apply where the units "
                          f"are followed by the activation's last axis (dims {site.dims})")
-    return (*(str(getattr(cfg, u, u)) for u in site.units), *(("k",) if kind == "subspace" else ()),
+    return (*units, *(("k",) if kind == "subspace" else ()),
             str(getattr(cfg, site.dims[-1], site.dims[-1])))
 
 
@@ -247,8 +276,10 @@ class Mask:
     head_out: Optional[Array] = None
     attn_block: Optional[Array] = None
     attn_out: Optional[Array] = None
+    mlp_in: Optional[Array] = None
     mlp_neuron: Optional[Array] = None
     mlp_out: Optional[Array] = None
+    features: Optional[Array] = None
     edges: Optional[EdgeMask] = None
 
     def sites(self) -> Tuple[str, ...]:
@@ -282,9 +313,22 @@ def _head_mask(cfg, w) -> Mask:
     return Mask(head_out=jnp.reshape(w, (*jnp.shape(w)[:-1], cfg.n_layers, cfg.n_heads)))
 
 
+def _feature_labels(cfg) -> Tuple[str, ...]:
+    F = cfg.dict_width
+    return tuple(unit_label("features", (l, f)) for l in cfg.spliced_layers for f in range(F))
+
+
+def _feature_mask(cfg, w) -> Mask:
+    """w [..., n_spliced * F] (spliced layers, layer-major) -> Mask(features=[..., L, F]), 0 elsewhere."""
+    w, F, layers = jnp.asarray(w), cfg.dict_width, np.asarray(cfg.spliced_layers)
+    per = jnp.reshape(w, (*w.shape[:-1], len(layers), F))
+    return Mask(features=jnp.zeros((*w.shape[:-1], cfg.n_layers, F), w.dtype).at[..., layers, :].set(per))
+
+
 LEVELS: Dict[str, Level] = {
     "head": Level(lambda cfg: tuple(unit_label("head_out", (l, h)) for l in range(cfg.n_layers)
                                     for h in range(cfg.n_heads)), _head_mask, ("head_out",)),
+    "feature": Level(_feature_labels, _feature_mask, ("features",)),
     "edge": Level(lambda cfg: tuple(f"{s}->{r}" for s, r in EdgeGraph.of(cfg).edges),
                   lambda cfg, w: Mask(edges=EdgeGraph.of(cfg).unflat(w)), EDGE_SOURCE),
 }
@@ -302,11 +346,14 @@ EDGES = "edges"
 
 
 def every_unit(cfg, site: str, n_blocks: Optional[int] = None) -> Mask:
-    """The float32 mask with every unit of `site` at 1: [L, *units] (`Site.shape`), or every valid
-    edge of `EdgeGraph.of(cfg)` for site 'edges'."""
+    """The float32 mask with every unit of `site` at 1: [L, *units] (`Site.shape`; 0 on layers that
+    lack the site, `Site.layers`), or every valid edge of `EdgeGraph.of(cfg)` for site 'edges'."""
     if site == EDGES:
         return Mask(edges=jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), EdgeGraph.of(cfg).valid()))
-    return Mask(**{site: jnp.ones(get(site).shape(cfg, n_blocks), jnp.float32)})
+    row = get(site)
+    shape = row.shape(cfg, n_blocks)
+    on = np.isin(np.arange(cfg.n_layers), row.layers(cfg)).astype(np.float32)
+    return Mask(**{site: jnp.asarray(np.broadcast_to(on.reshape(-1, *[1] * (len(shape) - 1)), shape))})
 
 
 def unit_values(cfg, mask: Mask, site: str):
@@ -435,11 +482,14 @@ def concrete(*trees) -> bool:
 
 def check_mask(mask: Mask, cfg, batched: bool = False) -> None:
     """Raise ValueError unless every node leaf has shape [L, *units] (`Site.check_shape`; [N, L, *units]
-    when `batched`) and values in [0, 1], and the edges leaf is a valid edge mask of `cfg`'s graph
-    (`edges.check_edge_mask`); a batch's leaves share one N."""
+    when `batched`) and values in [0, 1], zero on layers that lack the site (`Site.layers`: 'features'
+    off the spliced layers), and the edges leaf is a valid edge mask of `cfg`'s graph
+    (`edges.check_edge_mask`, on a model whose residual stream is the sum of its writes:
+    `block.check_writes_sum`); a batch's leaves share one N."""
     if not mask.sites() and mask.edges is None:
         raise ValueError("the mask touches no site")
     if mask.edges is not None:
+        check_writes_sum(cfg, "edges")
         check_edge_mask(mask.edges, EdgeGraph.of(cfg), batched)
     sizes = sorted({jnp.shape(a)[0] for a in jax.tree.leaves(mask)})
     if batched and len(sizes) > 1:
@@ -450,6 +500,13 @@ def check_mask(mask: Mask, cfg, batched: bool = False) -> None:
         v = np.asarray(a, np.float64) if concrete(a) else None
         if v is not None and v.size and not (v.min() >= 0 and v.max() <= 1):          # NaN fails both
             raise ValueError(f"mask site {s!r} has values outside [0, 1] or NaN: min {v.min()}, max {v.max()}")
+        layers = get(s).layers(cfg)
+        if v is not None and len(layers) < cfg.n_layers:
+            nonzero = np.flatnonzero(np.moveaxis(v, int(batched), 0).reshape(cfg.n_layers, -1).any(1))
+            off = sorted(set(nonzero.tolist()) - set(layers))
+            if off:
+                raise ValueError(f"mask site {s!r} is nonzero on layer(s) {off}, which lack it (only layers "
+                                 f"{layers} have it: the spliced dictionaries')")
 
 
 def check_pos_w(pos_w, batch: int, n_pos: int) -> Array:

@@ -36,7 +36,7 @@ from flax import struct
 from jaxcircuits import checks
 from jaxcircuits.interventions.metrics import AnswerProb, LogitDiff, check_metric
 from jaxcircuits.models import transformer as M
-from jaxcircuits.models.block import LayerIO, Parts
+from jaxcircuits.models.block import LayerIO, Parts, check_writes_sum
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.layers import NORMS, norm_input_scale, norm_weight
 from jaxcircuits.models.params import norm_names
@@ -97,7 +97,9 @@ class _Writes(M.Tap):
 
 
 def decompose_fn(params, cfg: ModelConfig, tokens: Array, attn_mask: Array, positions: Tuple[int, ...]) -> Components:
-    """`Components` of a plain run of tokens, attn_mask [B, T] at slots `positions` (traceable)."""
+    """`Components` of a plain run of tokens, attn_mask [B, T] at slots `positions` (traceable);
+    ValueError where the residual stream is not the sum of the writes (`block.check_writes_sum`)."""
+    check_writes_sum(cfg, "direct logit attribution")
     ctx = M.Context(M.default_positions(attn_mask), attn_mask)
     _, c, _ = M.run(params, cfg, tokens, ctx, _Writes(tuple(positions)), collect=("resid_final",))
     zeros = jnp.zeros((cfg.n_layers, cfg.d_model), c["write:heads"].dtype)

@@ -47,6 +47,14 @@ def untie_embeddings(params: Params, cfg: ModelConfig) -> Tuple[Params, ModelCon
             dataclasses.replace(cfg, tied_embeddings=False))
 
 
+def _check_unspliced(cfg: ModelConfig, what: str) -> None:
+    """ValueError for a model with a spliced dictionary: `what` changes activations dictionaries read
+    (the MLP's normed input, the writes to the residual stream)."""
+    if cfg.splice is not None:
+        raise ValueError(f"{what} changes activations that the spliced {cfg.splice.host!r} dictionaries read; "
+                         "detach them first (dictionaries.splice.detach)")
+
+
 def _fold(kind: str, norm: dict, proj: dict, center: bool) -> dict:
     """One norm of `kind` (weight s = `layers.norm_weight`, bias b [L, D]) folded into one projection
     reading it (w [L, D, ...], optional b [L, ...]): y = (x_hat s + b) W + c = x_hat (diag(s) W) + (b W + c).
@@ -89,6 +97,7 @@ def fold_norms(params: Params, cfg: ModelConfig, *, center_reading: bool = True
     no attn_bias (norm1 -> q, k, v) or no mlp_bias (norm2 -> up, gate); ValueError for post_norms
     (norms after the sublayers, OLMo-2).
     """
+    _check_unspliced(cfg, "fold_norms")
     if cfg.post_norms:
         raise ValueError("cannot fold the norms of a post_norms model (OLMo-2, Gemma-2): post_norm1 and post_norm2 "
                          "scale the sublayers' outputs, which no linear map reads before they join the residual")
@@ -131,6 +140,7 @@ def center_writing_weights(params: Params, cfg: ModelConfig) -> Tuple[Params, Mo
     A tied model is untied first (the unembedding keeps the uncentred tokens.T).
     ValueError for an RMSNorm model (RMSNorm does not remove the mean: outputs would change).
     """
+    _check_unspliced(cfg, "center_writing_weights")
     if cfg.norm != "layernorm":
         raise ValueError(f"center_writing_weights needs LayerNorm (it removes the mean it relies on); "
                          f"this config's norm is {cfg.norm!r}, whose outputs centring would change")

@@ -4,8 +4,9 @@
 or change the layer is a call on the run's `LayerIO`:
 
   io.site(name, x)         a node site (`interventions.sites`): 'resid_pre', 'head_q', 'head_k',
-                           'head_v', 'pattern', 'head_out', 'attn_block', 'attn_out', 'mlp_neuron',
-                           'mlp_out'; returns the activation as this run has it (patched, recorded)
+                           'head_v', 'pattern', 'head_out', 'attn_block', 'attn_out', 'mlp_in',
+                           'mlp_neuron', 'mlp_out', 'features'; returns the activation as this run
+                           has it (patched, recorded)
   io.read(group, x, f)     a receiver group reads the residual stream x [B, T, D] through f: the
                            query heads 'q', the key and value heads 'k', 'v', the MLP 'mlp' (and,
                            at the model's top, the unembedding 'logits'). f maps x to the group's
@@ -23,6 +24,11 @@ residual decomposition (`methods.dla`) are other implementations, chosen by the 
 of the attention context `Attn`, not branches in the block. Model features (`ModelConfig`) are
 read here and in `layers.py`, nowhere else.
 
+A spliced dictionary (cfg.splice, `dictionaries.splice.attach`) is such a feature: right after its
+host's write site (resid_pre, head_out, attn_out or mlp_out; a transcoder reads 'mlp_in' and
+writes 'mlp_out') `spliced` encodes the features f, passes them through the site 'features' (so
+they are patched and recorded like any site) and adds back what a patch changed (`spliced`).
+
 Shapes: B batch, T positions of this call (the last Tq of them with queries), S key slots, D model
 width, H query heads, K KV heads, Dh head dim, F MLP width, U units of a group.
 """
@@ -38,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxcircuits.dictionaries.core import HOSTS, decode, encode
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.layers import ACTIVATIONS, NORMS, QK_NORMS, norm_input_scale, soft_cap
 from jaxcircuits.models.params import sublayer_norm
@@ -128,8 +135,8 @@ def block(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Array:
         a = post_norm1(attn(x));  x + a + post_norm2(mlp(x + a))                 cfg.post_norms only (OLMo-2)
         a = post_norm1(attn(norm1(x)));  x + a + post_norm2(mlp(norm2(x + a)))   pre_ and post_norms (Gemma-2)
     """
-    x = io.site("resid_pre", x)
-    z = io.site("head_out", attention(cfg, p, x, io, att) if att.z is None else att.z)
+    x = spliced(cfg, p, io, "resid_pre", io.site("resid_pre", x))
+    z = spliced(cfg, p, io, "head_out", io.site("head_out", attention(cfg, p, x, io, att) if att.z is None else att.z))
     x = x[:, x.shape[1] - z.shape[1]:]                                   # the positions with queries
     a = io.write("heads", attn_output(cfg, p, z, io))
     mlp_in = x if cfg.parallel_residual else x + a
@@ -141,6 +148,16 @@ def same_layer_reads(cfg: ModelConfig) -> Dict[str, Tuple[str, ...]]:
     """{receiver group: the sender groups of its own layer whose writes it reads}, as `block` wires
     them (a receiver reads every write of earlier layers; the edge graph reads this table)."""
     return {"q": (), "k": (), "v": (), "mlp": () if cfg.parallel_residual else ("heads",)}
+
+
+def check_writes_sum(cfg: ModelConfig, what: str) -> None:
+    """ValueError unless the residual stream is the sum of the senders' writes, as `what` (edges,
+    direct logit attribution) reads it: a resid_pre dictionary spliced without its error replaces
+    the stream by its reconstruction."""
+    if cfg.splice is not None and cfg.splice.host == "resid_pre" and not cfg.splice.keep_error:
+        raise ValueError(f"{what}: a resid_pre dictionary spliced without its error (keep_error=False) replaces the "
+                         "residual stream by its reconstruction, so the stream is not the sum of the senders' "
+                         "writes and this is not exact; it is refused (splice with keep_error=True)")
 
 
 def attention(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Array:
@@ -163,9 +180,13 @@ def attn_output(cfg: ModelConfig, p: dict, z: Array, io: LayerIO) -> Parts:
     A norm after the heads' sum mixes them: that write has no per-head share (`_unsplit`)."""
     out = io.site("attn_out", sub_norm(cfg, p, "norm1", io.site("attn_block", dense(p["o"], z, "bthe,hed->btd")), io,
                                        after=True))
+    out = spliced(cfg, p, io, "attn_out", out)
     if cfg.post_norms:
         return Parts(out, z, _unsplit("heads", "post_norms (OLMo-2, Gemma-2): post_norm1 normalises the sum of "
                                                "the heads' outputs"))
+    if cfg.splice is not None and cfg.splice.host == "attn_out" and not cfg.splice.keep_error:
+        return Parts(out, z, _unsplit("heads", "an attn_out dictionary spliced without its error reconstructs the "
+                                               "sum of the heads' outputs"))
     return Parts(out, z, lambda z: jnp.einsum("bthe,hed->hbtd", z, p["o"]["w"]), p["o"].get("b"))
 
 
@@ -180,13 +201,41 @@ def _unsplit(group: str, why: str) -> Callable[[Array], Array]:
 def mlp(cfg: ModelConfig, p: dict, x: Array, io: LayerIO) -> Array:
     """MLP of the residual x [B, T, D]: down(act(gate(h)) * up(h)) when gated, else down(act(up(h))),
     h = norm2(x) (cfg.pre_norms; else h = x), then post_norm2 of the output (cfg.post_norms); sites
-    'mlp_neuron' (the down-projection's input) and 'mlp_out'."""
-    h = sub_norm(cfg, p, "norm2", x, io, after=False)
+    'mlp_in' (h), 'mlp_neuron' (the down-projection's input) and 'mlp_out' (then a spliced mlp_out
+    dictionary or transcoder, `spliced`)."""
+    h = io.site("mlp_in", sub_norm(cfg, p, "norm2", x, io, after=False))
     act = ACTIVATIONS[cfg.activation]
     up = dense(p["up"], h, "btd,df->btf")
     hidden = act(dense(p["gate"], h, "btd,df->btf")) * up if cfg.gated_mlp else act(up)
     out = dense(p["down"], io.site("mlp_neuron", hidden), "btf,fd->btd")
-    return io.site("mlp_out", sub_norm(cfg, p, "norm2", out, io, after=True))
+    return spliced(cfg, p, io, "mlp_out", io.site("mlp_out", sub_norm(cfg, p, "norm2", out, io, after=True)), h)
+
+
+def spliced(cfg: ModelConfig, p: dict, io: LayerIO, site: str, x: Array, read: Optional[Array] = None) -> Array:
+    """x [B, T, ...] at node site `site` after the spliced dictionary (cfg.splice), where its host writes
+    there (`dictionaries.core.HOSTS`); else x. The dictionary (params p['dict']) reads r, x itself or,
+    when its host reads another site ('mlp_in' for a transcoder), `read`:
+
+        f  = encode(r)                 [B, T, cfg.dict_width]
+        f' = io.site('features', f)    patched, recorded
+        x + (f' - f) W_dec             cfg.splice.keep_error: exactly x while f' = f
+        decode(f')                     without the error, on the layers with a dictionary (p['dict']['on'])
+
+    head_out's z [B, T, H, Dh] is read and written flat, [B, T, H * Dh]. Layers without a dictionary
+    hold zero params: f = 0 there. Every layer of the scan encodes, those without one too."""
+    sp = cfg.splice
+    if sp is None or HOSTS[sp.host][1] != site:
+        return x
+    d = p["dict"]
+    flat = x.reshape(*x.shape[:2], -1)
+    r = flat if HOSTS[sp.host][0] == site else read
+    f = encode(sp.dictionary, d, r)
+    f2 = io.site("features", f)
+    if sp.keep_error:
+        out = flat + jnp.einsum("btf,fd->btd", f2 - f, d["w_dec"].astype(f.dtype))
+    else:
+        out = jnp.where(d["on"] > 0, decode(sp.dictionary, d, f2, r).astype(flat.dtype), flat)
+    return out.reshape(x.shape)
 
 
 # ---- pieces -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
+from jaxcircuits.dictionaries.core import HOSTS, DictConfig
 from jaxcircuits.models.layers import ACTIVATIONS, NORMS, POSITION_EMBEDDINGS, QK_NORMS
 
 
@@ -78,6 +79,46 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpliceConfig:
+    """Sparse dictionaries spliced into the model (`dictionaries.splice.attach`): one per layer of
+    `layers` (distinct, ascending), all at `host` (a key of `dictionaries.core.HOSTS`) and of one
+    `dictionary` shape and kind. keep_error: the host keeps the dictionary's error, x + decode(f') -
+    decode(f) (the plain model while nothing patches the features f), else x = decode(f')."""
+
+    host: str
+    dictionary: DictConfig
+    layers: Tuple[int, ...]
+    keep_error: bool = True
+
+    def __post_init__(self):
+        if self.host not in HOSTS:
+            raise ValueError(f"unknown dictionary host {self.host!r}; known: {sorted(HOSTS)}")
+        if not isinstance(self.dictionary, DictConfig):
+            raise ValueError(f"dictionary must be a DictConfig, got {type(self.dictionary).__name__}")
+        layers = tuple(self.layers)
+        if not layers or any(not isinstance(l, (int, np.integer)) or isinstance(l, bool) or l < 0 for l in layers) \
+                or list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers must be distinct layer indices in ascending order, got {self.layers}")
+        object.__setattr__(self, "layers", tuple(int(l) for l in layers))
+
+    def host_widths(self, cfg: "ModelConfig") -> Tuple[int, int]:
+        """(d_in, d_out) a dictionary at `host` reads and writes on model `cfg`: D (resid_pre,
+        attn_out, mlp_out, transcoder), H * Dh (head_out: the heads' z concatenated)."""
+        width = cfg.n_heads * cfg.d_head if self.host == "head_out" else cfg.d_model
+        return width, width
+
+    def check(self, cfg: "ModelConfig") -> None:
+        """ValueError unless the layers lie in [0, L) and the dictionary's widths fit the host of `cfg`."""
+        if self.layers[-1] >= cfg.n_layers:
+            raise ValueError(f"spliced layers {self.layers} out of range for {cfg.n_layers} layers")
+        want = self.host_widths(cfg)
+        got = (self.dictionary.d_in, self.dictionary.out_dim)
+        if got != want:
+            raise ValueError(f"a {self.host!r} dictionary on this model reads and writes (d_in, d_out) = {want}, "
+                             f"got {got}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only transformer, as a set of features read once from a config.
 
@@ -102,7 +143,8 @@ class ModelConfig:
     (None: d_head's). attn_logit_softcap, final_logit_softcap: c * tanh(s / c) of the attention
     scores before the mask, of the logits (Gemma-2; the loader puts the logits' cap in the params,
     `params.config_leaves`). scaled_embeddings: token embeddings times sqrt(d_model) (in their
-    dtype, as HF Gemma).
+    dtype, as HF Gemma). splice: sparse dictionaries spliced into the model (`SpliceConfig`; set by
+    `dictionaries.splice.attach`, never by a checkpoint reader).
     """
 
     checkpoint: str
@@ -139,6 +181,19 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
+    splice: Optional[SpliceConfig] = None
+
+    @property
+    def dict_width(self) -> int:
+        """F, the feature count of the spliced dictionaries (the 'features' site's units)."""
+        if self.splice is None:
+            raise ValueError("no dictionary is spliced into this model; use dictionaries.splice.attach")
+        return self.splice.dictionary.width
+
+    @property
+    def spliced_layers(self) -> Tuple[int, ...]:
+        """The layers holding a spliced dictionary (() without a splice)."""
+        return () if self.splice is None else self.splice.layers
 
     @property
     def n_groups(self) -> int:
@@ -175,6 +230,8 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedConfigError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+        if self.splice is not None:
+            self.splice.check(self)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], path: Optional[str] = None) -> "ModelConfig":

@@ -14,6 +14,8 @@
         'gate':  {'w': [L, D, F]} (gated MLPs),
         'up':    {'w': [L, D, F],  'b': [L, F]  (if mlp_bias)},
         'down':  {'w': [L, F, D],  'b': [L, D]  (if mlp_bias)},
+        'dict':  {name: [L, *shape] of `DictConfig.param_shapes`, 'on': [L]}   (if cfg.splice:
+                 the spliced dictionaries, zeros on layers without one, 'on' 1.0 on those with one)
       },
       'final_norm': {'scale': [D], 'bias': [D] (layernorm)},
       'unembed': {'w': [D, V]} (absent when embeddings are tied: logits use embed.tokens.T),
@@ -101,6 +103,8 @@ def param_shapes(cfg: ModelConfig) -> Params:
         layers.update(q_norm=norm(L, shape=(H, Dh)[-span:]), k_norm=norm(L, shape=(K, Dh)[-span:]))
     if cfg.gated_mlp:
         layers["gate"] = proj((L, D, F), (L, F), cfg.mlp_bias)
+    if cfg.splice is not None:
+        layers["dict"] = {**{k: (L, *s) for k, s in cfg.splice.dictionary.param_shapes().items()}, "on": (L,)}
     shapes = {
         "embed": {"tokens": (V, D), **({"positions": (cfg.max_positions, D)}
                                       if cfg.position_embedding == "learned" else {})},

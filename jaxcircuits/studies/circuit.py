@@ -118,8 +118,8 @@ class Options(kit.StudyOptions):
         """Task, level, methods, penalties, criterion and curve sizes."""
         if self.task not in TASKS:
             raise OptionError(f"--task={self.task}: known tasks are {sorted(TASKS)}")
-        if self.level not in sites.LEVELS:
-            raise OptionError(f"--level={self.level}: known levels are {sorted(sites.LEVELS)}")
+        if self.level not in DEFAULT_METHODS:              # 'feature' needs a spliced model, which no flag makes
+            raise OptionError(f"--level={self.level}: this study's levels are {sorted(DEFAULT_METHODS)}")
         for m in self.method:
             if m not in METHODS:
                 raise OptionError(f"--method={m}: known methods are {', '.join(METHODS)}")

@@ -153,7 +153,7 @@ class Options(kit.TaskOptions):
                      enum_values=list(TASKS))
     n_prompts: int = flag("integer", 4, "decimals/ioi: number of prompts.", lower_bound=1)
     site: str = flag("enum", "head_out", "Intervention site of the pool (see jaxcircuits.interventions.sites).",
-                     enum_values=list(sites.NAMES))
+                     enum_values=[s.name for s in sites.SITES if s.on_layers is None])   # of every model
     layers: Tuple[int, ...] = flag("list", ["17"], "Layers whose units form the pool.", parse=kit.ints)
     pool: str = flag("string", "all", "Units per layer: all, even, odd, or comma-separated unit indices (heads or "
                      "blocks; ignored for whole-layer sites).")
