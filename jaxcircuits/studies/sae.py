@@ -19,7 +19,6 @@ from jaxcircuits.engine.patching import run_masks
 from jaxcircuits.interventions.problem import PatchingProblem
 from jaxcircuits.interventions.sites import Mask, unit_label
 from jaxcircuits.methods.attribution import attribution_patching
-from jaxcircuits.models import transformer
 from jaxcircuits.reports import viz
 from jaxcircuits.reports.findings import MIN_FEATURE_RECOVERY, cell, premise_findings
 from jaxcircuits.reports.report import Report, table
@@ -146,15 +145,11 @@ def _training_section(report: Report, tr: train.Training, rows: int) -> None:
 # ---- evaluation ----------------------------------------------------------------------------------
 
 def evaluation(model, dictionary, held_out: stream.ModelActivations) -> dict:
-    """Metrics and CE losses of the dictionary on the held-out rows (spliced: the reconstruction
-    replaces the host activation, the error dropped)."""
+    """Metrics and CE losses (`evaluate.ce_losses`: spliced, the reconstruction replaces the host
+    activation, the error dropped) of the dictionary on the held-out rows."""
     acts, keep = held_out.run(np.arange(len(held_out.tokens)))
     m = evaluate.metrics(dictionary.config, dictionary.params, acts[keep])
-    params, cfg = splice.attach(model.params, model.cfg, [dictionary], keep_error=False)
-    spliced = lambda tokens, mask: evaluate.next_token_loss(transformer.forward(params, cfg, tokens, mask)[0],
-                                                            tokens, mask, held_out.separator)
-    ce = evaluate.ce_losses(model.params, model.cfg, dictionary, held_out.tokens, spliced,
-                            separator=held_out.separator)
+    ce = evaluate.ce_losses(model.params, model.cfg, dictionary, held_out.tokens, separator=held_out.separator)
     return {**dataclasses.asdict(m), "ce": dataclasses.asdict(ce), "tokens": int(keep.sum())}
 
 
