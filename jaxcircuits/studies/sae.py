@@ -49,7 +49,7 @@ def _unset(help: str, kind: str = "integer") -> object:
 class Options(kit.StudyOptions):
     """The study's options: its binary's flags (`kit.flag` fields); those left None take the preset's value."""
 
-    preset: str = flag("enum", "quick", "Values of the flags left unset. quick: SmolLM2-135M in 8 minutes on 2 "
+    preset: str = flag("enum", "quick", "Values of the flags left unset. quick: SmolLM2-135M in 7-8 minutes on 2 "
                        "CPU cores, at layer 23, where its IOI name-mover candidates are (experiments.ioi: L23H3, L23H0 "
                        "and L23H7 patched alone recover 0.67, 0.28 and 0.12 of the logit difference); full: a "
                        "GPU-sized run over the whole corpus.",
