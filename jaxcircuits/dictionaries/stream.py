@@ -4,7 +4,7 @@ A source is a deterministic sequence of chunks: `source.chunk(i)` -> float32 [n_
 (an SAE's rows are its input, d_out = 0: the target is the input; a transcoder's rows are its input
 then its target), with `d_in`, `d_out` and `fingerprint()` (what made the data, for resuming).
 
-  ModelActivations  token rows run through the model (`transformer.forward(collect=...)`), the
+  ModelActivations  token rows run through the model's layers up to the host's (`prefix_cache`), the
                     host's read and write sites at one layer (`core.HOSTS`); rows of the corpus in
                     a fresh permutation each epoch; positions that are padding or the separator
                     token (BOS: every row's position 0, an attention sink with outlying norms, and
@@ -23,7 +23,8 @@ resumes the stream bit-identically.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+from typing import Optional, Tuple
 
 import jax
 import numpy as np
@@ -98,6 +99,16 @@ def flat(cache_entry, layer: int):
     return a.reshape(*a.shape[:2], -1)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "stop", "collect"))
+def prefix_cache(params, cfg: ModelConfig, tokens, attn_mask, stop: int, collect: Tuple[str, ...]):
+    """The cache entries `collect` [stop, B, T, ...] of a plain run of the model's first `stop` layers
+    on tokens, attn_mask [B, T] (the layers above, the final norm and the unembedding are skipped)."""
+    pos = transformer.default_positions(attn_mask)
+    layers = jax.tree.map(lambda a: a[:stop], params["layers"])
+    x = transformer.embed(params, cfg, tokens, pos)
+    return transformer.run_layers(layers, cfg, x, transformer.Context(pos, attn_mask), collect=collect)[2]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelActivations:
     """Chunks of a model's activations at `host` (a `core.HOSTS` key) of `layer`: chunk i runs
@@ -153,7 +164,7 @@ class ModelActivations:
         """(activations float32 [len(rows), T, d_in + d_out], keep bool [len(rows), T]: the real,
         non-separator positions) of token rows `rows` (indices into `tokens`)."""
         tokens, mask = self.tokens[rows], self.attn_mask[rows]
-        _, cache = transformer.forward(self.params, self.cfg, tokens, mask, collect=self.sites, return_logits=False)
+        cache = prefix_cache(self.params, self.cfg, tokens, mask, self.layer + 1, self.sites)
         acts = np.concatenate([np.asarray(flat(cache[s], self.layer), np.float32) for s in self.sites], axis=-1)
         return acts, (mask > 0) & (tokens != self.separator)
 

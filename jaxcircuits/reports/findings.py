@@ -13,6 +13,7 @@ from jaxcircuits.stats.summary import MIN_UNITS, braces
 
 SHARP_WIDTH = 1.0             # a 10%->90% transition this narrow (one size step) is "sharp"
 FIT_ACCURACY = 0.95           # a linear threshold fit this accurate is named among the findings
+MIN_FEATURE_RECOVERY = 0.01   # a feature patch confirms its features when its recovery's interval lies above this
 
 
 # ----------------------------------------------------------------------------- markdown of a summary
@@ -147,6 +148,15 @@ FINDING_RULES = {
             f"{FIT_ACCURACY:.0%} of the subsets, its largest weights are named.",
     "contrast": "Families: one family moves the target more than another when the 95% prompt interval of the "
                 "paired difference of their mean metrics excludes 0.",
+    "dictionary": "Dictionary: explained variance, L0 and dead fraction of the SAE on held-out corpus tokens, and the "
+                  "CE loss recovered, (zero-ablated - spliced) / (zero-ablated - clean), on the same rows (measured on "
+                  "tokens, not prompts: no interval).",
+    "features": "Features: at each position, the feature whose mean activation differs most between clean and "
+                "corrupted prompts; it differs when the 95% prompt interval of the paired difference excludes 0. Its "
+                "heads: the largest per-head parts of its pre-activation on the clean prompts.",
+    "feature_patch": "Feature patching: patching the top features clean -> corrupted at a position set confirms "
+                     "them when the 95% prompt interval of the recovery of the mean logit difference lies above "
+                     f"{MIN_FEATURE_RECOVERY:g} (of the clean - corrupted gap).",
     "fails": "What fails: the sizes at which no subset succeeds, the full set when it fails, and families that "
              "miss the criterion.",
 }
