@@ -9,20 +9,25 @@ from jaxcircuits.reports.findings import cell, threshold_cell
 from tests.conftest import run_binary as _run
 
 
-def test_even_heads_both_protocols_end_to_end(tiny_dir, tmp_path):
-    out = tmp_path / "eh"
-    r = _run("experiments.even_heads", f"--model={tiny_dir}", "--protocol=both", "--n_pairs=1",
-             "--source_format=auto", "--target_format=auto",
-             "--confirm=2", "--max_new_tokens=3", "--sweep_layers=1", f"--out={out}")
+@pytest.fixture(scope="module")
+def even_heads(tiny_dir, tmp_path_factory):
+    """One run of the even-heads binary, both protocols, read by the tests below: (out dir, report, results)."""
+    out = tmp_path_factory.mktemp("eh")
+    r = _run("experiments.even_heads", f"--model={tiny_dir}", "--protocol=both", "--n_pairs=3", "--sweep_pairs=2",
+             "--source_format=auto", "--target_format=auto", "--confirm=2", "--max_new_tokens=2", f"--out={out}")
     assert r.returncode == 0, r.stderr[-3000:]
-    report = (out / "report.md").read_text()
+    return out, (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+
+
+def test_even_heads_both_protocols_end_to_end(even_heads):
+    out, report, res = even_heads
+    best = res["layer_scan"]["best"][0]
     assert report.startswith("# Even heads") and "python -m experiments.even_heads" in report
-    for heading in ("Format scan", "Formats chosen", "heads protocol, layer 1", "original protocol, layer 1",
+    for heading in ("Format scan", "Formats chosen", f"heads protocol, layer {best}", f"original protocol, layer {best}",
                     "Protocols side by side"):
         assert f"## {heading}" in report, heading
-    res = json.loads((out / "results.json").read_text())
-    assert res["heads protocol, layer 1"]["n_subsets"] == 16          # all subsets of 4 heads
-    assert res["original protocol, layer 1"]["n_subsets"] == 16       # all subsets of 4 blocks
+    assert res[f"heads protocol, layer {best}"]["n_subsets"] == 16          # all subsets of 4 heads
+    assert res[f"original protocol, layer {best}"]["n_subsets"] == 16       # all subsets of 4 blocks
     assert len(list(out.glob("*.png"))) >= 4
 
 
@@ -124,14 +129,10 @@ def test_even_heads_large_layers_sweep_even_odd_exhaustively_and_sample_all(tiny
     assert [f[0] for f in families] == ["all units", "even units only", "odd units only"]
 
 
-def test_even_heads_report_opens_with_findings_that_match_its_tables(tiny_dir, tmp_path):
+def test_even_heads_report_opens_with_findings_that_match_its_tables(even_heads):
     """The layer scan (by recovery), the chosen formats in Setup, nested sections without a title,
     the families on all pairs (GQA positions), and findings quoting the tables' numbers."""
-    out = tmp_path / "eh"
-    r = _run("experiments.even_heads", f"--model={tiny_dir}", "--protocol=heads", "--n_pairs=3", "--sweep_pairs=2",
-             "--source_format=auto", "--target_format=auto", "--confirm=0", "--max_new_tokens=2", f"--out={out}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    report, res = (out / "report.md").read_text(), json.loads((out / "results.json").read_text())
+    _, report, res = even_heads
     headings = [line for line in report.splitlines() if line.startswith("#")]
     assert headings[:3] == ["# Even heads: format-dependent decimal comparison", "## Findings", "## Setup"]
     assert sum(h.startswith("# ") for h in headings) == 1
