@@ -20,7 +20,7 @@ setup(
         # CPU wheel first: `pip install torch==2.13.0`), plus accelerate for HF's GGUF loader; chex
         # for the tests' shape and tree assertions; pytest-xdist for the two workers of pytest.ini.
         "test": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "pytest-xdist>=3.5,<4", "chex>=0.1.90,<0.2",
-                 # the tutorial notebook, executed by tests/test_notebook.py
+                 # the tutorial notebook, executed by tests/test_readme.py
                  "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
         # The peers of benchmarks/sweep_vs_peers.py. transformer-lens 3.9.0 is the last release with
         # HookedTransformer (it also ships TransformerBridge); 4.x is the same distribution. nnsight
