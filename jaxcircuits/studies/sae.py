@@ -108,16 +108,31 @@ class Options(kit.StudyOptions):
 # ---- corpus and training -------------------------------------------------------------------------
 
 def corpus_rows(model, opts: Options):
-    """(training rows, held-out rows) int32 [N, seq_len] of the first --documents corpus documents."""
+    """(training rows, held-out rows) int32 [N, seq_len] of the first --documents corpus documents, the
+    held-out rows from its last documents (whole: no document is split between the two)."""
     try:
         texts = corpus.texts()
     except RuntimeError as e:
         raise ConnectionError(str(e)) from None
-    rows = corpus.token_rows(model.tokenizer, texts[:opts.documents or None], opts.seq_len)
-    if len(rows) <= opts.eval_rows:
-        raise OptionError(f"--documents={opts.documents} give {len(rows)} rows of --seq_len={opts.seq_len}: none "
-                          f"left to train on after --eval_rows={opts.eval_rows}")
-    return rows[:-opts.eval_rows], rows[-opts.eval_rows:]
+    docs = texts[:opts.documents or None]
+    held = 1                  # the last documents, as few as fill --eval_rows: no document is in both parts
+    while held < len(docs) and len(_rows(model, docs[-held:], opts.seq_len)) < opts.eval_rows:
+        held *= 2
+    held = min(held, len(docs))
+    train_rows, eval_rows = _rows(model, docs[:-held], opts.seq_len), _rows(model, docs[-held:], opts.seq_len)
+    if len(train_rows) == 0 or len(eval_rows) < opts.eval_rows:
+        raise OptionError(f"--documents={opts.documents} give {len(train_rows)} training and {len(eval_rows)} held-out "
+                          f"rows of --seq_len={opts.seq_len}: too few for --eval_rows={opts.eval_rows} held out "
+                          "(whole documents) and some to train on")
+    return train_rows, eval_rows[:opts.eval_rows]
+
+
+def _rows(model, docs, seq_len: int) -> np.ndarray:
+    """`corpus.token_rows` of `docs`, or no rows [0, seq_len] when they fill none."""
+    try:
+        return corpus.token_rows(model.tokenizer, docs, seq_len)
+    except ValueError:
+        return np.zeros((0, seq_len), np.int32)
 
 
 def train_sae(model, rows: np.ndarray, separator: int, opts: Options) -> train.Training:
