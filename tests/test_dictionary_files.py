@@ -429,3 +429,34 @@ def test_agrees_with_sae_lens(tmp_path, arch):
         f = core.encode(ours.config, ours.params, jnp.asarray(x))
         np.testing.assert_allclose(f, f_want, atol=1e-5)
         np.testing.assert_allclose(core.decode(ours.config, ours.params, f, jnp.asarray(x)), out_want, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])
+def test_transcoder_on_hook_normalized_is_folded_to_read_mlp_in(tiny, tmp_path, variant):
+    """A skip transcoder reading TL's ln2.hook_normalized u (the norm's output before its weight and
+    bias, computed here by hand from the mid-layer residual) gives, folded, the same features and
+    output from our mlp_in h = u * w + b."""
+    from jaxcircuits.models import transformer
+    _, cfg, params = tiny(variant)
+    d = cfg.d_model
+    t = _sae_tensors(np.random.default_rng(7), d_in=d, d_out=d, extra=("W_skip",))
+    c = _v6("skip_transcoder", "blocks.1.ln2.hook_normalized", d_in=d, d_out=d,
+            metadata={"hook_name_out": "blocks.1.hook_mlp_out"})
+    path = _write_saelens(tmp_path, c, t)
+    with pytest.raises(ValueError, match="pass the model's cfg and params"):
+        files.load(path, cfg)
+    folded = files.load(path, cfg, params=params)
+    raw = Dictionary(folded.config, {"w_enc": jnp.asarray(t["W_enc"]), "b_enc": jnp.asarray(t["b_enc"]),
+                                     "w_dec": jnp.asarray(t["W_dec"]), "b_dec": jnp.asarray(t["b_dec"]),
+                                     "w_skip": jnp.asarray(t["W_skip"].T)}, "transcoder", 1)
+    tokens = np.arange(3, 11)[None]
+    _, cache = transformer.forward(params, cfg, tokens, collect=("resid_pre", "attn_out", "mlp_in"))
+    mid = np.asarray(cache["resid_pre"][1] + cache["attn_out"][1], np.float64)
+    if cfg.norm == "layernorm":
+        mid = mid - mid.mean(-1, keepdims=True)
+    u = mid / np.sqrt((mid * mid).mean(-1, keepdims=True) + cfg.norm_eps)
+    h = cache["mlp_in"][1]
+    np.testing.assert_allclose(core.encode(folded.config, folded.params, h),
+                               core.encode(raw.config, raw.params, jnp.asarray(u, jnp.float32)), atol=2e-4)
+    np.testing.assert_allclose(core.reconstruct(folded.config, folded.params, h),
+                               core.reconstruct(raw.config, raw.params, jnp.asarray(u, jnp.float32)), atol=2e-4)

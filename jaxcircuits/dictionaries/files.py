@@ -17,9 +17,10 @@ relu(pre) * (pre > threshold), as in SAELens, Gemma Scope and `core`.
 Hooks map to hosts (`core.HOSTS`) through `hooknames` (hook_resid_pre, hook_resid_post = resid_pre
 of the next layer, attn.hook_z = head_out with d_in = H * Dh, hook_attn_out, hook_mlp_out); a
 transcoder reads the MLP's input (`MLP_INPUTS`, after the norm's weight: our 'mlp_in') and writes
-hook_mlp_out (or mlp.hook_out, the same where no norm follows the MLP) of the same layer. Transcoders
-reading TransformerLens' ln2.hook_normalized (the norm's output before its weight and bias) or the
-un-normed residual are refused: no site of ours holds those inputs. Given the model's config, `check_fit` refuses a layer or width that does not fit.
+hook_mlp_out (or mlp.hook_out, the same where no norm follows the MLP) of the same layer. A transcoder
+reading TransformerLens' ln2.hook_normalized (the norm's output before its weight and bias) is
+rewritten to read 'mlp_in' given the model's params (`fold_norm_input`); one reading the un-normed
+residual is refused: no site of ours holds that input. Given the model's config, `check_fit` refuses a layer or width that does not fit.
 
 `save(directory, dictionary)` writes SAELens 6 files (cfg.json + sae_weights.safetensors, through
 `storage`'s atomic writes, each with its checksum sidecar) that `load` reads back bit-exactly and
@@ -32,9 +33,10 @@ import glob
 import os
 import re
 import zipfile
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 from urllib.parse import urlparse
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -46,6 +48,8 @@ from jaxcircuits import storage
 from jaxcircuits.dictionaries.core import HOSTS, DictConfig, Dictionary
 from jaxcircuits.interventions import hooknames
 from jaxcircuits.models.config import load_json
+from jaxcircuits.models.layers import norm_weight
+from jaxcircuits.models.params import sublayer_norm
 
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 # The cfg.json layout `save` writes: sae-lens reads files without a version as pre-6 ones.
@@ -68,8 +72,8 @@ DTYPES = {name: dt for base, dt in (("float32", np.float32), ("float64", np.floa
 
 # Hooks (in a layer) of the MLP's input, after the norm and its weight, which a transcoder host reads
 # ('mlp_in'; circuit-tracer's mlp.hook_in). `PRE_WEIGHT` hooks hold the norm's output before its weight
-# and bias (TransformerLens' hook_normalized) and `RESID_MID` hooks the un-normed residual stream
-# before the MLP, which no site of ours holds: transcoders reading them are refused.
+# and bias (TransformerLens' hook_normalized): folded (`fold_norm_input`). `RESID_MID` hooks hold the
+# un-normed residual stream before the MLP, which no site of ours holds: transcoders reading it are refused.
 MLP_INPUTS = ("blocks.{layer}.mlp.hook_in",)
 PRE_WEIGHT = ("blocks.{layer}.ln2.hook_normalized",)
 MLP_OUTPUTS = ("blocks.{layer}.hook_mlp_out", "blocks.{layer}.mlp.hook_out")
@@ -79,10 +83,19 @@ Loaded = Union[Dictionary, List[Dictionary]]
 
 
 class _Placed(NamedTuple):
-    """Where a file puts its dictionary: host (a key of `HOSTS`) and layer."""
+    """Where a file puts its dictionary: host (a key of `HOSTS`) and layer; pre_weight: a transcoder
+    reading the MLP's norm output before its weight (`PRE_WEIGHT`), folded into the encoder on load."""
 
     host: str
     layer: int
+    pre_weight: bool = False
+
+
+class _Model(NamedTuple):
+    """The model a file is loaded for: its `ModelConfig` and params, each None when not at hand."""
+
+    cfg: Any
+    params: Any
 
 
 def _hook(template: str, layer: int) -> str:
@@ -105,19 +118,20 @@ def _sae_host(hook: str, cfg, where: str) -> _Placed:
     return _Placed(hosts[entry], layer)
 
 
-def _transcoder_host(hook_in: str, hook_out: str, where: str, cfg=None) -> _Placed:
-    """The transcoder host's layer, for a transcoder reading `hook_in` and writing `hook_out` (on model
-    `cfg`, when given: mlp.hook_out is before a norm that follows the MLP, cfg.post_norms)."""
+def _transcoder_host(hook_in: str, hook_out: str, where: str, model: _Model) -> _Placed:
+    """The transcoder host's layer, for a transcoder reading `hook_in` and writing `hook_out` (on
+    `model`, where known: mlp.hook_out is before a norm that follows the MLP, cfg.post_norms)."""
+    cfg = model.cfg
     template, layer = hooknames.split_layer(hook_in)
-    if template in PRE_WEIGHT:
+    if template in PRE_WEIGHT and (cfg is None or model.params is None):
         raise ValueError(f"{where}: input hook {hook_in!r} is the MLP's norm output before its weight and bias "
-                         f"(TransformerLens' hook_normalized), while our 'mlp_in' (what a transcoder host reads, "
-                         f"{MLP_INPUTS}) is after them; folding the norm's weight into the encoder is not "
-                         "supported, so it is refused")
+                         f"(TransformerLens' hook_normalized), while our 'mlp_in' (what a transcoder host reads) "
+                         "is after them: pass the model's cfg and params to load() to fold the norm's weight and "
+                         "bias into the transcoder")
     if template in RESID_MID:
         raise ValueError(f"{where}: input hook {hook_in!r} is the un-normed residual stream before the MLP, which "
                          f"no site of ours holds (transcoders read the MLP's normed input: {MLP_INPUTS})")
-    if template not in MLP_INPUTS:
+    if template not in MLP_INPUTS + PRE_WEIGHT:
         raise ValueError(f"{where}: a transcoder reads the MLP's normed input {MLP_INPUTS}, not {hook_in!r}")
     if hook_out not in [_hook(t, layer) for t in MLP_OUTPUTS]:
         raise ValueError(f"{where}: a transcoder reading {hook_in!r} writes that layer's MLP output "
@@ -125,7 +139,41 @@ def _transcoder_host(hook_in: str, hook_out: str, where: str, cfg=None) -> _Plac
     if cfg is not None and cfg.post_norms and hook_out == _hook(MLP_OUTPUTS[1], layer):
         raise ValueError(f"{where}: output hook {hook_out!r} is before the norm that follows this model's MLP "
                          "(post_norms), while our 'mlp_out' (what a transcoder host writes) is after it; refused")
-    return _Placed("transcoder", layer)
+    return _Placed("transcoder", layer, template in PRE_WEIGHT)
+
+
+def fold_norm_input(dictionary: Dictionary, params, cfg) -> Dictionary:
+    """A transcoder reading u, the MLP's norm output before its weight w and bias b (TransformerLens'
+    ln2.hook_normalized), rewritten to read our 'mlp_in' h = u * w + b of model (`params`, `cfg`):
+    u = (h - b) / w, so w_enc' = w_enc / w[:, None], b_enc' = b_enc - (b / w) @ w_enc, and a skip
+    w_skip' = w_skip / w[:, None] with b_dec' = b_dec - (b / w) @ w_skip (float64, cast back). Exact
+    where no weight is 0 (ValueError otherwise, or for a model without a norm before its MLP)."""
+    d, dc = dictionary, dictionary.config
+    leaf = sublayer_norm(cfg, "norm2", after=False)
+    if d.host != "transcoder" or leaf is None:
+        raise ValueError(f"folding a norm's weight needs a transcoder on a model with a norm before its MLP "
+                         f"(host {d.host!r}, pre_norms={cfg.pre_norms})")
+    norm = jax.tree.map(lambda a: np.asarray(a[d.layer], np.float64), params["layers"][leaf])
+    w = np.asarray(norm_weight(cfg.norm, norm), np.float64)
+    if np.any(w == 0):
+        raise ValueError(f"layer {d.layer}'s MLP norm has {int((w == 0).sum())} zero weight(s): its normalised "
+                         "input cannot be recovered from the MLP's input, so the transcoder cannot be folded")
+    shift = norm.get("bias", np.zeros_like(w)) / w
+    p = {n: np.asarray(a, np.float64) for n, a in d.params.items()}
+    p["b_enc"] = p["b_enc"] - shift @ p["w_enc"]
+    p["w_enc"] = p["w_enc"] / w[:, None]
+    if dc.skip:
+        p["b_dec"] = p["b_dec"] - shift @ p["w_skip"]
+        p["w_skip"] = p["w_skip"] / w[:, None]
+    dtype = d.params["w_enc"].dtype
+    return Dictionary(dc, {n: jnp.asarray(a, dtype) for n, a in p.items()}, d.host, d.layer)
+
+
+def _placed(dc: DictConfig, params: Dict, placed: _Placed, model: _Model) -> Dictionary:
+    """The dictionary of `dc` and `params` at `placed`, its norm input folded when it reads before the
+    norm's weight (`fold_norm_input`)."""
+    d = Dictionary(dc, params, placed.host, placed.layer)
+    return fold_norm_input(d, model.params, model.cfg) if placed.pre_weight else d
 
 
 def _widths(host: str, cfg) -> Tuple[int, int]:
@@ -273,7 +321,7 @@ def _fold_decoder_norm(p: Dict) -> Dict:
     return {**p, "w_enc": p["w_enc"] * n, "b_enc": p["b_enc"] * n, "w_dec": p["w_dec"] / n[:, None]}
 
 
-def _read_saelens(directory: str, placed: Optional[_Placed], cfg) -> List[Dictionary]:
+def _read_saelens(directory: str, placed: Optional[_Placed], model: _Model) -> List[Dictionary]:
     cfg_path = os.path.join(directory, SAELENS_CFG)
     weights = _need(os.path.join(directory, SAELENS_WEIGHTS))
     c = _saelens_fields(load_json(cfg_path), cfg_path)
@@ -282,9 +330,9 @@ def _read_saelens(directory: str, placed: Optional[_Placed], cfg) -> List[Dictio
                   "a TransformerLens hook name (or pass host= and layer=)")
     if hook is not None:
         found = (_transcoder_host(hook, _field(c, "hook_name_out", cfg_path, lambda v: isinstance(v, str),
-                                               "the transcoder's output hook name"), cfg_path, cfg)
-                 if dc.d_out is not None else _sae_host(hook, cfg, cfg_path))
-        if placed is not None and placed != found:
+                                               "the transcoder's output hook name"), cfg_path, model)
+                 if dc.d_out is not None else _sae_host(hook, model.cfg, cfg_path))
+        if placed is not None and placed[:2] != found[:2]:
             raise ValueError(f"{cfg_path} places its dictionary at {found}, not host={placed.host}, layer={placed.layer}")
         placed = found
     tensors = _safetensors(weights)
@@ -293,7 +341,7 @@ def _read_saelens(directory: str, placed: Optional[_Placed], cfg) -> List[Dictio
     params = _params(tensors, dc, _saelens_names(dc), weights, DTYPES[dtype])
     if rescale:
         params = _fold_decoder_norm(params)
-    return [Dictionary(dc, params, placed.host, placed.layer)]
+    return [_placed(dc, params, placed, model)]
 
 
 # ---- Gemma Scope ---------------------------------------------------------------------------------
@@ -313,7 +361,7 @@ def _gemma_scope(path: str, placed: _Placed) -> Dictionary:
     return Dictionary(dc, _params(tensors, dc, _GEMMA_SCOPE, path), placed.host, placed.layer)
 
 
-def _read_gemma_scope(directory: str, placed: Optional[_Placed], cfg) -> List[Dictionary]:
+def _read_gemma_scope(directory: str, placed: Optional[_Placed], model: _Model) -> List[Dictionary]:
     path = os.path.join(directory, "params.npz")
     if placed is None:
         raise ValueError(f"{path} names no site: pass host= (one of {sorted(HOSTS)}) and layer= to load it")
@@ -362,12 +410,12 @@ def _layer_files(directory: str, config: dict, where: str) -> Dict[int, str]:
     return {layer: _layer_file(directory, e, where) for layer, e in enumerate(listed)}
 
 
-def _circuit_tracer_layer(path: str, layer: int) -> Dictionary:
+def _circuit_tracer_layer(path: str, placed: _Placed, model: _Model) -> Dictionary:
     """One circuit-tracer ReLU transcoder (W_enc [F, D], W_dec [F, D] or [D, F], W_skip [D, D] used
-    as x @ W_skip.T), or a Gemma Scope .npz."""
-    placed = _Placed("transcoder", layer)
+    as x @ W_skip.T), or a Gemma Scope .npz, at `placed`."""
     if path.endswith(".npz"):
-        return _gemma_scope(path, placed)
+        d = _gemma_scope(path, placed)
+        return fold_norm_input(d, model.params, model.cfg) if placed.pre_weight else d
     tensors = _safetensors(path)
     for name in ("b_enc", "b_dec"):
         if name not in tensors or tensors[name].ndim != 1:
@@ -377,10 +425,10 @@ def _circuit_tracer_layer(path: str, layer: int) -> Dictionary:
     names = {"w_enc": ("W_enc", True), "b_enc": ("b_enc", False), "w_dec": ("W_dec", dec_t),
              "b_dec": ("b_dec", False), "w_skip": ("W_skip", True)}
     dc = DictConfig("relu", d, width, d_out=d, skip="W_skip" in tensors)
-    return Dictionary(dc, _params(tensors, dc, names, path), placed.host, placed.layer)
+    return _placed(dc, _params(tensors, dc, names, path), placed, model)
 
 
-def _read_circuit_tracer(directory: str, placed: Optional[_Placed], cfg) -> List[Dictionary]:
+def _read_circuit_tracer(directory: str, placed: Optional[_Placed], model: _Model) -> List[Dictionary]:
     where = os.path.join(directory, "config.yaml")
     try:
         with open(where) as f:
@@ -398,14 +446,14 @@ def _read_circuit_tracer(directory: str, placed: Optional[_Placed], cfg) -> List
                     "a TransformerLens hook name inside a block") for io in ("input", "output")]
     out = []
     for layer, path in sorted(_layer_files(directory, config, where).items()):
-        _transcoder_host(*(f"blocks.{layer}.{h}" for h in hooks), where, cfg)
-        out.append(_circuit_tracer_layer(path, layer))
+        out.append(_circuit_tracer_layer(path, _transcoder_host(*(f"blocks.{layer}.{h}" for h in hooks), where, model),
+                                         model))
     return out
 
 
 class Format(NamedTuple):
     """A row of `FORMATS`: the file that marks a directory as this format, and its reader
-    (directory, placement given by the caller or None, model config or None) -> dictionaries."""
+    (directory, placement given by the caller or None, the `_Model`) -> dictionaries."""
 
     marker: str
     read: Callable[[str, Optional[_Placed], object], List[Dictionary]]
@@ -418,11 +466,13 @@ FORMATS: Dict[str, Format] = {
 }
 
 
-def load(path: str, cfg=None, host: Optional[str] = None, layer: Optional[int] = None) -> Loaded:
+def load(path: str, cfg=None, host: Optional[str] = None, layer: Optional[int] = None, params=None) -> Loaded:
     """The dictionary in `path` (a directory, or the file marking its format: `FORMATS`); a list
     for files holding one per layer (circuit-tracer).
 
     cfg: the model's `ModelConfig`, when at hand: layers and widths must fit it (`check_fit`).
+    params: the model's params, needed (with cfg) by transcoders reading TransformerLens'
+    ln2.hook_normalized, before the norm's weight: it is folded in (`fold_norm_input`).
     host, layer: where a file that names no hook (Gemma Scope's params.npz) sits; for a file that
     names its hook they must agree with it.
     """
@@ -444,7 +494,7 @@ def load(path: str, cfg=None, host: Optional[str] = None, layer: Optional[int] =
         raise (FileNotFoundError if not found else ValueError)(
             f"{path} holds {'no' if not found else 'more than one'} dictionary format's files "
             f"({found or ''}); expected one of " + ", ".join(f"{f.marker} ({n})" for n, f in FORMATS.items()))
-    dicts = FORMATS[found[0]].read(path, placed, cfg)
+    dicts = FORMATS[found[0]].read(path, placed, _Model(cfg, params))
     if cfg is not None:
         for d in dicts:
             check_fit(d, cfg, f"{path} (layer {d.layer})")
