@@ -14,8 +14,8 @@ Two switches, each an environment variable, a function and a flag of the binarie
 
 The flags' defaults are the environment variables, so a binary obeys them as the library does.
 
-Progress bars are `tqdm.auto` bars (widgets in a notebook, text on stderr elsewhere) with rate and
-ETA, for sweeps, `run_masks` batches, blend searches and params conversion (`progress`); Hub
+Progress bars are `tqdm.auto` bars (widgets in a notebook with ipywidgets, text on stderr elsewhere)
+with rate and ETA, for sweeps, `run_masks` batches, blend searches and params conversion (`progress`); Hub
 downloads show huggingface_hub's own bars, off with the others (`hub_tqdm_class`). Log lines
 on the console (the root and third-party loggers' handlers writing to stdout or stderr, absl's
 included) go through `tqdm.write`: an open bar is cleared, the line written, the bar redrawn, so a
@@ -24,13 +24,19 @@ line never lands inside a bar.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import site
 import sys
 import sysconfig
 
-from tqdm.auto import tqdm
+# Widget bars in a notebook when ipywidgets is there (tqdm.auto), else text bars everywhere: tqdm.auto
+# without ipywidgets warns on import and falls back to text bars anyway.
+if importlib.util.find_spec("ipywidgets") is not None:
+    from tqdm.auto import tqdm
+else:
+    from tqdm import tqdm
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OURS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("jaxcircuits", "experiments", "benchmarks"))
