@@ -85,7 +85,7 @@ flags.DEFINE_float("l1", 5.0, "L1 coefficient (both tools)")
 flags.DEFINE_integer("harvest_rows", 128, "token rows harvested for training")
 flags.DEFINE_integer("harvest_len", 128, "tokens per harvested row")
 flags.DEFINE_integer("train_batch", 4096, "activations per training step")
-flags.DEFINE_integer("train_steps", 10, "timed training steps per tool")
+flags.DEFINE_integer("train_steps", 20, "timed training steps per tool")
 flags.DEFINE_integer("batch", 8, "prompts of the sweep")
 flags.DEFINE_integer("seq_len", 24, "tokens per sweep prompt")
 flags.DEFINE_integer("pool", 16, "features in the sweep's pool")
@@ -94,7 +94,7 @@ flags.DEFINE_integer("peer_subsets", 32, "subsets each SAELens variant runs per 
 flags.DEFINE_list("stacks", ["8", "16", "32"], "stack sizes S tried for each batched SAELens variant (one stack "
                   "each, after a warm-up); the fastest per subset is timed")
 flags.DEFINE_integer("chunk_size", 64, "jaxcircuits masks per compiled call")
-flags.DEFINE_integer("reps", 2, "timed repetitions of each sweep method (median)")
+flags.DEFINE_integer("reps", 3, "timed repetitions of each sweep method (median)")
 flags.DEFINE_integer("seed", 0, "seed of weights, tokens and SAE init")
 flags.DEFINE_float("atol", 1e-3, "max |SAELens - jaxcircuits| of the sweep's metric values")
 flags.DEFINE_list("sweep_peers", ["sae_loop", "sae_batched", "sae_prefix_batched", "sae_prefix_last_batched"],
