@@ -459,6 +459,19 @@ def sweep_part(hf, params, cfg, sae_params, d, result):
         print(f"rep {rep}: jaxcircuits {jc_times[-1]:.2f} s; " +
               ", ".join(f"{k} {v['times'][-1]:.2f} s" for k, v in peers.items()), flush=True)
 
+    # jaxcircuits' path without the dictionary: the same N masks on the plain model's head_out at layer L
+    # (one head each, cycling), the same chunking: what the layers after L cost without the splice
+    hm = np.zeros((N, cfg.n_layers, cfg.n_heads), np.float32)
+    hm[np.arange(N), L, np.arange(N) % cfg.n_heads] = 1
+    _, hcache = run_with_cache(params, cfg, src, sites=("head_out",))
+    hprob = PatchingProblem.make(target_run(params, cfg, tgt), {"head_out": hcache["head_out"]}, pos_w, metric)
+    plain = lambda: run_masks(params, cfg, hprob, Mask(head_out=hm), chunk_size=FLAGS.chunk_size, shard=False)
+    plain()
+    plain_times = []
+    for _ in range(FLAGS.reps):
+        t = time.perf_counter()
+        plain()
+        plain_times.append(time.perf_counter() - t)
     breakdown = saelens_breakdown(model, tgt, L, cfg.n_layers, peers.get("sae_prefix_batched", {}).get("stack", stacks[-1]))
     jc_s = float(np.median(jc_times))
     out = {"saelens_prefix_forward_breakdown": breakdown, "subsets": N, "pool": pool, "k": FLAGS.k, "batch": FLAGS.batch, "seq_len": FLAGS.seq_len,
@@ -481,6 +494,8 @@ def sweep_part(hf, params, cfg, sae_params, d, result):
     # the SAE encode+decode at L (4 D F) and the last position's unembedding (2 columns)
     D = cfg.d_model
     out["flops_per_subset"] = FLAGS.batch * FLAGS.seq_len * ((cfg.n_layers - L) * 24 * D * D + 4 * D * F)
+    out["flops_per_subset_as_run"] = FLAGS.batch * FLAGS.seq_len * (cfg.n_layers - L) * (24 * D * D + 4 * D * F)
+    out["jaxcircuits_plain_head_out_median_s"] = float(np.median(plain_times))
     out["metric_range"] = [float(jc_vals.min()), float(jc_vals.max())]
     result["sweep"] = out
     return failures
@@ -558,8 +573,14 @@ def where(r: dict):
     jsw = sw["jaxcircuits"]
     floor = sw["flops_per_subset"] / (tr["matmul_gflops"] * 1e9)
     out.append(f"Sweep, jaxcircuits: {jsw['median_s'] / sw['subsets'] * 1e3:.1f} ms a subset (target run and source "
-               f"cache included), matmul floor {floor * 1e3:.1f} ms (layers {r['layer']}-11 over all positions + the "
-               f"SAE): it recomputes only the layers after the SAE, vmapped over {sw['chunk_size']} masks a call.")
+               f"cache included), matmul floor {floor * 1e3:.1f} ms (layers {r['layer']}-{r['n_layers'] - 1} over all positions + the "
+               f"SAE). It recomputes only the layers from the SAE's on, vmapped over {sw['chunk_size']} masks a call, "
+               f"but the splice encodes and decodes (f' - f) W_dec in every recomputed layer, zeros where no "
+               f"dictionary sits ({r['n_layers'] - r['layer']} SAEs' worth instead of one: "
+               f"{sw['flops_per_subset_as_run'] / sw['flops_per_subset']:.2f}x the FLOPs, floor as run "
+               f"{sw['flops_per_subset_as_run'] / (tr['matmul_gflops'] * 1e9) * 1e3:.1f} ms). The same {sw['subsets']} "
+               f"masks on the plain model (head_out of layer {r['layer']}, no dictionary) take "
+               f"{sw['jaxcircuits_plain_head_out_median_s']:.2f} s against {jsw['median_s']:.2f} s spliced.")
     b = sw["saelens_prefix_forward_breakdown"]
     out.append(f"SAELens, one stacked forward from the cached residual (S = {b['stack']}, no patch hook): "
                f"{b['forward_s']:.3f} s = transformer layers {b['layers_s']:.3f} s + the attached SAE (encoded "
