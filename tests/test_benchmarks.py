@@ -99,3 +99,14 @@ def test_benchmark_headers_state_the_measured_load():
     line = load_line(busy, quiet)
     assert line.startswith("**LOADED MACHINE**") and "[10.9, 8.0, 6.0]" in line and "quote quiet runs only" in line
     assert QUIET_LOAD < 1
+
+
+def test_sae_vs_saelens_says_what_it_needs(tmp_path):
+    """Without sae-lens (not in the test environment) the SAE benchmark exits at once with one line
+    naming the bench extra; the full run is benchmarks/RESULTS_sae.md."""
+    if importlib.util.find_spec("sae_lens") is not None:
+        pytest.skip("sae-lens is installed: the missing-peer path is not reachable")
+    out = run_binary("benchmarks.sae_vs_saelens", f"--out_dir={tmp_path}", "--results_md=")
+    assert out.returncode != 0
+    assert "needs sae-lens==6.54.12" in out.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,663 @@
+"""SAE training and a feature-subset patching sweep: jaxcircuits against SAELens, in one run.
+
+    python -m benchmarks.sae_vs_saelens --saelens_path=/tmp/saevenv/lib/python3.11/site-packages
+
+Needs sae-lens 6.54.12 and transformer-lens 3.9.0 (the `bench` extra of setup.py). Installed in this
+interpreter they are used as they are; --saelens_path appends another environment's site-packages
+(same Python and torch) to sys.path, after this one's, for the peer. Without sae-lens the run exits
+with one line.
+
+The model: a random-weight (seeded) HF GPT-2 with GPT-2 small's shape (12 layers, d = 768), loaded
+into jaxcircuits with `load_hf_dir` and into SAELens' `HookedSAETransformer` with TransformerLens'
+own weight conversion (no folding), exactly as benchmarks/sweep_vs_peers.py does. Site:
+blocks.{layer}.hook_resid_pre ('resid_pre' of --layer). One ReLU SAE kind, one width (--width).
+
+(a) Training throughput (tokens/s). Activations: --harvest_rows rows x --harvest_len random
+    tokens run through the model's first --layer layers by jaxcircuits' `stream.ModelActivations`
+    (separator positions dropped), held in memory; both tools train on that same array, batch
+    --train_batch, --train_steps adam steps, lr 3e-4 constant, grad-norm clip 1, loss
+    mse (sum over d, mean over the batch) + --l1 * mean_b sum_i f_i ||W_dec_i|| (SAELens'
+    "standard" training SAE = jaxcircuits' 'relu' loss), no b_dec subtraction on input.
+      jaxcircuits  `dictionaries.train.train(ArraySource(acts), Options(kind='relu', ...))` (its
+                   shuffled buffer, dead-feature tracking and history included)
+      SAELens      `SAETrainer(SAETrainerConfig(...), StandardTrainingSAE(...), data_provider).fit()`
+                   over an iterator of in-memory batches (no activation store, no wandb, no evals:
+                   its fastest path on CPU; dead-feature tracking included)
+    Each is called once untimed (compilation, allocator warm-up), then timed; whole calls (init
+    included). Where the time goes: the bare step of each (jaxcircuits' compiled step on a device
+    batch; SAELens' training_forward_pass + backward + clip + adam) and the matmul floor
+    (6 * batch * d * F * 2 FLOPs a step at the machine's measured float32 matmul rate).
+    Agreement: on identical params and batch the two losses agree (rel 1e-5), and one adam step from
+    identical params gives losses that agree (rel 1e-4).
+
+(b) Feature-subset patching sweep. Target / source = two random prompt batches (--batch x
+    --seq_len); the SAE is the one jaxcircuits trained in (a), spliced with its error kept; the pool =
+    the --pool features with the largest mean |f_src - f_tgt|; every --k-subset of the pool has its
+    features' activations patched from the source at all positions; metric = logit(11) - logit(13)
+    at the last position per prompt.
+      jaxcircuits  `splice.attach`, then target run + source cache + `run_masks(Mask(features=...))`
+                   over all subsets (its time includes the target run and source cache)
+      SAELens      `HookedSAETransformer.add_sae(sae, use_error_term=True)`; a hook on
+                   blocks.{l}.hook_resid_pre.hook_sae_acts_post replaces the subset's features with
+                   the source's; S subsets stacked on the batch axis (per-row feature mask),
+                   sae_batched from the tokens, sae_prefix_batched from the target's cached
+                   residual at the layer (`start_at_layer`: the strongest loop); sae_loop = S=1.
+                   Source cache and prefix excluded (in SAELens' favour). Each runs the first
+                   --peer_subsets subsets; its rate is extrapolated.
+    Agreement: each SAELens variant's values = jaxcircuits' on those subsets within --atol (fp32),
+    else the run fails after writing its results.
+
+Outputs: a table on stdout, benchmarks/results/sae_vs_saelens-<date>.json, benchmarks/RESULTS_sae.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from absl import app, flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import load_line, machine_load
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD, BAD = 11, 13
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("saelens_path", "", "site-packages directory holding sae-lens 6.54.12 and transformer-lens "
+                    "3.9.0, appended to sys.path (empty: this interpreter's own)")
+flags.DEFINE_string("gpt2_config", "", "JSON of GPT2Config overrides (tests: a tiny shape); empty: GPT-2 small")
+flags.DEFINE_integer("layer", 6, "layer whose hook_resid_pre hosts the SAE")
+flags.DEFINE_integer("width", 4096, "SAE features F")
+flags.DEFINE_float("l1", 5.0, "L1 coefficient (both tools)")
+flags.DEFINE_integer("harvest_rows", 128, "token rows harvested for training")
+flags.DEFINE_integer("harvest_len", 128, "tokens per harvested row")
+flags.DEFINE_integer("train_batch", 4096, "activations per training step")
+flags.DEFINE_integer("train_steps", 20, "timed training steps per tool")
+flags.DEFINE_integer("batch", 8, "prompts of the sweep")
+flags.DEFINE_integer("seq_len", 24, "tokens per sweep prompt")
+flags.DEFINE_integer("pool", 16, "features in the sweep's pool")
+flags.DEFINE_integer("k", 2, "features per subset")
+flags.DEFINE_integer("peer_subsets", 32, "subsets each SAELens variant runs per repetition (extrapolated)")
+flags.DEFINE_list("stacks", ["8", "16", "32"], "stack sizes S tried for each batched SAELens variant (one stack "
+                  "each, after a warm-up); the fastest per subset is timed")
+flags.DEFINE_integer("chunk_size", 64, "jaxcircuits masks per compiled call")
+flags.DEFINE_integer("reps", 3, "timed repetitions of each sweep method (median)")
+flags.DEFINE_integer("seed", 0, "seed of weights, tokens and SAE init")
+flags.DEFINE_float("atol", 1e-3, "max |SAELens - jaxcircuits| of the sweep's metric values")
+flags.DEFINE_list("sweep_peers", ["sae_loop", "sae_batched", "sae_prefix_batched", "sae_prefix_last_batched"],
+                  "SAELens sweep variants")
+flags.DEFINE_string("out_dir", os.path.join(REPO, "benchmarks", "results"), "JSON results directory")
+flags.DEFINE_string("results_md", os.path.join(REPO, "benchmarks", "RESULTS_sae.md"), "markdown report ('' to skip)")
+flags.DEFINE_string("render_json", "", "only re-render --results_md from this results JSON")
+flags.DEFINE_string("note", "", "the run's conditions in a sentence, kept in the JSON and the report")
+
+
+def import_peers():
+    """sae_lens and torch, or exit with one line."""
+    if FLAGS.saelens_path:
+        if not os.path.isdir(FLAGS.saelens_path):
+            sys.exit(f"--saelens_path={FLAGS.saelens_path}: no such directory")
+        sys.path.append(FLAGS.saelens_path)
+    try:
+        import sae_lens  # noqa: F401
+        import transformer_lens  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"sae_vs_saelens needs sae-lens==6.54.12 and transformer-lens==3.9.0 (pip install -e '.[bench]', "
+                 f"or --saelens_path=<their site-packages>): {e}")
+
+
+# --------------------------------------------------------------------------- setup
+def build_models():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from jaxcircuits.weights.hf import load_hf_dir
+
+    torch.manual_seed(FLAGS.seed)
+    hf = GPT2LMHeadModel(GPT2Config(**json.loads(FLAGS.gpt2_config or "{}"))).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        cfg, params = load_hf_dir(d)
+    return hf, cfg, jax.tree.map(jnp.asarray, params)
+
+
+def hooked_sae_transformer(hf_model):
+    """benchmarks.peers.hooked_transformer, as SAELens' HookedSAETransformer."""
+    from sae_lens import HookedSAETransformer
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    from benchmarks.peers import tl_config
+
+    tcfg = tl_config(hf_model.config)
+    model = HookedSAETransformer(tcfg)
+    state = {k: v.detach().clone() for k, v in convert_gpt2_weights(hf_model, tcfg).items()}
+    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
+    return model.eval()
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a, b = jax.random.normal(k1, (n, n)), jax.random.normal(k2, (n, n))
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def to_torch_params(p: dict):
+    import torch
+    return {"W_enc": torch.tensor(np.asarray(p["w_enc"])), "b_enc": torch.tensor(np.asarray(p["b_enc"])),
+            "W_dec": torch.tensor(np.asarray(p["w_dec"])), "b_dec": torch.tensor(np.asarray(p["b_dec"]))}
+
+
+def saelens_training_sae(d: int, params=None):
+    import torch
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    torch.manual_seed(FLAGS.seed)
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=FLAGS.width, l1_coefficient=FLAGS.l1,
+                                                        apply_b_dec_to_input=False, normalize_activations="none"))
+    if params is not None:
+        sae.load_state_dict(to_torch_params(params))
+    return sae
+
+
+def saelens_trainer(sae, acts_t, steps: int):
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    B = FLAGS.train_batch
+
+    def provider():
+        i = 0
+        while True:
+            idx = (np.arange(B) + i * B) % len(acts_t)
+            yield acts_t[idx]
+            i += 1
+    cfg = SAETrainerConfig(total_training_samples=steps * B, train_batch_size_samples=B, lr=3e-4, lr_end=3e-4, device="cpu")
+    return SAETrainer(cfg, sae, provider())
+
+
+# --------------------------------------------------------------------------- (a) training
+def training_part(params, cfg, result):
+    import torch
+    from jaxcircuits.dictionaries import stream, train
+
+    L, F, B = FLAGS.layer, FLAGS.width, FLAGS.train_batch
+    rng = np.random.default_rng(FLAGS.seed)
+    tokens = rng.integers(1, cfg.vocab_size, (FLAGS.harvest_rows, FLAGS.harvest_len)).astype(np.int32)
+    tokens[:, 0] = 0
+    src_model = stream.ModelActivations(params, cfg, tokens, "resid_pre", L, separator=0, rows_per_chunk=16)
+    t = time.perf_counter()
+    acts = np.concatenate([src_model.chunk(i) for i in range(FLAGS.harvest_rows // 16)])
+    harvest_s = time.perf_counter() - t
+    d = acts.shape[1]
+    print(f"harvested {len(acts)} activations [{d}] in {harvest_s:.1f} s (jaxcircuits ModelActivations, "
+          f"incl. compile)", flush=True)
+    source = stream.ArraySource(acts, d_in=d, rows=B, seed=FLAGS.seed)
+    acts_t = torch.tensor(acts)
+
+    def options(steps):
+        return train.Options(kind="relu", width=F, sparsity=FLAGS.l1, lr=3e-4, steps=steps, batch=B, buffer=4 * B,
+                             seed=FLAGS.seed, checkpoint_every=steps, decay=0.0, clip=1.0)
+
+    # agreement: same loss on the same params and batch; one step from the same params
+    o = options(FLAGS.train_steps)
+    dc = o.config(d)
+    p0 = jax.tree.map(np.asarray, train.core.init(dc, jax.random.PRNGKey(FLAGS.seed)))
+    p0["b_dec"] = acts.mean(0)
+    p0["b_enc"] = np.full(F, -0.05, np.float32)
+    x = acts[:B]
+    dead = jnp.zeros(F, bool)
+    jc_loss = float(train._relu_loss(dc, o, jax.tree.map(jnp.asarray, p0), jnp.asarray(x), jnp.asarray(x), dead)[0])
+    sae = saelens_training_sae(d, p0)
+    trainer = saelens_trainer(sae, acts_t, FLAGS.train_steps)
+    from sae_lens.saes.sae import TrainStepInput
+    with torch.no_grad():
+        sl_loss = float(sae.training_forward_pass(TrainStepInput(torch.tensor(x), {"l1": FLAGS.l1}, None, 0, False)).loss)
+    state = train.TrainState(jax.tree.map(jnp.asarray, p0), train.optimizer(o).init(jax.tree.map(jnp.asarray, p0)),
+                             jnp.zeros(F, jnp.int32))
+    step = jax.jit(lambda s, b: train._train_step(dc, o, 10 ** 9, s, b))
+    state1, _ = step(state, jnp.asarray(x))
+    jc_loss1 = float(train._relu_loss(dc, o, state1.params, jnp.asarray(x), jnp.asarray(x), dead)[0])
+    trainer._train_step(sae, torch.tensor(x))
+    with torch.no_grad():
+        sl_loss1 = float(sae.training_forward_pass(TrainStepInput(torch.tensor(x), {"l1": FLAGS.l1}, None, 0, False)).loss)
+    agree = {"loss_same_params": [jc_loss, sl_loss], "loss_after_one_step": [jc_loss1, sl_loss1],
+             "rel_diff_same_params": abs(jc_loss - sl_loss) / abs(sl_loss),
+             "rel_diff_after_one_step": abs(jc_loss1 - sl_loss1) / abs(sl_loss1)}
+    agree["ok"] = agree["rel_diff_same_params"] <= 1e-5 and agree["rel_diff_after_one_step"] <= 1e-4
+    print(f"training agreement: loss {jc_loss:.6g} vs {sl_loss:.6g}, after one adam step {jc_loss1:.6g} vs "
+          f"{sl_loss1:.6g} ({'ok' if agree['ok'] else 'MISMATCH'})", flush=True)
+
+    n = FLAGS.train_steps
+    tokens_n = n * B
+
+    # jaxcircuits: warm call (compiles), then timed
+    train.train(source, o)
+    t = time.perf_counter()
+    trained = train.train(source, o)
+    jc_s = time.perf_counter() - t
+    # bare compiled step on a device batch
+    xb = jnp.asarray(x)
+    s = state
+    s, h = step(s, xb)
+    jax.block_until_ready(h)
+    t = time.perf_counter()
+    for _ in range(n):
+        s, h = step(s, xb)
+    jax.block_until_ready(h)
+    jc_step_s = (time.perf_counter() - t) / n
+
+    # SAELens: warm call, then timed
+    saelens_trainer(saelens_training_sae(d), acts_t, 2).fit()
+    t = time.perf_counter()
+    saelens_trainer(saelens_training_sae(d), acts_t, n).fit()
+    sl_s = time.perf_counter() - t
+    sae = saelens_training_sae(d, p0)
+    tr = saelens_trainer(sae, acts_t, n)
+    xt = torch.tensor(x)
+    tr._train_step(sae, xt)
+    t = time.perf_counter()
+    for _ in range(n):
+        tr._train_step(sae, xt)
+    sl_step_s = (time.perf_counter() - t) / n
+
+    gflops = matmul_gflops()
+    flops_step = 6 * B * d * F * 2
+    floor_s = flops_step / (gflops * 1e9)
+    out = {"activations": int(len(acts)), "d": d, "width": F, "batch": B, "steps": n, "l1": FLAGS.l1,
+           "harvest_s_incl_compile": harvest_s, "agreement": agree,
+           "jaxcircuits": {"wall_s": jc_s, "tokens_per_s": tokens_n / jc_s, "bare_step_s": jc_step_s,
+                           "final_loss": float(trained.history["loss"][-1])},
+           "saelens": {"wall_s": sl_s, "tokens_per_s": tokens_n / sl_s, "bare_step_s": sl_step_s},
+           "matmul_gflops": gflops, "flops_per_step": flops_step, "floor_step_s": floor_s}
+    out["ratio"] = out["jaxcircuits"]["tokens_per_s"] / out["saelens"]["tokens_per_s"]
+    result["training"] = out
+    print(f"training: jaxcircuits {out['jaxcircuits']['tokens_per_s']:.0f} tok/s, SAELens "
+          f"{out['saelens']['tokens_per_s']:.0f} tok/s: {out['ratio']:.2f}x; bare steps {jc_step_s:.3f} s vs "
+          f"{sl_step_s:.3f} s; matmul floor {floor_s:.3f} s/step ({gflops:.0f} GFLOP/s)", flush=True)
+    return trained.params, d
+
+
+# --------------------------------------------------------------------------- (b) sweep
+class SAELensSweep:
+    """HookedSAETransformer with the SAE attached (error term kept); `run(subsets)` -> [n, B]."""
+
+    def __init__(self, model, hook, tgt, src, stack: int, prefix: bool, layer: int, last_only: bool = False):
+        import torch
+        self.model, self.hook, self.stack, self.prefix, self.last_only = model, hook, stack, prefix, last_only
+        self.tgt, self.src = torch.as_tensor(tgt, dtype=torch.long), torch.as_tensor(src, dtype=torch.long)
+        self.layer = layer
+
+    def prepare(self):
+        import torch
+        with torch.inference_mode():
+            _, cache = self.model.run_with_cache(self.src, names_filter=self.hook)
+            self.src_f = cache[self.hook]
+            self.resid = self.model(self.tgt, stop_at_layer=self.layer) if self.prefix else None
+
+    def run(self, subsets):
+        import torch
+        B, T = self.tgt.shape
+        F = self.src_f.shape[-1]
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(subsets), self.stack):
+                chunk = subsets[i:i + self.stack]
+                S = len(chunk)
+                keep = torch.zeros(S, F, dtype=torch.bool)
+                for j, s in enumerate(chunk):
+                    keep[j, list(s)] = True
+                src_f = self.src_f
+
+                def hook(acts, hook):
+                    a = acts.reshape(B, S, T, F)
+                    return torch.where(keep[None, :, None, :], src_f[:, None], a).reshape(acts.shape)
+                inp = (self.resid if self.prefix else self.tgt).repeat_interleave(S, 0)
+                kw = {"start_at_layer": self.layer} if self.prefix else {}
+                if self.last_only:       # the residual after the last block; final norm + unembed at the last position
+                    kw["stop_at_layer"] = self.model.cfg.n_layers
+                    resid = self.model.run_with_hooks(inp, fwd_hooks=[(self.hook, hook)], **kw)
+                    last = self.model.unembed(self.model.ln_final(resid[:, -1:]))[:, -1]
+                else:
+                    logits = self.model.run_with_hooks(inp, fwd_hooks=[(self.hook, hook)], **kw)
+                    last = logits[:, -1]
+                out.append((last[:, GOOD] - last[:, BAD]).reshape(B, S).T.numpy())
+        return np.concatenate(out)
+
+
+def saelens_breakdown(model, tgt, layer: int, n_layers: int, stack: int, reps: int = 3) -> dict:
+    """Median seconds of one stacked (S = stack) forward from the layer's cached residual: with the SAE
+    (no patch hook), without the final norm and unembedding (stop_at_layer), and without the SAE."""
+    import torch
+    with torch.inference_mode():
+        resid = model(torch.as_tensor(tgt, dtype=torch.long), stop_at_layer=layer).repeat_interleave(stack, 0)
+
+        def med(fn):
+            fn()
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            return float(np.median(ts))
+        full = med(lambda: model(resid, start_at_layer=layer))
+        no_unembed = med(lambda: model(resid, start_at_layer=layer, stop_at_layer=n_layers))
+        model.reset_saes()
+        no_sae = med(lambda: model(resid, start_at_layer=layer))
+    return {"stack": stack, "forward_s": full, "sae_s": full - no_sae, "unembed_s": full - no_unembed,
+            "layers_s": no_unembed - (full - no_sae)}
+
+
+def sweep_part(hf, params, cfg, sae_params, d, result):
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from jaxcircuits.dictionaries import splice
+    from jaxcircuits.dictionaries.core import DictConfig, Dictionary
+    from jaxcircuits.engine.patching import run_masks
+    from jaxcircuits.interventions import positions as P
+    from jaxcircuits.interventions.metrics import LogitDiff
+    from jaxcircuits.interventions.problem import PatchingProblem, target_run
+    from jaxcircuits.interventions.sites import Mask
+    from jaxcircuits.models.transformer import run_with_cache
+
+    L, F = FLAGS.layer, FLAGS.width
+    rng = np.random.default_rng(FLAGS.seed + 1)
+    tgt = rng.integers(0, cfg.vocab_size, (FLAGS.batch, FLAGS.seq_len)).astype(np.int32)
+    src = rng.integers(0, cfg.vocab_size, (FLAGS.batch, FLAGS.seq_len)).astype(np.int32)
+    sae_params = {k: jnp.asarray(v) for k, v in sae_params.items()}
+    p2, c2 = splice.attach(params, cfg, [Dictionary(DictConfig("relu", d, F), sae_params, "resid_pre", L)])
+    _, cs = run_with_cache(p2, c2, src, sites=("features",))
+    _, ct = run_with_cache(p2, c2, tgt, sites=("features",))
+    diff = np.abs(np.asarray(cs["features"][L]) - np.asarray(ct["features"][L])).mean((0, 1))
+    pool = [int(i) for i in np.argsort(-diff)[:FLAGS.pool]]
+    subsets = [tuple(pool[i] for i in c) for c in itertools.combinations(range(FLAGS.pool), FLAGS.k)]
+    N = len(subsets)
+    m = np.zeros((N, cfg.n_layers, F), np.float32)
+    for i, s in enumerate(subsets):
+        m[i, L, list(s)] = 1
+    masks = Mask(features=m)
+    metric = LogitDiff(good=jnp.full((FLAGS.batch, 1), GOOD, jnp.int32), bad=jnp.full((FLAGS.batch, 1), BAD, jnp.int32))
+    pos_w = P.select("all", np.ones(tgt.shape))
+
+    def jc_sweep():
+        target = target_run(p2, c2, tgt)
+        _, cache = run_with_cache(p2, c2, src, sites=("features",))
+        problem = PatchingProblem.make(target, {"features": cache["features"]}, pos_w, metric)
+        return run_masks(p2, c2, problem, masks, chunk_size=FLAGS.chunk_size, shard=False)
+
+    jax.clear_caches()
+    t = time.perf_counter()
+    jc_vals = np.asarray(jc_sweep())
+    jc_first = time.perf_counter() - t
+    print(f"jaxcircuits first sweep call (compile + run, {N} subsets): {jc_first:.1f} s", flush=True)
+
+    model = hooked_sae_transformer(hf)
+    hook_name = f"blocks.{L}.hook_resid_pre"
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=F, apply_b_dec_to_input=False,
+                                        metadata=SAEMetadata(hook_name=hook_name)))
+    sae.load_state_dict(to_torch_params(sae_params))
+    model.add_sae(sae, use_error_term=True)
+    acts_hook = f"{hook_name}.hook_sae_acts_post"
+    # the unpatched spliced logits agree (both keep the error)
+    with torch.inference_mode():
+        tl_logits = model(torch.as_tensor(tgt, dtype=torch.long)).numpy()
+    from jaxcircuits.models.transformer import forward
+    jc_logits = np.asarray(forward(p2, c2, jnp.asarray(tgt))[0])
+    logits_diff = float(np.abs(tl_logits - jc_logits).max())
+
+    peers = {}
+    n_peer = min(FLAGS.peer_subsets, N)
+    stacks = sorted({min(int(x), n_peer) for x in FLAGS.stacks})
+    for name in FLAGS.sweep_peers:
+        if name not in ("sae_loop", "sae_batched", "sae_prefix_batched", "sae_prefix_last_batched"):
+            raise app.UsageError(f"unknown SAELens variant {name!r}")
+        peer = SAELensSweep(model, acts_hook, tgt, src, 1, name.startswith("sae_prefix"), L,
+                            name == "sae_prefix_last_batched")
+        peer.prepare()
+        peer.run(subsets[:1])                                          # warm-up
+        tuning = {}
+        if name != "sae_loop":
+            for S in stacks:
+                peer.stack = S
+                t = time.perf_counter()
+                peer.run(subsets[:S])
+                tuning[S] = (time.perf_counter() - t) / S
+            peer.stack = min(tuning, key=tuning.get)
+            print(f"{name}: seconds a subset by S {({k: round(v, 4) for k, v in tuning.items()})}: S = {peer.stack}",
+                  flush=True)
+        peers[name] = {"peer": peer, "stack": peer.stack, "times": [], "tuning": tuning}
+    jc_times = []
+    for rep in range(FLAGS.reps):
+        t = time.perf_counter()
+        jc_sweep()
+        jc_times.append(time.perf_counter() - t)
+        for name, p in peers.items():
+            t = time.perf_counter()
+            p["values"] = p["peer"].run(subsets[:n_peer])
+            p["times"].append(time.perf_counter() - t)
+        print(f"rep {rep}: jaxcircuits {jc_times[-1]:.2f} s; " +
+              ", ".join(f"{k} {v['times'][-1]:.2f} s" for k, v in peers.items()), flush=True)
+
+    # jaxcircuits' path without the dictionary: the same N masks on the plain model's head_out at layer L
+    # (one head each, cycling), the same chunking: what the layers after L cost without the splice
+    hm = np.zeros((N, cfg.n_layers, cfg.n_heads), np.float32)
+    hm[np.arange(N), L, np.arange(N) % cfg.n_heads] = 1
+    _, hcache = run_with_cache(params, cfg, src, sites=("head_out",))
+    hprob = PatchingProblem.make(target_run(params, cfg, tgt), {"head_out": hcache["head_out"]}, pos_w, metric)
+    plain = lambda: run_masks(params, cfg, hprob, Mask(head_out=hm), chunk_size=FLAGS.chunk_size, shard=False)
+    plain()
+    plain_times = []
+    for _ in range(FLAGS.reps):
+        t = time.perf_counter()
+        plain()
+        plain_times.append(time.perf_counter() - t)
+    breakdown = saelens_breakdown(model, tgt, L, cfg.n_layers, peers.get("sae_prefix_batched", {}).get("stack", stacks[-1]))
+    jc_s = float(np.median(jc_times))
+    out = {"saelens_prefix_forward_breakdown": breakdown, "subsets": N, "pool": pool, "k": FLAGS.k, "batch": FLAGS.batch, "seq_len": FLAGS.seq_len,
+           "chunk_size": FLAGS.chunk_size, "spliced_logits_max_abs_diff": logits_diff,
+           "jaxcircuits": {"first_call_s": jc_first, "median_s": jc_s, "times": jc_times, "subsets_per_s": N / jc_s},
+           "saelens": {}}
+    failures = []
+    for name, p in peers.items():
+        s = float(np.median(p["times"]))
+        err = float(np.abs(p["values"] - jc_vals[:n_peer]).max())
+        out["saelens"][name] = {"stack": p["stack"], "stack_tuning_s_per_subset": p["tuning"], "subsets": n_peer, "median_s": s, "times": p["times"],
+                                "subsets_per_s": n_peer / s, "max_abs_diff": err,
+                                "jaxcircuits_ratio": (N / jc_s) / (n_peer / s)}
+        if not err <= FLAGS.atol:
+            failures.append(f"{name}: max |diff| {err:.3g} > atol {FLAGS.atol}")
+    best = max(out["saelens"], key=lambda k: out["saelens"][k]["subsets_per_s"])
+    out["strongest_peer"] = best
+    out["ratio"] = out["saelens"][best]["jaxcircuits_ratio"]
+    # FLOPs of one jaxcircuits subset: layers L.. over all B*T positions (per token: 24 D^2 per layer),
+    # the SAE encode+decode at L (4 D F) and the last position's unembedding (2 columns)
+    D = cfg.d_model
+    out["flops_per_subset"] = FLAGS.batch * FLAGS.seq_len * ((cfg.n_layers - L) * 24 * D * D + 4 * D * F)
+    out["flops_per_subset_as_run"] = FLAGS.batch * FLAGS.seq_len * (cfg.n_layers - L) * (24 * D * D + 4 * D * F)
+    out["jaxcircuits_plain_head_out_median_s"] = float(np.median(plain_times))
+    out["metric_range"] = [float(jc_vals.min()), float(jc_vals.max())]
+    result["sweep"] = out
+    return failures
+
+
+# --------------------------------------------------------------------------- report
+def environment() -> dict:
+    def v(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    import sae_lens, transformer_lens, torch
+    return {"python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
+            "sae_lens": sae_lens.__version__, "transformer_lens": v("transformer-lens") or transformer_lens.__file__,
+            "processor": platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def times(r: float) -> str:
+    return f"{r:.1f}x faster" if r >= 1 else f"{1 / r:.1f}x slower"
+
+
+def render(r: dict) -> str:
+    tr, sw = r["training"], r["sweep"]
+    lines = [f"# SAE training and feature-subset patching: jaxcircuits vs SAELens ({r['date']})", "",
+             r["load_line"], "", "Command:", "", f"    {r['command']}", ""]
+    if r.get("note"):
+        lines += [f"Note: {r['note']}", ""]
+    lines += [f"Model: random-weight GPT-2 (GPT2Config defaults = GPT-2 small's shape, 12 layers, d = 768; overrides "
+              f"{r['gpt2_config'] or 'none'}), site blocks.{r['layer']}.hook_resid_pre, "
+              f"ReLU SAE (L1 weighted by decoder norms, coefficient {tr['l1']}), width {tr['width']}. "
+              f"Versions: {json.dumps(r['environment'])}.", "",
+              "## (a) Training throughput", "",
+              f"{tr['activations']} activations harvested by jaxcircuits' `ModelActivations` (random tokens), held in "
+              f"memory; batch {tr['batch']}, {tr['steps']} timed adam steps per tool, whole calls (init included).", "",
+              "| tool | wall s | tokens/s | bare step s |", "|---|---:|---:|---:|",
+              f"| jaxcircuits `train.train` (ArraySource, buffer) | {tr['jaxcircuits']['wall_s']:.2f} | "
+              f"{tr['jaxcircuits']['tokens_per_s']:.0f} | {tr['jaxcircuits']['bare_step_s']:.3f} |",
+              f"| SAELens `SAETrainer.fit` (StandardTrainingSAE) | {tr['saelens']['wall_s']:.2f} | "
+              f"{tr['saelens']['tokens_per_s']:.0f} | {tr['saelens']['bare_step_s']:.3f} |", "",
+              f"**jaxcircuits / SAELens: {tr['ratio']:.2f}x** (goal >= 3x). Matmul floor "
+              f"{tr['floor_step_s']:.3f} s/step ({tr['flops_per_step'] / 1e9:.0f} GFLOP at {tr['matmul_gflops']:.0f} "
+              f"GFLOP/s): jaxcircuits' bare step is {tr['floor_step_s'] / tr['jaxcircuits']['bare_step_s']:.0%} of it, "
+              f"SAELens' {tr['floor_step_s'] / tr['saelens']['bare_step_s']:.0%}: a dense SAE step is its six matmuls, so "
+              f"no implementation can train more than {tr['saelens']['wall_s'] / tr['steps'] / tr['floor_step_s']:.1f}x "
+              f"faster than SAELens here.", "",
+              f"Agreement: loss on identical params and batch {tr['agreement']['loss_same_params'][0]:.6g} vs "
+              f"{tr['agreement']['loss_same_params'][1]:.6g} (rel {tr['agreement']['rel_diff_same_params']:.1e}); "
+              f"after one adam step from identical params {tr['agreement']['loss_after_one_step'][0]:.6g} vs "
+              f"{tr['agreement']['loss_after_one_step'][1]:.6g} (rel {tr['agreement']['rel_diff_after_one_step']:.1e}).",
+              "", "## (b) Feature-subset patching sweep", "",
+              f"{sw['batch']} prompts x {sw['seq_len']} tokens; all {sw['subsets']} {sw['k']}-feature subsets of a "
+              f"{len(sw['pool'])}-feature pool patched from the source at all positions (SAE spliced, error kept); "
+              f"logit difference at the last position. Spliced unpatched logits of the two differ by at most "
+              f"{sw['spliced_logits_max_abs_diff']:.2g}.", "",
+              "| method | S | subsets timed | median s | subsets/s | jaxcircuits is | max abs diff |",
+              "|---|---:|---:|---:|---:|---:|---:|",
+              f"| jaxcircuits `run_masks` (chunk {sw['chunk_size']}) | - | {sw['subsets']} | "
+              f"{sw['jaxcircuits']['median_s']:.2f} | {sw['jaxcircuits']['subsets_per_s']:.1f} | - | - |"]
+    for name, p in sw["saelens"].items():
+        lines.append(f"| SAELens {name} | {p['stack']} | {p['subsets']} | {p['median_s']:.2f} | "
+                     f"{p['subsets_per_s']:.2f} | {times(p['jaxcircuits_ratio'])} | {p['max_abs_diff']:.1e} |")
+    ideal = sw["flops_per_subset"] / (tr["matmul_gflops"] * 1e9)
+    best_s = 1 / sw["saelens"][sw["strongest_peer"]]["subsets_per_s"]
+    lines += ["", f"**Against SAELens' strongest variant ({sw['strongest_peer']}): {sw['ratio']:.2f}x, i.e. jaxcircuits is "
+              f"{times(sw['ratio'])}** (goal >= 10x). That variant takes {best_s * 1e3:.0f} ms a subset, "
+              f"{best_s / ideal:.1f}x the matmul floor of the computation itself ({ideal * 1e3:.0f} ms: layers "
+              f"{r['layer']}-{r['n_layers'] - 1} over all positions and one SAE), so no implementation can beat it by "
+              f"more than {best_s / ideal:.1f}x on this CPU at this shape. "
+              f"jaxcircuits' first call (compile + run) {sw['jaxcircuits']['first_call_s']:.1f} s.", ""]
+    lines += ["## Where the time goes", ""] + [f"- {w}" for w in r["where"]]
+    return "\n".join(lines) + "\n"
+
+
+def where(r: dict):
+    tr, sw = r["training"], r["sweep"]
+    jc, sl = tr["jaxcircuits"], tr["saelens"]
+    per_step_jc, per_step_sl = jc["wall_s"] / tr["steps"], sl["wall_s"] / tr["steps"]
+    share = jc['bare_step_s'] / per_step_jc
+    out = [f"Training, jaxcircuits: {per_step_jc:.3f} s a step in `train.train`, its compiled step alone "
+           f"{jc['bare_step_s']:.3f} s ({share:.0%}): "
+           + ("the shuffled buffer, transfers and init add nothing measurable; " if share >= 0.95 else
+              "the rest is the shuffled buffer (host copies and shuffles), host-to-device transfer and init; ")
+           + f"the step runs at {tr['floor_step_s'] / jc['bare_step_s']:.0%} of the matmul floor.",
+           f"Training, SAELens: {per_step_sl:.3f} s a step in `SAETrainer.fit`, of which its bare step (forward, "
+           f"backward, clip, adam, dead-feature counts) is {sl['bare_step_s']:.3f} s ({sl['bare_step_s'] / per_step_sl:.0%}).",
+           f"Both steps are dominated by the six [{tr['batch']} x {tr['d']}] x [{tr['d']} x {tr['width']}] matmuls "
+           f"(encode, decode and their gradients): floor {tr['floor_step_s']:.3f} s.",
+           ]
+    jsw = sw["jaxcircuits"]
+    floor = sw["flops_per_subset"] / (tr["matmul_gflops"] * 1e9)
+    out.append(f"Sweep, jaxcircuits: {jsw['median_s'] / sw['subsets'] * 1e3:.1f} ms a subset (target run and source "
+               f"cache included), matmul floor {floor * 1e3:.1f} ms (layers {r['layer']}-{r['n_layers'] - 1} over all positions + the "
+               f"SAE). It recomputes only the layers from the SAE's on, vmapped over {sw['chunk_size']} masks a call, "
+               f"but the splice encodes and decodes (f' - f) W_dec in every recomputed layer, zeros where no "
+               f"dictionary sits ({r['n_layers'] - r['layer']} SAEs' worth instead of one: "
+               f"{sw['flops_per_subset_as_run'] / sw['flops_per_subset']:.2f}x the FLOPs, floor as run "
+               f"{sw['flops_per_subset_as_run'] / (tr['matmul_gflops'] * 1e9) * 1e3:.1f} ms). The same {sw['subsets']} "
+               f"masks on the plain model (head_out of layer {r['layer']}, no dictionary) take "
+               f"{sw['jaxcircuits_plain_head_out_median_s']:.2f} s against {jsw['median_s']:.2f} s spliced: the zero "
+               f"dictionaries of the layers after the host cost about half of jaxcircuits' sweep.")
+    b = sw["saelens_prefix_forward_breakdown"]
+    out.append(f"SAELens, one stacked forward from the cached residual (S = {b['stack']}, no patch hook): "
+               f"{b['forward_s']:.3f} s = transformer layers {b['layers_s']:.3f} s + the attached SAE (encoded "
+               f"twice with the error term, decoded, hook points) {b['sae_s']:.3f} s + final norm and unembedding at "
+               f"every position {b['unembed_s']:.3f} s.")
+    for name, p in sw["saelens"].items():
+        out.append(f"Sweep, SAELens {name}: {p['median_s'] / p['subsets'] * 1e3:.1f} ms a subset: "
+                   + ("every layer from the embedding, " if not name.startswith("sae_prefix") else
+                      "layers from the SAE's on (start_at_layer), ")
+                   + "the SAE encoded twice (the hooked pass and the error term's clean pass), "
+                   + ("the final norm and unembedding at the last position only." if name.endswith("last_batched")
+                      else "the final norm and full unembedding at every position."))
+    return out
+
+
+def main(argv):
+    del argv
+    if FLAGS.render_json:
+        with open(FLAGS.render_json) as f:
+            result = json.load(f)
+        if FLAGS.note:
+            result["note"] = FLAGS.note
+        result["where"] = where(result)
+        md = render(result)
+        if FLAGS.results_md:
+            with open(FLAGS.results_md, "w") as f:
+                f.write(md)
+        print(md)
+        return
+    import_peers()
+    import torch
+    start = machine_load()
+    print(load_line(start, start), flush=True)
+    result = {"date": datetime.date.today().isoformat(), "command": "python -m benchmarks.sae_vs_saelens "
+              + " ".join(sys.argv[1:]), "layer": FLAGS.layer, "gpt2_config": FLAGS.gpt2_config, "note": FLAGS.note, "load_start": start,
+              "environment": environment()}
+    hf, cfg, params = build_models()
+    result["n_layers"] = cfg.n_layers
+    sae_params, d = training_part(params, cfg, result)
+    failures = sweep_part(hf, params, cfg, sae_params, d, result)
+    if not result["training"]["agreement"]["ok"]:
+        failures.append("training losses disagree")
+    end = machine_load()
+    result["load_end"] = end
+    result["load_line"] = load_line(start, end)
+    result["where"] = where(result)
+    result["failures"] = failures
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    path = os.path.join(FLAGS.out_dir, f"sae_vs_saelens-{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    md = render(result)
+    if FLAGS.results_md:
+        with open(FLAGS.results_md, "w") as f:
+            f.write(md)
+    print(md)
+    print(f"wrote {path}")
+    if failures:
+        sys.exit("agreement failed: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    app.run(main)
