@@ -495,7 +495,6 @@ def sweep_part(hf, params, cfg, sae_params, d, result):
     # the SAE encode+decode at L (4 D F) and the last position's unembedding (2 columns)
     D = cfg.d_model
     out["flops_per_subset"] = FLAGS.batch * FLAGS.seq_len * ((cfg.n_layers - L) * 24 * D * D + 4 * D * F)
-    out["flops_per_subset_as_run"] = FLAGS.batch * FLAGS.seq_len * (cfg.n_layers - L) * (24 * D * D + 4 * D * F)
     out["jaxcircuits_plain_head_out_median_s"] = float(np.median(plain_times))
     out["metric_range"] = [float(jc_vals.min()), float(jc_vals.max())]
     result["sweep"] = out
@@ -590,14 +589,11 @@ def where(r: dict):
     floor = sw["flops_per_subset"] / (tr["matmul_gflops"] * 1e9)
     out.append(f"Sweep, jaxcircuits: {jsw['median_s'] / sw['subsets'] * 1e3:.1f} ms a subset (target run and source "
                f"cache included), matmul floor {floor * 1e3:.1f} ms (layers {r['layer']}-{r['n_layers'] - 1} over all positions + the "
-               f"SAE). It recomputes only the layers from the SAE's on, vmapped over {sw['chunk_size']} masks a call, "
-               f"but the splice encodes and decodes (f' - f) W_dec in every recomputed layer, zeros where no "
-               f"dictionary sits ({r['n_layers'] - r['layer']} SAEs' worth instead of one: "
-               f"{sw['flops_per_subset_as_run'] / sw['flops_per_subset']:.2f}x the FLOPs, floor as run "
-               f"{sw['flops_per_subset_as_run'] / (tr['matmul_gflops'] * 1e9) * 1e3:.1f} ms). The same {sw['subsets']} "
+               f"SAE). It recomputes only the layers from the SAE's on, vmapped over {sw['chunk_size']} masks a call; "
+               f"layers without a dictionary skip the splice (a lax.cond on the layer's flag). The same {sw['subsets']} "
                f"masks on the plain model (head_out of layer {r['layer']}, no dictionary) take "
-               f"{sw['jaxcircuits_plain_head_out_median_s']:.2f} s against {jsw['median_s']:.2f} s spliced: the zero "
-               f"dictionaries of the layers after the host cost about half of jaxcircuits' sweep.")
+               f"{sw['jaxcircuits_plain_head_out_median_s']:.2f} s against {jsw['median_s']:.2f} s spliced "
+               f"(the one SAE's encode and (f' - f) W_dec, and its feature blend, at every position).")
     b = sw["saelens_prefix_forward_breakdown"]
     out.append(f"SAELens, one stacked forward from the cached residual (S = {b['stack']}, no patch hook): "
                f"{b['forward_s']:.3f} s = transformer layers {b['layers_s']:.3f} s + the attached SAE (encoded "

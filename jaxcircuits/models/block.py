@@ -222,19 +222,22 @@ def spliced(cfg: ModelConfig, p: dict, io: LayerIO, site: str, x: Array, read: O
         decode(f')                     without the error, on the layers with a dictionary (p['dict']['on'])
 
     head_out's z [B, T, H, Dh] is read and written flat, [B, T, H * Dh]. Layers without a dictionary
-    hold zero params: f = 0 there. Every layer of the scan encodes, those without one too."""
+    skip it (`jax.lax.cond` on p['dict']['on'], a per-layer scalar: a real branch in the layer scan and
+    under vmap over masks): f = 0 there and x passes unchanged."""
     sp = cfg.splice
     if sp is None or HOSTS[sp.host][1] != site:
         return x
-    d = p["dict"]
+    d, dc = p["dict"], sp.dictionary
+    on = d["on"] > 0
     flat = x.reshape(*x.shape[:2], -1)
     r = flat if HOSTS[sp.host][0] == site else read
-    f = encode(sp.dictionary, d, r)
+    f = jax.lax.cond(on, lambda r: encode(dc, d, r), lambda r: jnp.zeros((*r.shape[:-1], dc.width), r.dtype), r)
     f2 = io.site("features", f)
     if sp.keep_error:
-        out = flat + jnp.einsum("btf,fd->btd", f2 - f, d["w_dec"].astype(f.dtype))
+        write = lambda flat, f, f2, r: flat + jnp.einsum("btf,fd->btd", f2 - f, d["w_dec"].astype(f.dtype))
     else:
-        out = jnp.where(d["on"] > 0, decode(sp.dictionary, d, f2, r).astype(flat.dtype), flat)
+        write = lambda flat, f, f2, r: decode(dc, d, f2, r).astype(flat.dtype)
+    out = jax.lax.cond(on, write, lambda flat, f, f2, r: flat, flat, f, f2, r)
     return out.reshape(x.shape)
 
 
