@@ -53,11 +53,9 @@ Outputs: a table on stdout, benchmarks/results/sae_vs_saelens-<date>.json, bench
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import itertools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -70,9 +68,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from benchmarks.timing import load_line, machine_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The versions recorded with the results (`timing.environment`).
+PACKAGES = ("jax", "jaxlib", "numpy", "torch", "transformers", "transformer-lens", "sae-lens")
 GOOD, BAD = 11, 13
 
 FLAGS = flags.FLAGS
@@ -147,19 +148,6 @@ def hooked_sae_transformer(hf_model):
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
                                       center_unembed=False, fold_value_biases=False)
     return model.eval()
-
-
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    a, b = jax.random.normal(k1, (n, n)), jax.random.normal(k2, (n, n))
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
 
 
 def to_torch_params(p: dict):
@@ -281,7 +269,7 @@ def training_part(params, cfg, result):
         tr._train_step(sae, xt)
     sl_step_s = (time.perf_counter() - t) / n
 
-    gflops = matmul_gflops()
+    gflops = timing.matmul_gflops(reps=5)
     flops_step = 6 * B * d * F * 2
     floor_s = flops_step / (gflops * 1e9)
     out = {"activations": int(len(acts)), "d": d, "width": F, "batch": B, "steps": n, "l1": FLAGS.l1,
@@ -502,18 +490,6 @@ def sweep_part(hf, params, cfg, sae_params, d, result):
 
 
 # --------------------------------------------------------------------------- report
-def environment() -> dict:
-    def v(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-    import sae_lens, transformer_lens, torch
-    return {"python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
-            "sae_lens": sae_lens.__version__, "transformer_lens": v("transformer-lens") or transformer_lens.__file__,
-            "processor": platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-
-
 def times(r: float) -> str:
     return f"{r:.1f}x faster" if r >= 1 else f"{1 / r:.1f}x slower"
 
@@ -624,12 +600,11 @@ def main(argv):
         print(md)
         return
     import_peers()
-    import torch
     start = machine_load()
     print(load_line(start, start), flush=True)
     result = {"date": datetime.date.today().isoformat(), "command": "python -m benchmarks.sae_vs_saelens "
               + " ".join(sys.argv[1:]), "layer": FLAGS.layer, "gpt2_config": FLAGS.gpt2_config, "note": FLAGS.note, "load_start": start,
-              "environment": environment()}
+              "environment": timing.environment(PACKAGES)}
     hf, cfg, params = build_models()
     result["n_layers"] = cfg.n_layers
     sae_params, d = training_part(params, cfg, result)

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import itertools
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -61,9 +59,12 @@ from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.engine.subsets import Pool
 
 from benchmarks.load_memory import status_mib
+from benchmarks import timing
 from benchmarks.timing import load_line, machine_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The versions recorded with the results (`timing.environment`).
+PACKAGES = ("jax", "jaxlib", "numpy", "flax", "torch", "transformers", "transformer-lens", "nnsight")
 GOOD, BAD = 11, 13       # the two fixed tokens of the logit difference
 
 FLAGS = flags.FLAGS
@@ -198,20 +199,6 @@ def first_call(fn):
 
 
 # --------------------------------------------------------------------------- the floor
-def matmul_gflops(n: int = 2048, reps: int = 7) -> float:
-    """Best float32 matmul rate of this machine under jax (GFLOP/s)."""
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    a, b = jax.random.normal(k1, (n, n)), jax.random.normal(k2, (n, n))
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
 def subset_flops(cfg: ModelConfig, layer: int, batch: int, seq: int, recomputed: int) -> int:
     """Matmul FLOPs of one head_out-patched run at `layer` in jaxcircuits' path.
 
@@ -255,7 +242,7 @@ def interleave(methods: List[Method], reps: int, matmul_samples: List[float]) ->
     """Time every method `reps` times, rotating the order each repetition; keep rep 0's values.
     A matmul-rate sample is taken before each repetition."""
     for rep in range(reps):
-        matmul_samples.append(matmul_gflops())
+        matmul_samples.append(timing.matmul_gflops())
         for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
             t = time.perf_counter()
             v = m.fn()
@@ -409,23 +396,6 @@ def scaling_series() -> List[dict]:
 
 
 # --------------------------------------------------------------------------- reporting
-def environment() -> dict:
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor())
-    import torch
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "jax_devices": [str(d) for d in jax.devices()],
-            "versions": {p: version(p) for p in ("jax", "jaxlib", "numpy", "flax", "torch", "transformers",
-                                                 "transformer-lens", "nnsight")}}
-
-
 TARGET_SHAPE = "gpt2-small"     # the targets below are stated for this shape's sweep on a 2-core CPU
 TARGETS = [  # (description, key, threshold): key -> measured value (see `evaluate_targets`)
     ("all-position >= 15x the TL loop", "all_vs_tl_loop", 15),
@@ -636,12 +606,12 @@ def main(argv):
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python -m benchmarks.sweep_vs_peers " + " ".join(sys.argv[1:]),
               "load_start": machine_load(), "note": FLAGS.note,
-              "environment": environment(), "json": os.path.relpath(json_path, REPO),
+              "environment": timing.environment(PACKAGES), "json": os.path.relpath(json_path, REPO),
               "flags": {f: FLAGS[f].value for f in ("shapes", "peers", "positions", "last_peers", "reps",
                                                     "peer_subsets", "stacks",
                                                     "chunk_size", "batch", "seq_len", "seed", "atol",
                                                     "scaling", "scaling_shape")}}
-    samples = result["matmul_gflops_samples"] = [matmul_gflops()]
+    samples = result["matmul_gflops_samples"] = [timing.matmul_gflops()]
     print(f"float32 matmul: {samples[0]:.1f} GFLOP/s", flush=True)
     result["shapes"] = {name: run_shape(name, samples) for name in FLAGS.shapes}
     result["matmul_gflops"] = max(samples)

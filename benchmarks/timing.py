@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import time
-from typing import Callable, Tuple
+from typing import Callable, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -45,3 +48,34 @@ def load_line(start: dict, end: dict) -> str:
     return (f"**LOADED MACHINE**: other processes ran at the start (1-min load average above {QUIET_LOAD}): "
             f"{measured}. Wall times and ratios of this run are inflated or skewed by the contention; quote "
             "quiet runs only.")
+
+
+def matmul_gflops(n: int = 2048, reps: int = 7) -> float:
+    """Best float32 matmul rate of this machine under jax (GFLOP/s): the floor benchmarks compare to."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a, b = jax.random.normal(k1, (n, n)), jax.random.normal(k2, (n, n))
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def environment(packages: Sequence[str]) -> dict:
+    """The machine (CPU, cores, platform, torch threads, jax devices) and the versions of `packages`
+    (None where not installed), for a benchmark's JSON."""
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor())
+    import torch
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "jax_devices": [str(d) for d in jax.devices()], "versions": {p: version(p) for p in packages}}
