@@ -47,7 +47,7 @@ from safetensors.numpy import save_file
 from jaxcircuits import storage
 from jaxcircuits.dictionaries.core import HOSTS, DictConfig, Dictionary
 from jaxcircuits.interventions import hooknames
-from jaxcircuits.models.config import load_json
+from jaxcircuits.models.config import host_widths, load_json
 from jaxcircuits.models.layers import norm_weight
 from jaxcircuits.models.params import sublayer_norm
 
@@ -176,20 +176,12 @@ def _placed(dc: DictConfig, params: Dict, placed: _Placed, model: _Model) -> Dic
     return fold_norm_input(d, model.params, model.cfg) if placed.pre_weight else d
 
 
-def _widths(host: str, cfg) -> Tuple[int, int]:
-    """(d_in, d_out) of a dictionary at `host` on model `cfg`: head_out is H * Dh wide (the heads'
-    outputs concatenated), every other site D."""
-    width = {"head_out": cfg.n_heads * cfg.d_head}
-    read, write = HOSTS[host]
-    return width.get(read, cfg.d_model), width.get(write, cfg.d_model)
-
-
 def check_fit(dictionary: Dictionary, cfg, where: str = "dictionary") -> None:
     """ValueError (naming `where`) unless `dictionary`'s layer and widths fit model `cfg`."""
     d, dc = dictionary, dictionary.config
     if d.layer >= cfg.n_layers:
         raise ValueError(f"{where}: layer {d.layer} is out of range for a model of {cfg.n_layers} layers")
-    d_in, d_out = _widths(d.host, cfg)
+    d_in, d_out = host_widths(d.host, cfg)
     if (dc.d_in, dc.out_dim) != (d_in, d_out):
         raise ValueError(f"{where}: a {d.host} dictionary reads d_in={dc.d_in} and writes d_out={dc.out_dim}, but "
                          f"the model's {'/'.join(dict.fromkeys(HOSTS[d.host]))} is {d_in} -> {d_out} wide")

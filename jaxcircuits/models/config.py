@@ -78,6 +78,13 @@ class RopeConfig:
         return np.where(medium, smoothed, scaled)
 
 
+def host_widths(host: str, cfg: "ModelConfig") -> Tuple[int, int]:
+    """(d_in, d_out) a dictionary at `host` (a `dictionaries.core.HOSTS` key) reads and writes on model
+    `cfg`: D (resid_pre, attn_out, mlp_out, transcoder), H * Dh (head_out: the heads' z concatenated)."""
+    width = cfg.n_heads * cfg.d_head if host == "head_out" else cfg.d_model
+    return width, width
+
+
 @dataclasses.dataclass(frozen=True)
 class SpliceConfig:
     """Sparse dictionaries spliced into the model (`dictionaries.splice.attach`): one per layer of
@@ -101,17 +108,11 @@ class SpliceConfig:
             raise ValueError(f"layers must be distinct layer indices in ascending order, got {self.layers}")
         object.__setattr__(self, "layers", tuple(int(l) for l in layers))
 
-    def host_widths(self, cfg: "ModelConfig") -> Tuple[int, int]:
-        """(d_in, d_out) a dictionary at `host` reads and writes on model `cfg`: D (resid_pre,
-        attn_out, mlp_out, transcoder), H * Dh (head_out: the heads' z concatenated)."""
-        width = cfg.n_heads * cfg.d_head if self.host == "head_out" else cfg.d_model
-        return width, width
-
     def check(self, cfg: "ModelConfig") -> None:
         """ValueError unless the layers lie in [0, L) and the dictionary's widths fit the host of `cfg`."""
         if self.layers[-1] >= cfg.n_layers:
             raise ValueError(f"spliced layers {self.layers} out of range for {cfg.n_layers} layers")
-        want = self.host_widths(cfg)
+        want = host_widths(self.host, cfg)
         got = (self.dictionary.d_in, self.dictionary.out_dim)
         if got != want:
             raise ValueError(f"a {self.host!r} dictionary on this model reads and writes (d_in, d_out) = {want}, "
