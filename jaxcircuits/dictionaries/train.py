@@ -132,9 +132,9 @@ def _sum_to(g: Array, like: Array) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def jumprelu(pre: Array, threshold: Array, bandwidth: float) -> Array:
-    """pre where pre > threshold, else 0 (pre [..., F], threshold [F]); the threshold's gradient is
-    the straight-through estimate -threshold K((pre - threshold) / bandwidth) / bandwidth."""
-    return jnp.where(pre > threshold, pre, 0)
+    """`core`'s JumpReLU, relu(pre) where pre > threshold, else 0 (pre [..., F], threshold [F]); the
+    threshold's gradient is the straight-through estimate -threshold K((pre - threshold) / bandwidth) / bandwidth."""
+    return jnp.where(pre > threshold, jax.nn.relu(pre), 0)
 
 
 def _jumprelu_fwd(pre, threshold, bandwidth):
@@ -144,7 +144,7 @@ def _jumprelu_fwd(pre, threshold, bandwidth):
 def _jumprelu_bwd(bandwidth, res, g):
     pre, th = res
     d_th = -(th / bandwidth) * _rect((pre - th) / bandwidth) * g
-    return g * (pre > th), _sum_to(d_th, th)
+    return g * ((pre > th) & (pre > 0)), _sum_to(d_th, th)
 
 
 jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
