@@ -332,10 +332,10 @@ def attribute(params, cfg: ModelConfig, tokens, max_n_logits: int = 10, desired_
             if cap == n_active:
                 todo = np.arange(n_active)[len(found):]
             else:
-                known = [logit_rows, *[found[i] for i in sorted(found)]]
+                known = np.vstack([logit_rows, *[found[i] for i in sorted(found)]])
                 nodes = np.concatenate([np.arange(n) + n_active + L * T + T, sorted(found)]).astype(np.int64)
                 weights = np.concatenate([probs, np.zeros(len(found))])
-                infl = partial_influence(np.concatenate(known), nodes, weights)[:n_active]
+                infl = partial_influence(known, nodes, weights)[:n_active]
                 todo = [i for i in np.argsort(-infl, kind="stable") if i not in found]
             todo = np.asarray(todo[:min(update_interval * batch_size, cap - len(found))], np.int64)
             for idx in _batches(len(todo), batch_size):
