@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ class Replacement:
     """The local replacement model of one prompt of T tokens (module doc).
 
     params: the model's params without dictionaries, norm scales frozen on the prompt; dicts: the
-    transcoders' params stacked [L, ...] (zeros on layers without one; `on` [L]); tokens [T]; acts
+    transcoders' params stacked [L, ...] (zeros on layers without one); tokens [T]; acts
     [L, T, F] feature activations (0 where no transcoder); errors [L, T, D]; embeds [T, D] token
     embeddings (the token nodes' writes); const [T, D] the embedding's rest (learned positions);
     patterns [L, H, T, T] the real run's attention patterns; cfg, the model's config without its
@@ -76,21 +76,31 @@ class Replacement:
     dc: DictConfig = struct.field(pytree_node=False)
 
 
+class _Layer(NamedTuple):
+    """What the replacement's layer reads: the transcoders' config and this layer's params, its node
+    activations a [1, T, F] and errors e [1, T, D], the real run's patterns [1, H, T, T]."""
+
+    dc: DictConfig
+    dictionary: dict
+    acts: Array
+    errors: Array
+    patterns: Array
+
+
 class _IO(LayerIO):
-    """A layer of the replacement: the patterns are the real run's; the MLP output is the transcoder's
-    (decode of the layer's node activations, skip from its input) plus the error node; the embedding
-    write is the token nodes' plus the constant rest."""
+    """A layer of the replacement (`_Layer`): the patterns are the real run's; the MLP output is the
+    transcoder's (decode of the node activations, skip from the MLP input) plus the error node. At the
+    model's bottom (layer (embeds, const)) the embedding write is the token nodes' plus the constant rest."""
 
     def __init__(self, layer, collect, carry):
         super().__init__(collect, carry)
         self.layer, self.h = layer, None
 
     def site(self, name, x):
-        x = _SITE_RULES.get(name, lambda io, x: x)(self, x)
-        return super().site(name, x)
+        return super().site(name, _SITE_RULES.get(name, lambda io, x: x)(self, x))
 
     def write(self, group: str, parts: Parts) -> Array:
-        return (self.layer[0] + self.layer[1]).astype(parts.total.dtype) if group == "embed" else parts.total
+        return sum(self.layer).astype(parts.total.dtype) if group == "embed" else parts.total
 
 
 def _keep_input(io: _IO, h: Array) -> Array:
@@ -99,17 +109,18 @@ def _keep_input(io: _IO, h: Array) -> Array:
 
 
 def _transcoder_out(io: _IO, out: Array) -> Array:
-    dc, d, a, e, _ = io.layer
-    return (decode(dc, d, a, io.h.astype(a.dtype)) + e).astype(out.dtype)
+    t = io.layer
+    return (decode(t.dc, t.dictionary, t.acts, io.h.astype(t.acts.dtype)) + t.errors).astype(out.dtype)
 
 
-_SITE_RULES = {"pattern": lambda io, x: io.layer[4].astype(x.dtype), "mlp_in": _keep_input, "mlp_out": _transcoder_out}
+_SITE_RULES = {"pattern": lambda io, x: io.layer.patterns.astype(x.dtype), "mlp_in": _keep_input,
+               "mlp_out": _transcoder_out}
 
 
 @struct.dataclass
 class _Tap(M.Tap):
-    """The replacement's run: per layer (the transcoder, a [L, 1, T, F], e [L, 1, T, D], the patterns
-    [L, 1, H, T, T]); at the bottom the token nodes x [1, T, D] and the constant rest [1, T, D]."""
+    """The replacement's run: per layer the transcoder's params, a [L, 1, T, F], e [L, 1, T, D] and the
+    patterns [L, 1, H, T, T]; at the bottom the token nodes x [1, T, D] and the constant rest [1, T, D]."""
 
     dicts: dict
     acts: Array
@@ -123,7 +134,7 @@ class _Tap(M.Tap):
         return self.dicts, self.acts, self.errors, self.patterns
 
     def io(self, layer, carry, collect):
-        return _IO((self.embeds, self.const) if layer is None else (self.dc, *layer), collect, carry)
+        return _IO((self.embeds, self.const) if layer is None else _Layer(self.dc, *layer), collect, carry)
 
 
 def replacement_outputs(rep: Replacement, acts: Array, errors: Array, embeds: Array) -> Tuple[Array, Array]:
