@@ -90,6 +90,20 @@ def norm_weight(kind: str, p: dict) -> Array:
     return p["scale"].astype(jnp.float32) + NORMS[kind].offset
 
 
+def norm_linear(kind: str, p: dict, x: Array, inv: Array) -> Array:
+    """The linear part of norm `kind` (leaves p) at a fixed 1/scale inv (broadcasting to [..., T, 1]):
+    weight * N(x) * inv, float32 [..., T, D], for x [..., T, D]; N centres x for centred kinds
+    (LayerNorm). The norm's bias, where it has one, is its constant part, not included."""
+    h = _centred(x) if NORMS[kind].centred else x.astype(jnp.float32)
+    return h * inv * norm_weight(kind, p)
+
+
+def frozen_norm_linear(kind: str, p: dict, x: Array) -> Array:
+    """`norm_linear` at the frozen 1/scale of p (`_inv_scale`: its last T positions) of x [..., B, T, D]:
+    with its bias, the frozen norm itself, a linear map, so it distributes over a sum of writes."""
+    return norm_linear(kind, p, x, _inv_scale(p, x, None))
+
+
 def norm_input_scale(kind: str, x: Array, eps: float) -> Array:
     """1 / scale [..., 1] (float32) that norm `kind` applies to x [..., D]: what freezing fixes."""
     k = NORMS[kind]
