@@ -250,7 +250,7 @@ def test_legacy_rope_keys_read_as_hf_reads_them():
 @pytest.mark.parametrize("model_type", ["olmo2", "gemma2"])
 def test_folding_refuses_post_norms(model_type):
     """OLMo-2's and Gemma-2's norms scale the sublayers' outputs: nothing reads them linearly to fold
-    into (edges and DLA are refused in test_block_features)."""
+    into (edges and DLA are exact with the norms frozen: test_block_features, test_frozen_dla_*)."""
     cfg = ModelConfig.from_hf({"model_type": model_type, **COMMON})
     with pytest.raises(ValueError, match="post_norms"):
         fold_norms(init_params(cfg, jax.random.PRNGKey(0)), cfg)
