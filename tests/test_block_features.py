@@ -11,9 +11,10 @@ rotate) and a layer without RoPE (SmolLM3's NoPE layers; the middle one, which t
 from) on the same model, and for OLMo-2 (norms after the
 sublayers, `post_norms`; q/k norms over the whole projection) and Gemma-2 / Gemma-3 (norms before and
 after both sublayers, times 1 + w; soft-capped scores and logits; the window on every other layer, with
-its own RoPE base, `local_rope`, which fast paths from a global layer read by the layer's index), except
-that their edges and DLA are refused, naming the feature (a norm after the heads' sum gives no
-per-head share):
+its own RoPE base, `local_rope`, which fast paths from a global layer read by the layer's index), whose
+edges, EAP and DLA are exact with the norms frozen on the target (`dla.freeze_norms`: the post-norm
+after the heads' sum is then a linear map, so each head has its share) and refused, naming
+`freeze_norms`, without (DLA of Gemma's soft-capped logits also names the cap; it is checked without it):
 
   edges: every edge out of a node = the node patch    patched runs: vmapped = looped, the fast
   suffix path (from the cached z, KV-cached prefix, last layer's queries only) = the full recompute
@@ -57,8 +58,8 @@ FEATURES = {
     "gemma": ({**LLAMA, "model_type": "gemma3_text", "head_dim": 8, "sliding_window": 3, "sliding_window_pattern": 2,
                "final_logit_softcapping": 2.0}, {"attn_logit_softcap": 1.0}),
 }
-# model -> the feature its refusals of edges and DLA name
-REFUSED = {"olmo2_window": "post_norms", "gemma": "post_norms"}
+# models with post_norms: edges and DLA are exact with frozen norms (`frozen`) and refused without
+POST_NORMS = ("olmo2_window", "gemma")
 B, T = 2, 6
 GOOD, BAD = np.array([[5], [6]]), np.array([[7], [9]])
 
@@ -93,18 +94,23 @@ def test_parallel_block_wiring_by_hand(model):
 EDGE_MLP_READS_HEADS = {"gpt2": True, "llama_gqa": True, "parallel_mix": False, "olmo2_window": True, "gemma": True}
 
 
-def refused(name):
-    """pytest.raises of what `name`'s feature refuses (`REFUSED`), else None."""
-    return pytest.raises(ValueError, match=REFUSED[name]) if name in REFUSED else None
+def frozen(name, cfg, params, problem, refused):
+    """(params, problem) in which edges and DLA are exact: for a post_norms model, after checking that
+    refused(params, problem) raises a ValueError naming post_norms and freeze_norms, its norms frozen
+    on the target run (the source's activations stay its own); else as given."""
+    if name not in POST_NORMS:
+        return params, problem
+    with pytest.raises(ValueError, match="post_norms.*freeze_norms"):
+        refused(params, problem)
+    params = dla.freeze_norms(params, cfg, problem.target.tokens)
+    return params, problem.replace(target=target_run(params, cfg, problem.target.tokens))
 
 
 def test_every_edge_out_of_a_node_is_the_node_patch(model):
     name, cfg, params, problem = model
     graph = edges.EdgeGraph.of(cfg)
-    if refused(name):
-        with refused(name):
-            patched_metric(params, cfg, problem, Mask(edges=graph.path_mask(["L0H1"], ["L1MLP"])))
-        return
+    params, problem = frozen(name, cfg, params, problem, lambda params, problem: patched_metric(
+        params, cfg, problem, Mask(edges=graph.path_mask(["L0H1"], ["L1MLP"]))))
     L, H = cfg.n_layers, cfg.n_heads
     nodes = {"L0H1": Mask(head_out=jnp.zeros((L, H)).at[0, 1].set(1.0)),
              "L1MLP": Mask(mlp_out=jnp.zeros(L).at[1].set(1.0)),
@@ -150,10 +156,11 @@ def test_fast_paths_and_vmap_equal_the_full_recompute(model):
 def test_dla_components_sum_to_the_logit_difference(model):
     name, cfg, params, problem = model
     toks = problem.target.tokens
-    if refused(name):
-        with refused(name):
-            dla.decompose(params, cfg, toks, positions=(-1,))
-        return
+    params, _ = frozen(name, cfg, params, problem, lambda params, _: dla.decompose(params, cfg, toks, positions=(-1,)))
+    if "logit_softcap" in params:          # not linear in the final residual: refused, then checked without it
+        with pytest.raises(ValueError, match="final-logit soft-capping"):
+            dla.direct_logit_attribution(params, cfg, toks, direction=jnp.ones(cfg.d_model))
+        params = {k: v for k, v in params.items() if k != "logit_softcap"}
     direction = dla.answer_direction(params, GOOD, BAD)
     out = dla.direct_logit_attribution(params, cfg, toks, direction=direction)
     logits = np.asarray(jc.forward(params, cfg, toks)[0])[:, -1]
@@ -204,10 +211,8 @@ def test_gradients_equal_finite_differences(model):
         fd = _finite_difference(lambda a: mean(Mask(head_out=a * unit)), plain)
         np.testing.assert_allclose(heads[l, h], fd, rtol=3e-2, atol=2e-4)
     graph = edges.EdgeGraph.of(cfg)
-    if refused(name):
-        with refused(name):
-            attribution.attribution_patching(params, cfg, problem, sites.EDGES)
-        return
+    params, problem = frozen(name, cfg, params, problem,
+                             lambda params, problem: attribution.attribution_patching(params, cfg, problem, sites.EDGES))
     eap = attribution.attribution_patching(params, cfg, problem, sites.EDGES)
     for e in np.argsort(-np.abs(eap))[:2]:
         one = np.zeros(graph.n_edges, np.float32)

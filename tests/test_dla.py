@@ -1,5 +1,7 @@
 """Residual decomposition, DLA in its three final-norm modes, frozen-LN and LN-free models, logit lens."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +93,33 @@ def test_frozen_ln_model_equals_the_plain_one_on_its_reference_run_and_is_linear
     other = random_tokens(6, 2, 8)
     assert np.abs(dla.direct_logit_attribution(frozen, cfg, other, direction=direction)["heads"]
                   - dla.direct_logit_attribution(params, cfg, other, direction=direction)["heads"]).max() > 1e-4
+
+
+def test_a_frozen_layernorm_after_the_heads_splits_their_write_by_hand(tiny):
+    """GPT-2 with a LayerNorm after each sublayer too (post_norms) and its o_proj bias, frozen: head h's
+    share is scale * centre(z_h W_O[h]) / s, the part no head owns that of b_O plus the norm's bias; the
+    components sum to the final residual at any positions. Unfrozen, the write has no per-head share."""
+    _, cfg, params = tiny("gpt2")
+    cfg = dataclasses.replace(cfg, post_norms=True)
+    rng = np.random.RandomState(0)
+    norm = lambda: {k: jnp.asarray(rng.normal(v, 0.1, (cfg.n_layers, cfg.d_model)), jnp.float32)
+                    for k, v in (("scale", 1.0), ("bias", 0.0))}
+    params = {**params, "layers": {**params["layers"], "post_norm1": norm(), "post_norm2": norm()}}
+    toks = random_tokens(9, 2, 8)
+    with pytest.raises(ValueError, match="post_norms.*freeze_norms"):
+        dla.decompose(params, cfg, toks)
+    frozen = dla.freeze_norms(params, cfg, toks)
+    comps = dla.decompose(frozen, cfg, toks, positions=(-1, 2))
+    np.testing.assert_allclose(comps.total(), comps.final, atol=1e-4)
+    _, c = jc.run_with_cache(frozen, cfg, toks, sites=("head_out",))
+    l, h, p = 1, 2, frozen["layers"]
+    pos = np.array([7, 2])
+    centred = lambda a: a - a.mean(-1, keepdims=True)
+    inv, scale = np.asarray(p["post_norm1"]["inv_scale"])[l][:, pos], np.asarray(p["post_norm1"]["scale"])[l]
+    head = np.asarray(c["head_out"])[l][:, pos, h] @ np.asarray(p["o"]["w"])[l, h]
+    np.testing.assert_allclose(comps.heads[l, h], centred(head) * inv * scale, atol=1e-5)
+    const = centred(np.asarray(p["o"]["b"])[l]) * inv * scale + np.asarray(p["post_norm1"]["bias"])[l]
+    np.testing.assert_allclose(comps.attn_bias[l], const, atol=1e-5)
 
 
 def test_frozen_ln_model_runs_in_sweeps(tiny):

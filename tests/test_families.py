@@ -81,19 +81,25 @@ PADS = [0, 5, 1]
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """(name, HF model, cfg, params): a tiny random HF model of the family and our load of its checkpoint."""
-    import transformers
     name = request.param
+    path = tmp_path_factory.mktemp(name)
+    model = _hf_model(name, path)
+    m = jc.load(str(path), cache=False)
+    return name, model, m.cfg, m.params
+
+
+def _hf_model(name, path, **fields):
+    """A tiny random HF model of family `name` (its config with `fields` changed), saved to `path`."""
+    import transformers
     cls, kwargs, _ = FAMILIES[name]
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**COMMON, **kwargs),
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**COMMON, **{**kwargs, **fields}),
                                                           attn_implementation="eager").eval()
     with torch.no_grad():
         for n, p in model.named_parameters():                  # Gemma-2's norms multiply by 1 + weight
             p.copy_(float(not name.startswith("gemma")) + 0.1 * torch.randn_like(p)) if "norm.weight" in n else p.normal_(0, 0.15)
-    path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
-    m = jc.load(str(path), cache=False)
-    return name, model, m.cfg, m.params
+    return model
 
 
 def test_config_reads_the_family_features(family):
@@ -244,7 +250,7 @@ def test_legacy_rope_keys_read_as_hf_reads_them():
 @pytest.mark.parametrize("model_type", ["olmo2", "gemma2"])
 def test_folding_refuses_post_norms(model_type):
     """OLMo-2's and Gemma-2's norms scale the sublayers' outputs: nothing reads them linearly to fold
-    into (edges and DLA are refused in test_block_features)."""
+    into (edges and DLA are exact with the norms frozen: test_block_features, test_frozen_dla_*)."""
     cfg = ModelConfig.from_hf({"model_type": model_type, **COMMON})
     with pytest.raises(ValueError, match="post_norms"):
         fold_norms(init_params(cfg, jax.random.PRNGKey(0)), cfg)
@@ -300,9 +306,29 @@ def test_per_layer_windows_read_as_hf_fills_them(model_type, cls, window):
     on = want.sliding_window if want.sliding_window and any(sliding) else None
     assert (cfg.sliding_window, cfg.window_layers) == (on, None if on is None or all(sliding) else sliding)
 
+@pytest.mark.parametrize("name, fields", [("olmo2", {}), ("gemma2", {"final_logit_softcapping": None})])
+def test_frozen_dla_of_post_norm_families_sums_to_hfs_logit_difference(name, fields, tmp_path):
+    """OLMo-2 and Gemma-2 (without its final cap, which DLA refuses): with the norms frozen on the run,
+    each head's write through post_norm1 is its own share, and the components sum to HF's logit
+    difference; unfrozen, DLA is refused, naming freeze_norms."""
+    model = _hf_model(name, tmp_path, **fields)
+    m = jc.load(str(tmp_path), cache=False)
+    toks, attn_mask = random_tokens(7, B, T), left_padded_mask(B, T, PADS)
+    good, bad = np.array([[3], [5], [8]]), np.array([[4], [9], [1]])
+    with pytest.raises(ValueError, match="freeze_norms"):
+        dla.decompose(m.params, m.cfg, toks, attn_mask)
+    frozen = dla.freeze_norms(m.params, m.cfg, toks, attn_mask)
+    out = dla.direct_logit_attribution(frozen, m.cfg, toks, attn_mask, dla.answer_direction(frozen, good, bad))
+    logits = ref.run(model, toks, attn_mask).logits.numpy()[:, -1]
+    want = logits[np.arange(B), good[:, 0]] - logits[np.arange(B), bad[:, 0]]
+    print(f"{name}: max |DLA total - HF logit difference| = {np.abs(np.asarray(out['total'][:, 0]) - want).max():.1e}")
+    np.testing.assert_allclose(out["total"][:, 0], want, atol=ATOL, rtol=0)
+    assert np.abs(np.asarray(out["heads"])).max() > 1e-2
+
+
 def test_dla_refuses_final_logit_softcapping():
     """Soft-capped logits are not linear in the final residual: DLA names the feature (Gemma-2's heads
-    are refused first, for their post-norm)."""
+    are refused first, for their post-norm, unless the norms are frozen)."""
     cfg = dataclasses.replace(ModelConfig.from_hf({"model_type": "llama", **COMMON}), final_logit_softcap=5.0)
     params = init_params(cfg, jax.random.PRNGKey(0))
     toks = random_tokens(0, 2, 5)

@@ -4,9 +4,14 @@ its metadata keys, Gemma's norm weights stored as 1 + w), loaded by `load_gguf` 
 own GGUF reader (`from_pretrained(..., gguf_file=...)`, the independent reference): logits match both
 it and the HF model written. The configs are ones HF's reader reads back whole (it ignores Qwen3's
 key_length and Gemma's query scale, taking its defaults: head dims 128 and 256 here).
+
+Architectures transformers cannot read (olmo2, gptneox, smollm3): the file is written by llama.cpp's
+own converter (`tests/fixtures_llama_cpp.py`, from the llama-cpp-python sdist; the tests skip, saying
+so, when it cannot be fetched) from the saved HF model, whose logits ours must match.
 """
 
 import dataclasses
+import json
 
 import gguf
 import numpy as np
@@ -17,6 +22,7 @@ import jaxcircuits as jc
 from jaxcircuits.models.config import ModelConfig, UnsupportedConfigError
 from jaxcircuits.models.transformer import forward
 from jaxcircuits.weights.gguf_file import load_gguf
+from tests import fixtures_llama_cpp as llama_cpp
 from tests import hf_reference as ref
 from tests.conftest import left_padded_mask, random_tokens
 
@@ -33,6 +39,24 @@ ARCHS = {
     "gemma3": ("Gemma3TextConfig", dict(head_dim=256, sliding_window=4, num_hidden_layers=6)),
 }
 B, T, PADS = 2, 12, [0, 3]
+
+
+def _as_pythia(config: dict) -> dict:
+    """config.json as Pythia's checkpoints have it (transformers 4's keys rotary_pct, rotary_emb_base,
+    which llama.cpp's converter reads), from transformers 5's rope_parameters."""
+    rope = config.pop("rope_parameters")
+    return {**config, "rotary_pct": rope["partial_rotary_factor"], "rotary_emb_base": rope["rope_theta"]}
+
+
+# llama.cpp architecture -> (HF config class, its arguments (None: left out), config.json as the family's
+# checkpoints write it): files written by llama.cpp's converter
+CONVERTED = {
+    "olmo2": ("Olmo2Config", {}, None),
+    # Pythia's RoPE base, 1e4: llama.cpp's converter stores none (llama.cpp's default is 1e4)
+    "gptneox": ("GPTNeoXConfig", dict(num_key_value_heads=None, rotary_pct=0.5), _as_pythia),
+    # layer 3 of 4 without RoPE: HF's default interval, which llama.cpp fixes (GGUF stores no flags)
+    "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4), None),
+}
 
 
 def write_gguf(path, model, arch: str, tokenizer: bool = False, extra=None) -> None:
@@ -84,7 +108,8 @@ def write_gguf(path, model, arch: str, tokenizer: bool = False, extra=None) -> N
 def _random_model(cls: str, kwargs: dict):
     import transformers
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**COMMON, **kwargs}),
+    fields = {k: v for k, v in {**COMMON, **kwargs}.items() if v is not None}
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**fields),
                                                           attn_implementation="eager").eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -107,6 +132,26 @@ def test_gguf_logits_match_hf_reading_the_same_file(arch, tmp_path):
         want = ref.run(reference, toks, attn_mask).logits.numpy()
         print(f"{arch}: max |logit - logit of {name}| = {np.abs(got[real] - want[real]).max():.1e}")  # README table
         np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
+    assert cfg == dataclasses.replace(ModelConfig.from_hf(model.config.to_dict()), max_positions=cfg.max_positions)
+
+
+@pytest.mark.parametrize("arch", list(CONVERTED))
+def test_gguf_written_by_llama_cpps_converter_matches_the_hf_model(arch, tmp_path):
+    cls, kwargs, as_written = CONVERTED[arch]
+    model, hf_dir = _random_model(cls, kwargs), tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    if as_written:
+        (hf_dir / "config.json").write_text(json.dumps(as_written(json.loads((hf_dir / "config.json").read_text()))))
+    llama_cpp.tiny_tokenizer(hf_dir)
+    llama_cpp.convert(hf_dir, tmp_path / "m.gguf")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents() == arch
+    cfg, params = load_gguf(tmp_path / "m.gguf")
+    toks, attn_mask = random_tokens(1, B, T), left_padded_mask(B, T, PADS)
+    got = np.asarray(forward(params, cfg, toks, attn_mask)[0])
+    want = ref.run(model, toks, attn_mask).logits.numpy()
+    real = attn_mask.astype(bool)
+    print(f"{arch}: max |logit - logit of the HF model converted| = {np.abs(got[real] - want[real]).max():.1e}")
+    np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
     assert cfg == dataclasses.replace(ModelConfig.from_hf(model.config.to_dict()), max_positions=cfg.max_positions)
 
 

@@ -7,7 +7,9 @@ group of the block (`models.block`) writes to it, split by unit:
     final = embed + sum_{l,h} z[l,h] @ W_O[l,h] + sum_l b_O[l] + sum_l mlp_out[l]
 
 (`decompose` records the writes, `block.Parts`, through its own `LayerIO`; GQA needs nothing
-special: z and W_O are per query head). A component c's direct
+special: z and W_O are per query head). A norm after the heads' sum (post_norms: OLMo-2, Gemma-2/3)
+splits this way only with frozen scales (each head's and the bias's write through its linear map);
+unfrozen, decomposing refuses, naming `freeze_norms`. A component c's direct
 effect on the logit along d is d . scale * N(c) / s, where N centres c for LayerNorm-family norms
 (a linear map), scale is the final norm's weight and 1/s its input scale; the final norm's bias
 adds d . bias. What 1/s is decides the mode, chosen by the params and the config:
@@ -38,7 +40,7 @@ from jaxcircuits.interventions.metrics import AnswerProb, LogitDiff, check_metri
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.block import LayerIO, Parts, check_writes_sum
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.layers import NORMS, norm_input_scale, norm_weight
+from jaxcircuits.models.layers import norm_input_scale, norm_linear
 from jaxcircuits.models.params import norm_names
 
 Array = jax.Array
@@ -49,7 +51,9 @@ class Components:
     """The final residual at P chosen positions, split into its parts (B prompts, D model width).
 
     embed [B, P, D] (token + learned position embeddings); heads [L, H, B, P, D] (each head's
-    output in model space); attn_bias [L, D] (o_proj biases, zeros without); mlp [L, B, P, D]
+    output in model space, through a frozen post-norm where the block has one); attn_bias
+    [L, B, P, D] (the attention write no head owns: o_proj biases, through a frozen post-norm, and
+    its bias; zeros without); mlp [L, B, P, D]
     (MLP outputs, biases included); final [B, P, D] (the residual after the last layer, their sum);
     positions: the slots read (negative counts from the end).
     """
@@ -67,22 +71,23 @@ class Components:
 
     def accumulated(self) -> Array:
         """The residual before layer 0 and after each layer [L + 1, B, P, D] (the last is `final`)."""
-        per_layer = self.heads.sum(1) + self.attn_bias[:, None, None] + self.mlp
+        per_layer = self.heads.sum(1) + self.attn_bias + self.mlp
         return jnp.concatenate([self.embed[None], self.embed[None] + jnp.cumsum(per_layer, 0)])
 
 
 class _WritesIO(LayerIO):
     """Records each sender group's write at the chosen positions: 'write:<group>' [U, B, P, D] (each
-    unit's share) and 'const:<group>' [D] (the part no unit owns), when the group has one."""
+    unit's share) and 'const:<group>' [B, P, D] (the part no unit owns), when the group has one."""
 
     def __init__(self, positions: Tuple[int, ...], collect, carry=None):
         super().__init__(collect, carry)
         self.positions = positions
 
     def write(self, group: str, parts: Parts) -> Array:
-        self.cache[f"write:{group}"] = parts.of(parts.act[:, jnp.asarray(self.positions)])
+        at = jnp.asarray(self.positions)
+        self.cache[f"write:{group}"] = parts.of(parts.act)[:, :, at]      # `of` may read each position's frozen scale
         if parts.const is not None:
-            self.cache[f"const:{group}"] = parts.const
+            self.cache[f"const:{group}"] = jnp.broadcast_to(parts.const, parts.total.shape)[:, at]
         return parts.total
 
 
@@ -102,7 +107,7 @@ def decompose_fn(params, cfg: ModelConfig, tokens: Array, attn_mask: Array, posi
     check_writes_sum(cfg, "direct logit attribution")
     ctx = M.Context(M.default_positions(attn_mask), attn_mask)
     _, c, _ = M.run(params, cfg, tokens, ctx, _Writes(tuple(positions)), collect=("resid_final",))
-    zeros = jnp.zeros((cfg.n_layers, cfg.d_model), c["write:heads"].dtype)
+    zeros = jnp.zeros((cfg.n_layers, *c["write:heads"].shape[2:]), c["write:heads"].dtype)
     return Components(
         embed=c["write:embed"][0], heads=c["write:heads"], attn_bias=c.get("const:heads", zeros),
         mlp=c["write:mlp"][:, 0], final=c["resid_final"][:, jnp.asarray(positions)], positions=tuple(positions))
@@ -115,13 +120,12 @@ def final_norm_map(params, cfg: ModelConfig, comps: Components):
     if "logit_softcap" in params:
         raise ValueError("direct logit attribution is refused for final-logit soft-capping (final_logit_softcap "
                          "c, Gemma-2): the logits c * tanh(l / c) are not linear in the final residual")
-    p, kind = params["final_norm"], NORMS[cfg.norm]
+    p = params["final_norm"]
     if "inv_scale" in p:                                                  # frozen
         inv = p["inv_scale"][:, jnp.asarray(comps.positions)].astype(jnp.float32)
     else:                                                                 # run / ln_free
         inv = norm_input_scale(cfg.norm, comps.final, cfg.norm_eps)
-    centre = (lambda c: c - c.mean(-1, keepdims=True)) if kind.centred else (lambda c: c)
-    read = lambda c: centre(c.astype(jnp.float32)) * inv * norm_weight(cfg.norm, p)
+    read = lambda c: norm_linear(cfg.norm, p, c, inv)
     bias = p["bias"].astype(jnp.float32) if "bias" in p else jnp.zeros((cfg.d_model,), jnp.float32)
     return read, bias
 
@@ -135,7 +139,7 @@ def attribute(params, cfg: ModelConfig, comps: Components, direction: Array) -> 
     along = lambda c: jnp.einsum("...bpd,bd->...bp", read(c), d)
     B, P = comps.final.shape[:2]
     out = {"embed": along(comps.embed), "heads": along(comps.heads),
-           "attn_bias": along(jnp.broadcast_to(comps.attn_bias[:, None, None], (cfg.n_layers, B, P, cfg.d_model))),
+           "attn_bias": along(comps.attn_bias),
            "mlp": along(comps.mlp), "norm_bias": jnp.broadcast_to((d @ bias)[:, None], (B, P))}
     out["total"] = (out["embed"] + out["heads"].sum((0, 1)) + out["attn_bias"].sum(0) + out["mlp"].sum(0)
                     + out["norm_bias"])

@@ -46,7 +46,7 @@ from flax import struct
 
 from jaxcircuits.dictionaries.core import HOSTS, decode, encode
 from jaxcircuits.models.config import ModelConfig
-from jaxcircuits.models.layers import ACTIVATIONS, NORMS, QK_NORMS, norm_input_scale, soft_cap
+from jaxcircuits.models.layers import ACTIVATIONS, NORMS, QK_NORMS, frozen_norm_linear, norm_input_scale, soft_cap
 from jaxcircuits.models.params import sublayer_norm
 
 Array = jax.Array
@@ -55,7 +55,7 @@ Array = jax.Array
 class Parts(NamedTuple):
     """A sender group's write to the residual stream: total [B, T, D] = sum_u of(act)[u] + const,
     with act the units' activation (positions on axis 1), of(act) -> [U, B, T, D] each unit's share
-    (linear in act) and const [D] (or None) the part that belongs to no unit."""
+    (linear in act) and const [D] or [B, T, D] (or None) the part that belongs to no unit."""
 
     total: Array
     act: Array
@@ -177,17 +177,26 @@ def attention(cfg: ModelConfig, p: dict, x: Array, io: LayerIO, att: Attn) -> Ar
 def attn_output(cfg: ModelConfig, p: dict, z: Array, io: LayerIO) -> Parts:
     """The attention's write: o_proj(z) [B, Tq, D] (site 'attn_block'), normed by post_norm1 with
     cfg.post_norms (site 'attn_out'); head h's share z_h W_O[h], the o_proj bias shared by none.
-    A norm after the heads' sum mixes them: that write has no per-head share (`_unsplit`)."""
+    A post-norm with frozen scales (`methods.dla.freeze_norms`) is an affine map N: head h's share
+    N_lin(z_h W_O[h]), shared by none N_lin(b_O) + its bias (`layers.frozen_norm_linear`); one that
+    normalises the heads' sum by its own scale mixes them: no per-head share (`_unsplit`)."""
     out = io.site("attn_out", sub_norm(cfg, p, "norm1", io.site("attn_block", dense(p["o"], z, "bthe,hed->btd")), io,
                                        after=True))
     out = spliced(cfg, p, io, "attn_out", out)
-    if cfg.post_norms:
-        return Parts(out, z, _unsplit("heads", "post_norms (OLMo-2, Gemma-2): post_norm1 normalises the sum of "
-                                               "the heads' outputs"))
     if cfg.splice is not None and cfg.splice.host == "attn_out" and not cfg.splice.keep_error:
         return Parts(out, z, _unsplit("heads", "an attn_out dictionary spliced without its error reconstructs the "
                                                "sum of the heads' outputs"))
-    return Parts(out, z, lambda z: jnp.einsum("bthe,hed->hbtd", z, p["o"]["w"]), p["o"].get("b"))
+    heads = lambda z: jnp.einsum("bthe,hed->hbtd", z, p["o"]["w"])
+    bias, post = p["o"].get("b"), sublayer_norm(cfg, "norm1", after=True)
+    if post is None:
+        return Parts(out, z, heads, bias)
+    if "inv_scale" not in p[post]:
+        return Parts(out, z, _unsplit("heads", "post_norms (OLMo-2, Gemma-2): post_norm1 normalises the sum of the "
+                                               "heads' outputs by its scale; freeze the norms (methods.dla."
+                                               "freeze_norms) to make it a linear map that splits exactly"))
+    lin = lambda y: frozen_norm_linear(cfg.norm, p[post], y).astype(out.dtype)
+    const = lin(jnp.broadcast_to(0.0 if bias is None else bias, out.shape)) + p[post].get("bias", 0.0)
+    return Parts(out, z, lambda z: lin(heads(z)), const)
 
 
 def _unsplit(group: str, why: str) -> Callable[[Array], Array]:

@@ -90,11 +90,28 @@ def norm_weight(kind: str, p: dict) -> Array:
     return p["scale"].astype(jnp.float32) + NORMS[kind].offset
 
 
+def norm_linear(kind: str, p: dict, x: Array, inv: Array) -> Array:
+    """The linear part of norm `kind` (leaves p) at a fixed 1/scale inv (broadcasting to [..., T, 1]):
+    weight * N(x) * inv, float32 [..., T, D], for x [..., T, D]; N centres x for centred kinds
+    (LayerNorm). The norm's bias, where it has one, is its constant part, not included."""
+    return _norm_input(kind, x) * inv * norm_weight(kind, p)
+
+
+def frozen_norm_linear(kind: str, p: dict, x: Array) -> Array:
+    """`norm_linear` at the frozen 1/scale of p (`_inv_scale`: its last T positions) of x [..., B, T, D]
+    -> float32 [..., B, T, D]. The frozen norm is this plus its bias: affine, so it distributes over a
+    sum of writes."""
+    return norm_linear(kind, p, x, _inv_scale(p, x, None))
+
+
 def norm_input_scale(kind: str, x: Array, eps: float) -> Array:
     """1 / scale [..., 1] (float32) that norm `kind` applies to x [..., D]: what freezing fixes."""
-    k = NORMS[kind]
-    h = _centred(x) if k.centred else x.astype(jnp.float32)
-    return k.inv(h, eps)
+    return NORMS[kind].inv(_norm_input(kind, x), eps)
+
+
+def _norm_input(kind: str, x: Array) -> Array:
+    """x as norm `kind` scales it: float32, centred for centred kinds (LayerNorm)."""
+    return _centred(x) if NORMS[kind].centred else x.astype(jnp.float32)
 
 
 def soft_cap(x: Array, cap: float) -> Array:

@@ -1,5 +1,6 @@
 """Load a GGUF file (llama.cpp format, any quantisation `gguf` can dequantise) of an architecture in
-`ARCHS`: llama (Llama, Mistral, SmolLM2), qwen2, qwen3, phi3, gemma2, gemma3.
+`ARCHS`: llama (Llama, Mistral, SmolLM2), qwen2, qwen3, phi3, gemma2, gemma3, olmo2, gptneox (GPT-NeoX,
+Pythia), smollm3.
 
 The config comes from GGUF metadata, as an HF config of the architecture's model_type (its `Arch`
 row), through `ModelConfig.from_hf` (so the same validation applies); metadata keys that could change
@@ -7,7 +8,8 @@ the computed function and that we do not read raise `UnsupportedConfigError`. Te
 one at a time and written with the HF tensor map of the config's checkpoint (`hf.TENSOR_MAPS`), under
 llama.cpp's names (`gguf_names`, the `gguf` package's own table). What llama.cpp's converter changed
 is undone, as transformers' GGUF loader does: Q and K head rows permuted (HF rotate-half order ->
-interleaved pairs) for llama, 1 added to Gemma's norm weights.
+interleaved pairs) for llama and smollm3, 1 added to Gemma's norm weights, GPT-NeoX's per-head fused
+q|k|v rows [H, 3, Dh] regrouped by part [3, H, Dh].
 """
 
 from __future__ import annotations
@@ -41,13 +43,17 @@ class Arch(NamedTuple):
     reads as; config(meta, tensors), the HF config fields its metadata (keys without '<arch>.') and
     tensor names give beyond the common ones (`hf_config`); its metadata keys beyond `_KNOWN_KEYS`;
     whether llama.cpp's converter permuted the Q/K rows (its 'norm' RoPE: pairs, not halves); what
-    the converter added to every norm weight (Gemma: 1, so llama.cpp multiplies by the stored weight)."""
+    the converter added to every norm weight (Gemma: 1, so llama.cpp multiplies by the stored weight);
+    whether it regrouped a per-head fused q|k|v (`regroup_qkv`); `drop`: the common fields of
+    `hf_config` its model_type's config does not have."""
 
     model_type: str
     config: Callable[[Dict[str, Any], Dict[str, Any]], Dict[str, Any]]
     keys: Tuple[str, ...] = ()
     permuted_qk: bool = False
     norm_shift: float = 0.0
+    qkv_by_part: bool = False
+    drop: Tuple[str, ...] = ()
 
 
 def _bias(tensors: Dict[str, Any]) -> Dict[str, Any]:
@@ -87,6 +93,17 @@ def _gemma3(meta: Dict[str, Any], tensors: Dict[str, Any]) -> Dict[str, Any]:
             "rope_local_base_freq": _f32(meta.get("rope.freq_base_swa", 1e4)), **layers}
 
 
+def _gptneox(meta: Dict[str, Any], tensors: Dict[str, Any]) -> Dict[str, Any]:
+    """llama.cpp's GPT-NeoX (Pythia): LayerNorm, parallel residual (its flag), RoPE on rope.dimension_count
+    of each head's dims, biases everywhere; GELU as HF's Pythia (erf; llama.cpp computes its tanh
+    approximation); no KV heads or head dim of its own."""
+    head_dim = int(meta["embedding_length"]) // int(meta["attention.head_count"])
+    return {"hidden_act": "gelu", "layer_norm_eps": _f32(meta.get("attention.layer_norm_epsilon", 1e-5)),
+            "use_parallel_residual": bool(meta.get("use_parallel_residual", True)),
+            "rotary_pct": int(meta.get("rope.dimension_count", head_dim)) / head_dim,
+            "attention_bias": "blk.0.attn_qkv.bias" in tensors}
+
+
 # general.architecture -> how llama.cpp stores it
 ARCHS = {
     "llama": Arch("llama", lambda meta, tensors: {"hidden_act": "silu", **_bias(tensors),
@@ -101,6 +118,14 @@ ARCHS = {
                                             "final_logit_softcapping"), norm_shift=1.0),
     "gemma3": Arch("gemma3_text", _gemma3, keys=("attention.sliding_window", "attention.sliding_window_pattern",
                                                  "rope.freq_base_swa"), norm_shift=1.0),
+    # no window (llama.cpp's olmo2 reads one for OLMo-3 only; its key is refused)
+    "olmo2": Arch("olmo2", lambda meta, tensors: {"hidden_act": "silu", **_bias(tensors)}),
+    "gptneox": Arch("gpt_neox", _gptneox, keys=("attention.layer_norm_epsilon", "use_parallel_residual"),
+                    qkv_by_part=True, drop=("num_key_value_heads", "head_dim", "rms_norm_eps", "partial_rotary_factor")),
+    # NoPE on every 4th layer, as llama.cpp fixes it (SmolLM3's default; GGUF stores no flags), no window
+    "smollm3": Arch("smollm3", lambda meta, tensors: {"hidden_act": "silu", **_bias(tensors), "no_rope_layer_interval": 4,
+                                                      "mlp_bias": "blk.0.ffn_up.bias" in tensors},
+                    permuted_qk=True),
 }
 
 
@@ -122,6 +147,11 @@ def gguf_names(cfg: ModelConfig, arch: str) -> Dict[str, str]:
 def unpermute_heads(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K permutation: rows [n*Dh, ...] interleaved pairs -> HF rotate-half halves."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def regroup_qkv(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's GPT-NeoX q|k|v regrouping: rows [3, H, Dh, ...] (by part) -> [H, 3, Dh, ...] (per head, HF)."""
+    return w.reshape(3, n_heads, w.shape[0] // 3 // n_heads, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
 
 
 def _value(field) -> Any:
@@ -219,6 +249,8 @@ def hf_config(reader: gguf.GGUFReader) -> Dict[str, Any]:
     scaling = _rope_scaling(meta, tensors, theta, head_dim)
     if scaling:
         hf["rope_scaling"] = scaling
+    for field in ARCHS[arch].drop:
+        hf.pop(field, None)
     for ours, theirs in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
         key = f"tokenizer.ggml.{theirs}_token_id"
         if key in reader.fields:
@@ -272,6 +304,8 @@ def load_gguf(path: str, dtype=jnp.float32) -> Tuple[ModelConfig, Params]:
         w = _dequantize(tensors[name])
         if arch.permuted_qk and re.search(r"\.attn_[qk]\.", name):
             w = unpermute_heads(w, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
+        if arch.qkv_by_part and ".attn_qkv." in name:
+            w = regroup_qkv(w, cfg.n_heads)
         if name.endswith("norm.weight"):
             w = w - np.float32(arch.norm_shift)
         fill(params, spec, w, f"tensor {name!r} in {path}")
