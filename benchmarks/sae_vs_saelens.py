@@ -41,11 +41,34 @@ blocks.{layer}.hook_resid_pre ('resid_pre' of --layer). One ReLU SAE kind, one w
                    blocks.{l}.hook_resid_pre.hook_sae_acts_post replaces the subset's features with
                    the source's; S subsets stacked on the batch axis (per-row feature mask),
                    sae_batched from the tokens, sae_prefix_batched from the target's cached
-                   residual at the layer (`start_at_layer`: the strongest loop); sae_loop = S=1.
+                   residual at the layer (`start_at_layer`), sae_prefix_last_batched the same,
+                   stopped after the last block with the final norm and the two metric columns of
+                   the unembedding at the last position only (the strongest loop); sae_loop = S=1.
                    Source cache and prefix excluded (in SAELens' favour). Each runs the first
                    --peer_subsets subsets; its rate is extrapolated.
     Agreement: each SAELens variant's values = jaxcircuits' on those subsets within --atol (fp32),
     else the run fails after writing its results.
+
+(c) Last-position feature-subset sweep: as (b), same model, SAE, prompts and stacks, but each
+    subset's features are patched at the last position only, from a pool chosen there (the --pool
+    features with the largest mean |f_src - f_tgt| at the last position).
+      jaxcircuits  the same `run_masks` with position weights 'last': its fast path starts each
+                   masked run from the target's cached residual at the SAE's layer, recomputes the
+                   last position only through the remaining layers (the SAE included), reading the
+                   earlier positions' keys and values in place from the target's cache, shared by the
+                   vmapped masks (`engine.patching`)
+      SAELens      sae_kv_last_batched, its strongest usage for this workload: the target's first T-1
+                   positions run once (untimed, SAE attached) into TransformerLens' KV cache
+                   (`TransformerLensKeyValueCache`: 3.x's HookedTransformerKeyValueCache); each stack of S
+                   subsets runs only the last token, from the target's cached residual at the SAE's
+                   layer (`start_at_layer`; earlier layers cannot change), through the remaining layers
+                   against that cache (repeated S times, frozen, built once per S), the same feature
+                   hook, then the final norm and the two unembedding columns: the same computation as
+                   jaxcircuits' fast path. Starting from the residual is valid because the patch at the
+                   last position changes nothing at earlier positions (causal attention), so their keys
+                   and values at every later layer are the target's, which the cache supplies.
+                   sae_prefix_last_batched (every position from the layer, the hook patching the last
+                   one) shows what the cache saves.
 
 Outputs: a table on stdout, benchmarks/results/sae_vs_saelens-<date>.json, benchmarks/RESULTS_sae.md.
 """
@@ -355,7 +378,7 @@ class SAELensSweep:
 
 class SAELensKV(SAELensSweep):
     """Last-position patching with TransformerLens' KV cache: the target's first T-1 positions run once
-    (untimed, SAE attached) into a `TransformerLensKeyValueCache` (HookedTransformerKeyValueCache);
+    (untimed, SAE attached) into a `TransformerLensKeyValueCache` (TransformerLens 3.x's HookedTransformerKeyValueCache);
     each stack runs only the last position, from the target's cached residual at the SAE's layer
     (`start_at_layer`), through the remaining layers against that cache (repeated S times and frozen,
     built once per S), then `logit_diff`."""
@@ -457,7 +480,7 @@ def sweep_workload(where: str, names, p2, c2, model, acts_hook, tgt, src, f_src,
     from jaxcircuits.interventions.metrics import LogitDiff
     from jaxcircuits.interventions.problem import PatchingProblem, target_run
     from jaxcircuits.interventions.sites import Mask
-    from jaxcircuits.models.transformer import run_with_cache
+    from jaxcircuits.models.transformer import forward
 
     L, F = FLAGS.layer, FLAGS.width
     pos_w = P.select(where, np.ones(tgt.shape))
@@ -471,9 +494,9 @@ def sweep_workload(where: str, names, p2, c2, model, acts_hook, tgt, src, f_src,
     masks = Mask(features=m)
     metric = LogitDiff(good=jnp.full((FLAGS.batch, 1), GOOD, jnp.int32), bad=jnp.full((FLAGS.batch, 1), BAD, jnp.int32))
 
-    def problem():                              # the target run and the source cache
+    def problem():                              # the target run and the source cache (no logits)
         target = target_run(p2, c2, tgt)
-        _, cache = run_with_cache(p2, c2, src, sites=("features",))
+        _, cache = forward(p2, c2, src, collect=("features",), return_logits=False)
         return PatchingProblem.make(target, {"features": cache["features"]}, pos_w, metric)
 
     jc_sweep = lambda: run_masks(p2, c2, problem(), masks, chunk_size=FLAGS.chunk_size, shard=False)
@@ -565,8 +588,7 @@ def sweep_part(hf, params, cfg, sae_params, d, result):
     src = rng.integers(0, cfg.vocab_size, (FLAGS.batch, FLAGS.seq_len)).astype(np.int32)
     sae_params = {k: jnp.asarray(v) for k, v in sae_params.items()}
     p2, c2 = splice.attach(params, cfg, [Dictionary(DictConfig("relu", d, F), sae_params, "resid_pre", L)])
-    f_src = run_with_cache(p2, c2, src, sites=("features",))[1]["features"][L]
-    f_tgt = run_with_cache(p2, c2, tgt, sites=("features",))[1]["features"][L]
+    f_src, f_tgt = (forward(p2, c2, x, collect=("features",), return_logits=False)[1]["features"][L] for x in (src, tgt))
 
     model = hooked_sae_transformer(hf)
     hook_name = f"blocks.{L}.hook_resid_pre"
