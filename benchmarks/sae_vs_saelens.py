@@ -41,11 +41,34 @@ blocks.{layer}.hook_resid_pre ('resid_pre' of --layer). One ReLU SAE kind, one w
                    blocks.{l}.hook_resid_pre.hook_sae_acts_post replaces the subset's features with
                    the source's; S subsets stacked on the batch axis (per-row feature mask),
                    sae_batched from the tokens, sae_prefix_batched from the target's cached
-                   residual at the layer (`start_at_layer`: the strongest loop); sae_loop = S=1.
+                   residual at the layer (`start_at_layer`), sae_prefix_last_batched the same,
+                   stopped after the last block with the final norm and the two metric columns of
+                   the unembedding at the last position only (the strongest loop); sae_loop = S=1.
                    Source cache and prefix excluded (in SAELens' favour). Each runs the first
                    --peer_subsets subsets; its rate is extrapolated.
     Agreement: each SAELens variant's values = jaxcircuits' on those subsets within --atol (fp32),
     else the run fails after writing its results.
+
+(c) Last-position feature-subset sweep: as (b), same model, SAE, prompts and stacks, but each
+    subset's features are patched at the last position only, from a pool chosen there (the --pool
+    features with the largest mean |f_src - f_tgt| at the last position).
+      jaxcircuits  the same `run_masks` with position weights 'last': its fast path starts each
+                   masked run from the target's cached residual at the SAE's layer, recomputes the
+                   last position only through the remaining layers (the SAE included), reading the
+                   earlier positions' keys and values in place from the target's cache, shared by the
+                   vmapped masks (`engine.patching`)
+      SAELens      sae_kv_last_batched, its strongest usage for this workload: the target's first T-1
+                   positions run once (untimed, SAE attached) into TransformerLens' KV cache
+                   (`TransformerLensKeyValueCache`: 3.x's HookedTransformerKeyValueCache); each stack of S
+                   subsets runs only the last token, from the target's cached residual at the SAE's
+                   layer (`start_at_layer`; earlier layers cannot change), through the remaining layers
+                   against that cache (repeated S times, frozen, built once per S), the same feature
+                   hook, then the final norm and the two unembedding columns: the same computation as
+                   jaxcircuits' fast path. Starting from the residual is valid because the patch at the
+                   last position changes nothing at earlier positions (causal attention), so their keys
+                   and values at every later layer are the target's, which the cache supplies.
+                   sae_prefix_last_batched (every position from the layer, the hook patching the last
+                   one) shows what the cache saves.
 
 Outputs: a table on stdout, benchmarks/results/sae_vs_saelens-<date>.json, benchmarks/RESULTS_sae.md.
 """
@@ -98,8 +121,12 @@ flags.DEFINE_integer("chunk_size", 64, "jaxcircuits masks per compiled call")
 flags.DEFINE_integer("reps", 3, "timed repetitions of each sweep method (median)")
 flags.DEFINE_integer("seed", 0, "seed of weights, tokens and SAE init")
 flags.DEFINE_float("atol", 1e-3, "max |SAELens - jaxcircuits| of the sweep's metric values")
+flags.DEFINE_list("workloads", ["all", "last"], "feature-subset sweeps run: patched at all positions (b), at the "
+                  "last position only (c)")
 flags.DEFINE_list("sweep_peers", ["sae_loop", "sae_batched", "sae_prefix_batched", "sae_prefix_last_batched"],
-                  "SAELens sweep variants")
+                  "SAELens variants of the all-position sweep (b)")
+flags.DEFINE_list("last_peers", ["sae_prefix_last_batched", "sae_kv_last_batched"],
+                  "SAELens variants of the last-position sweep (c)")
 flags.DEFINE_string("out_dir", os.path.join(REPO, "benchmarks", "results"), "JSON results directory")
 flags.DEFINE_string("results_md", os.path.join(REPO, "benchmarks", "RESULTS_sae.md"), "markdown report ('' to skip)")
 flags.DEFINE_string("render_json", "", "only re-render --results_md from this results JSON")
@@ -286,15 +313,31 @@ def training_part(params, cfg, result):
     return trained.params, d
 
 
-# --------------------------------------------------------------------------- (b) sweep
-class SAELensSweep:
-    """HookedSAETransformer with the SAE attached (error term kept); `run(subsets)` -> [n, B]."""
+# --------------------------------------------------------------------------- (b, c) sweeps
+def logit_diff(model, resid_last):
+    """logit(GOOD) - logit(BAD) [N] from the residual after the last block at the last position
+    [N, D]: the final norm, then the two unembedding columns only."""
+    h = model.ln_final(resid_last[:, None])[:, 0]
+    w, b = model.unembed.W_U[:, [GOOD, BAD]], model.unembed.b_U[[GOOD, BAD]]
+    out = h @ w + b
+    return out[:, 0] - out[:, 1]
 
-    def __init__(self, model, hook, tgt, src, stack: int, prefix: bool, layer: int, last_only: bool = False):
+
+class SAELensSweep:
+    """HookedSAETransformer with the SAE attached (error term kept); `run(subsets)` -> [n, B]: each
+    subset's features replaced by the source's at the positions `at` (bool [T]) by a hook on the SAE's
+    hook_sae_acts_post, S = `stack` subsets stacked along the batch axis (prompt-major).
+
+    prefix: start from the target's cached residual at the layer (`start_at_layer`), else from the
+    tokens; last_only: stop after the last block and unembed the last position's two logits
+    (`logit_diff`), else the full logits at every position."""
+
+    def __init__(self, model, hook, tgt, src, at, layer: int, stack: int = 1, prefix: bool = False,
+                 last_only: bool = False):
         import torch
         self.model, self.hook, self.stack, self.prefix, self.last_only = model, hook, stack, prefix, last_only
         self.tgt, self.src = torch.as_tensor(tgt, dtype=torch.long), torch.as_tensor(src, dtype=torch.long)
-        self.layer = layer
+        self.at, self.layer = torch.as_tensor(at, dtype=torch.bool), layer
 
     def prepare(self):
         import torch
@@ -303,10 +346,19 @@ class SAELensSweep:
             self.src_f = cache[self.hook]
             self.resid = self.model(self.tgt, stop_at_layer=self.layer) if self.prefix else None
 
+    def forward(self, hooks, S: int):
+        """logit(GOOD) - logit(BAD) [B * S] at the last position of the target repeated S times."""
+        inp = (self.resid if self.prefix else self.tgt).repeat_interleave(S, 0)
+        kw = {"start_at_layer": self.layer} if self.prefix else {}
+        if not self.last_only:
+            last = self.model.run_with_hooks(inp, fwd_hooks=hooks, **kw)[:, -1]
+            return last[:, GOOD] - last[:, BAD]
+        resid = self.model.run_with_hooks(inp, fwd_hooks=hooks, stop_at_layer=self.model.cfg.n_layers, **kw)
+        return logit_diff(self.model, resid[:, -1])
+
     def run(self, subsets):
         import torch
-        B, T = self.tgt.shape
-        F = self.src_f.shape[-1]
+        B, F = self.tgt.shape[0], self.src_f.shape[-1]
         out = []
         with torch.inference_mode():
             for i in range(0, len(subsets), self.stack):
@@ -315,22 +367,69 @@ class SAELensSweep:
                 keep = torch.zeros(S, F, dtype=torch.bool)
                 for j, s in enumerate(chunk):
                     keep[j, list(s)] = True
-                src_f = self.src_f
 
                 def hook(acts, hook):
-                    a = acts.reshape(B, S, T, F)
-                    return torch.where(keep[None, :, None, :], src_f[:, None], a).reshape(acts.shape)
-                inp = (self.resid if self.prefix else self.tgt).repeat_interleave(S, 0)
-                kw = {"start_at_layer": self.layer} if self.prefix else {}
-                if self.last_only:       # the residual after the last block; final norm + unembed at the last position
-                    kw["stop_at_layer"] = self.model.cfg.n_layers
-                    resid = self.model.run_with_hooks(inp, fwd_hooks=[(self.hook, hook)], **kw)
-                    last = self.model.unembed(self.model.ln_final(resid[:, -1:]))[:, -1]
-                else:
-                    logits = self.model.run_with_hooks(inp, fwd_hooks=[(self.hook, hook)], **kw)
-                    last = logits[:, -1]
-                out.append((last[:, GOOD] - last[:, BAD]).reshape(B, S).T.numpy())
+                    t = acts.shape[1]                     # the positions this forward runs: the last t
+                    put = keep[None, :, None, :] & self.at[-t:, None]
+                    return torch.where(put, self.src_f[:, None, -t:], acts.reshape(B, S, t, F)).reshape(acts.shape)
+                out.append(self.forward([(self.hook, hook)], S).reshape(B, S).T.numpy())
         return np.concatenate(out)
+
+
+class SAELensKV(SAELensSweep):
+    """Last-position patching with TransformerLens' KV cache: the target's first T-1 positions run once
+    (untimed, SAE attached) into a `TransformerLensKeyValueCache` (TransformerLens 3.x's HookedTransformerKeyValueCache);
+    each stack runs only the last position, from the target's cached residual at the SAE's layer
+    (`start_at_layer`), through the remaining layers against that cache (repeated S times and frozen,
+    built once per S), then `logit_diff`."""
+
+    def __init__(self, model, hook, tgt, src, at, layer: int, stack: int = 1):
+        super().__init__(model, hook, tgt, src, at, layer, stack, prefix=True, last_only=True)
+        if self.at.nonzero().flatten().tolist() != [len(self.at) - 1]:
+            raise ValueError("SAELensKV patches the last position only")
+
+    def prepare(self):
+        import torch
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        super().prepare()
+        self.resid = self.resid[:, -1:]
+        B, T = self.tgt.shape
+        with torch.inference_mode():
+            cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.cfg.device, B)
+            self.model(self.tgt[:, :-1], past_kv_cache=cache, attention_mask=torch.ones(B, T - 1, dtype=torch.long))
+        self.kv = [(e.past_keys, e.past_values) for e in cache.entries]
+        self.caches = {}
+
+    def cache(self, S: int):
+        """The prefix's cache repeated S times (prompt-major), frozen; layers before the SAE's, which
+        this run never reaches, hold None."""
+        import torch
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as Entry
+
+        if S not in self.caches:
+            entries = [Entry(k.repeat_interleave(S, 0), v.repeat_interleave(S, 0), frozen=True) if i >= self.layer
+                       else None for i, (k, v) in enumerate(self.kv)]
+            mask = torch.ones(self.tgt.shape[0] * S, self.tgt.shape[1] - 1, dtype=torch.long)
+            self.caches[S] = TransformerLensKeyValueCache(entries, mask, frozen=True)
+        return self.caches[S]
+
+    def forward(self, hooks, S: int):
+        resid = self.model.run_with_hooks(self.resid.repeat_interleave(S, 0), fwd_hooks=hooks, start_at_layer=self.layer,
+                                          stop_at_layer=self.model.cfg.n_layers, past_kv_cache=self.cache(S))
+        return logit_diff(self.model, resid[:, -1])
+
+
+# name: (the position selectors it can patch, its constructor from (model, hook, tgt, src, at, layer));
+# sae_loop runs one subset a forward, the others a tuned stack of S
+SAELENS_VARIANTS = {
+    "sae_loop": (("all", "last"), SAELensSweep),
+    "sae_batched": (("all", "last"), SAELensSweep),
+    "sae_prefix_batched": (("all", "last"), lambda *a: SAELensSweep(*a, prefix=True)),
+    "sae_prefix_last_batched": (("all", "last"), lambda *a: SAELensSweep(*a, prefix=True, last_only=True)),
+    "sae_kv_last_batched": (("last",), SAELensKV),
+}
 
 
 def saelens_breakdown(model, tgt, layer: int, n_layers: int, stack: int, reps: int = 3) -> dict:
@@ -356,7 +455,120 @@ def saelens_breakdown(model, tgt, layer: int, n_layers: int, stack: int, reps: i
             "layers_s": no_unembed - (full - no_sae)}
 
 
+def subset_flops(cfg, layer: int, width: int, batch: int, seq: int, recomputed: int) -> int:
+    """Matmul FLOPs of one patched run in jaxcircuits' path: layers layer.. over the last `recomputed`
+    positions of `batch` prompts (per position and layer 24 D^2 of projections and MLP, 4 seq D of
+    attention against every key), the SAE's encode and decode there (4 D F); the unembedding (2
+    columns) and elementwise ops not counted."""
+    D = cfg.d_model
+    return batch * recomputed * ((cfg.n_layers - layer) * (24 * D * D + 4 * seq * D) + 4 * D * width)
+
+
+def feature_pool(f_src, f_tgt, at) -> list:
+    """The --pool features with the largest mean |f_src - f_tgt| over prompts and the positions `at`
+    (bool [T]); f: [B, T, F]."""
+    diff = np.abs(np.asarray(f_src) - np.asarray(f_tgt))[:, np.asarray(at)].mean((0, 1))
+    return [int(i) for i in np.argsort(-diff)[:FLAGS.pool]]
+
+
+def sweep_workload(where: str, names, p2, c2, model, acts_hook, tgt, src, f_src, f_tgt) -> tuple:
+    """One feature-subset sweep, patched at the positions of selector `where` ('all', 'last'):
+    jaxcircuits' `run_masks` and each named SAELens variant, interleaved --reps times. Returns (its
+    results dict, the agreement failures)."""
+    from jaxcircuits.engine.patching import run_masks
+    from jaxcircuits.interventions import positions as P
+    from jaxcircuits.interventions.metrics import LogitDiff
+    from jaxcircuits.interventions.problem import PatchingProblem, target_run
+    from jaxcircuits.interventions.sites import Mask
+    from jaxcircuits.models.transformer import forward
+
+    L, F = FLAGS.layer, FLAGS.width
+    pos_w = P.select(where, np.ones(tgt.shape))
+    at = pos_w[0] > 0
+    pool = feature_pool(f_src, f_tgt, at)
+    subsets = [tuple(pool[i] for i in c) for c in itertools.combinations(range(FLAGS.pool), FLAGS.k)]
+    N = len(subsets)
+    m = np.zeros((N, c2.n_layers, F), np.float32)
+    for i, s in enumerate(subsets):
+        m[i, L, list(s)] = 1
+    masks = Mask(features=m)
+    metric = LogitDiff(good=jnp.full((FLAGS.batch, 1), GOOD, jnp.int32), bad=jnp.full((FLAGS.batch, 1), BAD, jnp.int32))
+
+    def problem():                              # the target run and the source cache (no logits)
+        target = target_run(p2, c2, tgt)
+        _, cache = forward(p2, c2, src, collect=("features",), return_logits=False)
+        return PatchingProblem.make(target, {"features": cache["features"]}, pos_w, metric)
+
+    jc_sweep = lambda: run_masks(p2, c2, problem(), masks, chunk_size=FLAGS.chunk_size, shard=False)
+    jax.clear_caches()
+    t = time.perf_counter()
+    jc_vals = np.asarray(jc_sweep())
+    jc_first = time.perf_counter() - t
+    print(f"[{where}] jaxcircuits first sweep call (compile + run, {N} subsets): {jc_first:.1f} s", flush=True)
+
+    peers = {}
+    n_peer = min(FLAGS.peer_subsets, N)
+    stacks = sorted({min(int(x), n_peer) for x in FLAGS.stacks})
+    for name in names:
+        if where not in SAELENS_VARIANTS.get(name, ((),))[0]:
+            raise app.UsageError(f"SAELens variant {name!r} cannot patch positions {where!r} (variants: "
+                                 f"{ {k: v[0] for k, v in SAELENS_VARIANTS.items()} })")
+        peer = SAELENS_VARIANTS[name][1](model, acts_hook, tgt, src, at, L)
+        peer.prepare()
+        peer.run(subsets[:1])                                          # warm-up
+        tuning = {}
+        if name != "sae_loop":
+            for S in stacks:
+                peer.stack = S
+                t = time.perf_counter()
+                peer.run(subsets[:S])
+                tuning[S] = (time.perf_counter() - t) / S
+            peer.stack = min(tuning, key=tuning.get)
+            print(f"[{where}] {name}: seconds a subset by S {({k: round(v, 4) for k, v in tuning.items()})}: "
+                  f"S = {peer.stack}", flush=True)
+        peers[name] = {"peer": peer, "stack": peer.stack, "times": [], "tuning": tuning}
+    jc_times = []
+    for rep in range(FLAGS.reps):
+        t = time.perf_counter()
+        jc_sweep()
+        jc_times.append(time.perf_counter() - t)
+        for name, p in peers.items():
+            t = time.perf_counter()
+            p["values"] = p["peer"].run(subsets[:n_peer])
+            p["times"].append(time.perf_counter() - t)
+        print(f"[{where}] rep {rep}: jaxcircuits {jc_times[-1]:.2f} s; " +
+              ", ".join(f"{k} {v['times'][-1]:.2f} s" for k, v in peers.items()), flush=True)
+
+    setup_times = []
+    for _ in range(FLAGS.reps):
+        t = time.perf_counter()
+        jax.block_until_ready(problem())
+        setup_times.append(time.perf_counter() - t)
+    jc_s = float(np.median(jc_times))
+    T = tgt.shape[1]
+    recomputed = T - int(np.flatnonzero(at)[0])
+    out = {"where": where, "subsets": N, "pool": pool, "k": FLAGS.k, "batch": FLAGS.batch, "seq_len": FLAGS.seq_len,
+           "chunk_size": FLAGS.chunk_size, "recomputed_positions": recomputed, "setup_s": float(np.median(setup_times)),
+           "jaxcircuits": {"first_call_s": jc_first, "median_s": jc_s, "times": jc_times, "subsets_per_s": N / jc_s},
+           "saelens": {}, "metric_range": [float(jc_vals.min()), float(jc_vals.max())],
+           "flops_per_subset": subset_flops(c2, L, F, FLAGS.batch, T, recomputed)}
+    failures = []
+    for name, p in peers.items():
+        s = float(np.median(p["times"]))
+        err = float(np.abs(p["values"] - jc_vals[:n_peer]).max())
+        out["saelens"][name] = {"stack": p["stack"], "stack_tuning_s_per_subset": p["tuning"], "subsets": n_peer,
+                                "median_s": s, "times": p["times"], "subsets_per_s": n_peer / s, "max_abs_diff": err,
+                                "jaxcircuits_ratio": (N / jc_s) / (n_peer / s)}
+        if not err <= FLAGS.atol:
+            failures.append(f"{where}/{name}: max |diff| {err:.3g} > atol {FLAGS.atol}")
+    if out["saelens"]:
+        best = max(out["saelens"], key=lambda k: out["saelens"][k]["subsets_per_s"])
+        out["strongest_peer"], out["ratio"] = best, out["saelens"][best]["jaxcircuits_ratio"]
+    return out, failures
+
+
 def sweep_part(hf, params, cfg, sae_params, d, result):
+    """(b) all positions and (c) the last position: `sweep_workload` of each, on one spliced model."""
     import torch
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -368,7 +580,7 @@ def sweep_part(hf, params, cfg, sae_params, d, result):
     from jaxcircuits.interventions.metrics import LogitDiff
     from jaxcircuits.interventions.problem import PatchingProblem, target_run
     from jaxcircuits.interventions.sites import Mask
-    from jaxcircuits.models.transformer import run_with_cache
+    from jaxcircuits.models.transformer import forward, run_with_cache
 
     L, F = FLAGS.layer, FLAGS.width
     rng = np.random.default_rng(FLAGS.seed + 1)
@@ -376,30 +588,7 @@ def sweep_part(hf, params, cfg, sae_params, d, result):
     src = rng.integers(0, cfg.vocab_size, (FLAGS.batch, FLAGS.seq_len)).astype(np.int32)
     sae_params = {k: jnp.asarray(v) for k, v in sae_params.items()}
     p2, c2 = splice.attach(params, cfg, [Dictionary(DictConfig("relu", d, F), sae_params, "resid_pre", L)])
-    _, cs = run_with_cache(p2, c2, src, sites=("features",))
-    _, ct = run_with_cache(p2, c2, tgt, sites=("features",))
-    diff = np.abs(np.asarray(cs["features"][L]) - np.asarray(ct["features"][L])).mean((0, 1))
-    pool = [int(i) for i in np.argsort(-diff)[:FLAGS.pool]]
-    subsets = [tuple(pool[i] for i in c) for c in itertools.combinations(range(FLAGS.pool), FLAGS.k)]
-    N = len(subsets)
-    m = np.zeros((N, cfg.n_layers, F), np.float32)
-    for i, s in enumerate(subsets):
-        m[i, L, list(s)] = 1
-    masks = Mask(features=m)
-    metric = LogitDiff(good=jnp.full((FLAGS.batch, 1), GOOD, jnp.int32), bad=jnp.full((FLAGS.batch, 1), BAD, jnp.int32))
-    pos_w = P.select("all", np.ones(tgt.shape))
-
-    def jc_sweep():
-        target = target_run(p2, c2, tgt)
-        _, cache = run_with_cache(p2, c2, src, sites=("features",))
-        problem = PatchingProblem.make(target, {"features": cache["features"]}, pos_w, metric)
-        return run_masks(p2, c2, problem, masks, chunk_size=FLAGS.chunk_size, shard=False)
-
-    jax.clear_caches()
-    t = time.perf_counter()
-    jc_vals = np.asarray(jc_sweep())
-    jc_first = time.perf_counter() - t
-    print(f"jaxcircuits first sweep call (compile + run, {N} subsets): {jc_first:.1f} s", flush=True)
+    f_src, f_tgt = (forward(p2, c2, x, collect=("features",), return_logits=False)[1]["features"][L] for x in (src, tgt))
 
     model = hooked_sae_transformer(hf)
     hook_name = f"blocks.{L}.hook_resid_pre"
@@ -411,49 +600,30 @@ def sweep_part(hf, params, cfg, sae_params, d, result):
     # the unpatched spliced logits agree (both keep the error)
     with torch.inference_mode():
         tl_logits = model(torch.as_tensor(tgt, dtype=torch.long)).numpy()
-    from jaxcircuits.models.transformer import forward
     jc_logits = np.asarray(forward(p2, c2, jnp.asarray(tgt))[0])
     logits_diff = float(np.abs(tl_logits - jc_logits).max())
 
-    peers = {}
-    n_peer = min(FLAGS.peer_subsets, N)
-    stacks = sorted({min(int(x), n_peer) for x in FLAGS.stacks})
-    for name in FLAGS.sweep_peers:
-        if name not in ("sae_loop", "sae_batched", "sae_prefix_batched", "sae_prefix_last_batched"):
-            raise app.UsageError(f"unknown SAELens variant {name!r}")
-        peer = SAELensSweep(model, acts_hook, tgt, src, 1, name.startswith("sae_prefix"), L,
-                            name == "sae_prefix_last_batched")
-        peer.prepare()
-        peer.run(subsets[:1])                                          # warm-up
-        tuning = {}
-        if name != "sae_loop":
-            for S in stacks:
-                peer.stack = S
-                t = time.perf_counter()
-                peer.run(subsets[:S])
-                tuning[S] = (time.perf_counter() - t) / S
-            peer.stack = min(tuning, key=tuning.get)
-            print(f"{name}: seconds a subset by S {({k: round(v, 4) for k, v in tuning.items()})}: S = {peer.stack}",
-                  flush=True)
-        peers[name] = {"peer": peer, "stack": peer.stack, "times": [], "tuning": tuning}
-    jc_times = []
-    for rep in range(FLAGS.reps):
-        t = time.perf_counter()
-        jc_sweep()
-        jc_times.append(time.perf_counter() - t)
-        for name, p in peers.items():
-            t = time.perf_counter()
-            p["values"] = p["peer"].run(subsets[:n_peer])
-            p["times"].append(time.perf_counter() - t)
-        print(f"rep {rep}: jaxcircuits {jc_times[-1]:.2f} s; " +
-              ", ".join(f"{k} {v['times'][-1]:.2f} s" for k, v in peers.items()), flush=True)
+    failures = []
+    for where, key, names in (("all", "sweep", FLAGS.sweep_peers), ("last", "sweep_last", FLAGS.last_peers)):
+        if where not in FLAGS.workloads:
+            continue
+        out, fails = sweep_workload(where, names, p2, c2, model, acts_hook, tgt, src, f_src, f_tgt)
+        out["spliced_logits_max_abs_diff"] = logits_diff
+        result[key] = out
+        failures += fails
+    if "sweep" not in result:
+        return failures
 
     # jaxcircuits' path without the dictionary: the same N masks on the plain model's head_out at layer L
     # (one head each, cycling), the same chunking: what the layers after L cost without the splice
+    out = result["sweep"]
+    N = out["subsets"]
     hm = np.zeros((N, cfg.n_layers, cfg.n_heads), np.float32)
     hm[np.arange(N), L, np.arange(N) % cfg.n_heads] = 1
+    metric = LogitDiff(good=jnp.full((FLAGS.batch, 1), GOOD, jnp.int32), bad=jnp.full((FLAGS.batch, 1), BAD, jnp.int32))
     _, hcache = run_with_cache(params, cfg, src, sites=("head_out",))
-    hprob = PatchingProblem.make(target_run(params, cfg, tgt), {"head_out": hcache["head_out"]}, pos_w, metric)
+    hprob = PatchingProblem.make(target_run(params, cfg, tgt), {"head_out": hcache["head_out"]},
+                                 P.select("all", np.ones(tgt.shape)), metric)
     plain = lambda: run_masks(params, cfg, hprob, Mask(head_out=hm), chunk_size=FLAGS.chunk_size, shard=False)
     plain()
     plain_times = []
@@ -461,31 +631,9 @@ def sweep_part(hf, params, cfg, sae_params, d, result):
         t = time.perf_counter()
         plain()
         plain_times.append(time.perf_counter() - t)
-    breakdown = saelens_breakdown(model, tgt, L, cfg.n_layers, peers.get("sae_prefix_batched", {}).get("stack", stacks[-1]))
-    jc_s = float(np.median(jc_times))
-    out = {"saelens_prefix_forward_breakdown": breakdown, "subsets": N, "pool": pool, "k": FLAGS.k, "batch": FLAGS.batch, "seq_len": FLAGS.seq_len,
-           "chunk_size": FLAGS.chunk_size, "spliced_logits_max_abs_diff": logits_diff,
-           "jaxcircuits": {"first_call_s": jc_first, "median_s": jc_s, "times": jc_times, "subsets_per_s": N / jc_s},
-           "saelens": {}}
-    failures = []
-    for name, p in peers.items():
-        s = float(np.median(p["times"]))
-        err = float(np.abs(p["values"] - jc_vals[:n_peer]).max())
-        out["saelens"][name] = {"stack": p["stack"], "stack_tuning_s_per_subset": p["tuning"], "subsets": n_peer, "median_s": s, "times": p["times"],
-                                "subsets_per_s": n_peer / s, "max_abs_diff": err,
-                                "jaxcircuits_ratio": (N / jc_s) / (n_peer / s)}
-        if not err <= FLAGS.atol:
-            failures.append(f"{name}: max |diff| {err:.3g} > atol {FLAGS.atol}")
-    best = max(out["saelens"], key=lambda k: out["saelens"][k]["subsets_per_s"])
-    out["strongest_peer"] = best
-    out["ratio"] = out["saelens"][best]["jaxcircuits_ratio"]
-    # FLOPs of one jaxcircuits subset: layers L.. over all B*T positions (per token: 24 D^2 per layer),
-    # the SAE encode+decode at L (4 D F) and the last position's unembedding (2 columns)
-    D = cfg.d_model
-    out["flops_per_subset"] = FLAGS.batch * FLAGS.seq_len * ((cfg.n_layers - L) * 24 * D * D + 4 * D * F)
     out["jaxcircuits_plain_head_out_median_s"] = float(np.median(plain_times))
-    out["metric_range"] = [float(jc_vals.min()), float(jc_vals.max())]
-    result["sweep"] = out
+    stack = out["saelens"].get("sae_prefix_batched", {}).get("stack", max(int(s) for s in FLAGS.stacks))
+    out["saelens_prefix_forward_breakdown"] = saelens_breakdown(model, tgt, L, cfg.n_layers, stack)
     return failures
 
 
@@ -495,7 +643,7 @@ def times(r: float) -> str:
 
 
 def render(r: dict) -> str:
-    tr, sw = r["training"], r["sweep"]
+    tr = r["training"]
     lines = [f"# SAE training and feature-subset patching: jaxcircuits vs SAELens ({r['date']})", "",
              r["load_line"], "", "Command:", "", f"    {r['command']}", ""]
     if r.get("note"):
@@ -522,32 +670,74 @@ def render(r: dict) -> str:
               f"{tr['agreement']['loss_same_params'][1]:.6g} (rel {tr['agreement']['rel_diff_same_params']:.1e}); "
               f"after one adam step from identical params {tr['agreement']['loss_after_one_step'][0]:.6g} vs "
               f"{tr['agreement']['loss_after_one_step'][1]:.6g} (rel {tr['agreement']['rel_diff_after_one_step']:.1e}).",
-              "", "## (b) Feature-subset patching sweep", "",
-              f"{sw['batch']} prompts x {sw['seq_len']} tokens; all {sw['subsets']} {sw['k']}-feature subsets of a "
-              f"{len(sw['pool'])}-feature pool patched from the source at all positions (SAE spliced, error kept); "
-              f"logit difference at the last position. Spliced unpatched logits of the two differ by at most "
-              f"{sw['spliced_logits_max_abs_diff']:.2g}.", "",
-              "| method | S | subsets timed | median s | subsets/s | jaxcircuits is | max abs diff |",
-              "|---|---:|---:|---:|---:|---:|---:|",
-              f"| jaxcircuits `run_masks` (chunk {sw['chunk_size']}) | - | {sw['subsets']} | "
-              f"{sw['jaxcircuits']['median_s']:.2f} | {sw['jaxcircuits']['subsets_per_s']:.1f} | - | - |"]
-    for name, p in sw["saelens"].items():
-        lines.append(f"| SAELens {name} | {p['stack']} | {p['subsets']} | {p['median_s']:.2f} | "
-                     f"{p['subsets_per_s']:.2f} | {times(p['jaxcircuits_ratio'])} | {p['max_abs_diff']:.1e} |")
-    ideal = sw["flops_per_subset"] / (tr["matmul_gflops"] * 1e9)
-    best_s = 1 / sw["saelens"][sw["strongest_peer"]]["subsets_per_s"]
-    lines += ["", f"**Against SAELens' strongest variant ({sw['strongest_peer']}): {sw['ratio']:.2f}x, i.e. jaxcircuits is "
-              f"{times(sw['ratio'])}** (goal >= 10x). That variant takes {best_s * 1e3:.0f} ms a subset, "
-              f"{best_s / ideal:.1f}x the matmul floor of the computation itself ({ideal * 1e3:.0f} ms: layers "
-              f"{r['layer']}-{r['n_layers'] - 1} over all positions and one SAE), so no implementation can beat it by "
-              f"more than {best_s / ideal:.1f}x on this CPU at this shape. "
-              f"jaxcircuits' first call (compile + run) {sw['jaxcircuits']['first_call_s']:.1f} s.", ""]
+              ""]
+    for key, title in SWEEPS:
+        if key in r:
+            lines += sweep_section(r, r[key], title)
     lines += ["## Where the time goes", ""] + [f"- {w}" for w in r["where"]]
     return "\n".join(lines) + "\n"
 
 
+# the sweeps' results keys and report sections
+SWEEPS = (("sweep", "(b) Feature-subset patching sweep"), ("sweep_last", "(c) Last-position feature-subset patching sweep"))
+
+
+def patched_where(sw: dict) -> str:
+    return "at all positions" if sw.get("where", "all") == "all" else "at the last position only"
+
+
+def floor_what(r: dict, sw: dict) -> str:
+    """What one subset's matmul floor counts."""
+    layers = f"layers {r['layer']}-{r['n_layers'] - 1}"
+    if sw.get("where", "all") == "all":
+        return f"{layers} over all positions and one SAE"
+    return f"{layers} and one SAE at the last position, attending to all {sw['seq_len']} keys"
+
+
+def sweep_section(r: dict, sw: dict, title: str) -> list:
+    """The report's lines of one sweep workload (`sweep_workload`'s results)."""
+    lines = [f"## {title}", "",
+             f"{sw['batch']} prompts x {sw['seq_len']} tokens; all {sw['subsets']} {sw['k']}-feature subsets of a "
+             f"{len(sw['pool'])}-feature pool (the largest mean |f_src - f_tgt| there) patched from the source "
+             f"{patched_where(sw)} (SAE spliced, error kept); logit difference at the last position (values in "
+             f"[{sw['metric_range'][0]:.3g}, {sw['metric_range'][1]:.3g}]). Spliced unpatched logits of the two differ "
+             f"by at most {sw['spliced_logits_max_abs_diff']:.2g}.", "",
+             "| method | S | subsets timed | median s | subsets/s | jaxcircuits is | max abs diff |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| jaxcircuits `run_masks` (chunk {sw['chunk_size']}) | - | {sw['subsets']} | "
+             f"{sw['jaxcircuits']['median_s']:.2f} | {sw['jaxcircuits']['subsets_per_s']:.1f} | - | - |"]
+    for name, p in sw["saelens"].items():
+        lines.append(f"| SAELens {name} | {p['stack']} | {p['subsets']} | {p['median_s']:.2f} | "
+                     f"{p['subsets_per_s']:.2f} | {times(p['jaxcircuits_ratio'])} | {p['max_abs_diff']:.1e} |")
+    lines.append("")
+    if "strongest_peer" in sw:
+        ideal = sw["flops_per_subset"] / (r["training"]["matmul_gflops"] * 1e9)
+        best_s = 1 / sw["saelens"][sw["strongest_peer"]]["subsets_per_s"]
+        lines += [f"**Against SAELens' strongest variant ({sw['strongest_peer']}): {sw['ratio']:.2f}x, i.e. jaxcircuits "
+                  f"is {times(sw['ratio'])}** (goal >= 10x). That variant takes {best_s * 1e3:.1f} ms a subset, "
+                  f"{best_s / ideal:.1f}x the matmul floor of the computation itself ({ideal * 1e3:.2f} ms: "
+                  f"{floor_what(r, sw)}), so no implementation can beat it by more than {best_s / ideal:.1f}x on this "
+                  f"CPU at this shape. jaxcircuits' first call (compile + run) {sw['jaxcircuits']['first_call_s']:.1f} s.",
+                  ""]
+    return lines
+
+
+def saelens_costs(name: str, where: str) -> str:
+    """What one forward of SAELens variant `name` computes."""
+    if name == "sae_kv_last_batched":
+        return ("the last position only, from the SAE's layer (start_at_layer) against TransformerLens' KV cache "
+                "of the first T-1 positions (repeated S times, built once per S), the SAE encoded twice there, the "
+                "final norm and two unembedding columns.")
+    return (("every layer from the embedding, " if not name.startswith("sae_prefix") else
+             "layers from the SAE's on (start_at_layer), ")
+            + f"at every position (the hook patching {'every position' if where == 'all' else 'the last one'}), "
+            + "the SAE encoded twice (the hooked pass and the error term's clean pass), "
+            + ("the final norm and two unembedding columns at the last position only." if name.endswith("last_batched")
+               else "the final norm and full unembedding at every position."))
+
+
 def where(r: dict):
-    tr, sw = r["training"], r["sweep"]
+    tr = r["training"]
     jc, sl = tr["jaxcircuits"], tr["saelens"]
     per_step_jc, per_step_sl = jc["wall_s"] / tr["steps"], sl["wall_s"] / tr["steps"]
     share = jc['bare_step_s'] / per_step_jc
@@ -561,27 +751,37 @@ def where(r: dict):
            f"Both steps are dominated by the six [{tr['batch']} x {tr['d']}] x [{tr['d']} x {tr['width']}] matmuls "
            f"(encode, decode and their gradients): floor {tr['floor_step_s']:.3f} s.",
            ]
-    jsw = sw["jaxcircuits"]
-    floor = sw["flops_per_subset"] / (tr["matmul_gflops"] * 1e9)
-    out.append(f"Sweep, jaxcircuits: {jsw['median_s'] / sw['subsets'] * 1e3:.1f} ms a subset (target run and source "
-               f"cache included), matmul floor {floor * 1e3:.1f} ms (layers {r['layer']}-{r['n_layers'] - 1} over all positions + the "
-               f"SAE). It recomputes only the layers from the SAE's on, vmapped over {sw['chunk_size']} masks a call; "
-               f"layers without a dictionary skip the splice (a lax.cond on the layer's flag). The same {sw['subsets']} "
-               f"masks on the plain model (head_out of layer {r['layer']}, no dictionary) take "
-               f"{sw['jaxcircuits_plain_head_out_median_s']:.2f} s against {jsw['median_s']:.2f} s spliced "
-               f"(the one SAE's encode and (f' - f) W_dec, and its feature blend, at every position).")
-    b = sw["saelens_prefix_forward_breakdown"]
-    out.append(f"SAELens, one stacked forward from the cached residual (S = {b['stack']}, no patch hook): "
-               f"{b['forward_s']:.3f} s = transformer layers {b['layers_s']:.3f} s + the attached SAE (encoded "
-               f"twice with the error term, decoded, hook points) {b['sae_s']:.3f} s + final norm and unembedding at "
-               f"every position {b['unembed_s']:.3f} s.")
-    for name, p in sw["saelens"].items():
-        out.append(f"Sweep, SAELens {name}: {p['median_s'] / p['subsets'] * 1e3:.1f} ms a subset: "
-                   + ("every layer from the embedding, " if not name.startswith("sae_prefix") else
-                      "layers from the SAE's on (start_at_layer), ")
-                   + "the SAE encoded twice (the hooked pass and the error term's clean pass), "
-                   + ("the final norm and unembedding at the last position only." if name.endswith("last_batched")
-                      else "the final norm and full unembedding at every position."))
+    for key, _ in SWEEPS:
+        if key not in r:
+            continue
+        sw = r[key]
+        jsw, w = sw["jaxcircuits"], sw.get("where", "all")
+        floor = sw["flops_per_subset"] / (tr["matmul_gflops"] * 1e9)
+        label = "Sweep" if w == "all" else "Last-position sweep"
+        line = (f"{label}, jaxcircuits: {jsw['median_s'] / sw['subsets'] * 1e3:.2f} ms a subset (target run and source "
+                f"cache included), matmul floor {floor * 1e3:.2f} ms ({floor_what(r, sw)}). ")
+        if w == "all":
+            line += (f"It recomputes only the layers from the SAE's on, vmapped over {sw['chunk_size']} masks a call; "
+                     f"layers without a dictionary skip the splice (a lax.cond on the layer's flag). The same "
+                     f"{sw['subsets']} masks on the plain model (head_out of layer {r['layer']}, no dictionary) take "
+                     f"{sw['jaxcircuits_plain_head_out_median_s']:.2f} s against {jsw['median_s']:.2f} s spliced "
+                     f"(the one SAE's encode and (f' - f) W_dec, and its feature blend, at every position).")
+        else:
+            line += (f"Each masked run starts from the target's cached residual at layer {r['layer']} at the last "
+                     f"position and reads the other positions' keys and values in place from the target's cache (one "
+                     f"copy shared by the {sw['chunk_size']} vmapped masks of a call): every layer from there and the "
+                     f"SAE run that one position. Of the sweep's {jsw['median_s']:.3f} s, the target run and source cache "
+                     f"take {sw['setup_s']:.3f} s.")
+        out.append(line)
+        b = sw.get("saelens_prefix_forward_breakdown")
+        if b:
+            out.append(f"SAELens, one stacked forward from the cached residual (S = {b['stack']}, no patch hook): "
+                       f"{b['forward_s']:.3f} s = transformer layers {b['layers_s']:.3f} s + the attached SAE (encoded "
+                       f"twice with the error term, decoded, hook points) {b['sae_s']:.3f} s + final norm and unembedding "
+                       f"at every position {b['unembed_s']:.3f} s.")
+        for name, p in sw["saelens"].items():
+            out.append(f"{label}, SAELens {name}: {p['median_s'] / p['subsets'] * 1e3:.2f} ms a subset: "
+                       + saelens_costs(name, w))
     return out
 
 

@@ -223,6 +223,29 @@ def test_feature_masks_vmapped_equal_looped_forwards(problem):
     assert np.abs(got - got[:1]).max() > 1e-3
 
 
+@pytest.mark.parametrize("values", ["source", "zeros"])
+def test_last_position_feature_masks_take_the_fast_path(tiny, values):
+    """Features of a resid_pre SAE at layer 1 patched from a source (or zero-ablated) at the last
+    position only: run_masks plans one recomputed position from layer 1 (the prefix's keys and values
+    from the target's cache) and equals looped full forwards."""
+    from jaxcircuits.engine.patching import Plan, masks_call
+    p2, c2 = _spliced(tiny, "gpt2", "resid_pre", "relu", (1,))
+    tgt, src = random_tokens(5, 2, 7), random_tokens(6, 2, 7)
+    cache = run_with_cache(p2, c2, src, sites=("features",))[1]
+    if values == "zeros":
+        cache = ablation.zeros_like_source(cache)
+    pos_w = P.select("last", np.ones(tgt.shape))
+    metric = LogitDiff(good=jnp.array([[5], [6]]), bad=jnp.array([[7], [9]]))
+    prob = PatchingProblem.make(target_run(p2, c2, tgt), cache, pos_w, metric)
+    m = np.zeros((4, c2.n_layers, F), np.float32)
+    m[:, 1] = np.random.RandomState(1).rand(4, F) < 0.5
+    masks = Mask(features=jnp.asarray(m))
+    assert masks_call(p2, c2, prob, masks)[0].static["plan"] == Plan(1, 1)
+    got = run_masks(p2, c2, prob, masks, shard=False)
+    np.testing.assert_allclose(got, _looped(p2, c2, tgt, masks, cache, pos_w, metric), atol=2e-5)
+    assert np.abs(got - got[:1]).max() > 1e-3
+
+
 def test_sweep_over_feature_subsets(problem, tmp_path):
     """`run_sweep` over a pool of features = run_masks of the same subsets; labels 'L1F0'."""
     p2, c2, tgt, cache, pos_w, metric, prob = problem

@@ -8,7 +8,7 @@ import pytest
 from jaxcircuits.interventions import ablation as A
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.interventions.metrics import (AnswerProb, LogitDiff, answer_log_prob, first_distinguishing, pad_ids)
-from jaxcircuits.models.transformer import forward, run_with_cache
+from jaxcircuits.models.transformer import forward, logits_of, run_with_cache
 from tests.conftest import left_padded_mask, random_tokens
 
 
@@ -85,6 +85,20 @@ def test_metrics_against_full_logits(tiny):
     want = [sum(logp[0, T - 3 + i - 1, answers[0][i]] for i in range(3)),
             sum(logp[1, T - 2 + i - 1, answers[1][i]] for i in range(2))]
     np.testing.assert_allclose(metric(params, h[:, -4:]), want, rtol=1e-4)
+
+
+def test_logit_diff_with_tied_embeddings_gathers_rows_not_the_transpose(tiny):
+    """GPT-2 ties its embeddings: the metric's two columns are rows of the input embedding [V, D],
+    gathered there; its compiled code holds no [D, V] array (gathering from the transpose makes XLA
+    transpose and copy the whole embedding on every call, every chunk of a sweep)."""
+    _, cfg, params = tiny("gpt2")
+    assert "unembed" not in params
+    h = jnp.asarray(np.random.RandomState(0).randn(2, 1, cfg.d_model), jnp.float32)
+    m = LogitDiff(good=jnp.array([[1], [2]]), bad=jnp.array([[3], [4]]))
+    full = np.asarray(logits_of(params, h[:, -1]))
+    np.testing.assert_allclose(m(params, h), full[[0, 1], [1, 2]] - full[[0, 1], [3, 4]], rtol=1e-5)
+    hlo = jax.jit(lambda p, x: m(p, x)).lower(params, h).compile().as_text()
+    assert f"[{cfg.d_model},{cfg.vocab_size}]" not in hlo
 
 
 def test_first_distinguishing_token():

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits.models.transformer import logits_of, unembed_matrix
+from jaxcircuits.models.transformer import logits_of, unembed_columns, unembed_matrix
 
 Array = jax.Array
 
@@ -107,10 +107,9 @@ class DemeanedLogit:
     n_positions: int = struct.field(pytree_node=False, default=1)
 
     def __call__(self, params, h: Array) -> Array:
-        w = unembed_matrix(params)
         h = h[:, -1].astype(jnp.float32)
-        cols = jnp.take(w, self.ids[:, 0], axis=1).T.astype(jnp.float32)          # [B, D]
-        return jnp.einsum("bd,bd->b", h, cols) - h @ w.astype(jnp.float32).mean(1)
+        cols = unembed_columns(params, self.ids[:, 0]).astype(jnp.float32)          # [B, D]
+        return jnp.einsum("bd,bd->b", h, cols) - h @ unembed_matrix(params).astype(jnp.float32).mean(1)
 
 
 @struct.dataclass

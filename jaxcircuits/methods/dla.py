@@ -164,15 +164,14 @@ def answer_direction(params, good: Array, bad: Optional[Array] = None) -> Array:
     minus that of its `bad` ids: the direction of a logit difference (exact for single tokens). The
     ids are checked as a metric's (`metrics.check_metric`: in the vocabulary, no padding-only row,
     good and bad sets different)."""
-    w = M.unembed_matrix(params).astype(jnp.float32)                     # [D, V]
     check_metric(AnswerProb(jnp.asarray(good)) if bad is None else LogitDiff(jnp.asarray(good), jnp.asarray(bad)),
-                 w.shape[1])
+                 jax.eval_shape(M.unembed_matrix, params).shape[1])
 
     def mean_col(ids):
         ids = jnp.asarray(ids)
         valid = (ids >= 0).astype(jnp.float32)
-        cols = jnp.take(w, jnp.maximum(ids, 0), axis=1)                   # [D, B, G]
-        return jnp.einsum("dbg,bg->bd", cols, valid) / valid.sum(-1, keepdims=True)
+        cols = M.unembed_columns(params, jnp.maximum(ids, 0)).astype(jnp.float32)     # [B, G, D]
+        return jnp.einsum("bgd,bg->bd", cols, valid) / valid.sum(-1, keepdims=True)
     return mean_col(good) - (0.0 if bad is None else mean_col(bad))
 
 

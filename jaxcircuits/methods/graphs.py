@@ -226,8 +226,8 @@ def logit_targets(logits, max_n_logits: int = 10, desired_logit_prob: float = 0.
 def logit_vectors(params, ids) -> Array:
     """[n, D]: the demeaned unembedding columns W_U[:, v] - mean_v W_U[:, v] of token ids [n] (a logit
     node's value is the final-normed h . its vector: the logit minus the mean logit)."""
-    w = M.unembed_matrix(params).astype(jnp.float32)
-    return (w[:, jnp.asarray(ids)] - w.mean(1, keepdims=True)).T
+    cols = M.unembed_columns(params, jnp.asarray(ids)).astype(jnp.float32)
+    return cols - M.unembed_matrix(params).astype(jnp.float32).mean(1)
 
 
 @jax.jit

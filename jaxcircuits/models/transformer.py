@@ -30,8 +30,9 @@ from jaxcircuits.models.layers import soft_cap
 Array = jax.Array
 Params = dict
 __all__ = ["Attn", "KVCache", "LayerIO", "attend", "block", "dense", "mlp", "norm", "project", "rope_tables",
-           "rotate", "Tap", "Context", "run_layers", "run", "forward_fn", "forward", "run_with_cache", "token_embeddings", "embed",
-           "final_norm", "logits_of", "unembed_matrix", "check_inputs", "default_positions", "attention_mask"]
+           "rotate", "Tap", "Context", "run_layers", "run", "forward_fn", "forward", "run_with_cache",
+           "token_embeddings", "embed", "final_norm", "logits_of", "unembed_matrix", "unembed_columns", "check_inputs",
+           "default_positions", "attention_mask"]
 
 
 class Tap:
@@ -175,14 +176,22 @@ def unembed_matrix(params: Params) -> Array:
     return params["unembed"]["w"] if "unembed" in params else params["embed"]["tokens"].T
 
 
+def unembed_columns(params: Params, vocab_ids: Array) -> Array:
+    """The output embedding's columns of `vocab_ids` [...], as [..., D]: gathered from the tied input
+    embedding's rows directly (gathering from its transpose makes XLA transpose the whole [V, D]
+    matrix on every call)."""
+    if "unembed" in params:
+        return jnp.moveaxis(jnp.take(params["unembed"]["w"], vocab_ids, axis=1), 0, -1)
+    return jnp.take(params["embed"]["tokens"], vocab_ids, axis=0)
+
+
 def logits_of(params: Params, h: Array, vocab_ids: Optional[Array] = None) -> Array:
     """float32 logits of final-normed h [..., D]: [..., V], or only columns `vocab_ids` [..., n];
     soft-capped when the params carry a 'logit_softcap' (Gemma-2, `params.config_leaves`)."""
-    w = unembed_matrix(params)
     if vocab_ids is None:
-        logits = jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,dv->...v", h, unembed_matrix(params), preferred_element_type=jnp.float32)
     else:
-        cols = jnp.moveaxis(jnp.take(w, vocab_ids, axis=1), 0, -1)       # [*vocab_ids.shape, D]
+        cols = unembed_columns(params, vocab_ids)                        # [*vocab_ids.shape, D]
         logits = jnp.einsum("...d,...nd->...n", h.astype(jnp.float32), cols.astype(jnp.float32))
     return logits if "logit_softcap" not in params else soft_cap(logits, params["logit_softcap"].astype(jnp.float32))
 
