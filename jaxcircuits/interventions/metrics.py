@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcircuits.models.transformer import logits_of
+from jaxcircuits.models.transformer import logits_of, unembed_matrix
 
 Array = jax.Array
 
@@ -96,6 +96,21 @@ class AnswerProb:
         h = h[:, -1]
         full = jax.nn.logsumexp(logits_of(params, h), axis=-1)
         return jnp.exp(_set_logsumexp(params, h, self.ids) - full)
+
+
+@struct.dataclass
+class DemeanedLogit:
+    """The logit of a token minus the mean logit over the vocabulary, at the last position: ids int32
+    [B, 1] (an attribution graph's logit node, `methods.graphs`; before any final soft-cap)."""
+
+    ids: Array
+    n_positions: int = struct.field(pytree_node=False, default=1)
+
+    def __call__(self, params, h: Array) -> Array:
+        w = unembed_matrix(params)
+        h = h[:, -1].astype(jnp.float32)
+        cols = jnp.take(w, self.ids[:, 0], axis=1).T.astype(jnp.float32)          # [B, D]
+        return jnp.einsum("bd,bd->b", h, cols) - h @ w.astype(jnp.float32).mean(1)
 
 
 @struct.dataclass

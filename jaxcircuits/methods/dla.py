@@ -218,8 +218,17 @@ def freeze_norms(params, cfg: ModelConfig, tokens, attn_mask=None) -> dict:
     tokens (or the last positions of them: the patched suffix paths), with its batch.
     """
     tokens, attn_mask, _ = M.check_inputs(cfg, tokens, attn_mask)
+    return _freeze_norms(params, cfg, tokens, attn_mask)
+
+
+def freeze_norms_fn(params, cfg: ModelConfig, tokens: Array, attn_mask: Array) -> dict:
+    """`freeze_norms` of checked int32 tokens, attn_mask [B, T] (traceable)."""
     names = (*norm_names(cfg), "final_norm")
-    _, c = M.forward(params, cfg, tokens, attn_mask, collect=tuple(f"scale:{n}" for n in names), return_logits=False)
+    _, c = M.forward_fn(params, cfg, tokens, attn_mask, collect=tuple(f"scale:{n}" for n in names),
+                        return_logits=False)
     frozen = lambda p, n: {**p[n], "inv_scale": c[f"scale:{n}"]}
     layers = {**params["layers"], **{n: frozen(params["layers"], n) for n in names[:-1]}}
     return {**params, "layers": layers, "final_norm": frozen(params, "final_norm")}
+
+
+_freeze_norms = jax.jit(freeze_norms_fn, static_argnames=("cfg",))

@@ -30,7 +30,7 @@ from jaxcircuits.models.layers import soft_cap
 Array = jax.Array
 Params = dict
 __all__ = ["Attn", "KVCache", "LayerIO", "attend", "block", "dense", "mlp", "norm", "project", "rope_tables",
-           "rotate", "Tap", "Context", "run_layers", "run", "forward_fn", "forward", "run_with_cache", "embed",
+           "rotate", "Tap", "Context", "run_layers", "run", "forward_fn", "forward", "run_with_cache", "token_embeddings", "embed",
            "final_norm", "logits_of", "unembed_matrix", "check_inputs", "default_positions", "attention_mask"]
 
 
@@ -150,12 +150,16 @@ def run(params: Params, cfg: ModelConfig, tokens: Array, ctx: Context, tap: Opti
     return h, cache, top.carry
 
 
-def embed(params: Params, cfg: ModelConfig, tokens: Array, pos_ids: Array) -> Array:
-    """Token (+ learned position) embeddings: tokens [B, T] -> [B, T, D]; the token embeddings times
-    sqrt(D) in their dtype with cfg.scaled_embeddings (as HF Gemma: the float32 factor cast to it)."""
+def token_embeddings(params: Params, cfg: ModelConfig, tokens: Array) -> Array:
+    """The token embeddings of tokens [...] -> [..., D], times sqrt(D) in their dtype with
+    cfg.scaled_embeddings (as HF Gemma: the float32 factor cast to it)."""
     x = params["embed"]["tokens"][tokens]
-    if cfg.scaled_embeddings:
-        x = x * jnp.asarray(np.float32(cfg.d_model ** 0.5), x.dtype)
+    return x * jnp.asarray(np.float32(cfg.d_model ** 0.5), x.dtype) if cfg.scaled_embeddings else x
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: Array, pos_ids: Array) -> Array:
+    """Token (+ learned position) embeddings: tokens [B, T] -> [B, T, D] (`token_embeddings`)."""
+    x = token_embeddings(params, cfg, tokens)
     if cfg.position_embedding == "learned":
         x = x + params["embed"]["positions"][pos_ids]
     return x

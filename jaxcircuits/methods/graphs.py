@@ -1,0 +1,536 @@
+"""Attribution graphs over transcoders (the circuit-tracing method), exact and batched.
+
+The local replacement model of one prompt (`local_replacement`) is the model with every MLP that has a
+transcoder replaced by it (its skip included) plus an error node per (layer, position) holding what
+the transcoder misses; a layer without a transcoder keeps its whole MLP output as its error. Every
+attention pattern and norm scale is frozen from the real run (patterns held as constants, norm scales by
+`dla.freeze_norms`). With every node at its value it reproduces the model on the prompt; in the nodes
+(feature activations a [L, T, F], errors e [L, T, D], token embeddings x [T, D]) it is affine:
+
+    mlp_out[l] = a[l] W_dec[l] + b_dec[l] + mlp_in[l] W_skip[l] + e[l]
+
+Targets: a feature's pre-activation without its bias, mlp_in[l, p] . W_enc[l][:, f], and a logit
+node's demeaned logit at the last position, h . (W_U[:, v] - mean_v W_U[:, v]) (h: final-normed, scale
+frozen). The edge weight s -> t is s's direct effect on t, its write times the gradient g_t of t with
+respect to the residual at that write in the replacement model (every other node held):
+
+    A[t, s] = a_s W_dec[l, f] . g_t[l, p]      feature s = (l, p, f)
+              e[l, p] . g_t[l, p]              error node (l, p)
+              x[p] . g_t^embed[p]              token p
+
+so the edges into t sum to t(nodes) - t(no nodes). Rows come from backward passes of the replacement
+batched with `jax.vmap` (one a target). Conventions follow circuit-tracer (its `attribute`, 0.5): nodes
+ordered [features, errors (layer-major), tokens, logits]; rows targets, columns sources; position 0
+(the BOS) has no feature or error nodes; logit nodes the most probable tokens up to a cumulative
+probability; features expanded in order of their influence on the logits when they are capped;
+`prune` with its node and edge thresholds; `graph_json` writes its (and Neuronpedia's) graph files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxcircuits import checks, logs, storage
+from jaxcircuits.dictionaries.core import DictConfig, decode, encode
+from jaxcircuits.dictionaries.splice import detach
+from jaxcircuits.methods.dla import freeze_norms_fn
+from jaxcircuits.models import transformer as M
+from jaxcircuits.models.block import LayerIO, Parts
+from jaxcircuits.models.config import ModelConfig
+
+Array = jax.Array
+ZERO_POSITIONS = 1          # the first positions, which get no feature or error nodes (circuit-tracer's BOS)
+
+
+# ---- the local replacement model ------------------------------------------------------------------
+
+@struct.dataclass
+class Replacement:
+    """The local replacement model of one prompt of T tokens (module doc).
+
+    params: the model's params without dictionaries, norm scales frozen on the prompt; dicts: the
+    transcoders' params stacked [L, ...] (zeros on layers without one); tokens [T]; acts
+    [L, T, F] feature activations (0 where no transcoder); errors [L, T, D]; embeds [T, D] token
+    embeddings (the token nodes' writes); const [T, D] the embedding's rest (learned positions);
+    patterns [L, H, T, T] the real run's attention patterns; cfg, the model's config without its
+    splice; dc, the transcoders' `DictConfig`."""
+
+    params: dict
+    dicts: dict
+    tokens: Array
+    acts: Array
+    errors: Array
+    embeds: Array
+    const: Array
+    patterns: Array
+    cfg: ModelConfig = struct.field(pytree_node=False)
+    dc: DictConfig = struct.field(pytree_node=False)
+
+
+class _Layer(NamedTuple):
+    """What the replacement's layer reads: the transcoders' config and this layer's params, its node
+    activations a [1, T, F] and errors e [1, T, D], the real run's patterns [1, H, T, T]."""
+
+    dc: DictConfig
+    dictionary: dict
+    acts: Array
+    errors: Array
+    patterns: Array
+
+
+class _IO(LayerIO):
+    """A layer of the replacement (`_Layer`): the patterns are the real run's; the MLP output is the
+    transcoder's (decode of the node activations, skip from the MLP input) plus the error node. At the
+    model's bottom (layer (embeds, const)) the embedding write is the token nodes' plus the constant rest."""
+
+    def __init__(self, layer, collect, carry):
+        super().__init__(collect, carry)
+        self.layer, self.h = layer, None
+
+    def site(self, name, x):
+        return super().site(name, _SITE_RULES.get(name, lambda io, x: x)(self, x))
+
+    def write(self, group: str, parts: Parts) -> Array:
+        return sum(self.layer).astype(parts.total.dtype) if group == "embed" else parts.total
+
+
+def _keep_input(io: _IO, h: Array) -> Array:
+    io.h = h
+    return h
+
+
+def _transcoder_out(io: _IO, out: Array) -> Array:
+    t = io.layer
+    return (decode(t.dc, t.dictionary, t.acts, io.h.astype(t.acts.dtype)) + t.errors).astype(out.dtype)
+
+
+_SITE_RULES = {"pattern": lambda io, x: io.layer.patterns.astype(x.dtype), "mlp_in": _keep_input,
+               "mlp_out": _transcoder_out}
+
+
+@struct.dataclass
+class _Tap(M.Tap):
+    """The replacement's run: per layer the transcoder's params, a [L, 1, T, F], e [L, 1, T, D] and the
+    patterns [L, 1, H, T, T]; at the bottom the token nodes x [1, T, D] and the constant rest [1, T, D]."""
+
+    dicts: dict
+    acts: Array
+    errors: Array
+    patterns: Array
+    embeds: Array
+    const: Array
+    dc: DictConfig = struct.field(pytree_node=False)
+
+    def per_layer(self):
+        return self.dicts, self.acts, self.errors, self.patterns
+
+    def io(self, layer, carry, collect):
+        return _IO((self.embeds, self.const) if layer is None else _Layer(self.dc, *layer), collect, carry)
+
+
+def replacement_outputs(rep: Replacement, acts: Array, errors: Array, embeds: Array) -> Tuple[Array, Array]:
+    """The replacement with nodes acts [L, T, F], errors [L, T, D], embeds [T, D]: (the MLP inputs
+    mlp_in [L, T, D], the final-normed last position h [D]); affine in the nodes."""
+    T = rep.tokens.shape[0]
+    ones = jnp.ones((1, T), jnp.int32)
+    tap = _Tap(rep.dicts, acts[:, None], errors[:, None], rep.patterns[:, None], embeds[None], rep.const[None], rep.dc)
+    h, cache, _ = M.run(rep.params, rep.cfg, rep.tokens[None], M.Context(M.default_positions(ones), ones), tap,
+                        collect=("mlp_in",))
+    return cache["mlp_in"][:, 0], h[0, -1]
+
+
+def replacement_targets(rep: Replacement, acts: Array, errors: Array, embeds: Array,
+                        logit_vecs: Array) -> Tuple[Array, Array]:
+    """Target values of the replacement with the given nodes: feature pre-activations without their
+    bias [L, T, F] and the logit nodes h . logit_vecs [n] (logit_vecs [n, D], `logit_vectors`)."""
+    mlp_in, h = replacement_outputs(rep, acts, errors, embeds)
+    pre = jnp.einsum("ltd,ldf->ltf", mlp_in.astype(jnp.float32), rep.dicts["w_enc"].astype(jnp.float32))
+    return pre, logit_vecs @ h.astype(jnp.float32)
+
+
+def check_transcoders(cfg: ModelConfig) -> None:
+    """ValueError unless `cfg` has transcoders spliced (`dictionaries.splice.attach`, host 'transcoder')
+    and logits linear in the final residual (no final soft-cap)."""
+    if cfg.splice is None or cfg.splice.host != "transcoder":
+        got = "none" if cfg.splice is None else f"{cfg.splice.host!r} dictionaries"
+        raise ValueError(f"attribution graphs need transcoders spliced into the model (host 'transcoder', "
+                         f"dictionaries.splice.attach); this model has {got}")
+    if cfg.splice.dictionary.subtract_b_dec:
+        raise ValueError("attribution graphs read a transcoder's encoder as a linear map of its input; "
+                         "subtract_b_dec (an SAE's option) is not a transcoder's")
+
+
+def _tokens(cfg: ModelConfig, tokens) -> Array:
+    """tokens as int32 [T] (one prompt, [T] or [1, T]), checked as the model's inputs."""
+    t = jnp.asarray(tokens)
+    if t.ndim == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 1:
+        raise ValueError(f"an attribution graph is of one prompt: tokens [T] or [1, T], got shape {tuple(t.shape)}")
+    if t.shape[0] <= ZERO_POSITIONS:
+        raise ValueError(f"tokens has {t.shape[0]} position(s); positions below {ZERO_POSITIONS} (the BOS) get no "
+                         "feature nodes, so a graph needs more")
+    return M.check_inputs(cfg, t[None])[0][0]
+
+
+def local_replacement(params, cfg: ModelConfig, tokens) -> Replacement:
+    """The `Replacement` of the model with transcoders (params, cfg from `splice.attach`) on one
+    prompt `tokens` [T]: the real run's MLP inputs and outputs give the activations and errors."""
+    check_transcoders(cfg)
+    tokens = _tokens(cfg, tokens)
+    dc = cfg.splice.dictionary
+    dicts = {k: v for k, v in params["layers"]["dict"].items() if k != "on"}
+    on = params["layers"]["dict"]["on"]
+    plain, pcfg = detach(params, cfg)
+    return _replacement(plain, pcfg, dc, dicts, on, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dc"))
+def _replacement(params, cfg: ModelConfig, dc: DictConfig, dicts: dict, on: Array, tokens: Array) -> Replacement:
+    ones = jnp.ones((1, tokens.shape[0]), jnp.int32)
+    _, c = M.forward_fn(params, cfg, tokens[None], ones, collect=("mlp_in", "mlp_out", "pattern"),
+                        return_logits=False)
+    mlp_in, mlp_out = c["mlp_in"][:, 0].astype(jnp.float32), c["mlp_out"][:, 0].astype(jnp.float32)    # [L, T, D]
+    acts = jax.vmap(lambda d, x, o: encode(dc, d, x) * o)(dicts, mlp_in, on)
+    errors = mlp_out - jax.vmap(lambda d, a, x: decode(dc, d, a, x))(dicts, acts, mlp_in)
+    tok = M.token_embeddings(params, cfg, tokens)
+    full = M.embed(params, cfg, tokens[None], M.default_positions(ones))[0]
+    return Replacement(freeze_norms_fn(params, cfg, tokens[None], ones), dicts, tokens, acts, errors,
+                       tok.astype(jnp.float32), (full - tok).astype(jnp.float32), c["pattern"][:, 0], cfg, dc)
+
+
+# ---- edges -----------------------------------------------------------------------------------------
+
+def logit_targets(logits, max_n_logits: int = 10, desired_logit_prob: float = 0.95) -> Tuple[np.ndarray, np.ndarray]:
+    """(token ids [n], their probabilities [n]) of the logit nodes: the most probable tokens of logits
+    [V], in descending probability, the fewest whose probabilities sum to desired_logit_prob, at most
+    max_n_logits."""
+    checks.count("max_n_logits", max_n_logits)
+    if not 0 < desired_logit_prob <= 1:
+        raise ValueError(f"desired_logit_prob must lie in (0, 1], got {desired_logit_prob}")
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32)), np.float64)
+    ids = np.argsort(-probs, kind="stable")[:max_n_logits]
+    n = min(int(np.searchsorted(np.cumsum(probs[ids]), desired_logit_prob)) + 1, len(ids))
+    return ids[:n], probs[ids[:n]].astype(np.float32)
+
+
+def logit_vectors(params, ids) -> Array:
+    """[n, D]: the demeaned unembedding columns W_U[:, v] - mean_v W_U[:, v] of token ids [n] (a logit
+    node's value is the final-normed h . its vector: the logit minus the mean logit)."""
+    w = M.unembed_matrix(params).astype(jnp.float32)
+    return (w[:, jnp.asarray(ids)] - w.mean(1, keepdims=True)).T
+
+
+@jax.jit
+def _rows(rep: Replacement, layer: Array, pos: Array, vec_in: Array, vec_h: Array, feats: Array) -> Array:
+    """Edge rows [N, S + L T + T] of N targets into the sources [features `feats` [S, 3] (layer, position,
+    feature), error nodes (layer-major), tokens]: target n reads vec_in [N, D] at mlp_in[layer[n],
+    pos[n]] plus vec_h [N, D] at the last final-normed position; one backward pass a target."""
+    L, T, D = rep.errors.shape
+    _, vjp = jax.vjp(lambda e, x: replacement_outputs(rep, rep.acts, e, x), rep.errors, rep.embeds)
+    ct = jnp.zeros((len(layer), L, T, D), jnp.float32).at[jnp.arange(len(layer)), layer, pos].set(vec_in)
+    g_err, g_emb = jax.vmap(vjp)((ct, vec_h))                            # [N, L, T, D], [N, T, D]
+    l, p, f = feats.T
+    writes = rep.dicts["w_dec"][l, f].astype(jnp.float32) * rep.acts[l, p, f][:, None]
+    node_err = rep.errors.at[:, :ZERO_POSITIONS].set(0)
+    return jnp.concatenate([jnp.einsum("nsd,sd->ns", g_err[:, l, p], writes),
+                            jnp.einsum("nltd,ltd->nlt", g_err, node_err).reshape(len(layer), L * T),
+                            jnp.einsum("ntd,td->nt", g_emb, rep.embeds)], 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """An attribution graph of one prompt.
+
+    tokens [T]; features [S, 3] (layer, position, feature) of its feature nodes and activations [S];
+    logit_ids, logit_probs [n] its logit nodes; adjacency [N, N] float32, N = S + L T + T + n, rows
+    targets, columns sources, nodes ordered [features, error nodes (layer-major: error (l, p) at
+    S + l T + p), tokens, logits]; n_active: the active features before `max_feature_nodes` chose S of
+    them."""
+
+    tokens: np.ndarray
+    features: np.ndarray
+    activations: np.ndarray
+    logit_ids: np.ndarray
+    logit_probs: np.ndarray
+    adjacency: np.ndarray
+    n_layers: int
+    n_active: int
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    def offsets(self) -> Dict[str, slice]:
+        """{'features', 'errors', 'tokens', 'logits'}: each kind's slice of the node order."""
+        S, LT, T = len(self.features), self.n_layers * self.n_pos, self.n_pos
+        return {"features": slice(0, S), "errors": slice(S, S + LT), "tokens": slice(S + LT, S + LT + T),
+                "logits": slice(S + LT + T, len(self.adjacency))}
+
+
+def _batches(n: int, size: int):
+    return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _feature_rows(rep: Replacement, feats: np.ndarray, idx: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Rows of the features `feats[idx]` (targets) over `sources` (feature rows [S, 3])."""
+    l, p, f = feats[idx].T
+    vec = rep.dicts["w_enc"][l, :, f].astype(jnp.float32)                                # [N, D]
+    return np.asarray(_rows(rep, jnp.asarray(l), jnp.asarray(p), vec, jnp.zeros_like(vec), jnp.asarray(sources)))
+
+
+def partial_influence(rows: np.ndarray, row_nodes: np.ndarray, weights: np.ndarray, max_iter: int = 1000) -> np.ndarray:
+    """Influence [n_nodes] of every node on weighted targets, from the rows known so far: rows
+    [R, n_nodes] (targets x sources) of the nodes row_nodes [R] (other rows unknown: read as 0),
+    weights [R] of the rows (the logit probabilities on logit rows, else 0). With rows normalised to
+    N = |A| / sum_s |A|, the influence is w (N + N^2 + ...), a finite series on a DAG."""
+    norm = np.abs(rows) / np.maximum(np.abs(rows).sum(1, keepdims=True), 1e-10)
+    prod, total = np.asarray(weights, np.float64) @ norm, np.zeros(rows.shape[1])
+    for _ in range(max_iter):
+        if not prod.any():
+            return total
+        total += prod
+        prod = prod[row_nodes] @ norm
+    raise ValueError(f"influence did not vanish after {max_iter} steps: the rows do not form a DAG")
+
+
+_outputs = jax.jit(replacement_outputs)
+
+
+def attribute(params, cfg: ModelConfig, tokens, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+              max_feature_nodes: Optional[int] = None, batch_size: int = 64, update_interval: int = 4) -> Graph:
+    """The attribution `Graph` of one prompt `tokens` [T] in the model with transcoders (params, cfg
+    from `splice.attach`, host 'transcoder'; layers without one count as error nodes whole).
+
+    Logit nodes: `logit_targets` of the last position (max_n_logits, desired_logit_prob). Feature
+    nodes: the active features (activation != 0) at positions from `ZERO_POSITIONS`, all of them, or
+    (max_feature_nodes) as many, chosen greedily by their influence on the logits through the rows known
+    so far (`partial_influence`, refreshed every update_interval batches). batch_size targets share a
+    compiled, vmapped backward pass."""
+    checks.count("batch_size", batch_size)
+    checks.count("update_interval", update_interval)
+    rep = local_replacement(params, cfg, tokens)
+    L, T, _ = rep.errors.shape
+    ids, probs = logit_targets(M.logits_of(rep.params, _outputs(rep, rep.acts, rep.errors, rep.embeds)[1]),
+                               max_n_logits, desired_logit_prob)
+    acts = np.array(rep.acts)
+    acts[:, :ZERO_POSITIONS] = 0
+    active = np.argwhere(acts != 0).astype(np.int32)                     # (layer, position, feature), sorted
+    n_active, n = len(active), len(ids)
+    cap = n_active if max_feature_nodes is None else min(checks.count("max_feature_nodes", max_feature_nodes, 0), n_active)
+    vecs = logit_vectors(rep.params, ids)
+    tail = np.zeros((n, n), np.float32)                                  # the logit columns: never sources
+    logit_rows = np.concatenate([np.asarray(_rows(rep, jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32),
+                                                  jnp.zeros_like(vecs), vecs, jnp.asarray(active))), tail], 1)
+
+    def rows_of(idx):
+        padded = np.resize(idx, batch_size)                              # one compiled shape
+        r = _feature_rows(rep, active, padded, active)[:len(idx)]
+        return np.concatenate([r, np.zeros((len(idx), n), np.float32)], 1)
+
+    found = {}
+    with logs.progress(total=cap, desc="attribution graph", unit="feature") as bar:
+        while len(found) < cap:
+            if cap == n_active:
+                todo = np.arange(n_active)[len(found):]
+            else:
+                known = np.vstack([logit_rows, *[found[i] for i in sorted(found)]])
+                nodes = np.concatenate([np.arange(n) + n_active + L * T + T, sorted(found)]).astype(np.int64)
+                weights = np.concatenate([probs, np.zeros(len(found))])
+                infl = partial_influence(known, nodes, weights)[:n_active]
+                todo = [i for i in np.argsort(-infl, kind="stable") if i not in found]
+            todo = np.asarray(todo[:min(update_interval * batch_size, cap - len(found))], np.int64)
+            for idx in _batches(len(todo), batch_size):
+                for i, row in zip(todo[idx], rows_of(todo[idx])):
+                    found[int(i)] = row
+                bar.update(len(idx))
+    selected = np.asarray(sorted(found), np.int64)
+    cols = np.concatenate([selected, n_active + np.arange(L * T + T + n)])
+    S = len(selected)
+    adjacency = np.zeros((S + L * T + T + n, S + L * T + T + n), np.float32)
+    if S:
+        adjacency[:S] = np.stack([found[i] for i in selected])[:, cols]
+    adjacency[-n:] = logit_rows[:, cols]
+    return Graph(np.asarray(rep.tokens), active[selected], acts[tuple(active[selected].T)], np.asarray(ids), probs,
+                 adjacency, L, n_active)
+
+
+# ---- what the graph predicts ----------------------------------------------------------------------
+
+def predicted_effects(graph: Graph, deltas, through_features: bool = True) -> np.ndarray:
+    """[K, n]: the change of each logit node the graph predicts for K interventions on its feature nodes,
+    deltas [K, S] (the change of each feature's activation: -a to zero it, (c - 1) a to scale it by c).
+    An edge's weight per unit of its source's activation is A[t, s] / a_s; with through_features the
+    other feature nodes respond linearly (an active feature's activation moves with its pre-activation:
+    d = delta + B d, solved exactly on the DAG), else only the direct edges count. Error nodes and features
+    outside the graph stay fixed, as do attention patterns and norm scales."""
+    o, S = graph.offsets(), len(graph.features)
+    deltas = np.asarray(deltas, np.float64).reshape(-1, S)
+    per_unit = graph.adjacency[:, o["features"]].astype(np.float64) / np.where(graph.activations == 0, 1,
+                                                                               graph.activations)
+    d = deltas.T
+    if through_features:
+        d = np.linalg.solve(np.eye(S) - per_unit[o["features"]], d)
+    return (per_unit[o["logits"]] @ d).T
+
+
+# ---- pruning ---------------------------------------------------------------------------------------
+
+def normalized(adjacency: np.ndarray) -> np.ndarray:
+    """|A| with each target's row summed to 1 (rows of zeros stay zero)."""
+    a = np.abs(np.asarray(adjacency, np.float64))
+    return a / np.maximum(a.sum(1, keepdims=True), 1e-10)
+
+
+def influence(graph: Graph, adjacency: Optional[np.ndarray] = None) -> np.ndarray:
+    """[N]: each node's influence on the logit nodes weighted by their probabilities, through every
+    path of the row-normalised |adjacency| (`partial_influence` with all rows known)."""
+    a = graph.adjacency if adjacency is None else adjacency
+    return partial_influence(a, np.arange(len(a)), _logit_weights(graph))
+
+
+def _logit_weights(graph: Graph) -> np.ndarray:
+    w = np.zeros(len(graph.adjacency))
+    w[graph.offsets()["logits"]] = graph.logit_probs
+    return w
+
+
+def _threshold(scores: np.ndarray, fraction: float) -> float:
+    """The score at which the scores sorted in descending order first reach `fraction` of their sum."""
+    s = np.sort(np.asarray(scores, np.float64).ravel())[::-1]
+    cum = np.cumsum(s) / max(s.sum(), 1e-300)
+    return float(s[min(int(np.searchsorted(cum, fraction)), len(s) - 1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    """`prune`'s result: node_mask [N], edge_mask [N, N] (targets x sources) and each node's cumulative
+    influence score [N] (the fraction of all influence held by the nodes at least as influential)."""
+
+    node_mask: np.ndarray
+    edge_mask: np.ndarray
+    cumulative: np.ndarray
+
+
+def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+    """The circuit-tracing pruning: keep the most influential nodes holding node_threshold of the
+    influence on the logits (tokens and logits always kept), then, among the edges between them, those
+    holding edge_threshold of the edge scores (normalised weight times its target's influence, the
+    logits' own weight included); nodes left without an outgoing kept edge, or features without an
+    incoming one, go too, until nothing changes."""
+    for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0 <= v <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {v}")
+    o, n = graph.offsets(), len(graph.adjacency)
+    keep_always = np.zeros(n, bool)
+    keep_always[o["tokens"].start:] = True
+    node_infl = influence(graph)
+    nodes = (node_infl >= _threshold(node_infl, node_threshold)) | keep_always
+    pruned = np.where(nodes[:, None] & nodes[None, :], graph.adjacency, 0)
+    w = _logit_weights(graph)
+    scores = normalized(pruned) * (influence(graph, pruned) + w)[:, None]
+    edges = (scores >= _threshold(scores, edge_threshold)) & nodes[:, None] & nodes[None, :]
+    senders, features = slice(0, o["tokens"].start), o["features"]
+    while True:
+        before = nodes.copy()
+        nodes[senders] &= edges[:, senders].any(0)
+        nodes[features] &= edges[features].any(1)
+        edges &= nodes[:, None] & nodes[None, :]
+        if (nodes == before).all():
+            break
+    order = np.argsort(-node_infl, kind="stable")
+    cumulative = np.empty(n)
+    cumulative[order] = np.cumsum(node_infl[order]) / max(node_infl.sum(), 1e-300)
+    return Pruned(nodes, edges, cumulative)
+
+
+def scores(graph: Graph) -> Dict[str, float]:
+    """circuit-tracer's graph scores: 'replacement' = the tokens' share of the influence that starts at
+    tokens or error nodes; 'completeness' = the influence-weighted share of each node's normalised
+    input that is not from error nodes."""
+    o = graph.offsets()
+    a, infl, w = normalized(graph.adjacency), influence(graph), _logit_weights(graph)
+    tok, err = infl[o["tokens"]].sum(), infl[o["errors"]].sum()
+    non_error = 1 - a[:, o["errors"]].sum(1)
+    return {"replacement": float(tok / max(tok + err, 1e-300)),
+            "completeness": float((non_error * (infl + w)).sum() / max((infl + w).sum(), 1e-300))}
+
+
+# ---- files -----------------------------------------------------------------------------------------
+
+def _cantor(a: int, b: int) -> int:
+    return (a + b) * (a + b + 1) // 2 + b
+
+
+def node_records(graph: Graph, pruned: Pruned, token_str) -> list:
+    """One dict per node, in node order, with the fields circuit-tracer's graph files give a node
+    (node_id, feature, layer, ctx_idx, feature_type, token_prob, is_target_logit, run_idx,
+    reverse_ctx_idx, jsNodeId, clerp, influence, activation); token_str(id) -> str."""
+    o, L, T = graph.offsets(), graph.n_layers, graph.n_pos
+    base = dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="")
+    out = []
+    for (l, p, f), a, c in zip(graph.features.tolist(), graph.activations.tolist(), pruned.cumulative[o["features"]]):
+        out.append(dict(base, node_id=f"{l}_{f}_{p}", feature=_cantor(l, f), layer=str(l), ctx_idx=p,
+                        feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0", influence=float(c),
+                        activation=float(a)))
+    for i, c in enumerate(pruned.cumulative[o["errors"]]):
+        l, p = divmod(i, T)
+        out.append(dict(base, node_id=f"0_{l}_{p}", feature=-1, layer=str(l), ctx_idx=p,
+                        feature_type="mlp reconstruction error", jsNodeId=f"{l}_{p}-0", influence=float(c),
+                        activation=None))
+    for p, (t, c) in enumerate(zip(graph.tokens.tolist(), pruned.cumulative[o["tokens"]])):
+        out.append(dict(base, node_id=f"E_{t}_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
+                        jsNodeId=f"E_{t}-{p}", influence=float(c), activation=None))
+    for k, (v, prob) in enumerate(zip(graph.logit_ids.tolist(), graph.logit_probs.tolist())):
+        out.append(dict(base, node_id=f"{L + 1}_{v}_{T - 1}", feature=v, layer=str(L + 1), ctx_idx=T - 1,
+                        feature_type="logit", token_prob=float(prob), is_target_logit=k == 0,
+                        jsNodeId=f"L_{v}-{T - 1}", clerp=f'Output "{token_str(v)}" (p={prob:.3f})', influence=None,
+                        activation=None))
+    return out
+
+
+def graph_json(graph: Graph, pruned: Pruned, token_str, slug: str, scan: str, node_threshold: float) -> dict:
+    """The graph file circuit-tracer's `create_graph_files` writes and Neuronpedia's viewer reads:
+    {'metadata', 'qParams', 'nodes', 'links'}; nodes kept by `pruned` that a kept link touches (tokens and
+    logits always), links {source, target, weight} of the kept edges (raw signed weights)."""
+    records = node_records(graph, pruned, token_str)
+    dst, src = np.nonzero(pruned.edge_mask)
+    used = set(dst.tolist()) | set(src.tolist())
+    kinds = [r["feature_type"] for r in records]
+    keep = [i for i in range(len(records))
+            if pruned.node_mask[i] and (i in used or kinds[i] in ("embedding", "logit"))]
+    links = [{"source": records[s]["node_id"], "target": records[d]["node_id"], "weight": float(graph.adjacency[d, s])}
+             for d, s in zip(dst.tolist(), src.tolist())]
+    metadata = {"slug": slug, "scan": scan, "transcoder_list": [],
+                "prompt_tokens": [token_str(t) for t in graph.tokens.tolist()],
+                "prompt": "".join(token_str(t) for t in graph.tokens.tolist()),
+                "node_threshold": float(node_threshold), "schema_version": 1}
+    q = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    return {"metadata": metadata, "qParams": q, "nodes": [records[i] for i in keep], "links": links}
+
+
+def write_graph_files(graph: Graph, pruned: Pruned, token_str, out_dir: str, slug: str, scan: str,
+                      node_threshold: float) -> str:
+    """Write `graph_json` to out_dir/<slug>.json and add its metadata to out_dir/graph-metadata.json
+    ({'graphs': [...]}, an entry of the same slug replaced), the files circuit-tracer's local server
+    serves; atomically (`storage.write_json`). Returns the graph file's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    data = graph_json(graph, pruned, token_str, slug, scan, node_threshold)
+    path = os.path.join(out_dir, f"{slug}.json")
+    storage.write_json(path, data)
+    index = os.path.join(out_dir, "graph-metadata.json")
+    graphs = []
+    if os.path.exists(index):
+        with open(index) as fh:
+            graphs = json.load(fh)["graphs"]
+    storage.write_json(index, {"graphs": [g for g in graphs if g.get("slug") != slug] + [data["metadata"]]})
+    return path
