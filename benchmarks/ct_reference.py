@@ -6,8 +6,11 @@ Runs in its own virtualenv (torch CPU, circuit-tracer 0.5.0, transformer-lens, n
     /tmp/ctvenv/bin/pip install torch==2.13.0 circuit-tracer==0.5.0
 
     /tmp/ctvenv/bin/python benchmarks/ct_reference.py fixture OUT [--arch gpt2|llama] [--no-skip] [--act jumprelu]
+        [--layers L --d-model D --heads H --vocab V --width F --enc-bias B]
     /tmp/ctvenv/bin/python benchmarks/ct_reference.py graph OUT/model OUT/transcoders --tokens 1,5,9,13 \
-        --out graph.npz [--json-dir DIR --slug NAME] [--max-feature-nodes N] [--batch-size B] [--reps R]
+        --out graph.npz [--json-dir DIR --slug NAME] [--max-feature-nodes N] [--batch-size B] [--reps R] [--trim]
+
+(--trim: the .npz holds only `TEST_FIELDS`, what tests/test_graph_circuit_tracer.py compares.)
 
 `make_fixture(out_dir)` saves a random HF model (`save_pretrained`, with a word-level tokenizer
 "<pad> <bos> <eos> t3 ... t{V-1}", ids = index) in out_dir/model and random per-layer transcoders
@@ -16,11 +19,11 @@ feature_input_hook ln2.hook_normalized, i.e. the MLP's norm output BEFORE the no
 feature_output_hook mlp.hook_out, transcoders: [layer_0.safetensors, ...] relative to the directory)
 and layer_{l}.safetensors with W_enc [F, D], b_enc [F], W_dec [F, D], b_dec [D], W_skip [D, D]
 (used as x @ W_skip.T) and, for JumpReLU, activation_function.threshold [F] (kept > 0). Encoders are
-random; W_dec, b_dec (and W_skip) are the least-squares fit of the model's MLP output on random
-prompts, so features carry most of the MLP and error nodes stay smaller (`fit_relative_error`).
-jaxcircuits' `dictionaries.files.load(out_dir/transcoders, cfg, params=params)` reads the ReLU sets
-(it refuses circuit-tracer's threshold tensor), so for JumpReLU sets a SAELens copy of each layer
-(jumprelu[_skip]_transcoder, same tensors) is also written to out_dir/transcoders_saelens/layer_{l}.
+random (pre-activations ~ N(enc_bias, 1): enc_bias sets how many features fire); W_dec, b_dec (and
+W_skip) are the least-squares fit of the model's MLP output on random prompts, so features carry most
+of the MLP and error nodes stay smaller (`fit_relative_error`). Paths in fixture.json are relative to
+OUT. jaxcircuits reads the transcoders with `dictionaries.files.load(OUT/transcoders, cfg,
+params=params)` (the ln2.hook_normalized input folded).
 
 `circuit_tracer_graph(model_dir, transcoder_dir, tokens, **opts)` builds circuit-tracer's
 TransformerLens ReplacementModel offline (HookedTransformer.from_pretrained on the local dir with
@@ -53,6 +56,10 @@ import torch  # noqa: E402
 PAD, BOS, EOS = 0, 1, 2
 FEATURE_INPUT_HOOK = "ln2.hook_normalized"
 FEATURE_OUTPUT_HOOK = "mlp.hook_out"
+# what the agreement test compares (graph --trim keeps only these)
+TEST_FIELDS = ("adjacency", "active_features", "activation_values", "selected_features", "input_tokens",
+               "logit_tokens", "logit_probabilities", "node_threshold", "edge_threshold", "node_mask", "edge_mask",
+               "cumulative_scores", "replacement_score", "completeness_score")
 
 
 # ---- fixture ---------------------------------------------------------------------------------------
@@ -70,27 +77,28 @@ def make_tokenizer(vocab: int):
                                    unk_token="<pad>")
 
 
-def hf_config(arch: str, n_layers: int, d_model: int, vocab: int):
+def hf_config(arch: str, n_layers: int, d_model: int, vocab: int, heads: int = 4):
     from transformers import GPT2Config, LlamaConfig
     ids = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     if arch == "gpt2":
-        return GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=64, n_ctx=64, vocab_size=vocab,
+        return GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=heads, n_positions=64, n_ctx=64, vocab_size=vocab,
                           n_inner=4 * d_model, **ids)
     if arch == "llama":   # GQA, untied, no biases, plain RoPE (theta 10000)
-        return LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=2 * d_model, vocab_size=vocab,
+        return LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=heads,
+                           num_key_value_heads=heads // 2, intermediate_size=2 * d_model, vocab_size=vocab,
                            max_position_embeddings=128, tie_word_embeddings=False, **ids)
     raise ValueError(f"arch {arch!r}: gpt2 or llama")
 
 
 def make_fixture(out_dir: str, arch: str = "gpt2", n_layers: int = 2, d_model: int = 64, vocab: int = 101,
-                 width: int = 128, skip: bool = True, act: str = "relu", seed: int = 0) -> dict:
-    """Save the tiny HF model (out_dir/model) and transcoders (out_dir/transcoders); their paths."""
+                 width: int = 128, skip: bool = True, act: str = "relu", seed: int = 0, heads: int = 4,
+                 enc_bias: float = -1.0) -> dict:
+    """Save the HF model (out_dir/model) and transcoders (out_dir/transcoders); fixture.json's dict."""
     import yaml
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(arch, n_layers, d_model, vocab),
+    model = AutoModelForCausalLM.from_config(hf_config(arch, n_layers, d_model, vocab, heads),
                                              attn_implementation="eager").eval()
     with torch.no_grad():   # weights large enough that logits and activations are O(1)
         for n, p in model.named_parameters():
@@ -116,7 +124,7 @@ def make_fixture(out_dir: str, arch: str = "gpt2", n_layers: int = 2, d_model: i
         # the decoder (and skip) is the least-squares fit of the MLP's output on the features (and input),
         # so error nodes are smaller than features' contributions
         t = {"W_enc": torch.randn(width, d_model, generator=g) / d_model ** 0.5,
-             "b_enc": -1.0 + 0.3 * torch.randn(width, generator=g)}
+             "b_enc": enc_bias + 0.3 * torch.randn(width, generator=g)}
         if act == "jumprelu":
             t["b_enc"] = t["b_enc"] + 1.0   # thresholds take the place of the negative bias
             t["activation_function.threshold"] = 0.8 + 0.4 * torch.rand(width, generator=g)
@@ -134,19 +142,15 @@ def make_fixture(out_dir: str, arch: str = "gpt2", n_layers: int = 2, d_model: i
         name = f"layer_{layer}.safetensors"
         save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(tc_dir, name))
         names.append(name)
-        if act == "jumprelu":
-            _save_saelens_copy(os.path.join(out_dir, "transcoders_saelens", f"layer_{layer}"), t, layer, skip)
-    config = {"model_kind": "transcoder_set", "model_name": model_dir, "feature_input_hook": FEATURE_INPUT_HOOK,
+    config = {"model_kind": "transcoder_set", "model_name": "../model", "feature_input_hook": FEATURE_INPUT_HOOK,
               "feature_output_hook": FEATURE_OUTPUT_HOOK, "transcoders": names}
     if act == "relu":
         config["activation"] = "relu"
     with open(os.path.join(tc_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f)
-    fixture = {"model_dir": model_dir, "transcoder_dir": tc_dir, "arch": arch, "n_layers": n_layers,
-               "d_model": d_model, "vocab": vocab, "width": width, "skip": skip, "act": act, "seed": seed,
-               "fit_relative_error": rel_err}
-    if act == "jumprelu":
-        fixture["saelens_dirs"] = [os.path.join(out_dir, "transcoders_saelens", f"layer_{l}") for l in range(n_layers)]
+    fixture = {"model_dir": "model", "transcoder_dir": "transcoders", "arch": arch, "n_layers": n_layers,
+               "d_model": d_model, "heads": heads, "vocab": vocab, "width": width, "skip": skip, "act": act,
+               "enc_bias": enc_bias, "seed": seed, "fit_relative_error": rel_err}
     with open(os.path.join(out_dir, "fixture.json"), "w") as f:
         json.dump(fixture, f, indent=1)
     return fixture
@@ -287,26 +291,6 @@ def independent_adjacency(model_dir: str, transcoder_dir: str, out: dict) -> np.
         A[i, :S] = feat_in[l][:, p] @ tcs[l]["W_enc"][f]
     A[N - n_logit:, :S] = (final @ vecs.T).T
     return A.numpy()
-
-
-def _save_saelens_copy(path: str, t: dict, layer: int, skip: bool) -> None:
-    """The same JumpReLU transcoder as a SAELens 6 file (W_enc [D, F], W_dec [F, D], threshold)."""
-    from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
-    tensors = {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"],
-               "threshold": t["activation_function.threshold"]}
-    if skip:
-        tensors["W_skip"] = t["W_skip"]
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "sae_weights.safetensors"))
-    d_model, width = t["W_enc"].shape[1], t["W_enc"].shape[0]
-    cfg = {"architecture": "jumprelu_skip_transcoder" if skip else "jumprelu_transcoder", "d_in": d_model,
-           "d_sae": width, "d_out": d_model, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
-           "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"sae_lens_version": "6.0.0", "model_name": "tiny",
-                        "hook_name": f"blocks.{layer}.{FEATURE_INPUT_HOOK}",
-                        "hook_name_out": f"blocks.{layer}.{FEATURE_OUTPUT_HOOK}"}}
-    with open(os.path.join(path, "cfg.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
 
 
 # ---- circuit-tracer --------------------------------------------------------------------------------
@@ -482,6 +466,8 @@ def main(argv=None) -> None:
     f.add_argument("--no-skip", action="store_true")
     f.add_argument("--act", default="relu", choices=("relu", "jumprelu"))
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--heads", type=int, default=4)
+    f.add_argument("--enc-bias", type=float, default=-1.0, help="mean encoder bias (pre-activations ~ N(it, 1))")
     g = sub.add_parser("graph", help="circuit-tracer's graph -> .npz (+ its JSON)")
     g.add_argument("model_dir")
     g.add_argument("transcoder_dir")
@@ -497,12 +483,13 @@ def main(argv=None) -> None:
     g.add_argument("--edge-threshold", type=float, default=0.98)
     g.add_argument("--reps", type=int, default=3)
     g.add_argument("--threads", type=int)
+    g.add_argument("--trim", action="store_true", help="keep only TEST_FIELDS in the .npz")
     g.add_argument("--verify", action="store_true",
                    help="also recompute the adjacency independently (independent_adjacency) and report the gap")
     a = p.parse_args(argv)
     if a.cmd == "fixture":
         print(json.dumps(make_fixture(a.out_dir, a.arch, a.layers, a.d_model, a.vocab, a.width, not a.no_skip,
-                                      a.act, a.seed), indent=1))
+                                      a.act, a.seed, a.heads, a.enc_bias), indent=1))
         return
     out = circuit_tracer_graph(a.model_dir, a.transcoder_dir, [int(t) for t in a.tokens.split(",")],
                                max_n_logits=a.max_n_logits, desired_logit_prob=a.desired_logit_prob,
@@ -517,7 +504,7 @@ def main(argv=None) -> None:
         out["verify_rel_diff"] = float(np.abs(mine - ref).max() / np.abs(ref).max())
         print(json.dumps({"verify_max_abs_diff": out["verify_max_abs_diff"], "max_abs_edge": float(np.abs(ref).max()),
                           "verify_rel_diff": out["verify_rel_diff"]}))
-    np.savez(a.out, **{k: v for k, v in out.items()})
+    np.savez_compressed(a.out, **{k: v for k, v in out.items() if not a.trim or k in TEST_FIELDS})
     print(json.dumps({"out": a.out, "nodes": int(out["adjacency"].shape[0]), "features": out["n_features"],
                       "active": int(len(out["active_features"])), "logits": out["logit_tokens"].tolist(),
                       "probs": np.round(out["logit_probabilities"], 4).tolist(),

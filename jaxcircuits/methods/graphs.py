@@ -471,30 +471,36 @@ def _cantor(a: int, b: int) -> int:
     return (a + b) * (a + b + 1) // 2 + b
 
 
+# A graph file's node fields, in circuit-tracer's order, with their defaults (None: always given).
+NODE_FIELDS = {"node_id": None, "feature": None, "layer": None, "ctx_idx": None, "feature_type": None,
+               "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": None,
+               "clerp": "", "influence": None, "activation": None}
+
+
+def _node(**fields) -> dict:
+    return {k: fields.get(k, v) for k, v in NODE_FIELDS.items()}
+
+
 def node_records(graph: Graph, pruned: Pruned, token_str) -> list:
     """One dict per node, in node order, with the fields circuit-tracer's graph files give a node
-    (node_id, feature, layer, ctx_idx, feature_type, token_prob, is_target_logit, run_idx,
-    reverse_ctx_idx, jsNodeId, clerp, influence, activation); token_str(id) -> str."""
+    (`NODE_FIELDS`, in its order); token_str(id) -> str."""
     o, L, T = graph.offsets(), graph.n_layers, graph.n_pos
-    base = dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="")
     out = []
     for (l, p, f), a, c in zip(graph.features.tolist(), graph.activations.tolist(), pruned.cumulative[o["features"]]):
-        out.append(dict(base, node_id=f"{l}_{f}_{p}", feature=_cantor(l, f), layer=str(l), ctx_idx=p,
-                        feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0", influence=float(c),
-                        activation=float(a)))
+        out.append(_node(node_id=f"{l}_{f}_{p}", feature=_cantor(l, f), layer=str(l), ctx_idx=p,
+                         feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0", influence=float(c),
+                         activation=float(a)))
     for i, c in enumerate(pruned.cumulative[o["errors"]]):
         l, p = divmod(i, T)
-        out.append(dict(base, node_id=f"0_{l}_{p}", feature=-1, layer=str(l), ctx_idx=p,
-                        feature_type="mlp reconstruction error", jsNodeId=f"{l}_{p}-0", influence=float(c),
-                        activation=None))
+        out.append(_node(node_id=f"0_{l}_{p}", feature=-1, layer=str(l), ctx_idx=p,
+                         feature_type="mlp reconstruction error", jsNodeId=f"{l}_{p}-0", influence=float(c)))
     for p, (t, c) in enumerate(zip(graph.tokens.tolist(), pruned.cumulative[o["tokens"]])):
-        out.append(dict(base, node_id=f"E_{t}_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
-                        jsNodeId=f"E_{t}-{p}", influence=float(c), activation=None))
+        out.append(_node(node_id=f"E_{t}_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
+                         jsNodeId=f"E_{t}-{p}", influence=float(c)))
     for k, (v, prob) in enumerate(zip(graph.logit_ids.tolist(), graph.logit_probs.tolist())):
-        out.append(dict(base, node_id=f"{L + 1}_{v}_{T - 1}", feature=v, layer=str(L + 1), ctx_idx=T - 1,
-                        feature_type="logit", token_prob=float(prob), is_target_logit=k == 0,
-                        jsNodeId=f"L_{v}-{T - 1}", clerp=f'Output "{token_str(v)}" (p={prob:.3f})', influence=None,
-                        activation=None))
+        out.append(_node(node_id=f"{L + 1}_{v}_{T - 1}", feature=v, layer=str(L + 1), ctx_idx=T - 1,
+                         feature_type="logit", token_prob=float(prob), is_target_logit=k == 0,
+                         jsNodeId=f"L_{v}-{T - 1}", clerp=f'Output "{token_str(v)}" (p={prob:.3f})'))
     return out
 
 
