@@ -62,22 +62,11 @@ def _token_str(case):
     return words.__getitem__
 
 
-def _node_keys(features, n_layers, tokens, logit_ids):
-    """One key a node in circuit-tracer's documented node order: features (layer, position, feature),
-    error nodes (layer-major), tokens, logits."""
-    return ([("feature", *map(int, f)) for f in features]
-            + [("error", l, p) for l in range(n_layers) for p in range(len(tokens))]
-            + [("token", p) for p in range(len(tokens))] + [("logit", int(v)) for v in logit_ids])
-
-
 def _ours(case, ref, **opts):
+    """Our graph of the tokens circuit-tracer used, and the order of its nodes in circuit-tracer's."""
     graph = G.attribute(*_model(case), ref["input_tokens"], **opts)
-    mine = _node_keys(graph.features, graph.n_layers, graph.tokens, graph.logit_ids)
-    theirs = _node_keys(ref["active_features"][ref["selected_features"]], graph.n_layers, ref["input_tokens"],
-                        ref["logit_tokens"])
-    assert sorted(mine) == sorted(theirs)
-    where = {k: i for i, k in enumerate(mine)}
-    return graph, np.array([where[k] for k in theirs])          # ours[perm] is in circuit-tracer's order
+    return graph, G.node_order(graph, G.node_keys(ref["active_features"][ref["selected_features"]], graph.n_layers,
+                                                  len(ref["input_tokens"]), ref["logit_tokens"]))
 
 
 def _check_graph(case, ref, **opts):

@@ -256,3 +256,14 @@ def test_bad_inputs_are_refused(tiny):
         G.attribute(p2, c2, random_tokens(0, 1, 1)[0])
     with pytest.raises(ValueError, match="max_feature_nodes"):
         G.attribute(p2, c2, random_tokens(0, 1, T)[0], max_feature_nodes=-1)
+
+
+def test_node_order_matches_nodes_by_key():
+    g = _toy_graph()
+    keys = g.node_keys()
+    assert keys[:2] == [("feature", 0, 1, 3), ("feature", 0, 1, 4)] and keys[2:4] == [("error", 0, 0), ("error", 0, 1)]
+    assert keys[4:] == [("token", 0), ("token", 1), ("logit", 9)]
+    perm = np.array([6, 0, 3, 1, 5, 2, 4])
+    np.testing.assert_array_equal(G.node_order(g, [keys[i] for i in perm]), perm)
+    with pytest.raises(ValueError, match="1 not in this graph"):
+        G.node_order(g, keys[:-1] + [("logit", 8)])

@@ -270,11 +270,37 @@ class Graph:
     def n_pos(self) -> int:
         return len(self.tokens)
 
+    def node_keys(self) -> list:
+        """`node_keys` of this graph's nodes, in its node order."""
+        return node_keys(self.features, self.n_layers, self.n_pos, self.logit_ids)
+
     def offsets(self) -> Dict[str, slice]:
         """{'features', 'errors', 'tokens', 'logits'}: each kind's slice of the node order."""
         S, LT, T = len(self.features), self.n_layers * self.n_pos, self.n_pos
         return {"features": slice(0, S), "errors": slice(S, S + LT), "tokens": slice(S + LT, S + LT + T),
                 "logits": slice(S + LT + T, len(self.adjacency))}
+
+
+def node_keys(features, n_layers: int, n_pos: int, logit_ids) -> list:
+    """One key a node, in the node order (`Graph`): ('feature', layer, position, feature) of each of
+    features [S, 3], ('error', layer, position) layer-major, ('token', position), ('logit', token id)
+    of each of logit_ids [n]; to match the nodes of graphs ordered otherwise (circuit-tracer's)."""
+    return ([("feature", *map(int, f)) for f in features]
+            + [("error", l, p) for l in range(n_layers) for p in range(n_pos)]
+            + [("token", p) for p in range(n_pos)] + [("logit", int(v)) for v in logit_ids])
+
+
+def node_order(graph: Graph, keys) -> np.ndarray:
+    """[N]: the indices of `graph`'s nodes in the order of `keys` (`node_keys` of another graph of the
+    same nodes), so graph.adjacency[np.ix_(order, order)] is in that order; ValueError unless the nodes
+    are the same."""
+    mine = graph.node_keys()
+    if sorted(mine) != sorted(keys):
+        missing, extra = set(keys) - set(mine), set(mine) - set(keys)
+        raise ValueError(f"the graphs' nodes differ: {len(missing)} not in this graph (e.g. {sorted(missing)[:3]}), "
+                         f"{len(extra)} only in it (e.g. {sorted(extra)[:3]})")
+    where = {k: i for i, k in enumerate(mine)}
+    return np.array([where[k] for k in keys], np.int64)
 
 
 def _batches(n: int, size: int):
