@@ -267,3 +267,18 @@ def test_node_order_matches_nodes_by_key():
     np.testing.assert_array_equal(G.node_order(g, [keys[i] for i in perm]), perm)
     with pytest.raises(ValueError, match="1 not in this graph"):
         G.node_order(g, keys[:-1] + [("logit", 8)])
+
+
+def test_rows_over_position_prefixes_are_exact(tiny):
+    """A longer prompt (19 positions): batches of targets at early positions run backwards over a
+    prefix of 8 or 16 positions; their rows still sum to the replacement's own difference."""
+    _, _, (p2, c2) = _model(tiny, "gpt2")
+    tokens = random_tokens(2, 1, 19)[0]
+    graph, rep = G.attribute(p2, c2, tokens, batch_size=8), G.local_replacement(p2, c2, tokens)
+    assert G._prefix_len(int(graph.features[0, 1]), 19) == 8 and G._prefix_len(9, 19) == 16
+    acts, errors = np.array(rep.acts), np.array(rep.errors)
+    base = _targets(rep, graph, acts, errors, rep.embeds)
+    acts[:, G.ZERO_POSITIONS:] = 0
+    errors[:, G.ZERO_POSITIONS:] = 0
+    none = _targets(rep, graph, acts, errors, np.zeros_like(rep.embeds))
+    np.testing.assert_allclose(_rows(graph).sum(1), base - none, atol=2e-4)
