@@ -32,6 +32,12 @@ setup(
         # that its imports used there need.
         # sae-lens 6.54.12 (tests/test_dictionary_files.py's reference encode/decode and file round trip,
         # the SAE benchmarks) resolves to transformer-lens 3.9.0, transformers 5.24 and torch 2.13 CPU too.
+        # circuit-tracer 0.5.0 (benchmarks/graph_vs_circuit_tracer.py, the live variant of
+        # tests/test_graph_circuit_tracer.py) is not listed: it pins transformers >=4.56,<=4.57.3, so it
+        # cannot install beside transformers 5.24. It lives in its own venv, run by subprocess:
+        #   python3 -m venv /tmp/ctvenv
+        #   /tmp/ctvenv/bin/pip install torch==2.13.0          # the CPU wheel
+        #   /tmp/ctvenv/bin/pip install circuit-tracer==0.5.0
         "bench": ["torch==2.13.0", "transformer-lens==3.9.0", "nnsight==0.8.1", "sae-lens==6.54.12",
                   "einops>=0.6.1", "ordered-set>=4.1.0", "plotly>=5.18.0", "attrs", "blobfile>=2.0.2"],
     },

@@ -816,18 +816,7 @@ def main(argv):
     result["load_line"] = load_line(start, end)
     result["where"] = where(result)
     result["failures"] = failures
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    path = os.path.join(FLAGS.out_dir, f"sae_vs_saelens-{result['date']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    md = render(result)
-    if FLAGS.results_md:
-        with open(FLAGS.results_md, "w") as f:
-            f.write(md)
-    print(md)
-    print(f"wrote {path}")
-    if failures:
-        sys.exit("agreement failed: " + "; ".join(failures))
+    timing.finish(result, "sae_vs_saelens", render(result), FLAGS.out_dir, FLAGS.results_md)
 
 
 if __name__ == "__main__":

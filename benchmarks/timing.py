@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
+import sys
 import platform
 import time
 from typing import Callable, Sequence, Tuple
@@ -13,19 +15,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def first_and_reps(run: Callable[[], object], reps: int) -> Tuple[object, Tuple[float, float], np.ndarray]:
+    """(the first call's result, its (wall, CPU) seconds after jax.clear_caches(): compile + run,
+    [reps, 2] (wall, CPU) seconds of further calls); CPU: this process's, all threads."""
+    def timed():
+        w, c = time.perf_counter(), time.process_time()
+        out = run()
+        return out, (time.perf_counter() - w, time.process_time() - c)
+
+    jax.clear_caches()
+    out, first = timed()
+    return out, first, np.array([timed()[1] for _ in range(reps)]).reshape(reps, 2)
+
+
 def first_and_median(run: Callable[[], object], reps: int) -> Tuple[object, float, float]:
     """(the first call's result, its seconds after jax.clear_caches(): compile + run, the median
     seconds of `reps` further calls)."""
-    jax.clear_caches()
-    t = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return out, first, float(np.median(times))
+    out, first, times = first_and_reps(run, reps)
+    return out, first[0], float(np.median(times[:, 0]))
 
 
 QUIET_LOAD = 0.5       # 1-minute load average (whole machine) at or below which a run starts quiet
@@ -79,3 +86,19 @@ def environment(packages: Sequence[str]) -> dict:
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
             "jax_devices": [str(d) for d in jax.devices()], "versions": {p: version(p) for p in packages}}
+
+
+def finish(result: dict, name: str, md: str, out_dir: str, results_md: str) -> None:
+    """Write `result` to out_dir/<name>-<date>.json and the report `md` to results_md ('' skips it),
+    print both, and exit with the agreement failures listed in result['failures'], if any."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}-{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    if results_md:
+        with open(results_md, "w") as f:
+            f.write(md)
+    print(md)
+    print(f"wrote {path}")
+    if result["failures"]:
+        sys.exit("agreement failed: " + "; ".join(result["failures"]))

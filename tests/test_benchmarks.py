@@ -3,6 +3,7 @@
 import importlib.util
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -110,3 +111,22 @@ def test_sae_vs_saelens_says_what_it_needs(tmp_path):
     assert out.returncode != 0
     assert "needs sae-lens==6.54.12" in out.stderr.strip().splitlines()[-1]
     assert not list(tmp_path.iterdir())
+
+
+def test_graph_vs_circuit_tracer(tmp_path):
+    """Without circuit-tracer's interpreter the graph benchmark exits at once with one line; with it
+    (JAXCIRCUITS_CIRCUIT_TRACER_PYTHON) a tiny run agrees and reports both tools' times."""
+    ct = os.environ.get("JAXCIRCUITS_CIRCUIT_TRACER_PYTHON")
+    out = run_binary("benchmarks.graph_vs_circuit_tracer", f"--ct_python={tmp_path / 'none'}", f"--out_dir={tmp_path}",
+                     "--results_md=")
+    assert out.returncode != 0 and "needs --ct_python" in out.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())
+    if not ct:
+        pytest.skip("the live run needs JAXCIRCUITS_CIRCUIT_TRACER_PYTHON (circuit-tracer 0.5.0's interpreter)")
+    out = run_binary("benchmarks.graph_vs_circuit_tracer", f"--ct_python={ct}", f"--fixture_dir={tmp_path / 'fx'}",
+                     "--layers=2", "--d_model=64", "--heads=4", "--vocab=101", "--width=128", "--enc_bias=-1",
+                     "--seq_len=8", "--reps=1", f"--out_dir={tmp_path}", "--results_md=")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("graph_vs_circuit_tracer-*.json")).read_text())
+    assert not result["failures"] and result["adjacency_rel_diff"] < 1e-5 and result["n_active"] > 50
+    assert result["circuit_tracer"]["median_wall_s"] > 0 and result["jaxcircuits"]["median_wall_s"] > 0

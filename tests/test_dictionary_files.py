@@ -379,8 +379,33 @@ def test_circuit_tracer_transcoders(tmp_path):
     assert len(files.load(_write_ct(tmp_path / "glob", listed, layers))) == 2
 
 
+def test_circuit_tracer_jumprelu_transcoders(tmp_path):
+    """A layer file holding activation_function.threshold is circuit-tracer's JumpReLU, pre * (pre >
+    threshold) (the same as ours for thresholds >= 0); a negative threshold, or config.yaml's
+    activation saying otherwise, is refused."""
+    rng = np.random.default_rng(10)
+    t = {**_ct_layer(rng), files.CT_THRESHOLD: np.abs(rng.normal(size=F)).astype(np.float32) * 0.5}
+    config = {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in",
+              "feature_output_hook": "hook_mlp_out", "transcoders": ["layer_0.safetensors"]}
+    d = files.load(_write_ct(tmp_path / "ok", {**config, "activation": "jumprelu"}, {"layer_0.safetensors": t}), CFG)
+    assert d.config.kind == "jumprelu" and d.config.skip
+    x = _x(D)
+    pre = x @ t["W_enc"].T + t["b_enc"]
+    f_want = pre * (pre > t[files.CT_THRESHOLD])
+    assert 0 < (f_want != 0).sum() < f_want.size and (_relu(pre) != 0).sum() > (f_want != 0).sum()
+    np.testing.assert_allclose(core.encode(d.config, d.params, jnp.asarray(x)), f_want, atol=1e-5)
+    np.testing.assert_allclose(core.reconstruct(d.config, d.params, jnp.asarray(x)),
+                               f_want @ t["W_dec"] + t["b_dec"] + x @ t["W_skip"].T, atol=1e-4)
+    with pytest.raises(ValueError, match="holds a 'jumprelu' transcoder.*activation 'relu'"):
+        files.load(_write_ct(tmp_path / "says_relu", {**config, "activation": "relu"}, {"layer_0.safetensors": t}))
+    t[files.CT_THRESHOLD][3] = -0.1
+    with pytest.raises(ValueError, match="1 threshold.s. below 0"):
+        files.load(_write_ct(tmp_path / "negative", config, {"layer_0.safetensors": t}))
+
+
 @pytest.mark.parametrize("change,match", [
     ({"feature_input_hook": "hook_resid_mid"}, "un-normed residual"),
+    ({"activation": "jumprelu"}, "holds a 'relu' transcoder"),
     ({"model_kind": "cross_layer_transcoder"}, "'model_kind'"),
     ({"activation": "topk"}, "'activation'"),
     ({"transcoders": ["hf://owner/repo/layer_9.safetensors"]}, "layer_9.safetensors does not exist"),

@@ -256,3 +256,29 @@ def test_bad_inputs_are_refused(tiny):
         G.attribute(p2, c2, random_tokens(0, 1, 1)[0])
     with pytest.raises(ValueError, match="max_feature_nodes"):
         G.attribute(p2, c2, random_tokens(0, 1, T)[0], max_feature_nodes=-1)
+
+
+def test_node_order_matches_nodes_by_key():
+    g = _toy_graph()
+    keys = g.node_keys()
+    assert keys[:2] == [("feature", 0, 1, 3), ("feature", 0, 1, 4)] and keys[2:4] == [("error", 0, 0), ("error", 0, 1)]
+    assert keys[4:] == [("token", 0), ("token", 1), ("logit", 9)]
+    perm = np.array([6, 0, 3, 1, 5, 2, 4])
+    np.testing.assert_array_equal(G.node_order(g, [keys[i] for i in perm]), perm)
+    with pytest.raises(ValueError, match="1 not in this graph"):
+        G.node_order(g, keys[:-1] + [("logit", 8)])
+
+
+def test_rows_over_position_prefixes_are_exact(tiny):
+    """A longer prompt (19 positions): batches of targets at early positions run backwards over a
+    prefix of 8 or 16 positions; their rows still sum to the replacement's own difference."""
+    _, _, (p2, c2) = _model(tiny, "gpt2")
+    tokens = random_tokens(2, 1, 19)[0]
+    graph, rep = G.attribute(p2, c2, tokens, batch_size=8), G.local_replacement(p2, c2, tokens)
+    assert G._prefix_len(int(graph.features[0, 1]), 19) == 8 and G._prefix_len(9, 19) == 16
+    acts, errors = np.array(rep.acts), np.array(rep.errors)
+    base = _targets(rep, graph, acts, errors, rep.embeds)
+    acts[:, G.ZERO_POSITIONS:] = 0
+    errors[:, G.ZERO_POSITIONS:] = 0
+    none = _targets(rep, graph, acts, errors, np.zeros_like(rep.embeds))
+    np.testing.assert_allclose(_rows(graph).sum(1), base - none, atol=2e-4)

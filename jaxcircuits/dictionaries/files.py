@@ -12,7 +12,9 @@ SAELens tensors (`W_enc` [d_in, d_sae], `b_enc`, `W_dec` [d_sae, d_out], `b_dec`
 head index and output hook under `metadata`) and the older flat one (`hook_point`,
 `activation_fn_str` 'topk' with `activation_fn_kwargs.k`). A TopK file trained with
 `rescale_acts_by_decoder_norm` is folded into plain TopK (same features and outputs). JumpReLU is
-relu(pre) * (pre > threshold), as in SAELens, Gemma Scope and `core`.
+relu(pre) * (pre > threshold), as in SAELens, Gemma Scope and `core`; circuit-tracer's JumpReLU
+(a layer file holding `activation_function.threshold`) is pre * (pre > threshold), the same for
+thresholds >= 0: its files with a negative threshold are refused.
 
 Hooks map to hosts (`core.HOSTS`) through `hooknames` (hook_resid_pre, hook_resid_post = resid_pre
 of the next layer, attn.hook_z = head_out with d_in = H * Dh, hook_attn_out, hook_mlp_out); a
@@ -78,6 +80,9 @@ MLP_INPUTS = ("blocks.{layer}.mlp.hook_in",)
 PRE_WEIGHT = ("blocks.{layer}.ln2.hook_normalized",)
 MLP_OUTPUTS = ("blocks.{layer}.hook_mlp_out", "blocks.{layer}.mlp.hook_out")
 RESID_MID = ("blocks.{layer}.hook_resid_mid", "blocks.{layer}.hook_mlp_in")
+
+# circuit-tracer's JumpReLU threshold tensor (its activation function's parameter).
+CT_THRESHOLD = "activation_function.threshold"
 
 Loaded = Union[Dictionary, List[Dictionary]]
 
@@ -402,22 +407,34 @@ def _layer_files(directory: str, config: dict, where: str) -> Dict[int, str]:
     return {layer: _layer_file(directory, e, where) for layer, e in enumerate(listed)}
 
 
-def _circuit_tracer_layer(path: str, placed: _Placed, model: _Model) -> Dictionary:
-    """One circuit-tracer ReLU transcoder (W_enc [F, D], W_dec [F, D] or [D, F], W_skip [D, D] used
-    as x @ W_skip.T), or a Gemma Scope .npz, at `placed`."""
+def _circuit_tracer_layer(path: str, placed: _Placed, activation: Optional[str], model: _Model) -> Dictionary:
+    """One circuit-tracer transcoder (W_enc [F, D], W_dec [F, D] or [D, F], W_skip [D, D] used as
+    x @ W_skip.T; JumpReLU where it holds activation_function.threshold [F], as circuit-tracer
+    decides), or a Gemma Scope .npz (JumpReLU), at `placed`. config.yaml's `activation`, where given,
+    must agree. circuit-tracer's JumpReLU is pre * (pre > threshold), ours relu(pre) where pre >
+    threshold: the same for thresholds >= 0, so a negative one is refused."""
     if path.endswith(".npz"):
         d = _gemma_scope(path, placed)
-        return fold_norm_input(d, model.params, model.cfg) if placed.pre_weight else d
-    tensors = _safetensors(path)
-    for name in ("b_enc", "b_dec"):
-        if name not in tensors or tensors[name].ndim != 1:
-            raise ValueError(f"{path}: needs a 1-d tensor {name!r}; found {sorted(tensors)}")
-    width, d = tensors["b_enc"].shape[0], tensors["b_dec"].shape[0]
-    dec_t = "W_dec" in tensors and tensors["W_dec"].shape == (d, width) != (width, d)
-    names = {"w_enc": ("W_enc", True), "b_enc": ("b_enc", False), "w_dec": ("W_dec", dec_t),
-             "b_dec": ("b_dec", False), "w_skip": ("W_skip", True)}
-    dc = DictConfig("relu", d, width, d_out=d, skip="W_skip" in tensors)
-    return _placed(dc, _params(tensors, dc, names, path), placed, model)
+    else:
+        tensors = _safetensors(path)
+        for name in ("b_enc", "b_dec"):
+            if name not in tensors or tensors[name].ndim != 1:
+                raise ValueError(f"{path}: needs a 1-d tensor {name!r}; found {sorted(tensors)}")
+        width, dm = tensors["b_enc"].shape[0], tensors["b_dec"].shape[0]
+        dec_t = "W_dec" in tensors and tensors["W_dec"].shape == (dm, width) != (width, dm)
+        names = {"w_enc": ("W_enc", True), "b_enc": ("b_enc", False), "w_dec": ("W_dec", dec_t),
+                 "b_dec": ("b_dec", False), "w_skip": ("W_skip", True), "threshold": (CT_THRESHOLD, False)}
+        kind = "jumprelu" if CT_THRESHOLD in tensors else "relu"
+        dc = DictConfig(kind, dm, width, d_out=dm, skip="W_skip" in tensors)
+        d = Dictionary(dc, _params(tensors, dc, names, path), placed.host, placed.layer)
+    if activation is not None and activation != d.config.kind:
+        raise ValueError(f"{path} holds a {d.config.kind!r} transcoder (by its tensors), but config.yaml says "
+                         f"activation {activation!r}")
+    if d.config.kind == "jumprelu" and bool((d.params["threshold"] < 0).any()):
+        raise ValueError(f"{path}: {int((d.params['threshold'] < 0).sum())} threshold(s) below 0; circuit-tracer's "
+                         "JumpReLU pre * (pre > threshold) passes negative pre-activations there, ours "
+                         "(relu(pre) where pre > threshold) does not: refused")
+    return _placed(d.config, d.params, placed, model)
 
 
 def _read_circuit_tracer(directory: str, placed: Optional[_Placed], model: _Model) -> List[Dictionary]:
@@ -433,13 +450,14 @@ def _read_circuit_tracer(directory: str, placed: Optional[_Placed], model: _Mode
         raise ValueError(f"{where} places its transcoders itself (feature_input_hook); do not pass host or layer")
     _field(config, "model_kind", where, lambda v: v in (None, "transcoder_set"),
            "'transcoder_set' (per-layer transcoders; cross-layer transcoders are not supported)")
-    _field(config, "activation", where, lambda v: v in (None, "relu"), "'relu' (or absent)")
+    activation = _field(config, "activation", where, lambda v: v in (None, "relu", "jumprelu"),
+                        "'relu' or 'jumprelu' (or absent: the tensors tell)")
     hooks = [_field(config, f"feature_{io}_hook", where, lambda v: isinstance(v, str),
                     "a TransformerLens hook name inside a block") for io in ("input", "output")]
     out = []
     for layer, path in sorted(_layer_files(directory, config, where).items()):
         out.append(_circuit_tracer_layer(path, _transcoder_host(*(f"blocks.{layer}.{h}" for h in hooks), where, model),
-                                         model))
+                                         activation, model))
     return out
 
 

@@ -19,7 +19,8 @@ respect to the residual at that write in the replacement model (every other node
               x[p] . g_t^embed[p]              token p
 
 so the edges into t sum to t(nodes) - t(no nodes). Rows come from backward passes of the replacement
-batched with `jax.vmap` (one a target). Conventions follow circuit-tracer (its `attribute`, 0.5): nodes
+batched with `jax.vmap` (one a target), a layer at a time from the targets' top layer down, over the
+prefix of positions holding them (attention is causal). Conventions follow circuit-tracer (its `attribute`, 0.5): nodes
 ordered [features, errors (layer-major), tokens, logits]; rows targets, columns sources; position 0
 (the BOS) has no feature or error nodes; logit nodes the most probable tokens up to a cumulative
 probability; features expanded in order of their influence on the logits when they are capped;
@@ -230,21 +231,98 @@ def logit_vectors(params, ids) -> Array:
     return cols - M.unembed_matrix(params).astype(jnp.float32).mean(1)
 
 
-@jax.jit
-def _rows(rep: Replacement, layer: Array, pos: Array, vec_in: Array, vec_h: Array, feats: Array) -> Array:
-    """Edge rows [N, S + L T + T] of N targets into the sources [features `feats` [S, 3] (layer, position,
-    feature), error nodes (layer-major), tokens]: target n reads vec_in [N, D] at mlp_in[layer[n],
-    pos[n]] plus vec_h [N, D] at the last final-normed position; one backward pass a target."""
-    L, T, D = rep.errors.shape
-    _, vjp = jax.vjp(lambda e, x: replacement_outputs(rep, rep.acts, e, x), rep.errors, rep.embeds)
-    ct = jnp.zeros((len(layer), L, T, D), jnp.float32).at[jnp.arange(len(layer)), layer, pos].set(vec_in)
-    g_err, g_emb = jax.vmap(vjp)((ct, vec_h))                            # [N, L, T, D], [N, T, D]
+class _Sources(NamedTuple):
+    """The feature sources by layer: writes [L, P, D] (a_s W_dec[l, f_s], zero padded to P a layer),
+    their positions pos [L, P], and each feature's (layer, slot) in them, layer [S], slot [S]."""
+
+    writes: Array
+    pos: Array
+    layer: np.ndarray
+    slot: np.ndarray
+
+
+def _sources(rep: Replacement, feats: np.ndarray) -> _Sources:
+    """`_Sources` of the features feats [S, 3] (layer, position, feature), sorted by layer."""
+    L, _, D = rep.errors.shape
+    counts = np.bincount(feats[:, 0], minlength=L)
+    slot = np.arange(len(feats)) - (np.cumsum(counts) - counts)[feats[:, 0]]
     l, p, f = feats.T
     writes = rep.dicts["w_dec"][l, f].astype(jnp.float32) * rep.acts[l, p, f][:, None]
-    node_err = rep.errors.at[:, :ZERO_POSITIONS].set(0)
-    return jnp.concatenate([jnp.einsum("nsd,sd->ns", g_err[:, l, p], writes),
-                            jnp.einsum("nltd,ltd->nlt", g_err, node_err).reshape(len(layer), L * T),
-                            jnp.einsum("ntd,td->nt", g_emb, rep.embeds)], 1)
+    P = max(1, int(counts.max()))
+    return _Sources(jnp.zeros((L, P, D), jnp.float32).at[l, slot].set(writes),
+                    jnp.zeros((L, P), jnp.int32).at[l, slot].set(p), l, slot)
+
+
+def _prefix(rep: Replacement, t: int) -> Replacement:
+    """The replacement of the first t positions: attention is causal, so its values there are the
+    whole prompt's (frozen norm scales, patterns, nodes cut to them)."""
+    cut = lambda path, a: a[..., :t, :] if getattr(path[-1], "key", None) == "inv_scale" else a    # noqa: E731
+    return rep.replace(params=jax.tree_util.tree_map_with_path(cut, rep.params), tokens=rep.tokens[:t],
+                       acts=rep.acts[:, :t], errors=rep.errors[:, :t], embeds=rep.embeds[:t], const=rep.const[:t],
+                       patterns=rep.patterns[..., :t, :t])
+
+
+def _prefix_len(last: int, T: int) -> int:
+    """The prefix (a multiple of max(8, T / 4), at most T: few compiled shapes) holding position last."""
+    step = max(8, -(-T // 4))
+    return min(T, -(-(last + 1) // step) * step)
+
+
+@jax.jit
+def _layer_back(rep: Replacement, l: Array, g_out: Array, layer: Array, pos: Array, vec_in: Array, src: _Sources):
+    """One layer l of the replacement backwards for N targets: g_out [N, T, D], the gradient at its
+    output; targets n with layer[n] == l read vec_in [N, D] at mlp_in[l, pos[n]]. Returns (the gradient
+    at its input [N, T, D], the edges [N, P] from layer l's feature sources, [N, T] from its error nodes).
+    The layer is affine (patterns and norm scales frozen, activations fixed), so the gradient is taken at
+    0; its attention reads the real run's patterns, not the layer index (RoPE, windows)."""
+    N, (T, D) = len(layer), rep.embeds.shape
+    one = lambda a: jax.lax.dynamic_slice_in_dim(a, l, 1)                                        # noqa: E731
+    ones = jnp.ones((1, T), jnp.int32)
+    ctx = M.Context(M.default_positions(ones), ones)
+
+    def f(x, e):
+        tap = _Tap(jax.tree.map(one, rep.dicts), one(rep.acts)[:, None], e[None, None], one(rep.patterns)[:, None],
+                   rep.embeds[None], rep.const[None], rep.dc)
+        y, _, cache = M.run_layers(jax.tree.map(one, rep.params["layers"]), rep.cfg, x, ctx, tap, collect=("mlp_in",))
+        return y[0], cache["mlp_in"][0, 0]
+
+    _, vjp = jax.vjp(f, jnp.zeros((1, T, D), rep.embeds.dtype), rep.errors[l])
+    reads = jnp.zeros((N, T, D), jnp.float32).at[jnp.arange(N), pos].set(jnp.where((layer == l)[:, None], vec_in, 0))
+    g_in, g_err = jax.vmap(vjp)((g_out, reads))
+    at = jnp.einsum("ntd,pd->npt", g_err, src.writes[l])                  # a matmul: cheaper than gathering g
+    p = src.pos[l]
+    feats = jnp.take_along_axis(at, jnp.minimum(p, T - 1)[None, :, None], 2)[..., 0] * (p < T)
+    errs = jnp.einsum("ntd,td->nt", g_err, rep.errors[l].at[:ZERO_POSITIONS].set(0))
+    return g_in[:, 0], feats, errs
+
+
+@jax.jit
+def _logit_grads(rep: Replacement, vec_h: Array) -> Array:
+    """[n, T, D]: the gradients of the logit nodes (vec_h [n, D] read at the last final-normed position)
+    at the last layer's output."""
+    T, D = rep.embeds.shape
+    _, vjp = jax.vjp(lambda x: M.final_norm(rep.params, rep.cfg, x)[0, -1], jnp.zeros((1, T, D), rep.embeds.dtype))
+    return jax.vmap(lambda v: vjp(v)[0][0])(vec_h)
+
+
+def _rows(rep: Replacement, src: _Sources, layer: np.ndarray, pos: np.ndarray, vec_in: Array,
+          vec_h: Optional[Array] = None) -> np.ndarray:
+    """Edge rows [N, S + L T + T] of N targets into the sources [features `src`, error nodes
+    (layer-major), tokens]: target n reads vec_in [N, D] at mlp_in[layer[n], pos[n]], or (vec_h [N, D]
+    given: logit nodes) the last final-normed position. Backwards from the targets' top layer through
+    the prefix of positions holding them (`_prefix_len`), a layer a compiled call, N targets vmapped."""
+    L, T, _ = rep.errors.shape
+    N = len(layer)
+    top, t = (L, T) if vec_h is not None else (int(layer.max()), _prefix_len(int(pos.max()), T))
+    part = _prefix(rep, t) if t < T else rep
+    g = _logit_grads(part, vec_h) if vec_h is not None else jnp.zeros((N, t, rep.errors.shape[2]), jnp.float32)
+    feats, errs = np.zeros((N, L, src.writes.shape[1]), np.float32), np.zeros((N, L, T), np.float32)
+    layer, pos = jnp.asarray(layer, jnp.int32), jnp.asarray(pos, jnp.int32)
+    for l in reversed(range(min(top, L - 1) + 1)):
+        g, feats[:, l], errs[:, l, :t] = _layer_back(part, jnp.int32(l), g, layer, pos, vec_in, src)
+    tokens = np.zeros((N, T), np.float32)
+    tokens[:, :t] = np.einsum("ntd,td->nt", np.asarray(g), np.asarray(part.embeds))
+    return np.concatenate([feats[:, src.layer, src.slot], errs.reshape(N, L * T), tokens], 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +348,10 @@ class Graph:
     def n_pos(self) -> int:
         return len(self.tokens)
 
+    def node_keys(self) -> list:
+        """`node_keys` of this graph's nodes, in its node order."""
+        return node_keys(self.features, self.n_layers, self.n_pos, self.logit_ids)
+
     def offsets(self) -> Dict[str, slice]:
         """{'features', 'errors', 'tokens', 'logits'}: each kind's slice of the node order."""
         S, LT, T = len(self.features), self.n_layers * self.n_pos, self.n_pos
@@ -277,15 +359,30 @@ class Graph:
                 "logits": slice(S + LT + T, len(self.adjacency))}
 
 
+def node_keys(features, n_layers: int, n_pos: int, logit_ids) -> list:
+    """One key a node, in the node order (`Graph`): ('feature', layer, position, feature) of each of
+    features [S, 3], ('error', layer, position) layer-major, ('token', position), ('logit', token id)
+    of each of logit_ids [n]; to match the nodes of graphs ordered otherwise (circuit-tracer's)."""
+    return ([("feature", *map(int, f)) for f in features]
+            + [("error", l, p) for l in range(n_layers) for p in range(n_pos)]
+            + [("token", p) for p in range(n_pos)] + [("logit", int(v)) for v in logit_ids])
+
+
+def node_order(graph: Graph, keys) -> np.ndarray:
+    """[N]: the indices of `graph`'s nodes in the order of `keys` (`node_keys` of another graph of the
+    same nodes), so graph.adjacency[np.ix_(order, order)] is in that order; ValueError unless the nodes
+    are the same."""
+    mine = graph.node_keys()
+    if sorted(mine) != sorted(keys):
+        missing, extra = set(keys) - set(mine), set(mine) - set(keys)
+        raise ValueError(f"the graphs' nodes differ: {len(missing)} not in this graph (e.g. {sorted(missing)[:3]}), "
+                         f"{len(extra)} only in it (e.g. {sorted(extra)[:3]})")
+    where = {k: i for i, k in enumerate(mine)}
+    return np.array([where[k] for k in keys], np.int64)
+
+
 def _batches(n: int, size: int):
     return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _feature_rows(rep: Replacement, feats: np.ndarray, idx: np.ndarray, sources: np.ndarray) -> np.ndarray:
-    """Rows of the features `feats[idx]` (targets) over `sources` (feature rows [S, 3])."""
-    l, p, f = feats[idx].T
-    vec = rep.dicts["w_enc"][l, :, f].astype(jnp.float32)                                # [N, D]
-    return np.asarray(_rows(rep, jnp.asarray(l), jnp.asarray(p), vec, jnp.zeros_like(vec), jnp.asarray(sources)))
 
 
 def partial_influence(rows: np.ndarray, row_nodes: np.ndarray, weights: np.ndarray, max_iter: int = 1000) -> np.ndarray:
@@ -307,7 +404,7 @@ _outputs = jax.jit(replacement_outputs)
 
 
 def attribute(params, cfg: ModelConfig, tokens, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-              max_feature_nodes: Optional[int] = None, batch_size: int = 64, update_interval: int = 4) -> Graph:
+              max_feature_nodes: Optional[int] = None, batch_size: int = 128, update_interval: int = 4) -> Graph:
     """The attribution `Graph` of one prompt `tokens` [T] in the model with transcoders (params, cfg
     from `splice.attach`, host 'transcoder'; layers without one count as error nodes whole).
 
@@ -315,7 +412,7 @@ def attribute(params, cfg: ModelConfig, tokens, max_n_logits: int = 10, desired_
     nodes: the active features (activation != 0) at positions from `ZERO_POSITIONS`, all of them, or
     (max_feature_nodes) as many, chosen greedily by their influence on the logits through the rows known
     so far (`partial_influence`, refreshed every update_interval batches). batch_size targets share a
-    compiled, vmapped backward pass."""
+    vmapped backward pass (`_rows`: from their top layer, over the prefix of positions holding them)."""
     checks.count("batch_size", batch_size)
     checks.count("update_interval", update_interval)
     rep = local_replacement(params, cfg, tokens)
@@ -327,14 +424,15 @@ def attribute(params, cfg: ModelConfig, tokens, max_n_logits: int = 10, desired_
     active = np.argwhere(acts != 0).astype(np.int32)                     # (layer, position, feature), sorted
     n_active, n = len(active), len(ids)
     cap = n_active if max_feature_nodes is None else min(checks.count("max_feature_nodes", max_feature_nodes, 0), n_active)
-    vecs = logit_vectors(rep.params, ids)
+    vecs, src = logit_vectors(rep.params, ids), _sources(rep, active)
     tail = np.zeros((n, n), np.float32)                                  # the logit columns: never sources
-    logit_rows = np.concatenate([np.asarray(_rows(rep, jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32),
-                                                  jnp.zeros_like(vecs), vecs, jnp.asarray(active))), tail], 1)
+    zeros = jnp.zeros_like(vecs)
+    logit_rows = np.concatenate([_rows(rep, src, np.full(n, L), np.full(n, T - 1), zeros, vecs), tail], 1)
 
     def rows_of(idx):
         padded = np.resize(idx, batch_size)                              # one compiled shape
-        r = _feature_rows(rep, active, padded, active)[:len(idx)]
+        l, p, f = active[padded].T
+        r = _rows(rep, src, l, p, rep.dicts["w_enc"][l, :, f].astype(jnp.float32))[:len(idx)]
         return np.concatenate([r, np.zeros((len(idx), n), np.float32)], 1)
 
     found = {}
@@ -348,7 +446,7 @@ def attribute(params, cfg: ModelConfig, tokens, max_n_logits: int = 10, desired_
                 weights = np.concatenate([probs, np.zeros(len(found))])
                 infl = partial_influence(known, nodes, weights)[:n_active]
                 todo = [i for i in np.argsort(-infl, kind="stable") if i not in found]
-            todo = np.asarray(todo[:min(update_interval * batch_size, cap - len(found))], np.int64)
+            todo = np.sort(np.asarray(todo[:min(update_interval * batch_size, cap - len(found))], np.int64))
             for idx in _batches(len(todo), batch_size):
                 for i, row in zip(todo[idx], rows_of(todo[idx])):
                     found[int(i)] = row
@@ -471,30 +569,36 @@ def _cantor(a: int, b: int) -> int:
     return (a + b) * (a + b + 1) // 2 + b
 
 
+# A graph file's node fields, in circuit-tracer's order, with their defaults (None: always given).
+NODE_FIELDS = {"node_id": None, "feature": None, "layer": None, "ctx_idx": None, "feature_type": None,
+               "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": None,
+               "clerp": "", "influence": None, "activation": None}
+
+
+def _node(**fields) -> dict:
+    return {k: fields.get(k, v) for k, v in NODE_FIELDS.items()}
+
+
 def node_records(graph: Graph, pruned: Pruned, token_str) -> list:
     """One dict per node, in node order, with the fields circuit-tracer's graph files give a node
-    (node_id, feature, layer, ctx_idx, feature_type, token_prob, is_target_logit, run_idx,
-    reverse_ctx_idx, jsNodeId, clerp, influence, activation); token_str(id) -> str."""
+    (`NODE_FIELDS`, in its order); token_str(id) -> str."""
     o, L, T = graph.offsets(), graph.n_layers, graph.n_pos
-    base = dict(token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0, clerp="")
     out = []
     for (l, p, f), a, c in zip(graph.features.tolist(), graph.activations.tolist(), pruned.cumulative[o["features"]]):
-        out.append(dict(base, node_id=f"{l}_{f}_{p}", feature=_cantor(l, f), layer=str(l), ctx_idx=p,
-                        feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0", influence=float(c),
-                        activation=float(a)))
+        out.append(_node(node_id=f"{l}_{f}_{p}", feature=_cantor(l, f), layer=str(l), ctx_idx=p,
+                         feature_type="cross layer transcoder", jsNodeId=f"{l}_{f}-0", influence=float(c),
+                         activation=float(a)))
     for i, c in enumerate(pruned.cumulative[o["errors"]]):
         l, p = divmod(i, T)
-        out.append(dict(base, node_id=f"0_{l}_{p}", feature=-1, layer=str(l), ctx_idx=p,
-                        feature_type="mlp reconstruction error", jsNodeId=f"{l}_{p}-0", influence=float(c),
-                        activation=None))
+        out.append(_node(node_id=f"0_{l}_{p}", feature=-1, layer=str(l), ctx_idx=p,
+                         feature_type="mlp reconstruction error", jsNodeId=f"{l}_{p}-0", influence=float(c)))
     for p, (t, c) in enumerate(zip(graph.tokens.tolist(), pruned.cumulative[o["tokens"]])):
-        out.append(dict(base, node_id=f"E_{t}_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
-                        jsNodeId=f"E_{t}-{p}", influence=float(c), activation=None))
+        out.append(_node(node_id=f"E_{t}_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding",
+                         jsNodeId=f"E_{t}-{p}", influence=float(c)))
     for k, (v, prob) in enumerate(zip(graph.logit_ids.tolist(), graph.logit_probs.tolist())):
-        out.append(dict(base, node_id=f"{L + 1}_{v}_{T - 1}", feature=v, layer=str(L + 1), ctx_idx=T - 1,
-                        feature_type="logit", token_prob=float(prob), is_target_logit=k == 0,
-                        jsNodeId=f"L_{v}-{T - 1}", clerp=f'Output "{token_str(v)}" (p={prob:.3f})', influence=None,
-                        activation=None))
+        out.append(_node(node_id=f"{L + 1}_{v}_{T - 1}", feature=v, layer=str(L + 1), ctx_idx=T - 1,
+                         feature_type="logit", token_prob=float(prob), is_target_logit=k == 0,
+                         jsNodeId=f"L_{v}-{T - 1}", clerp=f'Output "{token_str(v)}" (p={prob:.3f})'))
     return out
 
 
