@@ -172,3 +172,16 @@ def test_bad_regions_and_edits_are_refused(setup, call, message):
 def test_edits_parse_and_print():
     assert [str(V.Edit.parse(s)) for s in ("zero", "scale:2", "set:-0.5")] == ["zero", "scale:2", "set:-0.5"]
     np.testing.assert_array_equal(V.Edit("scale", 2).new(np.asarray([1.0, -3.0])), [2.0, -6.0])
+
+
+def test_node_gradients_are_the_linear_limit_of_the_measured_effects(setup):
+    """For a small edit (scale by 1 + eps) the measured effects are eps times the gradient estimate of scale 2."""
+    p2, c2, _, graph = setup
+    run = V.real_run(p2, c2, graph)
+    nodes = np.concatenate([V.top_nodes(graph, 2, position=p) for p in range(1, graph.n_pos)])
+    grad = V.node_gradients(p2, c2, graph, V.Edit("scale", 2.0), nodes, run)
+    eps = 1e-2
+    with jax.default_matmul_precision("highest"):
+        small = V.node_effects(p2, c2, graph, V.Edit("scale", 1 + eps), nodes, run)
+    np.testing.assert_allclose(small / eps, grad, rtol=5e-2, atol=2e-3 * np.abs(grad).max())
+    assert np.abs(grad).max() > 1e-3

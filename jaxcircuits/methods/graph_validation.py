@@ -9,7 +9,8 @@ measured is the graph's top logit node, the demeaned logit of its most probable 
 
   single nodes   each feature node edited alone (`EDITS`: zero, scale by c, set to v), one batched
                  `run_masks` call per position, against `graphs.predicted_effects` of the same
-                 deltas, with and without the other features responding (`agreement`)
+                 deltas, with and without the other features responding, and against the real
+                 model's own linearisation (`node_gradients`) (`agreement`)
   a region       every subset of the n most influential feature nodes at the last position
                  zero-ablated (`run_sweep` over a `Pool` of their (layer, feature) units, `all_subsets`),
                  against the graph's predictions of all 2^n subsets (`region_summary`: fit, additivity,
@@ -34,6 +35,7 @@ from jaxcircuits.interventions.metrics import DemeanedLogit
 from jaxcircuits.interventions.problem import PatchingProblem, TargetRun, target_run
 from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.methods import graphs
+from jaxcircuits.methods.attribution import attribution_patching
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.transformer import run_with_cache
 
@@ -126,6 +128,23 @@ def node_effects(params, cfg: ModelConfig, graph: graphs.Graph, edit: Edit, node
     return out
 
 
+def node_gradients(params, cfg: ModelConfig, graph: graphs.Graph, edit: Edit, nodes: Sequence[int],
+                   run: Optional[RealRun] = None) -> np.ndarray:
+    """[K]: the real model's own linear estimate of `node_effects` (attribution patching: the gradient of
+    the top logit node in each feature at its position times the edit's change), one backward pass per
+    position. Close to the measured effects where the model is linear in the edits; what separates it
+    from the graph's prediction is what the graph freezes (norm scales, attention patterns, error nodes)."""
+    run = run or real_run(params, cfg, graph)
+    feats = graph.features[np.asarray(nodes, np.int64)]
+    source = edit.new(run.features)
+    out = np.zeros(len(feats))
+    for p in np.unique(feats[:, 1]):
+        sel = np.flatnonzero(feats[:, 1] == p)
+        est = attribution_patching(params, cfg, _problem(run, cfg, source, int(p)), "features")      # [L, F]
+        out[sel] = est[feats[sel, 0], feats[sel, 2]]
+    return out
+
+
 def node_deltas(graph: graphs.Graph, edit: Edit, nodes: Sequence[int]) -> np.ndarray:
     """[K, S]: the change of each feature node's activation when node nodes[k] alone is edited (the
     `graphs.predicted_effects` input)."""
@@ -153,12 +172,14 @@ def r_squared(measured, predicted) -> float:
 
 
 def agreement(measured, predicted, value: float) -> Dict[str, float]:
-    """How predicted effects [n] match measured ones [n]: their `correlations`, `r_squared` and the
-    median |measured - predicted| relative to |value| (the logit node's unpatched value)."""
-    err = np.abs(np.asarray(measured, np.float64) - np.asarray(predicted, np.float64))
-    return {**correlations(measured, predicted), "r2": r_squared(measured, predicted),
-            "median_rel_error": float(np.median(err) / max(abs(value), 1e-30)) if len(err) else float("nan"),
-            "n": int(len(err))}
+    """How predicted effects [n] match measured ones [n]: their `correlations`, `r_squared`, the median
+    |measured - predicted| and, for scale, the median |measured|, both relative to |value| (the logit
+    node's unpatched value)."""
+    m = np.asarray(measured, np.float64)
+    rel = lambda x: float(np.median(x) / max(abs(value), 1e-30)) if len(x) else float("nan")
+    return {**correlations(m, predicted), "r2": r_squared(m, predicted),
+            "median_rel_error": rel(np.abs(m - np.asarray(predicted, np.float64))), "median_rel_effect": rel(np.abs(m)),
+            "n": int(len(m))}
 
 
 def top_nodes(graph: graphs.Graph, n: Optional[int] = None, position: Optional[int] = None) -> np.ndarray:
