@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from jaxcircuits.dictionaries import corpus
-from tests.conftest import run_binary
+from tests.conftest import report_parts, run_binary
 
 FLAGS = ("--layers=0,1", "--width=16", "--k=4", "--steps=4", "--batch=32", "--documents=12", "--seq_len=32",
          "--eval_rows=2", "--top_nodes=6", "--region_size=3", "--max_n_logits=3")
@@ -16,26 +15,19 @@ def _run(*flags):
     return run_binary("experiments.graph", *flags)
 
 
-def test_graph_end_to_end(tiny_dir, tmp_path):
-    try:
-        corpus.path()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+def test_graph_end_to_end(tiny_dir, tmp_path, corpus_path):
     out = tmp_path / "graph"
     r = _run(f"--model={tiny_dir}", *FLAGS, f"--out={out}")
     assert r.returncode == 0, r.stderr[-3000:]
-    report = (out / "report.md").read_text()
+    report, headings, findings, res = report_parts(out)
     assert report.startswith("# Attribution graph of 'The capital of France is'") and "experiments.graph" in report
-    headings = [line[3:] for line in report.splitlines() if line.startswith("## ")]
     assert headings == ["Findings", "Setup", "Transcoders", "Graph", "Single-node edits in the real model",
                         "Region: every subset of the last position's top features"]
-    findings = report.split("## Findings")[1].split("## Setup")[0]
     assert "replacement score" in findings and "Edit scale:2 of 6 single feature nodes" in findings
     assert "Region of the 3 top features" in findings
-    res = json.loads((out / "results.json").read_text())
     assert set(res["transcoders"]) == {"0", "1"} and res["graph"]["n_features"] > 0
     assert set(res["node_checks"]) == {"zero", "scale:2", "set:1"}
-    assert len(res["node_checks"]["zero"]["measured"]) == 6
+    assert len(res["node_checks"]["zero"]["measured"]) == 6 and res["node_checks"]["zero"]["real_gradient"]["n"] == 6
     region = res["region"]
     assert len(region["nodes"]) == 3 and set(region["carrying"]) == {"0.5", "0.8"}
     graph_file = json.loads((out / "graphs" / "the-capital-of-france-is.json").read_text())

@@ -26,7 +26,7 @@ AUTO_LAYERS = 4                   # --layers unset: this many layers, evenly spa
 ROWS_PER_CHUNK = 8                # corpus rows per model run when collecting activations
 TOP_FEATURES = 10                 # features named in the report's tables
 # preset -> the values of the options left unset. quick: transcoders on 4 layers of SmolLM2-135M, the
-# graph and its checks on 2 CPU cores in about 10 minutes.
+# graph and its checks on 2 CPU cores in under 10 minutes.
 PRESETS: Dict[str, Dict[str, object]] = {
     "quick": dict(width=1024, k=16, steps=300, batch=128, lr=1e-3, documents=200, eval_rows=8, top_nodes=128),
     "full": dict(width=8192, k=64, steps=4000, batch=1024, lr=3e-4, documents=0, eval_rows=64, top_nodes=0),
@@ -43,8 +43,8 @@ class Options(kit.DictionaryOptions):
 
     presets = PRESETS
     preset: str = flag("enum", "quick", "Values of the flags left unset. quick: transcoders on 4 layers of "
-                       "SmolLM2-135M trained, the graph built and checked in about 10 minutes on 2 CPU cores; full: a "
-                       "GPU-sized run over the whole corpus.", enum_values=list(PRESETS))
+                       "SmolLM2-135M trained, the graph built and checked in under 10 minutes on 2 CPU cores; full: a "
+                       "GPU-sized training over the whole corpus (on --layers: list them all for a full replacement).", enum_values=list(PRESETS))
     prompt: str = flag("string", "The capital of France is", "The prompt (the corpus' separator token, the "
                        "tokenizer's BOS, goes first).")
     transcoders: Optional[str] = flag("string", None, "Directory of transcoders to load (`dictionaries.files`: "
@@ -150,7 +150,7 @@ def train_transcoders(model, opts: Options, rows: np.ndarray, layers: Sequence[i
                            opts.training(), os.path.join(checkpoints, f"layer_{l}")) for l in layers}
 
 
-def _transcoders_section(report: Report, dicts, held_out: Dict[int, np.ndarray], runs: dict) -> dict:
+def _transcoders_section(report: Report, dicts, held_out: Dict[int, np.ndarray], runs: dict) -> None:
     evals = {d.layer: evaluate.metrics(d.config, d.params, held_out[d.layer]) for d in dicts}
     rows = [[d.layer, d.config.kind, d.config.width, evals[d.layer].l0, evals[d.layer].explained_variance,
              evals[d.layer].dead_fraction, runs[d.layer].step if d.layer in runs else "-"] for d in dicts]
@@ -159,9 +159,7 @@ def _transcoders_section(report: Report, dicts, held_out: Dict[int, np.ndarray],
                "tokens: L0 (active features per token), the explained variance of the MLP's output, the fraction of "
                "features never active there; training steps (- for loaded transcoders).",
                table(["layer", "kind", "width", "L0", "explained variance", "dead fraction", "training steps"], rows))
-    out = {l: dataclasses.asdict(m) for l, m in evals.items()}
-    report.results["transcoders"] = out
-    return out
+    report.results["transcoders"] = {l: dataclasses.asdict(m) for l, m in evals.items()}
 
 
 # ---- the graph -----------------------------------------------------------------------------------
