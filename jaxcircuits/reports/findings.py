@@ -166,7 +166,8 @@ FINDING_RULES = {
                    "graph's predictions (the other features responding linearly, or direct effects only) are compared "
                    "with the measured change of the top logit node by Pearson and Spearman correlation and the median "
                    "absolute error relative to the logit node's value; the real model's gradient estimate (attribution "
-                   "patching) is the reference a linear account of the unfrozen model reaches.",
+                   "patching) is the reference a linear account of the unfrozen model reaches, the same with its norm "
+                   "scales frozen what remains without the norms' response.",
     "graph_region": "Region: every subset of the most influential features at the last position zero-ablated; fit is the "
                     "R^2 of the graph's predictions of the measured changes, additivity the R^2 of the sum of the single "
                     "features' measured changes; a subset carries a fraction of the logit when its ablation removes at "

@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from jaxcircuits.dictionaries import core, evaluate, files, splice, stream, train
+from jaxcircuits.methods import dla
 from jaxcircuits.methods import graph_validation as V
 from jaxcircuits.methods import graphs
 from jaxcircuits.reports import viz
@@ -218,8 +219,12 @@ def _graph_section(report: Report, graph, pruned, scores: dict, token_str, conte
 # ---- validation ----------------------------------------------------------------------------------
 
 def node_checks(spliced, graph, run: V.RealRun, edits, nodes) -> Dict[str, dict]:
-    """{edit: {'measured', 'predicted', 'direct', 'gradient' [K] (`V.node_gradients`), and the `V.agreement`
-    of each estimate}} for the feature nodes `nodes` edited one by one in the real model."""
+    """{edit: {'measured' [K], each estimate's values [K] ('<name>_values') and its `V.agreement` with the
+    measured ('<name>')}} for the feature nodes `nodes` edited one by one in the real model; the estimates:
+    the graph's (the other features responding, 'through_features', or not, 'direct_only') and the real
+    model's gradient (`V.node_gradients`), as it is and with its norm scales frozen on the prompt."""
+    frozen = dla.freeze_norms(spliced.params, spliced.cfg, graph.tokens[None])
+    frozen_run = V.real_run(frozen, spliced.cfg, graph)
     out = {}
     for edit in edits:
         logging.info("editing %d feature nodes (%s) in the real model", len(nodes), edit)
@@ -228,9 +233,11 @@ def node_checks(spliced, graph, run: V.RealRun, edits, nodes) -> Dict[str, dict]
         predicted = graphs.predicted_effects(graph, deltas)[:, 0]
         direct = graphs.predicted_effects(graph, deltas, through_features=False)[:, 0]
         gradient = V.node_gradients(spliced.params, spliced.cfg, graph, edit, nodes, run)
-        out[str(edit)] = {"measured": measured, "predicted": predicted, "direct": direct, "gradient": gradient,
-                          **{key: V.agreement(measured, est, run.value) for key, est in
-                             (("through_features", predicted), ("direct_only", direct), ("real_gradient", gradient))}}
+        frozen_gradient = V.node_gradients(frozen, spliced.cfg, graph, edit, nodes, frozen_run)
+        estimates = {"through_features": predicted, "direct_only": direct, "real_gradient": gradient,
+                     "frozen_norms_gradient": frozen_gradient}
+        out[str(edit)] = {"measured": measured, **{f"{k}_values": v for k, v in estimates.items()},
+                          **{k: V.agreement(measured, v, run.value) for k, v in estimates.items()}}
     return out
 
 
@@ -239,7 +246,9 @@ def _checks_section(report: Report, checks: Dict[str, dict], run: V.RealRun, tok
              c[key]["median_rel_effect"]]
             for edit, c in checks.items() for how, key in (("graph, others respond", "through_features"),
                                                            ("graph, direct only", "direct_only"),
-                                                           ("real model's gradient", "real_gradient"))]
+                                                           ("real model's gradient", "real_gradient"),
+                                                           ("its gradient, norm scales frozen",
+                                                            "frozen_norms_gradient"))]
     report.add("Single-node edits in the real model",
                f"Each feature node among the most influential edited alone at its position in the real model "
                f"(transcoders spliced with their errors kept: the other features, the MLPs, attention and norms respond "
@@ -247,7 +256,8 @@ def _checks_section(report: Report, checks: Dict[str, dict], run: V.RealRun, tok
                f"{run.value:.3f}); predicted: the graph's, with the other feature nodes responding linearly or by "
                "direct edges only, and for reference the real model's own linear estimate (attribution patching: its "
                "gradient times the edit), which differs from the graph's by what the graph freezes (norm scales, "
-               "attention patterns, the error nodes: the MLPs without a transcoder whole). Error: median |measured - predicted|, effect: median |measured|, both relative to "
+               "attention patterns, the error nodes: the MLPs without a transcoder whole), and the same with the norm "
+               "scales frozen (`methods.dla.freeze_norms`), which separates the norms' part of that gap. Error: median |measured - predicted|, effect: median |measured|, both relative to "
                "the logit node's value.",
                table(["edit", "prediction", "nodes", "Pearson", "Spearman", "R^2", "median error / logit",
                       "median effect / logit"], rows, digits=4))
@@ -286,13 +296,13 @@ def _findings(report: Report, graph, scores: dict, token_str, checks: Dict[str, 
                    + ", ".join(f"{_node_label(graph, i, token_str)} (activation {graph.activations[i]:.3g})" for i in top)
                    + ".", "graph")
     for edit, c in checks.items():
-        t, d, g = c["through_features"], c["direct_only"], c["real_gradient"]
+        t, d, g, f = c["through_features"], c["direct_only"], c["real_gradient"], c["frozen_norms_gradient"]
         report.finding(f"Edit {edit} of {t['n']} single feature nodes in the real model: the graph's predicted change "
                        f"of the {token!r} logit correlates with the measured one at Pearson {t['pearson']:.3f}, "
                        f"Spearman {t['spearman']:.3f} (direct edges only: {d['pearson']:.3f}, {d['spearman']:.3f}); "
                        f"median error {t['median_rel_error']:.2%} of the logit, median measured effect "
                        f"{t['median_rel_effect']:.2%}; the real model's own gradient estimate: Pearson "
-                       f"{g['pearson']:.3f}.", "graph_check")
+                       f"{g['pearson']:.3f} ({f['pearson']:.3f} with its norm scales frozen).", "graph_check")
     carrying = []
     for f, r in summary["carrying"].items():
         if r["measured"] is None:
