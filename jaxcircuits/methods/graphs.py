@@ -602,16 +602,21 @@ def node_records(graph: Graph, pruned: Pruned, token_str) -> list:
     return out
 
 
+def shown_nodes(graph: Graph, pruned: Pruned) -> np.ndarray:
+    """Indices of the nodes a graph file shows: kept by `pruned` and touched by a kept edge (tokens and
+    logits always)."""
+    shown = pruned.node_mask & (pruned.edge_mask.any(0) | pruned.edge_mask.any(1))
+    shown[graph.offsets()["tokens"].start:] = pruned.node_mask[graph.offsets()["tokens"].start:]
+    return np.flatnonzero(shown)
+
+
 def graph_json(graph: Graph, pruned: Pruned, token_str, slug: str, scan: str, node_threshold: float) -> dict:
     """The graph file circuit-tracer's `create_graph_files` writes and Neuronpedia's viewer reads:
     {'metadata', 'qParams', 'nodes', 'links'}; nodes kept by `pruned` that a kept link touches (tokens and
     logits always), links {source, target, weight} of the kept edges (raw signed weights)."""
     records = node_records(graph, pruned, token_str)
     dst, src = np.nonzero(pruned.edge_mask)
-    used = set(dst.tolist()) | set(src.tolist())
-    kinds = [r["feature_type"] for r in records]
-    keep = [i for i in range(len(records))
-            if pruned.node_mask[i] and (i in used or kinds[i] in ("embedding", "logit"))]
+    keep = shown_nodes(graph, pruned)
     links = [{"source": records[s]["node_id"], "target": records[d]["node_id"], "weight": float(graph.adjacency[d, s])}
              for d, s in zip(dst.tolist(), src.tolist())]
     metadata = {"slug": slug, "scan": scan, "transcoder_list": [],

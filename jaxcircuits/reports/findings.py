@@ -157,6 +157,22 @@ FINDING_RULES = {
     "feature_patch": "Feature patching: patching the top features clean -> corrupted at a position set confirms "
                      "them when the 95% prompt interval of the recovery of the mean logit difference lies above "
                      f"{MIN_FEATURE_RECOVERY:g} (of the clean - corrupted gap).",
+    "graph": "Graph: the top logit node is the most probable next token; the replacement score is the tokens' share "
+             "of the influence on the logits that starts at tokens or error nodes, the completeness score the "
+             "influence-weighted share of the nodes' inputs not from error nodes (circuit-tracer's scores); the most "
+             "influential features are those of the largest influence on the logits through every path.",
+    "graph_check": "Graph against interventions: each feature node among the most influential edited alone in the real "
+                   "model (transcoders spliced with their errors, so everything else responds as the model does); the "
+                   "graph's predictions (the other features responding linearly, or direct effects only) are compared "
+                   "with the measured change of the top logit node by Pearson and Spearman correlation and the median "
+                   "absolute error relative to the logit node's value; the real model's gradient estimate (attribution "
+                   "patching) is the reference a linear account of the unfrozen model reaches, the same with its norm "
+                   "scales frozen what remains without the norms' response.",
+    "graph_region": "Region: every subset of the most influential features at the last position zero-ablated; fit is the "
+                    "R^2 of the graph's predictions of the measured changes, additivity the R^2 of the sum of the single "
+                    "features' measured changes; a subset carries a fraction of the logit when its ablation removes at "
+                    "least that fraction of the logit node's value (the smallest such subset, the largest removal among "
+                    "its size), and the graph agrees when its top-k features by influence are that subset.",
     "fails": "What fails: the sizes at which no subset succeeds, the full set when it fails, and families that "
              "miss the criterion.",
 }

@@ -1,6 +1,7 @@
 """Looking at a run: attention patterns of chosen heads and per-head maps, as interactive HTML
 (treescope, which comes with flax: hover for values, a slider over heads) and as PNG (matplotlib);
-dictionary features' top activating contexts as a plain HTML page (tokens shaded by activation).
+dictionary features' top activating contexts as a plain HTML page (tokens shaded by activation); an
+attribution graph as inline SVG (`graph_html`).
 
 In a notebook the HTML shows inline (`IPython.display.HTML(html)`); elsewhere pass `path` and open
 the file in a browser (it is self-contained).
@@ -17,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxcircuits.interventions.sites import unit_label
+from jaxcircuits.methods import graphs
 
 Head = Tuple[int, int]
 
@@ -118,3 +120,72 @@ def feature_contexts_html(contexts: Mapping[int, Sequence], token_str: Callable[
             out.append(f"<div class='ctx'><span class='v'>{float(c.value):.4g}</span>{''.join(spans)}</div>")
     out.append("</body></html>")
     return _write(path, "\n".join(out))
+
+
+# node kind (a graph file's feature_type) -> its SVG mark at (x, y): circles, squares for error nodes
+_MARKS = {
+    "cross layer transcoder": lambda x, y, a: f"<circle cx='{x:.1f}' cy='{y:.1f}' r='5' {a}/>",
+    "mlp reconstruction error": lambda x, y, a: f"<rect x='{x - 4.5:.1f}' y='{y - 4.5:.1f}' width='9' height='9' {a}/>",
+    "embedding": lambda x, y, a: f"<rect x='{x - 7:.1f}' y='{y - 5:.1f}' width='14' height='10' rx='3' {a}/>",
+    "logit": lambda x, y, a: f"<polygon points='{x:.1f},{y - 7:.1f} {x + 7:.1f},{y + 5:.1f} {x - 7:.1f},{y + 5:.1f}' {a}/>",
+}
+_NODE_FILL = {"cross layer transcoder": "#f4a261", "mlp reconstruction error": "#9e9e9e", "embedding": "#8ecae6",
+              "logit": "#90be6d"}
+_GRAPH_SCRIPT = ("document.querySelectorAll('.n').forEach(n=>{n.onmouseenter=()=>document.querySelectorAll('.e')"
+                 ".forEach(e=>e.style.opacity=(e.dataset.s==n.id||e.dataset.t==n.id)?1:.06);"
+                 "n.onmouseleave=()=>document.querySelectorAll('.e').forEach(e=>e.style.opacity='');});")
+
+
+def graph_html(graph, pruned, token_str: Callable[[int], str], path: Optional[str] = None) -> str:
+    """A self-contained HTML view of an attribution graph (`methods.graphs`: a `Graph` and its `Pruned`):
+    inline SVG, x the position (tokens along the bottom, the logits above the last position at the
+    top), y the layer; the shown nodes (`graphs.shown_nodes`: features circles, error nodes squares,
+    tokens, logits) and the kept edges as lines, width by |weight|, blue positive, red negative; hovering
+    a node shows its id, activation and influence and highlights its edges, a line its weight.
+    token_str: token id -> text. Written to `path` if given; returned."""
+    records = graphs.node_records(graph, pruned, token_str)
+    shown = graphs.shown_nodes(graph, pruned)
+    L, T = graph.n_layers, graph.n_pos
+    rows = {"E": 0, **{str(l): l + 1 for l in range(L)}, str(L + 1): L + 1}
+    cells: dict = {}
+    for i in shown:
+        cells.setdefault((rows[records[i]["layer"]], records[i]["ctx_idx"]), []).append(int(i))
+    col_w, row_h, left, top = max(90, 12 * max(len(v) for v in cells.values())), 40, 40, 30
+    width, height = left + col_w * T + 20, top + row_h * (L + 2) + 40
+    xy = {}
+    for (row, col), ids in cells.items():
+        for k, i in enumerate(ids):
+            xy[i] = (left + col * col_w + (k + 1) * col_w / (len(ids) + 1), top + row_h * (L + 1 - row))
+    dst, src = np.nonzero(pruned.edge_mask)
+    w = graph.adjacency[dst, src]
+    peak = max(float(np.abs(w).max(initial=0)), 1e-30)
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' "
+           "font-size='10'>"]
+    for row in range(L + 2):
+        y = top + row_h * (L + 1 - row)
+        name = "emb" if row == 0 else "logits" if row == L + 1 else f"L{row - 1}"
+        out.append(f"<text x='2' y='{y + 3}' fill='#888'>{name}</text>")
+    for d, s, v in zip(dst.tolist(), src.tolist(), w.tolist()):
+        if s in xy and d in xy:
+            (x1, y1), (x2, y2) = xy[s], xy[d]
+            out.append(f"<line class='e' data-s='n{s}' data-t='n{d}' x1='{x1:.1f}' y1='{y1:.1f}' x2='{x2:.1f}' "
+                       f"y2='{y2:.1f}' stroke='{'#2166ac' if v > 0 else '#b2182b'}' stroke-opacity='.55' "
+                       f"stroke-width='{0.4 + 4 * abs(v) / peak:.2f}'><title>{html.escape(records[s]['node_id'])} -> "
+                       f"{html.escape(records[d]['node_id'])}: {v:+.4g}</title></line>")
+    for i in shown.tolist():
+        r, (x, y) = records[i], xy[i]
+        act = "" if r["activation"] is None else f"\nactivation {r['activation']:.4g}"
+        infl = "" if r["influence"] is None else f"\ncumulative influence {r['influence']:.3f}"
+        label = r["clerp"] or (f"token {token_str(int(graph.tokens[r['ctx_idx']]))!r}" if r["feature_type"] == "embedding"
+                               else r["feature_type"])
+        attrs = f"class='n' id='n{i}' fill='{_NODE_FILL[r['feature_type']]}' stroke='#333' stroke-width='.6'"
+        out.append(f"<g>{_MARKS[r['feature_type']](x, y, attrs)}<title>{html.escape(r['node_id'])}: "
+                   f"{html.escape(label)}{act}{infl}</title></g>")
+    for p, t in enumerate(graph.tokens.tolist()):
+        out.append(f"<text x='{left + (p + 0.5) * col_w:.1f}' y='{height - 12}' text-anchor='middle'>"
+                   f"{html.escape(repr(token_str(t)))}</text>")
+    out.append("</svg>")
+    title = "Attribution graph: " + html.escape("".join(token_str(t) for t in graph.tokens.tolist()))
+    return _write(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+                        f"<h1 style='font:bold 16px sans-serif'>{title}</h1>{''.join(out)}"
+                        f"<script>{_GRAPH_SCRIPT}</script></body></html>")

@@ -4,12 +4,15 @@
                      `PatchingProblem` (its source run cached at the given sites, a position map
                      `ALIGNS`, its target run, position weights, its metric); `baselines`: the
                      unpatched runs' metrics
+  corpus             `corpus_rows`: the dictionaries' corpus (`dictionaries.corpus`) as training and
+                     held-out token rows
   scans              `unit_map` (each unit of a site patched alone), `layer_scan` (every unit of one
                      layer patched together, layer by layer)
   options = flags    a study's `Options` is a frozen dataclass whose `flag` fields are its binary's
                      absl flags, declared once: `define_flags` defines them, `from_flags` builds the
                      options by field name; groups: `StudyOptions` (model, dtype, out), `TaskOptions`
-                     (a registered task's flags); `run_binary` is every binary's main
+                     (a registered task's flags), `DictionaryOptions` (training dictionaries on the
+                     corpus, flags defaulting to a preset's); `run_binary` is every binary's main
   checks             `OptionError` (a flag that does not fit) and the library's other expected errors
                      (`EXPECTED`) end a binary with one line; a bug keeps its traceback
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Callable, Dict, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, ClassVar, Dict, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +30,7 @@ from absl import app, flags, logging
 
 import jaxcircuits as jc
 from jaxcircuits import logs, storage
+from jaxcircuits.dictionaries import corpus, train
 from jaxcircuits.bundle import DEFAULT_MODEL, Model
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
 from jaxcircuits.engine.patching import run_masks
@@ -85,6 +89,38 @@ def baselines(model: Model, task: TaskBatches) -> Tuple[np.ndarray, np.ndarray]:
     """(the source run's metric [B] by the task's source metric, the target run's [B] by its metric)."""
     return (unpatched_metric(model, task.source_ids, task.source_attn_mask, task.source_metric),
             unpatched_metric(model, task.target_ids, task.target_attn_mask, task.metric))
+
+
+# ---- the dictionaries' corpus --------------------------------------------------------------------
+
+def corpus_rows(model: Model, opts) -> Tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) int32 [N, seq_len] of the first --documents corpus documents
+    (`dictionaries.corpus`), the held-out rows (--eval_rows of them) from its last documents (whole:
+    no document is split between the two); opts: a study's options with documents, seq_len and
+    eval_rows."""
+    try:
+        texts = corpus.texts()
+    except RuntimeError as e:
+        raise ConnectionError(str(e)) from None
+    docs = texts[:opts.documents or None]
+    held = 1                  # the last documents, as few as fill --eval_rows: no document is in both parts
+    while held < len(docs) and len(_rows(model, docs[-held:], opts.seq_len)) < opts.eval_rows:
+        held *= 2
+    held = min(held, len(docs))
+    train_rows, eval_rows = _rows(model, docs[:-held], opts.seq_len), _rows(model, docs[-held:], opts.seq_len)
+    if len(train_rows) == 0 or len(eval_rows) < opts.eval_rows:
+        raise OptionError(f"--documents={opts.documents} give {len(train_rows)} training and {len(eval_rows)} held-out "
+                          f"rows of --seq_len={opts.seq_len}: too few for --eval_rows={opts.eval_rows} held out "
+                          "(whole documents) and some to train on")
+    return train_rows, eval_rows[:opts.eval_rows]
+
+
+def _rows(model, docs, seq_len: int) -> np.ndarray:
+    """`corpus.token_rows` of `docs`, or no rows [0, seq_len] when they fill none."""
+    try:
+        return corpus.token_rows(model.tokenizer, docs, seq_len)
+    except ValueError:
+        return np.zeros((0, seq_len), np.int32)
 
 
 # ---- tasks -> patching problems ------------------------------------------------------------------
@@ -303,6 +339,62 @@ class TaskOptions(StudyOptions):
     def check_flags(self) -> None:
         """The flags the task reads (`TASK_FLAGS`): formats known, prompt files and answers given."""
         TASK_FLAGS.get(self.task, lambda opts: None)(self)
+
+
+def at_least(opts: StudyOptions, **minimum) -> None:
+    """OptionError naming the first flag name=low of `minimum` whose value in `opts` is below low."""
+    for name, low in minimum.items():
+        if getattr(opts, name) < low:
+            raise OptionError(f"--{name} must be >= {low}, got {getattr(opts, name)}")
+
+
+def unset(help: str, kind: str = "integer") -> Any:
+    """A flag whose default, None, is the --preset's value (`DictionaryOptions.presets`)."""
+    return flag(kind, None, f"{help} Default: the preset's.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DictionaryOptions(StudyOptions):
+    """Options of a study that trains dictionaries on the corpus (`corpus_rows`, `dictionaries.train`):
+    the training flags, `training()` their `train.Options`. Flags left None take the values of the
+    study's `--preset` (its own flag), a key of the subclass's `presets`. `seed` is the study's own."""
+
+    presets: ClassVar[Dict[str, Dict[str, Any]]] = {}
+    preset: str
+    seed: int
+    kind: str = flag("enum", "topk", "Dictionary kind (`dictionaries.train.LOSSES`).", enum_values=sorted(train.LOSSES))
+    width: Optional[int] = unset("Features per dictionary.")
+    k: Optional[int] = unset("Active features per token of --kind=topk.")
+    sparsity: float = flag("float", 1e-3, "Sparsity penalty of --kind=relu, jumprelu, gated (topk: unused).")
+    steps: Optional[int] = unset("Training steps per dictionary.")
+    batch: Optional[int] = unset("Activations per training step.")
+    lr: Optional[float] = unset("Adam learning rate.", "float")
+    documents: Optional[int] = unset("Corpus documents tokenized (0: all 10,033).")
+    seq_len: int = flag("integer", 128, "Tokens per corpus row (the first is the separator).")
+    eval_rows: Optional[int] = unset("Corpus rows held out for evaluation (from the last documents).")
+
+    def __post_init__(self):
+        if self.preset not in self.presets:
+            raise OptionError(f"--preset={self.preset}: unknown; known: {sorted(self.presets)}")
+        for name, value in self.presets[self.preset].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+    def check_flags(self) -> None:
+        """Counts, sizes and rates of the training in range."""
+        at_least(self, width=1, k=1, steps=1, batch=1, documents=0, seq_len=8, eval_rows=1)
+        if self.kind == "topk" and self.k > self.width:
+            raise OptionError(f"--k={self.k} active features exceed --width={self.width}")
+        if not self.lr > 0 or self.sparsity < 0:
+            raise OptionError(f"--lr must be > 0 and --sparsity >= 0, got {self.lr}, {self.sparsity}")
+
+    def training(self) -> train.Options:
+        """The `train.Options` of these options (buffer: 8 batches; a checkpoint every tenth of the steps;
+        dead after a quarter of the tokens)."""
+        return train.Options(kind=self.kind, width=self.width, k=self.k if self.kind == "topk" else None,
+                             sparsity=self.sparsity, lr=self.lr, steps=self.steps, batch=self.batch,
+                             buffer=8 * self.batch, seed=self.seed, checkpoint_every=max(1, self.steps // 10),
+                             dead_tokens=max(1, self.steps * self.batch // 4))
 
 
 def task_batches(model: Model, opts: TaskOptions) -> TaskBatches:

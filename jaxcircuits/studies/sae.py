@@ -41,99 +41,37 @@ PRESETS: Dict[str, Dict[str, object]] = {
 }
 
 
-def _unset(help: str, kind: str = "integer") -> object:
-    return flag(kind, None, f"{help} Default: the preset's.")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Options(kit.StudyOptions):
+class Options(kit.DictionaryOptions):
     """The study's options: its binary's flags (`kit.flag` fields); those left None take the preset's value."""
 
+    presets = PRESETS
     preset: str = flag("enum", "quick", "Values of the flags left unset. quick: SmolLM2-135M in 7-8 minutes on 2 "
                        "CPU cores, at layer 23, where its IOI name-mover candidates are (experiments.ioi: L23H3, L23H0 "
                        "and L23H7 patched alone recover 0.67, 0.28 and 0.12 of the logit difference); full: a "
                        "GPU-sized run over the whole corpus.",
                        enum_values=list(PRESETS))
-    layer: Optional[int] = _unset("Layer of the SAE.")
-    kind: str = flag("enum", "topk", "Dictionary kind (`dictionaries.train.LOSSES`).", enum_values=sorted(train.LOSSES))
-    width: Optional[int] = _unset("Features of the SAE.")
-    k: Optional[int] = _unset("Active features per token of --kind=topk.")
-    sparsity: float = flag("float", 1e-3, "Sparsity penalty of --kind=relu, jumprelu, gated (topk: unused).")
-    steps: Optional[int] = _unset("Training steps.")
-    batch: Optional[int] = _unset("Activations per training step.")
-    lr: Optional[float] = _unset("Adam learning rate.", "float")
-    documents: Optional[int] = _unset("Corpus documents tokenized (0: all 10,033).")
-    seq_len: int = flag("integer", 128, "Tokens per corpus row (the first is the separator).")
-    eval_rows: Optional[int] = _unset("Corpus rows held out for evaluation (the last ones).")
-    n_prompts: Optional[int] = _unset("Clean IOI prompts (each with its corrupted twin; >= 2 for intervals).")
+    layer: Optional[int] = kit.unset("Layer of the SAE.")
+    n_prompts: Optional[int] = kit.unset("Clean IOI prompts (each with its corrupted twin; >= 2 for intervals).")
     top_features: int = flag("integer", 4, "Features analysed and patched at each IOI position, twice: those of "
                              "the largest clean - corrupted difference and of the largest attribution estimate.")
     seed: int = flag("integer", 0, "Seed of the training and of the prompts.")
     out: str = kit.out("sae")
     resume: bool = flag("bool", True, "Continue the training checkpointed in --out/checkpoints (else restart it).")
 
-    def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise OptionError(f"--preset={self.preset}: unknown; known: {sorted(PRESETS)}")
-        for name, value in PRESETS[self.preset].items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-
     def check_flags(self) -> None:
-        """Counts, sizes and rates in range."""
-        minimum = dict(layer=0, width=1, k=1, steps=1, batch=1, documents=0, seq_len=8, eval_rows=1, n_prompts=2,
-                       top_features=1)
-        for name, low in minimum.items():
-            if getattr(self, name) < low:
-                raise OptionError(f"--{name} must be >= {low}, got {getattr(self, name)}")
-        if self.kind == "topk" and self.k > self.width:
-            raise OptionError(f"--k={self.k} active features exceed --width={self.width}")
+        """The training's flags (`kit.DictionaryOptions`), the layer and the prompts in range."""
+        super().check_flags()
+        kit.at_least(self, layer=0, n_prompts=2, top_features=1)
         if self.top_features > self.width:
             raise OptionError(f"--top_features={self.top_features} exceeds --width={self.width}")
-        if not self.lr > 0 or self.sparsity < 0:
-            raise OptionError(f"--lr must be > 0 and --sparsity >= 0, got {self.lr}, {self.sparsity}")
 
     def check(self, cfg) -> None:
         """--layer within the model's layers."""
         kit.check_layers("layer", [self.layer], cfg)
 
-    def training(self) -> train.Options:
-        """The `train.Options` of these options (buffer: 8 batches; dead after a quarter of the tokens)."""
-        return train.Options(kind=self.kind, width=self.width, k=self.k if self.kind == "topk" else None,
-                             sparsity=self.sparsity, lr=self.lr, steps=self.steps, batch=self.batch,
-                             buffer=8 * self.batch, seed=self.seed, checkpoint_every=max(1, self.steps // 10),
-                             dead_tokens=max(1, self.steps * self.batch // 4))
-
 
 # ---- corpus and training -------------------------------------------------------------------------
-
-def corpus_rows(model, opts: Options):
-    """(training rows, held-out rows) int32 [N, seq_len] of the first --documents corpus documents, the
-    held-out rows from its last documents (whole: no document is split between the two)."""
-    try:
-        texts = corpus.texts()
-    except RuntimeError as e:
-        raise ConnectionError(str(e)) from None
-    docs = texts[:opts.documents or None]
-    held = 1                  # the last documents, as few as fill --eval_rows: no document is in both parts
-    while held < len(docs) and len(_rows(model, docs[-held:], opts.seq_len)) < opts.eval_rows:
-        held *= 2
-    held = min(held, len(docs))
-    train_rows, eval_rows = _rows(model, docs[:-held], opts.seq_len), _rows(model, docs[-held:], opts.seq_len)
-    if len(train_rows) == 0 or len(eval_rows) < opts.eval_rows:
-        raise OptionError(f"--documents={opts.documents} give {len(train_rows)} training and {len(eval_rows)} held-out "
-                          f"rows of --seq_len={opts.seq_len}: too few for --eval_rows={opts.eval_rows} held out "
-                          "(whole documents) and some to train on")
-    return train_rows, eval_rows[:opts.eval_rows]
-
-
-def _rows(model, docs, seq_len: int) -> np.ndarray:
-    """`corpus.token_rows` of `docs`, or no rows [0, seq_len] when they fill none."""
-    try:
-        return corpus.token_rows(model.tokenizer, docs, seq_len)
-    except ValueError:
-        return np.zeros((0, seq_len), np.int32)
-
 
 def train_sae(model, rows: np.ndarray, separator: int, opts: Options) -> train.Training:
     """The SAE trained on the activations of `rows` (checkpointed under --out/checkpoints)."""
@@ -345,7 +283,7 @@ def run(opts: Options) -> str:
     """Run the study; returns the path of report.md."""
     report = Report(opts.out, f"SAE: an attention-output dictionary at layer {opts.layer}, evaluated and read on IOI")
     model = kit.load(opts)
-    train_rows, eval_rows = corpus_rows(model, opts)
+    train_rows, eval_rows = kit.corpus_rows(model, opts)
     separator = int(train_rows[0, 0])
     report.add("Setup",
                table(["model", "preset", "layer", "host", "kind", "width", "k", "corpus rows (train / held out)",
