@@ -271,11 +271,11 @@ def test_node_order_matches_nodes_by_key():
 
 def test_rows_over_position_prefixes_are_exact(tiny):
     """A longer prompt (19 positions): batches of targets at early positions run backwards over a
-    prefix of 8 or 16 positions; their rows still sum to the replacement's own difference."""
+    prefix of a multiple of 3 positions (3, 12, ...); their rows still sum to the replacement's own difference."""
     _, _, (p2, c2) = _model(tiny, "gpt2")
     tokens = random_tokens(2, 1, 19)[0]
     graph, rep = G.attribute(p2, c2, tokens, batch_size=8), G.local_replacement(p2, c2, tokens)
-    assert G._prefix_len(int(graph.features[0, 1]), 19) == 8 and G._prefix_len(9, 19) == 16
+    assert G._prefix_len(int(graph.features[0, 1]), 19) == 3 and G._prefix_len(9, 19) == 12
     acts, errors = np.array(rep.acts), np.array(rep.errors)
     base = _targets(rep, graph, acts, errors, rep.embeds)
     acts[:, G.ZERO_POSITIONS:] = 0

@@ -14,8 +14,10 @@ def _modules():
 
 def test_sites_are_listed_only_in_the_registry():
     """No module but sites.py holds a tuple/list/set/dict of three or more site names, except as the
-    entries a run collects (a `collect=` / `sites=` argument: a use, not a list of sites) and
-    `dictionaries.core.HOSTS` (where a dictionary reads and writes: models/ reads it, below sites)."""
+    entries a run collects (a `collect=` / `sites=` argument: a use, not a list of sites),
+    `dictionaries.core.HOSTS` (where a dictionary reads and writes: models/ reads it, below sites) and
+    a run's per-site rules (a dict assigned to a name ending in `_SITE_RULES`: what that run does at
+    the sites it changes, a use)."""
     names = set(sites.NAMES)
     offenders = []
     for path, tree in _modules():
@@ -25,6 +27,8 @@ def test_sites_are_listed_only_in_the_registry():
                 if k.arg in ("collect", "sites")}
         uses |= {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.AnnAssign)
                  and getattr(n.target, "id", None) == "HOSTS" and path.parent.name == "dictionaries"}
+        uses |= {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict)
+                 and any(getattr(t, "id", "").endswith("_SITE_RULES") for t in n.targets)}
         for node in ast.walk(tree):
             if id(node) in uses:
                 continue

@@ -263,8 +263,8 @@ def _prefix(rep: Replacement, t: int) -> Replacement:
 
 
 def _prefix_len(last: int, T: int) -> int:
-    """The prefix (a multiple of max(8, T / 4), at most T: few compiled shapes) holding position last."""
-    step = max(8, -(-T // 4))
+    """The prefix (a multiple of max(2, T / 8), at most T: few compiled shapes) holding position last."""
+    step = max(2, -(-T // 8))
     return min(T, -(-(last + 1) // step) * step)
 
 
@@ -404,7 +404,7 @@ _outputs = jax.jit(replacement_outputs)
 
 
 def attribute(params, cfg: ModelConfig, tokens, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-              max_feature_nodes: Optional[int] = None, batch_size: int = 128, update_interval: int = 4) -> Graph:
+              max_feature_nodes: Optional[int] = None, batch_size: int = 32, update_interval: int = 16) -> Graph:
     """The attribution `Graph` of one prompt `tokens` [T] in the model with transcoders (params, cfg
     from `splice.attach`, host 'transcoder'; layers without one count as error nodes whole).
 

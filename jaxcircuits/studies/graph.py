@@ -58,7 +58,7 @@ class Options(kit.DictionaryOptions):
     edge_threshold: float = flag("float", 0.98, "Pruning: the edges holding this fraction of the edge scores are kept.")
     max_n_logits: int = flag("integer", 10, "Logit nodes at most.")
     desired_logit_prob: float = flag("float", 0.95, "Logit nodes: the most probable tokens up to this probability.")
-    graph_batch: int = flag("integer", 64, "Graph targets per vmapped backward pass.")
+    graph_batch: int = flag("integer", 32, "Graph targets per vmapped backward pass.")
     edits: tuple = flag("list", ["zero", "scale:2", "set:1"], "Edits of single feature nodes checked in the real "
                         "model: zero, scale:C (activation times C), set:V.", parse=_edits)
     top_nodes: Optional[int] = kit.unset("Feature nodes edited one by one, the most influential (0: all).")
