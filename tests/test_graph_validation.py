@@ -185,3 +185,20 @@ def test_node_gradients_are_the_linear_limit_of_the_measured_effects(setup):
         small = V.node_effects(p2, c2, graph, V.Edit("scale", 1 + eps), nodes, run)
     np.testing.assert_allclose(small / eps, grad, rtol=5e-2, atol=2e-3 * np.abs(grad).max())
     assert np.abs(grad).max() > 1e-3
+
+
+def test_a_graph_over_fitted_transcoders_predicts_the_real_models_edits():
+    """On transcoders that fit their MLPs (the circuit-tracer fixture's GPT-2: least-squares decoders,
+    relative error ~1e-4) the graph's predictions of single-node edits track the real model's measured
+    effects (Pearson > 0.8 over the 64 most influential nodes, zero and scale by 2), and the real model's
+    own gradient tracks them closer still (> 0.98): what the graph freezes costs little there."""
+    from tests.test_graph_circuit_tracer import BOS, PROMPT, _model
+    from jaxcircuits.methods import graph_validation as V
+    params, cfg = _model("gpt2_skip_relu")
+    graph = graphs.attribute(params, cfg, np.asarray([BOS] + PROMPT))
+    nodes = V.top_nodes(graph, 64)
+    for edit in (V.Edit("zero"), V.Edit("scale", 2.0)):
+        measured = V.node_effects(params, cfg, graph, edit, nodes)
+        predicted = graphs.predicted_effects(graph, V.node_deltas(graph, edit, nodes))[:, 0]
+        assert V.correlations(measured, predicted)["pearson"] > 0.8
+        assert V.correlations(measured, V.node_gradients(params, cfg, graph, edit, nodes))["pearson"] > 0.98
