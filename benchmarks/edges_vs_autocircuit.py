@@ -58,8 +58,8 @@ from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
 
-from benchmarks.timing import load_line, machine_load
-from benchmarks.sweep_vs_peers import (BAD, GOOD, REPO, SHAPES, build_hf_model, environment, first_call,
+from benchmarks.timing import environment, load_line, machine_load
+from benchmarks.sweep_vs_peers import (BAD, GOOD, PACKAGES, REPO, SHAPES, build_hf_model, first_call,
                                        load_into_jaxcircuits, prompts)
 
 FLAGS = flags.FLAGS        # --batch, --seq_len, --seed, --out_dir: benchmarks.sweep_vs_peers' flags
@@ -300,7 +300,7 @@ def main(argv):
     result = run()
     result.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python -m benchmarks.edges_vs_autocircuit " + " ".join(sys.argv[1:]),
-                  load_start=load, load_end=machine_load(), environment=environment(),
+                  load_start=load, load_end=machine_load(), environment=environment(PACKAGES),
                   flags={k: getattr(FLAGS, k) for k in ("seed", "batch", "seq_len", "n_masks", "ac_masks",
                                                         "edge_chunk", "density", "edge_atol")})
     result["environment"]["versions"]["auto-circuit"] = importlib.metadata.version("auto-circuit")
