@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from benchmarks import sweep_vs_peers as S
+from benchmarks.timing import load_line, machine_load, matmul_gflops
 from jaxcircuits.interventions import positions as P
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
@@ -82,13 +83,15 @@ def op_seconds(run: Callable[[], object], trace_dir: str) -> Dict[str, float]:
 
 def main(argv):
     del argv
+    start = machine_load()
+    print(load_line(start, start), flush=True)
     shape = S.SHAPES["gpt2-small"]
     cfg, params = S.load_into_jaxcircuits(S.build_hf_model(shape, FLAGS.seed))
     tgt, src = S.prompts(cfg, FLAGS.seed)
     rng = np.random.default_rng(FLAGS.seed)
     subsets = [sorted(rng.choice(cfg.n_heads, shape.k, replace=False)) for _ in range(FLAGS.chunk_size)]
     masks = S.head_masks(cfg, shape.layer, subsets)
-    rate = max(S.matmul_gflops() for _ in range(3)) * 1e9
+    rate = max(matmul_gflops() for _ in range(3)) * 1e9
     B, T = tgt.shape
     print(f"float32 matmul rate {rate / 1e9:.0f} GFLOP/s; chunk {FLAGS.chunk_size} masks x {B} prompts x {T} tokens; "
           f"head_out subsets of layer {shape.layer}")
@@ -119,6 +122,7 @@ def main(argv):
               f"{xla / 1e9:.1f} / {flops / 1e9:.1f} | {cells} |")
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:6]
         print("  top ops: " + ", ".join(f"{n} {t:.3f} s" for n, t in top))
+    print(load_line(start, machine_load()))
 
 
 if __name__ == "__main__":
