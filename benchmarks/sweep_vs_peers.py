@@ -78,6 +78,9 @@ flags.DEFINE_list("last_peers", ["tl_loop", "tl_batched", "tl_prefix_batched", "
                   "peers timed with last-position patching (a peer without a KV cache costs as much as 'all')")
 flags.DEFINE_list("stacks", ["4", "8", "16", "32"],
                   "stack sizes S tried for each batched peer (one stack each, after a warm-up); the fastest is timed")
+flags.DEFINE_string("peers_path", "", "site-packages directory of another environment (same Python and torch) "
+                    "holding the peers (transformer-lens, nnsight; auto-circuit for benchmarks.edges_vs_autocircuit), "
+                    "appended to sys.path; empty: this interpreter's own")
 flags.DEFINE_integer("reps", 3, "interleaved repetitions per method")
 flags.DEFINE_integer("peer_subsets", 32, "subsets each peer runs per repetition (extrapolated)")
 flags.DEFINE_integer("chunk_size", 64, "jaxcircuits masks per compiled call")
@@ -591,7 +594,8 @@ def main(argv):
     unknown = [s for s in FLAGS.shapes if s not in SHAPES]
     if unknown:
         raise app.UsageError(f"unknown shapes {unknown}; known: {sorted(SHAPES)}")
-    from benchmarks.peers import PEERS
+    from benchmarks.peers import PEERS, use_site_packages
+    use_site_packages(FLAGS.peers_path, "peers_path")
     unknown = [p for p in FLAGS.peers + FLAGS.last_peers if p not in PEERS]
     if unknown:
         raise app.UsageError(f"unknown peers {unknown}; known: {sorted(PEERS)}")
@@ -611,6 +615,7 @@ def main(argv):
                                                     "peer_subsets", "stacks",
                                                     "chunk_size", "batch", "seq_len", "seed", "atol",
                                                     "scaling", "scaling_shape")}}
+    print(load_line(result["load_start"]), flush=True)
     samples = result["matmul_gflops_samples"] = [timing.matmul_gflops()]
     print(f"float32 matmul: {samples[0]:.1f} GFLOP/s", flush=True)
     result["shapes"] = {name: run_shape(name, samples) for name in FLAGS.shapes}
