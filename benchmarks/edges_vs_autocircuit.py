@@ -335,7 +335,8 @@ def profile_section(profile: dict, chunk: int) -> list:
     return ["## Where the edge forward's time goes (one chunk under jax's profiler)", "",
             f"One compiled chunk ({chunk} masks) of the sweep above, in this run (same load), its ops' time summed "
             f"over XLA's threads ({total:.2f} s; the profiled call is slower than an untimed one) "
-            "(`benchmarks.path_profile.op_seconds`), by kind of op: "
+            "(`benchmarks.path_profile.op_seconds`), by kind of compiled op (`path_profile.kind_of`: XLA:CPU runs "
+            "the per-receiver norms as YNNPACK fusions too, so they count as matmul there): "
             + ", ".join(f"{k} {s / total:.0%}" for k, s in profile["by_kind"].items()) + ".", "",
             "| jax operation (compiled ops made from it) | what it is | s | share |", "|---|---|---:|---:|",
             *(f"| `{op}` | {PARTS.get(op.split('/')[0], '')} | {s:.3f} | {s / total:.1%} |" for op, s in top), "",
