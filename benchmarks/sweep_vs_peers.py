@@ -403,6 +403,8 @@ TARGET_SHAPE = "gpt2-small"     # the targets below are stated for this shape's 
 TARGETS = [  # (description, key, threshold): key -> measured value (see `evaluate_targets`)
     ("all-position >= 15x the TL loop", "all_vs_tl_loop", 15),
     ("all-position >= 5x the TL prefix trick", "all_vs_tl_prefix", 5),
+    ("all-position >= 10x the strongest peer (issue #26)", "all_vs_strongest", 10),
+    ("last-position >= 10x the strongest peer", "last_vs_strongest", 10),
     ("last-position >= 150x the TL loop", "last_vs_tl_loop", 150),
     ("all-position >= 30 subsets/s", "all_rate", 30),
     ("last-position >= 300 subsets/s", "last_rate", 300),
@@ -436,7 +438,13 @@ def evaluate_targets(shape: dict) -> List[dict]:
     def get(key, field):
         return rows[key][field] if key in rows else None
 
+    def strongest(where):
+        ratios = [r["jaxcircuits_speedup"] for k, r in rows.items()
+                  if k.endswith(f"/{where}") and not k.startswith("jaxcircuits") and "jaxcircuits_speedup" in r]
+        return min(ratios, default=None)
+
     value = {"all_vs_tl_loop": get("tl_loop/all", "jaxcircuits_speedup"),
+             "all_vs_strongest": strongest("all"), "last_vs_strongest": strongest("last"),
              "all_vs_tl_prefix": get("tl_prefix/all", "jaxcircuits_speedup"),
              "last_vs_tl_loop": get("tl_loop/last", "jaxcircuits_speedup"),
              "all_rate": get("jaxcircuits/all", "subsets_per_s"),
