@@ -39,6 +39,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import types
 
@@ -51,18 +52,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcircuits.interventions import edges, sites
-from jaxcircuits.engine.patching import run_masks
+from jaxcircuits.engine.patching import masks_call, run_masks
 from jaxcircuits.interventions.sites import Mask
 from jaxcircuits.methods.attribution import attribution_patching
 from jaxcircuits.interventions.metrics import LogitDiff
 from jaxcircuits.models.transformer import run_with_cache
 from jaxcircuits.interventions.problem import PatchingProblem, target_run
 
-from benchmarks.timing import load_line, machine_load
-from benchmarks.sweep_vs_peers import (BAD, GOOD, REPO, SHAPES, build_hf_model, environment, first_call,
+from benchmarks.path_profile import KINDS, UNNAMED, by_jax_op, kind_of, op_seconds
+from benchmarks.peers import use_site_packages
+from benchmarks.timing import environment, load_line, machine_load
+from benchmarks.sweep_vs_peers import (BAD, GOOD, PACKAGES, REPO, SHAPES, build_hf_model, first_call,
                                        load_into_jaxcircuits, prompts)
 
-FLAGS = flags.FLAGS        # --batch, --seq_len, --seed, --out_dir: benchmarks.sweep_vs_peers' flags
+FLAGS = flags.FLAGS        # --batch, --seq_len, --seed, --out_dir, --peers_path: benchmarks.sweep_vs_peers' flags
 
 
 def import_auto_circuit() -> types.SimpleNamespace:
@@ -203,6 +206,19 @@ def random_masks(graph: edges.EdgeGraph, n: int, density: float, seed: int) -> e
     return jax.tree.map(np.asarray, graph.unflat(on.astype(np.float32)))
 
 
+def chunk_profile(params, cfg, problem: PatchingProblem, masks: edges.EdgeMask) -> dict:
+    """One chunk of the sweep (--edge_chunk masks, compiled) under jax's profiler: {'by_kind': {kind of
+    compiled op (`path_profile.KINDS`): seconds}, 'by_op': {jax operation (`path_profile.by_jax_op`):
+    seconds}}, summed over the executor's threads."""
+    call, items = masks_call(params, cfg, problem, Mask(edges=masks))
+    chunk = items.take(0, FLAGS.edge_chunk)
+    jax.block_until_ready(call(chunk))
+    with tempfile.TemporaryDirectory() as d:
+        ops = op_seconds(lambda: call(chunk), d)
+    kinds = {k: sum(sec for op, sec in ops.items() if kind_of(op) == k) for k in KINDS}
+    return {"by_kind": kinds, "by_op": by_jax_op(ops, call.lower(chunk).compile().as_text())}
+
+
 # --------------------------------------------------------------------------- the run
 def timed(fn):
     """(fn(), wall seconds, CPU seconds of this process: all its threads)."""
@@ -236,6 +252,7 @@ def run() -> dict:
     first_s, compile_s = first_call(lambda: ours(jax.tree.map(lambda a: a[:FLAGS.edge_chunk], masks)))
     print(f"  jaxcircuits first chunk {first_s:.1f} s (compile {compile_s:.1f} s)", flush=True)
     jc_vals = record("jaxcircuits sweep", FLAGS.n_masks, lambda: ours(masks))
+    profile = chunk_profile(params, cfg, problem(), masks)
     ac_masks = [peer.masks_of(jax.tree.map(lambda a: a[i], masks)) for i in range(n_ac)]
     src_outs = peer.source_outs()
     peer.run(ac_masks[:1], src_outs)                                   # warm-up (untimed)
@@ -248,7 +265,7 @@ def run() -> dict:
               "times": times, "first_chunk_s": first_s, "compile_s": compile_s, "eap_first_call_s": eap_first[1],
               "max_abs_diff": {k: float(np.abs(a - b).max()) for k, (a, b) in checks.items()},
               "max_abs": {k: float(np.abs(b).max()) for k, (a, b) in checks.items()},
-              "sweep_spread": float(np.ptp(jc_vals, axis=0).max()),
+              "sweep_spread": float(np.ptp(jc_vals, axis=0).max()), "profile": profile,
               "ratios": {"sweep_wall": times["jaxcircuits sweep"]["per_s"] / times["auto-circuit sweep"]["per_s"],
                          "sweep_cpu": times["jaxcircuits sweep"]["per_cpu_s"] / times["auto-circuit sweep"]["per_cpu_s"],
                          "eap_wall": times["auto-circuit EAP"]["wall_s"] / times["jaxcircuits EAP"]["wall_s"],
@@ -265,11 +282,13 @@ def markdown(result: dict) -> str:
     head = ["| tool | runs timed | wall s | CPU s | per wall s | per CPU s |", "|---|---:|---:|---:|---:|---:|"]
     return "\n".join([
         "# Edge patching and EAP: jaxcircuits vs auto-circuit", "",
-        f"Command: `{result['command']}` ({result['date']}).", "",
         load_line(result["load_start"], result["load_end"]), "",
+        f"Command: `{result['command']}` ({result['date']}).", "",
         f"Machine: {env['cpu']}, {env['cores']} cores; CPU s (this process's CPU time, all threads) is steadier "
         f"than wall time under contention. torch threads {env['torch_threads']}; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".", "",
+        "auto-circuit 1.0.1 runs from `pip install --no-deps auto-circuit==1.0.1` plus the packages its imports "
+        "need (setup.py's `bench` extra); under TransformerLens 3 one renamed type is aliased (`import_auto_circuit`).", "",
         f"Model: {result['shape']} shape, random weights (seed {f['seed']}), {result['n_edges']} edges; batch "
         f"{f['batch']} x {f['seq_len']} tokens, every position patched; metric logit(GOOD) - logit(BAD) at the "
         "last position.", "",
@@ -290,17 +309,55 @@ def markdown(result: dict) -> str:
         f"auto-circuit / jaxcircuits time: {r['eap_wall']:.1f}x wall, {r['eap_cpu']:.1f}x CPU. jaxcircuits' first "
         f"call (with compile) took {result['eap_first_call_s']:.1f} s wall. Scores: max |auto-circuit - "
         f"jaxcircuits| {result['max_abs_diff']['eap']:.2e} (scores up to {result['max_abs']['eap']:.3g}).", "",
+        *profile_section(result["profile"], f["edge_chunk"]),
         *(f"**CHECK FAILED**: {x}" for x in result["failures"]), ""])
+
+
+# What each jax operation of the edge forward is (`EdgeIO`, `models.block`), for the profile's table.
+PARTS = {"sr,sbtd->rbtd": "every receiver's sum over the senders (once per layer)",
+         "su,sbtd->ubtd": "the MLP's sum over its own layer's heads",
+         "ubtd,due->ubte": "q/k/v projection of each receiver's own input",
+         "btd,due->btue": "fused q/k/v projection of the residual (receivers with no edge: the plain run's value)",
+         "btd,df->btf": "MLP up projection", "btf,fd->btd": "MLP down projection",
+         "bthe,hed->hbtd": "each head's write z_h W_O[h] (sender deltas)", "bthe,hed->btd": "o projection",
+         "reduce_sum": "norms (mean and variance of each receiver's input)",
+         "add": "receivers' inputs x + sums (and norm biases broadcast to them)", "mul": "norm scales, deltas x pos_w",
+         "slice": "each group's rows of the receivers' sums",
+         "broadcast_in_dim": "the sender-delta carry [S, B, T, D] set up for each mask",
+         "scatter": "a sender group's deltas written into the carry",
+         UNNAMED: "XLA:CPU dot thunks without an event of their own: mostly the receivers' sum over the senders (`sr,sbtd->rbtd`)"}
+
+
+def profile_section(profile: dict, chunk: int) -> list:
+    """Markdown lines: the profiled chunk's time by kind of op and by jax operation (top 12)."""
+    total = sum(profile["by_kind"].values())
+    top = sorted(profile["by_op"].items(), key=lambda kv: -kv[1])[:12]
+    return ["## Where the edge forward's time goes (one chunk under jax's profiler)", "",
+            f"One compiled chunk ({chunk} masks) of the sweep above, in this run (same load), its ops' time summed "
+            f"over XLA's threads ({total:.2f} s; the profiled call is slower than an untimed one) "
+            "(`benchmarks.path_profile.op_seconds`), by kind of compiled op (`path_profile.kind_of`: XLA:CPU runs "
+            "the per-receiver norms as YNNPACK fusions too, so they count as matmul there): "
+            + ", ".join(f"{k} {s / total:.0%}" for k, s in profile["by_kind"].items()) + ".", "",
+            "| jax operation (compiled ops made from it) | what it is | s | share |", "|---|---|---:|---:|",
+            *(f"| `{op}` | {PARTS.get(op.split('/')[0], '')} | {s:.3f} | {s / total:.1%} |" for op, s in top), "",
+            "What is structural: every receiver reads its own input, so a layer normalises and projects R = H + 2K + 1 "
+            "inputs (the per-receiver q/k/v projections and norms) where a plain layer does one; the fused projection "
+            "of the residual is kept so that a receiver without an edge (and the all-zero mask) gives the plain run's "
+            "value bit for bit; the sum over senders is one contraction per layer ([R, S] x [S, B T D], the carry read "
+            "once). Its rows of senders that come after the layer are zeros (about half of them): skipping them needs "
+            "static per-layer sender counts, i.e. an unrolled layer loop (longer compiles).", ""]
 
 
 def main(argv):
     del argv
     jax.config.update("jax_default_matmul_precision", "highest")
     load = machine_load()
+    print(load_line(load), flush=True)
+    use_site_packages(FLAGS.peers_path, "peers_path")
     result = run()
     result.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command="python -m benchmarks.edges_vs_autocircuit " + " ".join(sys.argv[1:]),
-                  load_start=load, load_end=machine_load(), environment=environment(),
+                  load_start=load, load_end=machine_load(), environment=environment(PACKAGES),
                   flags={k: getattr(FLAGS, k) for k in ("seed", "batch", "seq_len", "n_masks", "ac_masks",
                                                         "edge_chunk", "density", "edge_atol")})
     result["environment"]["versions"]["auto-circuit"] = importlib.metadata.version("auto-circuit")

@@ -31,10 +31,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import sys
 from typing import Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
+
+
+def use_site_packages(path: str, flag: str) -> None:
+    """Append another environment's site-packages `path` (same Python and torch; the peers installed
+    there) to sys.path, after this interpreter's own; '' does nothing. Exits with one line naming
+    `flag` when `path` is not a directory."""
+    if not path:
+        return
+    if not os.path.isdir(path):
+        sys.exit(f"--{flag}={path}: no such directory")
+    sys.path.append(path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,6 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
+from benchmarks.peers import use_site_packages
 from benchmarks.timing import load_line, machine_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,10 +136,7 @@ flags.DEFINE_string("note", "", "the run's conditions in a sentence, kept in the
 
 def import_peers():
     """sae_lens and torch, or exit with one line."""
-    if FLAGS.saelens_path:
-        if not os.path.isdir(FLAGS.saelens_path):
-            sys.exit(f"--saelens_path={FLAGS.saelens_path}: no such directory")
-        sys.path.append(FLAGS.saelens_path)
+    use_site_packages(FLAGS.saelens_path, "saelens_path")
     try:
         import sae_lens  # noqa: F401
         import transformer_lens  # noqa: F401
@@ -801,7 +799,7 @@ def main(argv):
         return
     import_peers()
     start = machine_load()
-    print(load_line(start, start), flush=True)
+    print(load_line(start), flush=True)
     result = {"date": datetime.date.today().isoformat(), "command": "python -m benchmarks.sae_vs_saelens "
               + " ".join(sys.argv[1:]), "layer": FLAGS.layer, "gpt2_config": FLAGS.gpt2_config, "note": FLAGS.note, "load_start": start,
               "environment": timing.environment(PACKAGES)}

@@ -8,7 +8,7 @@ import os
 import sys
 import platform
 import time
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +44,13 @@ def machine_load() -> dict:
     return {"loadavg": load, "cores": os.cpu_count(), "quiet": load[0] <= QUIET_LOAD}
 
 
-def load_line(start: dict, end: dict) -> str:
-    """The header line of a benchmark's load: measured at its start and end, never a fixed phrase; a
-    loaded start says at the top that its ratios are not to be quoted (README and RESULTS quote quiet
-    runs only)."""
-    measured = (f"load average (1, 5, 15 min) {start['loadavg']} at the start, {end['loadavg']} at the end "
-                f"(which includes this benchmark's own load), {start['cores']} cores")
+def load_line(start: dict, end: Optional[dict] = None) -> str:
+    """The header line of a benchmark's load: measured at its start and (when given) its end, never a
+    fixed phrase; a loaded start says at the top that its ratios are not to be quoted (README and
+    RESULTS quote quiet runs only)."""
+    at_end = "" if end is None else (f", {end['loadavg']} at the end (which includes this benchmark's own "
+                                     "load)")
+    measured = f"load average (1, 5, 15 min) {start['loadavg']} at the start{at_end}, {start['cores']} cores"
     if start["quiet"]:
         return f"Machine load: quiet at the start (1-min load average <= {QUIET_LOAD}): {measured}."
     return (f"**LOADED MACHINE**: other processes ran at the start (1-min load average above {QUIET_LOAD}): "

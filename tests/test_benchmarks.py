@@ -5,6 +5,8 @@ import itertools
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -100,6 +102,19 @@ def test_benchmark_headers_state_the_measured_load():
     line = load_line(busy, quiet)
     assert line.startswith("**LOADED MACHINE**") and "[10.9, 8.0, 6.0]" in line and "quote quiet runs only" in line
     assert QUIET_LOAD < 1
+    assert "at the end" not in load_line(busy) and load_line(busy).startswith("**LOADED MACHINE**")
+
+
+def test_profile_names_each_op_by_its_jax_operation(tmp_path):
+    """The profiler helpers attribute a compiled op's time to the jax operation it was made from."""
+    from benchmarks.path_profile import UNNAMED, by_jax_op, op_seconds
+    f = jax.jit(lambda a, b: jnp.tanh(jnp.einsum("ij,jk->ik", a, b)))
+    a = jnp.ones((256, 256))
+    f(a, a).block_until_ready()
+    ops = op_seconds(lambda: f(a, a), str(tmp_path))
+    assert UNNAMED in ops and all(s >= 0 for s in ops.values())
+    named = by_jax_op(ops, f.lower(a, a).compile().as_text())
+    assert any(k.startswith("ij,jk->ik") for k in named), named
 
 
 def test_sae_vs_saelens_says_what_it_needs(tmp_path):

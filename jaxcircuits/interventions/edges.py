@@ -249,6 +249,10 @@ class EdgeIO(LayerIO):
     w_pos * (src - cur) in the carry [S, B, T, D]; sites and records go to `inner` (node patches and
     the cache).
 
+    The layer's first read contracts the carry once for all R receivers ([R, S] x [S, B T D]: the
+    carry is read once per layer, not once per group); a later read adds the deltas written since
+    (a layer's heads, into its MLP) from the senders' own rows.
+
     m [S, R] (the top: [S, 1]): this layer's edge weights; src: {sender group: its source activation
     (as `Parts.act`)}; pos_w [B, T]; first: this layer's first sender (`EdgeGraph.first_sender`, may
     be traced; 0 at the top); shift [R, B, T, D] or None: added to the receivers' inputs (its gradient
@@ -260,6 +264,8 @@ class EdgeIO(LayerIO):
         self.graph, self.inner, self.m, self.src, self.pos_w, self.first, self.shift = (
             graph, inner, m, src, pos_w, first, shift)
         self.cache, self.names = inner.cache, inner.names
+        self.sums: Optional[Array] = None           # [R, B, T, D]: sum_s m[s, r] carry[s] at the first read
+        self.since: list = []                       # (first sender, delta [U, B, T, D]) written after it
 
     def site(self, name: str, x: Array) -> Array:
         return self.inner.site(name, x)
@@ -274,7 +280,12 @@ class EdgeIO(LayerIO):
         all-zero mask is the edges' own."""
         lo, hi = self.graph.receivers(group)
         m = self.m[:, lo:hi]
-        xr = x[None] + jnp.einsum("su,sbtd->ubtd", m.astype(x.dtype), self.carry)
+        if self.sums is None:
+            self.sums = jnp.einsum("sr,sbtd->rbtd", self.m.astype(x.dtype), self.carry)
+        xr = x[None] + self.sums[lo:hi]
+        for s0, delta in self.since:
+            rows = jax.lax.dynamic_slice_in_dim(m, s0, delta.shape[0], 0)
+            xr = xr + jnp.einsum("su,sbtd->ubtd", rows.astype(x.dtype), delta)
         if self.shift is not None:
             xr = xr + self.shift[lo:hi]
         if hi - lo == 1:
@@ -286,6 +297,8 @@ class EdgeIO(LayerIO):
     def write(self, group: str, parts: Parts) -> Array:
         lo, _ = self.graph.senders(group)
         delta = parts.of(self.src[group].astype(parts.act.dtype) - parts.act) * self.pos_w[None, :, :, None]
-        self.carry = jax.lax.dynamic_update_slice_in_dim(self.carry, delta.astype(self.carry.dtype),
-                                                         self.first + lo, 0)
+        delta = delta.astype(self.carry.dtype)
+        self.carry = jax.lax.dynamic_update_slice_in_dim(self.carry, delta, self.first + lo, 0)
+        if self.sums is not None:
+            self.since.append((self.first + lo, delta))
         return parts.total

@@ -279,8 +279,11 @@ def dense(p: dict, x: Array, spec: str) -> Array:
 
 def project(p: dict, h: Array) -> Array:
     """Per-head projection [B, T, U, Dh] (p['w'] [D, U, Dh]) of normed h: [B, T, D], read by every
-    head, or [U, B, T, D], head u reading row u."""
-    return dense(p, h, "btd,due->btue" if h.ndim == 3 else "ubtd,due->btue")
+    head, or [U, B, T, D], head u reading row u (contracted unit-major, then moved into place)."""
+    if h.ndim == 3:
+        return dense(p, h, "btd,due->btue")
+    y = jnp.moveaxis(jnp.einsum("ubtd,due->ubte", h, p["w"]), 0, 2)
+    return y + p["b"] if "b" in p else y
 
 
 def heads_of(cfg: ModelConfig, p: dict, name: str, h: Array) -> Array:
