@@ -226,11 +226,20 @@ def freeze_norms(params, cfg: ModelConfig, tokens, attn_mask=None) -> dict:
 
 def freeze_norms_fn(params, cfg: ModelConfig, tokens: Array, attn_mask: Array) -> dict:
     """`freeze_norms` of checked int32 tokens, attn_mask [B, T] (traceable)."""
-    names = (*norm_names(cfg), "final_norm")
-    _, c = M.forward_fn(params, cfg, tokens, attn_mask, collect=tuple(f"scale:{n}" for n in names),
-                        return_logits=False)
-    frozen = lambda p, n: {**p[n], "inv_scale": c[f"scale:{n}"]}
-    layers = {**params["layers"], **{n: frozen(params["layers"], n) for n in names[:-1]}}
+    _, c = M.forward_fn(params, cfg, tokens, attn_mask, collect=norm_scales(cfg), return_logits=False)
+    return frozen_norms(params, cfg, c)
+
+
+def norm_scales(cfg: ModelConfig) -> Tuple[str, ...]:
+    """The cache entries a run records of every norm's input scale ('scale:<norm>'), what `frozen_norms`
+    reads."""
+    return tuple(f"scale:{n}" for n in (*norm_names(cfg), "final_norm"))
+
+
+def frozen_norms(params, cfg: ModelConfig, cache: Dict[str, Array]) -> dict:
+    """params with every norm's scale fixed to a run's, from its cache of `norm_scales(cfg)`."""
+    frozen = lambda p, n: {**p[n], "inv_scale": cache[f"scale:{n}"]}                      # noqa: E731
+    layers = {**params["layers"], **{n: frozen(params["layers"], n) for n in norm_names(cfg)}}
     return {**params, "layers": layers, "final_norm": frozen(params, "final_norm")}
 
 

@@ -4,7 +4,7 @@ The local replacement model of one prompt (`local_replacement`) is the model wit
 transcoder replaced by it (its skip included) plus an error node per (layer, position) holding what
 the transcoder misses; a layer without a transcoder keeps its whole MLP output as its error. Every
 attention pattern and norm scale is frozen from the real run (patterns held as constants, norm scales by
-`dla.freeze_norms`). With every node at its value it reproduces the model on the prompt; in the nodes
+`dla.frozen_norms`). With every node at its value it reproduces the model on the prompt; in the nodes
 (feature activations a [L, T, F], errors e [L, T, D], token embeddings x [T, D]) it is affine:
 
     mlp_out[l] = a[l] W_dec[l] + b_dec[l] + mlp_in[l] W_skip[l] + e[l]
@@ -43,7 +43,7 @@ from flax import struct
 from jaxcircuits import checks, logs, storage
 from jaxcircuits.dictionaries.core import DictConfig, decode, encode
 from jaxcircuits.dictionaries.splice import detach
-from jaxcircuits.methods.dla import freeze_norms_fn
+from jaxcircuits.methods.dla import frozen_norms, norm_scales
 from jaxcircuits.models import transformer as M
 from jaxcircuits.models.block import LayerIO, Parts
 from jaxcircuits.models.config import ModelConfig
@@ -120,22 +120,19 @@ _SITE_RULES = {"pattern": lambda io, x: io.layer.patterns.astype(x.dtype), "mlp_
 
 @struct.dataclass
 class _Tap(M.Tap):
-    """The replacement's run: per layer the transcoder's params, a [L, 1, T, F], e [L, 1, T, D] and the
-    patterns [L, 1, H, T, T]; at the bottom the token nodes x [1, T, D] and the constant rest [1, T, D]."""
+    """The run of a `Replacement` (its nodes, transcoders and patterns; any number of layers): per layer
+    the transcoder's params, a [L, 1, T, F], e [L, 1, T, D] and the patterns [L, 1, H, T, T]; at the
+    bottom the token nodes [1, T, D] and the constant rest [1, T, D]."""
 
-    dicts: dict
-    acts: Array
-    errors: Array
-    patterns: Array
-    embeds: Array
-    const: Array
-    dc: DictConfig = struct.field(pytree_node=False)
+    rep: Replacement
 
     def per_layer(self):
-        return self.dicts, self.acts, self.errors, self.patterns
+        r = self.rep
+        return r.dicts, r.acts[:, None], r.errors[:, None], r.patterns[:, None]
 
     def io(self, layer, carry, collect):
-        return _IO((self.embeds, self.const) if layer is None else _Layer(self.dc, *layer), collect, carry)
+        r = self.rep
+        return _IO((r.embeds[None], r.const[None]) if layer is None else _Layer(r.dc, *layer), collect, carry)
 
 
 def replacement_outputs(rep: Replacement, acts: Array, errors: Array, embeds: Array) -> Tuple[Array, Array]:
@@ -143,7 +140,7 @@ def replacement_outputs(rep: Replacement, acts: Array, errors: Array, embeds: Ar
     mlp_in [L, T, D], the final-normed last position h [D]); affine in the nodes."""
     T = rep.tokens.shape[0]
     ones = jnp.ones((1, T), jnp.int32)
-    tap = _Tap(rep.dicts, acts[:, None], errors[:, None], rep.patterns[:, None], embeds[None], rep.const[None], rep.dc)
+    tap = _Tap(rep.replace(acts=acts, errors=errors, embeds=embeds))
     h, cache, _ = M.run(rep.params, rep.cfg, rep.tokens[None], M.Context(M.default_positions(ones), ones), tap,
                         collect=("mlp_in",))
     return cache["mlp_in"][:, 0], h[0, -1]
@@ -160,7 +157,8 @@ def replacement_targets(rep: Replacement, acts: Array, errors: Array, embeds: Ar
 
 def check_transcoders(cfg: ModelConfig) -> None:
     """ValueError unless `cfg` has transcoders spliced (`dictionaries.splice.attach`, host 'transcoder')
-    and logits linear in the final residual (no final soft-cap)."""
+    that read their input linearly (no subtract_b_dec). A final logit soft-cap is allowed: logit nodes are
+    the logits before it (as circuit-tracer's)."""
     if cfg.splice is None or cfg.splice.host != "transcoder":
         got = "none" if cfg.splice is None else f"{cfg.splice.host!r} dictionaries"
         raise ValueError(f"attribution graphs need transcoders spliced into the model (host 'transcoder', "
@@ -198,14 +196,14 @@ def local_replacement(params, cfg: ModelConfig, tokens) -> Replacement:
 @functools.partial(jax.jit, static_argnames=("cfg", "dc"))
 def _replacement(params, cfg: ModelConfig, dc: DictConfig, dicts: dict, on: Array, tokens: Array) -> Replacement:
     ones = jnp.ones((1, tokens.shape[0]), jnp.int32)
-    _, c = M.forward_fn(params, cfg, tokens[None], ones, collect=("mlp_in", "mlp_out", "pattern"),
-                        return_logits=False)
+    _, c = M.forward_fn(params, cfg, tokens[None], ones, return_logits=False,
+                        collect=("mlp_in", "mlp_out", "pattern", *norm_scales(cfg)))
     mlp_in, mlp_out = c["mlp_in"][:, 0].astype(jnp.float32), c["mlp_out"][:, 0].astype(jnp.float32)    # [L, T, D]
     acts = jax.vmap(lambda d, x, o: encode(dc, d, x) * o)(dicts, mlp_in, on)
     errors = mlp_out - jax.vmap(lambda d, a, x: decode(dc, d, a, x))(dicts, acts, mlp_in)
     tok = M.token_embeddings(params, cfg, tokens)
     full = M.embed(params, cfg, tokens[None], M.default_positions(ones))[0]
-    return Replacement(freeze_norms_fn(params, cfg, tokens[None], ones), dicts, tokens, acts, errors,
+    return Replacement(frozen_norms(params, cfg, c), dicts, tokens, acts, errors,
                        tok.astype(jnp.float32), (full - tok).astype(jnp.float32), c["pattern"][:, 0], cfg, dc)
 
 
@@ -281,8 +279,8 @@ def _layer_back(rep: Replacement, l: Array, g_out: Array, layer: Array, pos: Arr
     ctx = M.Context(M.default_positions(ones), ones)
 
     def f(x, e):
-        tap = _Tap(jax.tree.map(one, rep.dicts), one(rep.acts)[:, None], e[None, None], one(rep.patterns)[:, None],
-                   rep.embeds[None], rep.const[None], rep.dc)
+        tap = _Tap(rep.replace(dicts=jax.tree.map(one, rep.dicts), acts=one(rep.acts), errors=e[None],
+                               patterns=one(rep.patterns)))
         y, _, cache = M.run_layers(jax.tree.map(one, rep.params["layers"]), rep.cfg, x, ctx, tap, collect=("mlp_in",))
         return y[0], cache["mlp_in"][0, 0]
 
@@ -423,7 +421,8 @@ def attribute(params, cfg: ModelConfig, tokens, max_n_logits: int = 10, desired_
     acts[:, :ZERO_POSITIONS] = 0
     active = np.argwhere(acts != 0).astype(np.int32)                     # (layer, position, feature), sorted
     n_active, n = len(active), len(ids)
-    cap = n_active if max_feature_nodes is None else min(checks.count("max_feature_nodes", max_feature_nodes, 0), n_active)
+    cap = n_active if max_feature_nodes is None else min(checks.count("max_feature_nodes", max_feature_nodes, 0),
+                                                         n_active)
     vecs, src = logit_vectors(rep.params, ids), _sources(rep, active)
     tail = np.zeros((n, n), np.float32)                                  # the logit columns: never sources
     zeros = jnp.zeros_like(vecs)
@@ -432,31 +431,33 @@ def attribute(params, cfg: ModelConfig, tokens, max_n_logits: int = 10, desired_
     def rows_of(idx):
         padded = np.resize(idx, batch_size)                              # one compiled shape
         l, p, f = active[padded].T
-        r = _rows(rep, src, l, p, rep.dicts["w_enc"][l, :, f].astype(jnp.float32))[:len(idx)]
-        return np.concatenate([r, np.zeros((len(idx), n), np.float32)], 1)
+        return _rows(rep, src, l, p, rep.dicts["w_enc"][l, :, f].astype(jnp.float32))[:len(idx)]
 
-    found = {}
+    width = n_active + L * T + T + n
+    rows = np.zeros((cap, width), np.float32)                            # the chosen features' rows, in
+    chosen = np.zeros(0, np.int64)                                       # the order they were computed
+    logit_nodes = np.arange(width - n, width)
     with logs.progress(total=cap, desc="attribution graph", unit="feature") as bar:
-        while len(found) < cap:
+        while len(chosen) < cap:
             if cap == n_active:
-                todo = np.arange(n_active)[len(found):]
+                todo = np.arange(len(chosen), n_active)
             else:
-                known = np.vstack([logit_rows, *[found[i] for i in sorted(found)]])
-                nodes = np.concatenate([np.arange(n) + n_active + L * T + T, sorted(found)]).astype(np.int64)
-                weights = np.concatenate([probs, np.zeros(len(found))])
-                infl = partial_influence(known, nodes, weights)[:n_active]
-                todo = [i for i in np.argsort(-infl, kind="stable") if i not in found]
-            todo = np.sort(np.asarray(todo[:min(update_interval * batch_size, cap - len(found))], np.int64))
+                infl = partial_influence(np.vstack([logit_rows, rows[:len(chosen)]]),
+                                         np.concatenate([logit_nodes, chosen]),
+                                         np.concatenate([probs, np.zeros(len(chosen))]))[:n_active]
+                ranked = np.argsort(-infl, kind="stable")
+                todo = ranked[~np.isin(ranked, chosen)]
+            todo = np.sort(todo[:min(update_interval * batch_size, cap - len(chosen))])
             for idx in _batches(len(todo), batch_size):
-                for i, row in zip(todo[idx], rows_of(todo[idx])):
-                    found[int(i)] = row
+                rows[len(chosen):len(chosen) + len(idx), :-n] = rows_of(todo[idx])
+                chosen = np.concatenate([chosen, todo[idx]])
                 bar.update(len(idx))
-    selected = np.asarray(sorted(found), np.int64)
+    order = np.argsort(chosen)
+    selected = chosen[order]
     cols = np.concatenate([selected, n_active + np.arange(L * T + T + n)])
     S = len(selected)
     adjacency = np.zeros((S + L * T + T + n, S + L * T + T + n), np.float32)
-    if S:
-        adjacency[:S] = np.stack([found[i] for i in selected])[:, cols]
+    adjacency[:S] = rows[order][:, cols]
     adjacency[-n:] = logit_rows[:, cols]
     return Graph(np.asarray(rep.tokens), active[selected], acts[tuple(active[selected].T)], np.asarray(ids), probs,
                  adjacency, L, n_active)
@@ -525,9 +526,8 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     holding edge_threshold of the edge scores (normalised weight times its target's influence, the
     logits' own weight included); nodes left without an outgoing kept edge, or features without an
     incoming one, go too, until nothing changes."""
-    for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if not 0 <= v <= 1:
-            raise ValueError(f"{name} must lie in [0, 1], got {v}")
+    checks.within("node_threshold", node_threshold, 0, 1)
+    checks.within("edge_threshold", edge_threshold, 0, 1)
     o, n = graph.offsets(), len(graph.adjacency)
     keep_always = np.zeros(n, bool)
     keep_always[o["tokens"].start:] = True
