@@ -24,7 +24,6 @@ from typing import Dict, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 from jaxcircuits import checks
 from jaxcircuits.dictionaries import splice
@@ -38,6 +37,7 @@ from jaxcircuits.methods import graphs
 from jaxcircuits.methods.attribution import attribution_patching
 from jaxcircuits.models.config import ModelConfig
 from jaxcircuits.models.transformer import run_with_cache
+from jaxcircuits.stats.agreement import correlations, r_squared
 
 MAX_REGION = 20               # 2^20 patched runs: the largest exhaustive region
 
@@ -153,22 +153,6 @@ def node_deltas(graph: graphs.Graph, edit: Edit, nodes: Sequence[int]) -> np.nda
     deltas = np.zeros((len(nodes), len(graph.features)))
     deltas[np.arange(len(nodes)), nodes] = edit.new(a) - a
     return deltas
-
-
-def correlations(x, y) -> Dict[str, float]:
-    """{'pearson', 'spearman'} of x, y [n] (NaN where either is constant or n < 2)."""
-    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return {"pearson": float("nan"), "spearman": float("nan")}
-    return {"pearson": float(scipy.stats.pearsonr(x, y)[0]), "spearman": float(scipy.stats.spearmanr(x, y)[0])}
-
-
-def r_squared(measured, predicted) -> float:
-    """1 - sum (m - p)^2 / sum (m - mean m)^2 of predictions `predicted` of `measured` [n] (NaN when
-    `measured` is constant)."""
-    m, p = np.asarray(measured, np.float64).ravel(), np.asarray(predicted, np.float64).ravel()
-    ss = ((m - m.mean()) ** 2).sum()
-    return float(1 - ((m - p) ** 2).sum() / ss) if ss > 0 else float("nan")
 
 
 def agreement(measured, predicted, value: float) -> Dict[str, float]:

@@ -16,9 +16,9 @@ import dataclasses
 import time
 
 import numpy as np
-import scipy.stats
 from absl import logging
 
+from jaxcircuits.stats.agreement import correlations
 from jaxcircuits.methods import dla
 from jaxcircuits.reports import plots
 from jaxcircuits.methods.attribution import attribution_patching, integrated_gradients
@@ -111,9 +111,8 @@ def _sections(report: Report, opts: Options, description: str, base: dict, maps:
                "whole source-target difference. DLA: change of the head's direct effect on the metric's logit "
                "direction (source run - target run; direct path only). AP: attribution patching (gradient at no "
                "patch). IG: integrated gradients over the blend of all heads. exact: the head patched alone.")
-    corr = {(a, b): (float(scipy.stats.spearmanr(maps[a].ravel(), maps[b].ravel())[0]),
-                     float(scipy.stats.pearsonr(maps[a].ravel(), maps[b].ravel())[0]))
-            for i, a in enumerate(METHODS) for b in METHODS[i + 1:]}
+    corr = {(a, b): (c["spearman"], c["pearson"]) for i, a in enumerate(METHODS) for b in METHODS[i + 1:]
+            for c in [correlations(maps[a], maps[b])]}
     report.add("Agreement between methods",
                f"Rank (Spearman) and linear (Pearson) correlation over all {L * H} heads:",
                table(["method", "vs", "Spearman", "Pearson"], [[a, b, s, p] for (a, b), (s, p) in corr.items()]),

@@ -10,10 +10,10 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 from absl import logging
 
 import jaxcircuits as jc
+from jaxcircuits.stats.agreement import correlations
 from jaxcircuits.stats.criteria import Criterion
 from jaxcircuits.stats.summary import SummaryOptions
 from jaxcircuits.reports import plots
@@ -117,8 +117,7 @@ def _map_sections(report, exact, attrib, raw, opts, seconds):
                f"Top {k} positive heads (name-mover candidates):", table(header, rows(top)),
                f"Top {k} negative heads (negative name-mover candidates):", table(header, rows(neg)))
     flat_e, flat_a = exact.ravel(), attrib.ravel()
-    corr = {"pearson": float(scipy.stats.pearsonr(flat_a, flat_e)[0]),
-            "spearman": float(scipy.stats.spearmanr(flat_a, flat_e)[0])}
+    corr = correlations(flat_a, flat_e)
     top_a = _ranked(attrib, k)
     fig = plots.plot_scatter(flat_e, flat_a, report.path("attribution_vs_exact.png"),
                              xlabel="exact patching (recovered fraction)",
