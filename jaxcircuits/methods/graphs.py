@@ -346,6 +346,11 @@ class Graph:
     def n_pos(self) -> int:
         return len(self.tokens)
 
+    @functools.cached_property
+    def node_influence(self) -> np.ndarray:
+        """[N]: `influence` of the graph as built (computed once)."""
+        return partial_influence(self.adjacency, np.arange(len(self.adjacency)), _logit_weights(self))
+
     def node_keys(self) -> list:
         """`node_keys` of this graph's nodes, in its node order."""
         return node_keys(self.features, self.n_layers, self.n_pos, self.logit_ids)
@@ -492,9 +497,11 @@ def normalized(adjacency: np.ndarray) -> np.ndarray:
 
 def influence(graph: Graph, adjacency: Optional[np.ndarray] = None) -> np.ndarray:
     """[N]: each node's influence on the logit nodes weighted by their probabilities, through every
-    path of the row-normalised |adjacency| (`partial_influence` with all rows known)."""
-    a = graph.adjacency if adjacency is None else adjacency
-    return partial_influence(a, np.arange(len(a)), _logit_weights(graph))
+    path of the row-normalised |adjacency| (`partial_influence` with all rows known; the graph's own
+    adjacency by default, computed once: `Graph.node_influence`)."""
+    if adjacency is None:
+        return graph.node_influence
+    return partial_influence(adjacency, np.arange(len(adjacency)), _logit_weights(graph))
 
 
 def _logit_weights(graph: Graph) -> np.ndarray:
